@@ -1,0 +1,1 @@
+"""Lightning callbacks for monitoring implicit networks (imported as irnet.callbacks)."""

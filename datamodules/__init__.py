@@ -1,0 +1,1 @@
+"""Lightning DataModules for the toy and real data sets (imported as irnet.datamodules)."""

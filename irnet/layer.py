@@ -1,0 +1,168 @@
+"""The implicit residual block ``y = x + (1 − θ)F(x) + θF(y)`` (paper eq. 7)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from irnet.autograd import ImplicitAdjoint
+from irnet.linear import LinearSolver, Neumann
+from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
+from irnet.solvers.base import batch_norm
+from irnet.stats import SolverStats, warn_if_failed
+from irnet.validation import check_choice, check_int, check_unit_interval
+
+BACKWARD_MODES = ("implicit", "unrolled")
+
+
+class ImplicitResidualBlock(nn.Module):
+    """Residual layer whose output solves ``y = x + (1 − θ)F(x) + θF(y)``.
+
+    θ = 0 is the explicit ResNet layer ``x + F(x)`` (no solve), θ = 1 backward
+    Euler, θ = 0.5 the trapezoidal rule. The forward pass solves for ``y`` with
+    ``solver`` outside autograd. With ``backward="implicit"`` the gradient comes
+    from the implicit function theorem: one adjoint solve with
+    ``linear_solver`` on ``v ↦ v − θ J_F(y)ᵀ v``; only the block's input and
+    output (and F's own activations at them) are kept for backward, whatever the
+    number of iterations. ``backward="unrolled"`` differentiates through the
+    solver's iterations instead (a reference; memory grows with iterations).
+
+    Args:
+        F: module mapping a tensor to one of the same shape, acting on each
+            sample separately (hold dropout masks and batch statistics fixed).
+        theta: implicitness θ in [0, 1].
+        solver: forward solver; default ``FixedPoint()``.
+        linear_solver: adjoint solver; default ``Neumann()``.
+        backward: ``"implicit"`` or ``"unrolled"``.
+
+    Attributes:
+        forward_stats: :class:`~irnet.stats.SolverStats` of the last forward solve.
+        backward_stats: :class:`~irnet.stats.SolverStats` of the last adjoint
+            solve (``None`` before the first implicit backward).
+
+    Example:
+        >>> F = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+        >>> block = ImplicitResidualBlock(F, theta=0.5)
+        >>> y = block(torch.randn(8, 4))
+        >>> block.forward_stats.converged.all().item()
+        True
+    """
+
+    def __init__(
+        self,
+        F: nn.Module,
+        theta: float = 0.5,
+        solver: Optional[NonlinearSolver] = None,
+        linear_solver: Optional[LinearSolver] = None,
+        backward: str = "implicit",
+    ) -> None:
+        super().__init__()
+        if not callable(F):
+            raise ValueError(f"F must be a callable nn.Module, got {type(F).__name__}")
+        if solver is not None and not isinstance(solver, NonlinearSolver):
+            raise ValueError(f"solver must be an irnet.solvers solver, got {type(solver).__name__}")
+        if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
+            raise ValueError(
+                f"linear_solver must be an irnet.linear solver, got {type(linear_solver).__name__}"
+            )
+        self.F = F
+        self.theta = check_unit_interval("theta", theta)
+        self.solver = solver if solver is not None else FixedPoint()
+        self.linear_solver = linear_solver if linear_solver is not None else Neumann()
+        self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
+        self.forward_stats: Optional[SolverStats] = None
+        self.backward_stats: Optional[SolverStats] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Solve the layer for a batch ``x`` (first dimension is the batch)."""
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x (the block's input) contains NaN or Inf; the solve would not end well")
+        # Under mixed precision the solve runs in float32 (DESIGN.md, conventions).
+        low_precision = x.dtype in (torch.float16, torch.bfloat16)
+        context = torch.autocast(x.device.type, enabled=False) if low_precision else nullcontext()
+        with context:
+            y = self._forward(x.float() if low_precision else x)
+        return y.to(x.dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        fx = self._apply_F(x) if self.theta < 1 else None
+        if self.theta == 0:
+            self.forward_stats = SolverStats.trivial(x.shape[0], x.device, x.dtype)
+            return x + fx
+        if fx is None:  # θ = 1: x + (1−θ)F(x) is x itself, only check F once
+            self._check_shape(x, lambda: self.F(x))
+        if self.backward_mode == "unrolled":
+            explicit = x if fx is None else x + (1 - self.theta) * fx
+            return self._solve(FixedPointProblem(self.F, explicit, self.theta, differentiable=True), x)
+        with torch.no_grad():
+            explicit = x if fx is None else x + (1 - self.theta) * fx
+            y_star = self._solve(FixedPointProblem(self.F, explicit, self.theta), x.detach())
+        if not (torch.is_grad_enabled() and self._needs_grad(x)):
+            return y_star
+        y_graph = self.theta * self.F(y_star) + (x if fx is None else x + (1 - self.theta) * fx)
+        return ImplicitAdjoint.apply(
+            y_graph, y_star, self.F, self.theta, self.linear_solver, self._record_backward
+        )
+
+    def _solve(self, problem: FixedPointProblem, y0: Tensor) -> Tensor:
+        y, stats = self.solver.solve(problem, y0)
+        self.forward_stats = stats
+        warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self, "_warned_forward")
+        return y
+
+    def _record_backward(self, stats: SolverStats) -> None:
+        self.backward_stats = stats
+        warn_if_failed(
+            stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self, "_warned_backward"
+        )
+
+    def _apply_F(self, x: Tensor) -> Tensor:
+        fx = self.F(x)
+        self._check_shape(x, lambda: fx)
+        return fx
+
+    def _check_shape(self, x: Tensor, output) -> None:
+        if getattr(self, "_checked_shape", None) == x.shape:
+            return
+        with torch.no_grad():
+            out = output()
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"F must map a tensor to a tensor of the same shape: input {tuple(x.shape)}, "
+                f"output {got}"
+            )
+        self._checked_shape = x.shape
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        return x.requires_grad or any(p.requires_grad for p in self.F.parameters())
+
+    def fixed_point_residuals(self, x: Tensor, iterations: int) -> Tensor:
+        """Differentiable ``‖r(yᵏ)‖₂`` of fixed-point iterates ``y¹ … y^K`` from ``y⁰ = x``.
+
+        The unrolled iterates the fixed-point regulariser R_fp (paper eq. 9)
+        needs; built with autograd so the norms depend on F's parameters.
+
+        Returns:
+            Tensor of shape ``(iterations, batch)``.
+        """
+        check_int("iterations", iterations, 1)
+        explicit = x + (1 - self.theta) * self.F(x) if self.theta < 1 else x
+        problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
+        y, norms = problem.map(x), []
+        for _ in range(iterations):
+            g = problem.map(y)
+            norms.append(batch_norm(y - g))
+            y = g
+        return torch.stack(norms)
+
+    def extra_repr(self) -> str:
+        return (
+            f"theta={self.theta}, solver={self.solver!r}, linear_solver={self.linear_solver!r}, "
+            f"backward={self.backward_mode!r}"
+        )

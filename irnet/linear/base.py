@@ -1,0 +1,80 @@
+"""The adjoint operator of an implicit layer and the interface of the linear solvers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from irnet.solvers.base import batch_norm
+from irnet.stats import SolverStats
+from irnet.validation import check_int, check_positive
+
+
+class AdjointOperator:
+    """``v ↦ v − θ J_F(y)ᵀ v`` for each sample, by vector–Jacobian products.
+
+    The graph of ``F(y)`` is built once and reused by every product
+    (``retain_graph=True``); products ask only for the gradient w.r.t. ``y``, so
+    they never touch parameter gradients (or DDP's gradient hooks).
+
+    Args:
+        F: the residual function; it must act on each sample separately.
+        y: the point of linearisation (the layer's output).
+        theta: the implicitness θ.
+    """
+
+    def __init__(self, F: Callable[[Tensor], Tensor], y: Tensor, theta: float) -> None:
+        self.theta = theta
+        self.shape = y.shape
+        with torch.enable_grad():
+            self._y = y.detach().requires_grad_()
+            self._fy = F(self._y)
+
+    def vjp(self, v: Tensor) -> Tensor:
+        """``θ J_F(y)ᵀ v``."""
+        (jtv,) = torch.autograd.grad(self._fy, self._y, v, retain_graph=True)
+        return self.theta * jtv
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return v - self.vjp(v)
+
+    def dense(self) -> Tensor:
+        """Per-sample matrices ``(I − θ J)ᵀ`` of shape (batch, n, n), by n products."""
+        batch, n = self.shape[0], self._y[0].numel()
+        basis = torch.eye(n, dtype=self._y.dtype, device=self._y.device)
+        columns = [self(basis[i].expand(batch, n).reshape(self.shape)).reshape(batch, n)
+                   for i in range(n)]
+        return torch.stack(columns, dim=2)
+
+
+class LinearSolver:
+    """Base class of the adjoint solvers: solve ``A g = b`` for the operator ``A``.
+
+    Args:
+        tol: relative tolerance, per sample: ``‖A g − b‖₂ ≤ tol · ‖b‖₂``.
+        max_iter: the most applications of the operator.
+    """
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 50) -> None:
+        self.tol = check_positive("tol", tol)
+        self.max_iter = check_int("max_iter", max_iter, 1)
+
+    def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
+        """Return ``g`` with ``A g ≈ b`` and the per-sample statistics."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def relative_residual(operator: Callable[[Tensor], Tensor], g: Tensor, b: Tensor) -> Tensor:
+    """``‖A g − b‖₂ / ‖b‖₂`` per sample (0 where ``b = 0`` and ``g = 0``)."""
+    return batch_norm(operator(g) - b) / safe_norm(b)
+
+
+def safe_norm(b: Tensor) -> Tensor:
+    """Per-sample norm, with zeros replaced by the smallest positive number."""
+    return batch_norm(b).clamp_min(torch.finfo(b.dtype).tiny)

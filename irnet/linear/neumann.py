@@ -1,0 +1,59 @@
+"""Neumann series ``(I − P)⁻¹ b = Σᵢ Pⁱ b`` with ``P = θ J_F(y)ᵀ`` (paper section 2.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
+from irnet.solvers.base import batch_norm, per_sample
+from irnet.stats import SolverStats
+from irnet.validation import check_int
+
+
+class Neumann(LinearSolver):
+    """Truncated Neumann series; converges when the spectral radius of ``θ ∂F/∂y`` is below 1.
+
+    After k terms the residual is exactly the next term, ``A gₖ − b = −P^{k+1} b``,
+    so each step costs one vector–Jacobian product and the stopping test is free.
+    A sample whose terms do not shrink for ``patience`` products in a row is
+    stopped and marked ``diverged`` (stalling or divergence), returning its
+    best partial sum.
+
+    Args:
+        tol: relative tolerance ``‖A g − b‖₂ ≤ tol · ‖b‖₂`` per sample.
+        max_iter: the most terms (vector–Jacobian products).
+        patience: how many non-decreasing terms in a row mean divergence.
+    """
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 50, patience: int = 3) -> None:
+        super().__init__(tol, max_iter)
+        self.patience = check_int("patience", patience, 1)
+
+    def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
+        b_norm = safe_norm(b)
+        g, term = b, operator.vjp(b)
+        res = batch_norm(term) / b_norm
+        best_g, best_res = g, res
+        iterations = torch.ones_like(res, dtype=torch.long)
+        growth = torch.zeros_like(iterations)
+        diverged = ~torch.isfinite(res)
+        active = (res > self.tol) & ~diverged
+        for k in range(2, self.max_iter + 1):
+            if not bool(active.any()):
+                break
+            g = g + term
+            term = operator.vjp(term)
+            new_res = batch_norm(term) / b_norm
+            finite = torch.isfinite(new_res)
+            growth = torch.where(new_res >= res, growth + 1, 0)
+            take = active & finite & (new_res < best_res)
+            best_g = torch.where(per_sample(take, g), g, best_g)
+            best_res = torch.where(take, new_res, best_res)
+            iterations = torch.where(active, k, iterations)
+            stop = ~finite | (growth >= self.patience)
+            diverged = diverged | (active & stop)
+            active = active & ~stop & (new_res > self.tol)
+            res = new_res
+        converged = best_res <= self.tol
+        return best_g, SolverStats(iterations, best_res, converged, diverged & ~converged)

@@ -1,0 +1,84 @@
+"""Anderson acceleration of the fixed-point map (Walker & Ni, SIAM J. Numer. Anal. 2011)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.validation import check_int
+
+
+class _State(NamedTuple):
+    y: Tensor
+    r: Tensor
+    ys: list[Tensor]  # last ``history`` iterates, flattened per sample
+    gs: list[Tensor]  # their map values g(y)
+
+
+class Anderson(NonlinearSolver):
+    """Anderson acceleration: mix the last ``history`` map values to minimise the residual.
+
+    Each step solves, per sample, ``min ‖Σ αᵢ rᵢ‖² + λ‖α‖²`` subject to ``Σ αᵢ = 1``
+    with ``λ = regularization · max_i ‖rᵢ‖²`` (scale-free), then sets
+    ``y ← β Σ αᵢ g(yᵢ) + (1 − β) Σ αᵢ yᵢ``. With ``history = 1`` and ``mixing = 1``
+    it is plain fixed-point iteration. One evaluation of ``F`` per iteration.
+
+    Args:
+        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        max_iter: the most iterations.
+        history: how many past iterates to mix (m ≥ 1).
+        regularization: relative Tikhonov weight λ of the mixing problem (≥ 0).
+        mixing: damping β in (0, 1].
+    """
+
+    def __init__(
+        self,
+        tol: float = 1e-5,
+        max_iter: int = 50,
+        history: int = 5,
+        regularization: float = 1e-6,
+        mixing: float = 1.0,
+    ) -> None:
+        super().__init__(tol, max_iter)
+        self.history = check_int("history", history, 1)
+        if not regularization >= 0:
+            raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
+        if not 0 < mixing <= 1:
+            raise ValueError(f"mixing must be a number in (0, 1], got {mixing!r}")
+        self.regularization = float(regularization)
+        self.mixing = float(mixing)
+
+    def init(self, problem: FixedPointProblem, y0: Tensor) -> _State:
+        g = problem.map(y0)
+        return _State(y=y0, r=y0 - g, ys=[y0.flatten(1)], gs=[g.flatten(1)])
+
+    def step(self, problem: FixedPointProblem, state: _State) -> _State:
+        Y = torch.stack(state.ys, dim=1)  # (batch, m, n)
+        G = torch.stack(state.gs, dim=1)
+        alpha = self._weights(G - Y)  # (batch, m)
+        mixed_g = torch.einsum("bm,bmn->bn", alpha, G)
+        mixed_y = torch.einsum("bm,bmn->bn", alpha, Y)
+        y = (self.mixing * mixed_g + (1 - self.mixing) * mixed_y).view_as(state.y)
+        g = problem.map(y)
+        keep = self.history - 1
+        ys = state.ys[len(state.ys) - keep:] if keep else []
+        gs = state.gs[len(state.gs) - keep:] if keep else []
+        return _State(y=y, r=y - g, ys=ys + [y.flatten(1)], gs=gs + [g.flatten(1)])
+
+    def _weights(self, R: Tensor) -> Tensor:
+        """Constrained least-squares weights from residual history ``R`` of shape (batch, m, n)."""
+        H = R @ R.transpose(1, 2)  # (batch, m, m)
+        scale = H.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(R.dtype).tiny)
+        eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
+        H = H + (self.regularization * scale)[:, None, None] * eye
+        ones = torch.ones(H.shape[:2], dtype=H.dtype, device=H.device)
+        z, _ = torch.linalg.solve_ex(H, ones)
+        alpha = z / z.sum(dim=1, keepdim=True)
+        # A singular or non-finite system falls back to the newest map value.
+        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
+        newest = torch.zeros_like(alpha)
+        newest[:, -1] = 1
+        return torch.where(ok, alpha, newest)

@@ -1,0 +1,146 @@
+"""The fixed-point problem of an implicit layer and the iteration loop every solver shares.
+
+A solver only says how to start (``init``) and how to take one step (``step``);
+:meth:`NonlinearSolver.solve` owns stopping, per-sample freezing, keeping the
+best iterate and the statistics, so all solvers report the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from irnet.stats import SolverStats
+from irnet.validation import check_int, check_positive
+
+
+def batch_norm(v: Tensor) -> Tensor:
+    """Euclidean norm of each sample (all dimensions but the first)."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1)
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Inner product of each sample pair."""
+    return (a * b).flatten(1).sum(1)
+
+
+def per_sample(s: Tensor, like: Tensor) -> Tensor:
+    """Reshape a ``(batch,)`` tensor so it broadcasts against ``like``."""
+    return s.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class FixedPointProblem:
+    """Find y with ``y = c + θ F(y)``, i.e. ``r(y) = y − c − θ F(y) = 0``.
+
+    For an implicit residual layer ``c = x + (1 − θ) F(x)`` (paper eq. 7).
+
+    Attributes:
+        F: the residual function.
+        c: the explicit part, fixed during the solve.
+        theta: the implicitness θ.
+        differentiable: build graphs through every operation (unrolled mode).
+    """
+
+    F: Callable[[Tensor], Tensor]
+    c: Tensor
+    theta: float
+    differentiable: bool = False
+
+    def map(self, y: Tensor) -> Tensor:
+        """The fixed-point map ``g(y) = c + θ F(y)``."""
+        return self.c + self.theta * self.F(y)
+
+    def residual(self, y: Tensor) -> Tensor:
+        """``r(y) = y − g(y)``."""
+        return y - self.map(y)
+
+    def residual_and_gradient(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``r(y)`` and ``∇ ½‖r(y)‖² = (I − θ ∂F/∂y)ᵀ r(y)`` by one vector–Jacobian product."""
+        with torch.enable_grad():
+            leaf = y if self.differentiable else y.detach().requires_grad_()
+            r = self.residual(leaf)
+            (grad,) = torch.autograd.grad(
+                r, leaf, r.detach(), create_graph=self.differentiable
+            )
+        # ∂(r·v)/∂y = v − θ Jᵀv with v = r: the gradient of ½‖r‖².
+        if not self.differentiable:
+            r = r.detach()
+        return r, grad
+
+
+class IterState(NamedTuple):
+    """What the shared loop reads from any solver's state: the iterate and its residual."""
+
+    y: Tensor
+    r: Tensor
+
+
+class NonlinearSolver:
+    """Base class of the forward solvers.
+
+    Args:
+        tol: absolute tolerance on the Euclidean norm of each sample's residual,
+            ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ tol``.
+        max_iter: the most iterations per solve.
+    """
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 50) -> None:
+        self.tol = check_positive("tol", tol)
+        self.max_iter = check_int("max_iter", max_iter, 1)
+
+    # -- what a solver provides ------------------------------------------------
+    def init(self, problem: FixedPointProblem, y0: Tensor):
+        """Solver state at the initial guess; must expose ``y`` and ``r`` (residual at y)."""
+        raise NotImplementedError
+
+    def step(self, problem: FixedPointProblem, state):
+        """One iteration; returns the next state."""
+        raise NotImplementedError
+
+    # -- the shared loop -------------------------------------------------------
+    def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        """Iterate from ``y0`` until every sample meets ``tol`` or ``max_iter`` is reached.
+
+        Each sample is frozen at its first iterate within tolerance (later steps,
+        taken for the rest of the batch, do not change its answer or its stats).
+        A sample that never converges returns its lowest-residual iterate, which
+        is finite whenever ``y0`` is; a sample whose iterates become non-finite
+        stops early and is marked diverged.
+
+        Returns:
+            The solution and its :class:`~irnet.stats.SolverStats`.
+        """
+        state = self.init(problem, y0)
+        best_y = state.y
+        best_res = batch_norm(state.r)
+        iterations = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        active = best_res > self.tol
+        diverged = ~torch.isfinite(best_res)
+        active = active & ~diverged
+        for k in range(1, self.max_iter + 1):
+            if not bool(active.any()):  # the one host read per iteration: early exit
+                break
+            state = self.step(problem, state)
+            res = batch_norm(state.r)
+            finite = torch.isfinite(res)
+            take = active & finite & (res < best_res)
+            best_y = torch.where(per_sample(take, best_y), state.y, best_y)
+            best_res = torch.where(take, res, best_res)
+            iterations = torch.where(active, k, iterations)
+            diverged = diverged | (active & ~finite)
+            active = active & finite & (res > self.tol)
+        stats = SolverStats(
+            iterations=iterations,
+            residual=best_res.detach(),
+            converged=best_res <= self.tol,
+            diverged=diverged,
+        )
+        return best_y, stats
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,33 @@
+"""Plain fixed-point (Picard) iteration ``y ← x + (1−θ)F(x) + θF(y)``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+
+
+class _State(NamedTuple):
+    y: Tensor
+    r: Tensor
+    g: Tensor  # g(y), the next iterate
+
+
+class FixedPoint(NonlinearSolver):
+    """Fixed-point iteration from ``y⁰ = x``, so its first iterate is the explicit layer.
+
+    Converges when ``θF`` is a contraction; one evaluation of ``F`` per iteration.
+
+    Args:
+        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        max_iter: the most iterations.
+    """
+
+    def init(self, problem: FixedPointProblem, y0: Tensor) -> _State:
+        g = problem.map(y0)
+        return _State(y=y0, r=y0 - g, g=g)
+
+    def step(self, problem: FixedPointProblem, state: _State) -> _State:
+        return self.init(problem, state.g)
