@@ -1,0 +1,275 @@
+"""Residual functions F and the paper's ODE-style implicit networks (eq. 11)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from irnet.layer import ImplicitResidualBlock
+from irnet.linear import GMRES, LinearSolver
+from irnet.solvers import NonlinearSolver
+from irnet.validation import check_choice, check_int, check_positive, check_unit_interval
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+READOUTS = ("component", "linear")
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation called ``name`` (one of ``ACTIVATIONS``)."""
+    return ACTIVATIONS[check_choice("activation", name, tuple(ACTIVATIONS))]()
+
+
+class MLPResidual(nn.Module):
+    """``F(y) = h · γ2 σ(γ1 y + b)``, one layer of the paper's network (eq. 11).
+
+    Args:
+        dim: state size (2n for an input of size n).
+        width: hidden width (rows of γ1).
+        step: the time step h.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+    """
+
+    def __init__(self, dim: int, width: int = 100, step: float = 1.0, activation: str = "relu"):
+        super().__init__()
+        self.step = check_positive("step", step)
+        self.gamma1 = nn.Parameter(torch.empty(check_int("width", width, 1), check_int("dim", dim, 1)))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.gamma2 = nn.Parameter(torch.empty(dim, width))
+        self.activation = make_activation(activation)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper's Example 1: γ1, γ2 ~ N(0, 1), both divided by √ρ(γ2 γ1); b = 0."""
+        nn.init.normal_(self.gamma1)
+        nn.init.normal_(self.gamma2)
+        rho = torch.linalg.eigvals(self.gamma2 @ self.gamma1).abs().max()
+        scale = rho.clamp_min(1e-12).sqrt().to(self.gamma1.dtype)
+        self.gamma1 /= scale
+        self.gamma2 /= scale
+        self.bias.zero_()
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.step * self.activation(y @ self.gamma1.T + self.bias) @ self.gamma2.T
+
+
+class ConvResidual(nn.Module):
+    """``F(y) = h · conv(σ(conv(y)))`` with same-shape convolutions, for image states.
+
+    Args:
+        channels: channels of the state.
+        hidden_channels: channels between the two convolutions.
+        kernel_size: odd kernel size (padding keeps the spatial shape).
+        step: the time step h.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int = 16,
+        kernel_size: int = 3,
+        step: float = 1.0,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        if check_int("kernel_size", kernel_size, 1) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd to keep the shape, got {kernel_size}")
+        self.step = check_positive("step", step)
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(check_int("channels", channels, 1),
+                               check_int("hidden_channels", hidden_channels, 1), kernel_size, padding=pad)
+        self.activation = make_activation(activation)
+        self.conv2 = nn.Conv2d(hidden_channels, channels, kernel_size, padding=pad)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.step * self.conv2(self.activation(self.conv1(y)))
+
+
+class ImplicitODENet(nn.Module):
+    """A lift, ``layers`` implicit residual blocks over time ``T``, and a readout.
+
+    Subclasses build ``self.blocks`` and define :meth:`lift` and :meth:`readout`;
+    everything that walks through depth (regularisers, callbacks) uses
+    :meth:`trajectory`.
+    """
+
+    blocks: nn.ModuleList
+
+    @staticmethod
+    def thetas(theta: Union[float, Sequence[float]], layers: int) -> list[float]:
+        """One θ per layer from a scalar or a list of length ``layers``."""
+        if isinstance(theta, (int, float)) and not isinstance(theta, bool):
+            return [check_unit_interval("theta", theta)] * layers
+        theta = list(theta)
+        if len(theta) != layers:
+            raise ValueError(f"theta must be a number or a list of {layers} numbers (one per layer), "
+                             f"got a list of {len(theta)}")
+        return [check_unit_interval(f"theta[{i}]", t) for i, t in enumerate(theta)]
+
+    def lift(self, x: Tensor) -> Tensor:
+        """Input to the initial state y(0)."""
+        raise NotImplementedError
+
+    def readout(self, y: Tensor) -> Tensor:
+        """Final state y(T) to the network's output."""
+        raise NotImplementedError
+
+    def trajectory(self, x: Tensor) -> list[Tensor]:
+        """Hidden states ``[y(0), y_1, …, y_T]`` (``layers + 1`` tensors)."""
+        states = [self.lift(x)]
+        for block in self.blocks:
+            states.append(block(states[-1]))
+        return states
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.lift(x)
+        for block in self.blocks:
+            y = block(y)
+        return self.readout(y)
+
+    def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward):
+        thetas = self.thetas(theta, len(residuals))
+        self.blocks = nn.ModuleList(
+            ImplicitResidualBlock(F, t, solver, linear_solver, backward)
+            for F, t in zip(residuals, thetas)
+        )
+
+
+class ODENet(ImplicitODENet):
+    """The paper's network (eq. 11): y(0) = (x, x) ∈ ℝ²ⁿ, ``layers`` blocks over [0, T].
+
+    Layer t uses ``F_t(y) = h · γ2_t σ(γ1_t y + b_t)`` with ``h = T / layers``.
+    θ = 0 everywhere gives the explicit ResNet the paper compares against.
+
+    Args:
+        in_features: input size n (the state has 2n components).
+        out_features: output size (regression outputs or class logits).
+        layers: number of blocks.
+        T: final time.
+        width: hidden width of each F_t.
+        theta: θ for every layer, or a list with one θ per layer.
+        activation: ``"relu"`` (paper), ``"tanh"`` or ``"gelu"``.
+        solver: forward solver (default ``FixedPoint()``).
+        linear_solver: adjoint solver (default ``Neumann()``).
+        backward: ``"implicit"`` or ``"unrolled"``.
+        stationary_init: start every layer from the same weights (the paper's
+            "initial stationary weights"); otherwise each layer draws its own.
+        readout: ``"component"`` reads ``y(T)[component : component + out_features]``
+            (Example 1 reads y(T)[1]); ``"linear"`` applies a linear head
+            (classification).
+        component: first state component read by the ``"component"`` readout.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 1,
+        out_features: int = 1,
+        layers: int = 10,
+        T: float = 10.0,
+        width: int = 100,
+        theta: Union[float, list[float]] = 0.5,
+        activation: str = "relu",
+        solver: Optional[NonlinearSolver] = None,
+        linear_solver: Optional[LinearSolver] = None,
+        backward: str = "implicit",
+        stationary_init: bool = True,
+        readout: str = "component",
+        component: int = 1,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
+        self.layers = check_int("layers", layers, 1)
+        self.T = check_positive("T", T)
+        self.readout_kind = check_choice("readout", readout, READOUTS)
+        dim = 2 * in_features
+        if readout == "component" and not 0 <= component <= dim - out_features:
+            raise ValueError(f"component must be in [0, {dim - out_features}] to read "
+                             f"{out_features} of the {dim} states, got {component}")
+        self.component = component
+        step = self.T / layers
+        residuals = [MLPResidual(dim, width, step, activation) for _ in range(layers)]
+        if stationary_init:
+            for F in residuals[1:]:
+                F.load_state_dict(residuals[0].state_dict())
+        self._make_blocks(residuals, theta, solver, linear_solver, backward)
+        self.head = nn.Linear(dim, out_features) if readout == "linear" else None
+
+    def lift(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape (batch, {self.in_features}), got {tuple(x.shape)}")
+        return torch.cat([x, x], dim=1)
+
+    def readout(self, y: Tensor) -> Tensor:
+        if self.head is not None:
+            return self.head(y)
+        return y[:, self.component : self.component + self.out_features]
+
+
+class ConvODENet(ImplicitODENet):
+    """Convolutional implicit network for images: repeat-lift, conv blocks, linear head.
+
+    The input's channels are repeated to ``channels`` (the image analogue of the
+    paper's y(0) = (x, x)); every block solves with a convolutional F, and its
+    backward goes through the matrix-free linear solver (GMRES by default).
+
+    Args:
+        in_channels: image channels.
+        image_size: height = width of the images.
+        num_classes: classes (logits out).
+        channels: state channels (a multiple of ``in_channels``).
+        hidden_channels: channels inside each F.
+        layers: number of blocks.
+        T: final time (h = T / layers).
+        theta: θ for every layer, or one per layer.
+        activation: activation inside F.
+        solver: forward solver (default ``FixedPoint()``).
+        linear_solver: adjoint solver (default ``GMRES()``).
+        backward: ``"implicit"`` or ``"unrolled"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        num_classes: int = 10,
+        channels: int = 8,
+        hidden_channels: int = 16,
+        layers: int = 4,
+        T: float = 1.0,
+        theta: Union[float, list[float]] = 0.5,
+        activation: str = "relu",
+        solver: Optional[NonlinearSolver] = None,
+        linear_solver: Optional[LinearSolver] = None,
+        backward: str = "implicit",
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_int("in_channels", in_channels, 1)
+        if check_int("channels", channels, 1) % in_channels:
+            raise ValueError(f"channels must be a multiple of in_channels={in_channels}, got {channels}")
+        self.channels = channels
+        self.image_size = check_int("image_size", image_size, 1)
+        self.layers = check_int("layers", layers, 1)
+        self.T = check_positive("T", T)
+        step = self.T / layers
+        residuals = [ConvResidual(channels, hidden_channels, 3, step, activation) for _ in range(layers)]
+        linear_solver = linear_solver if linear_solver is not None else GMRES()
+        self._make_blocks(residuals, theta, solver, linear_solver, backward)
+        self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
+
+    def lift(self, x: Tensor) -> Tensor:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (batch, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
+        return x.repeat(1, self.channels // self.in_channels, 1, 1)
+
+    def readout(self, y: Tensor) -> Tensor:
+        return self.head(y.flatten(1))
+
+
+__all__ = ["ACTIVATIONS", "ConvODENet", "ConvResidual", "ImplicitODENet", "MLPResidual", "ODENet",
+           "make_activation"]
