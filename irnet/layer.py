@@ -112,14 +112,12 @@ class ImplicitResidualBlock(nn.Module):
     def _solve(self, problem: FixedPointProblem, y0: Tensor) -> Tensor:
         y, stats = self.solver.solve(problem, y0)
         self.forward_stats = stats
-        warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self, "_warned_forward")
+        warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self.solver)
         return y
 
     def _record_backward(self, stats: SolverStats) -> None:
         self.backward_stats = stats
-        warn_if_failed(
-            stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self, "_warned_backward"
-        )
+        warn_if_failed(stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self.linear_solver)
 
     def _apply_F(self, x: Tensor) -> Tensor:
         fx = self.F(x)

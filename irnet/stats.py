@@ -61,22 +61,23 @@ class SolverStats:
         }
 
 
-def warn_if_failed(stats: SolverStats, what: str, owner: object, flag: str) -> None:
-    """Warn once per ``owner`` (keyed by ``flag``) when some samples did not converge.
+def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
+    """Warn once per ``solver`` object when some samples did not converge.
 
-    Reading ``converged`` is the one host synchronisation of a solve, done after
-    its loop has finished.
+    A network usually shares one solver among its blocks, so a failing network
+    warns once, not once per layer; the statistics keep every failure. Reading
+    ``converged`` is the one host synchronisation of a solve, after its loop.
     """
-    if getattr(owner, flag, False) or bool(stats.converged.all()):
+    if getattr(solver, "_warned", False) or bool(stats.converged.all()):
         return
-    setattr(owner, flag, True)
+    solver._warned = True
     failed = int(stats.num_failed)
     worst = float(stats.residual.max())
     warnings.warn(
         f"{what} did not converge for {failed} of {stats.converged.numel()} samples "
         f"(largest residual {worst:.3g}); returning the best iterate found. "
         "Raise max_iter, loosen tol, lower theta or choose another solver. "
-        "(Shown once per block.)",
+        "(Shown once per solver; the block's stats record every failure.)",
         ConvergenceWarning,
         stacklevel=3,
     )

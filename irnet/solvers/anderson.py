@@ -64,8 +64,8 @@ class Anderson(NonlinearSolver):
         y = (self.mixing * mixed_g + (1 - self.mixing) * mixed_y).view_as(state.y)
         g = problem.map(y)
         keep = self.history - 1
-        ys = state.ys[len(state.ys) - keep:] if keep else []
-        gs = state.gs[len(state.gs) - keep:] if keep else []
+        ys = state.ys[-keep:] if keep else []  # the newest ``history − 1``, fewer while filling
+        gs = state.gs[-keep:] if keep else []
         return _State(y=y, r=y - g, ys=ys + [y.flatten(1)], gs=gs + [g.flatten(1)])
 
     def _weights(self, R: Tensor) -> Tensor:

@@ -60,14 +60,22 @@ class FixedPointProblem:
 
     def residual_and_gradient(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``r(y)`` and ``∇ ½‖r(y)‖² = (I − θ ∂F/∂y)ᵀ r(y)`` by one vector–Jacobian product."""
+        # Unrolled mode builds graphs only where the caller records them (not under no_grad).
+        graph = self.differentiable and torch.is_grad_enabled()
         with torch.enable_grad():
-            leaf = y if self.differentiable else y.detach().requires_grad_()
+            # With a graph: a fresh node ``y.view_as(y)`` so the product only follows
+            # paths through this use of y — not through c, which shares y's history
+            # when y⁰ = x — and ``r`` itself as the vector, so the graph keeps the
+            # Gauss–Newton term (I − θJ)ᵀ(I − θJ). A y outside any graph (data, a
+            # frozen F) is a constant: a detached leaf serves both modes.
+            if graph and y.requires_grad:
+                leaf = y.view_as(y)
+            else:
+                leaf = y.detach().requires_grad_()
             r = self.residual(leaf)
-            (grad,) = torch.autograd.grad(
-                r, leaf, r.detach(), create_graph=self.differentiable
-            )
+            (grad,) = torch.autograd.grad(r, leaf, r if graph else r.detach(), create_graph=graph)
         # ∂(r·v)/∂y = v − θ Jᵀv with v = r: the gradient of ½‖r‖².
-        if not self.differentiable:
+        if not graph:
             r = r.detach()
         return r, grad
 

@@ -1,0 +1,32 @@
+"""Shared pytest set-up: reproducible draws, and the ``problems`` module importable."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# ``from problems import ...`` works however pytest is invoked (rootdir, IDE, a single file).
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """The same random draws in every test, whatever ran before it."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny problems, restored afterwards.
+
+    Tensors of a few dozen numbers gain nothing from a thread pool, and on a
+    shared 2-core machine a pool that spins while another process holds the
+    cores makes a 0.1 ms convolution take tens of milliseconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
