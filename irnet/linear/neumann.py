@@ -23,10 +23,11 @@ class Neumann(LinearSolver):
     Args:
         tol: relative tolerance ``‖A g − b‖₂ ≤ tol · ‖b‖₂`` per sample.
         max_iter: the most terms (vector–Jacobian products).
-        patience: how many non-decreasing terms in a row mean divergence.
+        patience: how many non-decreasing terms in a row mean divergence (a
+            non-normal Jacobian can grow for a few terms and still converge).
     """
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50, patience: int = 3) -> None:
+    def __init__(self, tol: float = 1e-5, max_iter: int = 50, patience: int = 10) -> None:
         super().__init__(tol, max_iter)
         self.patience = check_int("patience", patience, 1)
 
