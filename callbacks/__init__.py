@@ -1,1 +1,21 @@
-"""Lightning callbacks for monitoring implicit networks (imported as irnet.callbacks)."""
+"""Lightning callbacks for monitoring implicit networks (imported as irnet.callbacks).
+
+* :class:`SolverStatistics`: forward iterations, residuals, failures and
+  adjoint-solve depth per layer (scalars, histograms).
+* :class:`GradientMagnitudes`: loss-gradient norms w.r.t. each layer's
+  parameters and hidden state (paper Fig. 6).
+* :class:`StabilityMonitor`: spectral radii of each layer's Jacobian and of
+  θ∂F/∂y.
+* :class:`Figures`: the paper's figures (outputs, trajectories, vector fields,
+  decision regions, iterations per layer) as TensorBoard images and PNGs.
+
+All work under DDP (rank 0 writes; no collective is called on one rank only)
+and on any device. See ``docs/monitoring.md``.
+"""
+
+from .figures import Figures
+from .gradient_magnitudes import GradientMagnitudes
+from .solver_statistics import SolverStatistics
+from .stability_monitor import StabilityMonitor
+
+__all__ = ["Figures", "GradientMagnitudes", "SolverStatistics", "StabilityMonitor"]

@@ -1,0 +1,119 @@
+"""What the monitoring callbacks read from a LightningModule and a Trainer: network, blocks, task, data.
+
+The callbacks rely only on this contract: ``pl_module.net`` is an
+:class:`~irnet.nets.ImplicitODENet` (else the implicit blocks are found by
+walking the module), an optional ``pl_module.task`` (``"regression"`` or
+``"classification"``) or boolean ``pl_module.classification`` names the task,
+and batches are ``(x, y)`` pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from irnet.layer import ImplicitResidualBlock
+from irnet.nets import ConvODENet, ImplicitODENet
+
+
+def find_net(pl_module: pl.LightningModule) -> Optional[ImplicitODENet]:
+    """``pl_module.net`` when it is an implicit network, else None."""
+    net = getattr(pl_module, "net", None)
+    return net if isinstance(net, ImplicitODENet) else None
+
+
+def find_blocks(pl_module: pl.LightningModule) -> list[ImplicitResidualBlock]:
+    """The implicit blocks in depth order: ``net.blocks``, or every block found in the module."""
+    net = find_net(pl_module)
+    if net is not None:
+        return list(net.blocks)
+    return [m for m in pl_module.modules() if isinstance(m, ImplicitResidualBlock)]
+
+
+def is_classification(pl_module: pl.LightningModule) -> bool:
+    """``pl_module.task == "classification"`` or a boolean ``pl_module.classification``;
+    without either, guessed from the network's head (linear head or ConvODENet)."""
+    task = getattr(pl_module, "task", None)
+    if isinstance(task, str):
+        return task == "classification"
+    flag = getattr(pl_module, "classification", None)
+    if isinstance(flag, bool):
+        return flag
+    net = find_net(pl_module)
+    return isinstance(net, ConvODENet) or getattr(net, "readout_kind", None) == "linear"
+
+
+def batch_inputs(batch: Any) -> Optional[Tensor]:
+    """``x`` of an ``(x, y)`` batch (or a bare tensor batch), else None."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    return None
+
+
+def _loaders(loaders: Any) -> list[Iterable]:
+    """Flatten what ``trainer.train_dataloader`` / ``val_dataloaders`` hold into a list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return [loader for value in loaders.values() for loader in _loaders(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [loader for value in loaders for loader in _loaders(value)]
+    return [loaders]
+
+
+def collect(loaders: Any, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Up to ``max_points`` samples ``(x, y)`` from the first loader, on the CPU, or None.
+
+    Only this rank's shard is seen under a distributed sampler, which is enough
+    for pictures. The CPU RNG is restored afterwards: a new iterator over a
+    shuffling loader draws a seed, and monitoring must not change training.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _collect(loaders, max_points)
+
+
+def _collect(loaders: Any, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
+    for loader in _loaders(loaders):
+        xs, ys, count = [], [], 0
+        for batch in loader:
+            if not (isinstance(batch, (list, tuple)) and len(batch) >= 2
+                    and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
+                return None
+            xs.append(batch[0].detach().cpu())
+            ys.append(batch[1].detach().cpu())
+            count += len(batch[0])
+            if count >= max_points:
+                break
+        if xs:
+            return torch.cat(xs)[:max_points], torch.cat(ys)[:max_points]
+    return None
+
+
+def training_data(trainer: pl.Trainer, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Training samples of the running fit (``trainer.train_dataloader``), or None."""
+    return collect(trainer.train_dataloader, max_points)
+
+
+def validation_data(trainer: pl.Trainer, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Validation samples (``trainer.val_dataloaders``), or None when there are none."""
+    return collect(trainer.val_dataloaders, max_points)
+
+
+def to_module(x: Tensor, pl_module: pl.LightningModule) -> Tensor:
+    """``x`` on the module's device, floating inputs in the parameters' dtype."""
+    param = next(pl_module.parameters(), None)
+    if param is not None and x.is_floating_point():
+        return x.to(device=param.device, dtype=param.dtype)
+    return x.to(pl_module.device)
+
+
+def class_labels(y: Tensor) -> Tensor:
+    """Class indices from integer labels, float 0/1 labels or one-hot rows."""
+    if y.dim() == 2 and y.shape[1] > 1:
+        return y.argmax(1)
+    return y.reshape(len(y)).round().long()

@@ -1,0 +1,159 @@
+"""SolverStatistics: forward iterations, residuals and failures and adjoint-solve depth, per layer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from ._data import batch_inputs, find_blocks
+from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag
+from ._schedule import check_bool
+from ._solver_recorder import (
+    REDUCTIONS,
+    LayerAccumulator,
+    SolverStatsRecorder,
+    StepStats,
+    layer_vectors,
+    over_layers,
+    summarize,
+)
+
+PER_LAYER_KEYS = ("iterations_mean", "iterations_max", "residual_max", "not_converged")
+HISTOGRAM_KEYS = ("iterations_mean", "iterations_max", "residual_max")
+DIRECTIONS = ("forward", "backward")
+
+
+class SolverStatistics(Callback):
+    """Logs what the forward (nonlinear) and backward (adjoint) solves of every layer did.
+
+    Per training step, for ``forward`` and ``backward``: ``iterations_mean``
+    (mean over the batch, then over layers), ``iterations_max``,
+    ``residual_mean``, ``residual_max`` (forward: absolute ``‖r(y)‖``; backward:
+    relative), ``not_converged`` and ``diverged`` (sample counts summed over
+    layers: zero when all is well). Tags are ``solver/forward_iterations_mean``
+    etc., with Lightning's ``_step`` / ``_epoch`` suffixes (epoch values reduce
+    means by mean, maxima by max and counts by sum). Backward tags appear only
+    for layers that ran an adjoint solve (not for θ = 0, nor in unrolled mode);
+    explicit θ = 0 layers count 0 forward iterations.
+
+    With ``per_layer`` the same per layer under
+    ``solver_layers/<direction>_<name>/layer_<t>`` (t = 1…T, for the names in
+    ``PER_LAYER_KEYS``). With ``histograms``, at each training epoch end the
+    epoch means of each layer go to TensorBoard histograms
+    ``solver/<direction>_<name>_over_layers``. With ``validation``, the forward
+    statistics of validation batches are logged per epoch under
+    ``val_solver/…``.
+
+    Forward statistics are those of each block's first call in the step (the
+    main pass; extra passes such as R_rnd's perturbation streams are left out,
+    as in the module's ``iters``); backward statistics are the block's last
+    adjoint solve of the step.
+
+    Args:
+        per_layer: also log one scalar per layer and statistic.
+        histograms: write histograms over layers to TensorBoard each epoch.
+        validation: also log the forward statistics of validation batches.
+        sync_dist: reduce the values over processes under DDP (one collective
+            per value and step, on every rank alike). Without it each rank logs
+            its own batches' statistics and rank 0's reach the logger.
+    """
+
+    def __init__(
+        self,
+        per_layer: bool = True,
+        histograms: bool = True,
+        validation: bool = True,
+        sync_dist: bool = False,
+    ) -> None:
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.histograms = check_bool("histograms", histograms)
+        self.validation = check_bool("validation", validation)
+        self.sync_dist = check_bool("sync_dist", sync_dist)
+        self._recorder = SolverStatsRecorder()
+        self._epoch = LayerAccumulator()
+
+    # -- set-up ------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        blocks = find_blocks(pl_module)
+        if not blocks:
+            rank_zero_warn("SolverStatistics found no ImplicitResidualBlock in the module; it logs nothing.")
+        self._recorder.attach(blocks)
+        if not self.sync_dist:
+            allow_unsynced_epoch_logs(trainer, ("solver", "val_solver"))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._recorder.detach()
+
+    # -- training ------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch.reset()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._recorder.start()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = self._recorder.stop()
+        if step is None:
+            return
+        self._log(pl_module, step, "solver", on_step=True, batch=batch)
+        if self.histograms:
+            for direction in DIRECTIONS:
+                vectors = layer_vectors(getattr(step, direction))
+                for key in HISTOGRAM_KEYS:
+                    self._epoch.add(f"{direction}_{key}", vectors[key])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.histograms and trainer.is_global_zero):
+            return
+        for direction in DIRECTIONS:
+            for key in HISTOGRAM_KEYS:
+                values = self._epoch.mean(f"{direction}_{key}")
+                if values is not None:
+                    add_histogram(trainer, f"solver/{direction}_{key}_over_layers", values)
+
+    # -- validation ----------------------------------------------------------------------
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.validation:
+            self._recorder.start()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        step = self._recorder.stop() if self.validation else None
+        if step is not None:
+            self._log(pl_module, StepStats(step.forward, [None] * len(step.forward)), "val_solver",
+                      on_step=False, batch=batch)
+
+    # -- logging ----------------------------------------------------------------------------
+    def _log(self, pl_module: pl.LightningModule, step: StepStats, group: str, on_step: bool,
+             batch: Any) -> None:
+        """Log the layer-averaged summaries and, if asked, the per-layer ones.
+
+        Which tags are logged depends only on the network's structure (which
+        layers have stats), never on the values, so every DDP rank logs the
+        same names.
+        """
+        x = batch_inputs(batch)
+        batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else 1
+        layers = len(step.forward)
+        for direction in DIRECTIONS:
+            summaries = {i: summarize(s) for i, s in enumerate(getattr(step, direction)) if s is not None}
+            for key, value in over_layers(list(summaries.values())).items():
+                self._log_value(pl_module, f"{group}/{direction}_{key}", value, key, on_step, batch_size)
+            if not self.per_layer:
+                continue
+            for i, summary in summaries.items():
+                for key in PER_LAYER_KEYS:
+                    tag = layer_tag(f"{group}_layers", f"{direction}_{key}", i, layers)
+                    self._log_value(pl_module, tag, summary[key], key, on_step, batch_size)
+
+    def _log_value(self, pl_module: pl.LightningModule, name: str, value: Tensor, key: str,
+                   on_step: bool, batch_size: Optional[int]) -> None:
+        pl_module.log(name, value, on_step=on_step, on_epoch=True, reduce_fx=REDUCTIONS[key],
+                      sync_dist=self.sync_dist, batch_size=batch_size)
