@@ -1,1 +1,19 @@
-"""Lightning DataModules for the toy and real data sets (imported as irnet.datamodules)."""
+"""Lightning DataModules for the toy and real data sets (imported as irnet.datamodules).
+
+* :class:`SineRegression` — the paper's Example 1, f(x) = sin(x) + 0.1 cos(19x).
+* :class:`TwoSpirals` — the paper's Example 2, two labelled spirals.
+* :class:`Moons`, :class:`Circles` — scikit-learn's 2-D toy sets with noise.
+* :class:`Digits` — scikit-learn's 8×8 digits, as vectors or 1×8×8 images.
+
+All are in-memory :class:`TensorDataModule` s: deterministic under ``seed``,
+full batch by default for the toy sets (``batch_size: null``).
+"""
+
+from irnet.datamodules.base import TensorDataModule
+from irnet.datamodules.circles import Circles
+from irnet.datamodules.digits import Digits
+from irnet.datamodules.moons import Moons
+from irnet.datamodules.sine import SineRegression
+from irnet.datamodules.spirals import TwoSpirals
+
+__all__ = ["Circles", "Digits", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]

@@ -1,0 +1,266 @@
+"""The LightningModule that trains an implicit network, with the paper's regularisers.
+
+Extension points for subclasses (see ``docs/subclassing.md``):
+
+* the network: pass any ``nn.Module`` as ``net`` (an
+  :class:`~irnet.nets.ImplicitODENet` gives the regularisers its hidden states);
+* :meth:`ImplicitNetModule.trajectory` / :meth:`ImplicitNetModule.readout`: how
+  hidden states and outputs are obtained from the network;
+* :meth:`ImplicitNetModule.compute_loss`: the data loss;
+* :meth:`ImplicitNetModule.regularization`: the penalties added in training
+  (each logged as ``train/<name>``);
+* the perturbation of R_rnd: ``r_rnd.perturbation`` (a
+  :class:`~irnet.perturbations.Perturbation`), in the config or at run time;
+* :meth:`ImplicitNetModule.configure_optimizers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanSquaredError
+
+from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer, Regularizer
+from irnet.solvers.base import batch_norm
+from irnet.validation import check_choice, check_int, check_positive
+
+LOSSES = ("l2", "mse", "cross_entropy")
+STAGES = ("train", "val", "test")
+
+
+def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """The paper's L2 loss: mean over samples of ``‖pred − target‖₂`` (not squared)."""
+    return batch_norm(pred - target).mean()
+
+
+def _described_by_config() -> bool:
+    """Whether LightningCLI is instantiating the module (it then hands the config to hparams)."""
+    try:  # private in Lightning; absent in old versions
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+class ImplicitNetModule(pl.LightningModule):
+    """Train, validate, test and predict with an implicit residual network.
+
+    The loss of a training step is ``compute_loss(pred, target) + Σ terms`` with
+    the terms of :meth:`regularization` (``weight · R_fp``, ``weight · R_rnd``).
+    Logged per epoch: ``{stage}/loss`` (the data loss, comparable across
+    stages), ``{stage}/mse`` (regression) or ``{stage}/acc`` (classification),
+    ``{stage}/iters`` (mean forward solver iterations per layer and sample),
+    and in training ``train/total`` (the minimised objective), one
+    ``train/<name>`` per regularisation term and ``train/loss_step`` per step.
+    The progress bar shows the losses and ``iters``.
+
+    Args:
+        net: the network, e.g. :class:`~irnet.nets.ODENet`; regularisers need
+            ``net.trajectory`` and ``net.blocks``.
+        loss: ``"l2"`` (paper: mean of per-sample norms), ``"mse"`` or
+            ``"cross_entropy"`` (classification: accuracy is the metric).
+        num_classes: classes for the accuracy metric; read from the network
+            (``out_features``, ``num_classes`` or ``head.out_features``) if omitted.
+        lr: Adam's learning rate (paper: 1e-2).
+        lr_step: epochs between learning-rate decays (paper: 500).
+        lr_gamma: learning-rate factor at each decay (paper: 0.7).
+        weight_decay: Adam's weight decay.
+        r_fp: the fixed-point regulariser R_fp (eq. 9), or ``None``.
+        r_rnd: the perturbation regulariser R_rnd (eq. 10), or ``None``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: str = "l2",
+        num_classes: Optional[int] = None,
+        lr: float = 1e-2,
+        lr_step: int = 500,
+        lr_gamma: float = 0.7,
+        weight_decay: float = 0.0,
+        r_fp: Optional[FixedPointRegularizer] = None,
+        r_rnd: Optional[PerturbationRegularizer] = None,
+    ) -> None:
+        super().__init__()
+        # Under LightningCLI the hparams are the config (class_path/init_args), so
+        # load_from_checkpoint can rebuild the network; a net passed as an object
+        # is saved in the state dict only.
+        self.save_hyperparameters(ignore=[] if _described_by_config() else ["net"])
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net must be an nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.loss_name = check_choice("loss", loss, LOSSES)
+        self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
+        self.regularizers: dict[str, Regularizer] = self._collect_regularizers(r_fp=r_fp, r_rnd=r_rnd)
+        self.classification = self.loss_name == "cross_entropy"
+        metrics = self._make_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def _set_optimiser_args(self, lr: float, lr_step: int, lr_gamma: float, weight_decay: float) -> None:
+        self.lr = check_positive("lr", lr)
+        self.lr_step = check_int("lr_step", lr_step, 1)
+        if isinstance(lr_gamma, bool) or not isinstance(lr_gamma, (int, float)) or not 0 < lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be a number in (0, 1], got {lr_gamma!r}")
+        self.lr_gamma = float(lr_gamma)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+
+    def _collect_regularizers(self, **given: Optional[Regularizer]) -> dict[str, Regularizer]:
+        found = {}
+        for name, reg in given.items():
+            if reg is not None and not isinstance(reg, Regularizer):
+                raise ValueError(f"{name} must be an irnet.regularizers.Regularizer or None, "
+                                 f"got {type(reg).__name__}")
+            if reg is not None:
+                found[name] = reg
+        if any(reg.active for reg in found.values()) and not hasattr(self.net, "trajectory"):
+            raise ValueError("r_fp and r_rnd need a network with .trajectory() and .blocks "
+                             f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}")
+        return found
+
+    @property
+    def r_fp(self) -> Optional[FixedPointRegularizer]:
+        """The fixed-point regulariser, if configured."""
+        return self.regularizers.get("r_fp")
+
+    @property
+    def r_rnd(self) -> Optional[PerturbationRegularizer]:
+        """The perturbation regulariser, if configured."""
+        return self.regularizers.get("r_rnd")
+
+    def _make_metrics(self, num_classes: Optional[int]) -> MetricCollection:
+        if not self.classification:
+            return MetricCollection({"mse": MeanSquaredError()})
+        if num_classes is None:
+            num_classes = self._infer_num_classes()
+        return MetricCollection({"acc": MulticlassAccuracy(check_int("num_classes", num_classes, 2),
+                                                           average="micro")})
+
+    def _infer_num_classes(self) -> int:
+        for owner, attr in ((self.net, "num_classes"), (self.net, "out_features"),
+                            (getattr(self.net, "head", None), "out_features")):
+            value = getattr(owner, attr, None)
+            if isinstance(value, int):
+                return value
+        raise ValueError("num_classes is required with loss='cross_entropy' when the network "
+                         "does not expose out_features/num_classes")
+
+    def active_regularizers(self) -> dict[str, Regularizer]:
+        """The configured regularisers with a positive weight."""
+        return {name: reg for name, reg in self.regularizers.items() if reg.active}
+
+    # -- extension points -------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def trajectory(self, x: Tensor) -> list[Tensor]:
+        """Hidden states ``[y_0, …, y_T]`` of ``x`` (what the regularisers see)."""
+        return self.net.trajectory(x)
+
+    def readout(self, y: Tensor) -> Tensor:
+        """The network's output from its final hidden state."""
+        return self.net.readout(y)
+
+    def compute_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The data loss of a batch (``loss`` chooses it); override for another loss."""
+        if self.loss_name == "l2":
+            return l2_loss(pred, target)
+        if self.loss_name == "mse":
+            return F.mse_loss(pred, target)
+        return F.cross_entropy(pred, target)
+
+    def regularization(self, x: Tensor, states: Optional[list[Tensor]]) -> dict[str, Tensor]:
+        """Penalties added to the training loss, by name: ``{"r_fp": w · R_fp, …}``.
+
+        Args:
+            x: the input batch.
+            states: its clean hidden states (``None`` when no active
+                regulariser asked for them; see :meth:`needs_states`).
+
+        Override and extend the returned dict to add penalties of your own; each
+        is added to the loss and logged as ``train/<name>``.
+        """
+        return {name: reg.weight * reg(self.net, x, states)
+                for name, reg in self.active_regularizers().items()}
+
+    def needs_states(self, stage: str) -> bool:
+        """Whether ``_step`` should compute hidden states (for the regularisers)."""
+        return stage == "train" and bool(self.active_regularizers())
+
+    def configure_optimizers(self) -> Any:
+        """Adam with a StepLR schedule (the paper: lr 1e-2, × 0.7 every 500 epochs)."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- the shared step ----------------------------------------------------------
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        x, target = batch
+        if self.needs_states(stage):
+            states = self.trajectory(x)
+            pred = self.readout(states[-1])
+        else:
+            states, pred = None, self(x)
+        iters = self.forward_iterations()  # read before any regulariser re-runs the network
+        loss = self.compute_loss(pred, target)
+        terms = self.regularization(x, states) if stage == "train" else {}
+        total = loss + sum(terms.values()) if terms else loss
+        self._log_step(stage, x.shape[0], loss, total, terms, iters, pred, target)
+        return total
+
+    def forward_iterations(self) -> Optional[Tensor]:
+        """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
+        stats = [b.forward_stats for b in getattr(self.net, "blocks", []) if b.forward_stats is not None]
+        if not stats:
+            return None
+        return torch.stack([s.iterations.float().mean() for s in stats]).mean()
+
+    def _log_step(self, stage: str, batch_size: int, loss: Tensor, total: Tensor,
+                  terms: dict[str, Tensor], iters: Optional[Tensor], pred: Tensor, target: Tensor) -> None:
+        epoch = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **epoch)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics(pred.detach(), target)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        if iters is not None:
+            self.log(f"{stage}/iters", iters, **epoch)
+        if stage != "train":
+            return
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/total", total, **epoch)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, **epoch)
+        if iters is not None:
+            self.log("iters", iters, prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                     batch_size=batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The network's output (regression values or class logits) for a batch ``x`` or ``(x, y)``."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Fresh perturbations every epoch, seeded by the epoch so a resumed run repeats them.
+        for reg in self.regularizers.values():
+            reg.on_train_epoch_start(self.current_epoch)
+
+
+__all__ = ["ImplicitNetModule", "LOSSES", "l2_loss"]

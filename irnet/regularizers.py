@@ -1,0 +1,208 @@
+"""The paper's regularisers R_fp (eq. 9) and R_rnd (eq. 10).
+
+A regulariser is a small configurable object (so a YAML config can name it by
+``class_path``) that the LightningModule calls with the network, the input
+batch and the clean hidden states ``[y_0, …, y_T]`` of that batch; it returns
+the *unweighted* penalty averaged over the batch. The module multiplies it by
+``weight`` and adds it to the training loss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from irnet.perturbations import GaussianPerturbation, Perturbation
+from irnet.solvers.base import batch_norm
+from irnet.validation import check_int
+
+DEFAULT_SIGMA = 0.05
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """``value >= 0`` as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def power_weights(count: int, power: float, like: Tensor) -> Tensor:
+    """``((i / count)^power for i = 1 … count)`` in the dtype and device of ``like``."""
+    i = torch.arange(1, count + 1, dtype=like.dtype, device=like.device)
+    return (i / count) ** power
+
+
+class Regularizer:
+    """Base class: a penalty added to the training loss with weight ``weight``.
+
+    Args:
+        weight: multiplier of the penalty in the loss; 0 switches it off (and
+            the module then skips its computation entirely).
+    """
+
+    #: name under which the module logs the term (``train/<name>``).
+    name = "reg"
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = check_nonnegative("weight", weight)
+
+    @property
+    def active(self) -> bool:
+        """Whether the penalty is on (``weight > 0``)."""
+        return self.weight > 0
+
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+        """The unweighted penalty, a 0-d tensor differentiable in the network's weights.
+
+        Args:
+            net: the network (an :class:`~irnet.nets.ImplicitODENet`: ``.blocks``,
+                ``.trajectory``).
+            x: the input batch.
+            states: the clean hidden states ``[y_0, y_1, …, y_T]`` of ``x``.
+        """
+        raise NotImplementedError
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Called by the module at the start of every training epoch."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and not isinstance(v, (Tensor, torch.Generator)))
+        return f"{type(self).__name__}({args})"
+
+
+class FixedPointRegularizer(Regularizer):
+    """R_fp = Σ_t Σ_k (k/K)^p ‖r(y_t^k)‖ over the fixed-point iterates of each layer (eq. 9).
+
+    For layer t with input state ``y_{t-1}`` the iterates are
+    ``y^0 = y_{t-1}``, ``y^{k+1} = y_{t-1} + (1−θ)F(y_{t-1}) + θF(y^k)`` and
+    ``r(y^k) = y^k − y^{k+1}``; they are built with autograd (unrolled) for this
+    term only, through :meth:`~irnet.ImplicitResidualBlock.fixed_point_residuals`,
+    and exist only while the penalty is computed. The layer's input is detached,
+    so the term of layer t is, as in the paper, a function of that layer's
+    weights γ_t only. Per-sample sums are averaged over the batch. Explicit
+    layers (θ = 0) contribute nothing (their fixed-point map is constant).
+
+    Args:
+        weight: weight in the loss.
+        p: exponent of α_k = (k/K)^p; smaller p asks for faster convergence.
+        iterations: K. ``None`` (default) uses, for each layer, the number of
+            iterations its last forward solve took (the most in the batch, at
+            least 1) — the iterates the forward pass actually performed; an
+            integer fixes K for every layer.
+    """
+
+    name = "r_fp"
+
+    def __init__(self, weight: float = 1.0, p: float = 1.0, iterations: Optional[int] = None) -> None:
+        super().__init__(weight)
+        self.p = check_nonnegative("p", p)
+        self.iterations = None if iterations is None else check_int("iterations", iterations, 1)
+
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+        total = states[0].new_zeros(states[0].shape[0])
+        for block, y_in in zip(net.blocks, states[:-1]):
+            if block.theta == 0:
+                continue
+            K = self.layer_iterations(block)
+            norms = block.fixed_point_residuals(y_in.detach(), K)  # (K, batch)
+            total = total + (power_weights(K, self.p, norms)[:, None] * norms).sum(0)
+        return total.mean()
+
+    def layer_iterations(self, block: nn.Module) -> int:
+        """K for ``block``: fixed, or the iterations of its last forward solve."""
+        if self.iterations is not None:
+            return self.iterations
+        stats = block.forward_stats
+        if stats is None:
+            return block.solver.max_iter
+        return max(1, int(stats.iterations.max()))
+
+
+class PerturbationRegularizer(Regularizer):
+    """R_rnd = Σ_t (t/T)^r Σ_p ‖y_t − ỹ_t^(p)‖ over P perturbation streams (eq. 10).
+
+    ``ỹ^(p)`` are the hidden states of the same network run on the perturbed
+    copies ``perturbation(x)``, all P in one batched pass. The noise comes from
+    :attr:`generator`, reseeded from ``(seed, epoch)`` at the start of every
+    training epoch, so each epoch draws fresh perturbations and a resumed run
+    draws the same ones. Per-sample sums are averaged over the batch; both the
+    clean and the perturbed states carry gradients.
+
+    Args:
+        weight: weight in the loss.
+        streams: P, the number of perturbed copies of each input.
+        sigma: σ of the default :class:`~irnet.perturbations.GaussianPerturbation`
+            (0.05 if neither ``sigma`` nor ``perturbation`` is given).
+        r: exponent of β_t = (t/T)^r; smaller r asks for faster damping.
+        seed: seed of the perturbation streams.
+        perturbation: the kind of perturbation (instead of ``sigma``).
+
+    Attributes:
+        perturbation: the :class:`~irnet.perturbations.Perturbation` in use;
+            may be replaced at run time.
+        generator: the ``torch.Generator`` the perturbations draw from.
+        last_distances: detached ``(layers,)`` tensor, mean over batch and
+            streams of ``‖y_t − ỹ_t^(p)‖`` of the last call (``None`` before).
+    """
+
+    name = "r_rnd"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        streams: int = 1,
+        sigma: Optional[float] = None,
+        r: float = 1.0,
+        seed: int = 0,
+        perturbation: Optional[Perturbation] = None,
+    ) -> None:
+        super().__init__(weight)
+        self.streams = check_int("streams", streams, 1)
+        self.r = check_nonnegative("r", r)
+        self.seed = check_int("seed", seed, 0)
+        if perturbation is not None and sigma is not None:
+            raise ValueError("give sigma or perturbation, not both (sigma configures the default "
+                             "GaussianPerturbation)")
+        if perturbation is not None and not isinstance(perturbation, Perturbation):
+            raise ValueError(f"perturbation must be an irnet.perturbations.Perturbation, "
+                             f"got {type(perturbation).__name__}")
+        self.perturbation = perturbation or GaussianPerturbation(DEFAULT_SIGMA if sigma is None else sigma)
+        self.generator = torch.Generator()
+        self.last_distances: Optional[Tensor] = None
+        self.on_train_epoch_start(0)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The generator's seed for ``epoch``: a well-mixed function of ``(seed, epoch)``."""
+        return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        self.generator.manual_seed(self.epoch_seed(epoch))
+
+    def perturb(self, x: Tensor) -> Tensor:
+        """The P perturbed copies of ``x``, stacked along the batch: ``(P · batch, …)``."""
+        return torch.cat([self.perturbation(x, self.generator) for _ in range(self.streams)])
+
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+        batch, layers = x.shape[0], len(states) - 1
+        # The perturbed pass must not overwrite the clean pass's solver statistics,
+        # which monitoring callbacks read after the step.
+        saved = [block.forward_stats for block in getattr(net, "blocks", [])]
+        noisy = net.trajectory(self.perturb(x))
+        for block, stats in zip(getattr(net, "blocks", []), saved):
+            block.forward_stats = stats
+        beta = power_weights(layers, self.r, states[0])
+        total, distances = states[0].new_zeros(batch), []
+        for t in range(1, layers + 1):
+            clean = states[t].repeat(self.streams, *([1] * (states[t].dim() - 1)))
+            d = batch_norm(noisy[t] - clean).view(self.streams, batch)  # (P, batch)
+            distances.append(d.detach().mean())
+            total = total + beta[t - 1] * d.sum(0)
+        self.last_distances = torch.stack(distances)
+        return total.mean()
+
+
+__all__ = ["FixedPointRegularizer", "PerturbationRegularizer", "Regularizer", "power_weights"]
