@@ -6,6 +6,9 @@
   parameters and hidden state (paper Fig. 6).
 * :class:`StabilityMonitor`: spectral radii of each layer's Jacobian and of
   θ∂F/∂y.
+* :class:`PerturbationStreams`: owns the perturbation streams of R_rnd (the
+  noise model) and logs ‖y_t − ỹ_t‖ per depth t: whether perturbations grow
+  or damp across the network.
 * :class:`Figures`: the paper's figures (outputs, trajectories, vector fields,
   decision regions, iterations per layer) as TensorBoard images and PNGs.
 
@@ -15,7 +18,8 @@ and on any device. See ``docs/monitoring.md``.
 
 from .figures import Figures
 from .gradient_magnitudes import GradientMagnitudes
+from .perturbation_streams import PerturbationStreams
 from .solver_statistics import SolverStatistics
 from .stability_monitor import StabilityMonitor
 
-__all__ = ["Figures", "GradientMagnitudes", "SolverStatistics", "StabilityMonitor"]
+__all__ = ["Figures", "GradientMagnitudes", "PerturbationStreams", "SolverStatistics", "StabilityMonitor"]

@@ -4,12 +4,13 @@ The callbacks rely only on this contract: ``pl_module.net`` is an
 :class:`~irnet.nets.ImplicitODENet` (else the implicit blocks are found by
 walking the module), an optional ``pl_module.task`` (``"regression"`` or
 ``"classification"``) or boolean ``pl_module.classification`` names the task,
-and batches are ``(x, y)`` pairs.
+batches are ``(x, y)`` pairs, and a data module may expose the function its
+targets sample as a method ``target(x)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -102,6 +103,12 @@ def training_data(trainer: pl.Trainer, max_points: int) -> Optional[tuple[Tensor
 def validation_data(trainer: pl.Trainer, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
     """Validation samples (``trainer.val_dataloaders``), or None when there are none."""
     return collect(trainer.val_dataloaders, max_points)
+
+
+def target_function(trainer: pl.Trainer) -> Optional[Callable[[Tensor], Tensor]]:
+    """The data module's ``target(x)``, the function its targets are sampled from (``SineRegression``), or None."""
+    target = getattr(getattr(trainer, "datamodule", None), "target", None)
+    return target if callable(target) else None
 
 
 def to_module(x: Tensor, pl_module: pl.LightningModule) -> Tensor:

@@ -28,6 +28,7 @@ from ._data import (
     find_blocks,
     find_net,
     is_classification,
+    target_function,
     to_module,
     training_data,
     validation_data,
@@ -42,9 +43,11 @@ KINDS = ("output", "trajectories", "fields", "decision", "iterations")
 class Figures(Callback):
     """Every N epochs (and after the last), draws what applies to the network and data.
 
-    * ``output`` (1-D regression, Figs. 7–8 right): the network on a grid over
-      the inputs' range, the validation targets as the target curve, the
-      training points.
+    * ``output`` (1-D regression, Figs. 7–8 right): the network on a
+      ``grid_size``-point grid over the training and validation inputs' range,
+      the target curve, the training points. The target is the data module's
+      ``target(x)`` on the same grid when it has one (``SineRegression``),
+      else the validation points joined up.
     * ``trajectories`` (flat states, Figs. 7–8): hidden states
       ``y_0 → … → y_T`` of up to ``max_trajectories`` training inputs in the
       plane of the first two state components (a projection when the state has
@@ -198,16 +201,18 @@ class Figures(Callback):
         return figures
 
     def _output_figure(self, trainer, pl_module, net, x: Tensor, y: Tensor, title: str) -> Figure:
-        target = validation_data(trainer, self.max_points)
+        validation = validation_data(trainer, self.max_points)
         lo, hi = float(x.min()), float(x.max())
-        if target is not None:
-            lo, hi = min(lo, float(target[0].min())), max(hi, float(target[0].max()))
+        if validation is not None:
+            lo, hi = min(lo, float(validation[0].min())), max(hi, float(validation[0].max()))
         grid = torch.linspace(lo, hi, self.grid_size).unsqueeze(1)
         out = net(to_module(grid, pl_module)).float().cpu()
-        x_target, y_target = (None, None) if target is None else (target[0][:, 0], _first_column(target[1]))
+        target = _target_on_grid(trainer, grid)
+        if target is None and validation is not None:
+            target = validation[0][:, 0], _first_column(validation[1])
+        x_target, y_target = (None, None) if target is None else (target[0].numpy(), target[1].numpy())
         return plot_regression(grid[:, 0].numpy(), out[:, 0].numpy(), x[:, 0].numpy(),
-                               _first_column(y).numpy(), None if x_target is None else x_target.numpy(),
-                               None if y_target is None else y_target.numpy(), title)
+                               _first_column(y).numpy(), x_target, y_target, title)
 
     def _decision_figure(self, pl_module, net, x: Tensor, y: Tensor, title: str) -> Figure:
         lo, hi = x.min(0).values.float(), x.max(0).values.float()
@@ -263,6 +268,20 @@ class Figures(Callback):
         if backward is not None and bool(torch.isfinite(backward).any()):
             curves["backward (adjoint solve)"] = backward.cpu().numpy()
         return plot_layer_curves(curves, ylabel="mean iterations", title=f"epoch {epoch}", log_scale=False)
+
+
+def _target_on_grid(trainer: pl.Trainer, grid: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """The data module's target function on ``grid`` (``(G, 1)``), as ``(x, f(x))``, or None."""
+    target = target_function(trainer)
+    if target is None:
+        return None
+    try:
+        values = torch.as_tensor(target(grid)).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):  # another signature: fall back to the validation points
+        return None
+    if values.numel() != len(grid):
+        return None
+    return grid[:, 0], _first_column(values)
 
 
 def _first_column(y: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ class SineRegression(TensorDataModule):
             raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
 
+    def target(self, x: Tensor) -> Tensor:
+        """The target function f(x) = sin(x) + 0.1 cos(19x) (e.g. to draw it on a fine grid)."""
+        return sine_target(x)
+
     def build(self) -> dict[str, Split]:
         # float64 grid, then float32: midpoints exactly between training points
         x = torch.linspace(self.low, self.high, self.num_points, dtype=torch.float64)

@@ -3,9 +3,11 @@
 Fig. 5 (iterations per layer) and Fig. 6 (gradient norms across depth) are
 :func:`plot_layer_curves`; Figs. 7–8 are :func:`plot_regression`,
 :func:`plot_trajectories` and :func:`plot_vector_fields`; Fig. 9 is
-:func:`plot_decision_regions`. Nothing here touches a network or a trainer, so
-the callbacks stay thin and the figures are testable on their own. Figures are
-built without pyplot (no global figure registry to leak), on the Agg backend.
+:func:`plot_decision_regions`; how input perturbations grow or damp across
+depth (what R_rnd, eq. 10, penalises) is :func:`plot_perturbation_growth`.
+Nothing here touches a network or a trainer, so the callbacks stay thin and
+the figures are testable on their own. Figures are built without pyplot (no
+global figure registry to leak), on the Agg backend.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def plot_regression(
         y_grid: network outputs there, ``(G,)``.
         x_train: training inputs ``(N,)``.
         y_train: training targets ``(N,)``.
-        x_target: inputs of a reference curve (e.g. validation data), ``(M,)``.
-        y_target: the reference values ``(M,)``; drawn sorted by ``x_target``.
+        x_target: inputs of the target curve, ``(M,)``: a fine grid where the
+            target function is known, else e.g. the validation inputs.
+        y_target: the target values ``(M,)``; drawn sorted by ``x_target``.
         title: the axes' title.
     """
     x_grid, y_grid = _array("x_grid", x_grid, 1), _array("y_grid", y_grid, 1)
@@ -225,10 +228,40 @@ def plot_layer_curves(
     return fig
 
 
+def plot_perturbation_growth(distances: ArrayLike, title: str = "") -> Figure:
+    """Distance between clean and perturbed hidden states against depth t = 0…T, log scale.
+
+    The dotted horizontal line is the input perturbation ``‖y_0 − ỹ_0‖``: where
+    the curve runs above it, the network has amplified the perturbation; below,
+    damped it. Non-finite and non-positive entries are left out.
+
+    Args:
+        distances: mean ``‖y_t − ỹ_t‖`` for t = 0…T, shape ``(T+1,)``.
+        title: the axes' title.
+    """
+    distances = _array("distances", distances, 1)
+    if len(distances) == 0:
+        raise ValueError("distances must hold at least one value (depth t = 0)")
+    depth = np.arange(len(distances))
+    keep = np.isfinite(distances) & (distances > 0)
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(depth[keep], distances[keep], marker="o", ms=3, label=r"mean $\|y_t - \tilde y_t\|$")
+    if keep[0]:
+        ax.axhline(distances[0], color="0.5", ls=":", lw=1, label=r"input, $t = 0$")
+    if keep.any():  # a log axis with nothing positive on it only warns
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="depth t", ylabel="distance to the clean state", title=title)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
 __all__ = [
     "VectorField",
     "plot_decision_regions",
     "plot_layer_curves",
+    "plot_perturbation_growth",
     "plot_regression",
     "plot_trajectories",
     "plot_vector_fields",

@@ -25,7 +25,8 @@ from helpers_callbacks import (
     sine_module,
     two_class_data,
 )
-from irnet.callbacks import Figures, GradientMagnitudes, SolverStatistics, StabilityMonitor
+from irnet.callbacks import Figures, GradientMagnitudes, PerturbationStreams, SolverStatistics, StabilityMonitor
+from irnet.datamodules import SineRegression
 from irnet.linear import Neumann
 from irnet.solvers import FixedPoint
 from irnet.stats import ConvergenceWarning
@@ -307,6 +308,29 @@ def test_classification_draws_decision_regions(tmp_path: Path, task) -> None:
     assert first_path == pytest.approx(torch.stack([s[0, :2] for s in states]).detach().numpy(), rel=1e-5)
 
 
+def test_output_figure_draws_the_target_function_on_the_grid(tmp_path: Path) -> None:
+    """With SineRegression the target is f on the output grid; with bare loaders, the validation points."""
+    module = sine_module(layers=2)
+    figures = Figures(every_n_epochs=1, kinds=["output"], grid_size=101)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[figures], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=SineRegression(num_points=11))
+    target, network = figures.make_figures(trainer, module, epoch=0)["output"].axes[0].lines
+    grid = torch.linspace(-5, 5, 101)
+    assert target.get_xdata() == pytest.approx(grid.numpy(), abs=1e-6)
+    assert target.get_ydata() == pytest.approx((torch.sin(grid) + 0.1 * torch.cos(19 * grid)).numpy(), abs=1e-6)
+    assert network.get_xdata() == pytest.approx(grid.numpy(), abs=1e-6)
+    with torch.no_grad():
+        assert network.get_ydata() == pytest.approx(module.net(grid[:, None])[:, 0].numpy(), abs=1e-5)
+
+    val_x = torch.tensor([[2.0], [-1.0], [0.5]])
+    trainer = fit(module, [figures], tmp_path / "loaders", loader(*sine_data(11)), loader(val_x, val_x.sin()),
+                  epochs=1, logger=False)
+    target, _ = figures.make_figures(trainer, module, epoch=0)["output"].axes[0].lines
+    assert target.get_xdata().tolist() == [-1.0, 0.5, 2.0]  # the validation points, sorted
+    assert target.get_ydata() == pytest.approx([math.sin(-1.0), math.sin(0.5), math.sin(2.0)], abs=1e-6)
+
+
 def test_monitoring_does_not_change_training(tmp_path: Path) -> None:
     """Same seed, shuffled batches: the weights after training are the same with and without monitoring."""
     x, y = sine_data()
@@ -366,13 +390,15 @@ callbacks:
 def test_ddp_rank_zero_writes_and_nothing_hangs(tmp_path: Path) -> None:
     """Two CPU processes (gloo): every callback runs, rank 0 writes, no collective runs on one rank only."""
     callbacks = [SolverStatistics(sync_dist=True), GradientMagnitudes(),
-                 StabilityMonitor(every_n_epochs=1, max_samples=4), Figures(every_n_epochs=1, kinds=["output"])]
+                 StabilityMonitor(every_n_epochs=1, max_samples=4), Figures(every_n_epochs=1, kinds=["output"]),
+                 PerturbationStreams(plot_every_n_epochs=0)]
     trainer = fit(sine_module(layers=2), callbacks, tmp_path, loader(*sine_data(), batch_size=13),
                   loader(*sine_data(101)), epochs=2, strategy="ddp_spawn", devices=2)
     acc = events(Path(tmp_path) / "tb" / "version_0")
     assert len(scalar(acc, "stability/layer_radius_max")) == 2
+    assert len(scalar(acc, "perturbation/amplification")) == 2
     assert set(scalar(acc, "solver/forward_not_converged_epoch")) == {0.0}
     assert len(scalar(acc, "solver/forward_iterations_mean_step")) == 4  # 2 steps per rank and epoch
     assert sorted(p.name for p in (Path(tmp_path) / "tb" / "version_0" / "figures").iterdir()) == [
-        "figures_output_epoch0000.png", "figures_output_epoch0001.png"]
+        "figures_output_epoch0000.png", "figures_output_epoch0001.png", "perturbation_distance_vs_depth_epoch0001.png"]
     assert trainer.world_size == 2
