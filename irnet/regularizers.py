@@ -17,16 +17,9 @@ from torch import Tensor, nn
 
 from irnet.perturbations import GaussianPerturbation, Perturbation
 from irnet.solvers.base import batch_norm
-from irnet.validation import check_int
+from irnet.validation import check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
-
-
-def check_nonnegative(name: str, value: float) -> float:
-    """``value >= 0`` as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
 
 
 def power_weights(count: int, power: float, like: Tensor) -> Tensor:

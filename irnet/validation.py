@@ -10,6 +10,13 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_nonnegative(name: str, value: float) -> float:
+    """``value >= 0`` as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_int(name: str, value: int, minimum: int) -> int:
     """An integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
