@@ -159,6 +159,10 @@ class GradientMagnitudes(Callback):
                               on_step=True, on_epoch=True, batch_size=1)
 
     # -- per epoch --------------------------------------------------------------------------
+    def layer_means(self, name: str) -> Optional[Tensor]:
+        """This epoch's mean ``name`` (``"state_norm"`` or ``"param_norm"``) per layer, or ``None``."""
+        return self._epoch.mean(name)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.histograms:

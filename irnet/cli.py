@@ -1,4 +1,5 @@
-"""``python -m irnet fit|validate|test|predict --config …``: LightningCLI for irnet.
+"""``python -m irnet fit|validate|test|predict --config …``: LightningCLI for irnet
+(and ``python -m irnet reproduce …``, see :mod:`irnet.reproduce`).
 
 The model is an :class:`~irnet.module.ImplicitNetModule` (or a subclass named by
 ``model.class_path``), the data any LightningDataModule named by
@@ -11,6 +12,7 @@ ModelCheckpoint keeping the best checkpoint on ``val/loss``, and a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,7 +81,17 @@ def run_name(config: Any) -> str:
 
 
 def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
-    """Entry point of ``python -m irnet`` and the ``irnet`` console script."""
+    """Entry point of ``python -m irnet`` and the ``irnet`` console script.
+
+    ``reproduce <study> …`` runs one of the paper's studies (:mod:`irnet.reproduce`);
+    every other subcommand goes to LightningCLI.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "reproduce":
+        from irnet.reproduce import main as reproduce  # imported lazily: it pulls in matplotlib
+
+        reproduce(list(argv[1:]))
+        return None
     return IrnetCLI(
         ImplicitNetModule,
         LightningDataModule,

@@ -6,7 +6,10 @@ Two halves:
   θ-method and of Verlet for the oscillator ``ẏ = −ω² z, ż = y`` (eq. 6). Its
   spectral radius is ``√(1 + h²ω²)`` for forward Euler (θ = 0, unstable),
   ``1/√(1 + h²ω²)`` for backward Euler (θ = 1) and exactly 1 for the trapezoidal
-  rule (θ = ½).
+  rule (θ = ½). :func:`amplification_matrix` names the four schemes of the
+  paper (:data:`SCHEMES`); :func:`spectral_radius_curve` gives ρ as a function
+  of ``hω``, :func:`phase_portrait` the discrete orbits of Fig. 2 and
+  :func:`theta_stability_function` the θ-method's ``R(z)`` on the complex plane.
 * Matrix-free spectra of a layer ``y = x + (1−θ)F(x) + θF(y)``: its
   input–output Jacobian ``∂y/∂x = (I − θJ_F(y))⁻¹(I + (1−θ)J_F(x))`` and the
   Neumann-series operator ``θJ_F(y)``, applied by Jacobian–vector products
@@ -21,16 +24,22 @@ Two halves:
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from irnet.linear import GMRES
 from irnet.solvers.base import batch_dot, batch_norm
-from irnet.validation import check_int, check_positive, check_unit_interval
+from irnet.validation import check_choice, check_int, check_positive, check_unit_interval
 
 Operator = Callable[[Tensor], Tensor]
+
+SCHEMES = ("forward_euler", "backward_euler", "trapezoidal", "verlet")
+"""The discretisations of the oscillator compared in the paper's section 2."""
+
+# θ of the schemes that are θ-methods (Verlet is not one).
+_THETAS = {"forward_euler": 0.0, "backward_euler": 1.0, "trapezoidal": 0.5}
 
 
 # -- paper Fig. 2: θ-schemes on the linear oscillator ---------------------------------------
@@ -74,6 +83,108 @@ def verlet_matrix(h: float, omega: float) -> Tensor:
 def matrix_spectral_radius(matrix: Tensor) -> Tensor:
     """``max |λ|`` over the eigenvalues of a square matrix (or of each in a batch)."""
     return torch.linalg.eigvals(matrix).abs().amax(-1)
+
+
+def amplification_matrix(scheme: str, h: float, omega: float) -> Tensor:
+    """``A`` with ``(y_n, z_n) = A (y_{n−1}, z_{n−1})`` for one of :data:`SCHEMES` (float64, 2×2).
+
+    Args:
+        scheme: ``"forward_euler"`` (θ = 0), ``"backward_euler"`` (θ = 1),
+            ``"trapezoidal"`` (θ = ½) or ``"verlet"``.
+        h: step size (> 0).
+        omega: frequency ω (> 0).
+    """
+    scheme = check_choice("scheme", scheme, SCHEMES)
+    if scheme == "verlet":
+        return verlet_matrix(h, omega)
+    return theta_method_matrix(h, omega, _THETAS[scheme])
+
+
+def amplification_matrices(scheme: str, h_omega: Tensor | Sequence[float] | float) -> Tensor:
+    """:func:`amplification_matrix` at each ``hω`` (ω = 1, h = hω), stacked.
+
+    Shape ``(*h_omega.shape, 2, 2)``. The matrices depend on ``h`` and ``ω`` only through ``hω``.
+
+    Args:
+        scheme: one of :data:`SCHEMES`.
+        h_omega: a number or a 1-D tensor/sequence of finite numbers > 0.
+    """
+    scheme = check_choice("scheme", scheme, SCHEMES)
+    values = _positive_values("h_omega", h_omega)
+    matrices = [amplification_matrix(scheme, x, 1.0) for x in values.reshape(-1).tolist()]
+    if not matrices:
+        return values.new_empty(0, 2, 2)
+    return torch.stack(matrices).reshape(*values.shape, 2, 2)
+
+
+def spectral_radius_curve(scheme: str, h_omega: Tensor | Sequence[float] | float) -> Tensor:
+    """ρ(A(hω)) of a scheme at each ``hω`` (float64, the shape of ``h_omega``).
+
+    Closed forms (paper section 2): ``√(1 + h²ω²)`` for forward Euler,
+    ``1/√(1 + h²ω²)`` for backward Euler, 1 for the trapezoidal rule, and for
+    Verlet 1 while ``hω ≤ 2``, the larger root modulus of
+    ``λ² − (2 − h²ω²)λ + 1`` beyond.
+    """
+    return matrix_spectral_radius(amplification_matrices(scheme, h_omega))
+
+
+def theta_stability_function(z: Tensor | complex, theta: float) -> Tensor:
+    """The θ-method's stability function ``R(z) = (1 + (1−θ)z) / (1 − θz)``, elementwise.
+
+    One step of the θ-method on ``u' = λu`` multiplies ``u`` by ``R(hλ)``; the
+    scheme is stable where ``|R(z)| ≤ 1``. For the oscillator ``z = ±ihω`` and
+    ``R(z)`` are the eigenvalues of :func:`theta_method_matrix`.
+
+    Args:
+        z: complex points; a real tensor or a Python number becomes complex128
+            (a complex tensor keeps its dtype).
+        theta: implicitness θ in [0, 1].
+    """
+    theta = check_unit_interval("theta", theta)
+    if not (isinstance(z, Tensor) and z.is_complex()):
+        z = torch.as_tensor(z, dtype=torch.complex128)
+    return (1 + (1 - theta) * z) / (1 - theta * z)
+
+
+def phase_portrait(
+    scheme: str,
+    h: float,
+    omega: float = 50.0,
+    start: Tensor | Sequence[float] = (0.0, 1.0),
+    steps: int = 100,
+) -> Tensor:
+    """The discrete orbit ``(y_n, z_n) = Aⁿ (y_0, z_0)``, ``n = 0 … steps``, shape ``(steps+1, 2)``.
+
+    The exact orbit through ``(y_0, z_0)`` is the ellipse
+    ``y²/ω² + z² = y_0²/ω² + z_0²``; the default start ``(0, 1)`` lies on
+    ``y²/ω² + z² = 1``.
+
+    Args:
+        scheme: one of :data:`SCHEMES`.
+        h: step size (> 0).
+        omega: frequency ω (> 0).
+        start: the initial point ``(y_0, z_0)``.
+        steps: number of steps (>= 0).
+    """
+    matrix = amplification_matrix(scheme, h, omega)
+    state = torch.as_tensor(start, dtype=torch.float64)
+    if state.shape != (2,) or not bool(state.isfinite().all()):
+        raise ValueError(f"start must be two finite numbers (y_0, z_0), got {start!r}")
+    states = [state]
+    for _ in range(check_int("steps", steps, 0)):
+        states.append(matrix @ states[-1])
+    return torch.stack(states)
+
+
+def _positive_values(name: str, value) -> Tensor:
+    """``value`` as a 0-D or 1-D float64 tensor of finite numbers > 0, or a ValueError naming it."""
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be finite numbers > 0, got {value!r}") from error
+    if values.ndim > 1 or not bool(((values > 0) & values.isfinite()).all()):
+        raise ValueError(f"{name} must be a number or 1-D sequence of finite numbers > 0, got {value!r}")
+    return values
 
 
 # -- spectral radius of a batched linear operator ------------------------------------------
@@ -245,13 +356,19 @@ def layer_spectral_radii(
 
 
 __all__ = [
+    "SCHEMES",
     "LayerJacobian",
+    "amplification_matrices",
+    "amplification_matrix",
     "jvp_operator",
     "layer_spectral_radii",
     "matrix_spectral_radius",
     "neumann_operator",
     "oscillator_matrix",
+    "phase_portrait",
     "spectral_radius",
+    "spectral_radius_curve",
     "theta_method_matrix",
+    "theta_stability_function",
     "verlet_matrix",
 ]

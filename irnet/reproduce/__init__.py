@@ -1,0 +1,100 @@
+"""``python -m irnet reproduce ex1|ex2|stability|robustness``: the paper's studies, end to end.
+
+Each study trains its grid of configurations × seeds on the CPU (one worker
+process per core), then writes into ``--out`` (default ``reproduce/<study>``):
+``summary.md`` (the command, machine, time taken and tables), ``results.json``
+(every cell's numbers) and PNG figures. TensorBoard logs of every training run
+go to ``--log-dir`` (default ``runs/reproduce/<study>``). ``--tiny`` runs a
+minute-sized version (for smoke tests); ``--seeds`` and ``--epochs`` override
+a study's defaults. See docs/REPORT.md for what the full studies found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+STUDIES = ("stability", "ex1", "ex2", "robustness")
+DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
+
+
+def parser() -> argparse.ArgumentParser:
+    from irnet.reproduce.runner import default_workers  # lazily: it imports Lightning
+    p = argparse.ArgumentParser(prog="python -m irnet reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("study", choices=STUDIES, help="which study to run")
+    p.add_argument("--out", type=Path, help="folder for summary.md, results.json and figures "
+                                            "(default: reproduce/<study>)")
+    p.add_argument("--log-dir", type=Path, help="TensorBoard logs (default: runs/reproduce/<study>)")
+    p.add_argument("--tiny", action="store_true", help="a minute-sized run (smoke test)")
+    p.add_argument("--seeds", type=_positive, help="seeds per configuration (overrides the study's)")
+    p.add_argument("--epochs", type=_positive, help="epochs of every run (overrides the study's)")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw figures and summary from the last run's <log-dir>/cells.json, no training")
+    p.add_argument("--workers", type=_positive, default=default_workers(),
+                   help="parallel worker processes (default: one per core)")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """Run one study; returns the path of its ``summary.md``."""
+    from irnet.reproduce.runner import run_cells, save_results
+
+    args = parser().parse_args(argv)
+    out = args.out or Path("reproduce") / args.study
+    log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
+    study = importlib.import_module(f"irnet.reproduce.{args.study}")
+    command = "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in (argv or sys.argv[2:]))
+    start = time.perf_counter()
+    if args.study == "stability":
+        study.run(out, tiny=args.tiny)
+        return out / "summary.md"
+    settings = study.TINY if args.tiny else study.FULL
+    if args.replot:
+        saved = json.loads((log_dir / "cells.json").read_text())
+        meta, results = saved["meta"], saved["cells"]
+    else:
+        cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
+        results = run_cells(study.run_cell, cells, args.workers, desc=args.study)
+        minutes = (time.perf_counter() - start) / 60
+        meta = {"command": command, "machine": machine(args.workers), "minutes": minutes, "settings": settings}
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "cells.json").write_text(json.dumps({"meta": meta, "cells": results}, default=float))
+    figures = study.figures(results, out)
+    table = study.summarize(results)
+    save_results(out, [{k: v for k, v in r.items() if k not in DRAWING_KEYS} for r in results], meta)
+    summary = out / "summary.md"
+    summary.write_text(render_summary(args.study, meta, table, figures, out))
+    print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
+    return summary
+
+
+def machine(workers: int) -> str:
+    """One line: CPU, cores used, OS, Python and torch versions."""
+    cpu = platform.processor() or platform.machine()
+    return (f"{cpu}, {workers} worker process(es) × 1 torch thread, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def render_summary(name: str, meta: dict, table: str, figures: Sequence[Path], out: Path) -> str:
+    images = "\n".join(f"![{f.stem}]({f.relative_to(out)})" for f in figures)
+    return (f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes.\n\n"
+            f"Mean ± standard deviation over seeds.\n\n{table}\n\n{images}\n")
+
+
+__all__ = ["STUDIES", "main"]

@@ -1,0 +1,184 @@
+"""Running a study's cells (one configuration × one seed each) in parallel, and summarising them.
+
+A study is a list of cells; each cell is a plain dict handed to a picklable
+function in a worker process (one torch thread each, so two workers fill two
+cores without oversubscription). Cells train with :func:`train`, a Lightning
+fit that writes TensorBoard logs and records every epoch's metrics in a
+:class:`History`. Results come back as plain dicts (floats and lists), are
+saved as JSON and summarised as mean ± standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from tqdm import tqdm
+
+from irnet.callbacks import GradientMagnitudes, SolverStatistics
+
+# Per-epoch values recorded by History (Lightning's epoch-aggregated names).
+HISTORY_KEYS = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "train_acc": "train/acc",
+    "val_acc": "val/acc",
+    "forward_iterations": "solver/forward_iterations_mean_epoch",
+    "backward_iterations": "solver/backward_iterations_mean_epoch",
+    "gradient_mean": "gradients/state_norm_mean_epoch",
+}
+
+
+class History(Callback):
+    """Records the scalars of :data:`HISTORY_KEYS` and per-layer gradient norms after every epoch.
+
+    Placed after :class:`~irnet.callbacks.GradientMagnitudes` in the callback
+    list so that the epoch's per-layer means are complete when it reads them.
+    """
+
+    def __init__(self, gradients: Optional[GradientMagnitudes] = None) -> None:
+        self.values: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
+        self.values["gradient_first"], self.values["gradient_last"] = [], []
+        self._gradients = gradients
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        for key, name in HISTORY_KEYS.items():
+            self.values[key].append(float(metrics[name]) if name in metrics else math.nan)
+        layers = self._gradients.layer_means("state_norm") if self._gradients else None
+        self.values["gradient_first"].append(float(layers[0]) if layers is not None else math.nan)
+        self.values["gradient_last"].append(float(layers[-1]) if layers is not None else math.nan)
+
+
+def train(
+    module: pl.LightningModule,
+    data: pl.LightningDataModule,
+    epochs: int,
+    log_dir: Path,
+    name: str,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, list[float]]:
+    """Fit ``module`` on ``data`` for ``epochs`` epochs; TensorBoard logs under ``log_dir/name``.
+
+    Returns the per-epoch :class:`History` values (NaN where a metric does not apply).
+    """
+    gradients = GradientMagnitudes(per_layer=False, histograms=False, plot_every_n_epochs=0)
+    history = History(gradients)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(log_dir), name=name, version=""),
+        callbacks=[SolverStatistics(per_layer=False, histograms=False), gradients, history, *callbacks],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return history.values
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def _quiet_worker() -> None:
+    """One thread per worker and no chatter: Lightning's banners and solver warnings are noise here."""
+    torch.set_num_threads(1)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def run_cells(
+    function: Callable[[dict], dict],
+    cells: Sequence[dict],
+    workers: int,
+    desc: str,
+) -> list[dict]:
+    """``[function(cell) for cell in cells]`` on ``workers`` processes, with a progress bar.
+
+    Results keep the order of ``cells``; each gets ``seconds`` (its wall time).
+    """
+    timed = _Timed(function)
+    if workers <= 1:
+        _quiet_worker()
+        return [timed(cell) for cell in tqdm(cells, desc=desc)]
+    context = multiprocessing.get_context("spawn")  # fork would copy Lightning's and torch's threads
+    with context.Pool(workers, initializer=_quiet_worker) as pool:
+        return list(tqdm(pool.imap(timed, cells), total=len(cells), desc=desc))
+
+
+class _Timed:
+    """Picklable wrapper that adds the wall time of a cell to its result."""
+
+    def __init__(self, function: Callable[[dict], dict]) -> None:
+        self.function = function
+
+    def __call__(self, cell: dict) -> dict:
+        start = time.perf_counter()
+        result = self.function(cell)
+        return {**cell, **result, "seconds": time.perf_counter() - start}
+
+
+def default_workers() -> int:
+    """One worker per available core (each runs one torch thread)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# -- summaries ----------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), NaNs included as NaN."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    """``mean ± std`` with ``digits`` significant digits."""
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def group(results: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Results grouped by the values of ``keys`` (the configuration; seeds end up together)."""
+    groups: dict[tuple, list[dict]] = {}
+    for result in results:
+        groups.setdefault(tuple(result[k] for k in keys), []).append(result)
+    return groups
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_results(out: Path, results: list[dict], meta: dict) -> None:
+    """``results.json``: the configuration, the machine, the time taken and every cell's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump({"meta": meta, "cells": results}, f, indent=1, default=float)
+
+
+__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "run_cells",
+           "save_results", "train"]
