@@ -28,7 +28,11 @@ class ImplicitResidualBlock(nn.Module):
     ``linear_solver`` on ``v ↦ v − θ J_F(y)ᵀ v``; only the block's input and
     output (and F's own activations at them) are kept for backward, whatever the
     number of iterations. ``backward="unrolled"`` differentiates through the
-    solver's iterations instead (a reference; memory grows with iterations).
+    solver's iterations instead (a reference; memory grows with iterations). It
+    is the derivative of the iterations actually taken, so it approaches the
+    exact gradient as they converge — except for a sample whose initial guess
+    (the input) already meets ``tol``: it takes no iteration and its
+    derivative is the identity's.
 
     Args:
         F: module mapping a tensor to one of the same shape, acting on each
