@@ -81,6 +81,11 @@ def test_unknown_study_is_refused_with_the_choices(tmp_path):
     assert "invalid choice: 'ex3'" in result.stderr and "robustness" in result.stderr
 
 
+def test_ex1_only_options_are_refused_elsewhere(tmp_path):
+    result = _reproduce("ex2", "--layers", "3", cwd=tmp_path)
+    assert result.returncode == 2 and "--layers and --thetas apply to ex1 only" in result.stderr
+
+
 def test_stability_study_writes_its_report(tmp_path):
     result = _reproduce("stability", "--tiny", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

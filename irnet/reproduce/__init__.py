@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a minute-sized run (smoke test)")
     p.add_argument("--seeds", type=_positive, help="seeds per configuration (overrides the study's)")
     p.add_argument("--epochs", type=_positive, help="epochs of every run (overrides the study's)")
+    p.add_argument("--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)")
+    p.add_argument("--thetas", type=float, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--replot", action="store_true",
                    help="redraw figures and summary from the last run's <log-dir>/cells.json, no training")
     p.add_argument("--workers", type=_positive, default=default_workers(),
@@ -65,6 +67,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         study.run(out, tiny=args.tiny)
         return out / "summary.md"
     settings = study.TINY if args.tiny else study.FULL
+    if (args.layers or args.thetas) and args.study != "ex1":
+        parser().error("--layers and --thetas apply to ex1 only")
+    if args.layers:
+        settings = {**settings, "depths": tuple(args.layers),
+                    "epochs": {n: settings["epochs"].get(n, max(settings["epochs"].values())) for n in args.layers}}
+    if args.thetas:
+        settings = {**settings, "thetas": tuple(args.thetas)}
     if args.replot:
         saved = json.loads((log_dir / "cells.json").read_text())
         meta, results = saved["meta"], saved["cells"]
@@ -86,9 +95,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 def machine(workers: int) -> str:
     """One line: CPU, cores used, OS, Python and torch versions."""
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_model() or platform.processor() or platform.machine()
     return (f"{cpu}, {workers} worker process(es) × 1 torch thread, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else an empty string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def render_summary(name: str, meta: dict, table: str, figures: Sequence[Path], out: Path) -> str:

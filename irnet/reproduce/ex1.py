@@ -65,11 +65,14 @@ def screen_seeds(count: int, layers: int) -> list[int]:
 
 
 def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
-    """The main grid (R_fp on) and the R_fp ablation, for every screened seed."""
-    depths = settings["depths"]
+    """The main grid (R_fp on) and the R_fp ablation (at the smallest depth), for every screened seed.
+
+    ``settings`` may narrow the grid with ``thetas`` (``--thetas``) and ``depths`` (``--layers``).
+    """
+    depths, thetas = settings["depths"], settings.get("thetas", THETAS)
     chosen = screen_seeds(seeds or settings["seeds"], max(depths))
-    grid = [(layers, theta, R_FP_WEIGHT) for layers in depths for theta in THETAS]
-    grid += [(min(depths), theta, 0.0) for theta in ABLATION_THETAS]
+    grid = [(layers, theta, R_FP_WEIGHT) for layers in depths for theta in thetas]
+    grid += [(min(depths), theta, 0.0) for theta in ABLATION_THETAS if theta in thetas]
     return [{"layers": layers, "theta": theta, "r_fp": r_fp, "seed": seed,
              "epochs": epochs or settings["epochs"][layers], "log_dir": str(log_dir)}
             for seed in chosen for layers, theta, r_fp in grid]
@@ -159,7 +162,12 @@ def _lines(groups: dict, layers: int):
         if depth == layers:
             style = "-" if r_fp else "--"
             label = f"θ={theta}" + ("" if r_fp else ", no R_fp")
-            yield label, color(THETAS.index(theta)), style, runs
+            yield label, theta_color(theta), style, runs
+
+
+def theta_color(theta: float) -> str:
+    """The same colour for a θ in every figure (θ outside the default grid get the colours after)."""
+    return color(THETAS.index(theta) if theta in THETAS else len(THETAS) + int(theta * 100) % 5)
 
 
 def _curves(groups: dict, depths: list[int], out: Path, name: str, keys: tuple, log: bool = False) -> Path:
@@ -172,7 +180,8 @@ def _curves(groups: dict, depths: list[int], out: Path, name: str, keys: tuple, 
             ax.set(title=f"{layers} layers", xlabel="epoch", ylabel=key.replace("_", " "))
             if log:
                 ax.set_yscale("log")
-    axes[0, -1].legend(fontsize="small")
+    for ax in axes[0]:
+        ax.legend(fontsize="x-small")
     return save(fig, out / name)
 
 
@@ -188,7 +197,8 @@ def _layer_curves(groups: dict, depths: list[int], out: Path) -> Path:
                    yscale="log")
             if key == "rho_layer":
                 ax.axhline(1.0, color="k", lw=0.6)
-    axes[0, -1].legend(fontsize="small")
+    for ax in axes[0]:
+        ax.legend(fontsize="x-small")
     return save(fig, out / "ex1_layers.png")
 
 

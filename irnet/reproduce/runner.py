@@ -173,12 +173,24 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (a compact results file)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def save_results(out: Path, results: list[dict], meta: dict) -> None:
-    """``results.json``: the configuration, the machine, the time taken and every cell's result."""
+    """``results.json``: the configuration, the machine, the time taken and every cell's result
+    (floats to 4 significant digits; one line per cell)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
-        json.dump({"meta": meta, "cells": results}, f, indent=1, default=float)
+    cells = ",\n".join(json.dumps(rounded(r), allow_nan=True) for r in results)
+    (out / "results.json").write_text(f'{{"meta": {json.dumps(meta)},\n"cells": [\n{cells}\n]}}\n')
 
 
-__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "run_cells",
-           "save_results", "train"]
+__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "rounded",
+           "run_cells", "save_results", "train"]
