@@ -135,7 +135,7 @@ def _training(groups: list, out: Path) -> Path:
     for i, ((sigma,), runs) in enumerate(groups):
         band(axes[0, 0], [r["history"]["train_loss"] for r in runs], _label(sigma), color(i))
         band(axes[0, 1], [r["history"]["val_acc"] for r in runs], _label(sigma), color(i))
-    axes[0, 0].set(xlabel="epoch", ylabel="train loss (cross-entropy)")
+    axes[0, 0].set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log")
     axes[0, 1].set(xlabel="epoch", ylabel="validation accuracy")
     axes[0, 1].legend(fontsize="small")
     return save(fig, out / "ex2_training.png")
