@@ -171,35 +171,32 @@ def theta_color(theta: float) -> str:
 
 
 def _curves(groups: dict, depths: list[int], out: Path, name: str, keys: tuple, log: bool = False) -> Path:
-    fig, axes = grid_figure(len(keys), len(depths))
-    for row, key in enumerate(keys):
-        for col, layers in enumerate(depths):
-            ax = axes[row, col]
-            for label, c, style, runs in _lines(groups, layers):
-                band(ax, [r["history"][key] for r in runs], label, c, style)
-            ax.set(title=f"{layers} layers", xlabel="epoch", ylabel=key.replace("_", " "))
-            if log:
-                ax.set_yscale("log")
-    for ax in axes[0]:
-        ax.legend(fontsize="x-small")
-    return save(fig, out / name)
+    """Histories over epochs: one row per key, one column per depth."""
+    return _panels(groups, depths, out / name, keys, "history", "epoch", "{} layers", log)
 
 
 def _layer_curves(groups: dict, depths: list[int], out: Path) -> Path:
-    keys = ("gradient", "rho_layer", "rho_neumann")
+    """After training, against depth: gradient norms and the two spectral radii."""
+    return _panels(groups, depths, out / "ex1_layers.png", ("gradient", "rho_layer", "rho_neumann"),
+                   "per_layer", "layer t", "{} layers, after training", log=True)
+
+
+def _panels(groups: dict, depths: list[int], path: Path, keys: tuple, source: str, xlabel: str,
+            title: str, log: bool) -> Path:
     fig, axes = grid_figure(len(keys), len(depths))
     for row, key in enumerate(keys):
         for col, layers in enumerate(depths):
             ax = axes[row, col]
             for label, c, style, runs in _lines(groups, layers):
-                band(ax, [r["per_layer"][key] for r in runs], label, c, style)
-            ax.set(title=f"{layers} layers, after training", xlabel="layer t", ylabel=key.replace("_", " "),
-                   yscale="log")
+                band(ax, [r[source][key] for r in runs], label, c, style)
+            ax.set(title=title.format(layers), xlabel=xlabel, ylabel=key.replace("_", " "))
+            if log:
+                ax.set_yscale("log")
             if key == "rho_layer":
                 ax.axhline(1.0, color="k", lw=0.6)
     for ax in axes[0]:
         ax.legend(fontsize="x-small")
-    return save(fig, out / "ex1_layers.png")
+    return save(fig, path)
 
 
 def _fits(groups: dict, layers: int, out: Path) -> Path:
