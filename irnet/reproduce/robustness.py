@@ -114,7 +114,7 @@ def figures(results: list[dict], out: Path) -> list[Path]:
                 label = f"{title.split()[-1]}={level}" + (", R_rnd" if r_rnd else "")
                 band(ax, per_seed, label, color(i), style, x=thetas)
         ax.set(xlabel="θ", ylabel="test accuracy", title=title, ylim=(0, 1))
-        ax.legend(fontsize="x-small", ncol=2)
+        ax.legend(fontsize="x-small", ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return [save(fig, out / "robustness.png"), _training(results, out)]
 
 
