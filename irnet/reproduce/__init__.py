@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive, help="seeds per configuration (overrides the study's)")
     p.add_argument("--epochs", type=_positive, help="epochs of every run (overrides the study's)")
     p.add_argument("--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)")
-    p.add_argument("--thetas", type=float, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--thetas", type=_unit, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--replot", action="store_true",
                    help="redraw figures and summary from the last run's <log-dir>/cells.json, no training")
     p.add_argument("--workers", type=_positive, default=default_workers(),
@@ -50,6 +50,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"θ must be in [0, 1], got {text}")
     return value
 
 

@@ -86,7 +86,6 @@ def train(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
-        deterministic=False,
     )
     trainer.fit(module, datamodule=data)
     return history.values
