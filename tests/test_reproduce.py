@@ -84,6 +84,8 @@ def test_unknown_study_is_refused_with_the_choices(tmp_path):
 def test_ex1_only_options_are_refused_elsewhere(tmp_path):
     result = _reproduce("ex2", "--layers", "3", cwd=tmp_path)
     assert result.returncode == 2 and "--layers and --thetas apply to ex1 only" in result.stderr
+    result = _reproduce("ex1", "--replot", cwd=tmp_path)
+    assert result.returncode == 2 and "--replot needs a finished run's" in result.stderr
     result = _reproduce("ex1", "--thetas", "1.5", cwd=tmp_path)
     assert result.returncode == 2 and "θ must be in [0, 1], got 1.5" in result.stderr
 

@@ -73,17 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if args.study == "stability":
         study.run(out, tiny=args.tiny)
         return out / "summary.md"
-    settings = study.TINY if args.tiny else study.FULL
-    if (args.layers or args.thetas) and args.study != "ex1":
-        parser().error("--layers and --thetas apply to ex1 only")
-    if args.layers:
-        settings = {**settings, "depths": tuple(args.layers),
-                    "epochs": {n: settings["epochs"].get(n, max(settings["epochs"].values())) for n in args.layers}}
-    if args.thetas:
-        settings = {**settings, "thetas": tuple(args.thetas)}
+    settings = _settings(args, study)
     if args.replot:
-        saved = json.loads((log_dir / "cells.json").read_text())
-        meta, results = saved["meta"], saved["cells"]
+        meta, results = _saved_run(log_dir)
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
         results = run_cells(study.run_cell, cells, args.workers, desc=args.study)
@@ -98,6 +90,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
     return summary
+
+
+def _settings(args: argparse.Namespace, study) -> dict:
+    """The study's full or tiny settings, narrowed by ``--layers`` and ``--thetas`` (ex1 only)."""
+    settings = study.TINY if args.tiny else study.FULL
+    if (args.layers or args.thetas) and args.study != "ex1":
+        parser().error("--layers and --thetas apply to ex1 only")
+    if args.layers:
+        epochs = settings["epochs"]
+        settings = {**settings, "depths": tuple(args.layers),
+                    "epochs": {n: epochs.get(n, max(epochs.values())) for n in args.layers}}
+    if args.thetas:
+        settings = {**settings, "thetas": tuple(args.thetas)}
+    return settings
+
+
+def _saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
+    """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``)."""
+    path = log_dir / "cells.json"
+    if not path.is_file():
+        parser().error(f"--replot needs a finished run's {path}; run the study without --replot first "
+                       "(or pass its --log-dir)")
+    saved = json.loads(path.read_text())
+    return saved["meta"], saved["cells"]
 
 
 def machine(workers: int) -> str:
