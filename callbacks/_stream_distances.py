@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 
 
 def stream_distance(clean: Tensor, noisy: Tensor, streams: int) -> Tensor:
@@ -30,7 +30,7 @@ def stream_distance(clean: Tensor, noisy: Tensor, streams: int) -> Tensor:
         A 0-d float32 tensor.
     """
     repeated = clean.repeat(streams, *([1] * (clean.dim() - 1)))
-    return batch_norm((noisy - repeated).float()).mean()
+    return sample_norm((noisy - repeated).float()).mean()
 
 
 def depth_distances(clean: list[Tensor], noisy: list[Tensor], streams: int) -> Tensor:

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from irnet.layer import ImplicitResidualBlock
 from irnet.plotting import plot_layer_curves
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 
 from ._data import find_blocks
 from ._logging import add_histogram, allow_unsynced_epoch_logs, emit_figure, layer_tag
@@ -107,7 +107,7 @@ class GradientMagnitudes(Callback):
             output.register_hook(partial(self._state_hook, index))
 
     def _state_hook(self, index: int, grad: Tensor) -> None:
-        norm = batch_norm(grad.detach().float()).mean()
+        norm = sample_norm(grad.detach().float()).mean()
         previous = self._state_sums[index]
         self._state_sums[index] = norm if previous is None else previous + norm
         self._state_counts[index] += 1

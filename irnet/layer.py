@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from irnet.autograd import ImplicitAdjoint
 from irnet.linear import LinearSolver, Neumann
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 from irnet.stats import SolverStats, warn_if_failed
 from irnet.validation import check_choice, check_int, check_unit_interval
 
@@ -159,7 +159,7 @@ class ImplicitResidualBlock(nn.Module):
         y, norms = problem.map(x), []
         for _ in range(iterations):
             g = problem.map(y)
-            norms.append(batch_norm(y - g))
+            norms.append(sample_norm(y - g))
             y = g
         return torch.stack(norms)
 

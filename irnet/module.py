@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer, Regularizer
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 from irnet.validation import check_choice, check_int, check_positive
 
 LOSSES = ("l2", "mse", "cross_entropy")
@@ -36,7 +36,7 @@ STAGES = ("train", "val", "test")
 
 def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
     """The paper's L2 loss: mean over samples of ``‖pred − target‖₂`` (not squared)."""
-    return batch_norm(pred - target).mean()
+    return sample_norm(pred - target).mean()
 
 
 def _described_by_config() -> bool:

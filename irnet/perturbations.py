@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from irnet.arg_repr import ArgsRepr
 from irnet.validation import check_positive
 
 
-class Perturbation:
+class Perturbation(ArgsRepr):
     """Base class: a random perturbation of a batch of inputs.
 
     Subclasses implement :meth:`noise`; :meth:`__call__` adds it to the input.
@@ -32,9 +33,6 @@ class Perturbation:
         """A perturbed copy of ``x`` (``x`` itself is not modified)."""
         return x + self.noise(x, generator)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 class GaussianPerturbation(Perturbation):

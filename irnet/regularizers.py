@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irnet.arg_repr import ArgsRepr
 from irnet.perturbations import GaussianPerturbation, Perturbation
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 from irnet.validation import check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
@@ -28,7 +29,7 @@ def power_weights(count: int, power: float, like: Tensor) -> Tensor:
     return (i / count) ** power
 
 
-class Regularizer:
+class Regularizer(ArgsRepr):
     """Base class: a penalty added to the training loss with weight ``weight``.
 
     Args:
@@ -61,10 +62,6 @@ class Regularizer:
     def on_train_epoch_start(self, epoch: int) -> None:
         """Called by the module at the start of every training epoch."""
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
-                         if not k.startswith("_") and not isinstance(v, (Tensor, torch.Generator)))
-        return f"{type(self).__name__}({args})"
 
 
 class FixedPointRegularizer(Regularizer):
@@ -191,7 +188,7 @@ class PerturbationRegularizer(Regularizer):
         total, distances = states[0].new_zeros(batch), []
         for t in range(1, layers + 1):
             clean = states[t].repeat(self.streams, *([1] * (states[t].dim() - 1)))
-            d = batch_norm(noisy[t] - clean).view(self.streams, batch)  # (P, batch)
+            d = sample_norm(noisy[t] - clean).view(self.streams, batch)  # (P, batch)
             distances.append(d.detach().mean())
             total = total + beta[t - 1] * d.sum(0)
         self.last_distances = torch.stack(distances)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from irnet.linear import GMRES
-from irnet.solvers.base import batch_dot, batch_norm
+from irnet.per_sample import sample_dot, sample_norm
 from irnet.validation import check_choice, check_int, check_positive, check_unit_interval
 
 Operator = Callable[[Tensor], Tensor]
@@ -220,17 +220,17 @@ def spectral_radius(
     shape, batch = start.shape, start.shape[0]
     steps = min(krylov_dim, start[0].numel())
     q = start.flatten(1)
-    basis = [q / batch_norm(q).clamp_min(torch.finfo(q.dtype).tiny)[:, None]]
+    basis = [q / sample_norm(q).clamp_min(torch.finfo(q.dtype).tiny)[:, None]]
     hessenberg = q.new_zeros(batch, steps + 1, steps)
     for j in range(steps):
         w = apply(basis[j].view(shape)).flatten(1)
-        scale = batch_norm(w)
+        scale = sample_norm(w)
         for _ in range(2):  # a second pass restores orthogonality lost to rounding
             for i in range(j + 1):
-                c = batch_dot(w, basis[i])
+                c = sample_dot(w, basis[i])
                 hessenberg[:, i, j] += c
                 w = w - c[:, None] * basis[i]
-        h = batch_norm(w)
+        h = sample_norm(w)
         # Breakdown: the space is invariant, later columns must stay zero.
         alive = h > 100 * torch.finfo(q.dtype).eps * scale.clamp_min(torch.finfo(q.dtype).tiny)
         basis.append(torch.where(alive[:, None], w / h.clamp_min(torch.finfo(q.dtype).tiny)[:, None], 0))

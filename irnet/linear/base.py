@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import batch_norm
+from irnet.arg_repr import ArgsRepr
+from irnet.per_sample import sample_norm
 from irnet.stats import SolverStats
 from irnet.validation import check_int, check_positive
 
@@ -49,7 +50,7 @@ class AdjointOperator:
         return torch.stack(columns, dim=2)
 
 
-class LinearSolver:
+class LinearSolver(ArgsRepr):
     """Base class of the adjoint solvers: solve ``A g = b`` for the operator ``A``.
 
     Args:
@@ -65,16 +66,13 @@ class LinearSolver:
         """Return ``g`` with ``A g ≈ b`` and the per-sample statistics."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 def relative_residual(operator: Callable[[Tensor], Tensor], g: Tensor, b: Tensor) -> Tensor:
     """``‖A g − b‖₂ / ‖b‖₂`` per sample (0 where ``b = 0`` and ``g = 0``)."""
-    return batch_norm(operator(g) - b) / safe_norm(b)
+    return sample_norm(operator(g) - b) / safe_norm(b)
 
 
 def safe_norm(b: Tensor) -> Tensor:
     """Per-sample norm, with zeros replaced by the smallest positive number."""
-    return batch_norm(b).clamp_min(torch.finfo(b.dtype).tiny)
+    return sample_norm(b).clamp_min(torch.finfo(b.dtype).tiny)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
-from irnet.solvers.base import batch_dot, batch_norm
+from irnet.per_sample import sample_dot, sample_norm
 from irnet.stats import SolverStats
 from irnet.validation import check_int
 
@@ -40,7 +40,7 @@ class GMRES(LinearSolver):
 
         x = torch.zeros_like(flat_b)
         r = flat_b
-        res = batch_norm(r) / b_norm
+        res = sample_norm(r) / b_norm
         iterations = torch.zeros_like(res, dtype=torch.long)
         used = 0
         while used < self.max_iter and not bool((res <= self.tol).all()):
@@ -48,7 +48,7 @@ class GMRES(LinearSolver):
             dx, taken = self._cycle(apply, r, b_norm, res > self.tol, steps)
             candidate = x + dx
             new_r = flat_b - apply(candidate)
-            new_res = batch_norm(new_r) / b_norm
+            new_res = sample_norm(new_r) / b_norm
             better = torch.isfinite(new_res) & (new_res <= res)
             x = torch.where(better[:, None], candidate, x)
             r = torch.where(better[:, None], new_r, r)
@@ -66,7 +66,7 @@ class GMRES(LinearSolver):
         """
         batch, dtype = r.shape[0], r.dtype
         tiny = torch.finfo(dtype).tiny
-        beta = batch_norm(r)
+        beta = sample_norm(r)
         basis = [r / beta.clamp_min(tiny)[:, None]]
         H = r.new_zeros(batch, steps + 1, steps)
         cos, sin = r.new_zeros(batch, steps), r.new_zeros(batch, steps)
@@ -76,9 +76,9 @@ class GMRES(LinearSolver):
         for j in range(steps):
             w = apply(basis[j])
             for i in range(j + 1):  # modified Gram–Schmidt
-                H[:, i, j] = batch_dot(w, basis[i])
+                H[:, i, j] = sample_dot(w, basis[i])
                 w = w - H[:, i, j, None] * basis[i]
-            H[:, j + 1, j] = batch_norm(w)
+            H[:, j + 1, j] = sample_norm(w)
             basis.append(torch.where(H[:, j + 1, j, None] > tiny, w / H[:, j + 1, j, None].clamp_min(tiny), 0))
             for i in range(j):  # earlier rotations on the new column
                 top = cos[:, i] * H[:, i, j] + sin[:, i] * H[:, i + 1, j]

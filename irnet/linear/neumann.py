@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
-from irnet.solvers.base import batch_norm, per_sample
+from irnet.per_sample import per_sample, sample_norm
 from irnet.stats import SolverStats
 from irnet.validation import check_int
 
@@ -34,7 +34,7 @@ class Neumann(LinearSolver):
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
         b_norm = safe_norm(b)
         g, term = b, operator.vjp(b)
-        res = batch_norm(term) / b_norm
+        res = sample_norm(term) / b_norm
         best_g, best_res = g, res
         iterations = torch.ones_like(res, dtype=torch.long)
         growth = torch.zeros_like(iterations)
@@ -45,7 +45,7 @@ class Neumann(LinearSolver):
                 break
             g = g + term
             term = operator.vjp(term)
-            new_res = batch_norm(term) / b_norm
+            new_res = sample_norm(term) / b_norm
             finite = torch.isfinite(new_res)
             growth = torch.where(new_res >= res, growth + 1, 0)
             take = active & finite & (new_res < best_res)

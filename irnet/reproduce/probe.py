@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import batch_norm
+from irnet.per_sample import sample_norm
 from irnet.stability import layer_spectral_radii
 
 
@@ -50,7 +50,7 @@ def probe(
     result: dict[str, list[float]] = {
         "forward_iterations": [_mean_iterations(b.forward_stats) for b in blocks],
         "backward_iterations": [_mean_iterations(b.backward_stats) for b in blocks],
-        "gradient": [float(batch_norm(s.grad).mean()) if s.grad is not None else 0.0 for s in states[1:]],
+        "gradient": [float(sample_norm(s.grad).mean()) if s.grad is not None else 0.0 for s in states[1:]],
     }
     generator = torch.Generator().manual_seed(seed)
     radii = {"rho_layer": [], "rho_layer_max": [], "rho_neumann": [], "rho_neumann_max": []}

@@ -13,23 +13,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from irnet.arg_repr import ArgsRepr
+from irnet.per_sample import per_sample, sample_norm
 from irnet.stats import SolverStats
 from irnet.validation import check_int, check_positive
-
-
-def batch_norm(v: Tensor) -> Tensor:
-    """Euclidean norm of each sample (all dimensions but the first)."""
-    return torch.linalg.vector_norm(v.flatten(1), dim=1)
-
-
-def batch_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Inner product of each sample pair."""
-    return (a * b).flatten(1).sum(1)
-
-
-def per_sample(s: Tensor, like: Tensor) -> Tensor:
-    """Reshape a ``(batch,)`` tensor so it broadcasts against ``like``."""
-    return s.view(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass
@@ -87,7 +74,7 @@ class IterState(NamedTuple):
     r: Tensor
 
 
-class NonlinearSolver:
+class NonlinearSolver(ArgsRepr):
     """Base class of the forward solvers.
 
     Args:
@@ -124,7 +111,7 @@ class NonlinearSolver:
         """
         state = self.init(problem, y0)
         best_y = state.y
-        best_res = batch_norm(state.r)
+        best_res = sample_norm(state.r)
         iterations = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
         active = best_res > self.tol
         diverged = ~torch.isfinite(best_res)
@@ -133,7 +120,7 @@ class NonlinearSolver:
             if not bool(active.any()):  # the one host read per iteration: early exit
                 break
             state = self.step(problem, state)
-            res = batch_norm(state.r)
+            res = sample_norm(state.r)
             finite = torch.isfinite(res)
             take = active & finite & (res < best_res)
             best_y = torch.where(per_sample(take, best_y), state.y, best_y)
@@ -149,6 +136,3 @@ class NonlinearSolver:
         )
         return best_y, stats
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"

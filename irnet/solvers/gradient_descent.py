@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver, batch_dot
+from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.per_sample import sample_dot
 from irnet.solvers.line_search import line_search
 from irnet.validation import check_int
 
@@ -43,7 +44,7 @@ class GradientDescent(NonlinearSolver):
         return _State(y=y0, r=r, grad=grad, step=step)
 
     def step(self, problem: FixedPointProblem, state: _State) -> _State:
-        slope = batch_dot(state.grad, state.grad)
+        slope = sample_dot(state.grad, state.grad)
         trial = (2 * state.step).clamp(1e-8, 1e8)
         step, y, _ = line_search(
             problem, state.y, state.r, state.grad, slope, trial, max_backtracks=self.max_backtracks

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, batch_dot, per_sample
+from irnet.solvers.base import FixedPointProblem
+from irnet.per_sample import per_sample, sample_dot
 
 
 def line_search(
@@ -38,12 +39,12 @@ def line_search(
     Returns:
         Step sizes ``λ``, new iterates and their residuals.
     """
-    phi0 = 0.5 * batch_dot(r, r)
+    phi0 = 0.5 * sample_dot(r, r)
 
     def phi(step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         y_new = y - per_sample(step, y) * direction
         r_new = problem.residual(y_new)
-        return 0.5 * batch_dot(r_new, r_new), y_new, r_new
+        return 0.5 * sample_dot(r_new, r_new), y_new, r_new
 
     phi_trial, _, _ = phi(step0)
     # Minimiser of q(λ) = φ0 − slope·λ + a·λ² with q(step0) = φ(step0).

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver, batch_dot, per_sample
+from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.per_sample import per_sample, sample_dot
 from irnet.solvers.line_search import line_search
 from irnet.validation import check_choice, check_int
 
@@ -57,20 +58,20 @@ class NonlinearCG(NonlinearSolver):
         return _State(y=y0, r=r, grad=grad, direction=grad, step=step)
 
     def step(self, problem: FixedPointProblem, state: _State) -> _State:
-        slope = batch_dot(state.grad, state.direction)
+        slope = sample_dot(state.grad, state.direction)
         step, y, _ = line_search(
             problem, state.y, state.r, state.direction, slope, state.step,
             max_backtracks=self.max_backtracks,
         )
         r, grad = problem.residual_and_gradient(y)
         direction = grad + per_sample(self._beta(grad, state.grad), grad) * state.direction
-        descent = batch_dot(grad, direction) > 0
+        descent = sample_dot(grad, direction) > 0
         direction = torch.where(per_sample(descent, grad), direction, grad)
         return _State(y=y, r=r, grad=grad, direction=direction,
                       step=torch.where(step > 0, step, state.step))
 
     def _beta(self, grad: Tensor, grad_prev: Tensor) -> Tensor:
-        denom = batch_dot(grad_prev, grad_prev).clamp_min(torch.finfo(grad.dtype).tiny)
+        denom = sample_dot(grad_prev, grad_prev).clamp_min(torch.finfo(grad.dtype).tiny)
         if self.beta == "fletcher-reeves":
-            return batch_dot(grad, grad) / denom
-        return (batch_dot(grad, grad - grad_prev) / denom).clamp_min(0)
+            return sample_dot(grad, grad) / denom
+        return (sample_dot(grad, grad - grad_prev) / denom).clamp_min(0)
