@@ -7,7 +7,7 @@ best iterate and the statistics, so all solvers report the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -45,8 +45,23 @@ class FixedPointProblem:
         """``r(y) = y − g(y)``."""
         return y - self.map(y)
 
+    def outside_inference(self) -> "FixedPointProblem":
+        """A copy whose ``c`` is an ordinary tensor, for use under ``inference_mode(False)``.
+
+        Tensors made under ``torch.inference_mode()`` cannot enter an autograd
+        graph; a clone made outside inference mode can.
+        """
+        return replace(self, c=self.c.clone())
+
     def residual_and_gradient(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """``r(y)`` and ``∇ ½‖r(y)‖² = (I − θ ∂F/∂y)ᵀ r(y)`` by one vector–Jacobian product."""
+        """``r(y)`` and ``∇ ½‖r(y)‖² = (I − θ ∂F/∂y)ᵀ r(y)`` by one vector–Jacobian product.
+
+        Works under ``torch.inference_mode()`` too (on fresh copies outside it),
+        though :meth:`NonlinearSolver.solve` leaves inference mode once per solve.
+        """
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.outside_inference().residual_and_gradient(y.clone())
         # Unrolled mode builds graphs only where the caller records them (not under no_grad).
         graph = self.differentiable and torch.is_grad_enabled()
         with torch.enable_grad():
@@ -77,11 +92,18 @@ class IterState(NamedTuple):
 class NonlinearSolver(ArgsRepr):
     """Base class of the forward solvers.
 
+    A solver that differentiates ``½‖r‖²`` sets ``uses_autograd = True``; its
+    solve then leaves ``torch.inference_mode()`` (in which Lightning runs the
+    sanity check, validate, test and predict), on fresh copies of its inputs,
+    with the caller's grad mode. The answer is the same as outside inference mode.
+
     Args:
         tol: absolute tolerance on the Euclidean norm of each sample's residual,
             ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ tol``.
         max_iter: the most iterations per solve.
     """
+
+    uses_autograd: bool = False
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 50) -> None:
         self.tol = check_positive("tol", tol)
@@ -109,6 +131,14 @@ class NonlinearSolver(ArgsRepr):
         Returns:
             The solution and its :class:`~irnet.stats.SolverStats`.
         """
+        if self.uses_autograd and torch.is_inference_mode_enabled():
+            # inference_mode(False) turns grad mode on: restore the caller's (off).
+            grad = torch.is_grad_enabled()
+            with torch.inference_mode(False), torch.set_grad_enabled(grad):
+                return self._iterate(problem.outside_inference(), y0.clone())
+        return self._iterate(problem, y0)
+
+    def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         state = self.init(problem, y0)
         best_y = state.y
         best_res = sample_norm(state.r)

@@ -34,6 +34,8 @@ class GradientDescent(NonlinearSolver):
         max_backtracks: the most step halvings per line search.
     """
 
+    uses_autograd = True
+
     def __init__(self, tol: float = 1e-5, max_iter: int = 50, max_backtracks: int = 10) -> None:
         super().__init__(tol, max_iter)
         self.max_backtracks = check_int("max_backtracks", max_backtracks, 0)

@@ -41,6 +41,8 @@ class NonlinearCG(NonlinearSolver):
         max_backtracks: the most step halvings per line search.
     """
 
+    uses_autograd = True
+
     def __init__(
         self,
         tol: float = 1e-5,
