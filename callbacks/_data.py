@@ -71,11 +71,33 @@ def collect(loaders: Any, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
     """Up to ``max_points`` samples ``(x, y)`` from the first loader, on the CPU, or None.
 
     Only this rank's shard is seen under a distributed sampler, which is enough
-    for pictures. The CPU RNG is restored afterwards: a new iterator over a
-    shuffling loader draws a seed, and monitoring must not change training.
+    for pictures. The CPU RNG and the loaders' own generators are restored
+    afterwards: a new iterator over a shuffling loader draws from them, and
+    monitoring must not change training (nor, under DDP, let the processes'
+    shuffling orders drift apart when only rank 0 reads).
     """
-    with torch.random.fork_rng(devices=[]):
-        return _collect(loaders, max_points)
+    generators = [g for loader in _loaders(loaders) for g in _generators(loader)]
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _collect(loaders, max_points)
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The distinct generators a loader's iterators draw from (its own, its samplers')."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = [loader, sampler, getattr(sampler, "batches", None), batch_sampler,
+              getattr(batch_sampler, "sampler", None), getattr(getattr(sampler, "batches", None), "sampler", None)]
+    found: list[torch.Generator] = []
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 def _collect(loaders: Any, max_points: int) -> Optional[tuple[Tensor, Tensor]]:

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from irnet.layer import ImplicitResidualBlock
 from irnet.stats import SolverStats
 
-# Summary name → how to reduce it over layers and over the steps of an epoch.
+# Summary name (of SolverStats.summary) → how to reduce it over layers and over the steps of an epoch.
 REDUCTIONS = {
     "iterations_mean": "mean",
     "iterations_max": "max",
@@ -41,20 +41,6 @@ class StepStats:
     backward: list[Optional[SolverStats]]
 
 
-def summarize(stats: SolverStats) -> dict[str, Tensor]:
-    """0-d float32 summaries of a solve: mean/max iterations and residual, failure counts."""
-    iters = stats.iterations.float()
-    residual = stats.residual.float()
-    return {
-        "iterations_mean": iters.mean(),
-        "iterations_max": iters.max(),
-        "residual_mean": residual.mean(),
-        "residual_max": residual.max(),
-        "not_converged": (~stats.converged).sum().float(),
-        "diverged": stats.diverged.sum().float(),
-    }
-
-
 def over_layers(summaries: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Reduce per-layer summaries with :data:`REDUCTIONS` (mean, max or sum over layers)."""
     if not summaries:
@@ -69,7 +55,7 @@ def layer_vectors(stats: list[Optional[SolverStats]]) -> dict[str, Tensor]:
     if not present:
         return {key: torch.full((len(stats),), float("nan")) for key in REDUCTIONS}
     nan = torch.tensor(float("nan"), device=present[0].residual.device)
-    summaries = [summarize(s) if s is not None else None for s in stats]
+    summaries = [s.summary() if s is not None else None for s in stats]
     return {key: torch.stack([s[key] if s is not None else nan for s in summaries])
             for key in REDUCTIONS}
 

@@ -14,6 +14,7 @@ from irnet.nets import ImplicitODENet
 from irnet.perturbations import Perturbation
 from irnet.plotting import plot_perturbation_growth
 from irnet.regularizers import PerturbationRegularizer
+from irnet.stats import preserved_stats
 from irnet.validation import check_int
 
 from ._data import batch_inputs, find_net, to_module
@@ -263,17 +264,14 @@ class PerturbationStreams(Callback):
         if self.source is None:
             raise RuntimeError("PerturbationStreams.measure is available during a fit (after setup)")
         self.source.on_train_epoch_start(epoch)
-        saved = [block.forward_stats for block in net.blocks]
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), preserved_stats(net.blocks):
                 clean = net.trajectory(x)
                 noisy = net.trajectory(self.source.perturb(x))
         finally:
             net.train(was_training)
-            for block, stats in zip(net.blocks, saved):
-                block.forward_stats = stats
         return depth_distances(clean, noisy, self.source.streams)
 
     def _log_scalars(self, trainer: pl.Trainer, distances: Tensor) -> None:

@@ -19,7 +19,6 @@ from ._solver_recorder import (
     StepStats,
     layer_vectors,
     over_layers,
-    summarize,
 )
 
 PER_LAYER_KEYS = ("iterations_mean", "iterations_max", "residual_max", "not_converged")
@@ -143,7 +142,7 @@ class SolverStatistics(Callback):
         batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else 1
         layers = len(step.forward)
         for direction in DIRECTIONS:
-            summaries = {i: summarize(s) for i, s in enumerate(getattr(step, direction)) if s is not None}
+            summaries = {i: s.summary() for i, s in enumerate(getattr(step, direction)) if s is not None}
             for key, value in over_layers(list(summaries.values())).items():
                 self._log_value(pl_module, f"{group}/{direction}_{key}", value, key, on_step, batch_size)
             if not self.per_layer:

@@ -6,14 +6,16 @@
 * :class:`Digits` — scikit-learn's 8×8 digits, as vectors or 1×8×8 images.
 
 All are in-memory :class:`TensorDataModule` s: deterministic under ``seed``,
-full batch by default for the toy sets (``batch_size: null``).
+full batch by default for the toy sets (``batch_size: null``). Under DDP
+:class:`GlobalBatchSlices` splits every batch over the processes without padding.
 """
 
 from irnet.datamodules.base import TensorDataModule
 from irnet.datamodules.circles import Circles
 from irnet.datamodules.digits import Digits
 from irnet.datamodules.moons import Moons
+from irnet.datamodules.sampler import GlobalBatchSlices
 from irnet.datamodules.sine import SineRegression
 from irnet.datamodules.spirals import TwoSpirals
 
-__all__ = ["Circles", "Digits", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]
+__all__ = ["Circles", "Digits", "GlobalBatchSlices", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from irnet.datamodules.sampler import GlobalBatchSlices
 from irnet.validation import check_int
 
 SPLITS = ("train", "val", "test")
@@ -36,6 +37,12 @@ def random_splits(x: Tensor, y: Tensor, val_fraction: float, test_fraction: floa
 
 class TensorDataModule(pl.LightningDataModule):
     """A data module over in-memory tensors; subclasses implement :meth:`build`.
+
+    Under distributed training (a Trainer with world size W > 1) each loader
+    forms the batches one process would and gives every process its part of
+    each (:class:`~irnet.datamodules.sampler.GlobalBatchSlices`): no sample is
+    repeated, so a run on W processes takes the steps of a one-process run
+    with ``batch_size`` as the global batch.
 
     Args:
         batch_size: samples per batch; ``None`` trains full batch (one
@@ -78,8 +85,21 @@ class TensorDataModule(pl.LightningDataModule):
         size = len(data) if self.batch_size is None else min(self.batch_size, len(data))
         shuffle = shuffle and size < len(data)  # shuffling a full batch changes nothing
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        world, rank = self._distributed()
+        if world == 1:
+            return DataLoader(data, batch_size=size, shuffle=shuffle, generator=generator, **workers)
+        # Under DDP every process takes its part of the batches one process would see,
+        # without padding; a DistributedSampler subclass, so Lightning keeps it.
+        slices = GlobalBatchSlices(len(data), size, world, rank, shuffle=shuffle, generator=generator)
+        return DataLoader(data, sampler=slices, batch_size=None, generator=generator, **workers)
+
+    def _distributed(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached Trainer, ``(1, 0)`` without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -16,6 +16,7 @@ Extension points for subclasses (see ``docs/subclassing.md``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -28,6 +29,7 @@ from torchmetrics.regression import MeanSquaredError
 
 from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer, Regularizer
 from irnet.per_sample import sample_norm
+from irnet.stats import reset_convergence_warnings
 from irnet.validation import check_choice, check_int, check_positive
 
 LOSSES = ("l2", "mse", "cross_entropy")
@@ -159,42 +161,58 @@ class ImplicitNetModule(pl.LightningModule):
         return {name: reg for name, reg in self.regularizers.items() if reg.active}
 
     # -- extension points -------------------------------------------------------
+    # Every stage (training with or without regularisers, validation, test,
+    # predict) and R_rnd's perturbed pass go through trajectory → readout, so an
+    # override of either is seen everywhere.
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """The network's output: ``readout(trajectory(x)[-1])``."""
+        return self.readout(self.trajectory(x)[-1])
 
     def trajectory(self, x: Tensor) -> list[Tensor]:
-        """Hidden states ``[y_0, …, y_T]`` of ``x`` (what the regularisers see)."""
-        return self.net.trajectory(x)
+        """Hidden states ``[y_0, …, y_T]`` of ``x`` (what the regularisers see).
+
+        ``net.trajectory(x)``; for a network without one (any ``nn.Module``), ``[x]``.
+        """
+        if self._net_has_states():
+            return self.net.trajectory(x)
+        return [x]
 
     def readout(self, y: Tensor) -> Tensor:
-        """The network's output from its final hidden state."""
-        return self.net.readout(y)
+        """The output from the final hidden state: ``net.readout(y)``, or ``net(y)`` for a
+        network without ``trajectory``/``readout`` (whose only state is its input)."""
+        if self._net_has_states():
+            return self.net.readout(y)
+        return self.net(y)
+
+    def _net_has_states(self) -> bool:
+        return callable(getattr(self.net, "trajectory", None)) and callable(getattr(self.net, "readout", None))
 
     def compute_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The data loss of a batch (``loss`` chooses it); override for another loss."""
+        """The data loss of a batch, a mean over its samples (``loss`` chooses it); override for another loss.
+
+        Under distributed training the module weights each process's loss by its
+        share of the global batch, which is exact for a mean over samples.
+        """
         if self.loss_name == "l2":
             return l2_loss(pred, target)
         if self.loss_name == "mse":
             return F.mse_loss(pred, target)
         return F.cross_entropy(pred, target)
 
-    def regularization(self, x: Tensor, states: Optional[list[Tensor]]) -> dict[str, Tensor]:
+    def regularization(self, x: Tensor, states: list[Tensor]) -> dict[str, Tensor]:
         """Penalties added to the training loss, by name: ``{"r_fp": w · R_fp, …}``.
 
         Args:
             x: the input batch.
-            states: its clean hidden states (``None`` when no active
-                regulariser asked for them; see :meth:`needs_states`).
+            states: its clean hidden states ``[y_0, …, y_T]`` (from :meth:`trajectory`).
 
         Override and extend the returned dict to add penalties of your own; each
-        is added to the loss and logged as ``train/<name>``.
+        is added to the loss and logged as ``train/<name>``. A penalty should be
+        a mean over the batch's samples or independent of the batch (see
+        ``docs/distributed.md``).
         """
-        return {name: reg.weight * reg(self.net, x, states)
+        return {name: reg.weight * reg(self.net, x, states, trajectory=self.trajectory)
                 for name, reg in self.active_regularizers().items()}
-
-    def needs_states(self, stage: str) -> bool:
-        """Whether ``_step`` should compute hidden states (for the regularisers)."""
-        return stage == "train" and bool(self.active_regularizers())
 
     def configure_optimizers(self) -> Any:
         """Adam with a StepLR schedule (the paper: lr 1e-2, × 0.7 every 500 epochs)."""
@@ -205,17 +223,34 @@ class ImplicitNetModule(pl.LightningModule):
     # -- the shared step ----------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, target = batch
-        if self.needs_states(stage):
-            states = self.trajectory(x)
-            pred = self.readout(states[-1])
-        else:
-            states, pred = None, self(x)
+        states = self.trajectory(x)
+        pred = self.readout(states[-1])
         iters = self.forward_iterations()  # read before any regulariser re-runs the network
         loss = self.compute_loss(pred, target)
         terms = self.regularization(x, states) if stage == "train" else {}
         total = loss + sum(terms.values()) if terms else loss
-        self._log_step(stage, x.shape[0], loss, total, terms, iters, pred, target)
-        return total
+        values = {"loss": loss, "total": total, **{f"term/{k}": v for k, v in terms.items()}}
+        if iters is not None:
+            values["iters"] = iters
+        means, share = self._global_means(values, x.shape[0])
+        self._log_step(stage, means, share.global_count, pred, target)
+        return total * share.weight if share.weight != 1 else total
+
+    def _global_means(self, values: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], "BatchShare"]:
+        """Means over the global batch (all processes) of this process's batch means, and its share.
+
+        One all-reduce of a small vector per step under distributed training;
+        nothing (the values themselves) on one process.
+        """
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return {k: v.detach() for k, v in values.items()}, BatchShare(count, 1.0)
+        local = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        packed = torch.cat([local.new_tensor([1.0]), local]) * count
+        summed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+        global_count = int(round(float(summed[0])))
+        means = dict(zip(values, summed[1:] / global_count))
+        return means, BatchShare(global_count, count * world / global_count)
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
@@ -224,21 +259,25 @@ class ImplicitNetModule(pl.LightningModule):
             return None
         return torch.stack([s.iterations.float().mean() for s in stats]).mean()
 
-    def _log_step(self, stage: str, batch_size: int, loss: Tensor, total: Tensor,
-                  terms: dict[str, Tensor], iters: Optional[Tensor], pred: Tensor, target: Tensor) -> None:
+    def _log_step(self, stage: str, means: dict[str, Tensor], batch_size: int, pred: Tensor,
+                  target: Tensor) -> None:
+        # The values are already means over the global batch (the same on every
+        # process); sync_dist only averages identical numbers.
         epoch = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **epoch)
+        self.log(f"{stage}/loss", means["loss"], prog_bar=True, **epoch)
         metrics = getattr(self, f"{stage}_metrics")
         metrics(pred.detach(), target)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        iters = means.get("iters")
         if iters is not None:
             self.log(f"{stage}/iters", iters, **epoch)
         if stage != "train":
             return
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("train/total", total, **epoch)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, **epoch)
+        self.log("train/loss_step", means["loss"], on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/total", means["total"], **epoch)
+        for key, value in means.items():
+            if key.startswith("term/"):
+                self.log(f"train/{key[5:]}", value, **epoch)
         if iters is not None:
             self.log("iters", iters, prog_bar=True, logger=False, on_step=True, on_epoch=False,
                      batch_size=batch_size)
@@ -257,10 +296,34 @@ class ImplicitNetModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x)
 
+    def setup(self, stage: str) -> None:
+        # Each Trainer run (fit, validate, test, predict) warns afresh about failed solves.
+        reset_convergence_warnings()
+
+    def on_train_start(self) -> None:
+        # ... and training again after the sanity check, whose failures must not silence it.
+        reset_convergence_warnings()
+
     def on_train_epoch_start(self) -> None:
-        # Fresh perturbations every epoch, seeded by the epoch so a resumed run repeats them.
+        # Fresh perturbations every epoch, seeded by the epoch (a resumed run repeats
+        # them) and the process's rank (each process draws its own).
         for reg in self.regularizers.values():
-            reg.on_train_epoch_start(self.current_epoch)
+            reg.on_train_epoch_start(self.current_epoch, self.global_rank)
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """This process's part of a global batch.
+
+    Attributes:
+        global_count: samples in the global batch (over all processes).
+        weight: factor on this process's objective, ``count · world_size / global_count``:
+            after DDP averages the gradients over processes, the gradient is that of
+            the mean over the global batch, even when processes hold unequal parts.
+    """
+
+    global_count: int
+    weight: float
 
 
 __all__ = ["ImplicitNetModule", "LOSSES", "l2_loss"]

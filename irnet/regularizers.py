@@ -9,7 +9,7 @@ the *unweighted* penalty averaged over the batch. The module multiplies it by
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -18,9 +18,13 @@ from torch import Tensor, nn
 from irnet.arg_repr import ArgsRepr
 from irnet.perturbations import GaussianPerturbation, Perturbation
 from irnet.per_sample import sample_norm
+from irnet.stats import preserved_stats
 from irnet.validation import check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
+
+#: Hidden states ``[y_0, …, y_T]`` of a batch (``ImplicitNetModule.trajectory``, ``net.trajectory``).
+Trajectory = Callable[[Tensor], list[Tensor]]
 
 
 def power_weights(count: int, power: float, like: Tensor) -> Tensor:
@@ -48,7 +52,8 @@ class Regularizer(ArgsRepr):
         """Whether the penalty is on (``weight > 0``)."""
         return self.weight > 0
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
+                 trajectory: Optional[Trajectory] = None) -> Tensor:
         """The unweighted penalty, a 0-d tensor differentiable in the network's weights.
 
         Args:
@@ -56,11 +61,20 @@ class Regularizer(ArgsRepr):
                 ``.trajectory``).
             x: the input batch.
             states: the clean hidden states ``[y_0, y_1, …, y_T]`` of ``x``.
+            trajectory: how hidden states of other inputs are computed, for a
+                penalty that runs the network again (default ``net.trajectory``;
+                the module passes its own :meth:`~irnet.module.ImplicitNetModule.trajectory`
+                so that an override is seen here too).
         """
         raise NotImplementedError
 
-    def on_train_epoch_start(self, epoch: int) -> None:
-        """Called by the module at the start of every training epoch."""
+    def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
+        """Called by the module at the start of every training epoch.
+
+        Args:
+            epoch: the epoch about to start.
+            rank: the process's global rank under distributed training (0 otherwise).
+        """
 
 
 
@@ -92,7 +106,8 @@ class FixedPointRegularizer(Regularizer):
         self.p = check_nonnegative("p", p)
         self.iterations = None if iterations is None else check_int("iterations", iterations, 1)
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
+                 trajectory: Optional[Trajectory] = None) -> Tensor:
         total = states[0].new_zeros(states[0].shape[0])
         for block, y_in in zip(net.blocks, states[:-1]):
             if block.theta == 0:
@@ -116,10 +131,13 @@ class PerturbationRegularizer(Regularizer):
     """R_rnd = Σ_t (t/T)^r Σ_p ‖y_t − ỹ_t^(p)‖ over P perturbation streams (eq. 10).
 
     ``ỹ^(p)`` are the hidden states of the same network run on the perturbed
-    copies ``perturbation(x)``, all P in one batched pass. The noise comes from
-    :attr:`generator`, reseeded from ``(seed, epoch)`` at the start of every
-    training epoch, so each epoch draws fresh perturbations and a resumed run
-    draws the same ones. Per-sample sums are averaged over the batch; both the
+    copies ``perturbation(x)``, all P in one batched pass (through the
+    ``trajectory`` the module hands in, so a subclass's override is used). The
+    noise comes from :attr:`generator`, reseeded from ``(seed, epoch, rank)`` at
+    the start of every training epoch: each epoch draws fresh perturbations, a
+    resumed run draws the same ones, and under distributed training every
+    process draws its own (rank 0, and a single process, draw those of
+    ``(seed, epoch)``). Per-sample sums are averaged over the batch; both the
     clean and the perturbed states carry gradients.
 
     Args:
@@ -165,25 +183,35 @@ class PerturbationRegularizer(Regularizer):
         self.last_distances: Optional[Tensor] = None
         self.on_train_epoch_start(0)
 
-    def epoch_seed(self, epoch: int) -> int:
-        """The generator's seed for ``epoch``: a well-mixed function of ``(seed, epoch)``."""
-        return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+    def epoch_seed(self, epoch: int, rank: int = 0) -> int:
+        """The generator's seed for ``epoch`` on process ``rank``: a well-mixed function of
+        ``(seed, epoch, rank)``.
 
-    def on_train_epoch_start(self, epoch: int) -> None:
-        self.generator.manual_seed(self.epoch_seed(epoch))
+        NumPy's ``SeedSequence`` ignores trailing zero words, so rank 0 (and a
+        single process) gets the seed of ``(seed, epoch)``: runs recorded before
+        the rank entered the seed draw the same noise.
+        """
+        words = [self.seed, check_int("epoch", epoch, 0), check_int("rank", rank, 0)]
+        return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+    def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
+        self.generator.manual_seed(self.epoch_seed(epoch, rank))
 
     def perturb(self, x: Tensor) -> Tensor:
         """The P perturbed copies of ``x``, stacked along the batch: ``(P · batch, …)``."""
         return torch.cat([self.perturbation(x, self.generator) for _ in range(self.streams)])
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor]) -> Tensor:
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
+                 trajectory: Optional[Trajectory] = None) -> Tensor:
         batch, layers = x.shape[0], len(states) - 1
+        trajectory = net.trajectory if trajectory is None else trajectory
         # The perturbed pass must not overwrite the clean pass's solver statistics,
-        # which monitoring callbacks read after the step.
-        saved = [block.forward_stats for block in getattr(net, "blocks", [])]
-        noisy = net.trajectory(self.perturb(x))
-        for block, stats in zip(getattr(net, "blocks", []), saved):
-            block.forward_stats = stats
+        # which the module and the monitoring callbacks read after the step.
+        with preserved_stats(getattr(net, "blocks", [])):
+            noisy = trajectory(self.perturb(x))
+        if len(noisy) != len(states):
+            raise ValueError(f"trajectory returned {len(noisy)} states for the perturbed inputs and "
+                             f"{len(states)} for the clean ones")
         beta = power_weights(layers, self.r, states[0])
         total, distances = states[0].new_zeros(batch), []
         for t in range(1, layers + 1):
@@ -195,4 +223,4 @@ class PerturbationRegularizer(Regularizer):
         return total.mean()
 
 
-__all__ = ["FixedPointRegularizer", "PerturbationRegularizer", "Regularizer", "power_weights"]
+__all__ = ["FixedPointRegularizer", "PerturbationRegularizer", "Regularizer", "Trajectory", "power_weights"]

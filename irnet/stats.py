@@ -1,12 +1,16 @@
-"""Per-sample statistics of a nonlinear or linear solve, and the warning for failed solves."""
+"""Per-sample statistics of a nonlinear or linear solve, the warning for failed solves, and
+saving the blocks' statistics around auxiliary passes."""
 
 from __future__ import annotations
 
 import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ConvergenceWarning(UserWarning):
@@ -51,33 +55,101 @@ class SolverStats:
         return (~self.converged).sum()
 
     def summary(self) -> dict[str, Tensor]:
-        """Batch summaries as 0-d tensors: mean/max iterations, max residual, failures."""
-        iters = self.iterations.to(self.residual.dtype)
+        """0-d float32 summaries: mean/max iterations and residual, failure and divergence counts.
+
+        The keys are those of the monitoring callbacks' tags (``iterations_mean``,
+        ``iterations_max``, ``residual_mean``, ``residual_max``, ``not_converged``,
+        ``diverged``).
+        """
+        iters = self.iterations.float()
+        residual = self.residual.float()
         return {
             "iterations_mean": iters.mean(),
             "iterations_max": iters.max(),
-            "residual_max": self.residual.max(),
-            "not_converged": self.num_failed.to(self.residual.dtype),
+            "residual_mean": residual.mean(),
+            "residual_max": residual.max(),
+            "not_converged": self.num_failed.float(),
+            "diverged": self.diverged.sum().float(),
         }
 
 
+@contextmanager
+def preserved_stats(blocks: Iterable[nn.Module]) -> Iterator[None]:
+    """Keep the blocks' ``forward_stats`` and ``backward_stats`` through an auxiliary pass.
+
+    Monitoring callbacks and the module read a block's statistics of the main
+    pass after a step; an extra pass (R_rnd's perturbed copies, a callback's
+    measurement) would overwrite them. Run it inside this context and they are
+    put back on exit, also when the pass raises.
+
+    Args:
+        blocks: the implicit blocks (anything with the two attributes).
+    """
+    blocks = list(blocks)
+    saved = [(b.forward_stats, b.backward_stats) for b in blocks]
+    try:
+        yield
+    finally:
+        for block, (forward, backward) in zip(blocks, saved):
+            block.forward_stats, block.backward_stats = forward, backward
+
+
+class _WarnedSolvers:
+    """The solver objects that have warned in the current period (held weakly where possible)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, Callable[[], Any]] = {}
+
+    def first(self, solver: object) -> bool:
+        """Whether ``solver`` has not warned yet in this period (and mark it as having warned)."""
+        ref = self._seen.get(id(solver))
+        if ref is not None and ref() is solver:  # an id can be reused after garbage collection
+            return False
+        try:
+            self._seen[id(solver)] = weakref.ref(solver)
+        except TypeError:  # no weak references (``__slots__``): keep it alive instead
+            self._seen[id(solver)] = lambda: solver
+        return True
+
+    def reset(self) -> None:
+        self._seen.clear()
+
+
+_WARNED = _WarnedSolvers()
+
+
+def reset_convergence_warnings() -> None:
+    """Start a new warning period: every solver may warn once more.
+
+    :class:`~irnet.module.ImplicitNetModule` calls it when a Trainer starts a
+    fit, validate, test or predict run, and again when training starts after
+    the sanity check, so a failure there does not silence training's warnings.
+    """
+    _WARNED.reset()
+
+
 def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
-    """Warn once per ``solver`` object when some samples did not converge.
+    """Warn once per ``solver`` object and period when some samples did not converge.
 
     A network usually shares one solver among its blocks, so a failing network
-    warns once, not once per layer; the statistics keep every failure. Reading
-    ``converged`` is the one host synchronisation of a solve, after its loop.
+    warns once, not once per layer; the statistics keep every failure. A period
+    ends at :func:`reset_convergence_warnings` (the module calls it at the start
+    of each Trainer run and of training). Reading ``converged`` is the one host
+    synchronisation of a solve, after its loop.
     """
-    if getattr(solver, "_warned", False) or bool(stats.converged.all()):
+    if bool(stats.converged.all()) or not _WARNED.first(solver):
         return
-    solver._warned = True
     failed = int(stats.num_failed)
     worst = float(stats.residual.max())
     warnings.warn(
         f"{what} did not converge for {failed} of {stats.converged.numel()} samples "
         f"(largest residual {worst:.3g}); returning the best iterate found. "
         "Raise max_iter, loosen tol, lower theta or choose another solver. "
-        "(Shown once per solver; the block's stats record every failure.)",
+        "(Shown once per solver and run; the block's stats record every failure.)",
         ConvergenceWarning,
         stacklevel=3,
     )
+
+
+__all__ = ["ConvergenceWarning", "SolverStats", "preserved_stats", "reset_convergence_warnings",
+           "warn_if_failed"]

@@ -90,7 +90,7 @@ def test_classification_logs_accuracy():
 
 def test_inactive_regulariser_is_not_computed():
     module = ImplicitNetModule(tiny_odenet(), r_fp=FixedPointRegularizer(weight=0.0))
-    assert not module.needs_states("train")
+    assert module.active_regularizers() == {}
     trainer = fit(module, SineRegression(num_points=11), epochs=1)
     assert "train/r_fp" not in trainer.callback_metrics
 
