@@ -36,8 +36,11 @@ Not a test: nothing here asserts; see ``docs/benchmarks.md`` for a recorded run.
 
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; --threads sets the pool later
+
+import argparse
 import platform
 import re
 import statistics
@@ -47,7 +50,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
+import torch  # noqa: E402
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
@@ -77,15 +80,23 @@ class Eq11Residual(nn.Module):
         return self.h * Fn.linear(torch.relu(Fn.linear(y, self.gamma1, self.bias)), self.gamma2)
 
 
-def make_residuals(layers: int, width: int, horizon: float, seed: int) -> nn.ModuleList:
+def make_residuals(layers: int, width: int, horizon: float, seed: int, state: int = 4) -> nn.ModuleList:
     gen = torch.Generator().manual_seed(seed)
-    return nn.ModuleList(Eq11Residual(4, width, horizon / layers, gen) for _ in range(layers))
+    return nn.ModuleList(Eq11Residual(state, width, horizon / layers, gen) for _ in range(layers))
 
 
-def make_input(batch: int) -> Tensor:
-    """``batch`` points on the curve (s, sin s), s equally spaced in [-5, 5]."""
-    s = torch.linspace(-5, 5, batch)
-    return torch.stack([s, torch.sin(s)], dim=1)
+def make_input(batch: int, state: int = 4, seed: int = 0) -> Tensor:
+    """The input, lifted to ``(x, x)`` in R^state by the networks.
+
+    State 4: ``batch`` points on the curve (s, sin s), s equally spaced in
+    [-5, 5]. Other even states: standard normal points in R^(state/2).
+    """
+    if state == 4:
+        s = torch.linspace(-5, 5, batch)
+        return torch.stack([s, torch.sin(s)], dim=1)
+    if state < 2 or state % 2:
+        raise ValueError(f"state must be an even integer >= 2, got {state}")
+    return torch.randn(batch, state // 2, generator=torch.Generator().manual_seed(seed + 1))
 
 
 # -- the configurations ------------------------------------------------------------------------
@@ -147,7 +158,7 @@ class TorchdeqNet(nn.Module):
         y = torch.cat([x, x], dim=1)
         theta = self.theta
         for F in self.residuals:
-            c = y + (1 - theta) * F(y)
+            c = y if theta == 1 else y + (1 - theta) * F(y)
             z, info = self.deq(
                 lambda z, c=c, F=F: c + theta * F(z), y,
                 backward_writer=lambda info: self._backward_steps.append(info["nstep"].float()),
@@ -167,6 +178,57 @@ class TorchdeqNet(nn.Module):
         return float(torch.stack(self._backward_steps).mean())
 
 
+class FloorNet(nn.Module):
+    """The least work of an implicit layer at K iterations, with no solver logic around it.
+
+    Per layer: K evaluations of F — K−1 applications of ``z ↦ c + θF(z)`` without
+    a graph, then ``c + θF(z)`` once with its graph — and K vector–Jacobian
+    products — K−1 terms of the Neumann series ``Σ (θ J_F(z)ᵀ)ⁱ`` on that
+    graph (a gradient hook), then the one backward through it that reaches the
+    parameters and the input. No residuals, norms, masks, statistics or
+    stopping tests. For θ < 1 the explicit part ``c = y + (1−θ)F(y)`` adds one
+    evaluation and one product, as it does for every implicit row.
+    """
+
+    def __init__(self, residuals, theta: float, k: int) -> None:
+        super().__init__()
+        self.residuals, self.theta, self.k = residuals, theta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([x, x], dim=1)
+        for F in self.residuals:
+            y = self._layer(F, y)
+        return y
+
+    def _layer(self, F: nn.Module, y: Tensor) -> Tensor:
+        theta = self.theta
+        c = y if theta == 1 else y + (1 - theta) * F(y)
+        with torch.no_grad():
+            z = c.detach()
+            for _ in range(self.k - 1):
+                z = c + theta * F(z)
+        leaf = z.requires_grad_()
+        fz = F(leaf)
+        out = c + theta * fz
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._neumann(fz, leaf, grad))
+        return out
+
+    def _neumann(self, fz: Tensor, leaf: Tensor, grad: Tensor) -> Tensor:
+        g, term = grad, grad
+        for _ in range(self.k - 1):
+            (term,) = torch.autograd.grad(fz, leaf, term, retain_graph=True)
+            term = self.theta * term
+            g = g + term
+        return g
+
+    def forward_iterations(self) -> tuple[float, float]:
+        return float(self.k), float("nan")
+
+    def backward_iterations(self) -> Optional[float]:
+        return float(self.k)
+
+
 @dataclass
 class Config:
     name: str
@@ -174,7 +236,15 @@ class Config:
     skip: Optional[str] = None
 
 
-def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool) -> list[Config]:
+FIXED_K_TOL = 1e-30  # "tolerance" of the fixed-K rows: never met, so all K iterations are taken
+
+
+def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
+                   fixed_k: Optional[int] = None) -> list[Config]:
+    """The rows; with ``fixed_k`` every solver takes exactly K iterations and a floor row is added."""
+    if fixed_k is not None:
+        tol, max_iter = FIXED_K_TOL, fixed_k
+
     def irnet(solver_fn, linear_fn=lambda: Neumann(tol=tol, max_iter=max_iter),
               backward="implicit", th=theta):
         return lambda residuals: IrnetNet(residuals, th, solver_fn(), linear_fn(), backward)
@@ -193,6 +263,9 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool)
         Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(tol=tol, max_iter=max_iter))),
         Config("FixedPoint + Direct", irnet(fp, lambda: Direct(tol=tol))),
         Config("FixedPoint, unrolled backward", irnet(fp, backward="unrolled")),
+        Config(f"floor: K F-evals + K VJPs (K = {fixed_k})",
+               lambda residuals: FloorNet(residuals, theta, fixed_k),
+               skip=None if fixed_k is not None else "needs --fixed-k"),
     ]
     reason = None
     if not with_torchdeq:
@@ -205,7 +278,8 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool)
     for solver in ("fixed_point_iter", "anderson"):
         configs.append(Config(
             f"torchdeq {solver} + IFT",
-            lambda residuals, s=solver: TorchdeqNet(residuals, theta, s, tol, max_iter),
+            lambda residuals, s=solver: TorchdeqNet(
+                residuals, theta, s, 0.0 if fixed_k is not None else tol, max_iter),
             skip=reason,
         ))
     return configs
@@ -376,9 +450,43 @@ def table(results: list[Result], baseline: Result) -> str:
             f"| {r.name} | {r.forward_ms:.1f} | {ratio(r.forward_ms, baseline.forward_ms)} "
             f"| {r.train_ms:.1f} | {ratio(r.train_ms, baseline.train_ms)} "
             f"| {r.saved_bytes / 1024:.0f} | {ratio(r.saved_bytes, baseline.saved_bytes)} "
-            f"| {r.f_iters:.1f} | {r.f_calls:.1f} | {100 * r.f_failed:.1f}% | {b_iters} |"
+            f"| {r.f_iters:.1f} | {r.f_calls:.1f} | {percent(r.f_failed)} | {b_iters} |"
         )
     return "\n".join(lines)
+
+
+def percent(share: float) -> str:
+    return "—" if share != share else f"{100 * share:.1f}%"
+
+
+def reference_table(results: list[Result]) -> Optional[str]:
+    """fwd+bwd (and forward) of every row over the floor row and torchdeq's fixed-point row."""
+    refs = [next((r for r in results if not r.skip and r.name.startswith(prefix)), None)
+            for prefix in ("floor", "torchdeq fixed_point_iter")]
+    if all(ref is None for ref in refs):
+        return None
+
+    def over(value: float, ref: Optional[Result], attr: str) -> str:
+        base = getattr(ref, attr) if ref is not None else float("nan")
+        return f"{value / base:.2f}×" if base > 0 and value == value else "—"
+
+    lines = ["| configuration | fwd+bwd ms | fwd+bwd / floor | fwd+bwd / torchdeq fp "
+             "| forward / floor | forward / torchdeq fp |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if not r.skip:
+            lines.append(f"| {r.name} | {r.train_ms:.2f} | {over(r.train_ms, refs[0], 'train_ms')} "
+                         f"| {over(r.train_ms, refs[1], 'train_ms')} "
+                         f"| {over(r.forward_ms, refs[0], 'forward_ms')} "
+                         f"| {over(r.forward_ms, refs[1], 'forward_ms')} |")
+    return "\n".join(lines)
+
+
+PRESETS = {
+    # Issue 9's block: one layer, θ = 1, K = 30 fixed-point iterations and 30 Neumann terms.
+    "issue9": dict(layers=1, theta=1.0, fixed_k=30, batch=128, state=64, width=256, threads=1,
+                   horizon=0.5, only=r"^FixedPoint \+ Neumann|^floor|^torchdeq fixed_point_iter"),
+}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -386,6 +494,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=100, help="blocks in the stack (100)")
     parser.add_argument("--width", type=int, default=100, help="hidden width of each F (100)")
+    parser.add_argument("--state", type=int, default=4,
+                        help="state dimension (even; 4 = the paper's lifted 2-D input)")
+    parser.add_argument("--fixed-k", type=int, default=None, metavar="K",
+                        help="every solver takes exactly K iterations (forward) and K terms "
+                             "(backward): tolerance 1e-30 (torchdeq: 0); adds the floor row")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="issue9: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
+                             "h = 0.5, 1 thread; rows fixed point + Neumann, floor, torchdeq "
+                             "(explicit flags after it do not override it)")
     parser.add_argument("--batch", type=int, default=51, help="batch size (51)")
     parser.add_argument("--horizon", type=float, default=10.0, help="T; h = T / layers (10)")
     parser.add_argument("--theta", type=float, default=0.5, help="θ of the implicit rows (0.5)")
@@ -404,8 +521,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 20 layers, 2 repeats (overrides --layers/--repeats)")
     args = parser.parse_args(argv)
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    if args.fixed_k is not None and args.fixed_k < 1:
+        raise ValueError(f"--fixed-k must be an integer >= 1, got {args.fixed_k}")
     if args.quick:
-        args.layers, args.repeats = 20, 2
+        args.layers, args.repeats = min(args.layers, 20), 2
 
     global clock
     if args.clock == "auto":
@@ -413,17 +535,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    residuals = make_residuals(args.layers, args.width, args.horizon, args.seed)
-    x = make_input(args.batch)
+    residuals = make_residuals(args.layers, args.width, args.horizon, args.seed, args.state)
+    x = make_input(args.batch, args.state, args.seed)
 
-    configs = configurations(args.tol, args.max_iter, args.theta, not args.no_torchdeq)
+    configs = configurations(args.tol, args.max_iter, args.theta, not args.no_torchdeq, args.fixed_k)
     if args.only:
         configs = [configs[0]] + [c for c in configs[1:] if re.search(args.only, c.name)]
     print(f"# machine: {machine()}; {load_average()}")
-    print(f"# network: {args.layers} layers, state 4, width {args.width}, batch {args.batch}, "
-          f"h = {args.horizon}/{args.layers}, θ = {args.theta}, tol {args.tol}, "
-          f"max_iter {args.max_iter}, float32, {args.clock} time, median of {args.repeats} "
-          "interleaved rounds")
+    solve = (f"tol {args.tol}, max_iter {args.max_iter}" if args.fixed_k is None else
+             f"exactly K = {args.fixed_k} iterations and adjoint terms (tol {FIXED_K_TOL:g})")
+    print(f"# network: {args.layers} layers, state {args.state}, width {args.width}, "
+          f"batch {args.batch}, h = {args.horizon}/{args.layers}, θ = {args.theta}, {solve}, "
+          f"float32, {args.clock} time, median of {args.repeats} interleaved rounds")
     start = time.perf_counter()
     results = run_all(configs, residuals, x, args.repeats, lambda line: print(line, flush=True))
     for result in results:
@@ -431,6 +554,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"#   {result.name}: skipped ({result.skip})")
     print(f"# total {time.perf_counter() - start:.0f} s; {load_average()}\n")
     print(table(results, results[0]))
+    refs = reference_table(results) if args.fixed_k is not None else None  # equal K only
+    if refs:
+        print("\n" + refs)
 
 
 if __name__ == "__main__":
