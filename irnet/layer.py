@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from irnet.autograd import ImplicitAdjoint
+from irnet.held_dropout import check_batch_statistics
 from irnet.linear import LinearSolver, Neumann
+from irnet.solve_scope import SolveScope
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
 from irnet.per_sample import sample_norm
 from irnet.stats import SolverStats, warn_if_failed
@@ -34,9 +35,27 @@ class ImplicitResidualBlock(nn.Module):
     (the input) already meets ``tol``: it takes no iteration and its
     derivative is the identity's.
 
+    Every evaluation of F in one forward — the solve, the graph at the
+    solution, and the adjoint solve in backward — sees the same map:
+
+    * precision: under ``torch.autocast`` (Lightning's ``bf16-mixed``,
+      ``16-mixed``) the solve and the adjoint run in float32 with autocast off;
+      a half-precision input or model (``bf16-true``, ``16-true``) is solved in
+      float32 through float32 casts of F's half parameters, whose gradients
+      still reach them, and the output has the input's dtype;
+    * dropout (any ``nn.Dropout*`` module in F, in training mode): one mask per
+      forward, held for the whole solve and its adjoint (variational dropout);
+      in eval mode dropout is the identity;
+    * BatchNorm: refused. A BatchNorm in F that is in training mode (or has
+      ``track_running_stats=False``) raises ``ValueError`` at construction and
+      in forward, since batch statistics couple the samples and change at every
+      iteration; in eval mode, with running statistics, it is accepted.
+
     Args:
-        F: module mapping a tensor to one of the same shape, acting on each
-            sample separately (hold dropout masks and batch statistics fixed).
+        F: module (or plain callable) mapping a tensor to one of the same
+            shape, acting on each sample separately. A plain callable is taken
+            to have no parameters: gradients reach ``x`` only (wrap a function
+            with parameters in an ``nn.Module``).
         theta: implicitness θ in [0, 1].
         solver: forward solver; default ``FixedPoint()``.
         linear_solver: adjoint solver; default ``Neumann()``.
@@ -57,7 +76,7 @@ class ImplicitResidualBlock(nn.Module):
 
     def __init__(
         self,
-        F: nn.Module,
+        F: Union[nn.Module, Callable[[Tensor], Tensor]],
         theta: float = 0.5,
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
@@ -65,7 +84,9 @@ class ImplicitResidualBlock(nn.Module):
     ) -> None:
         super().__init__()
         if not callable(F):
-            raise ValueError(f"F must be a callable nn.Module, got {type(F).__name__}")
+            raise ValueError(f"F must be an nn.Module or a callable, got {type(F).__name__}")
+        if isinstance(F, nn.Module):
+            check_batch_statistics(F)
         if solver is not None and not isinstance(solver, NonlinearSolver):
             raise ValueError(f"solver must be an irnet.solvers solver, got {type(solver).__name__}")
         if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
@@ -86,11 +107,15 @@ class ImplicitResidualBlock(nn.Module):
             raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x (the block's input) contains NaN or Inf; the solve would not end well")
-        # Under mixed precision the solve runs in float32 (DESIGN.md, conventions).
-        low_precision = x.dtype in (torch.float16, torch.bfloat16)
-        context = torch.autocast(x.device.type, enabled=False) if low_precision else nullcontext()
-        with context:
-            y = self._forward(x.float() if low_precision else x)
+        if isinstance(self.F, nn.Module):
+            check_batch_statistics(self.F)
+        # Solvers run in the input's dtype, in float32 under mixed precision (the
+        # library's convention); one dropout draw serves every evaluation of F.
+        scope = SolveScope(self.F, x)
+        x_solve = x.to(scope.dtype)
+        with scope:
+            y = self._forward(x_solve)
+        scope.hold_for_backward(y, x_solve)
         return y.to(x.dtype)
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -142,6 +167,8 @@ class ImplicitResidualBlock(nn.Module):
         self._checked_shape = x.shape
 
     def _needs_grad(self, x: Tensor) -> bool:
+        if not isinstance(self.F, nn.Module):  # a plain callable: no parameters we can see
+            return x.requires_grad
         return x.requires_grad or any(p.requires_grad for p in self.F.parameters())
 
     def fixed_point_residuals(self, x: Tensor, iterations: int) -> Tensor:

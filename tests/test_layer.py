@@ -23,6 +23,7 @@ from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.linear import GMRES, Neumann
 from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
 from problems import (
+    DOTTIE,
     DTYPE,
     LINEAR_SOLVERS,
     SOLVERS,
@@ -335,3 +336,35 @@ def test_defaults():
     assert block.theta == 0.5 and block.backward_mode == "implicit"
     assert "theta=0.5" in repr(block)
     assert block.forward_stats is None and block.backward_stats is None
+
+
+# -- a plain callable F --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("linear", list(LINEAR_SOLVERS))
+def test_plain_callable_F_closed_form(theta, linear):
+    """F(y) = a·y as a lambda: y = (1 + (1−θ)a)/(1 − θa)·x, and dy/dx the same factor."""
+    a = -0.6
+    block = ImplicitResidualBlock(lambda y: a * y, theta, FixedPoint(tol=1e-13, max_iter=200),
+                                  LINEAR_SOLVERS[linear]())
+    x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
+    factor = (1 + (1 - theta) * a) / (1 - theta * a)
+    y = block(x)
+    torch.testing.assert_close(y, factor * x, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(x)
+    (grad,) = torch.autograd.grad((y * w).sum(), x)
+    torch.testing.assert_close(grad, factor * w, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_function_F_without_input_grad_returns_plain_solution():
+    block = ImplicitResidualBlock(torch.cos, 1.0, FixedPoint(tol=1e-12, max_iter=200))
+    y = block(torch.zeros(2, 1, dtype=DTYPE))
+    assert not y.requires_grad
+    torch.testing.assert_close(y, torch.full((2, 1), DOTTIE, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("F", [3, "tanh", None])
+def test_rejects_F_that_is_not_callable(F):
+    with pytest.raises(ValueError, match=r"\bF\b"):
+        ImplicitResidualBlock(F)

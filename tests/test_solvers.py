@@ -240,3 +240,52 @@ def test_solver_defaults_are_valid_and_repr(cls):
     solver = cls()
     assert solver.tol > 0 and solver.max_iter >= 1
     assert repr(solver).startswith(cls.__name__ + "(")
+
+
+# -- inference mode (Lightning's sanity check, validate, test, predict) -----------------
+
+
+@solver_names
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_inference_mode_gives_the_same_answer(solver, theta):
+    """Gradient-based solvers leave inference mode; every solver returns the normal path's bits."""
+    F = mlp(n=3, width=6)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    block = ImplicitResidualBlock(F, theta, SOLVERS[solver](tol=1e-10))
+    with torch.no_grad():
+        want = block(x)
+    want_stats = block.forward_stats
+    with torch.inference_mode():
+        got = block(x.clone())
+    stats = block.forward_stats
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(stats.iterations, want_stats.iterations)
+    torch.testing.assert_close(stats.residual, want_stats.residual, rtol=0, atol=0)
+    assert stats.converged.all()
+    assert (residual_norm(F, x, got.clone(), theta) <= 1e-10).all()
+
+
+@pytest.mark.parametrize("cls", [GradientDescent, NonlinearCG])
+def test_gradient_solvers_keep_callers_grad_mode_off(cls):
+    """Leaving inference mode must not build graphs through F's parameters."""
+    F = mlp(n=3, width=6)
+    problem = FixedPointProblem(F, torch.randn(4, 3, dtype=DTYPE), 0.5)
+    with torch.inference_mode():
+        y, stats = cls(tol=1e-10).solve(problem, torch.zeros(4, 3, dtype=DTYPE))
+    assert y.grad_fn is None and not y.requires_grad and stats.converged.all()
+    assert not y.is_inference()  # made outside inference mode, usable in a later graph
+
+
+def test_residual_and_gradient_under_inference_mode():
+    """The gradient of ½‖r‖² is (I − θJ)ᵀ r with J built column by column from F."""
+    F = LinearF(contraction(n=3, radius=0.7), torch.randn(3, dtype=DTYPE))
+    c, y = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 3, dtype=DTYPE)
+    theta = 0.5
+    problem = FixedPointProblem(F, c, theta)
+    with torch.inference_mode():
+        r, grad = problem.residual_and_gradient(y)
+    A = F.A.detach()
+    want_r = y - c - theta * (y @ A.T + F.b.detach())
+    want_grad = want_r @ (torch.eye(3, dtype=DTYPE) - theta * A)  # rows: rᵀ(I − θA) = ((I − θA)ᵀ r)ᵀ
+    torch.testing.assert_close(r, want_r)
+    torch.testing.assert_close(grad, want_grad)
