@@ -1,6 +1,8 @@
 """``python -m irnet`` runs the command line (see :mod:`irnet.cli`)."""
 
-from irnet.cli import main
+import sys
+
+from irnet.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())

@@ -6,24 +6,44 @@ The model is an :class:`~irnet.module.ImplicitNetModule` (or a subclass named by
 ``data.class_path``. Defaults set here: a TensorBoard logger writing to
 ``runs/<name>/version_<n>`` in the working directory (``<name>`` is the config
 file's stem, else the data module's class name), a ``checkpoint``
-ModelCheckpoint keeping the best checkpoint on ``val/loss``, and a
-``last_checkpoint`` writing ``last.ckpt`` after every epoch (for ``--ckpt_path``).
+ModelCheckpoint keeping the best checkpoint on ``val/loss``, a
+``last_checkpoint`` writing ``last.ckpt`` after every epoch (for ``--ckpt_path``),
+and for ``predict`` a ``prediction_writer`` saving ``predictions.pt`` in the run
+directory. ``--threads`` / ``threads:`` sets torch's threads (:mod:`irnet.threads`;
+default one per process).
+
+Mistakes (a bad value, an unknown key or class, an unreadable config or
+checkpoint, a resume whose settings contradict the checkpoint) end the run with
+one line naming the key and exit status 2 (:mod:`irnet.cli_errors`;
+``IRNET_TRACEBACK=1`` shows the traceback). Options must be spelled out in full.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
+from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from irnet.cli_checks import (check_checkpoint, check_config_file, check_data_fits_model, check_strategy,
+                              config_files, model_conflicts, refuse_conflicts)
+from irnet.cli_errors import CliError, flatten, report, summarize
+from irnet.cli_predict import PredictionWriter
 from irnet.module import ImplicitNetModule
+from irnet.threads import apply_threads, check_threads
 
 LOG_DIR = "runs"
 TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
+DESCRIPTION = ("irnet: implicit residual networks. Subcommands: fit, validate, test, predict "
+               "(LightningCLI: python -m irnet fit --help) and reproduce (the paper's studies: "
+               "python -m irnet reproduce --help).")
+EPILOG = ("reproduce   python -m irnet reproduce {stability,ex1,ex2,robustness} [--tiny] …: "
+          "run one of the paper's studies end to end (see python -m irnet reproduce --help)")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -43,9 +63,14 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class IrnetCLI(LightningCLI):
-    """LightningCLI with irnet's logger and checkpoint defaults."""
+    """LightningCLI with irnet's defaults, thread policy, input checks and one-line errors."""
+
+    threads: int = 0  # torch threads the run uses (set before the classes are built)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--threads", type=Optional[Union[int, str]], default=None,
+                            help="torch intra-op threads: an integer, 'auto' (torch's default), or unset: "
+                                 "OMP_NUM_THREADS if set, else 1 (docs/training.md, Threads)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults({
@@ -59,11 +84,64 @@ class IrnetCLI(LightningCLI):
                                "init_args": {"save_dir": LOG_DIR, "name": None}},
         })
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        argv = args if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        for path in config_files(list(argv)):
+            check_config_file(path)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise CliError(summarize(str(err), options=self._option_names())) from err
+
+    def _option_names(self) -> list[str]:
+        parsers = [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        return sorted({s.lstrip("-") for p in parsers for s in p._option_string_actions if s.startswith("--")})
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if check_checkpoint(path) is None:
+            return
+        requested = copy.deepcopy(self.config[subcommand].get("model"))
+        try:
+            super()._parse_ckpt_path()
+        except (ArgumentError, SystemExit) as err:
+            raise CliError(f"ckpt_path {path}: its saved hyperparameters do not fit this config's model: "
+                           f"{summarize(str(err))}") from err
+        refuse_conflicts(model_conflicts(requested, self.config[subcommand].get("model")), path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            self.threads = apply_threads(check_threads(config.get("threads")))
+        except ValueError as err:
+            raise CliError(f"threads: {err}") from err
         logger = config.get("trainer.logger")
         if _is_tensorboard(logger) and logger.init_args.get("name") is None:
             logger.init_args.name = run_name(config)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except CliError:
+            raise
+        except Exception as err:  # a constructor's ValueError, a Trainer MisconfigurationException …
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
+            raise CliError(kind + summarize(str(err), config=flatten(config))) from err
+        check_strategy(self.trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        check_data_fits_model(self.model, self.datamodule, subcommand)
+        super()._run_subcommand(subcommand)
 
 
 def _is_tensorboard(logger: Any) -> bool:
@@ -81,10 +159,11 @@ def run_name(config: Any) -> str:
 
 
 def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
-    """Entry point of ``python -m irnet`` and the ``irnet`` console script.
+    """Run the command line; returns the finished :class:`IrnetCLI` (``None`` for ``reproduce``).
 
     ``reproduce <study> …`` runs one of the paper's studies (:mod:`irnet.reproduce`);
-    every other subcommand goes to LightningCLI.
+    every other subcommand goes to LightningCLI. A mistake in the command line or
+    config raises ``SystemExit(2)`` after one line on stderr.
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv and argv[0] == "reproduce":
@@ -92,15 +171,26 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
 
         reproduce(list(argv[1:]))
         return None
-    return IrnetCLI(
-        ImplicitNetModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return IrnetCLI(
+            ImplicitNetModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"allow_abbrev": False, "exit_on_error": False,
+                           "description": DESCRIPTION, "epilog": EPILOG},
+            args=args,
+            run=run,
+        )
+    except CliError as err:
+        report(err)
 
 
-__all__ = ["IrnetCLI", "LastCheckpoint", "main", "run_name"]
+def console_main() -> int:
+    """The ``irnet`` console script and ``python -m irnet``: exit status 0 after a successful run."""
+    main()
+    return 0
+
+
+__all__ = ["IrnetCLI", "LastCheckpoint", "console_main", "main", "run_name"]
