@@ -1,0 +1,166 @@
+"""Every ``python -m irnet …`` command shown in README.md and docs/*.md runs, at a tiny size.
+
+The commands are read from the fenced code blocks, so a doc that names an option
+the code does not accept (or one that no longer works) fails here. Each runs
+as printed, with overrides appended that make it take seconds: one epoch of
+one batch, a shallower spiral network where the command does not set the depth
+itself, and without the config's monitoring callbacks unless the command is
+about them (the callbacks of every config run in tests/test_cli.py and
+tests/test_readme.py; here they would add seconds of figure drawing to each). They run in one process, one after the other, in one working directory
+(with ``configs/`` linked in), so a resume command finds the checkpoint of the
+doc's own ``fit`` before it; where no shown command writes the checkpoint a
+command needs, a tiny ``fit`` of its config writes it first. The two-process
+DDP command is parsed and its Trainer built (``run=False``): a fit would relaunch
+the script, and tests/test_cli.py runs that fit of the same config. The
+paper studies other than ``stability`` only have their arguments parsed here
+(tests/test_reproduce.py runs each at a tiny size).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytorch_lightning.strategies import DDPStrategy
+
+from helpers_training import QUIET, REPO
+from irnet.cli import main
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+COMMAND = re.compile(r"python3? -m irnet\s+(.*)")
+
+# Commands shown on purpose as failing examples: none today. Add (doc, command) pairs here.
+EXPECTED_TO_FAIL: set[tuple[str, str]] = set()
+
+SHORT = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+         "--trainer.num_sanity_val_steps", "0", *QUIET]
+EVALUATE = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}
+DEEP_CONFIGS = ("ex2_spirals", "ex1_sine_100")  # 100 layers: cut to 4 where the command allows
+TWO_PROCESSES = "--trainer.devices=2"
+KEEPS_CALLBACKS = "callbacks"  # commands about the callbacks keep them
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """``(doc, arguments after 'python -m irnet')`` for every command in a fenced block, in order."""
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```[^\n]*\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                match = COMMAND.search(line)
+                if match:
+                    args = shlex.split(match.group(1), comments=True)
+                    found.append((doc.name, shlex.join(args)))
+    return found
+
+
+COMMANDS = shown_commands()
+
+
+def test_the_docs_show_the_commands_this_test_expects():
+    subcommands = {shlex.split(c)[0] for _, c in COMMANDS}
+    assert {"fit", "validate", "test", "predict", "reproduce"} <= subcommands
+    assert len(COMMANDS) >= 30
+    assert ("training.md", "fit --config configs/ex2_spirals.yaml --trainer.callbacks.init_args.streams 4 "
+            "--model.r_rnd.init_args.r 2") in COMMANDS
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One working directory for all commands: ``configs/`` linked in, the doc's subclass example written."""
+    root = tmp_path_factory.mktemp("doc_commands")
+    (root / "configs").symlink_to(REPO / "configs")
+    subclassing = (REPO / "docs" / "subclassing.md").read_text()
+    (root / "subclass_example.py").write_text(re.search(r"```python\n(.*?)```", subclassing, re.S).group(1))
+    my_config = re.search(r"```yaml\n(# my_config.yaml\n.*?)```", subclassing, re.S).group(1)
+    (root / "my_config.yaml").write_text(my_config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.syspath_prepend(str(root))  # the doc runs it with PYTHONPATH=.
+        patch.setattr(sys, "argv", ["irnet"])
+        yield root
+
+
+def option(args: list[str], name: str) -> str | None:
+    """The value of ``--name value`` or ``--name=value`` in ``args`` (the last one given)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def tiny(args: list[str]) -> list[str]:
+    """``args`` with the overrides that make the run take seconds appended."""
+    subcommand, config = args[0], Path(option(args, "--config") or "").stem
+    if subcommand in EVALUATE:
+        return [*args, f"--trainer.{EVALUATE[subcommand]}", "1", *QUIET]
+    resumed = option(args, "--ckpt_path") is not None
+    extra = ["--trainer.max_epochs", "2" if resumed else "1", *SHORT]
+    if config in DEEP_CONFIGS and not any(a.startswith(("--model.net.init_args.layers", "--model.net.init_args.theta"))
+                                          for a in args):
+        extra += ["--model.net.init_args.layers", "4"]
+    if not any(KEEPS_CALLBACKS in a for a in args):
+        extra += ["--trainer.callbacks=[]"]
+    return [*args, *extra]
+
+
+def run_in_process(args: list[str]) -> None:
+    """``irnet.cli.main(args)``; an exit with status 0 (``--print_config``) counts as success."""
+    try:
+        main(args)
+    except SystemExit as stop:
+        assert stop.code in (0, None), f"exit status {stop.code}"
+
+
+def ensure_checkpoint(args: list[str]) -> None:
+    """Write the checkpoint a command resumes from or evaluates, if no earlier command did."""
+    path = Path(option(args, "--ckpt_path"))
+    if path.exists():
+        return
+    config = option(args, "--config")
+    run_in_process(tiny(["fit", "--config", config]))
+    assert path.exists(), f"a fit of {config} did not write {path}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{d}:{c}" for d, c in COMMANDS])
+def test_shown_command_runs(doc, command, workdir, capsys):
+    args = shlex.split(command)
+    if (doc, command) in EXPECTED_TO_FAIL:
+        with pytest.raises(SystemExit) as stop:
+            main(tiny(args))
+        assert stop.value.code not in (0, None)
+        return
+    if args[0] == "reproduce":
+        run_reproduce(args[1:], workdir)
+        return
+    if option(args, "--ckpt_path") is not None:
+        ensure_checkpoint(args)
+    if TWO_PROCESSES in args:  # a fit would relaunch the script for the second process
+        cli = main(tiny(args)[1:], run=False)  # without run, LightningCLI takes no subcommand
+        assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+        return
+    capsys.readouterr()
+    run_in_process(tiny(args))
+    if "--print_config" in args:
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["net"]["class_path"] == "irnet.nets.ODENet"
+
+
+def run_reproduce(args: list[str], workdir: Path) -> None:
+    """``stability`` runs (seconds at ``--tiny``); the training studies only parse their arguments."""
+    from irnet.reproduce import main as reproduce, parser
+
+    parsed = parser().parse_args(args)
+    assert parsed.study in ("stability", "ex1", "ex2", "robustness")
+    if parsed.study == "stability":
+        summary = reproduce([*args, "--tiny", "--out", str(workdir / "reproduce_stability")])
+        assert summary.exists() and summary.stat().st_size > 0
+
