@@ -183,6 +183,20 @@ class PerturbationRegularizer(Regularizer):
         self.last_distances: Optional[Tensor] = None
         self.on_train_epoch_start(0)
 
+    def __getstate__(self) -> dict:
+        # The generator travels as plain bytes: pickled as a tensor (``ddp_spawn``
+        # sends the module to its processes) its state would go through shared
+        # memory, whose descriptor dies with the temporary tensor before the
+        # process starts ("bad value(s) in fds_to_keep").
+        state = dict(self.__dict__)
+        state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, generator=generator)
+
     def epoch_seed(self, epoch: int, rank: int = 0) -> int:
         """The generator's seed for ``epoch`` on process ``rank``: a well-mixed function of
         ``(seed, epoch, rank)``.
