@@ -15,33 +15,35 @@ from irnet.stats import SolverStats
 class ImplicitAdjoint(torch.autograd.Function):
     """Identity in the forward pass onto the solution ``y*``; adjoint solve in the backward.
 
-    ``forward(y_graph, y_star, …)`` returns ``y*``'s values. ``y_graph`` must be
-    ``x + (1−θ)F(x) + θF(y*)`` built with autograd and ``y*`` detached: backward
-    solves ``(I − θ ∂F/∂y)ᵀ g = ∇_y L`` and hands ``g`` to ``y_graph``, whose own
-    graph then yields ``∇_x L = (I + (1−θ)∂F(x)/∂x)ᵀ g`` and
-    ``∇_γ L = ((1−θ)∂F(x)/∂γ + θ∂F(y*)/∂γ)ᵀ g``. Only ``y*`` is saved here; no
-    forward iterate is kept.
+    ``forward(y_graph, y_leaf, f_star, …)`` returns ``y*``'s values (``y_leaf``).
+    ``f_star = F(y_leaf)`` must be built with autograd from the detached leaf
+    ``y_leaf = y*``, and ``y_graph = x + (1−θ)F(x) + θ f_star``. Backward solves
+    ``(I − θ ∂F/∂y)ᵀ g = ∇_y L`` with vector–Jacobian products on ``f_star``'s
+    graph (so F(y*) is evaluated once per layer, in the forward pass) and hands
+    ``g`` to ``y_graph``, whose graph then yields ``∇_x L = (I + (1−θ)∂F(x)/∂x)ᵀ g``
+    and ``∇_γ L = ((1−θ)∂F(x)/∂γ + θ∂F(y*)/∂γ)ᵀ g``. No forward iterate is kept.
     """
 
     @staticmethod
     def forward(
         ctx,
         y_graph: Tensor,
-        y_star: Tensor,
-        F: Callable[[Tensor], Tensor],
+        y_leaf: Tensor,
+        f_star: Tensor,
         theta: float,
         linear_solver: LinearSolver,
         on_stats: Callable[[SolverStats], None],
     ) -> Tensor:
-        ctx.F, ctx.theta, ctx.linear_solver, ctx.on_stats = F, theta, linear_solver, on_stats
-        ctx.save_for_backward(y_star)
-        return y_star.detach()
+        # f_star's graph is kept on ctx (not save_for_backward: it is an intermediate
+        # with its own graph, which the products below walk again and again).
+        ctx.y_leaf, ctx.f_star = y_leaf, f_star
+        ctx.theta, ctx.linear_solver, ctx.on_stats = theta, linear_solver, on_stats
+        return y_leaf.detach().clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (y_star,) = ctx.saved_tensors
-        operator = AdjointOperator(ctx.F, y_star, ctx.theta)
+        operator = AdjointOperator.from_graph(ctx.y_leaf, ctx.f_star, ctx.theta)
         g, stats = ctx.linear_solver.solve(operator, grad)
         ctx.on_stats(stats)
         return g, None, None, None, None, None

@@ -12,7 +12,7 @@ from irnet.held_dropout import check_batch_statistics
 from irnet.linear import LinearSolver, Neumann
 from irnet.solve_scope import SolveScope
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
-from irnet.per_sample import sample_norm
+from irnet.per_sample import per_sample, sample_norm
 from irnet.stats import SolverStats, warn_if_failed
 from irnet.validation import check_choice, check_int, check_unit_interval
 
@@ -101,8 +101,12 @@ class ImplicitResidualBlock(nn.Module):
         self.forward_stats: Optional[SolverStats] = None
         self.backward_stats: Optional[SolverStats] = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Solve the layer for a batch ``x`` (first dimension is the batch)."""
+    def forward(self, x: Tensor, guess: Optional[Tensor] = None) -> Tensor:
+        """Solve the layer for a batch ``x`` (first dimension is the batch).
+
+        ``guess`` optionally warm-starts the solve (e.g. each sample's previous
+        fixed point; NaN rows start from the explicit step as usual).
+        """
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
@@ -114,29 +118,46 @@ class ImplicitResidualBlock(nn.Module):
         scope = SolveScope(self.F, x)
         x_solve = x.to(scope.dtype)
         with scope:
-            y = self._forward(x_solve)
+            y = self._forward(x_solve, guess)
         scope.hold_for_backward(y, x_solve)
         return y.to(x.dtype)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, guess: Optional[Tensor] = None) -> Tensor:
         fx = self._apply_F(x) if self.theta < 1 else None
         if self.theta == 0:
             self.forward_stats = SolverStats.trivial(x.shape[0], x.device, x.dtype)
             return x + fx
         if fx is None:  # θ = 1: x + (1−θ)F(x) is x itself, only check F once
             self._check_shape(x, lambda: self.F(x))
+        explicit = x if fx is None else x + (1 - self.theta) * fx
         if self.backward_mode == "unrolled":
-            explicit = x if fx is None else x + (1 - self.theta) * fx
             return self._solve(FixedPointProblem(self.F, explicit, self.theta, differentiable=True), x)
         with torch.no_grad():
-            explicit = x if fx is None else x + (1 - self.theta) * fx
-            y_star = self._solve(FixedPointProblem(self.F, explicit, self.theta), x.detach())
+            problem = FixedPointProblem(self.F, explicit.detach(), self.theta)
+            y_star = self._solve(problem, self._initial_guess(x, fx, guess))
         if not (torch.is_grad_enabled() and self._needs_grad(x)):
             return y_star
-        y_graph = self.theta * self.F(y_star) + (x if fx is None else x + (1 - self.theta) * fx)
+        # One evaluation of F(y*) with a graph serves both the output's autograd
+        # (∂/∂x and ∂/∂γ through ``y_graph``) and the adjoint's vector–Jacobian products.
+        with torch.enable_grad():
+            y_leaf = y_star.detach().requires_grad_()
+            f_star = self.F(y_leaf)
+        y_graph = explicit + self.theta * f_star
         return ImplicitAdjoint.apply(
-            y_graph, y_star, self.F, self.theta, self.linear_solver, self._record_backward
+            y_graph, y_leaf, f_star, self.theta, self.linear_solver, self._record_backward
         )
+
+    def _initial_guess(self, x: Tensor, fx: Optional[Tensor], guess: Optional[Tensor]) -> Tensor:
+        """Where the solve starts: the explicit step ``x + F(x)`` (reusing F(x)), or a warm start.
+
+        ``guess`` may hold NaN rows for samples without a previous fixed point;
+        they start from the explicit step.
+        """
+        start = x.detach() if fx is None else x.detach() + fx.detach()
+        if guess is None:
+            return start
+        known = torch.isfinite(guess.flatten(1)).all(1)
+        return torch.where(per_sample(known, start), guess.to(start.dtype), start)
 
     def _solve(self, problem: FixedPointProblem, y0: Tensor) -> Tensor:
         y, stats = self.solver.solve(problem, y0)

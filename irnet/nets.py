@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
 from irnet.solvers import NonlinearSolver
+from irnet.warm_start import WarmStartCache
 from irnet.validation import check_choice, check_int, check_positive, check_unit_interval
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -118,24 +119,51 @@ class ImplicitODENet(nn.Module):
         raise NotImplementedError
 
     def trajectory(self, x: Tensor) -> list[Tensor]:
-        """Hidden states ``[y(0), y_1, …, y_T]`` (``layers + 1`` tensors)."""
+        """Hidden states ``[y(0), y_1, …, y_T]`` (``layers + 1`` tensors).
+
+        With ``warm_start`` on, each implicit layer's solve starts from the
+        sample's fixed point of its last pass (see :mod:`irnet.warm_start`).
+        """
+        cache = self.warm_start_cache
+        if cache is None:
+            states = [self.lift(x)]
+            for block in self.blocks:
+                states.append(block(states[-1]))
+            return states
+        keys = cache.keys(x)
+        guesses = cache.lookup(keys, len(self.blocks)) or [None] * len(self.blocks)
         states = [self.lift(x)]
-        for block in self.blocks:
-            states.append(block(states[-1]))
+        for block, guess in zip(self.blocks, guesses):
+            states.append(block(states[-1], guess=guess))
+        cache.store(keys, [y if block.theta > 0 else None for block, y in zip(self.blocks, states[1:])])
         return states
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.lift(x)
-        for block in self.blocks:
-            y = block(y)
-        return self.readout(y)
+        return self.readout(self.trajectory(x)[-1])
 
-    def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward):
+    @property
+    def warm_start(self) -> bool:
+        """Whether solves start from each sample's previous fixed points."""
+        return self.warm_start_cache is not None
+
+    def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward,
+                     warm_start: bool = False, warm_start_capacity: int = 8192):
         thetas = self.thetas(theta, len(residuals))
         self.blocks = nn.ModuleList(
             ImplicitResidualBlock(F, t, solver, linear_solver, backward)
             for F, t in zip(residuals, thetas)
         )
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be true or false, got {warm_start!r}")
+        self.warm_start_cache = WarmStartCache(warm_start_capacity) if warm_start else None
+
+    # The cache travels with checkpoints, so a resumed run starts where it stopped.
+    def get_extra_state(self) -> dict:
+        return {} if self.warm_start_cache is None else {"warm_start": self.warm_start_cache.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.warm_start_cache is not None and state.get("warm_start") is not None:
+            self.warm_start_cache.load_state_dict(state["warm_start"])
 
 
 class ODENet(ImplicitODENet):
@@ -155,6 +183,10 @@ class ODENet(ImplicitODENet):
         solver: forward solver (default ``FixedPoint()``).
         linear_solver: adjoint solver (default ``Neumann()``).
         backward: ``"implicit"`` or ``"unrolled"``.
+        warm_start: start each layer's solve from the sample's fixed point of
+            its previous pass (:mod:`irnet.warm_start`); same tolerance, fewer
+            iterations. Safe where the fixed-point maps contract.
+        warm_start_capacity: the most samples the warm-start cache keeps.
         stationary_init: start every layer from the same weights (the paper's
             "initial stationary weights"); otherwise each layer draws its own.
         readout: ``"component"`` reads ``y(T)[component : component + out_features]``
@@ -175,6 +207,8 @@ class ODENet(ImplicitODENet):
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
         backward: str = "implicit",
+        warm_start: bool = False,
+        warm_start_capacity: int = 8192,
         stationary_init: bool = True,
         readout: str = "component",
         component: int = 1,
@@ -195,7 +229,8 @@ class ODENet(ImplicitODENet):
         if stationary_init:
             for F in residuals[1:]:
                 F.load_state_dict(residuals[0].state_dict())
-        self._make_blocks(residuals, theta, solver, linear_solver, backward)
+        self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
+                         warm_start_capacity)
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
 
     def lift(self, x: Tensor) -> Tensor:
@@ -229,6 +264,10 @@ class ConvODENet(ImplicitODENet):
         solver: forward solver (default ``FixedPoint()``).
         linear_solver: adjoint solver (default ``GMRES()``).
         backward: ``"implicit"`` or ``"unrolled"``.
+        warm_start: start each layer's solve from the sample's fixed point of
+            its previous pass (:mod:`irnet.warm_start`); same tolerance, fewer
+            iterations. Safe where the fixed-point maps contract.
+        warm_start_capacity: the most samples the warm-start cache keeps.
     """
 
     def __init__(
@@ -245,6 +284,8 @@ class ConvODENet(ImplicitODENet):
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
         backward: str = "implicit",
+        warm_start: bool = False,
+        warm_start_capacity: int = 8192,
     ) -> None:
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, 1)
@@ -257,7 +298,8 @@ class ConvODENet(ImplicitODENet):
         step = self.T / layers
         residuals = [ConvResidual(channels, hidden_channels, 3, step, activation) for _ in range(layers)]
         linear_solver = linear_solver if linear_solver is not None else GMRES()
-        self._make_blocks(residuals, theta, solver, linear_solver, backward)
+        self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
+                         warm_start_capacity)
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
 
     def lift(self, x: Tensor) -> Tensor:

@@ -27,11 +27,21 @@ class AdjointOperator:
     """
 
     def __init__(self, F: Callable[[Tensor], Tensor], y: Tensor, theta: float) -> None:
+        with torch.enable_grad():
+            y_leaf = y.detach().requires_grad_()
+            self._set_graph(y_leaf, F(y_leaf), theta)
+
+    @classmethod
+    def from_graph(cls, y: Tensor, fy: Tensor, theta: float) -> "AdjointOperator":
+        """The operator on an existing graph ``fy = F(y)`` (``y`` a leaf), without evaluating F again."""
+        operator = cls.__new__(cls)
+        operator._set_graph(y, fy, theta)
+        return operator
+
+    def _set_graph(self, y: Tensor, fy: Tensor, theta: float) -> None:
         self.theta = theta
         self.shape = y.shape
-        with torch.enable_grad():
-            self._y = y.detach().requires_grad_()
-            self._fy = F(self._y)
+        self._y, self._fy = y, fy
 
     def vjp(self, v: Tensor) -> Tensor:
         """``θ J_F(y)ᵀ v``."""
