@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
+from torch.autograd.functional import jacobian
 
 from irnet.module import ImplicitNetModule, l2_loss
-from irnet.nets import ODENet
+from irnet.nets import ImplicitODENet, ODENet
 from irnet.reproduce import ex1
 from irnet.reproduce.probe import probe
 from irnet.reproduce.runner import group, markdown_table, mean_std
@@ -45,7 +46,17 @@ def test_seed_screen_keeps_exactly_the_seeds_with_moderate_initial_outputs():
         assert moderate == (seed in chosen)
 
 
-def test_probe_gradients_and_iterations_match_an_unrolled_network():
+def _dense_layer_radius(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ρ(∂y/∂x) from the implicit function theorem with dense J_F built from F alone."""
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    radii = []
+    for xi, yi in zip(x, y):
+        jx, jy = jacobian(F, xi[None])[0, :, 0], jacobian(F, yi[None])[0, :, 0]
+        radii.append(torch.linalg.eigvals(torch.linalg.solve(eye - theta * jy, eye + (1 - theta) * jx)).abs().max())
+    return torch.stack(radii)
+
+
+def test_probe_gradients_and_radii_match_independent_references():
     torch.manual_seed(0)
     kwargs = dict(in_features=1, out_features=1, layers=3, T=1.0, width=8, theta=0.5, activation="tanh")
     implicit = ODENet(**kwargs, solver=FixedPoint(tol=1e-12, max_iter=200), linear_solver=Direct()).double()
@@ -62,12 +73,72 @@ def test_probe_gradients_and_iterations_match_an_unrolled_network():
     grads = torch.autograd.grad(l2_loss(unrolled.readout(states[-1]), target), states[1:])
     expected = [g.norm(dim=1).mean().item() for g in grads]
     assert result["gradient"] == pytest.approx(expected, rel=1e-8)
-    assert result["forward_iterations"] == pytest.approx(
-        [b.forward_stats.iterations.double().mean().item() for b in implicit.blocks])
     assert all(p.grad is None for p in implicit.parameters())
-    # the layer map of a tanh residual with T/3 steps is near the identity: radius near 1, positive
-    assert all(0.5 < r < 2.0 for r in result["rho_layer"])
-    assert all(r_max >= r for r, r_max in zip(result["rho_layer"], result["rho_layer_max"]))
+    # ρ(∂y_t/∂y_{t−1}) and ρ(θ J_F(y_t)) per sample from dense float64 Jacobians of F alone
+    for t, block in enumerate(unrolled.blocks):
+        y_in, y_out = states[t].detach(), states[t + 1].detach()
+        rho = _dense_layer_radius(block.F, 0.5, y_in, y_out)
+        neumann = torch.stack([0.5 * torch.linalg.eigvals(jacobian(block.F, yi[None])[0, :, 0]).abs().max()
+                               for yi in y_out])
+        assert result["rho_layer"][t] == pytest.approx(rho.mean().item(), rel=1e-8)
+        assert result["rho_layer_max"][t] == pytest.approx(rho.max().item(), rel=1e-8)
+        assert result["rho_neumann"][t] == pytest.approx(neumann.mean().item(), rel=1e-8)
+        assert result["rho_neumann_max"][t] == pytest.approx(neumann.max().item(), rel=1e-8)
+        assert rho.max() - rho.min() > 1e-6  # samples really have their own Jacobians
+
+
+class LinearNet(ImplicitODENet):
+    """Blocks with F_t(y) = a_t y on a 2-D state, identity lift and readout: everything in closed form."""
+
+    def __init__(self, slopes: list[float], thetas: list[float], tol: float) -> None:
+        super().__init__()
+        residuals = []
+        for a in slopes:
+            F = torch.nn.Linear(2, 2, bias=False).double()
+            with torch.no_grad():
+                F.weight.copy_(a * torch.eye(2, dtype=torch.float64))
+            residuals.append(F)
+        self._make_blocks(residuals, thetas, FixedPoint(tol=tol, max_iter=500), Direct(), "implicit")
+
+    def lift(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def readout(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+def test_probe_on_linear_layers_matches_closed_forms():
+    # Layer t: y = x + (1−θ)a x + θa y. Fixed-point iteration from y⁰ = x has residuals
+    # ‖r(yᵏ)‖ = |θa|ᵏ |a| ‖x‖, so it stops at the first k with |θa|ᵏ |a| ‖x‖ ≤ tol; the layer
+    # maps x to R x with R = (1 + (1−θ)a) / (1 − θa); ∂L/∂y_t = (Π_{s>t} R_s) ∂L/∂y_T.
+    slopes, thetas, tol = [0.5, -0.6, 0.4], [1.0, 0.5, 0.75], 1e-10
+    ratios = [(1 + (1 - th) * a) / (1 - th * a) for a, th in zip(slopes, thetas)]
+    x = torch.tensor([[0.3, 0.1], [-0.7, 0.2], [1.3, -0.4], [2.9, 1.1]], dtype=torch.float64)
+    target = torch.full_like(x, 10.0)  # far from every output: ‖∂L/∂y_T‖ = 1/N per sample
+    module = ImplicitNetModule(LinearNet(slopes, thetas, tol), loss="l2")
+    result = probe(module, x, target, l2_loss, krylov_dim=2)
+
+    norms, iterations = x.norm(dim=1).tolist(), []
+    for a, th, ratio in zip(slopes, thetas, ratios):
+        exact = [math.log(tol / (abs(a) * n)) / math.log(abs(th * a)) for n in norms]
+        assert all(abs(k - round(k)) > 1e-6 for k in exact)  # no sample sits on the tolerance
+        iterations.append([math.ceil(k) for k in exact])
+        norms = [abs(ratio) * n for n in norms]
+    means = [sum(k) / len(k) for k in iterations]
+    assert len({tuple(k) for k in iterations}) == 3 and all(len(set(k)) > 1 for k in iterations)
+    # θ = 1 starts from x whatever the solver; for θ < 1 a solver may start from the explicit
+    # step x + F(x), which is the first iterate: one fewer, the same in every layer.
+    starts = [[m if th == 1 else m - offset for m, th in zip(means, thetas)] for offset in (0, 1)]
+    offset = next((o for o, s in enumerate(starts) if result["forward_iterations"] == pytest.approx(s, abs=1e-12)),
+                  None)
+    assert offset is not None, (result["forward_iterations"], starts)
+    for block, counts, th in zip(module.net.blocks, iterations, thetas):  # and sample by sample
+        assert block.forward_stats.iterations.tolist() == [k - (offset if th < 1 else 0) for k in counts]
+    assert result["rho_layer"] == pytest.approx([abs(r) for r in ratios], rel=1e-10)
+    assert result["rho_layer_max"] == pytest.approx([abs(r) for r in ratios], rel=1e-10)
+    assert result["rho_neumann"] == pytest.approx([abs(th * a) for a, th in zip(slopes, thetas)], rel=1e-10)
+    expected_gradient = [abs(math.prod(ratios[t + 1:])) / len(x) for t in range(3)]
+    assert result["gradient"] == pytest.approx(expected_gradient, rel=1e-9)
 
 
 def _reproduce(*args: str, cwd) -> subprocess.CompletedProcess:
