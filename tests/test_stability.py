@@ -115,7 +115,7 @@ def test_spectral_radius_finds_a_dominant_eigenvalue_with_few_steps() -> None:
     assert float(estimate) == pytest.approx(3.0, rel=1e-6)
 
 
-# -- layer Jacobians against dense autograd -----------------------------------------------
+# -- layer Jacobians against dense references built from F alone -----------------------------
 
 
 def _solved_layer(F: torch.nn.Module, theta: float, x: torch.Tensor):
@@ -132,15 +132,29 @@ def _mlp(dim: int = 2) -> MLPResidual:
     return F
 
 
-def _dense_layer_jacobians(block: ImplicitResidualBlock, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample ∂y/∂x of the solved layer, by autograd through the block itself."""
-    n = x[0].numel()
-    return torch.stack([jacobian(block, x[i : i + 1]).reshape(n, n) for i in range(len(x))])
-
-
 def _dense_F_jacobians(F, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample J_F(y), column by column from autograd on F alone."""
     n = y[0].numel()
     return torch.stack([jacobian(F, y[i : i + 1]).reshape(n, n) for i in range(len(y))])
+
+
+def _ift_layer_jacobians(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ∂y/∂x = (I − θJ_F(y))⁻¹(I + (1−θ)J_F(x)) (implicit function theorem on eq. 7)."""
+    eye = torch.eye(x[0].numel(), dtype=x.dtype)
+    return torch.linalg.solve(eye - theta * _dense_F_jacobians(F, y), eye + (1 - theta) * _dense_F_jacobians(F, x))
+
+
+def _finite_difference_layer_jacobians(block: ImplicitResidualBlock, x: torch.Tensor, eps: float = 1e-5):
+    """Per-sample ∂y/∂x by central differences of the solved layer (tol 1e-13), no autograd."""
+    n = x[0].numel()
+    columns = []
+    with torch.no_grad():
+        for j in range(n):
+            step = torch.zeros(n, dtype=x.dtype)
+            step[j] = eps
+            step = step.reshape(x[0].shape)
+            columns.append(((block(x + step) - block(x - step)) / (2 * eps)).reshape(len(x), n))
+    return torch.stack(columns, dim=2)
 
 
 @pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
@@ -151,7 +165,8 @@ def test_layer_jacobian_operator_equals_the_layer_derivative(theta: float) -> No
     operator = LayerJacobian(F, theta, x, y)
     basis = torch.eye(2, dtype=DTYPE)
     columns = torch.stack([operator(basis[i].expand(6, 2)) for i in range(2)], dim=2)
-    assert torch.allclose(columns, _dense_layer_jacobians(block, x), atol=1e-10)
+    assert torch.allclose(columns, _ift_layer_jacobians(F, theta, x, y), atol=1e-10)
+    assert torch.allclose(columns, _finite_difference_layer_jacobians(block, x), atol=1e-6)
     assert operator.solve_residual < 1e-10
 
 
@@ -159,9 +174,9 @@ def test_layer_jacobian_operator_equals_the_layer_derivative(theta: float) -> No
 def test_layer_spectral_radii_match_dense_eigenvalues(theta: float) -> None:
     F = _mlp()
     x = 2 * torch.randn(6, 2, dtype=DTYPE)
-    block, y = _solved_layer(F, theta, x)
+    _, y = _solved_layer(F, theta, x)
     rho_layer, rho_neumann = layer_spectral_radii(F, theta, x, y, krylov_dim=20)
-    expected_layer = matrix_spectral_radius(_dense_layer_jacobians(block, x))
+    expected_layer = matrix_spectral_radius(_ift_layer_jacobians(F, theta, x, y))
     expected_neumann = theta * matrix_spectral_radius(_dense_F_jacobians(F, y))
     assert torch.allclose(rho_layer, expected_layer, rtol=1e-9)
     assert torch.allclose(rho_neumann, expected_neumann, rtol=1e-9, atol=1e-15)
@@ -174,7 +189,9 @@ def test_layer_spectral_radii_of_a_convolutional_layer() -> None:
     x = torch.randn(2, 1, 2, 2, dtype=DTYPE)  # 4 states per sample, image-shaped
     block, y = _solved_layer(F, 0.5, x)
     rho_layer, rho_neumann = layer_spectral_radii(F, 0.5, x, y, krylov_dim=4)
-    assert torch.allclose(rho_layer, matrix_spectral_radius(_dense_layer_jacobians(block, x)), rtol=1e-9)
+    dense = _ift_layer_jacobians(F, 0.5, x, y)
+    assert torch.allclose(dense, _finite_difference_layer_jacobians(block, x), atol=1e-6)
+    assert torch.allclose(rho_layer, matrix_spectral_radius(dense), rtol=1e-9)
     assert torch.allclose(rho_neumann, 0.5 * matrix_spectral_radius(_dense_F_jacobians(F, y)), rtol=1e-9)
 
 
