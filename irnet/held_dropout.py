@@ -22,9 +22,27 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 
+def is_active_dropout(m: nn.Module) -> bool:
+    """Whether ``m`` is a dropout module (any ``nn.Dropout*``) that is training with ``p > 0``."""
+    return isinstance(m, _DropoutNd) and m.training and m.p > 0
+
+
 def has_active_dropout(F: nn.Module) -> bool:
-    """Whether F holds a dropout module (any ``nn.Dropout*``) that is training with ``p > 0``."""
-    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in F.modules())
+    """Whether F holds an active dropout module (see :func:`is_active_dropout`)."""
+    return any(is_active_dropout(m) for m in F.modules())
+
+
+def refuse_batch_statistics(m: nn.Module, name: str = "") -> None:
+    """Raise ``ValueError`` if ``m`` (called ``F.<name>``) is a BatchNorm using batch statistics."""
+    if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats):
+        where = f"F.{name}" if name else "F"
+        raise ValueError(
+            f"{where} is a {type(m).__name__} that normalises with batch statistics "
+            f"(training={m.training}, track_running_stats={m.track_running_stats}): they couple "
+            "the samples and change at every solver iteration, so the implicit layer has no "
+            "fixed point. Use a per-sample normalisation (GroupNorm, LayerNorm, InstanceNorm), "
+            "or put it in eval mode with running statistics"
+        )
 
 
 def check_batch_statistics(F: nn.Module) -> None:
@@ -39,15 +57,7 @@ def check_batch_statistics(F: nn.Module) -> None:
             ``track_running_stats=False`` (batch statistics in every mode).
     """
     for name, m in F.named_modules():
-        if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats):
-            where = f"F.{name}" if name else "F"
-            raise ValueError(
-                f"{where} is a {type(m).__name__} that normalises with batch statistics "
-                f"(training={m.training}, track_running_stats={m.track_running_stats}): they couple "
-                "the samples and change at every solver iteration, so the implicit layer has no "
-                "fixed point. Use a per-sample normalisation (GroupNorm, LayerNorm, InstanceNorm), "
-                "or put it in eval mode with running statistics"
-            )
+        refuse_batch_statistics(m, name)
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -101,4 +111,5 @@ class HeldRandomness:
             _set_rng_state(self.device, state)
 
 
-__all__ = ["HeldRandomness", "check_batch_statistics", "has_active_dropout"]
+__all__ = ["HeldRandomness", "check_batch_statistics", "has_active_dropout", "is_active_dropout",
+           "refuse_batch_statistics"]

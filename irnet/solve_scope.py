@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from irnet.held_dropout import HeldRandomness, has_active_dropout
+from irnet.held_dropout import HeldRandomness, is_active_dropout, refuse_batch_statistics
 
 HALF = (torch.float16, torch.bfloat16)
 _SEARCH_DEPTH = 4  # how far from the block's output to look for its adjoint node
@@ -64,25 +64,36 @@ class _AutocastOff:
             context.__exit__(*exc)
 
 
-def _half_tensors(F: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, str, bool, Tensor]]:
-    """``(module, name, is_parameter, cast)`` for F's half-precision parameters and buffers.
+def _inspect(F: nn.Module, dtype: torch.dtype) -> tuple[bool, list]:
+    """One pass over F: refuse batch statistics; find active dropout and half tensors.
 
-    The casts are differentiable where grad mode is on, so the gradient of a
-    float32 evaluation reaches the half parameter. Under inference mode they are
-    made outside it: solvers that leave inference mode can use them in a graph.
+    Returns:
+        Whether F has an active dropout module, and ``(module, name,
+        is_parameter, tensor)`` for each half-precision parameter or buffer
+        whose dtype differs from ``dtype``.
     """
-    found = []
-    for module in F.modules():
-        for is_param, tensors in ((True, module._parameters), (False, module._buffers)):
-            for name, t in tensors.items():
+    dropout, half = False, []
+    for name, m in F.named_modules():
+        refuse_batch_statistics(m, name)
+        dropout = dropout or is_active_dropout(m)
+        for is_param, tensors in ((True, m._parameters), (False, m._buffers)):
+            for key, t in tensors.items():
                 if t is not None and t.dtype in HALF and t.dtype != dtype:
-                    found.append((module, name, is_param, t))
-    if not found:
-        return []
+                    half.append((m, key, is_param, t))
+    return dropout, half
+
+
+def _cast(half: list, dtype: torch.dtype) -> list[tuple[nn.Module, str, bool, Tensor]]:
+    """Casts of the half tensors to ``dtype`` (differentiable where grad mode is on).
+
+    Gradients of a float32 evaluation then reach the half parameters. Under
+    inference mode the casts are made outside it, so solvers that leave
+    inference mode can use them in a graph.
+    """
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False), torch.no_grad():
-            return [(m, n, p, t.detach().to(dtype)) for m, n, p, t in found]
-    return [(m, n, p, t.to(dtype)) for m, n, p, t in found]
+            return [(m, n, p, t.detach().to(dtype)) for m, n, p, t in half]
+    return [(m, n, p, t.to(dtype)) for m, n, p, t in half]
 
 
 class SolveScope:
@@ -97,6 +108,10 @@ class SolveScope:
             callable gets only autocast off, having no parameters or dropout
             modules to see).
         x: the block's input.
+
+    Raises:
+        ValueError: F holds a BatchNorm that would use batch statistics
+            (:func:`~irnet.held_dropout.refuse_batch_statistics`).
     """
 
     def __init__(self, F: Callable[[Tensor], Tensor], x: Tensor) -> None:
@@ -104,9 +119,8 @@ class SolveScope:
         self.device_type = x.device.type
         self.dtype = solve_dtype(x)
         self.autocast = autocast_enabled(self.device_type)
-        module = F if isinstance(F, nn.Module) else None
-        self._casts = _half_tensors(module, self.dtype) if module is not None else []
-        held = module is not None and has_active_dropout(module)
+        held, half = _inspect(F, self.dtype) if isinstance(F, nn.Module) else (False, [])
+        self._casts = _cast(half, self.dtype) if half else []
         self.randomness = HeldRandomness(x.device) if held else None
         self._hooks: list = []
         self._saved: list[list[Tensor]] = []
