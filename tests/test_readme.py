@@ -1,8 +1,13 @@
-"""README's code runs as printed, and CI runs README's test command."""
+"""README's code runs as printed, its main command writes what README promises, and CI runs its test command."""
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
+
+import pytest
+
+from helpers_training import QUIET, event_files, run_irnet, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -33,8 +38,26 @@ def test_ci_runs_readme_test_command():
     assert "pytest" in command and "-c constraints.txt" in command
 
 
-def test_main_command_trains_example_one():
+@pytest.mark.slow
+def test_main_command_fit_writes_what_readme_promises(tmp_path):
     command = fenced_after("<!-- main-command -->")
     assert "-c constraints.txt" in command
-    assert command.endswith("python -m irnet fit --config configs/ex1_sine.yaml")
-    assert (ROOT / "configs" / "ex1_sine.yaml").exists()
+    fit = re.search(r"python -m irnet (fit .*)$", command)
+    assert fit, f"the main command does not end in a fit: {command}"
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    # The same fit, callbacks and all, for 2 epochs instead of 400.
+    proc = run_irnet([*shlex.split(fit.group(1)), "--trainer.max_epochs", "2", *QUIET], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ex1_sine" / "version_0"  # where README says the run goes
+    assert "runs/ex1_sine/version_0/" in README
+    assert event_files(run), f"no TensorBoard events under {run}"
+    assert (run / "config.yaml").exists() and (run / "hparams.yaml").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))  # the best checkpoint on val/loss
+    figures = {p.name for p in (run / "figures").glob("*.png")}
+    for kind in ("figures_output", "figures_trajectories", "figures_fields", "figures_iterations",
+                 "gradients_norm_vs_layer", "perturbation_distance_vs_depth"):
+        assert any(name.startswith(kind) for name in figures), f"no {kind}*.png in {sorted(figures)}"
+    logged = scalars(run)
+    assert len(logged["train/loss"]) == 2 and len(logged["val/loss"]) == 2
+    assert {"train/r_fp", "solver/forward_not_converged_epoch"} <= set(logged)
