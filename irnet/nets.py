@@ -98,6 +98,8 @@ class ImplicitODENet(nn.Module):
     """
 
     blocks: nn.ModuleList
+    #: off unless a subclass sets it (one that builds ``blocks`` itself need not know it)
+    warm_start_cache: Optional[WarmStartCache] = None
 
     @staticmethod
     def thetas(theta: Union[float, Sequence[float]], layers: int) -> list[float]:
