@@ -276,3 +276,24 @@ def test_per_sample_norms_are_accepted_and_samples_stay_independent(norm):
         alone = block(x[1:2])
     assert block.forward_stats.converged.all()
     torch.testing.assert_close(y[1:2], alone, rtol=1e-9, atol=1e-10)
+
+
+def test_hooks_are_removed_and_a_failed_backward_leaves_nothing_behind():
+    """A backward that raises inside the adjoint node skips its post hook; the next forward cleans up."""
+    F = dropout_mlp()
+    x = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
+    failing = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500), Direct(max_size=2))
+    with pytest.raises(ValueError, match="max_size"):
+        failing(x).sum().backward()
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500), Direct())
+    torch.manual_seed(5)
+    y = block(x)
+    y.sum().backward()
+    assert not F._forward_pre_hooks and not F._forward_hooks
+    assert all(type(p) is nn.Parameter for p in F.parameters())
+    want = newton_solution(MaskedMLP(F[0], F[3], mask_after_seed(5)), x.detach(), 0.5)
+    torch.testing.assert_close(y.detach(), want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # F called directly again: an ordinary dropout layer (a fresh mask)
+        torch.manual_seed(6)
+        F(x)
+        assert not F._forward_pre_hooks
