@@ -24,10 +24,14 @@ N, WIDTH, BATCH = 3, 8, 5
 TOL = 1e-12
 
 COMBOS = {
-    "fixed_point-neumann": (lambda: FixedPoint(tol=TOL, max_iter=500), lambda: Neumann(tol=TOL, max_iter=500)),
-    "anderson-gmres": (lambda: Anderson(tol=TOL, max_iter=500), lambda: GMRES(tol=TOL, max_iter=100)),
-    "gradient_descent-direct": (lambda: GradientDescent(tol=TOL, max_iter=500), lambda: Direct(tol=TOL)),
-    "cg-neumann": (lambda: NonlinearCG(tol=TOL, max_iter=500), lambda: Neumann(tol=TOL, max_iter=500)),
+    "fixed_point-neumann": (lambda: FixedPoint(tol=TOL, max_iter=500),
+                            lambda: Neumann(tol=TOL, max_iter=500)),
+    "anderson-gmres": (lambda: Anderson(tol=TOL, max_iter=500),
+                       lambda: GMRES(tol=TOL, max_iter=100)),
+    "gradient_descent-direct": (lambda: GradientDescent(tol=TOL, max_iter=500),
+                                lambda: Direct(tol=TOL)),
+    "cg-neumann": (lambda: NonlinearCG(tol=TOL, max_iter=500),
+                   lambda: Neumann(tol=TOL, max_iter=500)),
 }
 
 
@@ -43,7 +47,10 @@ class MaskedMLP(nn.Module):
 
 
 def dropout_mlp(p: float = P) -> nn.Sequential:
-    """``Linear → Tanh → Dropout(p) → Linear`` with ``‖W₂‖‖W₁‖ = 0.6`` (a contraction after 1/(1−p))."""
+    """``Linear → Tanh → Dropout(p) → Linear`` with ``‖W₂‖‖W₁‖ = 0.6``.
+
+    A contraction even after dropout's scaling by 1/(1−p).
+    """
     base = mlp(n=N, width=WIDTH, lipschitz=0.6)
     return nn.Sequential(base[0], nn.Tanh(), nn.Dropout(p), base[2])
 
@@ -232,13 +239,14 @@ def test_batchnorm_in_training_mode_is_refused_at_construction(norm):
 
 
 def test_batchnorm_without_running_stats_is_refused_in_eval_mode():
-    F = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))
+    norm = nn.BatchNorm1d(6, track_running_stats=False)
+    F = nn.Sequential(nn.Linear(3, 6), norm, nn.Linear(6, 3))
     with pytest.raises(ValueError, match="track_running_stats=False"):
         ImplicitResidualBlock(F.eval())
 
 
 def test_batchnorm_with_running_stats_in_eval_mode_is_a_fixed_affine_map():
-    """Accepted in eval mode and solved like F with the affine map written out; refused once training."""
+    """Accepted in eval mode, solved like F with the affine map written out; refused in training."""
     lin1, lin2 = mlp(n=N, width=WIDTH, lipschitz=0.5)[0], mlp(n=N, width=WIDTH, lipschitz=0.5)[2]
     bn = nn.BatchNorm1d(WIDTH).to(DTYPE)
     with torch.no_grad():
@@ -279,7 +287,7 @@ def test_per_sample_norms_are_accepted_and_samples_stay_independent(norm):
 
 
 def test_hooks_are_removed_and_a_failed_backward_leaves_nothing_behind():
-    """A backward that raises inside the adjoint node skips its post hook; the next forward cleans up."""
+    """A backward raising inside the adjoint node skips its post hook; the next forward cleans up."""
     F = dropout_mlp()
     x = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     failing = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500), Direct(max_size=2))

@@ -56,7 +56,8 @@ def test_conv_block_on_cuda_keeps_dtype(dtype):
 
 def _f32_problem(device):
     torch.manual_seed(0)
-    return mlp(n=8, width=32, lipschitz=0.9, dtype=torch.float32).to(device), torch.randn(64, 8, device=device)
+    F = mlp(n=8, width=32, lipschitz=0.9, dtype=torch.float32).to(device)
+    return F, torch.randn(64, 8, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -137,8 +138,8 @@ def test_lightning_precision_fits_on_cuda(precision):
     module = (SGDModule if precision == "16-true" else ImplicitNetModule)(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)
-    trainer = pl.Trainer(max_steps=4, precision=precision, accelerator="gpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=4, precision=precision, accelerator="gpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=1)
     trainer.fit(module, loader, loader)
     assert trainer.global_step == 4

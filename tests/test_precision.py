@@ -145,7 +145,8 @@ def tiny_fit(precision: str, steps: int = 4, seed: int = 0) -> tuple[ImplicitNet
     """Fit a 2-layer ODENet on 16 points of sin(3x) for ``steps`` steps at ``precision``."""
     torch.manual_seed(seed)
     net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=FixedPoint(tol=TOL, max_iter=100), linear_solver=GMRES(tol=TOL, max_iter=50))
+                 solver=FixedPoint(tol=TOL, max_iter=100),
+                 linear_solver=GMRES(tol=TOL, max_iter=50))
     module = ImplicitNetModule(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)
@@ -169,7 +170,8 @@ def float32_fit():
     return tiny_fit("32-true")
 
 
-@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-mixed", torch.float32),
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64),
+                                              ("bf16-mixed", torch.float32),
                                               ("bf16-true", torch.bfloat16)])
 def test_lightning_precision_fits(precision, dtype, float32_fit):
     module, trainer = tiny_fit(precision)

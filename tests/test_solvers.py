@@ -96,15 +96,18 @@ def test_cosine_dottie_number(solver):
     torch.testing.assert_close(y, torch.full_like(x, DOTTIE), rtol=0, atol=1e-12)
 
 
-def test_first_fixed_point_iterate_is_explicit_layer():
-    # The paper's y¹ = x + F(x): with max_iter = 1 FixedPoint returns exactly it
+def test_first_fixed_point_iterate_is_heun_step():
+    # The block starts from the explicit layer y⁰ = x + F(x); one fixed-point step
+    # at θ = 0.5 is then Heun's method, y¹ = x + ½F(x) + ½F(x + F(x)), returned
     # whenever it lowers the residual (F small here).
     F = mlp(lipschitz=0.3)
     x = torch.randn(4, 3, dtype=DTYPE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         y = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-14, max_iter=1))(x)
-    torch.testing.assert_close(y, x + F(x), rtol=0, atol=1e-15)
+    with torch.no_grad():
+        want = x + 0.5 * F(x) + 0.5 * F(x + F(x))
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-15)
 
 
 @solver_names
@@ -148,9 +151,11 @@ def test_nonconvergence_expansive_fixed_point():
             assert (block.forward_stats.iterations == 30).all()
     conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(conv) == 1, [str(w.message) for w in caught]
-    # The returned y is the best iterate: here y⁰ = x (residual 3‖x‖ grows with k).
+    # The returned y is the best iterate: here the start y⁰ = x + F(x) = 4x, whose
+    # residual 4x − 2.5x − 1.5·4x = −4.5x grows by 1.5 at every step.
     torch.testing.assert_close(block.forward_stats.residual, residual_norm(Scale(3.0), x, y, 0.5))
-    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(block.forward_stats.residual, 4.5 * x.norm(dim=1))
+    torch.testing.assert_close(y, 4 * x)
 
 
 @pytest.mark.parametrize("solver", ["anderson", "gradient_descent", "cg_fletcher_reeves",

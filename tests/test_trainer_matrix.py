@@ -62,9 +62,10 @@ class StageRecorder(pl.Callback):
 
     def on_after_backward(self, trainer, module) -> None:
         bwd = [b.backward_stats for b in module.net.blocks]
+        converged = all(s is not None and bool(s.converged.all()) for s in bwd)
+        finite = all(bool(torch.isfinite(s.residual).all()) for s in bwd if s is not None)
         self.records.append(dict(stage="backward", inference=torch.is_inference_mode_enabled(),
-                                 converged=all(s is not None and bool(s.converged.all()) for s in bwd),
-                                 finite=all(bool(torch.isfinite(s.residual).all()) for s in bwd)))
+                                 converged=converged, finite=finite))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._record(trainer, module, "train")
