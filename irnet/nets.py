@@ -149,7 +149,8 @@ class ImplicitODENet(nn.Module):
         return self.warm_start_cache is not None
 
     def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward,
-                     warm_start: bool = False, warm_start_capacity: int = 8192):
+                     warm_start: bool = False, warm_start_capacity: int = 8192,
+                     compile: bool = False):
         thetas = self.thetas(theta, len(residuals))
         self.blocks = nn.ModuleList(
             ImplicitResidualBlock(F, t, solver, linear_solver, backward)
@@ -158,6 +159,11 @@ class ImplicitODENet(nn.Module):
         if not isinstance(warm_start, bool):
             raise ValueError(f"warm_start must be true or false, got {warm_start!r}")
         self.warm_start_cache = WarmStartCache(warm_start_capacity) if warm_start else None
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
+        if compile:
+            for F in residuals:
+                F.compile()
 
     # The cache travels with checkpoints, so a resumed run starts where it stopped.
     def get_extra_state(self) -> dict:
@@ -189,6 +195,11 @@ class ODENet(ImplicitODENet):
             its previous pass (:mod:`irnet.warm_start`); same tolerance, fewer
             iterations. Safe where the fixed-point maps contract.
         warm_start_capacity: the most samples the warm-start cache keeps.
+        compile: compile each residual function with ``torch.compile`` (in
+            place, so checkpoints keep their keys). Off by default: on the
+            CPU it costs minutes of compilation and ran slower than eager for
+            these small states (docs/benchmarks.md); set ``TMPDIR`` to a folder
+            of the run, where inductor keeps its cache.
         stationary_init: start every layer from the same weights (the paper's
             "initial stationary weights"); otherwise each layer draws its own.
         readout: ``"component"`` reads ``y(T)[component : component + out_features]``
@@ -211,6 +222,7 @@ class ODENet(ImplicitODENet):
         backward: str = "implicit",
         warm_start: bool = False,
         warm_start_capacity: int = 8192,
+        compile: bool = False,
         stationary_init: bool = True,
         readout: str = "component",
         component: int = 1,
@@ -232,7 +244,7 @@ class ODENet(ImplicitODENet):
             for F in residuals[1:]:
                 F.load_state_dict(residuals[0].state_dict())
         self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
-                         warm_start_capacity)
+                         warm_start_capacity, compile)
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
 
     def lift(self, x: Tensor) -> Tensor:
@@ -270,6 +282,11 @@ class ConvODENet(ImplicitODENet):
             its previous pass (:mod:`irnet.warm_start`); same tolerance, fewer
             iterations. Safe where the fixed-point maps contract.
         warm_start_capacity: the most samples the warm-start cache keeps.
+        compile: compile each residual function with ``torch.compile`` (in
+            place, so checkpoints keep their keys). Off by default: on the
+            CPU it costs minutes of compilation and ran slower than eager for
+            these small states (docs/benchmarks.md); set ``TMPDIR`` to a folder
+            of the run, where inductor keeps its cache.
     """
 
     def __init__(
@@ -288,6 +305,7 @@ class ConvODENet(ImplicitODENet):
         backward: str = "implicit",
         warm_start: bool = False,
         warm_start_capacity: int = 8192,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, 1)
@@ -301,7 +319,7 @@ class ConvODENet(ImplicitODENet):
         residuals = [ConvResidual(channels, hidden_channels, 3, step, activation) for _ in range(layers)]
         linear_solver = linear_solver if linear_solver is not None else GMRES()
         self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
-                         warm_start_capacity)
+                         warm_start_capacity, compile)
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
 
     def lift(self, x: Tensor) -> Tensor:
