@@ -402,3 +402,28 @@ def test_ddp_rank_zero_writes_and_nothing_hangs(tmp_path: Path) -> None:
     assert sorted(p.name for p in (Path(tmp_path) / "tb" / "version_0" / "figures").iterdir()) == [
         "figures_output_epoch0000.png", "figures_output_epoch0001.png", "perturbation_distance_vs_depth_epoch0001.png"]
     assert trainer.world_size == 2
+
+
+class StatsProbe(pl.Callback):
+    """After the other callbacks' epoch-end passes, the blocks still hold the training step's stats."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.stats = [(b.forward_stats, b.backward_stats) for b in pl_module.net.blocks]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        now = [(b.forward_stats, b.backward_stats) for b in pl_module.net.blocks]
+        assert all(a is b and c is d for (a, c), (b, d) in zip(self.stats, now))
+        self.checked += 1
+
+
+def test_monitoring_passes_leave_the_blocks_statistics(tmp_path: Path) -> None:
+    """StabilityMonitor, Figures and PerturbationStreams run the network on other inputs at epoch end
+    (rank 0 only under DDP): the statistics must be put back so that every rank holds the same."""
+    probe = StatsProbe()
+    callbacks = [StabilityMonitor(every_n_epochs=1, max_samples=4), PerturbationStreams(plot_every_n_epochs=0),
+                 Figures(every_n_epochs=1, kinds=["output", "trajectories"], grid_size=20), probe]
+    fit(sine_module(layers=2), callbacks, tmp_path, loader(*sine_data(21)), epochs=2)
+    assert probe.checked == 2

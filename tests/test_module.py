@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,6 +16,7 @@ from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ConvODENet
 from irnet.perturbations import GaussianPerturbation
 from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer
+from irnet.stats import ConvergenceWarning
 
 
 def fit(module: pl.LightningModule, data: pl.LightningDataModule, epochs: int, **kwargs) -> pl.Trainer:
@@ -170,3 +173,33 @@ def test_regularisers_need_the_hidden_states():
         ImplicitNetModule(nn.Linear(1, 1), r_fp=FixedPointRegularizer())
     with pytest.raises(ValueError, match="net must be"):
         ImplicitNetModule("ODENet")
+
+
+def test_convergence_warnings_once_per_run_not_once_per_process():
+    """A failure in the sanity check does not silence training's warning, nor a later fit's."""
+    data = SineRegression(num_points=11)
+    module = ImplicitNetModule(tiny_odenet(tol=1e-12, max_iter=2))  # every forward solve fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two fits in one process
+            fit(module, data, epochs=2, num_sanity_val_steps=1)
+    forward = [w for w in caught if issubclass(w.category, ConvergenceWarning)
+               and str(w.message).startswith("Forward solve")]
+    # per fit: once in the sanity check, once in training (its two epochs and validations share it)
+    assert len(forward) == 4, [str(w.message) for w in forward]
+
+
+def test_warning_period_is_per_solver_until_reset():
+    from irnet.stats import SolverStats, reset_convergence_warnings, warn_if_failed
+
+    failed = SolverStats.trivial(3, torch.device("cpu"), torch.float32)
+    failed.converged[1] = False
+    solvers = [object(), object()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for solver in solvers * 2:
+            warn_if_failed(failed, "Forward solve", solver)
+        warn_if_failed(SolverStats.trivial(3, torch.device("cpu"), torch.float32), "ok", object())
+        reset_convergence_warnings()
+        warn_if_failed(failed, "Forward solve", solvers[0])
+    assert len(caught) == 3 and "1 of 3 samples" in str(caught[0].message)
