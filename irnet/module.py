@@ -5,7 +5,9 @@ Extension points for subclasses (see ``docs/subclassing.md``):
 * the network: pass any ``nn.Module`` as ``net`` (an
   :class:`~irnet.nets.ImplicitODENet` gives the regularisers its hidden states);
 * :meth:`ImplicitNetModule.trajectory` / :meth:`ImplicitNetModule.readout`: how
-  hidden states and outputs are obtained from the network;
+  hidden states and outputs are obtained from the network — the one forward
+  path of every stage (train, validate, test, predict) and of R_rnd's
+  perturbed pass;
 * :meth:`ImplicitNetModule.compute_loss`: the data loss;
 * :meth:`ImplicitNetModule.regularization`: the penalties added in training
   (each logged as ``train/<name>``);
@@ -50,6 +52,21 @@ def _described_by_config() -> bool:
     return _given_hyperparameters.get() is not None
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """This process's part of a global batch.
+
+    Attributes:
+        global_count: samples in the global batch (over all processes).
+        weight: factor on this process's objective, ``count · world_size / global_count``:
+            after DDP averages the gradients over processes, the gradient is that of
+            the mean over the global batch, even when processes hold unequal parts.
+    """
+
+    global_count: int
+    weight: float
+
+
 class ImplicitNetModule(pl.LightningModule):
     """Train, validate, test and predict with an implicit residual network.
 
@@ -61,6 +78,10 @@ class ImplicitNetModule(pl.LightningModule):
     and in training ``train/total`` (the minimised objective), one
     ``train/<name>`` per regularisation term and ``train/loss_step`` per step.
     The progress bar shows the losses and ``iters``.
+
+    Under distributed training the logged values are means over the global
+    batch and each process's objective is weighted by its share of it, so the
+    run takes the steps of one process (``docs/distributed.md``).
 
     Args:
         net: the network, e.g. :class:`~irnet.nets.ODENet`; regularisers need
@@ -236,7 +257,7 @@ class ImplicitNetModule(pl.LightningModule):
         self._log_step(stage, means, share.global_count, pred, target)
         return total * share.weight if share.weight != 1 else total
 
-    def _global_means(self, values: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], "BatchShare"]:
+    def _global_means(self, values: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], BatchShare]:
         """Means over the global batch (all processes) of this process's batch means, and its share.
 
         One all-reduce of a small vector per step under distributed training;
@@ -311,19 +332,5 @@ class ImplicitNetModule(pl.LightningModule):
             reg.on_train_epoch_start(self.current_epoch, self.global_rank)
 
 
-@dataclass(frozen=True)
-class BatchShare:
-    """This process's part of a global batch.
 
-    Attributes:
-        global_count: samples in the global batch (over all processes).
-        weight: factor on this process's objective, ``count · world_size / global_count``:
-            after DDP averages the gradients over processes, the gradient is that of
-            the mean over the global batch, even when processes hold unequal parts.
-    """
-
-    global_count: int
-    weight: float
-
-
-__all__ = ["ImplicitNetModule", "LOSSES", "l2_loss"]
+__all__ = ["BatchShare", "ImplicitNetModule", "LOSSES", "l2_loss"]
