@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from irnet.threads import apply_threads, check_threads, resolve_threads
+
 STUDIES = ("stability", "ex1", "ex2", "robustness")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
@@ -43,7 +45,17 @@ def parser() -> argparse.ArgumentParser:
                    help="redraw figures and summary from the last run's <log-dir>/cells.json, no training")
     p.add_argument("--workers", type=_positive, default=default_workers(),
                    help="parallel worker processes (default: one per core)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, else 1; "
+                        "see docs/training.md, Threads)")
     return p
+
+
+def _threads(text: str) -> object:
+    try:
+        return check_threads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _positive(text: str) -> int:
@@ -65,6 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     from irnet.reproduce.runner import run_cells, save_results
 
     args = parser().parse_args(argv)
+    apply_threads(args.threads)  # the parent draws figures and runs the stability study itself
     out = args.out or Path("reproduce") / args.study
     log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
     study = importlib.import_module(f"irnet.reproduce.{args.study}")
@@ -78,9 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         meta, results = _saved_run(log_dir)
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
-        results = run_cells(study.run_cell, cells, args.workers, desc=args.study)
+        results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads)
         minutes = (time.perf_counter() - start) / 60
-        meta = {"command": command, "machine": machine(args.workers), "minutes": minutes, "settings": settings}
+        meta = {"command": command, "machine": machine(args.workers, resolve_threads(args.threads)),
+                "minutes": minutes, "settings": settings}
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "cells.json").write_text(json.dumps({"meta": meta, "cells": results}, default=float))
     figures = study.figures(results, out)
@@ -116,10 +130,10 @@ def _saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
     return saved["meta"], saved["cells"]
 
 
-def machine(workers: int) -> str:
+def machine(workers: int, threads: int = 1) -> str:
     """One line: CPU, cores used, OS, Python and torch versions."""
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    return (f"{cpu}, {workers} worker process(es) × 1 torch thread, {platform.system()} "
+    return (f"{cpu}, {workers} worker process(es) × {threads} torch thread(s), {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 

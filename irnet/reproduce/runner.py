@@ -1,8 +1,8 @@
 """Running a study's cells (one configuration × one seed each) in parallel, and summarising them.
 
 A study is a list of cells; each cell is a plain dict handed to a picklable
-function in a worker process (one torch thread each, so two workers fill two
-cores without oversubscription). Cells train with :func:`train`, a Lightning
+function in a worker process (one torch thread each by irnet's thread policy,
+:mod:`irnet.threads`, so two workers fill two cores without oversubscription). Cells train with :func:`train`, a Lightning
 fit that writes TensorBoard logs and records every epoch's metrics in a
 :class:`History`. Results come back as plain dicts (floats and lists), are
 saved as JSON and summarised as mean ± standard deviation over seeds.
@@ -27,6 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tqdm import tqdm
 
 from irnet.callbacks import GradientMagnitudes, SolverStatistics
+from irnet.threads import ThreadsSetting, apply_threads
 
 # Per-epoch values recorded by History (Lightning's epoch-aggregated names).
 HISTORY_KEYS = {
@@ -94,9 +95,10 @@ def train(
 # -- workers ------------------------------------------------------------------------------
 
 
-def _quiet_worker() -> None:
-    """One thread per worker and no chatter: Lightning's banners and solver warnings are noise here."""
-    torch.set_num_threads(1)
+def _quiet_worker(threads: ThreadsSetting = None) -> None:
+    """Threads by irnet's policy (one per worker by default) and no chatter: Lightning's banners
+    and solver warnings are noise here."""
+    apply_threads(threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -107,17 +109,20 @@ def run_cells(
     cells: Sequence[dict],
     workers: int,
     desc: str,
+    threads: ThreadsSetting = None,
 ) -> list[dict]:
     """``[function(cell) for cell in cells]`` on ``workers`` processes, with a progress bar.
 
-    Results keep the order of ``cells``; each gets ``seconds`` (its wall time).
+    Results keep the order of ``cells``; each gets ``seconds`` (its wall time). Each
+    worker sets its torch threads by :func:`irnet.threads.apply_threads` (``threads``;
+    default one per worker, or ``OMP_NUM_THREADS``).
     """
     timed = _Timed(function)
     if workers <= 1:
-        _quiet_worker()
+        _quiet_worker(threads)
         return [timed(cell) for cell in tqdm(cells, desc=desc)]
     context = multiprocessing.get_context("spawn")  # fork would copy Lightning's and torch's threads
-    with context.Pool(workers, initializer=_quiet_worker) as pool:
+    with context.Pool(workers, initializer=_quiet_worker, initargs=(threads,)) as pool:
         return list(tqdm(pool.imap(timed, cells), total=len(cells), desc=desc))
 
 
