@@ -2,10 +2,11 @@
 
 A study is a list of cells; each cell is a plain dict handed to a picklable
 function in a worker process (one torch thread each by irnet's thread policy,
-:mod:`irnet.threads`, so two workers fill two cores without oversubscription). Cells train with :func:`train`, a Lightning
-fit that writes TensorBoard logs and records every epoch's metrics in a
-:class:`History`. Results come back as plain dicts (floats and lists), are
-saved as JSON and summarised as mean ± standard deviation over seeds.
+:mod:`irnet.threads`, so two workers fill two cores without oversubscription).
+Cells train with :func:`train`, a Lightning fit that writes TensorBoard logs
+and records every epoch's metrics in a :class:`History`. Results come back as
+plain dicts (floats and lists), are saved as JSON and summarised as mean ±
+standard deviation over seeds.
 """
 
 from __future__ import annotations
