@@ -78,14 +78,20 @@ DEFAULT_CONFIGS = ("ex1_sine", "ex1_sine_100", "ex2_spirals", "digits")
 THETA_KEY = "model.init_args.net.init_args.theta"
 VARIANTS = ("implicit", "explicit")
 
+# Each loop exits once its parent is gone (a killed benchmark leaves no spinning orphan).
 BUSY_SOURCES = {
     "matmul": (
         "import os; os.environ['OMP_NUM_THREADS'] = '1'\n"
         "import torch; torch.set_num_threads(1)\n"
+        "parent = os.getppid()\n"
         "a = torch.randn(256, 256); b = torch.randn(256, 256)\n"
-        "while True:\n    a = torch.tanh(a @ b)\n"
+        "while os.getppid() == parent:\n    a = torch.tanh(a @ b)\n"
     ),
-    "python": "x = 0\nwhile True:\n    x = (x + 1) % 1000003\n",
+    "python": (
+        "import os\nparent = os.getppid()\nx = 0\n"
+        "while os.getppid() == parent:\n"
+        "    for _ in range(100000):\n        x = (x + 1) % 1000003\n"
+    ),
 }
 
 
@@ -406,6 +412,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.json:
+        args.json = str(Path(args.json).resolve())  # the benchmark changes directory
+    # SIGTERM (e.g. from `timeout`) unwinds like an exception: the neighbour and the temporary
+    # directory are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "Seed set to …", "GPU available: …"
@@ -428,8 +439,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                     for config in configs:
                         if "bare" in args.parts:
                             bare[config.stem] = bench_bare(config, args, neighbour, log)
+                            log(bare_table({config.stem: bare[config.stem]}).splitlines()[-1])
                         if "cli" in args.parts:
                             cli[config.stem] = bench_cli(config, args, neighbour, workdir, log)
+                            log(cli_table({config.stem: cli[config.stem]}).splitlines()[-1])
+                        save_json(args, command, bare, cli)  # partial results survive a kill
             finally:
                 os.chdir(cwd)
     finally:
@@ -444,6 +458,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"{args.cli_epochs - 1} of {args.cli_epochs}, {args.repeats} fit(s) per variant and "
             f"condition; busy neighbour: {args.busy}\n")
         log(cli_table(cli))
+    save_json(args, command, bare, cli)
+
+
+def save_json(args: argparse.Namespace, command: str, bare: dict, cli: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "machine": machine(),
                                                "bare": bare, "cli": cli}, indent=1))
