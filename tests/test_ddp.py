@@ -121,6 +121,7 @@ def test_regulariser_pickles_with_its_generator_state():
     reg = PerturbationRegularizer(weight=0.5, streams=2, seed=3)
     reg.on_train_epoch_start(2, 1)
     torch.randn(3, generator=reg.generator)  # move the state along
+    assert isinstance(reg.__getstate__()["generator"], bytes)  # no tensor, so no shared-memory handle
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(reg)
     copy = ForkingPickler.loads(buffer.getvalue())
