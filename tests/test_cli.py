@@ -1,14 +1,17 @@
-"""``python -m irnet``: every config fits, bad keys fail clearly, resume, DDP, print_config."""
+"""``python -m irnet``: every config fits, exit status, bad keys fail clearly, exact resume, predict, DDP, print_config."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers_training import CONFIGS, QUIET, event_files, run_irnet, scalars, tiny_net_overrides
-from irnet.cli import main
+from helpers_checkpoint import assert_identical, assert_same_training_state
+from helpers_training import CONFIGS, QUIET, event_files, run_irnet, scalars, subprocess_env, tiny_net_overrides
+from irnet.cli import console_main, main
 
 SHORT = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
          "--trainer.num_sanity_val_steps", "0", *QUIET]
@@ -78,21 +81,26 @@ def test_print_config_shows_command_line_overrides(capsys):
     assert "save_dir: runs" in out and "monitor: val/loss" in out
 
 
-def test_resume_from_last_checkpoint_continues_the_epoch_count(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     common = ["--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET]
+    (tmp_path / "whole").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    whole = main(args=["fit", *common, "--trainer.max_epochs", "4"])
+    monkeypatch.chdir(tmp_path)
     first = main(args=["fit", *common, "--trainer.max_epochs", "2"])
     assert first.trainer.current_epoch == 2 and first.trainer.global_step == 2
     last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
-    assert last.exists()
     second = main(args=["fit", *common, "--trainer.max_epochs", "4", "--ckpt_path", str(last)])
     assert second.trainer.current_epoch == 4
     assert second.trainer.global_step == 4  # two more steps, not four
     resumed = scalars(tmp_path / "runs" / "ex1_sine" / "version_1")
     assert [step for step, _ in resumed["train/loss_step"]] == [2, 3]
-    # the resumed run starts from the saved weights, not from a fresh initialisation
-    saved = torch.load(last, weights_only=False)["state_dict"]
-    assert saved["net.blocks.0.F.gamma1"].shape == second.model.net.blocks[0].F.gamma1.shape
+    # every weight, Adam moment and scheduler value as if the run had never stopped
+    assert_identical(second.model.state_dict(), whole.model.state_dict(), "model")
+    ckpt = "runs/ex1_sine/version_{}/checkpoints/last.ckpt"
+    count = assert_same_training_state(torch.load(tmp_path / ckpt.format(1), weights_only=False),
+                                       torch.load(tmp_path / "whole" / ckpt.format(0), weights_only=False))
+    assert count >= 3 * len(whole.model.state_dict())  # weights, exp_avg, exp_avg_sq at least
 
 
 def test_last_checkpoint_is_the_latest_state(tmp_path, monkeypatch):
@@ -155,3 +163,51 @@ def test_run_name_falls_back_to_the_data_module(tmp_path, monkeypatch):
     assert cli.trainer.logger.save_dir == "runs"
     named = main(args=["--config", str(CONFIGS / "digits.yaml")], run=False)
     assert named.trainer.logger.name == "digits"
+
+
+def test_console_script_returns_exit_status_0(tmp_path, monkeypatch):
+    assert 'irnet = "irnet.cli:console_main"' in (CONFIGS.parent / "pyproject.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["irnet", "fit", "--config", str(CONFIGS / "ex1_sine.yaml"),
+                                      *tiny_net_overrides(2, 8), *QUIET, "--trainer.max_epochs", "1"])
+    assert console_main() == 0  # what the script hands to sys.exit
+
+
+@pytest.mark.slow
+def test_installed_irnet_script_exits_0(tmp_path):
+    script = Path(sys.executable).with_name("irnet")
+    if not script.exists():
+        pytest.skip("the irnet console script is not installed beside this Python")
+    proc = subprocess.run([str(script), "fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8),
+                           *QUIET, "--trainer.max_epochs", "1"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IrnetCLI object" not in proc.stdout + proc.stderr
+
+
+def test_help_lists_every_subcommand_and_reproduce(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "validate", "test", "predict", "reproduce"))
+
+
+def test_predict_writes_the_predictions_into_the_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET]
+    main(args=["fit", *common, "--trainer.max_epochs", "1"])
+    last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    cli = main(args=["predict", *common, "--ckpt_path", str(last)])
+    written = tmp_path / "runs" / "ex1_sine" / "version_1" / "predictions.pt"
+    assert f"Predictions written to {written.relative_to(tmp_path)}" in capsys.readouterr().out
+    saved = torch.load(written, weights_only=True)
+    # independent of the predict loop: the checkpoint's network applied to the test split
+    model = type(cli.model).load_from_checkpoint(last)
+    x, _ = cli.datamodule.tensors("test")
+    with torch.no_grad():
+        expected = model(x)
+    assert saved["predictions"].shape == expected.shape == (x.shape[0], 1)
+    assert torch.allclose(saved["predictions"], expected, rtol=1e-6, atol=1e-7)
+    assert sorted(i for batch in saved["batch_indices"] for i in batch) == list(range(x.shape[0]))
