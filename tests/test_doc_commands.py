@@ -45,6 +45,76 @@ DEEP_CONFIGS = ("ex2_spirals", "ex1_sine_100")  # 100 layers: cut to 4 where the
 KEEPS_CALLBACKS = "callbacks"  # commands about the callbacks keep them
 
 
+def _blocks(cli):
+    return list(cli.model.net.blocks)
+
+
+def _streams_callback(cli):
+    return next(c for c in cli.trainer.callbacks if type(c).__name__ == "PerturbationStreams")
+
+
+# What each option a doc shows sets, read back from the built objects: an option that parses but
+# does nothing (as --model.r_rnd.init_args.streams did under PerturbationStreams) fails here.
+# Class paths compare by class name. Add an entry when a doc shows a new option. (R_rnd's streams,
+# seed and noise are PerturbationStreams' where a config has it, and r_rnd gets its own back after
+# the fit: read such settings from the callback, not from model.r_rnd.)
+EFFECTS = {
+    "--model.net.init_args.theta": lambda cli: [b.theta for b in _blocks(cli)],
+    "--model.net.init_args.layers": lambda cli: len(_blocks(cli)),
+    "--model.net.init_args.width": lambda cli: _blocks(cli)[0].F.gamma1.shape[0],
+    "--model.net.init_args.solver.class_path": lambda cli: type(_blocks(cli)[0].solver).__name__,
+    "--model.net.init_args.solver.init_args.tol": lambda cli: _blocks(cli)[0].solver.tol,
+    "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
+    "--model.r_fp.init_args.weight": lambda cli: cli.model.r_fp.weight,
+    "--model.r_fp.init_args.p": lambda cli: cli.model.r_fp.p,
+    "--model.r_rnd.init_args.weight": lambda cli: cli.model.r_rnd.weight,
+    "--model.r_rnd.init_args.sigma": lambda cli: cli.model.r_rnd.perturbation.sigma,
+    "--model.r_rnd.init_args.r": lambda cli: cli.model.r_rnd.r,
+    "--model.lr": lambda cli: cli.model.lr,
+    "--model.lr_step": lambda cli: cli.model.lr_step,
+    "--trainer.callbacks.init_args.perturbation.init_args.sigma": lambda cli: _streams_callback(cli).perturbation.sigma,
+    "--trainer.callbacks.init_args.streams": lambda cli: _streams_callback(cli).streams,
+    "--data": lambda cli: type(cli.datamodule).__name__,
+    "--seed_everything": lambda cli: cli.config[cli.subcommand]["seed_everything"],
+}
+NOT_CHECKED = ("--config", "--ckpt_path", "--print_config", "--trainer.")  # files, or replaced by tiny()
+
+
+def shown_options(args: list[str]) -> dict[str, str]:
+    """``{option: value}`` of the ``--option value`` pairs a command shows (not the files or Trainer)."""
+    pairs = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, _, value = arg.partition("=")
+            pairs[name] = value or (args[i + 1] if i + 1 < len(args) else "")
+    return {k: v for k, v in pairs.items()
+            if k in EFFECTS or not k.startswith(NOT_CHECKED)}
+
+
+def shown_value(text: str):
+    """A command-line value as the CLI reads it: a number (also ``1e-6``, which YAML 1.1 keeps as a
+    string), else YAML (lists, booleans), else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def check_effects(cli, args: list[str]) -> None:
+    for name, value in shown_options(args).items():
+        assert name in EFFECTS, f"{name}: add to EFFECTS how to read it back"
+        expected = shown_value(value)
+        if isinstance(expected, str) and "." in expected:  # a class path
+            expected = expected.rsplit(".", 1)[1]
+        actual = EFFECTS[name](cli)
+        if isinstance(actual, list) and not isinstance(expected, list):
+            expected = [expected] * len(actual)
+        assert actual == pytest.approx(expected) if not isinstance(expected, str) else actual == expected, \
+            f"{name} {value}: the built run has {actual!r}"
+
+
 def shown_commands() -> list[tuple[str, str]]:
     """``(doc, arguments after 'python -m irnet')`` for every command in a fenced block, in order;
     a command shown in several docs is listed once, under its first doc."""
@@ -124,12 +194,13 @@ def launch_kind(args: list[str]) -> str:
     return "build" if devices > 1 or nodes > 1 else "run"
 
 
-def run_in_process(args: list[str]) -> None:
-    """``irnet.cli.main(args)``; an exit with status 0 (``--print_config``) counts as success."""
+def run_in_process(args: list[str]):
+    """``irnet.cli.main(args)``: the finished CLI, or None after an exit with status 0 (``--print_config``)."""
     try:
-        main(args)
+        return main(args)
     except SystemExit as stop:
         assert stop.code in (0, None), f"exit status {stop.code}"
+        return None
 
 
 def ensure_checkpoint(args: list[str]) -> None:
@@ -167,7 +238,9 @@ def test_shown_command_runs(doc, command, workdir, capsys):
         assert cli.trainer.num_nodes == int(option(args, "--trainer.num_nodes") or 1)
         return
     capsys.readouterr()
-    run_in_process(tiny(args))
+    cli = run_in_process(tiny(args))
+    if cli is not None and args[0] == "fit":
+        check_effects(cli, args)
     if "--print_config" in args:  # the config it printed is the command's
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["init_args"]["net"]["class_path"] == "irnet.nets.ODENet"
