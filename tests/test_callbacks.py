@@ -7,6 +7,7 @@ import csv
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -427,3 +428,18 @@ def test_monitoring_passes_leave_the_blocks_statistics(tmp_path: Path) -> None:
                  Figures(every_n_epochs=1, kinds=["output", "trajectories"], grid_size=20), probe]
     fit(sine_module(layers=2), callbacks, tmp_path, loader(*sine_data(21)), epochs=2)
     assert probe.checked == 2
+
+
+def test_reading_a_shuffling_loader_for_a_figure_keeps_its_order() -> None:
+    """Figures reads the training loader on rank 0 only: the loader's own generator must not move,
+    or the next epoch's order (and, under DDP, the ranks' agreement on it) would change."""
+    from irnet.callbacks._data import training_data
+
+    def shuffled(seed: int = 2):
+        data = torch.utils.data.TensorDataset(torch.arange(12.0)[:, None], torch.arange(12.0))
+        return torch.utils.data.DataLoader(data, batch_size=4, shuffle=True,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    plain, read = shuffled(), shuffled()
+    assert training_data(SimpleNamespace(train_dataloader=read), 8) is not None
+    assert [b[1].tolist() for b in read] == [b[1].tolist() for b in plain]
