@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -147,6 +148,19 @@ class ImplicitODENet(nn.Module):
     def warm_start(self) -> bool:
         """Whether solves start from each sample's previous fixed points."""
         return self.warm_start_cache is not None
+
+    @contextmanager
+    def warm_start_paused(self) -> Iterator[None]:
+        """Solve cold and leave the cache alone inside the context.
+
+        For auxiliary passes on inputs that will not come again (R_rnd's
+        perturbed copies, a monitor's probes): they would only fill the cache.
+        """
+        cache, self.warm_start_cache = self.warm_start_cache, None
+        try:
+            yield
+        finally:
+            self.warm_start_cache = cache
 
     def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward,
                      warm_start: bool = False, warm_start_capacity: int = 8192,

@@ -133,3 +133,15 @@ def test_block_evaluates_F_once_at_x_and_once_at_the_solution():
     # F(y*) once with a graph, which backward reuses: no evaluation in backward.
     assert forward_calls == 1 + (k + 1) + 1
     assert F.calls == forward_calls
+
+
+def test_paused_warm_start_solves_cold_and_leaves_the_cache_alone():
+    net = _net(True)
+    x = torch.randn(5, 1, dtype=torch.float64)
+    net(x)
+    with net.warm_start_paused():
+        net(x + 1.0)
+        assert (_iterations(net) > 0).all()
+    assert len(net.warm_start_cache) == 5
+    net(x)
+    assert (_iterations(net) == 0).all()
