@@ -7,9 +7,9 @@ one batch, a shallower spiral network where the command does not set the depth
 itself, and without the config's monitoring callbacks unless the command is
 about them (the callbacks of every config run in tests/test_cli.py and
 tests/test_readme.py; here they would add seconds of figure drawing to each). They run in one process, one after the other, in one working directory
-(with ``configs/`` linked in), so a resume command finds the checkpoint of the
-doc's own ``fit`` before it; where no shown command writes the checkpoint a
-command needs, a tiny ``fit`` of its config writes it first. The two-process
+(with ``configs/`` linked in); the checkpoints the docs resume from or evaluate
+(``runs/<config>/version_0/…``) are written first by a tiny plain ``fit`` of
+their config, so that they match the config whatever subset of commands runs. The two-process
 DDP command is parsed and its Trainer built (``run=False``): a fit would relaunch
 the script, and tests/test_cli.py runs that fit of the same config. The
 paper studies other than ``stability`` only have their arguments parsed here
@@ -154,6 +154,10 @@ def workdir(tmp_path_factory):
         patch.chdir(root)
         patch.syspath_prepend(str(root))  # the doc runs it with PYTHONPATH=.
         patch.setattr(sys, "argv", ["irnet"])
+        for _, command in COMMANDS:  # the checkpoints the docs name: plain fits of their configs, first
+            args = shlex.split(command)
+            if option(args, "--ckpt_path") is not None and launch_kind(args) == "run":
+                ensure_checkpoint(args)
         yield root
     torch.set_num_threads(threads)
     sys.modules.pop("subclass_example", None)
@@ -225,8 +229,6 @@ def test_shown_command_runs(doc, command, workdir, capsys):
     if args[0] == "reproduce":
         run_reproduce(args[1:], workdir)
         return
-    if option(args, "--ckpt_path") is not None:
-        ensure_checkpoint(args)
     kind = launch_kind(args)
     if kind == "parse":  # hardware this machine lacks: every key and class_path is still checked
         run_in_process([*args, "--print_config"])
@@ -241,6 +243,11 @@ def test_shown_command_runs(doc, command, workdir, capsys):
     cli = run_in_process(tiny(args))
     if cli is not None and args[0] == "fit":
         check_effects(cli, args)
+    if args[0] == "predict":  # docs/training.md: predictions.pt in the run directory
+        writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PredictionWriter")
+        assert writer.path.name == "predictions.pt" and writer.path.parent == Path(cli.trainer.log_dir)
+        saved = torch.load(writer.path)
+        assert torch.isfinite(saved["predictions"]).all() and len(saved["predictions"]) > 0
     if "--print_config" in args:  # the config it printed is the command's
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["init_args"]["net"]["class_path"] == "irnet.nets.ODENet"
