@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 class PredictionWriter(BasePredictionWriter):
     """Saves all predictions of a ``predict`` run with ``torch.save`` after the last batch.
 
-    The file holds ``{"predictions": tensor, "batch_indices": [[int]]}`` (batches
+    The file holds ``{"predictions": tensor, "batch_indices": [[int] per batch]}`` (batches
     concatenated along the first dimension; a list when they cannot be), one
     entry per dataloader when there are several. Under DDP each rank writes its
     own ``<stem>-rank<r>.pt``.
@@ -40,10 +40,15 @@ class PredictionWriter(BasePredictionWriter):
         several = bool(predictions) and isinstance(predictions[0], list)
         if several:  # one list of batches per dataloader
             payload = {"predictions": [_concat(p) for p in predictions], "batch_indices": list(batch_indices)}
-        else:
-            payload = {"predictions": _concat(predictions), "batch_indices": list(batch_indices)}
+        else:  # Lightning nests the batch indices per dataloader even for one
+            indices = batch_indices[0] if len(batch_indices) == 1 and _nested(batch_indices[0]) else batch_indices
+            payload = {"predictions": _concat(predictions), "batch_indices": list(indices)}
         torch.save(payload, self.path)
         print(f"Predictions written to {self.path}", flush=True)  # every rank writes (and says) its own
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], list)
 
 
 def _concat(batches: Sequence[Any]) -> Any:
