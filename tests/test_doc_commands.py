@@ -1,18 +1,21 @@
 """Every ``python -m irnet …`` command shown in README.md and docs/*.md runs, at a tiny size.
 
-The commands are read from the fenced code blocks, so a doc that names an option
-the code does not accept (or one that no longer works) fails here. Each runs
-as printed, with overrides appended that make it take seconds: one epoch of
-one batch, a shallower spiral network where the command does not set the depth
-itself, and without the config's monitoring callbacks unless the command is
-about them (the callbacks of every config run in tests/test_cli.py and
-tests/test_readme.py; here they would add seconds of figure drawing to each). They run in one process, one after the other, in one working directory
-(with ``configs/`` linked in); the checkpoints the docs resume from or evaluate
-(``runs/<config>/version_0/…``) are written first by a tiny plain ``fit`` of
-their config, so that they match the config whatever subset of commands runs. The two-process
-DDP command is parsed and its Trainer built (``run=False``): a fit would relaunch
-the script, and tests/test_cli.py runs that fit of the same config. The
-paper studies other than ``stability`` only have their arguments parsed here
+The commands are read from the fenced code blocks (each distinct command once),
+so a doc that names an option the code does not accept, or one that parses but
+does nothing (``EFFECTS`` reads every shown option back from the built run),
+fails here. Each runs in-process through ``irnet.cli.main`` as printed, with
+overrides appended that make it take seconds: one epoch of one batch, a
+4-layer network where a 100-layer config's command does not set the depth
+itself, and no monitoring callbacks unless the command is about them (every
+config's callbacks run in tests/test_cli.py and tests/test_readme.py; here they
+would add seconds of figure drawing to each). All run one after the other in
+one working directory (``configs/`` linked in); the checkpoints the docs resume
+from or evaluate (``runs/<config>/version_0/…``) are written first by a tiny
+plain ``fit`` of their config. Commands for several CPU processes or nodes are
+parsed and their Trainer built (``run=False``; a fit would start the other
+processes, and tests/test_cli.py and tests/test_multinode.py run such fits);
+commands for GPUs this machine lacks are parsed (``--print_config``). The paper
+studies other than ``stability`` only have their arguments parsed here
 (tests/test_reproduce.py runs each at a tiny size).
 """
 
@@ -26,7 +29,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from pytorch_lightning.strategies import DDPStrategy
 
 from helpers_training import QUIET, REPO
