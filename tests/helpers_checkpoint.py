@@ -58,3 +58,14 @@ class KillAt(Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailOnRank(Callback):
+    """Raises in one DDP rank at the start of ``epoch``: a child process dying with an error."""
+
+    def __init__(self, rank: int = 1, epoch: int = 1) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"rank {self.rank} failed on purpose")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,29 @@ def test_two_process_ddp_fit_on_cpu(tmp_path):
     logged = scalars(runs / "version_0")
     assert len(logged["train/loss"]) == 2
     assert (runs / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_a_dying_ddp_child_ends_the_run_with_its_error(tmp_path):
+    failing = '{"class_path": "helpers_checkpoint.FailOnRank", "init_args": {"rank": 1, "epoch": 1}}'
+    args = ["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+            "--trainer.max_epochs", "50", f"--trainer.callbacks+={failing}"]
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "irnet", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # a hang would raise TimeoutExpired
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stderr
+
+
+def test_ddp_spawn_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
+                   "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"])
+    assert exit_info.value.code == 2
+    assert "ddp_spawn" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.gpu
