@@ -109,8 +109,6 @@ class ImplicitResidualBlock(nn.Module):
         """
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x (the block's input) contains NaN or Inf; the solve would not end well")
         # Solvers run in the input's dtype, in float32 under mixed precision (the
         # library's convention); one dropout draw serves every evaluation of F;
         # a BatchNorm using batch statistics is refused.
@@ -130,10 +128,11 @@ class ImplicitResidualBlock(nn.Module):
             self._check_shape(x, lambda: self.F(x))
         explicit = x if fx is None else x + (1 - self.theta) * fx
         if self.backward_mode == "unrolled":
-            return self._solve(FixedPointProblem(self.F, explicit, self.theta, differentiable=True), x)
+            problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
+            return self._solve(problem, x, x)
         with torch.no_grad():
             problem = FixedPointProblem(self.F, explicit.detach(), self.theta)
-            y_star = self._solve(problem, self._initial_guess(x, fx, guess))
+            y_star = self._solve(problem, self._initial_guess(x, fx, guess), x)
         if not (torch.is_grad_enabled() and self._needs_grad(x)):
             return y_star
         # One evaluation of F(y*) with a graph serves both the output's autograd
@@ -158,10 +157,15 @@ class ImplicitResidualBlock(nn.Module):
         known = torch.isfinite(guess.flatten(1)).all(1)
         return torch.where(per_sample(known, start), guess.to(start.dtype), start)
 
-    def _solve(self, problem: FixedPointProblem, y0: Tensor) -> Tensor:
+    def _solve(self, problem: FixedPointProblem, y0: Tensor, x: Tensor) -> Tensor:
         y, stats = self.solver.solve(problem, y0)
         self.forward_stats = stats
-        warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self.solver)
+        # The one host read of a block: did every sample converge? Only if not is the
+        # input checked, so a finite input costs no synchronisation of its own.
+        if not bool(stats.converged.all()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x (the block's input) contains NaN or Inf; the solve would not end well")
+            warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self.solver)
         return y
 
     def _record_backward(self, stats: SolverStats) -> None:
@@ -203,13 +207,16 @@ class ImplicitResidualBlock(nn.Module):
             Tensor of shape ``(iterations, batch)``.
         """
         check_int("iterations", iterations, 1)
-        explicit = x + (1 - self.theta) * self.F(x) if self.theta < 1 else x
-        problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
-        y, norms = problem.map(x), []
-        for _ in range(iterations):
-            g = problem.map(y)
-            norms.append(sample_norm(y - g))
-            y = g
+        # The same precision and dropout draw as the block's own solve.
+        with SolveScope(self.F, x) as scope:
+            x = x.to(scope.dtype)
+            explicit = x + (1 - self.theta) * self.F(x) if self.theta < 1 else x
+            problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
+            y, norms = problem.map(x), []
+            for _ in range(iterations):
+                g = problem.map(y)
+                norms.append(sample_norm(y - g))
+                y = g
         return torch.stack(norms)
 
     def extra_repr(self) -> str:
