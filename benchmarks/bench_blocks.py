@@ -263,7 +263,7 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
         Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(tol=tol, max_iter=max_iter))),
         Config("FixedPoint + Direct", irnet(fp, lambda: Direct(tol=tol))),
         Config("FixedPoint, unrolled backward", irnet(fp, backward="unrolled")),
-        Config(f"floor: K F-evals + K VJPs (K = {fixed_k})",
+        Config("floor: K F-evals + K VJPs" + (f" (K = {fixed_k})" if fixed_k else ""),
                lambda residuals: FloorNet(residuals, theta, fixed_k),
                skip=None if fixed_k is not None else "needs --fixed-k"),
     ]
