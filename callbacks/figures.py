@@ -21,7 +21,7 @@ from irnet.plotting import (
     plot_trajectories,
     plot_vector_fields,
 )
-from irnet.stats import preserved_stats
+from irnet.auxiliary import auxiliary_pass
 from irnet.validation import check_int
 
 from ._data import (
@@ -173,7 +173,7 @@ class Figures(Callback):
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad(), preserved_stats(net.blocks):
+            with torch.no_grad(), auxiliary_pass(net):
                 figures.update(self._network_figures(trainer, pl_module, net, data, epoch))
         finally:
             net.train(was_training)

@@ -14,7 +14,7 @@ from irnet.nets import ImplicitODENet
 from irnet.perturbations import Perturbation
 from irnet.plotting import plot_perturbation_growth
 from irnet.regularizers import PerturbationRegularizer
-from irnet.stats import preserved_stats
+from irnet.auxiliary import auxiliary_pass
 from irnet.validation import check_int
 
 from ._data import batch_inputs, find_net, to_module
@@ -267,7 +267,7 @@ class PerturbationStreams(Callback):
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]), preserved_stats(net.blocks):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), auxiliary_pass(net):
                 clean = net.trajectory(x)
                 noisy = net.trajectory(self.source.perturb(x))
         finally:

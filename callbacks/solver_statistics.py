@@ -7,7 +7,10 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+
+from irnet.fidelity import gradient_cosine
+from irnet.validation import check_int
 
 from ._data import batch_inputs, find_blocks
 from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag
@@ -52,6 +55,15 @@ class SolverStatistics(Callback):
     as in the module's ``iters``); backward statistics are the block's last
     adjoint solve of the step.
 
+    Gradient fidelity: with ``fidelity_every_n_epochs`` = n, every n-th training
+    epoch ends with the cosine similarity between the parameter gradient the
+    blocks' adjoint solvers give and the exact one (a tight GMRES adjoint), on
+    up to ``fidelity_samples`` samples of the epoch's last batch, logged as
+    ``solver/gradient_cosine`` (:func:`irnet.fidelity.gradient_cosine`): what a
+    :class:`~irnet.linear.JacobianFree` or :class:`~irnet.linear.Phantom`
+    shortcut costs in direction (1: none). ``None`` (default) turns it on, every
+    10 epochs, only when some block uses such a shortcut; 0 turns it off.
+
     Args:
         per_layer: also log one scalar per layer and statistic.
         histograms: write histograms over layers to TensorBoard each epoch.
@@ -59,6 +71,9 @@ class SolverStatistics(Callback):
         sync_dist: reduce the values over processes under DDP (one collective
             per value and step, on every rank alike). Without it each rank logs
             its own batches' statistics and rank 0's reach the logger.
+        fidelity_every_n_epochs: epochs between gradient-fidelity probes
+            (``None``: 10 if a block's adjoint is approximate, else off; 0: off).
+        fidelity_samples: the most samples of the probe batch.
     """
 
     def __init__(
@@ -67,13 +82,21 @@ class SolverStatistics(Callback):
         histograms: bool = True,
         validation: bool = True,
         sync_dist: bool = False,
+        fidelity_every_n_epochs: Optional[int] = None,
+        fidelity_samples: int = 64,
     ) -> None:
         self.per_layer = check_bool("per_layer", per_layer)
         self.histograms = check_bool("histograms", histograms)
         self.validation = check_bool("validation", validation)
         self.sync_dist = check_bool("sync_dist", sync_dist)
+        if fidelity_every_n_epochs is not None:
+            fidelity_every_n_epochs = check_int("fidelity_every_n_epochs", fidelity_every_n_epochs, 0)
+        self.fidelity_every_n_epochs = fidelity_every_n_epochs
+        self.fidelity_samples = check_int("fidelity_samples", fidelity_samples, 1)
         self._recorder = SolverStatsRecorder()
         self._epoch = LayerAccumulator()
+        self._fidelity_every = 0
+        self._probe: Optional[tuple[Tensor, Tensor]] = None
 
     # -- set-up ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -81,6 +104,7 @@ class SolverStatistics(Callback):
         if not blocks:
             rank_zero_warn("SolverStatistics found no ImplicitResidualBlock in the module; it logs nothing.")
         self._recorder.attach(blocks)
+        self._fidelity_every = self._fidelity_schedule(blocks)
         if not self.sync_dist:
             allow_unsynced_epoch_logs(trainer, ("solver", "val_solver"))
 
@@ -101,6 +125,8 @@ class SolverStatistics(Callback):
         if step is None:
             return
         self._log(pl_module, step, "solver", on_step=True, batch=batch)
+        if self._fidelity_every and isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            self._probe = (batch[0][: self.fidelity_samples], batch[1][: self.fidelity_samples])
         if self.histograms:
             for direction in DIRECTIONS:
                 vectors = layer_vectors(getattr(step, direction))
@@ -108,6 +134,9 @@ class SolverStatistics(Callback):
                     self._epoch.add(f"{direction}_{key}", vectors[key])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fidelity_every and self._probe is not None \
+                and (trainer.current_epoch + 1) % self._fidelity_every == 0:
+            self._log_fidelity(pl_module)
         if not (self.histograms and trainer.is_global_zero):
             return
         for direction in DIRECTIONS:
@@ -115,6 +144,31 @@ class SolverStatistics(Callback):
                 values = self._epoch.mean(f"{direction}_{key}")
                 if values is not None:
                     add_histogram(trainer, f"solver/{direction}_{key}_over_layers", values)
+
+    # -- gradient fidelity -------------------------------------------------------------------
+    def _fidelity_schedule(self, blocks: list) -> int:
+        if self.fidelity_every_n_epochs is not None:
+            return self.fidelity_every_n_epochs
+        approximate = any(getattr(b.linear_solver, "approximate", False) for b in blocks)
+        return 10 if approximate else 0
+
+    def _log_fidelity(self, pl_module: pl.LightningModule) -> None:
+        x, target = self._probe
+        net = getattr(pl_module, "net", pl_module)
+        if not hasattr(net, "blocks"):
+            return
+
+        def loss() -> Tensor:
+            pred = pl_module(x)
+            if hasattr(pl_module, "compute_loss"):
+                return pl_module.compute_loss(pred, target)
+            if target.is_floating_point():
+                return nn.functional.mse_loss(pred, target)
+            return nn.functional.cross_entropy(pred, target)
+
+        cosine = gradient_cosine(net, loss)
+        pl_module.log("solver/gradient_cosine", cosine, on_step=False, on_epoch=True,
+                      batch_size=x.shape[0], sync_dist=self.sync_dist)
 
     # -- validation ----------------------------------------------------------------------
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

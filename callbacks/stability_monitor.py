@@ -12,7 +12,7 @@ from torch import Tensor
 
 from irnet.nets import ImplicitODENet
 from irnet.stability import layer_spectral_radii
-from irnet.stats import preserved_stats
+from irnet.auxiliary import auxiliary_pass
 from irnet.validation import check_int
 
 from ._data import batch_inputs, find_net
@@ -117,7 +117,7 @@ class StabilityMonitor(Callback):
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad(), preserved_stats(net.blocks):
+            with torch.no_grad(), auxiliary_pass(net):
                 param = next(net.parameters(), None)
                 if param is not None and x.is_floating_point():
                     x = x.to(device=param.device, dtype=param.dtype)

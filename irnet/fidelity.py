@@ -19,6 +19,11 @@ from torch import Tensor, nn
 from irnet.linear import GMRES, LinearSolver
 from irnet.stats import preserved_stats
 
+def tight_gmres(dtype: torch.dtype) -> GMRES:
+    """GMRES to a relative residual near ``dtype``'s rounding (1e-8 in float64, 1e-6 in float32)."""
+    return GMRES(tol=max(1e-8, 10 * torch.finfo(dtype).eps), max_iter=500, restart=50)
+
+
 @contextmanager
 def linear_solvers_replaced(blocks: Sequence[nn.Module], solver: LinearSolver) -> Iterator[None]:
     """Every block's ``linear_solver`` is ``solver`` inside the context."""
@@ -42,15 +47,16 @@ def gradient_cosine(
     Args:
         net: a network with ``blocks`` (e.g. :class:`~irnet.nets.ODENet`).
         loss: closure that runs the network on the probe batch and returns a scalar.
-        reference: the exact adjoint solver; default GMRES to a relative
-            residual of 1e-8 (exact at any state size).
+        reference: the exact adjoint solver; default :func:`tight_gmres` in the
+            parameters' dtype (exact at any state size).
 
     Returns:
         0-d tensor in [-1, 1].
     """
     blocks = list(net.blocks)
-    reference = reference if reference is not None else GMRES(tol=1e-8, max_iter=500, restart=50)
     params = [p for p in net.parameters() if p.requires_grad]
+    if reference is None:
+        reference = tight_gmres(params[0].dtype if params else torch.get_default_dtype())
     # Lightning validates under inference mode; gradients need it off, on fresh tensors.
     with torch.inference_mode(False), torch.enable_grad(), preserved_stats(blocks):
         approximate = _flat_grad(loss(), params)
@@ -65,4 +71,4 @@ def _flat_grad(value: Tensor, params: list[nn.Parameter]) -> Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
 
 
-__all__ = ["gradient_cosine", "linear_solvers_replaced"]
+__all__ = ["gradient_cosine", "linear_solvers_replaced", "tight_gmres"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from irnet.arg_repr import ArgsRepr
 from irnet.perturbations import GaussianPerturbation, Perturbation
 from irnet.per_sample import sample_norm
-from irnet.stats import preserved_stats
+from irnet.auxiliary import auxiliary_pass
 from irnet.validation import check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
@@ -220,8 +220,9 @@ class PerturbationRegularizer(Regularizer):
         batch, layers = x.shape[0], len(states) - 1
         trajectory = net.trajectory if trajectory is None else trajectory
         # The perturbed pass must not overwrite the clean pass's solver statistics,
-        # which the module and the monitoring callbacks read after the step.
-        with preserved_stats(getattr(net, "blocks", [])):
+        # which the module and the monitoring callbacks read after the step, nor
+        # fill a warm-start cache with inputs that will not come again.
+        with auxiliary_pass(net):
             noisy = trajectory(self.perturb(x))
         if len(noisy) != len(states):
             raise ValueError(f"trajectory returned {len(noisy)} states for the perturbed inputs and "
