@@ -99,7 +99,9 @@ def report_threads(cell: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_reproduce_workers_follow_the_policy():
-    cells = [{"i": i} for i in range(2)]
-    assert [r["threads"] for r in run_cells(report_threads, cells, workers=2, desc="t")] == [1, 1]
-    assert [r["threads"] for r in run_cells(report_threads, cells, workers=2, desc="t", threads=2)] == [2, 2]
+def test_reproduce_workers_follow_the_policy(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # spawned workers inherit the environment
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    cells = [{"i": i} for i in range(3)]
+    assert [r["threads"] for r in run_cells(report_threads, cells, workers=2, desc="t", threads=2)] == [2, 2, 2]
+    assert [r["threads"] for r in run_cells(report_threads, cells, workers=1, desc="t")] == [1, 1, 1]
