@@ -146,19 +146,26 @@ def _reproduce(*args: str, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_unknown_study_is_refused_with_the_choices(tmp_path):
-    result = _reproduce("ex3", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "invalid choice: 'ex3'" in result.stderr and "robustness" in result.stderr
+def _refused(capsys, *args: str) -> str:
+    """Run ``reproduce`` in-process (no interpreter start-up); it must exit with status 2."""
+    from irnet.reproduce import main as reproduce
+
+    with pytest.raises(SystemExit) as stop:
+        reproduce(list(args))
+    assert stop.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_ex1_only_options_are_refused_elsewhere(tmp_path):
-    result = _reproduce("ex2", "--layers", "3", cwd=tmp_path)
-    assert result.returncode == 2 and "--layers and --thetas apply to ex1 only" in result.stderr
-    result = _reproduce("ex1", "--replot", cwd=tmp_path)
-    assert result.returncode == 2 and "--replot needs a finished run's" in result.stderr
-    result = _reproduce("ex1", "--thetas", "1.5", cwd=tmp_path)
-    assert result.returncode == 2 and "θ must be in [0, 1], got 1.5" in result.stderr
+def test_unknown_study_is_refused_with_the_choices(capsys):
+    err = _refused(capsys, "ex3")
+    assert "invalid choice: 'ex3'" in err and "robustness" in err
+
+
+def test_ex1_only_options_are_refused_elsewhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert "--layers and --thetas apply to ex1 only" in _refused(capsys, "ex2", "--layers", "3")
+    assert "--replot needs a finished run's" in _refused(capsys, "ex1", "--replot")
+    assert "θ must be in [0, 1], got 1.5" in _refused(capsys, "ex1", "--thetas", "1.5")
 
 
 def test_stability_study_writes_its_report(tmp_path):
