@@ -149,7 +149,8 @@ class ImplicitResidualBlock(nn.Module):
         """Where the solve starts: the explicit step ``x + F(x)`` (reusing F(x)), or a warm start.
 
         ``guess`` may hold NaN rows for samples without a previous fixed point;
-        they start from the explicit step.
+        they start from the explicit step. At θ = 1, where F(x) is not otherwise
+        needed, the start is x itself, whose first iterate is the explicit step.
         """
         start = x.detach() if fx is None else x.detach() + fx.detach()
         if guess is None:
