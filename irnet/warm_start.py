@@ -47,7 +47,7 @@ class WarmStartCache:
         rows = x.detach().to("cpu").contiguous().flatten(1)
         prefix = f"{rows.dtype}{tuple(x.shape[1:])}".encode()
         flat = rows.view(torch.uint8) if rows.dtype != torch.bool else rows.to(torch.uint8)
-        return [prefix + bytes(row.numpy().tobytes()) for row in flat]
+        return [prefix + row.numpy().tobytes() for row in flat]
 
     def lookup(self, keys: Sequence[bytes], layers: int) -> Optional[list[Optional[Tensor]]]:
         """Previous fixed points of these samples, one tensor per layer; NaN rows where unknown.
