@@ -245,23 +245,23 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
     if fixed_k is not None:
         tol, max_iter = FIXED_K_TOL, fixed_k
 
-    def irnet(solver_fn, linear_fn=lambda: Neumann(tol=tol, max_iter=max_iter),
+    def irnet(solver_fn, linear_fn=lambda: Neumann(rtol=tol, max_iter=max_iter),
               backward="implicit", th=theta):
         return lambda residuals: IrnetNet(residuals, th, solver_fn(), linear_fn(), backward)
 
-    fp = lambda: FixedPoint(tol=tol, max_iter=max_iter)  # noqa: E731
+    fp = lambda: FixedPoint(atol=tol, max_iter=max_iter)  # noqa: E731
     configs = [
         Config("explicit ResNet (θ = 0)", irnet(fp, th=0.0)),
         Config("FixedPoint + Neumann", irnet(fp)),
-        Config("Anderson + Neumann", irnet(lambda: Anderson(tol=tol, max_iter=max_iter))),
+        Config("Anderson + Neumann", irnet(lambda: Anderson(atol=tol, max_iter=max_iter))),
         Config("GradientDescent + Neumann",
-               irnet(lambda: GradientDescent(tol=tol, max_iter=max_iter))),
+               irnet(lambda: GradientDescent(atol=tol, max_iter=max_iter))),
         Config("NonlinearCG (FR) + Neumann",
-               irnet(lambda: NonlinearCG(tol=tol, max_iter=max_iter, beta="fletcher-reeves"))),
+               irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="fletcher-reeves"))),
         Config("NonlinearCG (PR) + Neumann",
-               irnet(lambda: NonlinearCG(tol=tol, max_iter=max_iter, beta="polak-ribiere"))),
-        Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(tol=tol, max_iter=max_iter))),
-        Config("FixedPoint + Direct", irnet(fp, lambda: Direct(tol=tol))),
+               irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="polak-ribiere"))),
+        Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(rtol=tol, max_iter=max_iter))),
+        Config("FixedPoint + Direct", irnet(fp, lambda: Direct(rtol=tol))),
         Config("FixedPoint, unrolled backward", irnet(fp, backward="unrolled")),
         Config("floor: K F-evals + K VJPs" + (f" (K = {fixed_k})" if fixed_k else ""),
                lambda residuals: FloorNet(residuals, theta, fixed_k),

@@ -392,7 +392,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a CLI override for both variants, e.g. "
-                             "model.init_args.net.init_args.solver.init_args.tol=1e-5 (repeatable)")
+                             "model.init_args.net.init_args.solver.init_args.atol=1e-5 (repeatable)")
     parser.add_argument("--theta-key", default=THETA_KEY,
                         help=f"the key set to 0 for the explicit twin ({THETA_KEY})")
     parser.add_argument("--json", default=None, help="also write every measured time here")

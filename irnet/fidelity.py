@@ -22,7 +22,7 @@ from irnet.stats import preserved_stats
 
 def tight_gmres(dtype: torch.dtype) -> GMRES:
     """GMRES to a relative residual near ``dtype``'s rounding (1e-8 in float64, 1e-6 in float32)."""
-    return GMRES(tol=max(1e-8, 10 * torch.finfo(dtype).eps), max_iter=500, restart=50)
+    return GMRES(rtol=max(1e-8, 10 * torch.finfo(dtype).eps), max_iter=500, restart=50)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ class ImplicitResidualBlock(nn.Module):
     solver's iterations instead (a reference; memory grows with iterations). It
     is the derivative of the iterations actually taken, so it approaches the
     exact gradient as they converge — except for a sample whose initial guess
-    (the input) already meets ``tol``: it takes no iteration and its
+    (the input) already meets ``atol``: it takes no iteration and its
     derivative is the identity's.
 
     Every evaluation of F in one forward — the solve, the graph at the

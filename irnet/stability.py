@@ -300,7 +300,7 @@ class LayerJacobian:
         self._jvp_x = jvp_operator(F, x)
         self._jvp_y = jvp_operator(F, y)
         tol = 1000 * torch.finfo(x.dtype).eps if tol is None else check_positive("tol", tol)
-        self._gmres = GMRES(tol=tol, max_iter=check_int("max_iter", max_iter, 1), restart=min(max_iter, 50))
+        self._gmres = GMRES(rtol=tol, max_iter=check_int("max_iter", max_iter, 1), restart=min(max_iter, 50))
         self.solve_residual = 0.0
 
     def explicit_part(self, v: Tensor) -> Tensor:

@@ -56,8 +56,8 @@ def tiny_odenet(layers: int = 2, width: int = 8, theta: float = 0.5, in_features
         torch.manual_seed(seed)
     return ODENet(in_features=in_features, out_features=out_features, layers=layers, T=1.0,
                   width=width, theta=theta, activation=activation, readout=readout,
-                  solver=FixedPoint(tol=tol, max_iter=max_iter),
-                  linear_solver=Neumann(tol=tol, max_iter=max_iter))
+                  solver=FixedPoint(atol=tol, max_iter=max_iter),
+                  linear_solver=Neumann(rtol=tol, max_iter=max_iter))
 
 
 def tiny_net_overrides(layers: int = 2, width: int = 8, T: float = 1.0) -> list[str]:

@@ -27,21 +27,21 @@ TIGHT = 1e-12
 # -- solver tables ---------------------------------------------------------------
 
 SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
-    "fixed_point": lambda tol=TIGHT, max_iter=500: FixedPoint(tol=tol, max_iter=max_iter),
-    "anderson": lambda tol=TIGHT, max_iter=500: Anderson(tol=tol, max_iter=max_iter),
-    "gradient_descent": lambda tol=TIGHT, max_iter=500: GradientDescent(tol=tol, max_iter=max_iter),
-    "cg_fletcher_reeves": lambda tol=TIGHT, max_iter=500: NonlinearCG(
-        tol=tol, max_iter=max_iter, beta="fletcher-reeves"
+    "fixed_point": lambda atol=TIGHT, max_iter=500: FixedPoint(atol=atol, max_iter=max_iter),
+    "anderson": lambda atol=TIGHT, max_iter=500: Anderson(atol=atol, max_iter=max_iter),
+    "gradient_descent": lambda atol=TIGHT, max_iter=500: GradientDescent(atol=atol, max_iter=max_iter),
+    "cg_fletcher_reeves": lambda atol=TIGHT, max_iter=500: NonlinearCG(
+        atol=atol, max_iter=max_iter, beta="fletcher-reeves"
     ),
-    "cg_polak_ribiere": lambda tol=TIGHT, max_iter=500: NonlinearCG(
-        tol=tol, max_iter=max_iter, beta="polak-ribiere"
+    "cg_polak_ribiere": lambda atol=TIGHT, max_iter=500: NonlinearCG(
+        atol=atol, max_iter=max_iter, beta="polak-ribiere"
     ),
 }
 
 LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {
-    "neumann": lambda tol=TIGHT, max_iter=500: Neumann(tol=tol, max_iter=max_iter),
-    "gmres": lambda tol=TIGHT, max_iter=500: GMRES(tol=tol, max_iter=max_iter, restart=20),
-    "direct": lambda tol=TIGHT, max_iter=500: Direct(tol=tol),
+    "neumann": lambda rtol=TIGHT, max_iter=500: Neumann(rtol=rtol, max_iter=max_iter),
+    "gmres": lambda rtol=TIGHT, max_iter=500: GMRES(rtol=rtol, max_iter=max_iter, restart=20),
+    "direct": lambda rtol=TIGHT, max_iter=500: Direct(rtol=rtol),
 }
 
 # Classes, for argument validation.

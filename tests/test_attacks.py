@@ -149,10 +149,9 @@ def test_bad_arguments_name_the_argument(call, name):
 
 def test_fgsm_on_an_implicit_network_follows_the_finite_difference_gradient():
     torch.manual_seed(0)
-    tight = dict(tol=1e-12, max_iter=500)
     net = ODENet(in_features=2, out_features=2, layers=3, T=1.0, width=16, theta=0.5,
-                 activation="tanh", readout="linear",
-                 solver=FixedPoint(**tight), linear_solver=Neumann(**tight)).double()
+                 activation="tanh", readout="linear", solver=FixedPoint(atol=1e-12, max_iter=500),
+                 linear_solver=Neumann(rtol=1e-12, max_iter=500)).double()
     x = torch.randn(4, 2, dtype=torch.float64)
     target = torch.tensor([0, 1, 1, 0])
 

@@ -178,8 +178,8 @@ def test_statistics_come_from_the_main_pass(tmp_path: Path) -> None:
 
 def test_failed_solves_are_counted(tmp_path: Path) -> None:
     # Two fixed-point iterations and one Neumann term cannot meet a 1e-12 tolerance.
-    module = sine_module(layers=2, solver=FixedPoint(tol=1e-12, max_iter=2),
-                         linear_solver=Neumann(tol=1e-12, max_iter=1))
+    module = sine_module(layers=2, solver=FixedPoint(atol=1e-12, max_iter=2),
+                         linear_solver=Neumann(rtol=1e-12, max_iter=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         trainer = fit(module, [SolverStatistics()], tmp_path, loader(*sine_data()), epochs=1)

@@ -65,7 +65,7 @@ def test_jacobian_free_block_gradient_is_the_explicit_formula():
     F = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     with torch.no_grad():
         F[2].weight.mul_(0.3)
-    block = ImplicitResidualBlock(F, theta=THETA, solver=FixedPoint(tol=1e-12, max_iter=200),
+    block = ImplicitResidualBlock(F, theta=THETA, solver=FixedPoint(atol=1e-12, max_iter=200),
                                   linear_solver=JacobianFree())
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(5, 3, dtype=torch.float64)
@@ -80,13 +80,13 @@ def test_jacobian_free_block_gradient_is_the_explicit_formula():
 def _probe_net(linear_solver):
     torch.manual_seed(0)
     return ODENet(1, 1, layers=3, T=1.5, width=16, theta=1.0,
-                  solver=FixedPoint(tol=1e-12, max_iter=300), linear_solver=linear_solver).double()
+                  solver=FixedPoint(atol=1e-12, max_iter=300), linear_solver=linear_solver).double()
 
 
 def test_gradient_cosine_is_one_for_exact_adjoints_and_below_for_shortcuts():
     x = torch.linspace(-2, 2, 17, dtype=torch.float64)[:, None]
     cosines = {}
-    for name, solver in {"neumann": Neumann(tol=1e-12, max_iter=500), "direct": Direct(),
+    for name, solver in {"neumann": Neumann(rtol=1e-12, max_iter=500), "direct": Direct(),
                          "phantom1": Phantom(steps=1, damping=1.0), "phantom40": Phantom(steps=40, damping=1.0),
                          "jfb": JacobianFree()}.items():
         net = _probe_net(solver)
@@ -116,7 +116,7 @@ def test_gradient_cosine_works_under_inference_mode():
 
 
 @pytest.mark.parametrize("make", [lambda: Phantom(steps=0), lambda: Phantom(damping=0),
-                                  lambda: Phantom(damping=1.5), lambda: JacobianFree(tol=-1)])
+                                  lambda: Phantom(damping=1.5), lambda: JacobianFree(rtol=-1)])
 def test_bad_arguments_are_named(make):
-    with pytest.raises(ValueError, match="steps|damping|tol"):
+    with pytest.raises(ValueError, match="steps|damping|rtol"):
         make()

@@ -27,7 +27,7 @@ FILES = {
     "unknown_top.yaml": "seeed_everything: 1\n",
     "unknown_data.yaml": "data:\n  init_args:\n    num_pointz: 30\n",
     "negative_tol.yaml": ("model:\n  init_args:\n    net:\n      init_args:\n        solver:\n"
-                          "          init_args:\n            tol: -1\n"),
+                          "          init_args:\n            atol: -1\n"),
     "in_features.yaml": "model:\n  init_args:\n    net:\n      init_args:\n        in_features: 2\n",
     "garbage.ckpt": "this is not a checkpoint\n",
 }
@@ -41,7 +41,7 @@ CASES = [
     # out of range: our constructors' ValueErrors, at every level
     ("range-theta", ["--model.net.init_args.theta", "1.5"], ["model.net.init_args.theta", "[0, 1]", "1.5"]),
     ("range-layers", ["--model.net.init_args.layers", "-3"], ["model.net.init_args.layers", ">= 1", "-3"]),
-    ("range-solver-file", ["--config", "{negative_tol.yaml}"], ["solver.init_args.tol", "> 0", "-1"]),
+    ("range-solver-file", ["--config", "{negative_tol.yaml}"], ["solver.init_args.atol", "> 0", "-1"]),
     ("range-data", ["--data.init_args.num_points", "0"], ["data.num_points", ">= 2", "0"]),
     ("choice-loss", ["--model.loss", "l3"], ["model.loss", "'l2', 'mse', 'cross_entropy'", "l3"]),
     ("range-threads", ["--threads", "0"], ["threads", "'auto'", "0"]),

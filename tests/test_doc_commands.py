@@ -65,7 +65,7 @@ EFFECTS = {
     "--model.net.init_args.layers": lambda cli: len(_blocks(cli)),
     "--model.net.init_args.width": lambda cli: _blocks(cli)[0].F.gamma1.shape[0],
     "--model.net.init_args.solver.class_path": lambda cli: type(_blocks(cli)[0].solver).__name__,
-    "--model.net.init_args.solver.init_args.tol": lambda cli: _blocks(cli)[0].solver.tol,
+    "--model.net.init_args.solver.init_args.atol": lambda cli: _blocks(cli)[0].solver.atol,
     "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
     "--model.r_fp.init_args.weight": lambda cli: cli.model.r_fp.weight,

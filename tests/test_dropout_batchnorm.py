@@ -24,14 +24,14 @@ N, WIDTH, BATCH = 3, 8, 5
 TOL = 1e-12
 
 COMBOS = {
-    "fixed_point-neumann": (lambda: FixedPoint(tol=TOL, max_iter=500),
-                            lambda: Neumann(tol=TOL, max_iter=500)),
-    "anderson-gmres": (lambda: Anderson(tol=TOL, max_iter=500),
-                       lambda: GMRES(tol=TOL, max_iter=100)),
-    "gradient_descent-direct": (lambda: GradientDescent(tol=TOL, max_iter=500),
-                                lambda: Direct(tol=TOL)),
-    "cg-neumann": (lambda: NonlinearCG(tol=TOL, max_iter=500),
-                   lambda: Neumann(tol=TOL, max_iter=500)),
+    "fixed_point-neumann": (lambda: FixedPoint(atol=TOL, max_iter=500),
+                            lambda: Neumann(rtol=TOL, max_iter=500)),
+    "anderson-gmres": (lambda: Anderson(atol=TOL, max_iter=500),
+                       lambda: GMRES(rtol=TOL, max_iter=100)),
+    "gradient_descent-direct": (lambda: GradientDescent(atol=TOL, max_iter=500),
+                                lambda: Direct(rtol=TOL)),
+    "cg-neumann": (lambda: NonlinearCG(atol=TOL, max_iter=500),
+                   lambda: Neumann(rtol=TOL, max_iter=500)),
 }
 
 
@@ -143,8 +143,8 @@ def test_two_forwards_before_one_backward_keep_their_own_masks():
     """Like R_rnd's perturbed passes: each forward's adjoint uses that forward's mask."""
     theta = 0.5
     F = dropout_mlp()
-    block = ImplicitResidualBlock(F, theta, FixedPoint(tol=TOL, max_iter=500),
-                                  GMRES(tol=TOL, max_iter=100))
+    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=TOL, max_iter=500),
+                                  GMRES(rtol=TOL, max_iter=100))
     x1 = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     x2 = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     w1, w2 = torch.randn(BATCH, N, dtype=DTYPE), torch.randn(BATCH, N, dtype=DTYPE)
@@ -171,7 +171,7 @@ def test_two_forwards_before_one_backward_keep_their_own_masks():
 def test_unrolled_backward_holds_the_mask():
     theta = 0.5
     F = dropout_mlp()
-    block = ImplicitResidualBlock(F, theta, FixedPoint(tol=TOL, max_iter=500), backward="unrolled")
+    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=TOL, max_iter=500), backward="unrolled")
     x = torch.randn(BATCH, N, dtype=DTYPE)
     torch.manual_seed(3)
     y = block(x)
@@ -183,7 +183,7 @@ def test_generator_advances_as_after_one_call_of_F():
     """The solve's many evaluations draw like one: the random stream after a forward is fixed."""
     F = dropout_mlp()
     x = torch.randn(BATCH, N, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500))
     torch.manual_seed(4)
     with torch.no_grad():
         F(x)
@@ -198,7 +198,7 @@ def test_generator_advances_as_after_one_call_of_F():
 def test_eval_mode_dropout_is_identity():
     F = dropout_mlp()
     x = torch.randn(BATCH, N, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500)).eval()
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500)).eval()
     plain = nn.Sequential(F[0], nn.Tanh(), F[3])
     with torch.no_grad():
         y = block(x)
@@ -213,7 +213,7 @@ def test_channel_dropout_in_conv_F_is_held():
         conv2.weight.mul_(0.3)
     F = nn.Sequential(conv1, nn.Tanh(), nn.Dropout2d(0.5), conv2).to(DTYPE)
     masks, handle = recorded_masks(F[2])
-    block = ImplicitResidualBlock(F, 0.5, Anderson(tol=1e-10, max_iter=200), GMRES(tol=1e-10))
+    block = ImplicitResidualBlock(F, 0.5, Anderson(atol=1e-10, max_iter=200), GMRES(rtol=1e-10))
     x = torch.randn(3, 2, 5, 5, dtype=DTYPE, requires_grad=True)
     y = block(x)
     y.square().sum().backward()
@@ -254,7 +254,7 @@ def test_batchnorm_with_running_stats_in_eval_mode_is_a_fixed_affine_map():
         bn.running_var.copy_(1 + torch.rand(WIDTH, dtype=DTYPE))
         bn.weight.copy_(0.5 + torch.rand(WIDTH, dtype=DTYPE))
     F = nn.Sequential(lin1, bn, nn.Tanh(), lin2).eval()
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500))
     x = torch.randn(BATCH, N, dtype=DTYPE)
 
     def affine(y: Tensor) -> Tensor:
@@ -277,7 +277,7 @@ def test_per_sample_norms_are_accepted_and_samples_stay_independent(norm):
     with torch.no_grad():
         conv2.weight.mul_(0.2)
     F = nn.Sequential(conv1, make(), nn.Tanh(), conv2).to(DTYPE)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-11, max_iter=300))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-11, max_iter=300))
     x = torch.randn(3, 2, 5, 5, dtype=DTYPE)
     with torch.no_grad():
         y = block(x)
@@ -290,10 +290,10 @@ def test_hooks_are_removed_and_a_failed_backward_leaves_nothing_behind():
     """A backward raising inside the adjoint node skips its post hook; the next forward cleans up."""
     F = dropout_mlp()
     x = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
-    failing = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500), Direct(max_size=2))
+    failing = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500), Direct(max_size=2))
     with pytest.raises(ValueError, match="max_size"):
         failing(x).sum().backward()
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=500), Direct())
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500), Direct())
     torch.manual_seed(5)
     y = block(x)
     y.sum().backward()

@@ -26,7 +26,7 @@ def test_gradcheck_on_cuda(solver, linear):
     y = block(x)
     assert y.device.type == "cuda"
     assert block.forward_stats.iterations.device.type == "cuda"
-    assert (residual_norm(F, x, y, 0.5) <= block.solver.tol).all()
+    assert (residual_norm(F, x, y, 0.5) <= block.solver.atol).all()
     assert torch.autograd.gradcheck(
         lambda x, *params: block(x), (x, *F.parameters()), fast_mode=True, **GRADCHECK
     )
@@ -43,8 +43,8 @@ def test_conv_block_on_cuda_keeps_dtype(dtype):
     device = torch.device("cuda")
     F = conv_f(channels=2, dtype=dtype).to(device)
     x = torch.randn(2, 2, 4, 4, dtype=dtype, device=device, requires_grad=True)
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](tol=1e-5),
-                                  LINEAR_SOLVERS["gmres"](tol=1e-5))
+    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](atol=1e-5),
+                                  LINEAR_SOLVERS["gmres"](rtol=1e-5))
     y = block(x)
     y.square().sum().backward()
     assert y.dtype == dtype and x.grad.dtype == dtype and x.grad.device.type == "cuda"
@@ -67,8 +67,8 @@ def test_autocast_on_cuda_solves_and_differentiates_in_float32(dtype, linear):
     F, x = _f32_problem(device)
     x.requires_grad_()
     w = torch.randn_like(x)
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["fixed_point"](tol=1e-5, max_iter=200),
-                                  LINEAR_SOLVERS[linear](tol=1e-5, max_iter=200))
+    block = ImplicitResidualBlock(F, 0.5, SOLVERS["fixed_point"](atol=1e-5, max_iter=200),
+                                  LINEAR_SOLVERS[linear](rtol=1e-5, max_iter=200))
     want_y = block(x)
     want = torch.autograd.grad((want_y * w).sum(), [x, *F.parameters()])
     with torch.autocast("cuda", dtype=dtype):
@@ -88,8 +88,8 @@ def test_half_model_on_cuda_solves_in_float32(dtype):
     F, x = _f32_problem(device)
     F = F.to(dtype)
     xh = x.to(dtype).requires_grad_()
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["gradient_descent"](tol=1e-5, max_iter=200),
-                                  LINEAR_SOLVERS["gmres"](tol=1e-5))
+    block = ImplicitResidualBlock(F, 0.5, SOLVERS["gradient_descent"](atol=1e-5, max_iter=200),
+                                  LINEAR_SOLVERS["gmres"](rtol=1e-5))
     y = block(xh)
     assert y.dtype == dtype and block.forward_stats.residual.dtype == torch.float32
     assert block.forward_stats.converged.all()
@@ -110,7 +110,7 @@ def test_dropout_mask_held_on_cuda():
                          / torch.linalg.matrix_norm(F[0].weight, ord=2))
     kept = []
     F[2].register_forward_hook(lambda m, a, out: kept.append(out.detach() != 0))
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](tol=1e-12), LINEAR_SOLVERS["gmres"]())
+    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](atol=1e-12), LINEAR_SOLVERS["gmres"]())
     x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
     block(x).square().sum().backward()
     assert len(kept) >= 3 and all(torch.equal(k, kept[0]) for k in kept)
@@ -134,7 +134,7 @@ def test_lightning_precision_fits_on_cuda(precision):
 
     torch.manual_seed(0)
     net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=FixedPoint(tol=1e-5, max_iter=100), linear_solver=GMRES(tol=1e-5))
+                 solver=FixedPoint(atol=1e-5, max_iter=100), linear_solver=GMRES(rtol=1e-5))
     module = (SGDModule if precision == "16-true" else ImplicitNetModule)(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)

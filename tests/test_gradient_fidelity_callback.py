@@ -43,7 +43,7 @@ def test_exact_adjoint_logs_no_cosine_unless_asked(tmp_path: Path) -> None:
     trainer = fit(module, [SolverStatistics(per_layer=False, histograms=False)], tmp_path,
                   loader(*sine_data(21)), epochs=2)
     assert not any("gradient_cosine" in t for t in events(trainer.logger.log_dir).Tags()["scalars"])
-    module = sine_module(layers=2, linear_solver=Neumann(tol=1e-9, max_iter=500))
+    module = sine_module(layers=2, linear_solver=Neumann(rtol=1e-9, max_iter=500))
     trainer = fit(module, [SolverStatistics(per_layer=False, histograms=False, fidelity_every_n_epochs=1)],
                   tmp_path / "asked", loader(*sine_data(21)), epochs=2)
     values = scalar(events(trainer.logger.log_dir), "solver/gradient_cosine")

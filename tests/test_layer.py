@@ -77,10 +77,10 @@ def test_gradients_match_references(solver, linear, theta, activation):
     block = ImplicitResidualBlock(F, theta, SOLVERS[solver](), LINEAR_SOLVERS[linear]())
     y, gx, gp = gradients(block, x, w)
 
-    assert (residual_norm(F, x, y, theta) <= block.solver.tol).all()
+    assert (residual_norm(F, x, y, theta) <= block.solver.atol).all()
     stats = block.backward_stats
     assert stats is not None and stats.converged.all()
-    assert (stats.residual <= block.linear_solver.tol).all()
+    assert (stats.residual <= block.linear_solver.rtol).all()
 
     # (b) dense IFT: the adjoint solve is accurate to a relative 1e-12 and y to ≤ 5e-12,
     # so the gradients agree to ~1e-11 relative (condition of I − θJ ≤ 1/(1 − 0.8)).
@@ -154,7 +154,7 @@ def test_linear_F_closed_form_gradient(linear, theta):
     F = LinearF(A, b)
     x = torch.randn(3, n, dtype=DTYPE, requires_grad=True)
     w = torch.randn(3, n, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, theta, FixedPoint(tol=1e-13, max_iter=500),
+    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-13, max_iter=500),
                                   LINEAR_SOLVERS[linear]())
     y, gx, (gA, gb) = gradients(block, x, w)
     eye = torch.eye(n, dtype=DTYPE)
@@ -232,8 +232,8 @@ def test_saved_tensors_do_not_grow_with_iterations(solver):
     cls = MEMORY_SOLVERS[solver]
 
     def measure(max_iter, backward):
-        block = ImplicitResidualBlock(F, 1.0, cls(tol=1e-300, max_iter=max_iter),
-                                      Neumann(tol=1e-8), backward=backward)
+        block = ImplicitResidualBlock(F, 1.0, cls(atol=1e-300, max_iter=max_iter),
+                                      Neumann(rtol=1e-8), backward=backward)
         return saved_bytes(block, x)
 
     few, few_iters = measure(5, "implicit")
@@ -255,7 +255,7 @@ def test_saved_tensors_do_not_grow_with_iterations(solver):
 def test_dtype_follows_input(dtype, linear):
     F = mlp(dtype=dtype)
     x = torch.randn(4, 3, dtype=dtype, requires_grad=True)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-5), LINEAR_SOLVERS[linear](tol=1e-5))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-5), LINEAR_SOLVERS[linear](rtol=1e-5))
     y = block(x)
     y.square().sum().backward()
     assert y.dtype == dtype and x.grad.dtype == dtype
@@ -267,7 +267,7 @@ def test_dtype_follows_input(dtype, linear):
 def test_low_precision_input_solves_in_float32():
     F = mlp(dtype=torch.float32)
     x = torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-5))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-5))
     y = block(x)
     y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
@@ -278,7 +278,7 @@ def test_low_precision_input_solves_in_float32():
 def test_no_grad_returns_plain_solution():
     F = mlp()
     x = torch.randn(3, 3, dtype=DTYPE, requires_grad=True)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-12))
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-12))
     with torch.no_grad():
         y = block(x)
     assert y.grad_fn is None and not y.requires_grad
@@ -346,7 +346,7 @@ def test_defaults():
 def test_plain_callable_F_closed_form(theta, linear):
     """F(y) = a·y as a lambda: y = (1 + (1−θ)a)/(1 − θa)·x, and dy/dx the same factor."""
     a = -0.6
-    block = ImplicitResidualBlock(lambda y: a * y, theta, FixedPoint(tol=1e-13, max_iter=200),
+    block = ImplicitResidualBlock(lambda y: a * y, theta, FixedPoint(atol=1e-13, max_iter=200),
                                   LINEAR_SOLVERS[linear]())
     x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
     factor = (1 + (1 - theta) * a) / (1 - theta * a)
@@ -358,7 +358,7 @@ def test_plain_callable_F_closed_form(theta, linear):
 
 
 def test_plain_function_F_without_input_grad_returns_plain_solution():
-    block = ImplicitResidualBlock(torch.cos, 1.0, FixedPoint(tol=1e-12, max_iter=200))
+    block = ImplicitResidualBlock(torch.cos, 1.0, FixedPoint(atol=1e-12, max_iter=200))
     y = block(torch.zeros(2, 1, dtype=DTYPE))
     assert not y.requires_grad
     torch.testing.assert_close(y, torch.full((2, 1), DOTTIE, dtype=DTYPE))

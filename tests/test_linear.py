@@ -62,7 +62,7 @@ def test_known_system(linear, theta):
     A = contraction(n=8, radius=0.7, seed=1)
     b = torch.randn(3, 8, dtype=DTYPE)
     tol = 1e-12
-    g, stats = LINEAR_SOLVERS[linear](tol=tol).solve(operator_for(A, theta), b)
+    g, stats = LINEAR_SOLVERS[linear](rtol=tol).solve(operator_for(A, theta), b)
     assert stats.converged.all() and not stats.diverged.any()
     assert (stats.residual <= tol).all()
     torch.testing.assert_close(stats.residual, relative_residual(A, theta, g, b),
@@ -75,13 +75,13 @@ def test_gmres_restarted():
     # restart = 3 < n = 8, so convergence needs several Arnoldi cycles.
     A = matrix_with_spectrum([0.9, -0.8, 0.7, 0.5, -0.4, 0.3, 0.2, -0.1], seed=3)
     b = torch.randn(4, 8, dtype=DTYPE)
-    solver = GMRES(tol=1e-11, max_iter=300, restart=3)
+    solver = GMRES(rtol=1e-11, max_iter=300, restart=3)
     g, stats = solver.solve(operator_for(A, 1.0, batch=4), b)
     assert stats.converged.all()
     assert (stats.iterations > 3).all(), "restarting was not exercised"
     torch.testing.assert_close(g, exact(A, 1.0, b), rtol=0, atol=1e-9)
     # Without restarting, n = 8 Krylov steps solve an 8-dimensional system exactly.
-    g_full, stats_full = GMRES(tol=1e-11, max_iter=50, restart=50).solve(
+    g_full, stats_full = GMRES(rtol=1e-11, max_iter=50, restart=50).solve(
         operator_for(A, 1.0, batch=4), b
     )
     assert (stats_full.iterations <= 8).all()
@@ -94,7 +94,7 @@ def test_neumann_partial_sums_are_the_series():
     # product, Pᵏ b, is the residual of that partial sum and is not added).
     A = contraction(n=4, radius=0.5)
     b = torch.randn(2, 4, dtype=DTYPE)
-    g, stats = Neumann(tol=1e-300, max_iter=6).solve(operator_for(A, 1.0, batch=2), b)
+    g, stats = Neumann(rtol=1e-300, max_iter=6).solve(operator_for(A, 1.0, batch=2), b)
     expected, term = torch.zeros_like(b), b
     for _ in range(6):
         expected, term = expected + term, term @ A  # (Aᵀ v) per row is v @ A
@@ -110,7 +110,7 @@ def expansive_matrix() -> torch.Tensor:
 def test_neumann_diverges_flags_and_stays_finite():
     A = expansive_matrix()
     b = torch.randn(3, 4, dtype=DTYPE)
-    solver = Neumann(tol=1e-10, max_iter=200, patience=3)
+    solver = Neumann(rtol=1e-10, max_iter=200, patience=3)
     g, stats = solver.solve(operator_for(A, 0.5), b)
     assert torch.isfinite(g).all()
     assert stats.diverged.all() and not stats.converged.any()
@@ -120,7 +120,7 @@ def test_neumann_diverges_flags_and_stays_finite():
     torch.testing.assert_close(stats.residual, relative_residual(A, 0.5, g, b), rtol=1e-6,
                                atol=0)
     # GMRES does not need a convergent series.
-    g_gmres, stats_gmres = GMRES(tol=1e-12, max_iter=50).solve(operator_for(A, 0.5), b)
+    g_gmres, stats_gmres = GMRES(rtol=1e-12, max_iter=50).solve(operator_for(A, 0.5), b)
     assert stats_gmres.converged.all()
     torch.testing.assert_close(g_gmres, exact(A, 0.5, b), rtol=0, atol=1e-10)
 
@@ -134,7 +134,7 @@ def test_block_warns_once_for_divergent_neumann_and_gmres_solves_it():
     x = torch.randn(3, 4, dtype=DTYPE, requires_grad=True)
     w = torch.randn(3, 4, dtype=DTYPE)
     block = ImplicitResidualBlock(
-        F, 0.5, Anderson(tol=1e-12, max_iter=100), Neumann(tol=1e-10, max_iter=100)
+        F, 0.5, Anderson(atol=1e-12, max_iter=100), Neumann(rtol=1e-10, max_iter=100)
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -150,8 +150,8 @@ def test_block_warns_once_for_divergent_neumann_and_gmres_solves_it():
 
     # The same block with GMRES gives the closed-form gradient
     # ∇_x L = (I + (1−θ)A)ᵀ (I − θA)⁻ᵀ w.
-    block = ImplicitResidualBlock(F, 0.5, Anderson(tol=1e-12, max_iter=100),
-                                  GMRES(tol=1e-12, max_iter=50))
+    block = ImplicitResidualBlock(F, 0.5, Anderson(atol=1e-12, max_iter=100),
+                                  GMRES(rtol=1e-12, max_iter=50))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         (gx,) = torch.autograd.grad((block(x) * w).sum(), x)
@@ -169,7 +169,7 @@ def test_per_sample_independence(linear):
     A = Q @ torch.diag(torch.tensor([0.05, 0.9, -0.8, 0.7, 0.6, -0.5], dtype=DTYPE)) @ Q.T
     easy = 2.0 * Q[:, 0][None]
     hard = torch.randn(1, 6, dtype=DTYPE)
-    solver = LINEAR_SOLVERS[linear](tol=1e-11)
+    solver = LINEAR_SOLVERS[linear](rtol=1e-11)
     g_both, s_both = solver.solve(operator_for(A, 1.0, batch=2), torch.cat([easy, hard]))
     g_alone, s_alone = solver.solve(operator_for(A, 1.0, batch=1), easy)
     assert s_both.iterations[0] < s_both.iterations[1]
@@ -203,8 +203,8 @@ def test_direct_refuses_large_states():
 @pytest.mark.parametrize("cls", LINEAR_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("tol", [0, -1e-6, float("nan")])
 def test_linear_solver_rejects_bad_tol(cls, tol):
-    with pytest.raises(ValueError, match=r"\btol\b"):
-        cls(tol=tol)
+    with pytest.raises(ValueError, match=r"\brtol\b"):
+        cls(rtol=tol)
 
 
 @pytest.mark.parametrize("cls", ITERATIVE_LINEAR_CLASSES, ids=lambda c: c.__name__)

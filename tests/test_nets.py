@@ -70,8 +70,8 @@ def test_whole_network_gradients_match_finite_differences(theta):
     torch.manual_seed(0)
     net = ODENet(in_features=2, out_features=2, layers=2, T=1.0, width=3, theta=theta, activation="tanh",
                  readout="linear", stationary_init=False,
-                 solver=FixedPoint(tol=1e-13, max_iter=500),
-                 linear_solver=Neumann(tol=1e-13, max_iter=500)).double()
+                 solver=FixedPoint(atol=1e-13, max_iter=500),
+                 linear_solver=Neumann(rtol=1e-13, max_iter=500)).double()
     names, params = zip(*net.named_parameters())
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
 

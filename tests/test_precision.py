@@ -28,15 +28,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOL = 1e-5
 SOLVERS = {
-    "fixed_point": lambda: FixedPoint(tol=TOL, max_iter=200),
-    "anderson": lambda: Anderson(tol=TOL, max_iter=200),
-    "gradient_descent": lambda: GradientDescent(tol=TOL, max_iter=200),
-    "cg": lambda: NonlinearCG(tol=TOL, max_iter=200),
+    "fixed_point": lambda: FixedPoint(atol=TOL, max_iter=200),
+    "anderson": lambda: Anderson(atol=TOL, max_iter=200),
+    "gradient_descent": lambda: GradientDescent(atol=TOL, max_iter=200),
+    "cg": lambda: NonlinearCG(atol=TOL, max_iter=200),
 }
 LINEAR = {
-    "neumann": lambda: Neumann(tol=TOL, max_iter=200),
-    "gmres": lambda: GMRES(tol=TOL, max_iter=100),
-    "direct": lambda: Direct(tol=TOL),
+    "neumann": lambda: Neumann(rtol=TOL, max_iter=200),
+    "gmres": lambda: GMRES(rtol=TOL, max_iter=100),
+    "direct": lambda: Direct(rtol=TOL),
 }
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -68,7 +68,7 @@ def test_autocast_gradients_match_float32(linear):
     F, x = f32_problem()
     x.requires_grad_()
     w = torch.randn_like(x)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=200), LINEAR[linear]())
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=200), LINEAR[linear]())
     want = torch.autograd.grad((block(x) * w).sum(), [x, *F.parameters()])
     with torch.autocast(**BF16):
         y = block(x)
@@ -88,7 +88,7 @@ def test_adjoint_under_autocast_reaches_tol(linear):
     F, x = f32_problem()
     x.requires_grad_()
     w = torch.randn_like(x)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=TOL, max_iter=200), LINEAR[linear]())
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=200), LINEAR[linear]())
     (want,) = torch.autograd.grad((block(x) * w).sum(), x)
     with torch.autocast(**BF16):
         (got,) = torch.autograd.grad((block(x) * w).sum(), x)
@@ -106,8 +106,8 @@ def test_half_model_solves_in_float32_and_returns_its_dtype(dtype, solver):
     xh = x32.to(dtype).requires_grad_()
     x_ref = xh.detach().float().requires_grad_()
     w = torch.randn_like(x32)
-    block = ImplicitResidualBlock(Fh, 0.5, SOLVERS[solver](), GMRES(tol=TOL, max_iter=100))
-    reference = ImplicitResidualBlock(F32, 0.5, SOLVERS[solver](), GMRES(tol=TOL, max_iter=100))
+    block = ImplicitResidualBlock(Fh, 0.5, SOLVERS[solver](), GMRES(rtol=TOL, max_iter=100))
+    reference = ImplicitResidualBlock(F32, 0.5, SOLVERS[solver](), GMRES(rtol=TOL, max_iter=100))
 
     y = block(xh)
     stats = block.forward_stats
@@ -145,8 +145,8 @@ def tiny_fit(precision: str, steps: int = 4, seed: int = 0) -> tuple[ImplicitNet
     """Fit a 2-layer ODENet on 16 points of sin(3x) for ``steps`` steps at ``precision``."""
     torch.manual_seed(seed)
     net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=FixedPoint(tol=TOL, max_iter=100),
-                 linear_solver=GMRES(tol=TOL, max_iter=50))
+                 solver=FixedPoint(atol=TOL, max_iter=100),
+                 linear_solver=GMRES(rtol=TOL, max_iter=50))
     module = ImplicitNetModule(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)

@@ -24,8 +24,8 @@ X = torch.tensor([[0.7], [-1.2], [0.1]], dtype=torch.float64)
 def tiny_net(theta: float = THETA) -> ODENet:
     """Two tanh layers of width 2 with the weights above, float64, tight solvers."""
     net = ODENet(in_features=1, out_features=1, layers=2, T=1.0, width=2, theta=theta,
-                 activation="tanh", solver=FixedPoint(tol=1e-13, max_iter=500),
-                 linear_solver=Neumann(tol=1e-13, max_iter=500)).double()
+                 activation="tanh", solver=FixedPoint(atol=1e-13, max_iter=500),
+                 linear_solver=Neumann(rtol=1e-13, max_iter=500)).double()
     with torch.no_grad():
         for block, (g1, b, g2) in zip(net.blocks, WEIGHTS):
             block.F.gamma1.copy_(torch.tensor(g1, dtype=torch.float64))

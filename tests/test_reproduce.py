@@ -59,8 +59,8 @@ def _dense_layer_radius(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> to
 def test_probe_gradients_and_radii_match_independent_references():
     torch.manual_seed(0)
     kwargs = dict(in_features=1, out_features=1, layers=3, T=1.0, width=8, theta=0.5, activation="tanh")
-    implicit = ODENet(**kwargs, solver=FixedPoint(tol=1e-12, max_iter=200), linear_solver=Direct()).double()
-    unrolled = ODENet(**kwargs, solver=FixedPoint(tol=1e-12, max_iter=200), backward="unrolled").double()
+    implicit = ODENet(**kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), linear_solver=Direct()).double()
+    unrolled = ODENet(**kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), backward="unrolled").double()
     unrolled.load_state_dict(implicit.state_dict())
     # No x = 0: there y_0 = 0 is already the fixed point, unrolled mode takes no iteration
     # and its derivative is that of "return y_0" (the identity), not the solution's.
@@ -98,7 +98,7 @@ class LinearNet(ImplicitODENet):
             with torch.no_grad():
                 F.weight.copy_(a * torch.eye(2, dtype=torch.float64))
             residuals.append(F)
-        self._make_blocks(residuals, thetas, FixedPoint(tol=tol, max_iter=500), Direct(), "implicit")
+        self._make_blocks(residuals, thetas, FixedPoint(atol=tol, max_iter=500), Direct(), "implicit")
 
     def lift(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -39,7 +39,7 @@ def test_residual_within_tol_on_mlp(solver, theta, activation):
     tol = 1e-10
     F = mlp(n=3, width=6, activation=activation)
     x = torch.randn(5, 3, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, theta, SOLVERS[solver](tol=tol, max_iter=500))
+    block = ImplicitResidualBlock(F, theta, SOLVERS[solver](atol=tol, max_iter=500))
     with torch.no_grad():
         y = block(x)
     res = residual_norm(F, x, y, theta)
@@ -104,7 +104,7 @@ def test_first_fixed_point_iterate_is_heun_step():
     x = torch.randn(4, 3, dtype=DTYPE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        y = ImplicitResidualBlock(F, 0.5, FixedPoint(tol=1e-14, max_iter=1))(x)
+        y = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-14, max_iter=1))(x)
     with torch.no_grad():
         want = x + 0.5 * F(x) + 0.5 * F(x + F(x))
     torch.testing.assert_close(y, want, rtol=0, atol=1e-15)
@@ -124,8 +124,8 @@ def test_per_sample_independence(solver):
     easy = torch.tensor([[1.0, -0.8, 0.9]], dtype=DTYPE)  # 4–7 iterations, by solver
     hard = torch.tensor([[0.2, -0.1, 0.15]], dtype=DTYPE)  # 13–84 iterations
     make = SOLVERS[solver]
-    both_block = ImplicitResidualBlock(F, 1.0, make(tol=1e-11))
-    alone_block = ImplicitResidualBlock(F, 1.0, make(tol=1e-11))
+    both_block = ImplicitResidualBlock(F, 1.0, make(atol=1e-11))
+    alone_block = ImplicitResidualBlock(F, 1.0, make(atol=1e-11))
     with torch.no_grad():
         both = both_block(torch.cat([easy, hard]))
         alone = alone_block(easy)
@@ -140,7 +140,7 @@ def test_per_sample_independence(solver):
 
 def test_nonconvergence_expansive_fixed_point():
     # F(y) = 3y, θ = 0.5: the map y ↦ c + 1.5y is expansive; FixedPoint cannot converge.
-    block = ImplicitResidualBlock(Scale(3.0), 0.5, FixedPoint(tol=1e-8, max_iter=30))
+    block = ImplicitResidualBlock(Scale(3.0), 0.5, FixedPoint(atol=1e-8, max_iter=30))
     x = torch.randn(4, 3, dtype=DTYPE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -181,7 +181,7 @@ def test_anderson_full_history_solves_linear_problem_in_n_plus_1_steps(history, 
     A = matrix_with_spectrum(eigenvalues, seed=1)
     c = torch.randn(3, 4, dtype=DTYPE)
     problem = FixedPointProblem(lambda y: y @ A.T, c, 0.5)
-    y, stats = Anderson(tol=1e-10, max_iter=50, history=history, regularization=0.0).solve(
+    y, stats = Anderson(atol=1e-10, max_iter=50, history=history, regularization=0.0).solve(
         problem, c
     )
     assert stats.converged.all()
@@ -195,7 +195,7 @@ def test_direct_solver_call_on_problem():
     A = contraction(n=3, radius=0.5)
     c = torch.randn(2, 3, dtype=DTYPE)
     problem = FixedPointProblem(lambda y: y @ A.T, c, 1.0)
-    y, stats = FixedPoint(tol=1e-13, max_iter=200).solve(problem, c)
+    y, stats = FixedPoint(atol=1e-13, max_iter=200).solve(problem, c)
     torch.testing.assert_close(y, torch.linalg.solve(torch.eye(3, dtype=DTYPE) - A, c.T).T,
                                rtol=0, atol=1e-12)
     assert stats.converged.all() and stats.iterations.dtype == torch.long
@@ -207,8 +207,8 @@ def test_direct_solver_call_on_problem():
 @pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("tol", [0, 0.0, -1e-6, float("nan")])
 def test_solver_rejects_bad_tol(cls, tol):
-    with pytest.raises(ValueError, match=r"\btol\b"):
-        cls(tol=tol)
+    with pytest.raises(ValueError, match=r"\batol\b"):
+        cls(atol=tol)
 
 
 @pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
@@ -243,7 +243,7 @@ def test_solver_specific_arguments(cls, kwargs, name):
 @pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
 def test_solver_defaults_are_valid_and_repr(cls):
     solver = cls()
-    assert solver.tol > 0 and solver.max_iter >= 1
+    assert solver.atol > 0 and solver.max_iter >= 1
     assert repr(solver).startswith(cls.__name__ + "(")
 
 
@@ -256,7 +256,7 @@ def test_inference_mode_gives_the_same_answer(solver, theta):
     """Gradient-based solvers leave inference mode; every solver returns the normal path's bits."""
     F = mlp(n=3, width=6)
     x = torch.randn(5, 3, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, theta, SOLVERS[solver](tol=1e-10))
+    block = ImplicitResidualBlock(F, theta, SOLVERS[solver](atol=1e-10))
     with torch.no_grad():
         want = block(x)
     want_stats = block.forward_stats
@@ -276,7 +276,7 @@ def test_gradient_solvers_keep_callers_grad_mode_off(cls):
     F = mlp(n=3, width=6)
     problem = FixedPointProblem(F, torch.randn(4, 3, dtype=DTYPE), 0.5)
     with torch.inference_mode():
-        y, stats = cls(tol=1e-10).solve(problem, torch.zeros(4, 3, dtype=DTYPE))
+        y, stats = cls(atol=1e-10).solve(problem, torch.zeros(4, 3, dtype=DTYPE))
     assert y.grad_fn is None and not y.requires_grad and stats.converged.all()
     assert not y.is_inference()  # made outside inference mode, usable in a later graph
 

@@ -119,7 +119,7 @@ def test_spectral_radius_finds_a_dominant_eigenvalue_with_few_steps() -> None:
 
 
 def _solved_layer(F: torch.nn.Module, theta: float, x: torch.Tensor):
-    block = ImplicitResidualBlock(F, theta, FixedPoint(tol=1e-13, max_iter=5000), Direct(tol=1e-12))
+    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-13, max_iter=5000), Direct(rtol=1e-12))
     y = block(x).detach()
     assert bool(block.forward_stats.converged.all())
     return block, y

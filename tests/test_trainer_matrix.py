@@ -25,16 +25,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # ~30
 
 TOL = 1e-5
 SOLVERS = {
-    "fixed_point": lambda: FixedPoint(tol=TOL, max_iter=100),
-    "anderson": lambda: Anderson(tol=TOL, max_iter=100),
-    "gradient_descent": lambda: GradientDescent(tol=TOL, max_iter=100),
-    "cg_fletcher_reeves": lambda: NonlinearCG(tol=TOL, max_iter=100, beta="fletcher-reeves"),
-    "cg_polak_ribiere": lambda: NonlinearCG(tol=TOL, max_iter=100, beta="polak-ribiere"),
+    "fixed_point": lambda: FixedPoint(atol=TOL, max_iter=100),
+    "anderson": lambda: Anderson(atol=TOL, max_iter=100),
+    "gradient_descent": lambda: GradientDescent(atol=TOL, max_iter=100),
+    "cg_fletcher_reeves": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="fletcher-reeves"),
+    "cg_polak_ribiere": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="polak-ribiere"),
 }
 LINEAR = {
-    "neumann": lambda: Neumann(tol=TOL, max_iter=100),
-    "gmres": lambda: GMRES(tol=TOL, max_iter=50),
-    "direct": lambda: Direct(tol=TOL),
+    "neumann": lambda: Neumann(rtol=TOL, max_iter=100),
+    "gmres": lambda: GMRES(rtol=TOL, max_iter=50),
+    "direct": lambda: Direct(rtol=TOL),
 }
 # stage -> (inference mode, grad mode) that Lightning sets there
 MODES = {"train": (False, True), "sanity_check": (False, False), "fit_validate": (False, False),

@@ -18,8 +18,8 @@ TOL = 1e-10
 def _net(warm_start: bool, seed: int = 0) -> ODENet:
     torch.manual_seed(seed)
     return ODENet(1, 1, layers=3, T=1.5, width=16, theta=0.5, warm_start=warm_start,
-                  solver=FixedPoint(tol=TOL, max_iter=200),
-                  linear_solver=Neumann(tol=TOL, max_iter=200)).double()
+                  solver=FixedPoint(atol=TOL, max_iter=200),
+                  linear_solver=Neumann(rtol=TOL, max_iter=200)).double()
 
 
 def _iterations(net: ODENet) -> torch.Tensor:
@@ -124,7 +124,7 @@ class _Counting(nn.Module):
 
 def test_block_evaluates_F_once_at_x_and_once_at_the_solution():
     F = _Counting()
-    block = ImplicitResidualBlock(F, theta=0.5, solver=FixedPoint(tol=1e-9, max_iter=100))
+    block = ImplicitResidualBlock(F, theta=0.5, solver=FixedPoint(atol=1e-9, max_iter=100))
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = block(x)
     forward_calls = F.calls
@@ -158,7 +158,7 @@ def test_checking_for_the_early_exit_every_few_iterations_changes_no_answer(monk
     results = {}
     for every in (1, 3):
         monkeypatch.setattr(base, "check_every", lambda device, every=every: every)
-        block = ImplicitResidualBlock(F, theta=0.8, solver=FixedPoint(tol=1e-9, max_iter=100))
+        block = ImplicitResidualBlock(F, theta=0.8, solver=FixedPoint(atol=1e-9, max_iter=100))
         y = block(x)
         results[every] = (y, block.forward_stats)
     (y1, s1), (y3, s3) = results[1], results[3]

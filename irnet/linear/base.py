@@ -64,12 +64,12 @@ class LinearSolver(ArgsRepr):
     """Base class of the adjoint solvers: solve ``A g = b`` for the operator ``A``.
 
     Args:
-        tol: relative tolerance, per sample: ``‖A g − b‖₂ ≤ tol · ‖b‖₂``.
+        rtol: relative tolerance, per sample: ``‖A g − b‖₂ ≤ rtol · ‖b‖₂``.
         max_iter: the most applications of the operator.
     """
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50) -> None:
-        self.tol = check_positive("tol", tol)
+    def __init__(self, rtol: float = 1e-5, max_iter: int = 50) -> None:
+        self.rtol = check_positive("rtol", rtol)
         self.max_iter = check_int("max_iter", max_iter, 1)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:

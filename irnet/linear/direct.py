@@ -17,14 +17,14 @@ class Direct(LinearSolver):
     sample) and as a reference; iterative solvers suit images.
 
     Args:
-        tol: relative residual below which the solve counts as converged
+        rtol: relative residual below which the solve counts as converged
             (only reported: a singular system is the usual reason it fails).
         max_size: the largest per-sample state size accepted.
     """
 
-    def __init__(self, tol: float = 1e-5, max_size: int = 4096) -> None:
+    def __init__(self, rtol: float = 1e-5, max_size: int = 4096) -> None:
         # No iteration count: the base initialiser (which takes max_iter) is skipped.
-        self.tol = check_positive("tol", tol)
+        self.rtol = check_positive("rtol", rtol)
         self.max_size = check_int("max_size", max_size, 1)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
@@ -40,5 +40,5 @@ class Direct(LinearSolver):
         g = torch.where(torch.isfinite(g), g, b)  # singular system: fall back to b, flagged below
         res = relative_residual(operator, g, b)
         iterations = torch.full_like(res, n, dtype=torch.long)
-        converged = res <= self.tol
+        converged = res <= self.rtol
         return g, SolverStats(iterations, res, converged, ~torch.isfinite(res))

@@ -21,13 +21,13 @@ class GMRES(LinearSolver):
     count are its own.
 
     Args:
-        tol: relative tolerance ``‖A g − b‖₂ ≤ tol · ‖b‖₂`` per sample.
+        rtol: relative tolerance ``‖A g − b‖₂ ≤ rtol · ‖b‖₂`` per sample.
         max_iter: the most Krylov steps (operator applications) in all cycles.
         restart: Krylov steps per cycle before restarting.
     """
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50, restart: int = 20) -> None:
-        super().__init__(tol, max_iter)
+    def __init__(self, rtol: float = 1e-5, max_iter: int = 50, restart: int = 20) -> None:
+        super().__init__(rtol, max_iter)
         self.restart = check_int("restart", restart, 1)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
@@ -43,9 +43,9 @@ class GMRES(LinearSolver):
         res = sample_norm(r) / b_norm
         iterations = torch.zeros_like(res, dtype=torch.long)
         used = 0
-        while used < self.max_iter and not bool((res <= self.tol).all()):
+        while used < self.max_iter and not bool((res <= self.rtol).all()):
             steps = min(self.restart, self.max_iter - used)
-            dx, taken = self._cycle(apply, r, b_norm, res > self.tol, steps)
+            dx, taken = self._cycle(apply, r, b_norm, res > self.rtol, steps)
             candidate = x + dx
             new_r = flat_b - apply(candidate)
             new_res = sample_norm(new_r) / b_norm
@@ -55,7 +55,7 @@ class GMRES(LinearSolver):
             res = torch.where(better, new_res, res)
             iterations = iterations + taken
             used += steps
-        converged = res <= self.tol
+        converged = res <= self.rtol
         diverged = ~converged & ~torch.isfinite(res)
         return x.view(shape), SolverStats(iterations, res, converged, diverged)
 
@@ -93,7 +93,7 @@ class GMRES(LinearSolver):
             rhs[:, j + 1] = -sin[:, j] * rhs[:, j]
             rhs[:, j] = cos[:, j] * rhs[:, j]
             used = torch.where(active, j + 1, used)
-            active = active & (rhs[:, j + 1].abs() / b_norm > self.tol)
+            active = active & (rhs[:, j + 1].abs() / b_norm > self.rtol)
             if not bool(active.any()):
                 break
         return self._correction(H, rhs, basis, used), used

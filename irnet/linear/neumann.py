@@ -21,14 +21,14 @@ class Neumann(LinearSolver):
     best partial sum.
 
     Args:
-        tol: relative tolerance ``‖A g − b‖₂ ≤ tol · ‖b‖₂`` per sample.
+        rtol: relative tolerance ``‖A g − b‖₂ ≤ rtol · ‖b‖₂`` per sample.
         max_iter: the most terms (vector–Jacobian products).
         patience: how many non-decreasing terms in a row mean divergence (a
             non-normal Jacobian can grow for a few terms and still converge).
     """
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50, patience: int = 10) -> None:
-        super().__init__(tol, max_iter)
+    def __init__(self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10) -> None:
+        super().__init__(rtol, max_iter)
         self.patience = check_int("patience", patience, 1)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
@@ -39,7 +39,7 @@ class Neumann(LinearSolver):
         iterations = torch.ones_like(res, dtype=torch.long)
         growth = torch.zeros_like(iterations)
         diverged = ~torch.isfinite(res)
-        active = (res > self.tol) & ~diverged
+        active = (res > self.rtol) & ~diverged
         for k in range(2, self.max_iter + 1):
             if not bool(active.any()):
                 break
@@ -54,7 +54,7 @@ class Neumann(LinearSolver):
             iterations = torch.where(active, k, iterations)
             stop = ~finite | (growth >= self.patience)
             diverged = diverged | (active & stop)
-            active = active & ~stop & (new_res > self.tol)
+            active = active & ~stop & (new_res > self.rtol)
             res = new_res
-        converged = best_res <= self.tol
+        converged = best_res <= self.rtol
         return best_g, SolverStats(iterations, best_res, converged, diverged & ~converged)

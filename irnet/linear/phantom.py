@@ -14,7 +14,7 @@ little and keep a descent direction in practice:
 
 Their statistics report the relative residual ``‖A g − b‖ / ‖b‖`` of the
 approximate answer (one more product) and count it as converged only if it
-meets ``tol``; they never warn, since missing the exact answer is their point.
+meets ``rtol``; they never warn, since missing the exact answer is their point.
 :func:`irnet.fidelity.gradient_cosine` measures what the shortcut costs.
 """
 
@@ -39,20 +39,20 @@ class _Approximate(LinearSolver):
         else:
             res = torch.full((b.shape[0],), float("nan"), dtype=b.dtype, device=b.device)
         iterations = torch.full((b.shape[0],), products, dtype=torch.long, device=b.device)
-        return SolverStats(iterations, res, res <= self.tol, ~torch.isfinite(g.flatten(1)).all(1))
+        return SolverStats(iterations, res, res <= self.rtol, ~torch.isfinite(g.flatten(1)).all(1))
 
 
 class JacobianFree(_Approximate):
     """``g = b``: the adjoint without its inverse (Fung et al. 2022); no products at all.
 
     Args:
-        tol: relative residual reported as "converged" (only reported).
+        rtol: relative residual reported as "converged" (only reported).
         report_residual: compute ``‖A g − b‖/‖b‖`` for the statistics (one more
             product); without it the residual reads NaN ("not measured").
     """
 
-    def __init__(self, tol: float = 1e-5, report_residual: bool = True) -> None:
-        self.tol = check_positive("tol", tol)
+    def __init__(self, rtol: float = 1e-5, report_residual: bool = True) -> None:
+        self.rtol = check_positive("rtol", rtol)
         self.report_residual = bool(report_residual)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
@@ -65,18 +65,18 @@ class Phantom(_Approximate):
     Args:
         steps: vector–Jacobian products (k ≥ 1).
         damping: λ in (0, 1]; 1 gives the Neumann series truncated after ``steps`` terms.
-        tol: relative residual reported as "converged" (only reported).
+        rtol: relative residual reported as "converged" (only reported).
         report_residual: compute ``‖A g − b‖/‖b‖`` for the statistics (one more
             product); without it the residual reads NaN ("not measured").
     """
 
-    def __init__(self, steps: int = 5, damping: float = 0.5, tol: float = 1e-5,
+    def __init__(self, steps: int = 5, damping: float = 0.5, rtol: float = 1e-5,
                  report_residual: bool = True) -> None:
         self.steps = check_int("steps", steps, 1)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1:
             raise ValueError(f"damping must be a number in (0, 1], got {damping!r}")
         self.damping = float(damping)
-        self.tol = check_positive("tol", tol)
+        self.rtol = check_positive("rtol", rtol)
         self.report_residual = bool(report_residual)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:

@@ -48,7 +48,7 @@ def make_net(layers: int, theta: float) -> ODENet:
     """The paper's Example 1 network (readout ``y(T)[1]``)."""
     return ODENet(in_features=1, out_features=1, layers=layers, T=10.0, width=100, theta=theta,
                   activation="relu", stationary_init=True, readout="component", component=1,
-                  solver=FixedPoint(tol=1e-5, max_iter=50), linear_solver=Neumann(tol=1e-5, max_iter=50))
+                  solver=FixedPoint(atol=1e-5, max_iter=50), linear_solver=Neumann(rtol=1e-5, max_iter=50))
 
 
 def screen_seeds(count: int, layers: int) -> list[int]:

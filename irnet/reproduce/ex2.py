@@ -41,7 +41,7 @@ def make_module(layers: int, sigma: float, seed: int) -> ImplicitNetModule:
     """The spirals classifier; ``sigma = 0`` trains without R_rnd."""
     net = ODENet(in_features=2, out_features=2, layers=layers, T=10.0, width=100, theta=0.5,
                  activation="relu", stationary_init=True, readout="linear",
-                 solver=FixedPoint(tol=1e-5, max_iter=50), linear_solver=Neumann(tol=1e-5, max_iter=50))
+                 solver=FixedPoint(atol=1e-5, max_iter=50), linear_solver=Neumann(rtol=1e-5, max_iter=50))
     r_rnd = (PerturbationRegularizer(weight=R_RND_WEIGHT, streams=2, sigma=sigma, r=1.0, seed=seed)
              if sigma > 0 else None)
     return ImplicitNetModule(net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=r_rnd)

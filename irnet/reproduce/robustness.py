@@ -43,7 +43,7 @@ TINY = {"layers": 2, "T": 1.0, "epochs": 1, "seeds": 1, "thetas": (0.0, 1.0), "t
 def make_module(layers: int, T: float, theta: float, r_rnd: bool, seed: int) -> ImplicitNetModule:
     net = ODENet(in_features=64, out_features=10, layers=layers, T=T, width=100, theta=theta,
                  activation="relu", stationary_init=True, readout="linear",
-                 solver=FixedPoint(tol=1e-4, max_iter=50), linear_solver=Neumann(tol=1e-4, max_iter=50))
+                 solver=FixedPoint(atol=1e-4, max_iter=50), linear_solver=Neumann(rtol=1e-4, max_iter=50))
     regularizer = (PerturbationRegularizer(weight=R_RND_WEIGHT, streams=1, sigma=R_RND_SIGMA, seed=seed)
                    if r_rnd else None)
     return ImplicitNetModule(net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=regularizer)

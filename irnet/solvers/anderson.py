@@ -27,7 +27,7 @@ class Anderson(NonlinearSolver):
     it is plain fixed-point iteration. One evaluation of ``F`` per iteration.
 
     Args:
-        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        atol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
         max_iter: the most iterations.
         history: how many past iterates to mix (m ≥ 1).
         regularization: relative Tikhonov weight λ of the mixing problem (≥ 0).
@@ -36,13 +36,13 @@ class Anderson(NonlinearSolver):
 
     def __init__(
         self,
-        tol: float = 1e-5,
+        atol: float = 1e-5,
         max_iter: int = 50,
         history: int = 5,
         regularization: float = 1e-6,
         mixing: float = 1.0,
     ) -> None:
-        super().__init__(tol, max_iter)
+        super().__init__(atol, max_iter)
         self.history = check_int("history", history, 1)
         if not regularization >= 0:
             raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")

@@ -107,15 +107,15 @@ class NonlinearSolver(ArgsRepr):
     with the caller's grad mode. The answer is the same as outside inference mode.
 
     Args:
-        tol: absolute tolerance on the Euclidean norm of each sample's residual,
-            ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ tol``.
+        atol: absolute tolerance on the Euclidean norm of each sample's residual,
+            ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ atol``.
         max_iter: the most iterations per solve.
     """
 
     uses_autograd: bool = False
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50) -> None:
-        self.tol = check_positive("tol", tol)
+    def __init__(self, atol: float = 1e-5, max_iter: int = 50) -> None:
+        self.atol = check_positive("atol", atol)
         self.max_iter = check_int("max_iter", max_iter, 1)
 
     # -- what a solver provides ------------------------------------------------
@@ -129,7 +129,7 @@ class NonlinearSolver(ArgsRepr):
 
     # -- the shared loop -------------------------------------------------------
     def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
-        """Iterate from ``y0`` until every sample meets ``tol`` or ``max_iter`` is reached.
+        """Iterate from ``y0`` until every sample meets ``atol`` or ``max_iter`` is reached.
 
         Each sample is frozen at its first iterate within tolerance (later steps,
         taken for the rest of the batch, do not change its answer or its stats).
@@ -152,7 +152,7 @@ class NonlinearSolver(ArgsRepr):
         best_y = state.y
         best_res = sample_norm(state.r)
         iterations = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
-        active = best_res > self.tol
+        active = best_res > self.atol
         diverged = ~torch.isfinite(best_res)
         active = active & ~diverged
         every = check_every(y0.device)
@@ -170,11 +170,11 @@ class NonlinearSolver(ArgsRepr):
             best_res = torch.where(take, res, best_res)
             iterations = torch.where(active, k, iterations)
             diverged = diverged | (active & ~finite)
-            active = active & finite & (res > self.tol)
+            active = active & finite & (res > self.atol)
         stats = SolverStats(
             iterations=iterations,
             residual=best_res.detach(),
-            converged=best_res <= self.tol,
+            converged=best_res <= self.atol,
             diverged=diverged,
         )
         return best_y, stats

@@ -21,7 +21,7 @@ class FixedPoint(NonlinearSolver):
     Converges when ``θF`` is a contraction; one evaluation of ``F`` per iteration.
 
     Args:
-        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        atol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
         max_iter: the most iterations.
     """
 

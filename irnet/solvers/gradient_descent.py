@@ -29,15 +29,15 @@ class GradientDescent(NonlinearSolver):
     at the price of a few more evaluations of ``F`` per iteration.
 
     Args:
-        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        atol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
         max_iter: the most iterations.
         max_backtracks: the most step halvings per line search.
     """
 
     uses_autograd = True
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 50, max_backtracks: int = 10) -> None:
-        super().__init__(tol, max_iter)
+    def __init__(self, atol: float = 1e-5, max_iter: int = 50, max_backtracks: int = 10) -> None:
+        super().__init__(atol, max_iter)
         self.max_backtracks = check_int("max_backtracks", max_backtracks, 0)
 
     def init(self, problem: FixedPointProblem, y0: Tensor) -> _State:

@@ -35,7 +35,7 @@ class NonlinearCG(NonlinearSolver):
     whose direction stops being a descent direction restarts with ``s = ∇φ``.
 
     Args:
-        tol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
+        atol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
         max_iter: the most iterations.
         beta: ``"fletcher-reeves"`` or ``"polak-ribiere"``.
         max_backtracks: the most step halvings per line search.
@@ -45,12 +45,12 @@ class NonlinearCG(NonlinearSolver):
 
     def __init__(
         self,
-        tol: float = 1e-5,
+        atol: float = 1e-5,
         max_iter: int = 50,
         beta: str = "polak-ribiere",
         max_backtracks: int = 10,
     ) -> None:
-        super().__init__(tol, max_iter)
+        super().__init__(atol, max_iter)
         self.beta = check_choice("beta", beta, BETAS)
         self.max_backtracks = check_int("max_backtracks", max_backtracks, 0)
 
