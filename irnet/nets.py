@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from irnet.contraction import ACTIVATION_LIPSCHITZ, LipschitzConstraint, conv_norm
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
 from irnet.solvers import NonlinearSolver
@@ -16,6 +20,10 @@ from irnet.validation import check_choice, check_int, check_positive, check_unit
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 READOUTS = ("component", "linear")
+INITS = ("paper", "bounded")
+CONV_INITS = ("default", "bounded")
+#: c of ``init="bounded"``: the sum over layers of each F_t's Lipschitz bound at initialisation
+BOUNDED_INIT_LIPSCHITZ = 1.0
 
 
 def make_activation(name: str) -> nn.Module:
@@ -31,15 +39,23 @@ class MLPResidual(nn.Module):
         width: hidden width (rows of γ1).
         step: the time step h.
         activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        lipschitz: if set, ``Lip(F) ≤ lipschitz`` at every evaluation: γ1 and γ2
+            are rescaled together whenever ``h · a · ‖γ2‖₂ ‖γ1‖₂`` exceeds it
+            (a = the activation's Lipschitz constant; :mod:`irnet.contraction`).
+            The parameters keep their names and raw values.
     """
 
-    def __init__(self, dim: int, width: int = 100, step: float = 1.0, activation: str = "relu"):
+    def __init__(self, dim: int, width: int = 100, step: float = 1.0, activation: str = "relu",
+                 lipschitz: Optional[float] = None):
         super().__init__()
         self.step = check_positive("step", step)
         self.gamma1 = nn.Parameter(torch.empty(check_int("width", width, 1), check_int("dim", dim, 1)))
         self.bias = nn.Parameter(torch.zeros(width))
         self.gamma2 = nn.Parameter(torch.empty(dim, width))
         self.activation = make_activation(activation)
+        self.activation_lipschitz = ACTIVATION_LIPSCHITZ[activation]
+        self.constraint = None if lipschitz is None else LipschitzConstraint(
+            check_positive("lipschitz", lipschitz), self.step * self.activation_lipschitz)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -53,8 +69,28 @@ class MLPResidual(nn.Module):
         self.gamma2 /= scale
         self.bias.zero_()
 
+    @torch.no_grad()
+    def bounded_init(self, lipschitz: float) -> None:
+        """γ1, γ2 ~ N(0, 1), each scaled to spectral norm ``√(lipschitz / (h·a))``; b = 0.
+
+        Then ``h · a · ‖γ2‖ ‖γ1‖ = lipschitz`` exactly, whatever the draw, and
+        F(0) = 0 (σ(0) = 0 for every activation here), so ``‖F(y)‖ ≤ lipschitz · ‖y‖``.
+        """
+        target = math.sqrt(check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz))
+        for w in (self.gamma1, self.gamma2):
+            nn.init.normal_(w)
+            w *= target / torch.linalg.matrix_norm(w, ord=2)
+        self.bias.zero_()
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """(γ1, γ2) as F uses them: rescaled under a Lipschitz bound, else the parameters."""
+        if self.constraint is None:
+            return self.gamma1, self.gamma2
+        return self.constraint(self.gamma1, self.gamma2)
+
     def forward(self, y: Tensor) -> Tensor:
-        return self.step * self.activation(y @ self.gamma1.T + self.bias) @ self.gamma2.T
+        gamma1, gamma2 = self.weights()
+        return self.step * self.activation(y @ gamma1.T + self.bias) @ gamma2.T
 
 
 class ConvResidual(nn.Module):
@@ -66,6 +102,12 @@ class ConvResidual(nn.Module):
         kernel_size: odd kernel size (padding keeps the spatial shape).
         step: the time step h.
         activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        lipschitz: if set, ``Lip(F) ≤ lipschitz`` at every evaluation on images
+            of side at most ``image_size``: both kernels are rescaled together
+            whenever ``h · a · ‖conv2‖ ‖conv1‖`` exceeds it, with each
+            convolution's operator norm bounded exactly through the FFT
+            (:func:`irnet.contraction.conv_norm`).
+        image_size: the largest image side (required with ``lipschitz``).
     """
 
     def __init__(
@@ -75,6 +117,8 @@ class ConvResidual(nn.Module):
         kernel_size: int = 3,
         step: float = 1.0,
         activation: str = "relu",
+        lipschitz: Optional[float] = None,
+        image_size: Optional[int] = None,
     ):
         super().__init__()
         if check_int("kernel_size", kernel_size, 1) % 2 == 0:
@@ -85,9 +129,47 @@ class ConvResidual(nn.Module):
                                check_int("hidden_channels", hidden_channels, 1), kernel_size, padding=pad)
         self.activation = make_activation(activation)
         self.conv2 = nn.Conv2d(hidden_channels, channels, kernel_size, padding=pad)
+        self.activation_lipschitz = ACTIVATION_LIPSCHITZ[activation]
+        self.image_size = None if image_size is None else check_int("image_size", image_size, 1)
+        self.constraint = None
+        if lipschitz is not None:
+            if image_size is None:
+                raise ValueError("image_size is required with lipschitz (the norm bound depends on it)")
+            self.constraint = LipschitzConstraint(check_positive("lipschitz", lipschitz),
+                                                  self.step * self.activation_lipschitz,
+                                                  partial(conv_norm, size=image_size))
+
+    def norm_bound(self, w: Tensor) -> Tensor:
+        """Operator-norm bound of one of this F's convolutions with kernel ``w``."""
+        return conv_norm(w, self._size())
+
+    def _size(self) -> int:
+        if self.image_size is None:
+            raise ValueError("image_size is needed to bound the convolutions' norms")
+        return self.image_size
+
+    @torch.no_grad()
+    def bounded_init(self, lipschitz: float) -> None:
+        """Kernels scaled to operator-norm bound ``√(lipschitz / (h·a))`` each; biases 0.
+
+        Then ``Lip(F) ≤ lipschitz`` and F(0) = 0 whatever the draw (the draw is
+        PyTorch's default one). Needs ``image_size``.
+        """
+        target = math.sqrt(check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz))
+        for conv in (self.conv1, self.conv2):
+            conv.reset_parameters()
+            conv.weight *= target / self.norm_bound(conv.weight)
+            conv.bias.zero_()
 
     def forward(self, y: Tensor) -> Tensor:
-        return self.step * self.conv2(self.activation(self.conv1(y)))
+        if self.constraint is None:
+            return self.step * self.conv2(self.activation(self.conv1(y)))
+        if max(y.shape[-2:]) > self.image_size:
+            raise ValueError(f"y's images must be at most {self.image_size} wide and high under the "
+                             f"Lipschitz bound, got {tuple(y.shape[-2:])}")
+        w1, w2 = self.constraint(self.conv1.weight, self.conv2.weight)
+        hidden = self.activation(Fn.conv2d(y, w1, self.conv1.bias, padding=self.conv1.padding))
+        return self.step * Fn.conv2d(hidden, w2, self.conv2.bias, padding=self.conv2.padding)
 
 
 class ImplicitODENet(nn.Module):
@@ -112,6 +194,36 @@ class ImplicitODENet(nn.Module):
             raise ValueError(f"theta must be a number or a list of {layers} numbers (one per layer), "
                              f"got a list of {len(theta)}")
         return [check_unit_interval(f"theta[{i}]", t) for i, t in enumerate(theta)]
+
+    @staticmethod
+    def lipschitz_bounds(contraction: Optional[float], thetas: Sequence[float]) -> list[Optional[float]]:
+        """Each layer's bound on Lip(F_t) for a contraction factor κ: κ / θ_t (none at θ_t = 0).
+
+        Then θ_t · Lip(F_t) ≤ κ, so each layer's fixed-point map y ↦ c + θ_t F_t(y)
+        is a κ-contraction.
+        """
+        if contraction is None:
+            return [None] * len(thetas)
+        if isinstance(contraction, bool) or not isinstance(contraction, (int, float)) \
+                or not 0 < contraction < 1:
+            raise ValueError(f"contraction must be null or a number in (0, 1), got {contraction!r}")
+        return [contraction / t if t > 0 else None for t in thetas]
+
+    @staticmethod
+    def bounded_init(residuals: Sequence[nn.Module], stationary: bool = False) -> None:
+        """``init="bounded"``: each F_t drawn with ``Lip(F_t) = c / layers`` (c = BOUNDED_INIT_LIPSCHITZ).
+
+        With F_t(0) = 0, layer t maps ``‖x‖`` to at most
+        ``(1 + (1−θ)ℓ) / (1 − θℓ) · ‖x‖`` (ℓ = c / layers), so the initial
+        network's state grows by at most the product of those factors,
+        ``≤ exp(c / (1 − c/layers))`` whatever the seed (docs/contraction.md).
+        """
+        lipschitz = BOUNDED_INIT_LIPSCHITZ / len(residuals)
+        for i, F in enumerate(residuals):
+            if stationary and i > 0:
+                F.load_state_dict(residuals[0].state_dict())
+            else:
+                F.bounded_init(lipschitz)
 
     def lift(self, x: Tensor) -> Tensor:
         """Input to the initial state y(0)."""
@@ -220,6 +332,16 @@ class ODENet(ImplicitODENet):
             (Example 1 reads y(T)[1]); ``"linear"`` applies a linear head
             (classification).
         component: first state component read by the ``"component"`` readout.
+        contraction: κ in (0, 1), or ``None`` (off). If set, every implicit
+            layer's F_t is constrained at every evaluation so that
+            θ_t · Lip(F_t) ≤ κ: its fixed-point map is a κ-contraction, and
+            fixed-point and Neumann iterations converge at rate κ
+            (docs/contraction.md). Layers with θ = 0 are left alone.
+        init: ``"paper"`` (γ ~ N(0, 1) divided by √ρ(γ2 γ1), the paper's; some
+            seeds start with outputs of 1e3–1e9 at T = 10) or ``"bounded"``
+            (γ1, γ2 scaled so that every F_t has ``Lip(F_t) = 1 / layers`` and
+            b = 0: the initial network is Lipschitz with a constant at most
+            ``exp(1 / (1 − 1/layers))`` for every seed; docs/contraction.md).
     """
 
     def __init__(
@@ -240,6 +362,8 @@ class ODENet(ImplicitODENet):
         stationary_init: bool = True,
         readout: str = "component",
         component: int = 1,
+        contraction: Optional[float] = None,
+        init: str = "paper",
     ) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
@@ -253,8 +377,13 @@ class ODENet(ImplicitODENet):
                              f"{out_features} of the {dim} states, got {component}")
         self.component = component
         step = self.T / layers
-        residuals = [MLPResidual(dim, width, step, activation) for _ in range(layers)]
-        if stationary_init:
+        self.init = check_choice("init", init, INITS)
+        self.contraction = contraction
+        bounds = self.lipschitz_bounds(contraction, self.thetas(theta, layers))
+        residuals = [MLPResidual(dim, width, step, activation, bound) for bound in bounds]
+        if init == "bounded":
+            self.bounded_init(residuals, stationary_init)
+        elif stationary_init:
             for F in residuals[1:]:
                 F.load_state_dict(residuals[0].state_dict())
         self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
@@ -301,6 +430,13 @@ class ConvODENet(ImplicitODENet):
             CPU it costs minutes of compilation and ran slower than eager for
             these small states (docs/benchmarks.md); set ``TMPDIR`` to a folder
             of the run, where inductor keeps its cache.
+        contraction: κ in (0, 1), or ``None`` (off): θ_t · Lip(F_t) ≤ κ for
+            every implicit layer at every evaluation (as in :class:`ODENet`),
+            with the convolutions' operator norms bounded through the FFT on
+            ``image_size`` images.
+        init: ``"default"`` (PyTorch's convolution initialisation) or
+            ``"bounded"`` (kernels rescaled so that ``Lip(F_t) = 1 / layers``,
+            biases 0, as :class:`ODENet`'s ``init="bounded"``).
     """
 
     def __init__(
@@ -320,6 +456,8 @@ class ConvODENet(ImplicitODENet):
         warm_start: bool = False,
         warm_start_capacity: int = 8192,
         compile: bool = False,
+        contraction: Optional[float] = None,
+        init: str = "default",
     ) -> None:
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, 1)
@@ -330,7 +468,13 @@ class ConvODENet(ImplicitODENet):
         self.layers = check_int("layers", layers, 1)
         self.T = check_positive("T", T)
         step = self.T / layers
-        residuals = [ConvResidual(channels, hidden_channels, 3, step, activation) for _ in range(layers)]
+        self.init = check_choice("init", init, CONV_INITS)
+        self.contraction = contraction
+        bounds = self.lipschitz_bounds(contraction, self.thetas(theta, layers))
+        residuals = [ConvResidual(channels, hidden_channels, 3, step, activation, bound, image_size)
+                     for bound in bounds]
+        if init == "bounded":
+            self.bounded_init(residuals)
         linear_solver = linear_solver if linear_solver is not None else GMRES()
         self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
                          warm_start_capacity, compile)
@@ -347,5 +491,5 @@ class ConvODENet(ImplicitODENet):
         return self.head(y.flatten(1))
 
 
-__all__ = ["ACTIVATIONS", "ConvODENet", "ConvResidual", "ImplicitODENet", "MLPResidual", "ODENet",
+__all__ = ["ACTIVATIONS", "BOUNDED_INIT_LIPSCHITZ", "ConvODENet", "ConvResidual", "ImplicitODENet", "MLPResidual", "ODENet",
            "make_activation"]
