@@ -19,6 +19,14 @@ from irnet.validation import check_choice, check_int, check_unit_interval
 BACKWARD_MODES = ("implicit", "unrolled")
 
 
+class NonFiniteInputError(ValueError):
+    """A block's input holds NaN or Inf (raised by a solve that did not converge).
+
+    :class:`~irnet.module.ImplicitNetModule` turns it into a
+    :class:`~irnet.failure.TrainingFailure` naming the layer that produced it.
+    """
+
+
 class ImplicitResidualBlock(nn.Module):
     """Residual layer whose output solves ``y = x + (1 − θ)F(x) + θF(y)``.
 
@@ -34,6 +42,10 @@ class ImplicitResidualBlock(nn.Module):
     exact gradient as they converge — except for a sample whose initial guess
     (the input) already meets ``atol``: it takes no iteration and its
     derivative is the identity's.
+
+    A sample whose solve diverged (non-finite iterates, ``forward_stats.diverged``)
+    comes out as NaN, never as a plausible-looking iterate; one that merely did
+    not converge returns its best iterate, flagged in the statistics and warned.
 
     Every evaluation of F in one forward — the solve, the graph at the
     solution, and the adjoint solve in backward — sees the same map:
@@ -165,8 +177,12 @@ class ImplicitResidualBlock(nn.Module):
         # input checked, so a finite input costs no synchronisation of its own.
         if not bool(stats.converged.all()):
             if not bool(torch.isfinite(x).all()):
-                raise ValueError("x (the block's input) contains NaN or Inf; the solve would not end well")
+                raise NonFiniteInputError("x (the block's input) contains NaN or Inf; the solve would not end well")
             warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self.solver)
+            # A diverged sample (non-finite iterates) has no plausible answer: its best
+            # iterate (often the start) would pass for one. It comes out as NaN instead.
+            broken = stats.diverged & ~stats.converged
+            y = torch.where(per_sample(broken, y), torch.full_like(y, float("nan")), y)
         return y
 
     def _record_backward(self, stats: SolverStats) -> None:
@@ -219,6 +235,33 @@ class ImplicitResidualBlock(nn.Module):
                 norms.append(sample_norm(y - g))
                 y = g
         return torch.stack(norms)
+
+    def map_jacobian_products(self, y: Tensor, vectors: Tensor) -> Tensor:
+        """Differentiable ``vᵀ (θ ∂F/∂y)(y)`` for each of ``S`` vectors ``v`` per sample.
+
+        The Jacobian of the fixed-point map ``y ↦ c + θF(y)`` at ``y``, applied
+        from the left by vector–Jacobian products (one graph of ``F(y)`` for all
+        ``S``); the Jacobian regulariser uses it. The result keeps its graph, so
+        it can be differentiated in F's parameters and in ``y``.
+
+        Args:
+            y: points, ``(batch, …)`` (typically the layer's fixed points).
+            vectors: ``(S, batch, …)``.
+
+        Returns:
+            Tensor of shape ``(S, batch, …)``.
+        """
+        if vectors.shape[1:] != y.shape:
+            raise ValueError(f"vectors must have shape (S, *y.shape) = (S, {', '.join(map(str, y.shape))}), "
+                             f"got {tuple(vectors.shape)}")
+        with SolveScope(self.F, y) as scope, torch.enable_grad():
+            y = y.to(scope.dtype)
+            if not y.requires_grad:
+                y = y.detach().requires_grad_()
+            f = self.F(y)
+            products = [torch.autograd.grad(f, y, v.to(f.dtype), create_graph=True, retain_graph=True)[0]
+                        for v in vectors]
+        return self.theta * torch.stack(products)
 
     def extra_repr(self) -> str:
         return (

@@ -14,12 +14,18 @@ Extension points for subclasses (see ``docs/subclassing.md``):
 * the perturbation of R_rnd: ``r_rnd.perturbation`` (a
   :class:`~irnet.perturbations.Perturbation`), in the config or at run time;
 * :meth:`ImplicitNetModule.configure_optimizers`.
+
+Loud failure (:mod:`irnet.failure`, on by default): a NaN/Inf loss, gradient or
+parameter, or a layer whose forward solves keep failing, stops the run with a
+:class:`~irnet.failure.TrainingFailure` naming the statistic and where.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +35,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
-from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer, Regularizer
+from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, nonfinite_gradients,
+                           nonfinite_parameters, nonfinite_tensors)
+from irnet.layer import NonFiniteInputError
+from irnet.regularizers import FixedPointRegularizer, JacobianRegularizer, PerturbationRegularizer, Regularizer
 from irnet.per_sample import sample_norm
 from irnet.stats import reset_convergence_warnings
 from irnet.validation import check_choice, check_int, check_positive
@@ -96,6 +105,19 @@ class ImplicitNetModule(pl.LightningModule):
         weight_decay: Adam's weight decay.
         r_fp: the fixed-point regulariser R_fp (eq. 9), or ``None``.
         r_rnd: the perturbation regulariser R_rnd (eq. 10), or ``None``.
+        r_jac: the Jacobian regulariser R_jac (Bai et al. 2021), or ``None``.
+        check_finite: stop the run with a :class:`~irnet.failure.TrainingFailure`
+            on a NaN/Inf training loss (before backward), gradient (before the
+            optimizer step), parameter (before and after each step, and in a
+            checkpoint being loaded), or a layer's output made NaN by a diverged
+            forward solve; the message names the parameters or layers. Nothing
+            is checkpointed on the way out, so the newest checkpoint is the last
+            good one. Under ``16-mixed`` precision the gradient scaler handles
+            non-finite gradients itself and they are not checked.
+        max_failing_steps: stop the fit when a layer's fraction of unconverged
+            forward solves exceeds ``failing_fraction`` in this many consecutive
+            training steps; ``None`` switches the check off.
+        failing_fraction: the threshold of ``max_failing_steps``, in [0, 1).
     """
 
     def __init__(
@@ -109,6 +131,10 @@ class ImplicitNetModule(pl.LightningModule):
         weight_decay: float = 0.0,
         r_fp: Optional[FixedPointRegularizer] = None,
         r_rnd: Optional[PerturbationRegularizer] = None,
+        r_jac: Optional[JacobianRegularizer] = None,
+        check_finite: bool = True,
+        max_failing_steps: Optional[int] = 50,
+        failing_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hparams are the config (class_path/init_args), so
@@ -120,7 +146,12 @@ class ImplicitNetModule(pl.LightningModule):
         self.net = net
         self.loss_name = check_choice("loss", loss, LOSSES)
         self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
-        self.regularizers: dict[str, Regularizer] = self._collect_regularizers(r_fp=r_fp, r_rnd=r_rnd)
+        self.regularizers: dict[str, Regularizer] = self._collect_regularizers(r_fp=r_fp, r_rnd=r_rnd,
+                                                                               r_jac=r_jac)
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be true or false, got {check_finite!r}")
+        self.check_finite = check_finite
+        self.failing = FailingStreaks(max_failing_steps, failing_fraction)
         self.classification = self.loss_name == "cross_entropy"
         metrics = self._make_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -146,7 +177,7 @@ class ImplicitNetModule(pl.LightningModule):
             if reg is not None:
                 found[name] = reg
         if any(reg.active for reg in found.values()) and not hasattr(self.net, "trajectory"):
-            raise ValueError("r_fp and r_rnd need a network with .trajectory() and .blocks "
+            raise ValueError("r_fp, r_rnd and r_jac need a network with .trajectory() and .blocks "
                              f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}")
         return found
 
@@ -159,6 +190,11 @@ class ImplicitNetModule(pl.LightningModule):
     def r_rnd(self) -> Optional[PerturbationRegularizer]:
         """The perturbation regulariser, if configured."""
         return self.regularizers.get("r_rnd")
+
+    @property
+    def r_jac(self) -> Optional[JacobianRegularizer]:
+        """The Jacobian regulariser, if configured."""
+        return self.regularizers.get("r_jac")
 
     def _make_metrics(self, num_classes: Optional[int]) -> MetricCollection:
         if not self.classification:
@@ -244,16 +280,21 @@ class ImplicitNetModule(pl.LightningModule):
     # -- the shared step ----------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, target = batch
-        states = self.trajectory(x)
-        pred = self.readout(states[-1])
-        iters = self.forward_iterations()  # read before any regulariser re-runs the network
-        loss = self.compute_loss(pred, target)
-        terms = self.regularization(x, states) if stage == "train" else {}
+        with self._named_failures(stage):
+            states = self.trajectory(x)
+            pred = self.readout(states[-1])
+            iters = self.forward_iterations()  # read before any regulariser re-runs the network
+            failing = self.unconverged_fractions() if stage == "train" else {}
+            loss = self.compute_loss(pred, target)
+            terms = self.regularization(x, states) if stage == "train" else {}
         total = loss + sum(terms.values()) if terms else loss
         values = {"loss": loss, "total": total, **{f"term/{k}": v for k, v in terms.items()}}
         if iters is not None:
             values["iters"] = iters
+        values.update({f"unconverged/{i}": v for i, v in failing.items()})
         means, share = self._global_means(values, x.shape[0])
+        if stage == "train":
+            self._check_training_step(means)
         self._log_step(stage, means, share.global_count, pred, target)
         return total * share.weight if share.weight != 1 else total
 
@@ -272,6 +313,82 @@ class ImplicitNetModule(pl.LightningModule):
         global_count = int(round(float(summed[0])))
         means = dict(zip(values, summed[1:] / global_count))
         return means, BatchShare(global_count, count * world / global_count)
+
+    # -- loud failure (irnet.failure) ----------------------------------------------
+    def _where(self, stage: str) -> str:
+        if stage == "train":
+            return f"training stopped at epoch {self.current_epoch}, step {self.global_step}"
+        return f"{stage} stopped"
+
+    def _blocks(self) -> list[nn.Module]:
+        return list(getattr(self.net, "blocks", []))
+
+    @contextmanager
+    def _named_failures(self, stage: str) -> Iterator[None]:
+        """A block refusing a NaN input (made by an earlier layer) becomes a TrainingFailure naming that layer."""
+        try:
+            yield
+        except NonFiniteInputError as err:
+            if not self.check_finite:
+                raise
+            raise TrainingFailure(f"{self._where(stage)}: a layer's input is NaN/Inf; "
+                                  f"{diagnosis(self, self._blocks())}") from err
+
+    def unconverged_fractions(self) -> dict[int, Tensor]:
+        """Each implicit layer's fraction of unconverged forward solves in the last pass (by layer index)."""
+        if self.failing.max_steps is None:
+            return {}
+        return {i: (~b.forward_stats.converged).float().mean() for i, b in enumerate(self._blocks())
+                if getattr(b, "forward_stats", None) is not None and getattr(b, "theta", 1) > 0}
+
+    def _check_training_step(self, means: dict[str, Tensor]) -> None:
+        """Stop on a non-finite objective or a layer failing too long (one host read for both)."""
+        keys = [k for k in means if k.startswith("unconverged/")]
+        if not self.check_finite and not keys:
+            return
+        read = torch.stack([means["total"].float().reshape(()), *(means[k].float() for k in keys)]).tolist()
+        where = self._where("train")
+        if self.check_finite and not math.isfinite(read[0]):
+            bad = ["train/" + k.removeprefix("term/") for k in means
+                   if (k == "loss" or k.startswith("term/")) and not math.isfinite(float(means[k]))]
+            raise TrainingFailure(f"{where}: non-finite {', '.join(bad) or 'train/total'} ({read[0]}); "
+                                  f"{diagnosis(self, self._blocks())}")
+        self.failing.update({int(k.split("/")[1]): v for k, v in zip(keys, read[1:])}, where)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse a step with non-finite gradients or parameters (none applied, nothing saved)."""
+        if not self.check_finite:
+            return
+        where = self._where("train")
+        params = nonfinite_parameters(self)
+        if params:
+            raise TrainingFailure(f"{where}: non-finite parameters before the optimizer step: "
+                                  f"{', '.join(params)}")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
+        grads = nonfinite_gradients(self)
+        if grads:
+            raise TrainingFailure(f"{where}: non-finite gradients (before the optimizer step, not applied): "
+                                  f"{', '.join(grads)}")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then a check that it left the parameters finite (before any checkpoint)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.check_finite:
+            params = nonfinite_parameters(self)
+            if params:
+                raise TrainingFailure(f"{self._where('train')}: the optimizer step made parameters non-finite: "
+                                      f"{', '.join(params)}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers)."""
+        if not self.check_finite:
+            return
+        state = checkpoint.get("state_dict", {})
+        bad = nonfinite_tensors((k, v) for k, v in state.items() if isinstance(v, Tensor))
+        if bad:
+            raise TrainingFailure(f"refusing a checkpoint with non-finite weights: {', '.join(bad)} "
+                                  "(set check_finite: false to load it anyway)")
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
@@ -324,6 +441,7 @@ class ImplicitNetModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # ... and training again after the sanity check, whose failures must not silence it.
         reset_convergence_warnings()
+        self.failing.reset()
 
     def on_train_epoch_start(self) -> None:
         # Fresh perturbations every epoch, seeded by the epoch (a resumed run repeats

@@ -1,4 +1,5 @@
-"""The paper's regularisers R_fp (eq. 9) and R_rnd (eq. 10).
+"""The paper's regularisers R_fp (eq. 9) and R_rnd (eq. 10), and the Jacobian regulariser R_jac
+(Bai, Koltun & Kolter 2021).
 
 A regulariser is a small configurable object (so a YAML config can name it by
 ``class_path``) that the LightningModule calls with the network, the input
@@ -19,7 +20,7 @@ from irnet.arg_repr import ArgsRepr
 from irnet.perturbations import GaussianPerturbation, Perturbation
 from irnet.per_sample import sample_norm
 from irnet.auxiliary import auxiliary_pass
-from irnet.validation import check_int, check_nonnegative
+from irnet.validation import check_choice, check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
 
@@ -238,4 +239,86 @@ class PerturbationRegularizer(Regularizer):
         return total.mean()
 
 
-__all__ = ["FixedPointRegularizer", "PerturbationRegularizer", "Regularizer", "Trajectory", "power_weights"]
+class JacobianRegularizer(Regularizer):
+    """R_jac = mean over implicit layers t of the batch mean of ``‖θ_t ∂F_t/∂y (y_t)‖_F²``.
+
+    The Jacobian penalised is that of the fixed-point map ``y ↦ c + θF(y)`` at
+    the layer's output ``y_t`` (its fixed point), i.e. ``θ·∂F/∂y``, not ``∂F/∂y``
+    alone: its norm bounds the map's contraction factor
+    (``ρ(θJ) ≤ ‖θJ‖₂ ≤ ‖θJ‖_F``), on which fixed-point and Neumann iterations
+    depend, so the penalty scales with θ² and explicit layers (θ = 0) contribute
+    nothing. As in Bai, Koltun & Kolter, "Stabilizing equilibrium models by
+    Jacobian regularization" (ICML 2021), the squared Frobenius norm is
+    estimated by Hutchinson's estimator ``‖J‖_F² = E‖vᵀJ‖²`` with
+    ``E[vvᵀ] = I``, from ``samples`` vector–Jacobian products per layer (one
+    draw per sample of the batch), averaged over the draws. Unlike Bai et al.
+    the value is not divided by the state's dimension.
+
+    The states are the module's clean hidden states (from its ``trajectory``),
+    with their graph: the penalty is differentiated in F's parameters both
+    directly and through the fixed point ``y_t`` (one adjoint solve per layer,
+    shared with the loss's). Dropout masks are drawn afresh for the products.
+
+    Args:
+        weight: weight in the loss.
+        samples: Hutchinson vectors per layer and sample; ``None`` computes the
+            exact norm from ``n`` products with the unit vectors (``n`` the
+            size of one sample's state) — for small states and for tests.
+        noise: distribution of the vectors, ``"rademacher"`` (±1, the lower
+            variance) or ``"gaussian"`` (Bai et al.).
+        seed: seed of the vectors' generator, reseeded from ``(seed, epoch, rank)``
+            at the start of every training epoch (as R_rnd's perturbations).
+
+    Attributes:
+        generator: the ``torch.Generator`` the vectors are drawn from (on the CPU).
+    """
+
+    name = "r_jac"
+    NOISES = ("rademacher", "gaussian")
+
+    def __init__(self, weight: float = 1.0, samples: Optional[int] = 1, noise: str = "rademacher",
+                 seed: int = 0) -> None:
+        super().__init__(weight)
+        self.samples = None if samples is None else check_int("samples", samples, 1)
+        self.noise = check_choice("noise", noise, self.NOISES)
+        self.seed = check_int("seed", seed, 0)
+        self.generator = torch.Generator()
+        self.on_train_epoch_start(0)
+
+    __getstate__ = PerturbationRegularizer.__getstate__
+    __setstate__ = PerturbationRegularizer.__setstate__
+    epoch_seed = PerturbationRegularizer.epoch_seed
+
+    def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
+        self.generator.manual_seed(self.epoch_seed(epoch, rank))
+
+    def vectors(self, y: Tensor) -> Tensor:
+        """The probe vectors for states ``y``: ``(S, batch, …)``, in y's dtype and device."""
+        if self.samples is None:  # the unit vectors e_1 … e_n, the same for every sample
+            n = y[0].numel()
+            eye = torch.eye(n, dtype=y.dtype, device=y.device).view(n, 1, *y.shape[1:])
+            return eye.expand(n, *y.shape)
+        shape = (self.samples, *y.shape)
+        if self.noise == "gaussian":
+            v = torch.randn(shape, generator=self.generator, dtype=y.dtype)
+        else:
+            v = torch.randint(0, 2, shape, generator=self.generator).to(y.dtype).mul_(2).sub_(1)
+        return v.to(y.device)
+
+    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
+                 trajectory: Optional[Trajectory] = None) -> Tensor:
+        terms = []
+        for block, y in zip(net.blocks, states[1:]):
+            if block.theta == 0:
+                continue
+            products = block.map_jacobian_products(y, self.vectors(y))  # (S, batch, …)
+            squared = products.flatten(2).pow(2).sum(2)  # (S, batch): ‖vᵀ θJ‖² per draw and sample
+            # Exact: the sum over the unit vectors; Hutchinson: the mean over the draws.
+            each = squared.sum(0) if self.samples is None else squared.mean(0)
+            terms.append(each.mean())
+        if not terms:
+            return states[0].new_zeros(())
+        return torch.stack(terms).mean()
+
+
+__all__ = ["FixedPointRegularizer", "JacobianRegularizer", "PerturbationRegularizer", "Regularizer", "Trajectory", "power_weights"]
