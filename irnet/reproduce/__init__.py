@@ -1,4 +1,5 @@
-"""``python -m irnet reproduce ex1|ex2|stability|robustness``: the paper's studies, end to end.
+"""``python -m irnet reproduce ex1|ex2|stability|robustness|seeds``: the paper's studies, end to end
+(``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`).
 
 Each study trains its grid of configurations × seeds on the CPU (one worker
 process per core), then writes into ``--out`` (default ``reproduce/<study>``):
@@ -23,9 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from irnet.reproduce import seeds
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
-STUDIES = ("stability", "ex1", "ex2", "robustness")
+STUDIES = ("stability", "ex1", "ex2", "robustness", "seeds")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
 
@@ -48,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, default=None,
                    help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, else 1; "
                         "see docs/training.md, Threads)")
+    seeds.add_arguments(p)
     return p
 
 
@@ -82,6 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
     study = importlib.import_module(f"irnet.reproduce.{args.study}")
     command = "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in (argv or sys.argv[2:]))
+    seeds.refuse_foreign(args, parser().error)
+    if args.study == "seeds":
+        return seeds.main(args, command)
     start = time.perf_counter()
     if args.study == "stability":
         study.run(out, tiny=args.tiny)
