@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from irnet.linear import GMRES, Direct, LinearSolver, Neumann
-from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG, NonlinearSolver
+from irnet.solvers import Anderson, Broyden, FixedPoint, GradientDescent, NonlinearCG, NonlinearSolver
 
 DTYPE = torch.float64
 
@@ -36,6 +36,7 @@ SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
     "cg_polak_ribiere": lambda atol=TIGHT, max_iter=500: NonlinearCG(
         atol=atol, max_iter=max_iter, beta="polak-ribiere"
     ),
+    "broyden": lambda atol=TIGHT, max_iter=500: Broyden(atol=atol, max_iter=max_iter),
 }
 
 LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {
@@ -45,7 +46,7 @@ LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {
 }
 
 # Classes, for argument validation.
-SOLVER_CLASSES = (FixedPoint, Anderson, GradientDescent, NonlinearCG)
+SOLVER_CLASSES = (FixedPoint, Anderson, GradientDescent, NonlinearCG, Broyden)
 LINEAR_CLASSES = (Neumann, GMRES, Direct)
 ITERATIVE_LINEAR_CLASSES = (Neumann, GMRES)
 

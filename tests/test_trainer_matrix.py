@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
+from irnet.solvers import Anderson, Broyden, FixedPoint, GradientDescent, NonlinearCG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # ~30 s in all
 
@@ -30,6 +30,7 @@ SOLVERS = {
     "gradient_descent": lambda: GradientDescent(atol=TOL, max_iter=100),
     "cg_fletcher_reeves": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="fletcher-reeves"),
     "cg_polak_ribiere": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="polak-ribiere"),
+    "broyden": lambda: Broyden(atol=TOL, max_iter=100),
 }
 LINEAR = {
     "neumann": lambda: Neumann(rtol=TOL, max_iter=100),

@@ -1,6 +1,7 @@
 """Forward solvers for ``y = x + (1 − θ)F(x) + θF(y)``; see :class:`NonlinearSolver`."""
 
 from irnet.solvers.anderson import Anderson
+from irnet.solvers.broyden import Broyden
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.solvers.fixed_point import FixedPoint
 from irnet.solvers.gradient_descent import GradientDescent
@@ -8,6 +9,7 @@ from irnet.solvers.nonlinear_cg import NonlinearCG
 
 __all__ = [
     "Anderson",
+    "Broyden",
     "FixedPoint",
     "FixedPointProblem",
     "GradientDescent",
