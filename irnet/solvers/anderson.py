@@ -56,29 +56,40 @@ class Anderson(NonlinearSolver):
         return _State(y=y0, r=y0 - g, ys=[y0.flatten(1)], gs=[g.flatten(1)])
 
     def step(self, problem: FixedPointProblem, state: _State) -> _State:
-        Y = torch.stack(state.ys, dim=1)  # (batch, m, n)
-        G = torch.stack(state.gs, dim=1)
-        alpha = self._weights(G - Y)  # (batch, m)
-        mixed_g = torch.einsum("bm,bmn->bn", alpha, G)
-        mixed_y = torch.einsum("bm,bmn->bn", alpha, Y)
-        y = (self.mixing * mixed_g + (1 - self.mixing) * mixed_y).view_as(state.y)
+        if len(state.ys) == 1:
+            # One iterate: the weights are α = (1), a plain (damped) fixed-point step.
+            y = self._mix(state.gs[0], state.ys[0]).view_as(state.y)
+        else:
+            Y = torch.stack(state.ys, dim=1)  # (batch, m, n)
+            G = torch.stack(state.gs, dim=1)
+            alpha = self._weights(G - Y)[:, None]  # (batch, 1, m)
+            mixed_y = torch.bmm(alpha, Y).squeeze(1) if self.mixing < 1 else None
+            y = self._mix(torch.bmm(alpha, G).squeeze(1), mixed_y).view_as(state.y)
         g = problem.map(y)
         keep = self.history - 1
         ys = state.ys[-keep:] if keep else []  # the newest ``history − 1``, fewer while filling
         gs = state.gs[-keep:] if keep else []
         return _State(y=y, r=y - g, ys=ys + [y.flatten(1)], gs=gs + [g.flatten(1)])
 
+    def _mix(self, mixed_g: Tensor, mixed_y) -> Tensor:
+        """``β Σ αᵢ g(yᵢ) + (1 − β) Σ αᵢ yᵢ`` (just the first sum when β = 1)."""
+        if self.mixing == 1:
+            return mixed_g
+        return self.mixing * mixed_g + (1 - self.mixing) * mixed_y
+
     def _weights(self, R: Tensor) -> Tensor:
         """Constrained least-squares weights from residual history ``R`` of shape (batch, m, n)."""
         H = R @ R.transpose(1, 2)  # (batch, m, m)
+        m = H.shape[1]
         scale = H.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(R.dtype).tiny)
-        eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
-        H = H + (self.regularization * scale)[:, None, None] * eye
-        ones = torch.ones(H.shape[:2], dtype=H.dtype, device=H.device)
-        z, _ = torch.linalg.solve_ex(H, ones)
+        H = H + torch.diag_embed((self.regularization * scale)[:, None].expand(-1, m))
+        z, _ = torch.linalg.solve_ex(H, H.new_ones(H.shape[:2]))
         alpha = z / z.sum(dim=1, keepdim=True)
-        # A singular or non-finite system falls back to the newest map value.
-        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
+        # A singular or non-finite system falls back to the newest map value
+        # (NaN fails every comparison, so ``|α| < ∞`` is the finiteness test).
+        ok = (alpha.abs() < float("inf")).all(dim=1, keepdim=True)
+        if R.device.type == "cpu" and bool(ok.all()):
+            return alpha  # reading the flag is free on the CPU; skip the fallback
         newest = torch.zeros_like(alpha)
         newest[:, -1] = 1
         return torch.where(ok, alpha, newest)

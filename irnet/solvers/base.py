@@ -148,13 +148,14 @@ class NonlinearSolver(ArgsRepr):
         return self._iterate(problem, y0)
 
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        # Few operations per iteration, since each costs more than F on small states:
+        # comparisons with NaN are false, so ``res < best_res`` and ``res > atol`` need
+        # no separate finiteness test, and divergence is read off once at the end.
         state = self.init(problem, y0)
         best_y = state.y
-        best_res = sample_norm(state.r)
+        best_res = res = sample_norm(state.r)
         iterations = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
-        active = best_res > self.atol
-        diverged = ~torch.isfinite(best_res)
-        active = active & ~diverged
+        active = res > self.atol
         every = check_every(y0.device)
         for k in range(1, self.max_iter + 1):
             # A host read for the early exit; on an accelerator only every few iterations
@@ -164,18 +165,26 @@ class NonlinearSolver(ArgsRepr):
                 break
             state = self.step(problem, state)
             res = sample_norm(state.r)
-            finite = torch.isfinite(res)
-            take = active & finite & (res < best_res)
+            take = active & (res < best_res)
             best_y = torch.where(per_sample(take, best_y), state.y, best_y)
             best_res = torch.where(take, res, best_res)
-            iterations = torch.where(active, k, iterations)
-            diverged = diverged | (active & ~finite)
-            active = active & finite & (res > self.atol)
+            iterations += active
+            active = active & (res > self.atol)
+        converged = best_res <= self.atol
         stats = SolverStats(
             iterations=iterations,
             residual=best_res.detach(),
-            converged=best_res <= self.atol,
-            diverged=diverged,
+            converged=converged,
+            diverged=self._diverged(converged, iterations, res),
         )
         return best_y, stats
 
+    def _diverged(self, converged: Tensor, iterations: Tensor, last_res: Tensor) -> Tensor:
+        """Samples whose iterates became non-finite.
+
+        A sample leaves the loop early only by converging or by a non-finite
+        residual; one that ran all ``max_iter`` iterations diverged if its last
+        residual (its own: it was active to the end) is not finite.
+        """
+        stopped_early = iterations < self.max_iter
+        return ~converged & (stopped_early | ~(last_res < float("inf")))
