@@ -39,6 +39,7 @@ class SeedRecorder(Callback):
         self.val_unconverged = 0
         self.val_diverged = 0
         self._epoch: list[Tensor] = []  # per step: (iterations mean, unconverged, diverged)
+        self._flushed = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._recorder.attach(find_blocks(pl_module))
@@ -48,6 +49,7 @@ class SeedRecorder(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch = []
+        self._flushed = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -71,6 +73,12 @@ class SeedRecorder(Callback):
             self.val_unconverged += int(counts[1])
             self.val_diverged += int(counts[2])
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a training step that raised (a NaN stop): its forward solves count too
+        counts = self._step_counts()
+        if counts is not None:
+            self._epoch.append(counts)
+
     def _step_counts(self) -> Optional[Tensor]:
         """(mean iterations over layers, unconverged, diverged) of the step just ended, or None."""
         step = self._recorder.stop()
@@ -90,10 +98,16 @@ class SeedRecorder(Callback):
         self.series["iterations"].append(float(steps[:, 0].mean()))
         self.series["unconverged"].append(float(steps[:, 1].sum()))
         self.series["diverged"].append(float(steps[:, 2].sum()))
+        self._flushed = True
+
+    def _unflushed(self) -> bool:
+        """Whether steps of an epoch that did not finish (the fit raised in it) are still uncounted."""
+        return bool(self._epoch) and not self._flushed
 
     def record(self, max_epochs: Optional[int]) -> dict:
         """The seed's summary numbers and per-epoch series (NaN / None where they do not apply)."""
         s = self.series
+        partial = torch.stack(self._epoch)[:, 1:].sum(0).tolist() if self._unflushed() else [0.0, 0.0]
         runs = len(s["val_loss"])
         late = max(1, math.ceil(LAST_FRACTION * runs))
         best = _argbest(s["val_loss"], min)
@@ -104,7 +118,8 @@ class SeedRecorder(Callback):
             "final_val_acc": _last(s["val_acc"]), "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
             "final_train_loss": _last(s["train_loss"]),
             "iterations_mean": _nanmean(s["iterations"]), "iterations_last10": _nanmean(s["iterations"][-late:]),
-            "unconverged": int(_nansum(s["unconverged"])), "diverged": int(_nansum(s["diverged"])),
+            "unconverged": int(_nansum(s["unconverged"]) + partial[0]),
+            "diverged": int(_nansum(s["diverged"]) + partial[1]),
             "val_unconverged": self.val_unconverged, "val_diverged": self.val_diverged,
             "history": {k: list(v) for k, v in s.items()},
         }

@@ -205,7 +205,7 @@ def run_cell(cell: dict) -> dict:
     try:
         cli = build(cell)
         trainer, module = cli.trainer, cli.model
-        trainer.callbacks.append(recorder)
+        trainer.callbacks.insert(0, recorder)  # records an epoch before a later callback can raise
         _clear_old_run(Path(trainer.logger.log_dir))
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:  # SystemExit: a configuration error reported by the CLI

@@ -1,0 +1,166 @@
+"""``python -m irnet reproduce seeds``: argument parsing, criteria, and tiny end-to-end runs whose
+numbers are checked against an ordinary ``fit``, ``validate`` on the saved checkpoint and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from pytorch_lightning import Callback
+
+from irnet.reproduce import main as reproduce
+from irnet.reproduce import parser
+from irnet.reproduce.seeds import Criterion, parse_criterion, parse_set
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ex1_sine.yaml")
+SMALL = ["model.init_args.net.init_args.layers=3"]  # a 3-layer sine network: seconds per run
+
+
+class FailOnSeed(Callback):
+    """Raises at the end of the first training epoch of the run seeded with ``seed`` (a forced failure)."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.seed = seed
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if int(os.environ.get("PL_GLOBAL_SEED", -1)) == self.seed:
+            raise RuntimeError(f"forced failure of seed {self.seed}")
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, key, op, threshold", [
+    ("val/loss<=0.12", "final_val_loss", "<=", 0.12),
+    (" val/loss < 1e-1 ", "final_val_loss", "<", 0.1),
+    ("val/acc>=0.95", "final_val_acc", ">=", 0.95),
+    ("max(val/acc)>0.9", "best_val_acc", ">", 0.9),
+    ("min(val/loss)<=0.15", "best_val_loss", "<=", 0.15),
+    ("train/loss<=2", "final_train_loss", "<=", 2.0),
+])
+def test_criterion_parser_accepts(text, key, op, threshold):
+    c = parse_criterion(text)
+    assert (c.key, c.op, c.threshold) == (key, op, threshold)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("loss<=0.1", "unknown metric"), ("val/loss=0.1", "metric operator number"), ("val/loss<=abc", "not a number"),
+    ("val/loss<=nan", "finite"), ("val/loss<=inf", "finite"), ("", "metric operator number"),
+    ("val/loss=<0.1", "unknown metric"), ("min(val/acc)>=0.9", "unknown metric"),
+])
+def test_criterion_parser_refuses_with_the_argument_named(text, fragment):
+    with pytest.raises(ValueError, match="--criterion") as err:
+        parse_criterion(text)
+    assert fragment in str(err.value)
+
+
+def test_criterion_counts_final_values_of_completed_runs_only():
+    final, best = parse_criterion("val/loss<=0.12"), parse_criterion("min(val/loss)<=0.12")
+    ok = {"failed": False, "final_val_loss": 0.12, "best_val_loss": 0.1}
+    broken = {"failed": True, "final_val_loss": 0.11, "best_val_loss": 0.1}
+    nan = {"failed": False, "final_val_loss": math.nan, "best_val_loss": math.nan}
+    assert [final.met(r) for r in (ok, broken, nan)] == [True, False, False]
+    assert [best.met(r) for r in (ok, broken, nan)] == [True, True, False]
+    assert not Criterion("val/loss<0.12", "final_val_loss", "<", 0.12).met(ok)
+
+
+def test_set_parser():
+    assert parse_set("model.init_args.r_fp=null") == ("model.init_args.r_fp", "null")
+    assert parse_set("a.b=x=y") == ("a.b", "x=y")
+    for bad in ("model.init_args.lr", "=1", "--model.lr=1"):
+        with pytest.raises(ValueError, match="--set"):
+            parse_set(bad)
+
+
+def test_command_line_refusals_name_the_option(capsys):
+    cases = [(["seeds", "--criterion", "loss<1"], "--criterion"), (["seeds"], "--config"),
+             (["seeds", "--config", "no/such.yaml"], "--config"), (["ex2", "--set", "a=1"], "--set"),
+             (["seeds", "--config", CONFIG, "--set", "lr"], "--set")]
+    for argv, option in cases:
+        with pytest.raises(SystemExit) as exit_:
+            reproduce(argv)
+        assert exit_.value.code == 2
+        assert option in capsys.readouterr().err
+    assert parser().parse_args(["seeds", "--config", CONFIG]).seeds is None
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def _study(tmp_path: Path, *extra: str, sets=SMALL) -> dict:
+    argv = ["seeds", "--config", CONFIG, "--tiny", "--first-seed", "2", "--workers", "1", "--out", str(tmp_path / "out"),
+            "--log-dir", str(tmp_path / "runs"), *[a for s in sets for a in ("--set", s)], *extra]
+    summary = reproduce(argv)
+    assert summary == tmp_path / "out" / "summary.md"
+    return json.loads((tmp_path / "runs" / "ex1_sine" / "cells.json").read_text())
+
+
+def _tensorboard(log_dir: str) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_tiny_study_matches_fit_validate_and_tensorboard(tmp_path, capsys):
+    from irnet.cli import main as cli
+
+    saved = _study(tmp_path, "--criterion", "val/loss<=10", "--table", str(tmp_path / "table.md"))
+    seeds = {r["seed"]: r for r in saved["cells"]}
+    assert sorted(seeds) == [2, 3] and not any(r["failed"] for r in seeds.values())
+    for r in seeds.values():
+        assert r["epochs_run"] == r["max_epochs"] == 3
+        scalars = _tensorboard(str(Path(r["log_dir"]) / "ex1_sine" / f"seed{r['seed']}"))
+        assert r["history"]["val_loss"] == pytest.approx(scalars["val/loss"], rel=1e-6)
+        assert r["final_train_loss"] == pytest.approx(scalars["train/loss"][-1], rel=1e-6)
+        assert r["best_val_loss"] == pytest.approx(min(scalars["val/loss"]), rel=1e-6)
+        # full batch: one step an epoch, so the module's train/iters is the epoch's mean iterations
+        assert r["history"]["iterations"] == pytest.approx(scalars["train/iters"], rel=1e-6)
+        assert r["iterations_last10"] == pytest.approx(scalars["train/iters"][-1], rel=1e-6)
+
+    # Seed 3 (second in this process) as `fit` trains it, every monitor on: the same numbers.
+    fit = cli(["fit", "--config", CONFIG, "--seed_everything", "3", "--trainer.max_epochs=3",
+               f"--{SMALL[0]}", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'fit'}",
+               "--trainer.enable_progress_bar=false"])
+    metrics = {k: float(v) for k, v in fit.trainer.callback_metrics.items()}
+    assert seeds[3]["final_val_loss"] == pytest.approx(metrics["val/loss"], rel=1e-6)
+    assert seeds[3]["history"]["unconverged"][-1] == metrics["solver/forward_not_converged_epoch"]
+    assert seeds[3]["history"]["iterations"][-1] == pytest.approx(metrics["solver/forward_iterations_mean_epoch"])
+
+    # validate on the saved last checkpoint gives the recorded final validation loss.
+    check = cli(["validate", "--config", CONFIG, f"--{SMALL[0]}", "--ckpt_path", seeds[2]["checkpoint"],
+                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false"])
+    assert seeds[2]["final_val_loss"] == pytest.approx(float(check.trainer.callback_metrics["val/loss"]), rel=1e-4)
+
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    reached = sum(r["final_val_loss"] <= 10 for r in seeds.values())
+    assert f"{reached} of 2 seeds reach val/loss<=10" in summary
+    assert (tmp_path / "out" / "seeds_ex1_sine.png").stat().st_size > 5000
+    assert summary.count("\n| ex1_sine |") == 1 and (tmp_path / "table.md").read_text().count("| ex1_sine |") == 1
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert [r["final_val_loss"] for r in results] == pytest.approx([seeds[s]["final_val_loss"] for s in (2, 3)],
+                                                                    rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_failing_seed_is_recorded_while_the_others_complete(tmp_path):
+    fail = '{"class_path": "test_seed_study.FailOnSeed", "init_args": {"seed": 2}}'
+    saved = _study(tmp_path, "--epochs", "2", sets=[*SMALL, f"trainer.callbacks+={fail}"])
+    seeds = {r["seed"]: r for r in saved["cells"]}
+    assert not seeds[3]["failed"] and seeds[3]["epochs_run"] == 2 and seeds[3]["error"] is None
+    assert seeds[2]["failed"] and "forced failure of seed 2" in seeds[2]["error"]
+    assert seeds[2]["epochs_run"] == 1  # the epoch it failed in is recorded before the callback raised
+    assert math.isfinite(seeds[2]["final_val_loss"]) and seeds[2]["checkpoint"]
+    assert "failed: RuntimeError: forced failure" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_diverging_learning_rate_is_a_failed_run(tmp_path):
+    saved = _study(tmp_path, "--seeds", "1", "--epochs", "2", sets=[*SMALL, "model.init_args.lr=1e6"])
+    (record,) = saved["cells"]
+    assert record["failed"] and record["error"]
