@@ -7,7 +7,7 @@ own recorder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,30 @@ def layer_vectors(stats: list[Optional[SolverStats]]) -> dict[str, Tensor]:
     summaries = [s.summary() if s is not None else None for s in stats]
     return {key: torch.stack([s[key] if s is not None else nan for s in summaries])
             for key in REDUCTIONS}
+
+
+def finished_by(stats: Sequence[Optional[SolverStats]], blocks: Sequence) -> dict[str, Tensor]:
+    """Fraction of the samples of a step that each method of a chained solver finished.
+
+    Over every layer whose solver names its methods (:class:`~irnet.solvers.Fallback`'s
+    ``method_names``) and whose stats carry ``method``; layers of the same method
+    name are pooled. The names depend only on the network's solvers, never on
+    the values, so every DDP rank logs the same tags.
+
+    Returns:
+        ``{method name: 0-d float32 fraction}``; empty when no layer has a chain.
+    """
+    counts: dict[str, Tensor] = {}
+    total = 0
+    for block, s in zip(blocks, stats):
+        names = getattr(getattr(block, "solver", None), "method_names", None)
+        if names is None or s is None or s.method is None:
+            continue
+        per_method = torch.bincount(s.method, minlength=len(names)).float()
+        for name, count in zip(names, per_method):
+            counts[name] = counts[name] + count if name in counts else count
+        total += s.method.numel()
+    return {name: count / total for name, count in counts.items()}
 
 
 class SolverStatsRecorder:

@@ -20,6 +20,7 @@ from ._solver_recorder import (
     LayerAccumulator,
     SolverStatsRecorder,
     StepStats,
+    finished_by,
     layer_vectors,
     over_layers,
 )
@@ -41,6 +42,11 @@ class SolverStatistics(Callback):
     means by mean, maxima by max and counts by sum). Backward tags appear only
     for layers that ran an adjoint solve (not for θ = 0, nor in unrolled mode);
     explicit θ = 0 layers count 0 forward iterations.
+
+    Chained solvers (:class:`~irnet.solvers.Fallback`): ``solver/finished_by/<Method>``
+    is the fraction of the step's samples (pooled over such layers) that each
+    method finished, e.g. ``solver/finished_by/Broyden``; the epoch value is
+    the fraction over the epoch's samples (and ``val_solver/…`` for validation).
 
     With ``per_layer`` the same per layer under
     ``solver_layers/<direction>_<name>/layer_<t>`` (t = 1…T, for the names in
@@ -205,6 +211,9 @@ class SolverStatistics(Callback):
                 for key in PER_LAYER_KEYS:
                     tag = layer_tag(f"{group}_layers", f"{direction}_{key}", i, layers)
                     self._log_value(pl_module, tag, summary[key], key, on_step, batch_size)
+        for name, fraction in finished_by(step.forward, self._recorder.blocks).items():
+            pl_module.log(f"{group}/finished_by/{name}", fraction, on_step=on_step, on_epoch=True,
+                          reduce_fx="mean", sync_dist=self.sync_dist, batch_size=batch_size)
 
     def _log_value(self, pl_module: pl.LightningModule, name: str, value: Tensor, key: str,
                    on_step: bool, batch_size: Optional[int]) -> None:

@@ -7,7 +7,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +32,16 @@ class SolverStats:
         converged: whether the sample met its tolerance.
         diverged: whether the solver gave up on the sample early because its
             iterates stalled, grew or became non-finite.
+        method: for a solve by several methods in turn
+            (:class:`~irnet.solvers.Fallback`), the index of the method that
+            finished each sample (long); ``None`` for a single solver.
     """
 
     iterations: Tensor
     residual: Tensor
     converged: Tensor
     diverged: Tensor
+    method: Optional[Tensor] = None
 
     @classmethod
     def trivial(cls, batch: int, device: torch.device, dtype: torch.dtype) -> "SolverStats":

@@ -16,7 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from irnet.linear import GMRES, Direct, LinearSolver, Neumann
-from irnet.solvers import Anderson, Broyden, FixedPoint, GradientDescent, NonlinearCG, NonlinearSolver
+from irnet.solvers import (
+    Anderson,
+    Broyden,
+    Fallback,
+    FixedPoint,
+    GradientDescent,
+    NonlinearCG,
+    NonlinearSolver,
+)
 
 DTYPE = torch.float64
 
@@ -37,6 +45,12 @@ SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
         atol=atol, max_iter=max_iter, beta="polak-ribiere"
     ),
     "broyden": lambda atol=TIGHT, max_iter=500: Broyden(atol=atol, max_iter=max_iter),
+    # A short FixedPoint first, so that on the slower problems the chain hands samples on.
+    "fallback": lambda atol=TIGHT, max_iter=500: Fallback([
+        FixedPoint(atol=atol, max_iter=max(1, max_iter // 50)),
+        Anderson(atol=atol, max_iter=max_iter),
+        Broyden(atol=atol, max_iter=max_iter),
+    ]),
 }
 
 LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {

@@ -3,6 +3,7 @@
 from irnet.solvers.anderson import Anderson
 from irnet.solvers.broyden import Broyden
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.solvers.fallback import Fallback
 from irnet.solvers.fixed_point import FixedPoint
 from irnet.solvers.gradient_descent import GradientDescent
 from irnet.solvers.nonlinear_cg import NonlinearCG
@@ -10,6 +11,7 @@ from irnet.solvers.nonlinear_cg import NonlinearCG
 __all__ = [
     "Anderson",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "FixedPointProblem",
     "GradientDescent",

@@ -1,0 +1,109 @@
+"""A chain of forward solvers: each sample is handed on until one of them solves it."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from irnet.per_sample import per_sample
+from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.stats import SolverStats
+
+
+class Fallback(NonlinearSolver):
+    """Run ``solvers`` in turn; a sample moves on to the next one only if the last failed it.
+
+    The first solver runs on the whole batch. A sample that it leaves unsolved
+    goes on to the next solver: from its best iterate if it stalled (still
+    above ``atol`` after ``max_iter``), from the solve's start ``y0`` if it
+    diverged (non-finite iterates). Every solver runs on the whole batch, so a
+    held dropout mask or any per-sample ``F`` sees the batch it was built for;
+    samples already within ``atol`` start inside tolerance and are frozen by
+    the shared loop at once (0 iterations, answer unchanged). The chain stops
+    as soon as every sample is solved (one host read per solver used).
+
+    Typical chain: ``FixedPoint`` (cheap, enough for contracting layers),
+    then ``Anderson``, then ``Broyden`` (no contraction needed).
+
+    Statistics: ``iterations`` is the sum over the solvers a sample went
+    through; ``residual`` the lowest residual found by any of them (its
+    iterate is the answer); ``method`` the index in ``solvers`` of the solver
+    that finished the sample (the last one tried for a sample none solved).
+    A sample solved at its start counts as finished by the first solver.
+
+    Args:
+        solvers: at least one forward solver, all with the same ``atol`` (the
+            chain's tolerance: "solved" must mean the same thing at every link).
+            ``max_iter`` of the chain is the sum of theirs.
+
+    Example:
+        >>> from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint
+        >>> solver = Fallback([FixedPoint(max_iter=30), Anderson(), Broyden()])
+        >>> solver.max_iter
+        130
+    """
+
+    def __init__(self, solvers: Sequence[NonlinearSolver]) -> None:
+        self.solvers = self._check(solvers)
+        super().__init__(self.solvers[0].atol, sum(s.max_iter for s in self.solvers))
+
+    @staticmethod
+    def _check(solvers: Sequence[NonlinearSolver]) -> list[NonlinearSolver]:
+        if isinstance(solvers, NonlinearSolver) or not isinstance(solvers, (list, tuple)):
+            raise ValueError(f"solvers must be a list of irnet.solvers solvers, got {solvers!r}")
+        solvers = list(solvers)
+        if not solvers:
+            raise ValueError("solvers must hold at least one irnet.solvers solver, got []")
+        for s in solvers:
+            if not isinstance(s, NonlinearSolver) or isinstance(s, Fallback):
+                raise ValueError("solvers must hold irnet.solvers solvers (not a Fallback), "
+                                 f"got {type(s).__name__}")
+        atols = [s.atol for s in solvers]
+        if len(set(atols)) > 1:
+            raise ValueError(f"solvers must all have the same atol (the chain's tolerance), got {atols}")
+        return solvers
+
+    @property
+    def method_names(self) -> list[str]:
+        """One name per solver, for logs: the class name, with ``_<index>`` where a class repeats."""
+        names = [type(s).__name__ for s in self.solvers]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+    def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        """Solve with each solver in turn, handing on the samples the previous one left unsolved.
+
+        Each solver handles inference mode itself (see ``uses_autograd``).
+
+        Returns:
+            The solution and its :class:`~irnet.stats.SolverStats`, with ``method`` set.
+        """
+        y, stats = self.solvers[0].solve(problem, y0)
+        best_y, best_res, iterations = y, stats.residual, stats.iterations
+        method = torch.zeros_like(stats.iterations)
+        for index, solver in enumerate(self.solvers[1:], start=1):
+            unsolved = ~(best_res <= self.atol)
+            if not bool(unsolved.any()):  # the one host read per link
+                break
+            start = torch.where(per_sample(stats.diverged, y), y0, y)
+            y, stats = solver.solve(problem, start)
+            take = (stats.residual < best_res) | torch.isnan(best_res)
+            best_y = torch.where(per_sample(take, best_y), y, best_y)
+            best_res = torch.where(take, stats.residual, best_res)
+            iterations = iterations + stats.iterations
+            method = torch.where(unsolved, index, method)
+        converged = best_res <= self.atol
+        return best_y, SolverStats(
+            iterations=iterations,
+            residual=best_res,
+            converged=converged,
+            diverged=stats.diverged & ~converged,
+            method=method,
+        )
+
+    def __repr__(self) -> str:
+        return f"Fallback(solvers={self.solvers!r})"
+
+
+__all__ = ["Fallback"]
