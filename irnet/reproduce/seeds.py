@@ -168,6 +168,8 @@ def cli_args(cell: dict) -> list[str]:
     args += [f"--{key}={value}" for key, value in cell["sets"]]
     if cell.get("epochs"):
         args.append(f"--trainer.max_epochs={cell['epochs']}")
+    if cell.get("threads") is not None:  # else the CLI's own policy (OMP_NUM_THREADS, else 1), as for fit
+        args.append(f"--threads={cell['threads']}")
     return args + ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                    f"--trainer.logger={json.dumps(logger)}"]
 
@@ -257,7 +259,7 @@ def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:
     count = args.seeds or (TINY_SEEDS if args.tiny else DEFAULT_SEEDS)
     epochs = args.epochs or (TINY_EPOCHS if args.tiny else None)  # None: the config's max_epochs
     return [{"seed": seed, "config": str(args.config), "sets": [list(s) for s in args.sets], "epochs": epochs,
-             "label": label, "log_dir": str(log_dir)}
+             "label": label, "log_dir": str(log_dir), "threads": args.threads}
             for seed in range(args.first_seed, args.first_seed + count)]
 
 
