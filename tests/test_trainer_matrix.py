@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.solvers import Anderson, Broyden, FixedPoint, GradientDescent, NonlinearCG
+from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint, GradientDescent, NonlinearCG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # ~30 s in all
 
@@ -31,6 +31,8 @@ SOLVERS = {
     "cg_fletcher_reeves": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="fletcher-reeves"),
     "cg_polak_ribiere": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="polak-ribiere"),
     "broyden": lambda: Broyden(atol=TOL, max_iter=100),
+    "fallback": lambda: Fallback([FixedPoint(atol=TOL, max_iter=3), GradientDescent(atol=TOL, max_iter=100),
+                                  Broyden(atol=TOL, max_iter=100)]),
 }
 LINEAR = {
     "neumann": lambda: Neumann(rtol=TOL, max_iter=100),
