@@ -318,7 +318,7 @@ class ImplicitNetModule(pl.LightningModule):
     def _where(self, stage: str) -> str:
         if stage == "train":
             return f"training stopped at epoch {self.current_epoch}, step {self.global_step}"
-        return f"{stage} stopped"
+        return f"{'validation' if stage == 'val' else stage} stopped"
 
     def _blocks(self) -> list[nn.Module]:
         return list(getattr(self.net, "blocks", []))
