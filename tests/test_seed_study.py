@@ -143,7 +143,8 @@ def test_tiny_study_matches_fit_validate_and_tensorboard_and_survives_a_failing_
 
     # validate on the saved last checkpoint gives the recorded final validation loss.
     check = cli(["validate", "--config", CONFIG, f"--{SMALL[0]}", "--ckpt_path", seeds[2]["checkpoint"],
-                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false"])
+                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={tmp_path / 'validate'}"])  # its config.yaml goes there
     assert seeds[2]["final_val_loss"] == pytest.approx(float(check.trainer.callback_metrics["val/loss"]), rel=1e-4)
 
     summary = (tmp_path / "out" / "summary.md").read_text()

@@ -194,7 +194,7 @@ def _costs_only_time(callback: Any, module: Any) -> bool:
     if isinstance(callback, ModelCheckpoint):
         return True
     if type(callback).__module__.startswith("irnet.callbacks") and name in MONITORS:
-        owns_noise = name == "PerturbationStreams" and "r_rnd" in module.active_regularizers()
+        owns_noise = name == "PerturbationStreams" and "r_rnd" in getattr(module, "active_regularizers", dict)()
         return not owns_noise
     return False
 
