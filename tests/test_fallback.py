@@ -364,3 +364,7 @@ def test_fallback_from_a_yaml_config_fits_and_logs_the_finishing_method(tmp_path
     for epoch in range(2):  # the fractions of one epoch add up to 1
         assert sum(series[epoch] for series in per_epoch) == pytest.approx(1.0, abs=1e-6)
     assert f"val_solver/finished_by/{solver.method_names[0]}" in logged
+    # The chain comes back from the checkpoint's hyperparameters.
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    reloaded = type(cli.model).load_from_checkpoint(last).net.blocks[0].solver
+    assert repr(reloaded) == repr(solver)
