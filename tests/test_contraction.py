@@ -1,0 +1,240 @@
+"""Contraction by construction: ``ODENet(contraction=κ)`` keeps θ·Lip(F) ≤ κ through training.
+
+The bound is checked independently of :mod:`irnet.contraction`: by the largest
+singular value of dense float64 Jacobians of F on random inputs, and by numpy's
+SVD of the weights F actually uses; the solvers' iteration counts are checked
+against the rate a κ-contraction guarantees.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers_training import CONFIGS, QUIET, scalars, tiny_net_overrides
+from irnet.cli import main
+from irnet.contraction import MARGIN, conv_norm, gelu_lipschitz
+from irnet.linear import Neumann
+from irnet.nets import ConvODENet, ConvResidual, MLPResidual, ODENet
+from irnet.solvers import FixedPoint
+
+KAPPA = 0.8
+
+
+def jacobian_norm(F: nn.Module, y: torch.Tensor) -> float:
+    """σ_max of the dense Jacobian of F at one sample ``y`` (batch of 1), float64."""
+    J = torch.autograd.functional.jacobian(F, y)
+    return torch.linalg.matrix_norm(J.reshape(y.numel(), y.numel()), ord=2).item()
+
+
+def push_hard(net: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int = 8,
+              lr: float = 1.0) -> None:
+    """Several Adam steps with a large learning rate toward a target the net cannot fit."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((net(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+
+def numpy_norm(w: torch.Tensor) -> float:
+    return float(np.linalg.svd(w.detach().double().numpy().reshape(w.shape[0], -1) if w.dim() == 2
+                               else w.detach().double().numpy(), compute_uv=False).max())
+
+
+@pytest.fixture(scope="module")
+def trained_mlp() -> ODENet:
+    torch.manual_seed(0)
+    net = ODENet(in_features=2, out_features=2, layers=3, T=3.0, width=12, theta=[0.5, 1.0, 0.0],
+                 activation="relu", contraction=KAPPA,
+                 solver=FixedPoint(atol=1e-10, max_iter=300),
+                 linear_solver=Neumann(rtol=1e-10, max_iter=300)).double()
+    x = torch.randn(32, 2, dtype=torch.float64)
+    push_hard(net, x, 20 * torch.sin(3 * x))
+    return net
+
+
+def test_bad_contraction_values_raise():
+    for bad in (0, 0.0, 1, 1.0, -0.5, 1.5, True, "0.9", float("nan")):
+        with pytest.raises(ValueError, match=r"contraction .*\(0, 1\)"):
+            ODENet(layers=2, width=4, contraction=bad)
+        with pytest.raises(ValueError, match=r"contraction .*\(0, 1\)"):
+            ConvODENet(layers=2, channels=2, hidden_channels=2, contraction=bad)
+    with pytest.raises(ValueError, match="init"):
+        ODENet(layers=2, width=4, init="xavier")
+
+
+def test_weights_were_pushed_past_the_bound_and_f_uses_scaled_ones(trained_mlp):
+    for block in trained_mlp.blocks:
+        F = block.F
+        raw = F.step * numpy_norm(F.gamma1) * numpy_norm(F.gamma2)
+        used = F.step * numpy_norm(F.weights()[0]) * numpy_norm(F.weights()[1])
+        if block.theta == 0:
+            assert F.constraint is None
+            continue
+        assert block.theta * raw > 2 * KAPPA  # the raw weights break the bound: it is active
+        assert block.theta * used == pytest.approx(KAPPA * (1 - MARGIN), rel=1e-9)
+
+
+def test_jacobian_norm_stays_below_kappa_over_theta_after_training(trained_mlp):
+    torch.manual_seed(1)
+    for block in trained_mlp.blocks:
+        if block.theta == 0:
+            continue
+        norms = [jacobian_norm(block.F, 3 * torch.randn(1, 4, dtype=torch.float64)) for _ in range(40)]
+        assert block.theta * max(norms) <= KAPPA
+        assert block.theta * max(norms) > 0.5 * KAPPA  # the check is not vacuous (0.51-0.56 here)
+
+
+def iteration_bound(r0: torch.Tensor, tol: float, kappa: float) -> torch.Tensor:
+    """⌈log(tol/‖r⁰‖)/log κ⌉ per sample (0 where r⁰ already meets tol)."""
+    k = torch.ceil(torch.log(tol / r0) / math.log(kappa))
+    return torch.where(r0 <= tol, torch.zeros_like(k), k).long()
+
+
+def test_fixed_point_and_neumann_iterations_never_exceed_the_contraction_bound(trained_mlp):
+    torch.manual_seed(2)
+    x = 4 * torch.randn(64, 2, dtype=torch.float64)
+    states = trained_mlp.trajectory(x)
+    y = states[-1]
+    (y ** 2).sum().backward()  # one adjoint solve per implicit block
+    checked = 0
+    for block, inp in zip(trained_mlp.blocks, states[:-1]):
+        if block.theta == 0:
+            continue
+        with torch.no_grad():  # r⁰ at the solver's start, the explicit step x + F(x) (x at θ = 1)
+            fx = block.F(inp)
+            explicit = inp + (1 - block.theta) * fx
+            y0 = inp + fx if block.theta < 1 else inp
+            r0 = (y0 - explicit - block.theta * block.F(y0)).norm(dim=1)
+        stats = block.forward_stats
+        bound = iteration_bound(r0, block.solver.atol, KAPPA)
+        assert stats.converged.all()
+        assert (stats.iterations <= bound).all(), (stats.iterations, bound)
+        assert stats.iterations.max() >= 5  # deep enough to mean something at atol 1e-10
+        neumann = block.backward_stats
+        assert neumann.converged.all()
+        assert neumann.iterations.max() <= math.ceil(math.log(block.linear_solver.rtol) / math.log(KAPPA))
+        checked += 1
+    assert checked == 2
+
+
+def test_conv_norm_matches_dense_operators():
+    """Equal to the circular convolution's exact norm, and above the zero-padded one's."""
+    torch.manual_seed(3)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    size = 5
+    grid = size + 1
+    circular = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular", bias=False).double()
+    padded = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        circular.weight.copy_(w)
+        padded.weight.copy_(w)
+
+    def dense(conv, n):
+        J = torch.autograd.functional.jacobian(conv, torch.zeros(1, 2, n, n, dtype=torch.float64))
+        return np.linalg.svd(J.reshape(3 * n * n, 2 * n * n).numpy(), compute_uv=False).max()
+
+    bound = conv_norm(w, size).item()
+    assert bound == pytest.approx(dense(circular, grid), rel=1e-10)
+    assert dense(padded, size) <= bound
+    assert dense(padded, size) > 0.7 * bound
+
+
+def test_conv_jacobian_norm_stays_below_kappa_over_theta_after_training():
+    torch.manual_seed(4)
+    net = ConvODENet(in_channels=1, image_size=5, num_classes=3, channels=2, hidden_channels=3,
+                     layers=2, T=2.0, theta=[0.5, 1.0], activation="relu", contraction=KAPPA,
+                     solver=FixedPoint(atol=1e-10, max_iter=300)).double()
+    x = torch.randn(16, 1, 5, 5, dtype=torch.float64)
+    labels = torch.randint(0, 3, (16,))
+    opt = torch.optim.Adam(net.parameters(), lr=1.0)
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x) * 10, labels).backward()
+        opt.step()
+    for block in net.blocks:
+        F = block.F
+        raw = F.step * conv_norm(F.conv1.weight, 5) * conv_norm(F.conv2.weight, 5)
+        assert block.theta * raw.item() > KAPPA  # the raw kernels break the bound
+        norms = [jacobian_norm(F, torch.randn(1, 2, 5, 5, dtype=torch.float64)) for _ in range(10)]
+        assert block.theta * max(norms) <= KAPPA
+        assert block.theta * max(norms) > 0.1 * KAPPA
+        assert block.forward_stats.converged.all()
+
+
+def test_gelu_is_refused_nowhere_but_accounted_for():
+    """GELU's Lipschitz constant (≈ 1.1289) enters the bound; checked against a fine grid."""
+    t = torch.linspace(-6, 6, 200001, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(nn.functional.gelu(t).sum(), t)
+    assert gelu_lipschitz() == pytest.approx(grad.max().item(), rel=1e-8)
+    F = MLPResidual(2, 8, step=0.5, activation="gelu", lipschitz=0.3).double()
+    with torch.no_grad():
+        F.gamma1.mul_(10)
+    used = numpy_norm(F.weights()[0]) * numpy_norm(F.weights()[1])
+    assert 0.5 * gelu_lipschitz() * used == pytest.approx(0.3 * (1 - MARGIN), rel=1e-9)
+
+
+def test_conv_residual_refuses_larger_images_and_missing_size():
+    with pytest.raises(ValueError, match="image_size"):
+        ConvResidual(2, 3, lipschitz=1.0)
+    F = ConvResidual(2, 3, lipschitz=1.0, image_size=4)
+    with pytest.raises(ValueError, match="at most 4"):
+        F(torch.randn(1, 2, 6, 6))
+
+
+@pytest.mark.filterwarnings("ignore:Forward solve")  # the unconstrained paper net at h = 10/3
+def test_default_is_unchanged_and_state_dict_round_trips():
+    torch.manual_seed(5)
+    plain = ODENet(layers=3, width=6)
+    torch.manual_seed(5)
+    constrained = ODENet(layers=3, width=6, contraction=0.5)
+    assert plain.state_dict().keys() == constrained.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, constrained.state_dict()[key])
+    x = torch.linspace(-2, 2, 7)[:, None]
+    copy = ODENet(layers=3, width=6, contraction=0.5)
+    copy.load_state_dict(constrained.state_dict())
+    assert torch.equal(copy(x), constrained(x))
+    # h = 10/3: the paper's init has θh‖γ2‖‖γ1‖ ≥ θhρ(γ2γ1) > 0.5, so F is rescaled
+    assert not torch.allclose(plain(x), constrained(x))
+
+
+def test_cached_weights_follow_in_place_updates():
+    F = MLPResidual(2, 8, step=1.0, lipschitz=0.5).double()
+    y = torch.randn(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        F.bias.normal_()
+        first = F(y)
+        F.gamma2[:, 0].mul_(3)  # in place, as an optimiser step: the cache must notice
+        second = F(y)
+    with torch.enable_grad():
+        fresh = F(y)
+    assert torch.allclose(second, fresh.detach(), rtol=1e-12, atol=1e-14)
+    assert (first - second).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_config_with_contraction_trains_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["irnet"])
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *QUIET, *tiny_net_overrides(4, 16, 10.0),
+                "--model.init_args.r_fp", "null", "--trainer.callbacks", "[]",
+                "--model.init_args.net.init_args.contraction", "0.9",
+                "--model.init_args.net.init_args.init", "bounded",
+                "--trainer.max_epochs", "25"])
+    net = cli.model.net
+    assert net.contraction == 0.9 and net.init == "bounded"
+    for block in net.blocks:  # θ = 0.5, h = 2.5: each F rescaled to h·‖γ2‖‖γ1‖ ≤ 0.9 / 0.5
+        w1, w2 = block.F.weights()
+        assert block.F.step * numpy_norm(w1) * numpy_norm(w2) <= 1.8
+        assert block.forward_stats.converged.all()
+    loss = [v for _, v in scalars(tmp_path / "runs" / "ex1_sine" / "version_0")["train/loss"]]
+    assert len(loss) == 25 and loss[-1] < 0.8 * loss[0]
