@@ -88,7 +88,9 @@ def test_mixed_batch_each_sample_finished_by_the_right_solver():
     # Hand-off by hand: each solver alone on the batch, the next one from the previous
     # one's answer (no sample diverges here); sample i is solved by method m iff the
     # earlier solvers left it above atol and solver m brings it within.
-    start, solved, total = x, torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.long)
+    start = x
+    solved = torch.zeros(len(x), dtype=torch.bool)
+    total = torch.zeros(len(x), dtype=torch.long)
     for m, solver in enumerate(solvers):
         with torch.no_grad():
             alone_y, alone = solver.solve(problem, start)
@@ -239,9 +241,10 @@ def test_gradients_match_the_dense_reference(linear):
 # -- arguments --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solvers", [[], (), FixedPoint(), None, "FixedPoint", [FixedPoint(), "Anderson"],
-                                     [Fallback([FixedPoint()])],
-                                     [FixedPoint(atol=1e-5), Broyden(atol=1e-6)]])
+@pytest.mark.parametrize("solvers", [
+    [], (), FixedPoint(), None, "FixedPoint", [FixedPoint(), "Anderson"], [Fallback([FixedPoint()])],
+    [FixedPoint(atol=1e-5), Broyden(atol=1e-6)],
+])
 def test_rejects_bad_solvers(solvers):
     with pytest.raises(ValueError, match=r"\bsolvers\b"):
         Fallback(solvers)
@@ -252,16 +255,17 @@ def test_tolerance_budget_names_and_repr():
                        Anderson(atol=1e-6, history=3)])
     assert solver.atol == 1e-6 and solver.max_iter == 20 + 30 + 50
     assert solver.method_names == ["FixedPoint", "Anderson_1", "Anderson_2"]
-    assert repr(solver).startswith("Fallback(solvers=[FixedPoint(atol=1e-06, max_iter=20), Anderson(")
+    want = "Fallback(solvers=[FixedPoint(atol=1e-06, max_iter=20), Anderson("
+    assert repr(solver).startswith(want)
 
 
 def test_solver_stats_method_is_optional():
-    stats = SolverStats(torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.ones(2, dtype=torch.bool),
-                        torch.zeros(2, dtype=torch.bool))
+    stats = SolverStats(torch.zeros(2, dtype=torch.long), torch.zeros(2),
+                        torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
     assert stats.method is None
     assert SolverStats.trivial(3, torch.device("cpu"), DTYPE).method is None
-    assert set(stats.summary()) == {"iterations_mean", "iterations_max", "residual_mean", "residual_max",
-                                    "not_converged", "diverged"}
+    assert set(stats.summary()) == {"iterations_mean", "iterations_max", "residual_mean",
+                                    "residual_max", "not_converged", "diverged"}
 
 
 # -- monitoring ---------------------------------------------------------------------------------
@@ -277,7 +281,8 @@ class MethodCheck(pl.Callback):
         methods = torch.cat([b.forward_stats.method for b in module.net.blocks])
         want = {name: float((methods == i).float().mean())
                 for i, name in enumerate(module.net.blocks[0].solver.method_names)}
-        got = {name: float(trainer.callback_metrics[f"solver/finished_by/{name}_step"]) for name in want}
+        metrics = trainer.callback_metrics
+        got = {name: float(metrics[f"solver/finished_by/{name}_step"]) for name in want}
         self.steps.append(want)
         assert got == pytest.approx(want, abs=1e-7), (got, want)
 
@@ -359,7 +364,8 @@ def test_fallback_from_a_yaml_config_fits_and_logs_the_finishing_method(tmp_path
     runs = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert runs, "no TensorBoard events"
     logged = scalars(runs[0].parent)
-    per_epoch = [[v for _, v in logged[f"solver/finished_by/{n}_epoch"]] for n in solver.method_names]
+    per_epoch = [[v for _, v in logged[f"solver/finished_by/{name}_epoch"]]
+                 for name in solver.method_names]
     assert all(len(series) == 2 for series in per_epoch)
     for epoch in range(2):  # the fractions of one epoch add up to 1
         assert sum(series[epoch] for series in per_epoch) == pytest.approx(1.0, abs=1e-6)

@@ -62,12 +62,14 @@ class Fallback(NonlinearSolver):
                                  f"got {type(s).__name__}")
         atols = [s.atol for s in solvers]
         if len(set(atols)) > 1:
-            raise ValueError(f"solvers must all have the same atol (the chain's tolerance), got {atols}")
+            raise ValueError(
+                f"solvers must all have the same atol (the chain's tolerance), got {atols}"
+            )
         return solvers
 
     @property
     def method_names(self) -> list[str]:
-        """One name per solver, for logs: the class name, with ``_<index>`` where a class repeats."""
+        """One name per solver, for logs: its class name, ``<name>_<index>`` if the class repeats."""
         names = [type(s).__name__ for s in self.solvers]
         return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
