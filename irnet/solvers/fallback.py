@@ -21,7 +21,8 @@ class Fallback(NonlinearSolver):
     diverged (non-finite iterates). Every solver runs on the whole batch, so a
     held dropout mask or any per-sample ``F`` sees the batch it was built for;
     samples already within ``atol`` start inside tolerance and are frozen by
-    the shared loop at once (0 iterations, answer unchanged). The chain stops
+    the shared loop at once (0 iterations, answer unchanged; they still ride
+    along in the batch's evaluations of F). The chain stops
     as soon as every sample is solved (one host read per solver used).
 
     Typical chain: ``FixedPoint`` (cheap, enough for contracting layers),
