@@ -1,5 +1,5 @@
 """``python -m irnet reproduce seeds``: argument parsing, criteria, and tiny end-to-end runs whose
-numbers are checked against an ordinary ``fit``, ``validate`` on the saved checkpoint and TensorBoard."""
+numbers are checked against an ordinary ``fit``, ``validate`` on the checkpoint and TensorBoard."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SMALL = ["model.init_args.net.init_args.layers=3"]  # a 3-layer sine network: se
 
 
 class FailOnSeed(Callback):
-    """Raises at the end of the first training epoch of the run seeded with ``seed`` (a forced failure)."""
+    """Raises at the end of the first training epoch of the run seeded `seed` (a forced failure)."""
 
     def __init__(self, seed: int = 1) -> None:
         self.seed = seed
@@ -34,24 +34,35 @@ class FailOnSeed(Callback):
 # -- parsing -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, key, op, threshold", [
-    ("val/loss<=0.12", "final_val_loss", "<=", 0.12),
-    (" val/loss < 1e-1 ", "final_val_loss", "<", 0.1),
-    ("val/acc>=0.95", "final_val_acc", ">=", 0.95),
-    ("max(val/acc)>0.9", "best_val_acc", ">", 0.9),
-    ("min(val/loss)<=0.15", "best_val_loss", "<=", 0.15),
-    ("train/loss<=2", "final_train_loss", "<=", 2.0),
-])
+@pytest.mark.parametrize(
+    "text, key, op, threshold",
+    [
+        ("val/loss<=0.12", "final_val_loss", "<=", 0.12),
+        (" val/loss < 1e-1 ", "final_val_loss", "<", 0.1),
+        ("val/acc>=0.95", "final_val_acc", ">=", 0.95),
+        ("max(val/acc)>0.9", "best_val_acc", ">", 0.9),
+        ("min(val/loss)<=0.15", "best_val_loss", "<=", 0.15),
+        ("train/loss<=2", "final_train_loss", "<=", 2.0),
+    ],
+)
 def test_criterion_parser_accepts(text, key, op, threshold):
     c = parse_criterion(text)
     assert (c.key, c.op, c.threshold) == (key, op, threshold)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("loss<=0.1", "unknown metric"), ("val/loss=0.1", "metric operator number"), ("val/loss<=abc", "not a number"),
-    ("val/loss<=nan", "finite"), ("val/loss<=inf", "finite"), ("", "metric operator number"),
-    ("val/loss=<0.1", "unknown metric"), ("min(val/acc)>=0.9", "unknown metric"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("loss<=0.1", "unknown metric"),
+        ("val/loss=0.1", "metric operator number"),
+        ("val/loss<=abc", "not a number"),
+        ("val/loss<=nan", "finite"),
+        ("val/loss<=inf", "finite"),
+        ("", "metric operator number"),
+        ("val/loss=<0.1", "unknown metric"),
+        ("min(val/acc)>=0.9", "unknown metric"),
+    ],
+)
 def test_criterion_parser_refuses_with_the_argument_named(text, fragment):
     with pytest.raises(ValueError, match="--criterion") as err:
         parse_criterion(text)
@@ -77,9 +88,13 @@ def test_set_parser():
 
 
 def test_command_line_refusals_name_the_option(capsys):
-    cases = [(["seeds", "--criterion", "loss<1"], "--criterion"), (["seeds"], "--config"),
-             (["seeds", "--config", "no/such.yaml"], "--config"), (["ex2", "--set", "a=1"], "--set"),
-             (["seeds", "--config", CONFIG, "--set", "lr"], "--set")]
+    cases = [
+        (["seeds", "--criterion", "loss<1"], "--criterion"),
+        (["seeds"], "--config"),
+        (["seeds", "--config", "no/such.yaml"], "--config"),
+        (["ex2", "--set", "a=1"], "--set"),
+        (["seeds", "--config", CONFIG, "--set", "lr"], "--set"),
+    ]
     for argv, option in cases:
         with pytest.raises(SystemExit) as exit_:
             reproduce(argv)
@@ -92,8 +107,22 @@ def test_command_line_refusals_name_the_option(capsys):
 
 
 def _study(tmp_path: Path, *extra: str, sets=SMALL) -> dict:
-    argv = ["seeds", "--config", CONFIG, "--tiny", "--first-seed", "2", "--workers", "1", "--out", str(tmp_path / "out"),
-            "--log-dir", str(tmp_path / "runs"), *[a for s in sets for a in ("--set", s)], *extra]
+    argv = [
+        "seeds",
+        "--config",
+        CONFIG,
+        "--tiny",
+        "--first-seed",
+        "2",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--log-dir",
+        str(tmp_path / "runs"),
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
     summary = reproduce(argv)
     assert summary == tmp_path / "out" / "summary.md"
     return json.loads((tmp_path / "runs" / "ex1_sine" / "cells.json").read_text())
@@ -112,8 +141,18 @@ def test_tiny_study_matches_fit_validate_and_tensorboard_and_survives_a_failing_
     from irnet.cli import main as cli
 
     fail = '{"class_path": "test_seed_study.FailOnSeed", "init_args": {"seed": 4}}'
-    saved = _study(tmp_path, "--seeds", "3", "--epochs", "2", "--criterion", "val/loss<=10",
-                   "--table", str(tmp_path / "table.md"), sets=[*SMALL, f"trainer.callbacks+={fail}"])
+    saved = _study(
+        tmp_path,
+        "--seeds",
+        "3",
+        "--epochs",
+        "2",
+        "--criterion",
+        "val/loss<=10",
+        "--table",
+        str(tmp_path / "table.md"),
+        sets=[*SMALL, f"trainer.callbacks+={fail}"],
+    )
     seeds = {r["seed"]: r for r in saved["cells"]}
     assert sorted(seeds) == [2, 3, 4]
     for r in (seeds[2], seeds[3]):
@@ -127,37 +166,77 @@ def test_tiny_study_matches_fit_validate_and_tensorboard_and_survives_a_failing_
         assert r["iterations_last10"] == pytest.approx(scalars["train/iters"][-1], rel=1e-6)
     # The forced failure is recorded, with the epoch it completed and a checkpoint, not raised.
     assert seeds[4]["failed"] and "RuntimeError: forced failure of seed 4" in seeds[4]["error"]
-    assert seeds[4]["epochs_run"] == 1 and math.isfinite(seeds[4]["final_val_loss"]) and seeds[4]["checkpoint"]
+    assert (
+        seeds[4]["epochs_run"] == 1
+        and math.isfinite(seeds[4]["final_val_loss"])
+        and seeds[4]["checkpoint"]
+    )
 
     # Seed 3 (not the first run in this process) as `fit` trains it, with SolverStatistics and the
     # StabilityMonitor (extra passes every epoch) on: the same numbers.
-    monitors = ('[{"class_path": "irnet.callbacks.SolverStatistics", "init_args": {"per_layer": false}},'
-                ' {"class_path": "irnet.callbacks.StabilityMonitor", "init_args": {"every_n_epochs": 1}}]')
-    fit = cli(["fit", "--config", CONFIG, "--seed_everything", "3", "--trainer.max_epochs=2", f"--{SMALL[0]}",
-               f"--trainer.callbacks={monitors}", "--trainer.logger=false",
-               f"--trainer.default_root_dir={tmp_path / 'fit'}", "--trainer.enable_progress_bar=false"])
+    monitors = (
+        '[{"class_path": "irnet.callbacks.SolverStatistics", "init_args": {"per_layer": false}},'
+        ' {"class_path": "irnet.callbacks.StabilityMonitor", "init_args": {"every_n_epochs": 1}}]'
+    )
+    fit = cli(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            "--seed_everything",
+            "3",
+            "--trainer.max_epochs=2",
+            f"--{SMALL[0]}",
+            f"--trainer.callbacks={monitors}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'fit'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     metrics = {k: float(v) for k, v in fit.trainer.callback_metrics.items()}
     assert seeds[3]["final_val_loss"] == pytest.approx(metrics["val/loss"], rel=1e-6)
     assert seeds[3]["history"]["unconverged"][-1] == metrics["solver/forward_not_converged_epoch"]
-    assert seeds[3]["history"]["iterations"][-1] == pytest.approx(metrics["solver/forward_iterations_mean_epoch"])
+    assert seeds[3]["history"]["iterations"][-1] == pytest.approx(
+        metrics["solver/forward_iterations_mean_epoch"]
+    )
 
     # validate on the saved last checkpoint gives the recorded final validation loss.
-    check = cli(["validate", "--config", CONFIG, f"--{SMALL[0]}", "--ckpt_path", seeds[2]["checkpoint"],
-                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
-                 f"--trainer.default_root_dir={tmp_path / 'validate'}"])  # its config.yaml goes there
-    assert seeds[2]["final_val_loss"] == pytest.approx(float(check.trainer.callback_metrics["val/loss"]), rel=1e-4)
+    check = cli(
+        [
+            "validate",
+            "--config",
+            CONFIG,
+            f"--{SMALL[0]}",
+            "--ckpt_path",
+            seeds[2]["checkpoint"],
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'validate'}",
+        ]
+    )  # its config.yaml goes there
+    assert seeds[2]["final_val_loss"] == pytest.approx(
+        float(check.trainer.callback_metrics["val/loss"]), rel=1e-4
+    )
 
     summary = (tmp_path / "out" / "summary.md").read_text()
     reached = sum(seeds[s]["final_val_loss"] <= 10 for s in (2, 3))
-    assert f"{reached} of 3 seeds reach val/loss<=10" in summary and "failed: RuntimeError: forced" in summary
+    assert (
+        f"{reached} of 3 seeds reach val/loss<=10" in summary
+        and "failed: RuntimeError: forced" in summary
+    )
     assert (tmp_path / "out" / "seeds_ex1_sine.png").stat().st_size > 5000
-    assert summary.count("\n| ex1_sine |") == 1 and (tmp_path / "table.md").read_text().count("| ex1_sine |") == 1
+    assert (
+        summary.count("\n| ex1_sine |") == 1
+        and (tmp_path / "table.md").read_text().count("| ex1_sine |") == 1
+    )
     (tmp_path / "out" / "summary.md").unlink()
     _study(tmp_path, "--replot")  # redrawn from cells.json, no training
     assert (tmp_path / "out" / "summary.md").read_text() == summary
     results = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
-    assert [r["final_val_loss"] for r in results] == pytest.approx([seeds[s]["final_val_loss"] for s in (2, 3, 4)],
-                                                                    rel=1e-3)
+    assert [r["final_val_loss"] for r in results] == pytest.approx(
+        [seeds[s]["final_val_loss"] for s in (2, 3, 4)], rel=1e-3
+    )
 
 
 def test_a_fit_that_raised_nothing_can_still_have_failed():

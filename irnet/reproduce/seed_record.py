@@ -1,4 +1,4 @@
-"""SeedRecorder: what one seed's fit did, epoch by epoch, for the seed study (:mod:`irnet.reproduce.seeds`).
+"""SeedRecorder: what one seed's fit did, epoch by epoch (for :mod:`irnet.reproduce.seeds`).
 
 Losses and accuracy are read from the Trainer's epoch metrics (the numbers
 TensorBoard gets); forward-solve statistics from each block's ``forward_stats``
@@ -24,7 +24,7 @@ METRICS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_acc": "val/a
 
 
 class SeedRecorder(Callback):
-    """Per-epoch losses and forward-solve statistics of the training steps; :meth:`record` sums them up.
+    """Per-epoch losses and forward-solve statistics of training; :meth:`record` sums them up.
 
     Per training step: the mean over layers of each layer's mean iterations
     over the batch, and the numbers of samples × layers whose forward solve did
@@ -35,7 +35,9 @@ class SeedRecorder(Callback):
 
     def __init__(self) -> None:
         self._recorder = SolverStatsRecorder()
-        self.series: dict[str, list[float]] = {k: [] for k in (*METRICS, "iterations", "unconverged", "diverged")}
+        self.series: dict[str, list[float]] = {
+            k: [] for k in (*METRICS, "iterations", "unconverged", "diverged")
+        }
         self.val_unconverged = 0
         self.val_diverged = 0
         self._epoch: list[Tensor] = []  # per step: (iterations mean, unconverged, diverged)
@@ -51,29 +53,51 @@ class SeedRecorder(Callback):
         self._epoch = []
         self._flushed = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._recorder.start()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         counts = self._step_counts()
         if counts is not None:
             self._epoch.append(counts)
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not trainer.sanity_checking:
             self._recorder.start()
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         counts = self._step_counts()
         if counts is not None:
             self.val_unconverged += int(counts[1])
             self.val_diverged += int(counts[2])
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         # a training step that raised (a NaN stop): its forward solves count too
         counts = self._step_counts()
         if counts is not None:
@@ -85,9 +109,17 @@ class SeedRecorder(Callback):
         stats = [s for s in step.forward if s is not None] if step is not None else []
         if not stats:
             return None
-        return torch.stack([torch.stack([s.iterations.float().mean() for s in stats]).mean(),
-                            sum((~s.converged).sum() for s in stats).float(),
-                            sum(s.diverged.sum() for s in stats).float()]).detach().cpu()
+        return (
+            torch.stack(
+                [
+                    torch.stack([s.iterations.float().mean() for s in stats]).mean(),
+                    sum((~s.converged).sum() for s in stats).float(),
+                    sum(s.diverged.sum() for s in stats).float(),
+                ]
+            )
+            .detach()
+            .cpu()
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning validates before this hook, so val/loss is this epoch's.
@@ -101,26 +133,33 @@ class SeedRecorder(Callback):
         self._flushed = True
 
     def _unflushed(self) -> bool:
-        """Whether steps of an epoch that did not finish (the fit raised in it) are still uncounted."""
+        """Whether steps of an unfinished epoch (the fit raised in it) are still uncounted."""
         return bool(self._epoch) and not self._flushed
 
     def record(self, max_epochs: Optional[int]) -> dict:
         """The seed's summary numbers and per-epoch series (NaN / None where they do not apply)."""
         s = self.series
-        partial = torch.stack(self._epoch)[:, 1:].sum(0).tolist() if self._unflushed() else [0.0, 0.0]
+        partial = (
+            torch.stack(self._epoch)[:, 1:].sum(0).tolist() if self._unflushed() else [0.0, 0.0]
+        )
         runs = len(s["val_loss"])
         late = max(1, math.ceil(LAST_FRACTION * runs))
         best = _argbest(s["val_loss"], min)
         return {
-            "max_epochs": max_epochs, "epochs_run": runs,
-            "final_val_loss": _last(s["val_loss"]), "best_val_loss": _at(s["val_loss"], best),
+            "max_epochs": max_epochs,
+            "epochs_run": runs,
+            "final_val_loss": _last(s["val_loss"]),
+            "best_val_loss": _at(s["val_loss"], best),
             "best_epoch": best + 1 if best is not None else None,
-            "final_val_acc": _last(s["val_acc"]), "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
+            "final_val_acc": _last(s["val_acc"]),
+            "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
             "final_train_loss": _last(s["train_loss"]),
-            "iterations_mean": _nanmean(s["iterations"]), "iterations_last10": _nanmean(s["iterations"][-late:]),
+            "iterations_mean": _nanmean(s["iterations"]),
+            "iterations_last10": _nanmean(s["iterations"][-late:]),
             "unconverged": int(_nansum(s["unconverged"]) + partial[0]),
             "diverged": int(_nansum(s["diverged"]) + partial[1]),
-            "val_unconverged": self.val_unconverged, "val_diverged": self.val_diverged,
+            "val_unconverged": self.val_unconverged,
+            "val_diverged": self.val_diverged,
             "history": {k: list(v) for k, v in s.items()},
         }
 

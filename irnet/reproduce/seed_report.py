@@ -1,4 +1,4 @@
-"""The seed study's report: summary.md (self-contained), its one-row summary and the loss-curve figure."""
+"""The seed study's report: summary.md (self-contained), its one-row summary, the loss figure."""
 
 from __future__ import annotations
 
@@ -11,22 +11,40 @@ import numpy as np
 from irnet.reproduce.figures import color, grid_figure, save
 from irnet.reproduce.runner import markdown_table
 
-ROW_HEADER = ("label", "config", "--set", "seeds", "epochs", "failed", "reached", "final val loss: median [min, max]",
-              "final val acc: median [min, max]", "iters/layer, last 10 %: median [max]",
-              "unconverged solves: total [max/seed]", "minutes/seed")
+ROW_HEADER = (
+    "label",
+    "config",
+    "--set",
+    "seeds",
+    "epochs",
+    "failed",
+    "reached",
+    "final val loss: median [min, max]",
+    "final val acc: median [min, max]",
+    "iters/layer, last 10 %: median [max]",
+    "unconverged solves: total [max/seed]",
+    "minutes/seed",
+)
 
 
-def render(meta: dict, results: list[dict], criteria: Sequence[Any], figures: Sequence[Path], out: Path) -> str:
-    """summary.md: command, machine, time, what was switched off, criteria, the per-seed table, figures."""
+def render(
+    meta: dict, results: list[dict], criteria: Sequence[Any], figures: Sequence[Path], out: Path
+) -> str:
+    """summary.md: command, machine, time, what was switched off, criteria, seeds, figures."""
     header, row = table_row(meta, results, criteria)
-    reached = "\n".join(f"- {criterion_line(c, results)}" for c in criteria) or "- (no --criterion given)"
+    reached = (
+        "\n".join(f"- {criterion_line(c, results)}" for c in criteria) or "- (no --criterion given)"
+    )
     images = "\n".join(f"![{f.stem}]({f.relative_to(out)})" for f in figures)
     sets = ", ".join(f"`{s}`" for s in meta["sets"]) or "none"
-    return (f"# Seed study: {meta['label']}\n\n`{meta['command']}`\n\n"
-            f"Config `{meta['config']}`, overrides: {sets}. {meta['machine']}; {meta['minutes']:.1f} minutes "
-            f"(finished {meta['finished']}).\n\nSwitched off (cost time only): {meta['switched_off']}.\n\n"
-            f"{reached}\n\n{seed_table(results)}\n\n"
-            f"One row for a table of studies (docs/seeds.md):\n\n{header}\n{row}\n\n{images}\n")
+    return (
+        f"# Seed study: {meta['label']}\n\n`{meta['command']}`\n\n"
+        f"Config `{meta['config']}`, overrides: {sets}. {meta['machine']}; "
+        f"{meta['minutes']:.1f} minutes (finished {meta['finished']}).\n\n"
+        f"Switched off (cost time only): {meta['switched_off']}.\n\n"
+        f"{reached}\n\n{seed_table(results)}\n\n"
+        f"One row for a table of studies (docs/seeds.md):\n\n{header}\n{row}\n\n{images}\n"
+    )
 
 
 def criterion_line(criterion: Any, results: list[dict]) -> str:
@@ -39,18 +57,45 @@ def criterion_line(criterion: Any, results: list[dict]) -> str:
 def seed_table(results: list[dict]) -> str:
     """One row per seed (accuracy columns only where some seed has an accuracy)."""
     accuracy = any(_finite(r.get("final_val_acc")) for r in results)
-    header = ["seed", "final val loss", "best val loss (epoch)", *(["final val acc", "best val acc"] * accuracy),
-              "final train loss", "epochs", "iters/layer", "iters/layer, last 10 %", "unconverged",
-              "diverged", "val unconverged", "minutes", "status"]
+    header = [
+        "seed",
+        "final val loss",
+        "best val loss (epoch)",
+        *(["final val acc", "best val acc"] * accuracy),
+        "final train loss",
+        "epochs",
+        "iters/layer",
+        "iters/layer, last 10 %",
+        "unconverged",
+        "diverged",
+        "val unconverged",
+        "minutes",
+        "status",
+    ]
     rows = []
     for r in results:
         best = f"{num(r['best_val_loss'])} ({r['best_epoch']})" if r["best_epoch"] else "–"
         acc = [num(r["final_val_acc"]), num(r["best_val_acc"])] if accuracy else []
-        status = f"failed: {r['error']}".replace("|", "/").replace("\n", " ") if r["failed"] else "ok"
-        rows.append([r["seed"], num(r["final_val_loss"]), best, *acc, num(r["final_train_loss"]),
-                     f"{r['epochs_run']}/{r['max_epochs']}", num(r["iterations_mean"], 3),
-                     num(r["iterations_last10"], 3), r["unconverged"], r["diverged"], r["val_unconverged"],
-                     f"{r['seconds'] / 60:.1f}", status])
+        status = (
+            f"failed: {r['error']}".replace("|", "/").replace("\n", " ") if r["failed"] else "ok"
+        )
+        rows.append(
+            [
+                r["seed"],
+                num(r["final_val_loss"]),
+                best,
+                *acc,
+                num(r["final_train_loss"]),
+                f"{r['epochs_run']}/{r['max_epochs']}",
+                num(r["iterations_mean"], 3),
+                num(r["iterations_last10"], 3),
+                r["unconverged"],
+                r["diverged"],
+                r["val_unconverged"],
+                f"{r['seconds'] / 60:.1f}",
+                status,
+            ]
+        )
     return markdown_table(header, rows)
 
 
@@ -61,12 +106,20 @@ def table_row(meta: dict, results: list[dict], criteria: Sequence[Any]) -> tuple
     late = [r["iterations_last10"] for r in results]
     unconverged = [r["unconverged"] for r in results]
     epochs = sorted({str(r["max_epochs"]) for r in results})
-    row = [meta["label"], f"`{meta['config']}`", " ".join(f"`{s}`" for s in meta["sets"]) or "–", n,
-           "/".join(epochs), sum(r["failed"] for r in results), reached,
-           spread([r["final_val_loss"] for r in results]), spread([r["final_val_acc"] for r in results]),
-           f"{num(_median(late), 3)} [{num(_max(late), 3)}]",
-           f"{sum(unconverged)} [{max(unconverged, default=0)}]",
-           f"{np.mean([r['seconds'] for r in results]) / 60:.1f}"]
+    row = [
+        meta["label"],
+        f"`{meta['config']}`",
+        " ".join(f"`{s}`" for s in meta["sets"]) or "–",
+        n,
+        "/".join(epochs),
+        sum(r["failed"] for r in results),
+        reached,
+        spread([r["final_val_loss"] for r in results]),
+        spread([r["final_val_acc"] for r in results]),
+        f"{num(_median(late), 3)} [{num(_max(late), 3)}]",
+        f"{sum(unconverged)} [{max(unconverged, default=0)}]",
+        f"{np.mean([r['seconds'] for r in results]) / 60:.1f}",
+    ]
     table = markdown_table(ROW_HEADER, [row]).splitlines()
     return "\n".join(table[:2]), table[2]
 
@@ -82,7 +135,7 @@ def spread(values: Sequence[Optional[float]]) -> str:
 
 
 def figure(results: list[dict], criteria: Sequence[Any], path: Path, title: str = "") -> Path:
-    """Validation loss per epoch of every seed (log scale; a failed seed dashed, its last epoch an ×),
+    """Validation loss per epoch of every seed (log scale; a failed seed dashed, × at its end),
     beside validation accuracy for classification; criteria on those metrics as grey lines."""
     accuracy = any(_finite(r.get("final_val_acc")) for r in results)
     fig, axes = grid_figure(1, 1 + accuracy, width=5, height=3.6)

@@ -37,10 +37,14 @@ import torch
 DEFAULT_SEEDS = 10
 TINY_EPOCHS = 3
 TINY_SEEDS = 2
-MONITORS = ("SolverStatistics", "GradientMagnitudes", "StabilityMonitor", "Figures", "PerturbationStreams")
+MONITORS = (
+    "SolverStatistics",
+    "GradientMagnitudes",
+    "StabilityMonitor",
+    "Figures",
+    "PerturbationStreams",
+)
 TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
-# Per-epoch series kept for the figure and results.json.
-SERIES = ("train_loss", "val_loss", "val_acc", "iterations", "unconverged", "diverged")
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -71,23 +75,34 @@ class Criterion:
         return value is not None and not math.isnan(value) and _OPS[self.op](value, self.threshold)
 
 
-_OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, "<": operator.lt,
-                                                   ">=": operator.ge, ">": operator.gt}
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    "<": operator.lt,
+    ">=": operator.ge,
+    ">": operator.gt,
+}
 # Criterion metric → the result's field: the final value, or the best over the run.
-METRICS = {"val/loss": "final_val_loss", "val/acc": "final_val_acc", "train/loss": "final_train_loss",
-           "min(val/loss)": "best_val_loss", "max(val/acc)": "best_val_acc"}
+METRICS = {
+    "val/loss": "final_val_loss",
+    "val/acc": "final_val_acc",
+    "train/loss": "final_train_loss",
+    "min(val/loss)": "best_val_loss",
+    "max(val/acc)": "best_val_acc",
+}
 _CRITERION = re.compile(r"^\s*(?P<metric>\S+?)\s*(?P<op><=|>=|<|>)\s*(?P<value>\S+)\s*$")
 
 
 def parse_criterion(text: str) -> Criterion:
-    """Parse ``--criterion`` (``metric op number``, e.g. ``val/loss<=0.12``, ``max(val/acc)>=0.95``).
+    """Parse ``--criterion``: ``metric op number``, e.g. ``val/loss<=0.12``, ``max(val/acc)>=0.95``.
 
     Raises:
         ValueError: naming ``--criterion``, the allowed metrics and operators.
     """
     match = _CRITERION.match(text or "")
-    allowed = (f"metric one of {', '.join(METRICS)}; operator one of {', '.join(_OPS)}; "
-               "then a finite number, e.g. val/loss<=0.12")
+    allowed = (
+        f"metric one of {', '.join(METRICS)}; operator one of {', '.join(_OPS)}; "
+        "then a finite number, e.g. val/loss<=0.12"
+    )
     if not match:
         raise ValueError(f"--criterion must be 'metric operator number' ({allowed}), got {text!r}")
     metric, op, value = match["metric"], match["op"], match["value"]
@@ -106,13 +121,15 @@ def parse_set(text: str) -> tuple[str, str]:
     """Parse one ``--set KEY=VALUE`` (a dotted LightningCLI key, e.g. ``model.init_args.lr=0.1``).
 
     Raises:
-        ValueError: naming ``--set`` when the ``=`` or the key is missing or the key starts with ``-``.
+        ValueError: naming ``--set`` when ``=`` or the key is missing or the key starts with ``-``.
     """
     key, sep, value = (text or "").partition("=")
     key = key.strip()
     if not sep or not key or key.startswith("-"):
-        raise ValueError(f"--set must be KEY=VALUE with a dotted config key without leading dashes, "
-                         f"e.g. model.init_args.lr=0.1 or model.init_args.r_fp=null; got {text!r}")
+        raise ValueError(
+            f"--set must be KEY=VALUE with a dotted config key without leading dashes, "
+            f"e.g. model.init_args.lr=0.1 or model.init_args.r_fp=null; got {text!r}"
+        )
     return key, value
 
 
@@ -122,6 +139,7 @@ def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             return parse(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from err
+
     convert.__name__ = parse.__name__
     return convert
 
@@ -131,28 +149,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("seeds study")
     g.add_argument("--config", type=Path, help="seeds: the fit config (YAML) to train")
     g.add_argument("--first-seed", type=int, default=0, help="seeds: the first seed (default 0)")
-    g.add_argument("--set", dest="sets", action="append", type=_argtype(parse_set), default=[],
-                   metavar="KEY=VALUE", help="seeds: a config override, as --KEY=VALUE to fit (repeatable)")
-    g.add_argument("--label", help="seeds: the run's name in tables, logs and the default --out "
-                                   "(default: the config's stem)")
-    g.add_argument("--criterion", action="append", type=_argtype(parse_criterion), default=[],
-                   help="seeds: a target counted over seeds, e.g. val/loss<=0.12, min(val/loss)<=0.15, "
-                        "max(val/acc)>=0.95 (repeatable)")
-    g.add_argument("--table", type=Path, help="seeds: also append the run's one-row summary to this "
-                                              "markdown file (header written when the file is new)")
+    g.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        type=_argtype(parse_set),
+        default=[],
+        metavar="KEY=VALUE",
+        help="seeds: a config override, as --KEY=VALUE to fit (repeatable)",
+    )
+    g.add_argument(
+        "--label",
+        help="seeds: the run's name in tables, logs and the default --out "
+        "(default: the config's stem)",
+    )
+    g.add_argument(
+        "--criterion",
+        action="append",
+        type=_argtype(parse_criterion),
+        default=[],
+        help="seeds: a target counted over seeds, e.g. val/loss<=0.12, min(val/loss)<=0.15, "
+        "max(val/acc)>=0.95 (repeatable)",
+    )
+    g.add_argument(
+        "--table",
+        type=Path,
+        help="seeds: also append the run's one-row summary to this "
+        "markdown file (header written when the file is new)",
+    )
 
 
 def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> None:
-    """Call ``error`` if the seeds study lacks ``--config`` or another study got the seeds options."""
+    """Call ``error`` if the seeds study lacks ``--config`` or another study got seeds options."""
     if args.study == "seeds":
         if args.config is None:
             error("the seeds study needs --config (a fit config, e.g. configs/ex1_sine.yaml)")
         if args.config is not None and not args.config.is_file():
             error(f"--config: no such file: {args.config}")
         return
-    given = [name for name, value in (("--config", args.config), ("--set", args.sets),
-                                      ("--label", args.label), ("--criterion", args.criterion),
-                                      ("--table", args.table)) if value]
+    given = [
+        name
+        for name, value in (
+            ("--config", args.config),
+            ("--set", args.sets),
+            ("--label", args.label),
+            ("--criterion", args.criterion),
+            ("--table", args.table),
+        )
+        if value
+    ]
     if given or args.first_seed:
         error(f"{', '.join(given) or '--first-seed'} apply to the seeds study only")
 
@@ -161,25 +206,38 @@ def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> Non
 
 
 def cli_args(cell: dict) -> list[str]:
-    """The LightningCLI arguments that train ``cell`` as ``fit`` would, minus what only costs time."""
-    logger = {"class_path": TENSORBOARD,
-              "init_args": {"save_dir": cell["log_dir"], "name": cell["label"], "version": f"seed{cell['seed']}"}}
+    """The LightningCLI arguments that train ``cell`` as ``fit`` would (minus time-only work)."""
+    logger = {
+        "class_path": TENSORBOARD,
+        "init_args": {
+            "save_dir": cell["log_dir"],
+            "name": cell["label"],
+            "version": f"seed{cell['seed']}",
+        },
+    }
     args = ["--config", cell["config"], "--seed_everything", str(cell["seed"])]
     args += [f"--{key}={value}" for key, value in cell["sets"]]
     if cell.get("epochs"):
         args.append(f"--trainer.max_epochs={cell['epochs']}")
-    if cell.get("threads") is not None:  # else the CLI's own policy (OMP_NUM_THREADS, else 1), as for fit
+    if (
+        cell.get("threads") is not None
+    ):  # else the CLI's own policy (OMP_NUM_THREADS, else 1), as for fit
         args.append(f"--threads={cell['threads']}")
-    return args + ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                   f"--trainer.logger={json.dumps(logger)}"]
+    return args + [
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger={json.dumps(logger)}",
+    ]
 
 
 def build(cell: dict):
     """The configured (not yet fitted) :class:`~irnet.cli.IrnetCLI` of one seed, its time-only
-    callbacks removed. A mistake in the config or ``--set`` prints one line and raises SystemExit(2)."""
+    callbacks removed. A mistake in the config or ``--set`` prints one line, SystemExit(2)."""
     from irnet.cli import main
 
-    with warnings.catch_warnings():  # LightningCLI warns that sys.argv (the study's own) is not parsed
+    with (
+        warnings.catch_warnings()
+    ):  # LightningCLI warns that sys.argv (the study's own) is not parsed
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = main(cli_args(cell), run=False)
     trainer, module = cli.trainer, cli.model
@@ -194,7 +252,10 @@ def _costs_only_time(callback: Any, module: Any) -> bool:
     if isinstance(callback, ModelCheckpoint):
         return True
     if type(callback).__module__.startswith("irnet.callbacks") and name in MONITORS:
-        owns_noise = name == "PerturbationStreams" and "r_rnd" in getattr(module, "active_regularizers", dict)()
+        owns_noise = (
+            name == "PerturbationStreams"
+            and "r_rnd" in getattr(module, "active_regularizers", dict)()
+        )
         return not owns_noise
     return False
 
@@ -212,7 +273,9 @@ def run_cell(cell: dict) -> dict:
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:  # SystemExit: a configuration error reported by the CLI
         error = f"{type(err).__name__}: {err}".strip()[:500]
-    record = recorder.record(max_epochs=trainer.max_epochs if trainer is not None else cell.get("epochs"))
+    record = recorder.record(
+        max_epochs=trainer.max_epochs if trainer is not None else cell.get("epochs")
+    )
     record["checkpoint"] = _save_checkpoint(trainer)
     record["error"] = error or _silent_failure(record, module)
     record["failed"] = record["error"] is not None
@@ -240,7 +303,7 @@ def _save_checkpoint(trainer: Any) -> Optional[str]:
 
 
 def _silent_failure(record: dict, module: Any) -> Optional[str]:
-    """Why a fit that raised nothing still failed (non-finite losses or weights, an early stop), or None."""
+    """Why a fit that raised nothing failed (non-finite losses or weights, early stop), or None."""
     if module is not None and not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
         return "non-finite weights at the end"
     for key in ("final_train_loss", "final_val_loss"):
@@ -258,13 +321,22 @@ def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:
     """One cell per seed."""
     count = args.seeds or (TINY_SEEDS if args.tiny else DEFAULT_SEEDS)
     epochs = args.epochs or (TINY_EPOCHS if args.tiny else None)  # None: the config's max_epochs
-    return [{"seed": seed, "config": str(args.config), "sets": [list(s) for s in args.sets], "epochs": epochs,
-             "label": label, "log_dir": str(log_dir), "threads": args.threads}
-            for seed in range(args.first_seed, args.first_seed + count)]
+    return [
+        {
+            "seed": seed,
+            "config": str(args.config),
+            "sets": [list(s) for s in args.sets],
+            "epochs": epochs,
+            "label": label,
+            "log_dir": str(log_dir),
+            "threads": args.threads,
+        }
+        for seed in range(args.first_seed, args.first_seed + count)
+    ]
 
 
 def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> list[dict]:
-    """Train every cell on ``workers`` processes; a line per finished seed; results sorted by seed."""
+    """Train every cell on ``workers`` processes, a line per finished seed; sorted by seed."""
     from irnet.reproduce.runner import _quiet_worker, _Timed
     from tqdm import tqdm
 
@@ -282,8 +354,12 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
         for cell in cell_list:
             done(timed(cell))
     else:
-        context = multiprocessing.get_context("spawn")  # fork would copy Lightning's and torch's threads
-        with context.Pool(min(workers, len(cell_list)), initializer=_quiet_worker, initargs=(threads,)) as pool:
+        context = multiprocessing.get_context(
+            "spawn"
+        )  # fork would copy Lightning's and torch's threads
+        with context.Pool(
+            min(workers, len(cell_list)), initializer=_quiet_worker, initargs=(threads,)
+        ) as pool:
             for result in pool.imap_unordered(timed, cell_list):
                 done(result)
     bar.close()
@@ -294,10 +370,17 @@ def progress_line(r: dict) -> str:
     """One line for a finished seed."""
     from irnet.reproduce.seed_report import num
 
-    acc = f", val/acc {num(r['final_val_acc'])}" if not math.isnan(r.get("final_val_acc") or math.nan) else ""
+    acc = (
+        f", val/acc {num(r['final_val_acc'])}"
+        if not math.isnan(r.get("final_val_acc") or math.nan)
+        else ""
+    )
     state = f"FAILED ({r['error']})" if r["failed"] else "ok"
-    return (f"seed {r['seed']}: val/loss {num(r['final_val_loss'])} (best {num(r['best_val_loss'])}){acc}, "
-            f"{r['epochs_run']} epochs, {r['seconds']:.0f} s, {state}")
+    return (
+        f"seed {r['seed']}: val/loss {num(r['final_val_loss'])} "
+        f"(best {num(r['best_val_loss'])}){acc}, "
+        f"{r['epochs_run']} epochs, {r['seconds']:.0f} s, {state}"
+    )
 
 
 def main(args: argparse.Namespace, command: str) -> Path:
@@ -316,23 +399,38 @@ def main(args: argparse.Namespace, command: str) -> Path:
     else:
         check_config(args, log_dir, label)
         results = run_seeds(cells(args, log_dir, label), args.workers, args.threads)
-        meta = {"command": command, "machine": machine(args.workers, resolve_threads(args.threads)),
-                "minutes": (time.perf_counter() - start) / 60, "finished": _utc_now(), "config": str(args.config),
-                "sets": ["=".join(s) for s in args.sets], "label": label,
-                "criteria": [c.text for c in args.criterion], "switched_off": switched_off()}
+        meta = {
+            "command": command,
+            "machine": machine(args.workers, resolve_threads(args.threads)),
+            "minutes": (time.perf_counter() - start) / 60,
+            "finished": _utc_now(),
+            "config": str(args.config),
+            "sets": ["=".join(s) for s in args.sets],
+            "label": label,
+            "criteria": [c.text for c in args.criterion],
+            "switched_off": switched_off(),
+        }
         saved.mkdir(parents=True, exist_ok=True)
-        (saved / "cells.json").write_text(json.dumps({"meta": meta, "cells": results}, default=float))
+        (saved / "cells.json").write_text(
+            json.dumps({"meta": meta, "cells": results}, default=float)
+        )
     criteria = [parse_criterion(text) for text in meta["criteria"]]
     from irnet.reproduce.seed_report import figure, render, table_row
 
-    figures = [figure(results, criteria, out / f"seeds_{label}.png", title=f"{label}: {len(results)} seeds")]
+    figures = [
+        figure(
+            results, criteria, out / f"seeds_{label}.png", title=f"{label}: {len(results)} seeds"
+        )
+    ]
     save_results(out, results, meta)
     summary = out / "summary.md"
     summary.write_text(render(meta, results, criteria, figures, out))
     if args.table:
         append_row(args.table, table_row(meta, results, criteria))
     failed = sum(r["failed"] for r in results)
-    print(f"seeds: {len(results)} runs ({failed} failed) in {meta['minutes']:.1f} min; see {summary}")
+    print(
+        f"seeds: {len(results)} runs ({failed} failed) in {meta['minutes']:.1f} min; see {summary}"
+    )
     return summary
 
 
@@ -353,13 +451,16 @@ def check_config(args: argparse.Namespace, log_dir: Path, label: str) -> None:
 
 def switched_off() -> str:
     """What the study switches off, in words (for summary.md)."""
-    return (f"{', '.join(MONITORS)} (PerturbationStreams kept when R_rnd is on: it owns R_rnd's noise), "
-            "ModelCheckpoint and last_checkpoint (one last.ckpt is saved at the end), progress bar, "
-            "model summary")
+    return (
+        f"{', '.join(MONITORS)} "
+        "(PerturbationStreams kept when R_rnd is on: it owns R_rnd's noise), "
+        "ModelCheckpoint and last_checkpoint (one last.ckpt is saved at the end), progress bar, "
+        "model summary"
+    )
 
 
 def append_row(path: Path, row: tuple[str, str]) -> None:
-    """Append a markdown table row to ``path``, writing the header first when the file is new or empty."""
+    """Append a markdown table row to ``path`` (the header first if the file is new or empty)."""
     header, line = row
     new = not path.is_file() or not path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,5 +472,15 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
-__all__ = ["Criterion", "add_arguments", "cells", "cli_args", "main", "parse_criterion", "parse_set",
-           "refuse_foreign", "run_cell", "run_seeds"]
+__all__ = [
+    "Criterion",
+    "add_arguments",
+    "cells",
+    "cli_args",
+    "main",
+    "parse_criterion",
+    "parse_set",
+    "refuse_foreign",
+    "run_cell",
+    "run_seeds",
+]
