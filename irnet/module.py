@@ -80,7 +80,7 @@ class ImplicitNetModule(pl.LightningModule):
     """Train, validate, test and predict with an implicit residual network.
 
     The loss of a training step is ``compute_loss(pred, target) + Σ terms`` with
-    the terms of :meth:`regularization` (``weight · R_fp``, ``weight · R_rnd``).
+    the terms of :meth:`regularization` (``weight · R_fp``, ``weight · R_rnd``, ``weight · R_jac``).
     Logged per epoch: ``{stage}/loss`` (the data loss, comparable across
     stages), ``{stage}/mse`` (regression) or ``{stage}/acc`` (classification),
     ``{stage}/iters`` (mean forward solver iterations per layer and sample),
@@ -108,7 +108,7 @@ class ImplicitNetModule(pl.LightningModule):
         r_jac: the Jacobian regulariser R_jac (Bai et al. 2021), or ``None``.
         check_finite: stop the run with a :class:`~irnet.failure.TrainingFailure`
             on a NaN/Inf training loss (before backward), gradient (before the
-            optimizer step), parameter (before and after each step, and in a
+            optimizer step), parameter (after each step, and in a
             checkpoint being loaded), or a layer's output made NaN by a diverged
             forward solve; the message names the parameters or layers. Nothing
             is checkpointed on the way out, so the newest checkpoint is the last
@@ -356,14 +356,11 @@ class ImplicitNetModule(pl.LightningModule):
         self.failing.update({int(k.split("/")[1]): v for k, v in zip(keys, read[1:])}, where)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refuse a step with non-finite gradients or parameters (none applied, nothing saved)."""
+        """Refuse a step with non-finite gradients (not applied, nothing saved)."""
         if not self.check_finite:
             return
+        # (Non-finite parameters are caught by the loss of this step and after each step.)
         where = self._where("train")
-        params = nonfinite_parameters(self)
-        if params:
-            raise TrainingFailure(f"{where}: non-finite parameters before the optimizer step: "
-                                  f"{', '.join(params)}")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
         grads = nonfinite_gradients(self)
