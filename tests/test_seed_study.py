@@ -248,3 +248,53 @@ def test_a_fit_that_raised_nothing_can_still_have_failed():
     with torch.no_grad():
         net.weight[0, 1] = math.nan
     assert _silent_failure(record, net) == "non-finite weights at the end"
+
+
+def _record(seed: int, loss: float, acc: float, failed: bool = False) -> dict:
+    """A synthetic seed record with the fields the report reads."""
+    return {
+        "seed": seed,
+        "final_val_loss": loss,
+        "best_val_loss": loss / 2,
+        "best_epoch": 4,
+        "final_val_acc": acc,
+        "best_val_acc": acc,
+        "final_train_loss": loss,
+        "epochs_run": 5,
+        "max_epochs": 5,
+        "iterations_mean": 6.0,
+        "iterations_last10": 4.0 + seed,
+        "unconverged": 10 * seed,
+        "diverged": 0,
+        "val_unconverged": 0,
+        "seconds": 60.0 * (seed + 1),
+        "failed": failed,
+        "error": "TrainingFailure: x | y" if failed else None,
+        "history": {"val_loss": [loss] * 5, "val_acc": [acc] * 5},
+    }
+
+
+def test_report_counts_and_spreads_over_seeds(tmp_path):
+    from irnet.reproduce.seed_report import figure, seed_table, spread, table_row
+
+    results = [_record(0, 0.3, 0.9), _record(1, 0.1, 0.97), _record(2, math.nan, 0.5, failed=True)]
+    criteria = [parse_criterion("val/acc>=0.95"), parse_criterion("min(val/loss)<=0.15")]
+    meta = {"label": "demo", "config": "c.yaml", "sets": ["a.b=1"]}
+    header, row = table_row(meta, results, criteria)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:7] == [
+        "demo",
+        "`c.yaml`",
+        "`a.b=1`",
+        "3",
+        "5",
+        "1",
+        "val/acc>=0.95: 1/3; min(val/loss)<=0.15: 2/3",
+    ]
+    assert cells[7] == "0.2 [0.1, 0.3] (1 non-finite)" and cells[8] == "0.9 [0.5, 0.97]"
+    assert cells[9:] == ["5 [6]", "30 [20]", "2.0"]  # iterations median [max], unconverged, minutes
+    assert len(header.splitlines()[0].split("|")) == len(row.split("|"))
+    assert spread([None, math.nan]) == "–"
+    table = seed_table(results).splitlines()
+    assert "final val acc" in table[0] and "failed: TrainingFailure: x / y" in table[-1]
+    assert figure(results, criteria, tmp_path / "f.png").stat().st_size > 5000
