@@ -14,7 +14,7 @@ from pytorch_lightning import Callback
 
 from irnet.reproduce import main as reproduce
 from irnet.reproduce import parser
-from irnet.reproduce.seeds import Criterion, _silent_failure, parse_criterion, parse_set
+from irnet.reproduce.seeds import Criterion, _silent_failure, parse_criterion, parse_set, parse_stop_when
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ex1_sine.yaml")
 SMALL = ["model.init_args.net.init_args.layers=3"]  # a 3-layer sine network: seconds per run
@@ -94,6 +94,8 @@ def test_command_line_refusals_name_the_option(capsys):
         (["seeds", "--config", "no/such.yaml"], "--config"),
         (["ex2", "--set", "a=1"], "--set"),
         (["seeds", "--config", CONFIG, "--set", "lr"], "--set"),
+        (["seeds", "--config", CONFIG, "--stop-when", "min(val/loss)<0.1"], "--stop-when"),
+        (["ex1", "--stop-when", "val/loss<0.1"], "--stop-when"),
     ]
     for argv, option in cases:
         with pytest.raises(SystemExit) as exit_:
@@ -237,6 +239,30 @@ def test_tiny_study_matches_fit_validate_and_tensorboard_and_survives_a_failing_
     assert [r["final_val_loss"] for r in results] == pytest.approx(
         [seeds[s]["final_val_loss"] for s in (2, 3, 4)], rel=1e-3
     )
+
+
+def test_stop_when_reads_the_final_validation_metric_only():
+    assert parse_stop_when("val/loss<=0.15").threshold == 0.15
+    assert parse_stop_when("val/acc>=0.95").key == "final_val_acc"
+    for text in ("min(val/loss)<=0.1", "train/loss<1"):
+        with pytest.raises(ValueError, match="--stop-when"):
+            parse_stop_when(text)
+
+
+def test_an_early_stop_is_a_failure_unless_the_stop_criterion_holds():
+    net = torch.nn.Linear(2, 2)
+    stopped = {"final_train_loss": 0.5, "final_val_loss": 0.4, "epochs_run": 2, "max_epochs": 9}
+    assert _silent_failure(stopped, net, "val/loss<=0.45") is None
+    assert _silent_failure(stopped, net, "val/loss<=0.3") == "stopped after 2 of 9 epochs"
+
+
+@pytest.mark.slow
+def test_stop_when_ends_each_fit_at_the_first_validation_that_meets_it(tmp_path):
+    # A target every seed passes at its first validation: each fit ends after one epoch.
+    cells = _study(tmp_path, "--seeds", "2", "--epochs", "4", "--stop-when", "val/loss<1e6")["cells"]
+    assert [c["epochs_run"] for c in cells] == [1, 1]
+    assert not any(c["failed"] for c in cells)
+    assert all(len(c["history"]["val_loss"]) == 1 for c in cells)
 
 
 def test_a_fit_that_raised_nothing_can_still_have_failed():

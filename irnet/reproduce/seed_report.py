@@ -42,9 +42,17 @@ def render(
         f"Config `{meta['config']}`, overrides: {sets}. {meta['machine']}; "
         f"{meta['minutes']:.1f} minutes (finished {meta['finished']}).\n\n"
         f"Switched off (cost time only): {meta['switched_off']}.\n\n"
+        f"{_stop_line(meta)}"
         f"{reached}\n\n{seed_table(results)}\n\n"
         f"One row for a table of studies (docs/seeds.md):\n\n{header}\n{row}\n\n{images}\n"
     )
+
+
+def _stop_line(meta: dict) -> str:
+    """What ``--stop-when`` did, if given (old runs' metadata lack the key)."""
+    stop = meta.get("stop_when")
+    return (f"Each fit ended at its first validation with {stop} (strict), else at its last epoch; "
+            "final values are those at the stop.\n\n" if stop else "")
 
 
 def criterion_line(criterion: Any, results: list[dict]) -> str:

@@ -117,6 +117,32 @@ def parse_criterion(text: str) -> Criterion:
     return Criterion(text.strip().replace(" ", ""), METRICS[metric], op, threshold)
 
 
+def parse_stop_when(text: str) -> Criterion:
+    """Parse ``--stop-when``: a criterion on the final ``val/loss`` or ``val/acc``.
+
+    Raises:
+        ValueError: naming ``--stop-when`` and what it accepts.
+    """
+    criterion = parse_criterion(text)
+    if criterion.key not in STOP_MONITORS:
+        raise ValueError(f"--stop-when takes a criterion on {' or '.join(STOP_MONITORS.values())}, "
+                         f"got {text!r}")
+    return criterion
+
+
+# ``--stop-when`` field → the logged metric that Lightning's EarlyStopping watches.
+STOP_MONITORS = {"final_val_loss": "val/loss", "final_val_acc": "val/acc"}
+
+
+def early_stop(criterion: Criterion) -> Any:
+    """Lightning's EarlyStopping that ends the fit once ``criterion`` holds (and never otherwise)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    mode = "min" if criterion.op in ("<=", "<") else "max"
+    return EarlyStopping(monitor=STOP_MONITORS[criterion.key], mode=mode, patience=10**9,
+                         stopping_threshold=criterion.threshold, check_finite=False)
+
+
 def parse_set(text: str) -> tuple[str, str]:
     """Parse one ``--set KEY=VALUE`` (a dotted LightningCLI key, e.g. ``model.init_args.lr=0.1``).
 
@@ -172,6 +198,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "max(val/acc)>=0.95 (repeatable)",
     )
     g.add_argument(
+        "--stop-when",
+        type=_argtype(parse_stop_when),
+        help="seeds: end a seed's fit at the first validation that meets this criterion, "
+        "e.g. val/loss<=0.15 (a target 'within N epochs' costs only the epochs it takes; "
+        "the stop is strict: val/loss<0.15). Not a failure.",
+    )
+    g.add_argument(
         "--table",
         type=Path,
         help="seeds: also append the run's one-row summary to this "
@@ -195,6 +228,7 @@ def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> Non
             ("--label", args.label),
             ("--criterion", args.criterion),
             ("--table", args.table),
+            ("--stop-when", args.stop_when),
         )
         if value
     ]
@@ -269,6 +303,8 @@ def run_cell(cell: dict) -> dict:
         cli = build(cell)
         trainer, module = cli.trainer, cli.model
         trainer.callbacks.insert(0, recorder)  # records an epoch before a later callback can raise
+        if cell.get("stop_when"):
+            trainer.callbacks.append(early_stop(parse_criterion(cell["stop_when"])))
         _clear_old_run(Path(trainer.logger.log_dir))
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:  # SystemExit: a configuration error reported by the CLI
@@ -277,7 +313,7 @@ def run_cell(cell: dict) -> dict:
         max_epochs=trainer.max_epochs if trainer is not None else cell.get("epochs")
     )
     record["checkpoint"] = _save_checkpoint(trainer)
-    record["error"] = error or _silent_failure(record, module)
+    record["error"] = error or _silent_failure(record, module, cell.get("stop_when"))
     record["failed"] = record["error"] is not None
     return record
 
@@ -302,13 +338,16 @@ def _save_checkpoint(trainer: Any) -> Optional[str]:
     return str(path)
 
 
-def _silent_failure(record: dict, module: Any) -> Optional[str]:
-    """Why a fit that raised nothing failed (non-finite losses or weights, early stop), or None."""
+def _silent_failure(record: dict, module: Any, stop_when: Optional[str] = None) -> Optional[str]:
+    """Why a fit that raised nothing failed (non-finite losses or weights, an early stop other
+    than ``--stop-when``'s), or None."""
     if module is not None and not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
         return "non-finite weights at the end"
     for key in ("final_train_loss", "final_val_loss"):
         if record[key] is not None and not math.isfinite(record[key]):
             return f"{key} is {record[key]}"
+    if stop_when and parse_criterion(stop_when).met(record):
+        return None
     if record["epochs_run"] < (record["max_epochs"] or 0):
         return f"stopped after {record['epochs_run']} of {record['max_epochs']} epochs"
     return None
@@ -330,6 +369,7 @@ def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:
             "label": label,
             "log_dir": str(log_dir),
             "threads": args.threads,
+            "stop_when": args.stop_when.text if args.stop_when else None,
         }
         for seed in range(args.first_seed, args.first_seed + count)
     ]
@@ -408,6 +448,7 @@ def main(args: argparse.Namespace, command: str) -> Path:
             "sets": ["=".join(s) for s in args.sets],
             "label": label,
             "criteria": [c.text for c in args.criterion],
+            "stop_when": args.stop_when.text if args.stop_when else None,
             "switched_off": switched_off(),
         }
         saved.mkdir(parents=True, exist_ok=True)
