@@ -32,7 +32,8 @@ class TrainingFailure(CliError, RuntimeError):
     """A run stopped because its numbers are broken (non-finite, or solves that keep failing)."""
 
 
-def _listing(names: list[str]) -> str:
+def listing(names: list[str]) -> str:
+    """The first few names, then how many more: one readable line however many there are."""
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
 
@@ -89,14 +90,14 @@ def diagnosis(module: nn.Module, blocks: Iterable[nn.Module]) -> str:
     """Where a non-finite value came from: non-finite parameters, else diverged forward solves."""
     params = nonfinite_parameters(module)
     if params:
-        return f"non-finite parameters: {_listing(params)}"
+        return f"non-finite parameters: {listing(params)}"
     blocks = list(blocks)
     layers = diverged_layers(blocks)
     if layers:
-        return f"forward solve diverged (non-finite iterates, stats.diverged) in {_listing(layers)}"
+        return f"forward solve diverged (non-finite iterates, stats.diverged) in {listing(layers)}"
     failing = unconverged_layers(blocks)
     if failing:
-        return f"parameters finite; forward solves unconverged (stats.converged) in {_listing(failing)}"
+        return f"parameters finite; forward solves unconverged (stats.converged) in {listing(failing)}"
     return "parameters finite and every forward solve converged"
 
 
@@ -154,5 +155,5 @@ class FailingStreaks:
                     "bound, or set max_failing_steps: null")
 
 
-__all__ = ["FailingStreaks", "TrainingFailure", "check_args", "diagnosis", "diverged_layers",
+__all__ = ["FailingStreaks", "TrainingFailure", "check_args", "diagnosis", "diverged_layers", "listing",
            "nonfinite_gradients", "nonfinite_parameters", "nonfinite_tensors", "unconverged_layers"]

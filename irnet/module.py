@@ -35,7 +35,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
-from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, nonfinite_gradients,
+from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, listing, nonfinite_gradients,
                            nonfinite_parameters, nonfinite_tensors)
 from irnet.layer import NonFiniteInputError
 from irnet.regularizers import FixedPointRegularizer, JacobianRegularizer, PerturbationRegularizer, Regularizer
@@ -366,7 +366,7 @@ class ImplicitNetModule(pl.LightningModule):
         grads = nonfinite_gradients(self)
         if grads:
             raise TrainingFailure(f"{where}: non-finite gradients (before the optimizer step, not applied): "
-                                  f"{', '.join(grads)}")
+                                  f"{listing(grads)}")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then a check that it left the parameters finite (before any checkpoint)."""
@@ -375,7 +375,7 @@ class ImplicitNetModule(pl.LightningModule):
             params = nonfinite_parameters(self)
             if params:
                 raise TrainingFailure(f"{self._where('train')}: the optimizer step made parameters non-finite: "
-                                      f"{', '.join(params)}")
+                                      f"{listing(params)}")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers)."""
@@ -384,7 +384,7 @@ class ImplicitNetModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         bad = nonfinite_tensors((k, v) for k, v in state.items() if isinstance(v, Tensor))
         if bad:
-            raise TrainingFailure(f"refusing a checkpoint with non-finite weights: {', '.join(bad)} "
+            raise TrainingFailure(f"refusing a checkpoint with non-finite weights: {listing(bad)} "
                                   "(set check_finite: false to load it anyway)")
 
     def forward_iterations(self) -> Optional[Tensor]:

@@ -321,4 +321,5 @@ class JacobianRegularizer(Regularizer):
         return torch.stack(terms).mean()
 
 
-__all__ = ["FixedPointRegularizer", "JacobianRegularizer", "PerturbationRegularizer", "Regularizer", "Trajectory", "power_weights"]
+__all__ = ["FixedPointRegularizer", "JacobianRegularizer", "PerturbationRegularizer", "Regularizer",
+           "Trajectory", "power_weights"]
