@@ -11,7 +11,7 @@ free to learn; for ReLU it is a mere rescaling of the hidden units).
 
 The operator norms are exact, not power-iteration estimates (which are lower
 bounds of σ_max and so could let the bound slip): the largest singular value
-of a matrix (``torch.linalg.matrix_norm(ord=2)``), and for a zero-padded
+of a matrix (an SVD), and for a zero-padded
 convolution the largest singular value of its circular extension over all
 frequencies of the FFT grid (an upper bound of the padded operator's norm).
 A relative margin :data:`MARGIN` below ``L`` absorbs the rounding of those
@@ -40,80 +40,118 @@ def gelu_lipschitz() -> float:
 ACTIVATION_LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "gelu": gelu_lipschitz()}
 
 
-def matrix_norm(weight: Tensor) -> Tensor:
-    """Exact spectral norm (largest singular value) of a matrix, differentiable."""
-    return torch.linalg.matrix_norm(weight, ord=2)
+def matrix_norm(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact spectral norm σ of a matrix and its derivative ``u vᵀ`` (top singular vectors).
+
+    Returns:
+        ``(σ, M)`` with ``σ = ⟨weight, M⟩``; computed without autograd.
+    """
+    with torch.no_grad():
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return S[0], torch.outer(U[:, 0], Vh[0])
 
 
-def conv_norm(weight: Tensor, size: int) -> Tensor:
-    """Upper bound of the operator norm of a stride-1, zero-padded "same" conv2d on images ≤ ``size``.
+def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Upper bound σ of the operator norm of a stride-1, zero-padded "same" conv2d, and dσ/dweight.
 
     The padded convolution on an n×n image equals crop ∘ circular convolution
     on an N×N grid ∘ zero embedding whenever N ≥ n + k//2; embedding and crop
     have norm 1, and the circular convolution is block-diagonalised by the DFT,
     its norm being the largest singular value of the kernel's transfer matrix
-    over the N×N frequencies. Real kernels have conjugate-symmetric transfer
-    matrices, so half the frequencies (``rfft2``) suffice.
+    ``K̂(ω) = Σ_ab K[:, :, a, b] e^{-iω·(a, b)}`` over the N×N frequencies. Real
+    kernels have conjugate-symmetric transfer matrices, so half the frequencies
+    (``rfft2``) suffice. At the maximising frequency ω* with top singular
+    vectors u, v, ``σ = Re(uᴴ K̂(ω*) v) = ⟨K, M⟩`` with
+    ``M[o, i, a, b] = Re(ū_o v_i e^{-iω*·(a, b)})``.
 
     Args:
         weight: kernel of shape (out, in, k, k).
         size: the largest image side the bound must hold for.
+
+    Returns:
+        ``(σ, M)``; computed without autograd.
     """
-    grid = size + weight.shape[-1] // 2
-    transfer = torch.fft.rfft2(weight, s=(grid, grid))  # (out, in, N, N//2 + 1)
-    return torch.linalg.matrix_norm(transfer.permute(2, 3, 0, 1), ord=2).amax()
+    with torch.no_grad():
+        k = weight.shape[-1]
+        grid = size + k // 2
+        transfer = torch.fft.rfft2(weight, s=(grid, grid)).permute(2, 3, 0, 1)  # (N, N//2+1, out, in)
+        U, S, Vh = torch.linalg.svd(transfer, full_matrices=False)
+        top = S[..., 0]
+        p, q = divmod(int(top.argmax()), top.shape[1])
+        u, v = U[p, q, :, 0], Vh[p, q, 0, :].conj()
+        taps = torch.arange(k, device=weight.device, dtype=weight.dtype)
+        phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)
+        M = (u.conj()[:, None, None, None] * v[None, :, None, None] * phase).real
+        return top[p, q], M.to(weight.dtype)
 
 
 class LipschitzConstraint(nn.Module):
     """Rescales a residual's two weights so that ``scale · ‖W2‖ ‖W1‖ ≤ bound``.
 
-    It holds no parameters or buffers. In grad mode the factor is computed
-    afresh (differentiably) at every call; without grad (the solver's
-    iterations) it is cached until a weight changes (new tensor, storage,
-    dtype or in-place version), so a solve costs one norm computation.
+    It holds no parameters or buffers. Each weight's norm σ and its derivative
+    ``M = dσ/dW`` come from an exact SVD, cached until the weight changes (new
+    tensor, storage, dtype or in-place version: once per optimiser step); in
+    grad mode ``σ = ⟨W, M⟩`` is rebuilt differentiably at the cost of a dot
+    product, the same trick as ``torch.nn.utils.parametrizations.spectral_norm``
+    but with exact singular vectors. Where the bound is not reached the weights
+    are returned untouched (the factor is 1 with derivative 0 there).
 
     Args:
         bound: the largest allowed ``Lip(F)``.
         scale: ``h · a``: the residual's step times its activation's Lipschitz constant.
-        norm: the operator norm of one weight (:func:`matrix_norm`, or
+        norm: ``W ↦ (σ, dσ/dW)`` for one weight (:func:`matrix_norm`, or
             :func:`conv_norm` with the image size bound in).
     """
 
-    def __init__(self, bound: float, scale: float, norm: Callable[[Tensor], Tensor] = matrix_norm) -> None:
+    def __init__(self, bound: float, scale: float,
+                 norm: Callable[[Tensor], tuple[Tensor, Tensor]] = matrix_norm) -> None:
         super().__init__()
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound!r}")
         self.bound = float(bound)
         self.scale = float(scale)
         self.norm = norm
-        self._cache: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
+        self._norms: dict[int, tuple[tuple, Tensor, Tensor]] = {}
+        self._scaled: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
 
     def lipschitz(self, *weights: Tensor) -> Tensor:
-        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights."""
-        value = torch.ones((), dtype=weights[0].dtype, device=weights[0].device) * self.scale
-        for w in weights:
-            value = value * self.norm(w)
+        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights (no autograd)."""
+        value = torch.tensor(self.scale, dtype=torch.float64)
+        for i, w in enumerate(weights):
+            value = value * self._norm(i, w)[0].double().cpu()
         return value
-
-    def factor(self, *weights: Tensor) -> Tensor:
-        """The per-weight multiplier ``min(1, bound / Lip)^(1/len(weights))``."""
-        lip = self.lipschitz(*weights)
-        ratio = (self.bound * (1 - MARGIN) / lip.clamp_min(torch.finfo(lip.dtype).tiny)).clamp(max=1.0)
-        return ratio ** (1.0 / len(weights))
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            s = self.factor(*weights)
-            return tuple(w * s for w in weights)
+        grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         key = self._key(weights)
-        if self._cache is not None and self._same(self._cache[0], key):
-            return self._cache[1]
-        s = self.factor(*weights)
-        out = tuple(w * s for w in weights)
-        if not torch.compiler.is_compiling():
-            self._cache = (key, out)
+        if not grad and self._scaled is not None and self._same(self._scaled[0], key):
+            return self._scaled[1]
+        norms = [self._norm(i, w) for i, w in enumerate(weights)]
+        lip = self.scale * math.prod(float(sigma) for sigma, _ in norms)
+        target = self.bound * (1 - MARGIN)
+        if lip <= target:
+            out = tuple(weights)
+        elif grad:
+            sigma = self.scale * math.prod((w * M).sum() for w, (_, M) in zip(weights, norms))
+            factor = (target / sigma) ** (1.0 / len(weights))
+            out = tuple(w * factor for w in weights)
+        else:
+            factor = (target / lip) ** (1.0 / len(weights))
+            out = tuple(w * factor for w in weights)
+        if not grad and not torch.compiler.is_compiling():
+            self._scaled = (key, out)
         return out
+
+    def _norm(self, index: int, w: Tensor) -> tuple[Tensor, Tensor]:
+        key = self._key((w,))
+        cached = self._norms.get(index)
+        if cached is not None and self._same(cached[0], key):
+            return cached[1], cached[2]
+        sigma, M = self.norm(w.detach())
+        if not torch.compiler.is_compiling():
+            self._norms[index] = (key, sigma, M)
+        return sigma, M
 
     @staticmethod
     def _key(weights: Sequence[Tensor]) -> tuple:
@@ -122,7 +160,7 @@ class LipschitzConstraint(nn.Module):
 
     @staticmethod
     def _same(old: tuple, new: tuple) -> bool:
-        if old[0] != new[0]:
+        if old[0] != new[0] or len(old) != len(new):
             return False
         return all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old[1:], new[1:]))
 

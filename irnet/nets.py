@@ -141,7 +141,7 @@ class ConvResidual(nn.Module):
 
     def norm_bound(self, w: Tensor) -> Tensor:
         """Operator-norm bound of one of this F's convolutions with kernel ``w``."""
-        return conv_norm(w, self._size())
+        return conv_norm(w, self._size())[0]
 
     def _size(self) -> int:
         if self.image_size is None:

@@ -141,10 +141,39 @@ def test_conv_norm_matches_dense_operators():
         J = torch.autograd.functional.jacobian(conv, torch.zeros(1, 2, n, n, dtype=torch.float64))
         return np.linalg.svd(J.reshape(3 * n * n, 2 * n * n).numpy(), compute_uv=False).max()
 
-    bound = conv_norm(w, size).item()
+    bound = conv_norm(w, size)[0].item()
     assert bound == pytest.approx(dense(circular, grid), rel=1e-10)
     assert dense(padded, size) <= bound
     assert dense(padded, size) > 0.7 * bound
+
+
+def finite_difference_check(F: nn.Module, y: torch.Tensor) -> None:
+    """Autograd's gradient of ⟨F(y), v⟩ in every parameter against central differences (float64)."""
+    v = torch.randn_like(F(y))
+    params = list(F.parameters())
+    grads = torch.autograd.grad((F(y) * v).sum(), params)
+    for p, g in zip(params, grads):
+        direction = torch.randn_like(p)
+        eps = 1e-6
+        with torch.no_grad():
+            p.add_(eps * direction)
+            plus = (F(y) * v).sum().item()
+            p.sub_(2 * eps * direction)
+            minus = (F(y) * v).sum().item()
+            p.add_(eps * direction)
+        assert (g * direction).sum().item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-6, abs=1e-9)
+
+
+def test_gradients_through_the_rescaling_match_finite_differences():
+    torch.manual_seed(6)
+    F = MLPResidual(3, 7, step=0.7, activation="tanh", lipschitz=0.4).double()
+    with torch.no_grad():
+        F.bias.normal_()
+    assert F.constraint.lipschitz(F.gamma1, F.gamma2) > 0.4  # active
+    finite_difference_check(F, torch.randn(5, 3, dtype=torch.float64))
+    C = ConvResidual(2, 3, step=0.5, activation="tanh", lipschitz=0.3, image_size=4).double()
+    assert C.constraint.lipschitz(C.conv1.weight, C.conv2.weight) > 0.3
+    finite_difference_check(C, torch.randn(2, 2, 4, 4, dtype=torch.float64))
 
 
 def test_conv_jacobian_norm_stays_below_kappa_over_theta_after_training():
@@ -161,7 +190,7 @@ def test_conv_jacobian_norm_stays_below_kappa_over_theta_after_training():
         opt.step()
     for block in net.blocks:
         F = block.F
-        raw = F.step * conv_norm(F.conv1.weight, 5) * conv_norm(F.conv2.weight, 5)
+        raw = F.step * conv_norm(F.conv1.weight, 5)[0] * conv_norm(F.conv2.weight, 5)[0]
         assert block.theta * raw.item() > KAPPA  # the raw kernels break the bound
         norms = [jacobian_norm(F, torch.randn(1, 2, 5, 5, dtype=torch.float64)) for _ in range(10)]
         assert block.theta * max(norms) <= KAPPA
