@@ -16,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tqdm import tqdm
 
 from irnet.callbacks import GradientMagnitudes, SolverStatistics
+from irnet.failure import TrainingFailure
 from irnet.threads import ThreadsSetting, apply_threads
 
 # Per-epoch values recorded by History (Lightning's epoch-aggregated names).
@@ -73,7 +75,10 @@ def train(
 ) -> dict[str, list[float]]:
     """Fit ``module`` on ``data`` for ``epochs`` epochs; TensorBoard logs under ``log_dir/name``.
 
-    Returns the per-epoch :class:`History` values (NaN where a metric does not apply).
+    Returns the per-epoch :class:`History` values (NaN where a metric does not apply). A run that
+    the module stops as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or
+    solves that keep failing) is a result, not a crash of the study: its epochs after the stop
+    are NaN and ``values["stopped"]`` holds the epoch it stopped in (empty for a full run).
     """
     gradients = GradientMagnitudes(per_layer=False, histograms=False, plot_every_n_epochs=0)
     history = History(gradients)
@@ -89,8 +94,15 @@ def train(
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    trainer.fit(module, datamodule=data)
-    return history.values
+    stopped: list[float] = []
+    try:
+        trainer.fit(module, datamodule=data)
+    except TrainingFailure as failure:
+        print(f"{name}: {failure}", file=sys.stderr)
+        stopped.append(float(trainer.current_epoch))
+        for values in history.values.values():
+            values.extend([math.nan] * (epochs - len(values)))
+    return {**history.values, "stopped": stopped}
 
 
 # -- workers ------------------------------------------------------------------------------
