@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import subprocess
-import sys
+import os
 
 import pytest
 import torch
@@ -141,9 +141,30 @@ def test_probe_on_linear_layers_matches_closed_forms():
     assert result["gradient"] == pytest.approx(expected_gradient, rel=1e-9)
 
 
-def _reproduce(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "irnet", "reproduce", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+def _reproduce(*args: str) -> None:
+    """``python -m irnet reproduce ARGS`` in-process, through the CLI's dispatch (no interpreter start-up;
+    tests/test_readme.py runs ``python -m irnet`` itself in a fresh process)."""
+    from irnet.cli import main
+
+    assert main(["reproduce", *args]) is None
+
+
+@pytest.fixture
+def study_globals():
+    """Put back what a study run in this process changes for the tests after it: torch's threads
+    (``--threads``), Lightning's log levels (quiet workers) and ``seed_everything``'s variables."""
+    threads = torch.get_num_threads()
+    loggers = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning.fabric")}
+    env = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    yield
+    torch.set_num_threads(threads)
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _refused(capsys, *args: str) -> str:
@@ -168,23 +189,23 @@ def test_ex1_only_options_are_refused_elsewhere(tmp_path, monkeypatch, capsys):
     assert "θ must be in [0, 1], got 1.5" in _refused(capsys, "ex1", "--thetas", "1.5")
 
 
-def test_stability_study_writes_its_report(tmp_path):
-    result = _reproduce("stability", "--tiny", "--out", "out", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_stability_study_writes_its_report(tmp_path, study_globals):
+    _reproduce("stability", "--tiny", "--out", str(tmp_path / "out"))
     assert {"phase_portraits.png", "spectral_radius.png", "theta_regions.png", "summary.md",
             "results.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study, cells, figures", [
-    ("ex1", 12, 6),
-    ("ex2", 4, 3),
-    ("robustness", 4, 2),
+@pytest.mark.parametrize("study, narrow, cells, figures", [
+    # θ = 0 (explicit) and 1 at both tiny depths, and the R_fp ablation's θ = 1: every kind of cell,
+    # 5 cells instead of the tiny grid's 12; still 4 + one fit figure per depth
+    ("ex1", ["--thetas", "0", "1"], 2 * 2 + 1, 6),
+    ("ex2", [], 4, 3),
+    ("robustness", [], 4, 2),
 ])
-def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, cells, figures):
-    result = _reproduce(study, "--tiny", "--workers", "1", "--out", "out", "--log-dir", "logs", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "out"
+def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, study_globals, study, narrow, cells, figures):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    _reproduce(study, "--tiny", *narrow, "--workers", "1", "--out", str(out), "--log-dir", str(logs))
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["cells"]) == cells
     assert saved["meta"]["command"].startswith("python -m irnet reproduce " + study)
@@ -194,8 +215,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, cells, figures):
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
     pngs = list(out.glob("*.png"))
     assert len(pngs) == figures and all(p.stat().st_size > 10_000 for p in pngs)
-    assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert any(logs.rglob("events.out.tfevents.*"))
     # the figures and table can be redrawn from the saved cells without training
-    again = _reproduce(study, "--tiny", "--replot", "--out", "out2", "--log-dir", "logs", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    _reproduce(study, "--tiny", *narrow, "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
     assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
+    assert len(list((tmp_path / "out2").glob("*.png"))) == figures
