@@ -85,16 +85,46 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
         return top[p, q], M.to(weight.dtype)
 
 
+class _Rescale(torch.autograd.Function):
+    """``W_i ↦ f · W_i`` with ``f = (target / (scale · Π σ_i))^(1/n)``, as one autograd node.
+
+    ``σ_i`` enter as values with derivatives ``M_i = dσ_i/dW_i``, so
+    ``df/dW_i = −(f / n) M_i / σ_i`` and, for output gradients ``g_j``,
+    ``dL/dW_i = f g_i − (f / n) (Σ_j ⟨g_j, W_j⟩) M_i / σ_i``.
+    """
+
+    @staticmethod
+    def forward(ctx, factor: float, norms: Sequence[tuple[float, Tensor]], *weights: Tensor):
+        ctx.factor = factor
+        ctx.sigmas = [sigma for sigma, _ in norms]
+        ctx.save_for_backward(*(M for _, M in norms), *weights)
+        return tuple(w * factor for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        n = len(grads)
+        saved = ctx.saved_tensors
+        Ms, weights = saved[:n], saved[n:]
+        f = ctx.factor
+        dot = sum((g * w).sum() for g, w in zip(grads, weights) if g is not None)
+        out = []
+        for g, M, sigma in zip(grads, Ms, ctx.sigmas):
+            d = -(f / n) * dot * M / sigma
+            out.append(d if g is None else f * g + d)
+        return (None, None, *out)
+
+
 class LipschitzConstraint(nn.Module):
     """Rescales a residual's two weights so that ``scale · ‖W2‖ ‖W1‖ ≤ bound``.
 
     It holds no parameters or buffers. Each weight's norm σ and its derivative
     ``M = dσ/dW`` come from an exact SVD, cached until the weight changes (new
     tensor, storage, dtype or in-place version: once per optimiser step); in
-    grad mode ``σ = ⟨W, M⟩`` is rebuilt differentiably at the cost of a dot
-    product, the same trick as ``torch.nn.utils.parametrizations.spectral_norm``
-    but with exact singular vectors. Where the bound is not reached the weights
-    are returned untouched (the factor is 1 with derivative 0 there).
+    grad mode the rescaling is one autograd node (:class:`_Rescale`) whose
+    backward uses ``dσ/dW = M`` — the derivative of ``σ = uᵀWv`` that
+    ``torch.nn.utils.parametrizations.spectral_norm`` uses, with exact singular
+    vectors. Where the bound is not reached the weights are returned untouched
+    (the factor is 1 with derivative 0 there).
 
     Args:
         bound: the largest allowed ``Lip(F)``.
@@ -111,15 +141,12 @@ class LipschitzConstraint(nn.Module):
         self.bound = float(bound)
         self.scale = float(scale)
         self.norm = norm
-        self._norms: dict[int, tuple[tuple, Tensor, Tensor]] = {}
+        self._norms: dict[int, tuple[tuple, float, Tensor]] = {}
         self._scaled: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
 
-    def lipschitz(self, *weights: Tensor) -> Tensor:
-        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights (no autograd)."""
-        value = torch.tensor(self.scale, dtype=torch.float64)
-        for i, w in enumerate(weights):
-            value = value * self._norm(i, w)[0].double().cpu()
-        return value
+    def lipschitz(self, *weights: Tensor) -> float:
+        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights."""
+        return self.scale * math.prod(self._norm(i, w)[0] for i, w in enumerate(weights))
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
@@ -128,14 +155,12 @@ class LipschitzConstraint(nn.Module):
         if not grad and self._scaled is not None and self._same(self._scaled[0], key):
             return self._scaled[1]
         norms = [self._norm(i, w) for i, w in enumerate(weights)]
-        lip = self.scale * math.prod(float(sigma) for sigma, _ in norms)
+        lip = self.scale * math.prod(sigma for sigma, _ in norms)
         target = self.bound * (1 - MARGIN)
         if lip <= target:
             out = tuple(weights)
         elif grad:
-            sigma = self.scale * math.prod((w * M).sum() for w, (_, M) in zip(weights, norms))
-            factor = (target / sigma) ** (1.0 / len(weights))
-            out = tuple(w * factor for w in weights)
+            out = _Rescale.apply((target / lip) ** (1.0 / len(weights)), norms, *weights)
         else:
             factor = (target / lip) ** (1.0 / len(weights))
             out = tuple(w * factor for w in weights)
@@ -143,12 +168,14 @@ class LipschitzConstraint(nn.Module):
             self._scaled = (key, out)
         return out
 
-    def _norm(self, index: int, w: Tensor) -> tuple[Tensor, Tensor]:
+    def _norm(self, index: int, w: Tensor) -> tuple[float, Tensor]:
+        """σ (a float: one host read per weight change) and dσ/dW of weight ``index``."""
         key = self._key((w,))
         cached = self._norms.get(index)
         if cached is not None and self._same(cached[0], key):
             return cached[1], cached[2]
         sigma, M = self.norm(w.detach())
+        sigma = float(sigma)
         if not torch.compiler.is_compiling():
             self._norms[index] = (key, sigma, M)
         return sigma, M
