@@ -196,14 +196,19 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study, narrow, cells, figures", [
+@pytest.mark.parametrize("study, narrow, smaller, cells, figures", [
     # θ = 0 (explicit) and 1 at both tiny depths, and the R_fp ablation's θ = 1: every kind of cell,
     # 5 cells instead of the tiny grid's 12; still 4 + one fit figure per depth
-    ("ex1", ["--thetas", "0", "1"], 2 * 2 + 1, 6),
-    ("ex2", [], 4, 3),
-    ("robustness", [], 4, 2),
-])
-def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, study_globals, study, narrow, cells, figures):
+    ("ex1", ["--thetas", "0", "1"], {}, 2 * 2 + 1, 6),
+    # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
+    # the same code, and the test reads no accuracy
+    ("ex2", [], {"NOISE_REPEATS": 2}, 4, 3),
+    ("robustness", [], {}, 4, 2),
+], ids=["ex1", "ex2", "robustness"])
+def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
+                                              figures):
+    for name, value in smaller.items():  # read by the study's cells when they run (in this process)
+        monkeypatch.setattr(f"irnet.reproduce.{study}.{name}", value)
     out, logs = tmp_path / "out", tmp_path / "logs"
     _reproduce(study, "--tiny", *narrow, "--workers", "1", "--out", str(out), "--log-dir", str(logs))
     saved = json.loads((out / "results.json").read_text())
