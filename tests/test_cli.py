@@ -11,11 +11,15 @@ import pytest
 import torch
 
 from helpers_checkpoint import assert_identical, assert_same_training_state
-from helpers_training import CONFIGS, QUIET, event_files, run_irnet, scalars, subprocess_env, tiny_net_overrides
+from helpers_training import CONFIGS, QUIET, event_files, scalars, subprocess_env, tiny_net_overrides
 from irnet.cli import console_main, main
 
 SHORT = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
          "--trainer.num_sanity_val_steps", "0", *QUIET]
+# Tests about checkpoints, exit status and predict leave out the configs' monitoring callbacks: each
+# fit would end drawing half a dozen figures (seconds), and every config's callbacks run in
+# test_config_fits_from_the_command_line, test_readme, the resume test and the dying-DDP-child test.
+NO_MONITORS = ["--trainer.callbacks=[]"]
 # per config: shrink the network so that two epochs take seconds
 TINY = {
     "ex1_sine": tiny_net_overrides(2, 16),
@@ -41,11 +45,12 @@ def test_every_config_has_fast_overrides():
 
 
 @pytest.mark.slow
-# ex1_sine's fit from the command line, callbacks and all, is tests/test_readme.py's main-command test.
+# ex1_sine's fit from the command line, callbacks and all, is tests/test_readme.py's main-command test
+# (in a fresh ``python -m irnet`` process; these run in-process through the same ``main``).
 @pytest.mark.parametrize("name", [n for n in config_names() if n != "ex1_sine"])
-def test_config_fits_from_the_command_line(name, tmp_path):
-    proc = run_irnet(["fit", "--config", str(CONFIGS / f"{name}.yaml"), *SHORT, *TINY[name]], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_config_fits_from_the_command_line(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(args=["fit", "--config", str(CONFIGS / f"{name}.yaml"), *SHORT, *TINY[name]])
     run = tmp_path / "runs" / name / "version_0"
     assert event_files(run), f"no TensorBoard events under {run}"
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -109,7 +114,7 @@ def test_last_checkpoint_is_the_latest_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # mode max: the "best" checkpoint stops improving after the first epoch as the loss falls
     cli = main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                     "--checkpoint.mode", "max", "--trainer.max_epochs", "4"])
+                     *NO_MONITORS, "--checkpoint.mode", "max", "--trainer.max_epochs", "4"])
     folder = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints"
     last = torch.load(folder / "last.ckpt", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (3, 4)
@@ -123,7 +128,7 @@ def test_last_checkpoint_is_the_latest_state(tmp_path, monkeypatch):
 def test_checkpoint_reloads_from_its_config_hyperparameters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                     "--model.net.init_args.theta", "0.25", "--trainer.max_epochs", "1"])
+                     *NO_MONITORS, "--model.net.init_args.theta", "0.25", "--trainer.max_epochs", "1"])
     last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
     reloaded = type(cli.model).load_from_checkpoint(last)
     assert reloaded.net.blocks[0].theta == 0.25 and len(reloaded.net.blocks) == 2
@@ -181,7 +186,7 @@ def test_console_script_returns_exit_status_0(tmp_path, monkeypatch):
     assert 'irnet = "irnet.cli:console_main"' in (CONFIGS.parent / "pyproject.toml").read_text()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["irnet", "fit", "--config", str(CONFIGS / "ex1_sine.yaml"),
-                                      *tiny_net_overrides(2, 8), *QUIET, "--trainer.max_epochs", "1"])
+                                      *tiny_net_overrides(2, 8), *QUIET, *NO_MONITORS, "--trainer.max_epochs", "1"])
     assert console_main() == 0  # what the script hands to sys.exit
 
 
@@ -191,7 +196,7 @@ def test_installed_irnet_script_exits_0(tmp_path):
     if not script.exists():
         pytest.skip("the irnet console script is not installed beside this Python")
     proc = subprocess.run([str(script), "fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8),
-                           *QUIET, "--trainer.max_epochs", "1"], cwd=tmp_path, env=subprocess_env(),
+                           *QUIET, *NO_MONITORS, "--trainer.max_epochs", "1"], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "IrnetCLI object" not in proc.stdout + proc.stderr
@@ -207,7 +212,7 @@ def test_help_lists_every_subcommand_and_reproduce(capsys):
 
 def test_predict_writes_the_predictions_into_the_run_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET]
+    common = ["--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET, *NO_MONITORS]
     main(args=["fit", *common, "--trainer.max_epochs", "1"])
     last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()
