@@ -68,6 +68,8 @@ EFFECTS = {
     "--model.net.init_args.solver.init_args.atol": lambda cli: _blocks(cli)[0].solver.atol,
     "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
+    "--model.net.init_args.contraction": lambda cli: _blocks(cli)[0].theta * _blocks(cli)[0].F.constraint.bound,
+    "--model.net.init_args.init": lambda cli: cli.model.net.init,
     "--model.r_fp.init_args.weight": lambda cli: cli.model.r_fp.weight,
     "--model.r_fp.init_args.p": lambda cli: cli.model.r_fp.p,
     "--model.r_rnd.init_args.weight": lambda cli: cli.model.r_rnd.weight,
