@@ -17,6 +17,7 @@ fixed-point iterations. Deviations, each for a reason given in docs/REPORT.md:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -90,7 +91,20 @@ def run_cell(cell: dict) -> dict:
     module = ImplicitNetModule(net, loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7, r_fp=r_fp)
     data = SineRegression(num_points=51)
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), cell_name(cell))
+    if history["stopped"]:
+        return {"history": history, **stopped_result(cell["layers"])}
     return {"history": history, **evaluate(module, data)}
+
+
+PER_LAYER_KEYS = ("forward_iterations", "backward_iterations", "gradient", "rho_layer", "rho_layer_max",
+                  "rho_neumann", "rho_neumann_max")
+
+
+def stopped_result(layers: int) -> dict:
+    """A run stopped as broken (irnet.failure.TrainingFailure) has no trained network to measure:
+    NaN losses and per-layer numbers, and nothing to draw."""
+    return {"train_loss": math.nan, "val_loss": math.nan,
+            "per_layer": {key: [math.nan] * layers for key in PER_LAYER_KEYS}}
 
 
 def evaluate(module: ImplicitNetModule, data: SineRegression) -> dict:
@@ -206,7 +220,11 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
     target_x = np.linspace(-5, 5, 500)
     target_y = np.sin(target_x) + 0.1 * np.cos(19 * target_x)
     for row, theta in enumerate(thetas):
-        run = groups[(layers, theta, R_FP_WEIGHT)][0]
+        drawn = [r for r in groups[(layers, theta, R_FP_WEIGHT)] if "grid_output" in r]
+        if not drawn:  # every seed stopped as broken
+            axes[row, 0].set_title(f"θ={theta}: every run stopped (see the table)")
+            continue
+        run = drawn[0]
         ax = axes[row, 0]
         ax.plot(target_x, target_y, color="0.6", lw=2)
         ax.plot(target_x, run["grid_output"], color="C0", lw=1)
