@@ -25,6 +25,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ EFFECTS = {
     "--model.net.init_args.solver.init_args.atol": lambda cli: _blocks(cli)[0].solver.atol,
     "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
-    "--model.net.init_args.contraction": lambda cli: _blocks(cli)[0].theta * _blocks(cli)[0].F.constraint.bound,
+    "--model.net.init_args.contraction": lambda cli: _contraction(_blocks(cli)[0]),
     "--model.net.init_args.init": lambda cli: cli.model.net.init,
     "--model.r_fp.init_args.weight": lambda cli: cli.model.r_fp.weight,
     "--model.r_fp.init_args.p": lambda cli: cli.model.r_fp.p,
@@ -105,6 +106,11 @@ def shown_value(text: str):
         except ValueError:
             pass
     return yaml.safe_load(text)
+
+
+def _contraction(block) -> Optional[float]:
+    """κ = θ · (the Lipschitz bound on F) of a block, None where F is unconstrained."""
+    return None if block.F.constraint is None else block.theta * block.F.constraint.bound
 
 
 def check_effects(cli, args: list[str]) -> None:
