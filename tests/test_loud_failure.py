@@ -5,6 +5,7 @@ are refused at load."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -179,15 +180,31 @@ def run_cli(args, capsys) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
-LR10 = ["--config", str(CONFIGS / "ex1_sine.yaml"), "--trainer.callbacks", "[]", *QUIET,
-        "--model.lr", "10", "--trainer.max_epochs", "3"]
+
+
+def unconstrained_sine_config(folder: Path) -> Path:
+    """configs/ex1_sine.yaml as it was when the issue tried ``--model.lr 10``: the paper's network
+    and initialisation (no contraction, which keeps such a run finite), seed 3, with R_fp."""
+    text = (CONFIGS / "ex1_sine.yaml").read_text()
+    for line in ("        init: bounded\n", "        contraction: 0.9\n"):
+        assert line in text, line
+        text = text.replace(line, "")
+    path = folder / "ex1_sine.yaml"
+    path.write_text(text)
+    return path
+
+
+def lr10(config: Path) -> list[str]:
+    return ["--config", str(config), "--trainer.callbacks", "[]", *QUIET, "--seed_everything", "3",
+            "--model.r_fp.init_args.weight", "0.1", "--model.lr", "10", "--trainer.max_epochs", "3"]
 
 
 @pytest.mark.slow
 def test_lr_10_fails_loudly_keeps_the_last_good_checkpoint_and_refuses_nan_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["irnet"])
-    code, err = run_cli(["fit", *LR10], capsys)
+    config = unconstrained_sine_config(tmp_path)
+    code, err = run_cli(["fit", *lr10(config)], capsys)
     last_line = err.strip().splitlines()[-1]
     assert code == 2
     assert last_line.startswith("irnet: error: training stopped at epoch 1, step 1: non-finite train/")
@@ -203,7 +220,7 @@ def test_lr_10_fails_loudly_keeps_the_last_good_checkpoint_and_refuses_nan_weigh
     name = "net.blocks.3.F.gamma1"
     checkpoint["state_dict"][name].view(-1)[:2] = float("nan")
     torch.save(checkpoint, tmp_path / "nan.ckpt")
-    code, err = run_cli(["validate", "--config", str(CONFIGS / "ex1_sine.yaml"), "--trainer.callbacks", "[]",
+    code, err = run_cli(["validate", "--config", str(config), "--trainer.callbacks", "[]",
                          *QUIET, "--model.lr", "10", "--ckpt_path", str(tmp_path / "nan.ckpt")], capsys)
     assert code == 2
     numel = checkpoint["state_dict"][name].numel()
