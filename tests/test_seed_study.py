@@ -324,3 +324,29 @@ def test_report_counts_and_spreads_over_seeds(tmp_path):
     table = seed_table(results).splitlines()
     assert "final val acc" in table[0] and "failed: TrainingFailure: x / y" in table[-1]
     assert figure(results, criteria, tmp_path / "f.png").stat().st_size > 5000
+
+
+def test_sigterm_stops_the_study_instead_of_counting_as_a_failed_seed(monkeypatch, tmp_path):
+    # Lightning turns SIGTERM during a fit into SIGTERMException (a SystemExit, like the CLI's
+    # configuration errors, which do count as a failed seed): it must end the study.
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from irnet.reproduce import seeds
+
+    class Terminated:
+        callbacks: list = []
+        max_epochs = 1
+        lightning_module = None
+        logger = SimpleNamespace(log_dir=str(tmp_path))
+
+        def fit(self, *args, **kwargs):
+            raise SIGTERMException()
+
+    cli = SimpleNamespace(trainer=Terminated(), model=None, datamodule=None)
+    monkeypatch.setattr(seeds, "build", lambda cell: cli)
+    with pytest.raises(SIGTERMException):
+        seeds.run_cell({"seed": 0})
+    monkeypatch.setattr(Terminated, "fit", lambda self, *a, **k: (_ for _ in ()).throw(SystemExit(2)))
+    assert seeds.run_cell({"seed": 0})["failed"]

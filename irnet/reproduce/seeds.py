@@ -308,6 +308,8 @@ def run_cell(cell: dict) -> dict:
         _clear_old_run(Path(trainer.logger.log_dir))
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:  # SystemExit: a configuration error reported by the CLI
+        if type(err).__name__ == "SIGTERMException":
+            raise  # the study was asked to stop (Lightning turns SIGTERM into this): not a seed's result
         error = f"{type(err).__name__}: {err}".strip()[:500]
     record = recorder.record(
         max_epochs=trainer.max_epochs if trainer is not None else cell.get("epochs")
