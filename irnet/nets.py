@@ -90,7 +90,8 @@ class MLPResidual(nn.Module):
 
     def forward(self, y: Tensor) -> Tensor:
         gamma1, gamma2 = self.weights()
-        return self.step * self.activation(y @ gamma1.T + self.bias) @ gamma2.T
+        # Fused ``linear`` (addmm): fewer operations per evaluation than matmul + add.
+        return self.step * Fn.linear(self.activation(Fn.linear(y, gamma1, self.bias)), gamma2)
 
 
 class ConvResidual(nn.Module):

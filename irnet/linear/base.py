@@ -46,7 +46,7 @@ class AdjointOperator:
     def vjp(self, v: Tensor) -> Tensor:
         """``θ J_F(y)ᵀ v``."""
         (jtv,) = torch.autograd.grad(self._fy, self._y, v, retain_graph=True)
-        return self.theta * jtv
+        return jtv if self.theta == 1 else self.theta * jtv
 
     def __call__(self, v: Tensor) -> Tensor:
         return v - self.vjp(v)

@@ -28,6 +28,13 @@ def check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else CHECK_EVERY_ON_ACCELERATOR
 
 
+def count_served(served: list[Tensor], like: Tensor) -> Tensor:
+    """Per-sample iteration counts from the list of per-iteration masks (one sum at the end)."""
+    if not served:
+        return torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+    return torch.stack(served).sum(0)
+
+
 @dataclass
 class FixedPointProblem:
     """Find y with ``y = c + θ F(y)``, i.e. ``r(y) = y − c − θ F(y) = 0``.
@@ -150,26 +157,28 @@ class NonlinearSolver(ArgsRepr):
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         # Few operations per iteration, since each costs more than F on small states:
         # comparisons with NaN are false, so ``res < best_res`` and ``res > atol`` need
-        # no separate finiteness test, and divergence is read off once at the end.
+        # no separate finiteness test; divergence is read off once at the end, and the
+        # iteration counts are summed once from the masks of the samples each step served.
         state = self.init(problem, y0)
         best_y = state.y
         best_res = res = sample_norm(state.r)
-        iterations = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
         active = res > self.atol
+        served = []
         every = check_every(y0.device)
-        for k in range(1, self.max_iter + 1):
+        for k in range(self.max_iter):
             # A host read for the early exit; on an accelerator only every few iterations
             # (frozen samples keep their answers and statistics, so the extra steps change
             # nothing but time).
-            if (k - 1) % every == 0 and not bool(active.any()):
+            if k % every == 0 and not bool(active.any()):
                 break
+            served.append(active)
             state = self.step(problem, state)
             res = sample_norm(state.r)
             take = active & (res < best_res)
             best_y = torch.where(per_sample(take, best_y), state.y, best_y)
             best_res = torch.where(take, res, best_res)
-            iterations += active
             active = active & (res > self.atol)
+        iterations = count_served(served, y0)
         converged = best_res <= self.atol
         stats = SolverStats(
             iterations=iterations,
