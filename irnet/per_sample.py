@@ -12,7 +12,7 @@ from torch import Tensor
 
 def sample_norm(v: Tensor) -> Tensor:
     """Euclidean norm of each sample, shape ``(batch,)``."""
-    return torch.linalg.vector_norm(v.flatten(1), dim=1)
+    return torch.linalg.vector_norm(v if v.dim() == 2 else v.flatten(1), dim=1)
 
 
 def sample_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -16,15 +16,16 @@ class Neumann(LinearSolver):
 
     After k terms the residual is exactly the next term, ``A gₖ − b = −P^{k+1} b``,
     so each step costs one vector–Jacobian product and the stopping test is free.
-    A sample whose terms do not shrink for ``patience`` products in a row is
-    stopped and marked ``diverged`` (stalling or divergence), returning its
-    best partial sum.
+    A sample whose residual has not reached a new low for ``patience`` products
+    in a row is stopped and marked ``diverged`` (stalling or divergence),
+    returning its best partial sum.
 
     Args:
         rtol: relative tolerance ``‖A g − b‖₂ ≤ rtol · ‖b‖₂`` per sample.
         max_iter: the most terms (vector–Jacobian products).
-        patience: how many non-decreasing terms in a row mean divergence (a
-            non-normal Jacobian can grow for a few terms and still converge).
+        patience: how many products in a row without a new lowest residual mean
+            divergence (a non-normal Jacobian can grow for a few terms and still
+            converge).
     """
 
     def __init__(self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10) -> None:
@@ -40,7 +41,7 @@ class Neumann(LinearSolver):
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         best_g, best_res = g, res
-        growth = torch.zeros_like(res, dtype=torch.long)
+        stalled = torch.zeros_like(res, dtype=torch.long)  # products since the last new low
         active = res > tol
         served = [torch.ones_like(active)]  # the first product serves every sample
         for _ in range(1, self.max_iter):
@@ -53,8 +54,8 @@ class Neumann(LinearSolver):
             take = active & (new_res < best_res)
             best_g = torch.where(per_sample(take, g), g, best_g)
             best_res = torch.where(take, new_res, best_res)
-            growth = torch.where(new_res >= res, growth + 1, 0)
-            active = active & (new_res > tol) & (growth < self.patience)
+            stalled = torch.where(take, 0, stalled + 1)
+            active = active & (new_res > tol) & (stalled < self.patience)
             res = new_res
         iterations = torch.stack(served).sum(0)
         converged = best_res <= tol

@@ -55,6 +55,8 @@ class FixedPointProblem:
 
     def map(self, y: Tensor) -> Tensor:
         """The fixed-point map ``g(y) = c + θ F(y)``."""
+        if self.theta == 1:  # backward Euler: one operation fewer per iteration
+            return self.c + self.F(y)
         return self.c + self.theta * self.F(y)
 
     def residual(self, y: Tensor) -> Tensor:
