@@ -5,7 +5,8 @@ L∞-bounded perturbations from the gradient of the loss with respect to the
 input. For an implicit network that gradient flows through the layers' adjoint
 solves (:class:`irnet.autograd.ImplicitAdjoint`), so nothing here is specific to
 them. :func:`accuracy_under_attack` and :func:`accuracy_under_noise` turn a
-model into accuracy-versus-strength curves.
+model into accuracy-versus-strength curves. Checks against gradient masking
+(SPSA, restarts, transfer, tighter solves) are in :mod:`irnet.attacks_strong`.
 
 Every function runs the model in eval mode and restores the mode it found;
 gradients are taken with :func:`torch.autograd.grad` with respect to the input
