@@ -203,8 +203,7 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
     # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
     # the same code, and the test reads no accuracy
     ("ex2", [], {"NOISE_REPEATS": 2}, 4, 3),
-    ("robustness", [], {}, 4, 2),
-], ids=["ex1", "ex2", "robustness"])
+], ids=["ex1", "ex2"])
 def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
                                               figures):
     for name, value in smaller.items():  # read by the study's cells when they run (in this process)
@@ -225,3 +224,46 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     _reproduce(study, "--tiny", *narrow, "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
     assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
     assert len(list((tmp_path / "out2").glob("*.png"))) == figures
+
+
+@pytest.mark.slow
+def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
+    from irnet.reproduce.robustness_strong import ATTACKS, EPSILONS
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    _reproduce("robustness", "--tiny", "--workers", "1", "--out", str(out), "--log-dir", str(logs))
+    saved = json.loads((out / "results.json").read_text())
+    cells = saved["cells"]
+    # θ = 0 and 1 with and without R_rnd, and the contraction and R_jac variants at θ = 1
+    assert sorted((c["variant"], c["theta"], c["r_rnd"]) for c in cells) == [
+        ("contraction", 1.0, False), ("jacobian", 1.0, False), ("plain", 0.0, False), ("plain", 0.0, True),
+        ("plain", 1.0, False), ("plain", 1.0, True)]
+    assert saved["meta"]["command"].startswith("python -m irnet reproduce robustness")
+    assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] for c in cells)
+    samples = cells[0]["strong"]["samples"]
+    for cell in cells:
+        assert sorted(cell["strong_acc"]) == sorted(str(e) for e in EPSILONS)
+        for accuracy in cell["strong_acc"].values():
+            assert set(accuracy) == {"clean", *ATTACKS, "strongest"}
+            # accuracies are counts out of the attacked images, and the worst case is below every attack
+            assert all(abs(v * samples - round(v * samples)) < 1e-2 for v in accuracy.values())
+            assert all(accuracy["strongest"] <= v for v in accuracy.values()), (cell["variant"], accuracy)
+    # the explicit network's transfer attack is its own pgd_restarts (the same crafted images)
+    for cell in cells:
+        if cell["theta"] == 0:
+            assert all(a["transfer"] == a["pgd_restarts"] for a in cell["strong_acc"].values())
+    summary = (out / "summary.md").read_text()
+    assert "counts only where the strongest attack agrees" in summary
+    assert "θ at equal clean accuracy" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| θ | training | seeds"))
+    assert all(f"strongest ε={e}" in header for e in EPSILONS)
+    tables = [block for block in summary.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 2 + len(EPSILONS)  # main, one per ε, equal clean accuracy
+    assert all(len(t.splitlines()) == 2 + len(cells) for t in tables)  # one seed: one row per cell
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["robustness.png", "robustness_strong.png", "robustness_training.png"]
+    assert all((out / p).stat().st_size > 10_000 for p in pngs)
+    assert any(logs.rglob("events.out.tfevents.*"))
+    _reproduce("robustness", "--tiny", "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
+    assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
+    assert len(list((tmp_path / "out2").glob("*.png"))) == 3

@@ -9,13 +9,23 @@ the test accuracy is measured clean, under Gaussian input noise (σ in units of
 the standardised pixels, whose standard deviation is 1; 1 unit ≈ 6 of the 17
 grey levels) and under FGSM and 10-step PGD attacks in the L∞ ball of radius
 ε, with adversarial images kept in the valid pixel range.
+
+Since gradient attacks on implicit networks can be fooled by masked gradients,
+every network is also attacked with the strong set of
+:mod:`irnet.reproduce.robustness_strong` (PGD with restarts, gradient-free SPSA,
+PGD under tighter solves, transfer from the explicit network), and the
+per-sample worst case over all of them ("strongest") is reported: a
+robustness number counts only where it agrees with the strongest attack.
+Besides the plain networks, the grid trains two variants at θ in
+:data:`VARIANT_THETAS` without R_rnd: ``contraction`` (``ODENet(contraction=``
+:data:`CONTRACTION` ``)``) and ``jacobian`` (R_jac of weight :data:`JAC_WEIGHT`).
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -24,9 +34,9 @@ from irnet.datamodules import Digits
 from irnet.linear import Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.regularizers import PerturbationRegularizer
-from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, train
+from irnet.regularizers import JacobianRegularizer, PerturbationRegularizer
+from irnet.reproduce import robustness_strong as strong
+from irnet.reproduce.runner import train
 from irnet.solvers import FixedPoint
 
 THETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -36,33 +46,58 @@ NOISE = (0.1, 0.3, 0.5, 1.0)
 NOISE_REPEATS = 5
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 PGD_STEPS = 10
-FULL = {"layers": 10, "T": 5.0, "epochs": 20, "seeds": 3, "thetas": THETAS, "test_samples": None}
-TINY = {"layers": 2, "T": 1.0, "epochs": 1, "seeds": 1, "thetas": (0.0, 1.0), "test_samples": 64}
+VARIANTS = ("plain", "contraction", "jacobian")
+VARIANT_THETAS = (0.5, 1.0)  # at θ = 0 both variants are the plain network
+CONTRACTION = 0.9
+JAC_WEIGHT = 0.1
+FULL = {"layers": 10, "T": 5.0, "epochs": 20, "seeds": 3, "thetas": THETAS, "test_samples": None,
+        "variant_thetas": VARIANT_THETAS, "strong": strong.FULL}
+TINY = {"layers": 2, "T": 1.0, "epochs": 1, "seeds": 1, "thetas": (0.0, 1.0), "test_samples": 64,
+        "variant_thetas": (1.0,), "strong": strong.TINY}
 
 
-def make_module(layers: int, T: float, theta: float, r_rnd: bool, seed: int) -> ImplicitNetModule:
+def make_module(layers: int, T: float, theta: float, r_rnd: bool, seed: int,
+                variant: str = "plain") -> ImplicitNetModule:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     net = ODENet(in_features=64, out_features=10, layers=layers, T=T, width=100, theta=theta,
                  activation="relu", stationary_init=True, readout="linear",
+                 contraction=CONTRACTION if variant == "contraction" else None,
                  solver=FixedPoint(atol=1e-4, max_iter=50), linear_solver=Neumann(rtol=1e-4, max_iter=50))
     regularizer = (PerturbationRegularizer(weight=R_RND_WEIGHT, streams=1, sigma=R_RND_SIGMA, seed=seed)
                    if r_rnd else None)
-    return ImplicitNetModule(net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=regularizer)
+    r_jac = JacobianRegularizer(weight=JAC_WEIGHT, seed=seed) if variant == "jacobian" else None
+    return ImplicitNetModule(net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=regularizer,
+                             r_jac=r_jac)
 
 
 def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
-    return [{"theta": theta, "r_rnd": r_rnd, "seed": seed, "layers": settings["layers"], "T": settings["T"],
-             "epochs": epochs or settings["epochs"], "test_samples": settings["test_samples"],
-             "log_dir": str(log_dir)}
-            for seed in range(seeds or settings["seeds"]) for theta in settings["thetas"]
-            for r_rnd in (False, True)]
+    """Per seed: the plain grid θ × R_rnd (θ ascending, so each group's θ = 0 cell, the transfer
+    source, comes first), then the variants at ``variant_thetas`` without R_rnd."""
+    run = uuid.uuid4().hex[:12]  # the transfer files of this run, not of an earlier one in log_dir
+    common = {"layers": settings["layers"], "T": settings["T"], "epochs": epochs or settings["epochs"],
+              "test_samples": settings["test_samples"], "log_dir": str(log_dir), "run": run,
+              "strong": settings["strong"], "has_source": 0.0 in settings["thetas"]}
+    grid = []
+    for seed in range(seeds or settings["seeds"]):
+        grid += [{"theta": theta, "r_rnd": r_rnd, "seed": seed, "variant": "plain", **common}
+                 for theta in sorted(settings["thetas"]) for r_rnd in (False, True)]
+        grid += [{"theta": theta, "r_rnd": False, "seed": seed, "variant": variant, **common}
+                 for variant in VARIANTS[1:] for theta in settings["variant_thetas"]]
+    return grid
+
+
+def cell_name(cell: dict) -> str:
+    variant = "" if cell.get("variant", "plain") == "plain" else f"_{cell['variant']}"
+    return f"theta{cell['theta']}_rrnd{int(cell['r_rnd'])}_seed{cell['seed']}{variant}"
 
 
 def run_cell(cell: dict) -> dict:
     """Train one classifier and attack it (runs in a worker process)."""
     pl.seed_everything(cell["seed"], verbose=False)
-    module = make_module(cell["layers"], cell["T"], cell["theta"], cell["r_rnd"], cell["seed"])
+    module = make_module(cell["layers"], cell["T"], cell["theta"], cell["r_rnd"], cell["seed"], cell["variant"])
     data = Digits(flatten=True, batch_size=128, seed=cell["seed"])
-    name = f"theta{cell['theta']}_rrnd{int(cell['r_rnd'])}_seed{cell['seed']}"
+    name = cell_name(cell)
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name)
     module.eval()
     data.setup("test")
@@ -73,63 +108,26 @@ def run_cell(cell: dict) -> dict:
     fgsm = accuracy_under_attack(module, x, y, "fgsm", EPSILONS, clamp=pixel_range)
     pgd = accuracy_under_attack(module, x, y, "pgd", EPSILONS, clamp=pixel_range, steps=PGD_STEPS,
                                 generator=generator)
-    return {"history": history, "clean_acc": noise[0.0],
+    strongest = strong.evaluate(module, x, y, pixel_range, cell, cell["has_source"])
+    return {"history": history, "clean_acc": noise[0.0], "strong_acc": strongest,
             "noise_acc": {str(s): noise[s] for s in NOISE},
             "fgsm_acc": {str(e): a for e, a in fgsm.items()},
             "pgd_acc": {str(e): a for e, a in pgd.items()}}
 
 
-# -- report -------------------------------------------------------------------------------
-
-
 def summarize(results: list[dict]) -> str:
-    header = ["θ", "R_rnd", "seeds", "clean", *[f"noise σ={s}" for s in NOISE],
-              *[f"FGSM ε={e}" for e in EPSILONS], *[f"PGD ε={e}" for e in EPSILONS], "minutes"]
-    rows = []
-    for (theta, r_rnd), runs in sorted(group(results, ("theta", "r_rnd")).items()):
-        def stat(key, level):
-            return fmt(*mean_std(r[key][str(level)] for r in runs))
-        rows.append([theta, f"σ={R_RND_SIGMA}" if r_rnd else "off", len(runs),
-                     fmt(*mean_std(r["clean_acc"] for r in runs)),
-                     *[stat("noise_acc", s) for s in NOISE], *[stat("fgsm_acc", e) for e in EPSILONS],
-                     *[stat("pgd_acc", e) for e in EPSILONS], f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
-    return markdown_table(header, rows)
+    """The tables of summary.md (:mod:`irnet.reproduce.robustness_report`)."""
+    from irnet.reproduce.robustness_report import summarize as tables  # it reads this module's levels
+
+    return tables(results)
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:
-    """Accuracy against θ for each perturbation (rows: noise, FGSM, PGD; solid: no R_rnd)."""
-    groups = group(results, ("theta", "r_rnd"))
-    panels = [("noise_acc", NOISE, "Gaussian noise σ"), ("fgsm_acc", EPSILONS, "FGSM ε"),
-              ("pgd_acc", EPSILONS, "PGD ε")]
-    fig, axes = grid_figure(1, len(panels))
-    thetas = sorted({theta for theta, _ in groups})
-    for ax, (key, levels, title) in zip(axes[0], panels):
-        for i, level in enumerate(levels):
-            for r_rnd, style in ((False, "-"), (True, "--")):
-                runs_by_theta = [groups.get((theta, r_rnd), []) for theta in thetas]
-                if not all(runs_by_theta):
-                    continue
-                seeds = min(len(r) for r in runs_by_theta)
-                per_seed = [[runs[s][key][str(level)] for runs in runs_by_theta] for s in range(seeds)]
-                label = f"{title.split()[-1]}={level}" + (", R_rnd" if r_rnd else "")
-                band(ax, per_seed, label, color(i), style, x=thetas)
-        ax.set(xlabel="θ", ylabel="test accuracy", title=title, ylim=(0, 1))
-        ax.legend(fontsize="x-small", ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    return [save(fig, out / "robustness.png"), _training(results, out)]
+    """robustness.png, robustness_strong.png, robustness_training.png."""
+    from irnet.reproduce.robustness_report import figures as draw
+
+    return draw(results, out)
 
 
-def _training(results: list[dict], out: Path) -> Path:
-    fig, axes = grid_figure(1, 2)
-    for (theta, r_rnd), runs in sorted(group(results, ("theta", "r_rnd")).items()):
-        style = "--" if r_rnd else "-"
-        label = f"θ={theta}" + (", R_rnd" if r_rnd else "")
-        c = color(THETAS.index(theta))
-        band(axes[0, 0], [r["history"]["val_acc"] for r in runs], label, c, style)
-        band(axes[0, 1], [r["history"]["forward_iterations"] for r in runs], label, c, style)
-    axes[0, 0].set(xlabel="epoch", ylabel="validation accuracy")
-    axes[0, 1].set(xlabel="epoch", ylabel="forward iterations per layer")
-    axes[0, 0].legend(fontsize="x-small", ncol=2)
-    return save(fig, out / "robustness_training.png")
-
-
-__all__ = ["cells", "figures", "make_module", "run_cell", "summarize"]
+__all__ = ["CONTRACTION", "JAC_WEIGHT", "VARIANTS", "cell_name", "cells", "figures", "make_module", "run_cell",
+           "summarize"]
