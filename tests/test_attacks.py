@@ -28,11 +28,9 @@ def _one_thread(single_thread):
     """Tiny tensors: a thread pool only adds contention on a shared machine."""
 
 
-@pytest.fixture(scope="module")
-def trained(single_thread):
-    """A tiny MLP trained on :func:`disk_and_ring` (seeded) and its data; left in training mode."""
-    torch.manual_seed(0)
-    x, target = disk_and_ring()
+def train_mlp(x: torch.Tensor, target: torch.Tensor, seed: int) -> nn.Module:
+    """A tiny tanh MLP fitted to (x, target) by 300 full-batch Adam steps (seeded)."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(300):
@@ -40,7 +38,14 @@ def trained(single_thread):
         functional.cross_entropy(model(x), target).backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
-    return model, x, target
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(single_thread):
+    """A tiny MLP trained on :func:`disk_and_ring` (seeded) and its data; left in training mode."""
+    x, target = disk_and_ring()
+    return train_mlp(x, target, seed=0), x, target
 
 
 def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:

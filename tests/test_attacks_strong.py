@@ -24,7 +24,7 @@ from irnet.attacks_strong import (
 from irnet.linear import Direct, Neumann
 from irnet.nets import ODENet
 from irnet.solvers import Anderson, Fallback, FixedPoint
-from test_attacks import disk_and_ring, trained  # noqa: F401  (the fixture is used by name)
+from test_attacks import disk_and_ring, train_mlp, trained  # noqa: F401  (the fixture is used by name)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 
@@ -236,13 +236,7 @@ def test_transfer_to_itself_is_the_white_box_attack_and_to_a_twin_nearly(trained
     same = transfer(model, model, x, target, 0.75, attack=pgd, steps=10, random_start=False)
     assert torch.equal(same.adversarial, pgd(model, x, target, 0.75, steps=10, random_start=False))
     assert same.source_accuracy == same.target_accuracy == accuracy(model, same.adversarial, target)
-    torch.manual_seed(1)
-    twin = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = torch.optim.Adam(twin.parameters(), lr=0.05)
-    for _ in range(300):
-        optimizer.zero_grad()
-        functional.cross_entropy(twin(x), target).backward()
-        optimizer.step()
+    twin = train_mlp(x, target, seed=1)
     crafted = transfer_attack(twin, pgd, steps=10, random_start=False)
     moved = crafted(model, x, target, 0.75)
     assert torch.equal(moved, pgd(twin, x, target, 0.75, steps=10, random_start=False))
