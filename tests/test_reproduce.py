@@ -202,7 +202,8 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
     ("ex1", ["--thetas", "0", "1"], {}, 2 * 2 + 1, 6),
     # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
     # the same code, and the test reads no accuracy
-    ("ex2", [], {"NOISE_REPEATS": 2}, 4, 3),
+    # no R_rnd and R_rnd at 2 σ × 2 weights (the tiny grid); decision regions, noise, training
+    ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
 ], ids=["ex1", "ex2"])
 def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
                                               figures):
@@ -224,6 +225,85 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     _reproduce(study, "--tiny", *narrow, "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
     assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
     assert len(list((tmp_path / "out2").glob("*.png"))) == figures
+
+
+def test_ex2_grid_is_no_r_rnd_plus_every_sigma_and_weight_for_five_seeds(tmp_path):
+    from irnet.reproduce import ex2
+
+    cells = ex2.cells(ex2.FULL, tmp_path)
+    configs = {(0.0, 0.0)} | {(s, w) for s in (0.01, 0.05, 0.1) for w in (0.003, 0.01, 0.03)}
+    assert len(cells) == 5 * 10
+    for config in configs:
+        assert sorted(c["seed"] for c in cells if (c["sigma"], c["weight"]) == config) == [0, 1, 2, 3, 4]
+    assert all(c["epochs"] == 600 and c["patience"] == 100 and c["layers"] == 100 for c in cells)
+    assert {c["epochs"] for c in ex2.cells(ex2.FULL, tmp_path, seeds=1, epochs=7)} == {7}  # --epochs
+    net = ex2.make_module(4, 0.05, 0.03, 0).net  # the shipped config's network
+    assert (net.init, net.contraction, net.warm_start) == ("bounded", 0.9, True)
+    assert ex2.make_module(4, 0.05, 0.03, 0).regularizers["r_rnd"].weight == 0.03
+    assert "r_rnd" not in ex2.make_module(4, 0.0, 0.0, 0).regularizers
+
+
+def test_ex2_best_weights_keeps_the_state_of_the_smallest_val_loss():
+    from types import SimpleNamespace
+
+    from irnet.reproduce.ex2 import BestWeights
+
+    layer, best = torch.nn.Linear(1, 1), BestWeights()
+    for epoch, loss in enumerate([0.5, 0.3, 0.4, math.nan, 0.35]):
+        layer.weight.data.fill_(float(epoch))
+        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(loss)}, sanity_checking=False,
+                                  current_epoch=epoch)
+        best.on_validation_end(trainer, layer)
+    assert (best.epoch, best.value) == (2, pytest.approx(0.3))
+    assert best.state["weight"].item() == 1.0
+
+
+def test_ex2_summary_reports_each_seeds_epoch_at_095_and_the_last_epochs_accuracy():
+    from irnet.reproduce import ex2
+
+    def run(seed, reached, last_acc, best_acc):
+        history = {"val_acc": [0.5, last_acc, math.nan], "train_loss": [0.7, 0.6, math.nan]}
+        return {"sigma": 0.05, "weight": 0.01, "seed": seed, "epoch_reached": reached, "epochs_run": 2,
+                "epochs": 3, "patience": 100,
+                "best_epoch": 1, "history": history, "train_acc": 1.0, "seconds": 60.0,
+                "noise_acc": {str(s): best_acc for s in ex2.TEST_NOISE}}
+
+    table = ex2.summarize([run(1, None, 0.9, 0.96), run(0, 120, 0.8, 0.94)])
+    header, _, row = table.splitlines()[:3]
+    assert header.split(" | ")[:4] == ["| R_rnd σ", "weight", "seeds", "epoch val acc ≥ 0.95, per seed"]
+    assert header.endswith("val acc, noise σ=0.5 | val acc, last epoch | minutes |")
+    cells = [c.strip() for c in row.strip("| ").split(" | ")]
+    assert cells[:6] == ["0.05", "0.01", "2", "120, never", "2 [2, 2]", "1 [1, 1]"]
+    assert cells[7] == ex2.fmt(0.95, math.sqrt(2) * 0.01) and cells[-2] == ex2.fmt(0.85, math.sqrt(2) * 0.05)
+    assert cells[-1] == "1.0"
+
+
+@pytest.mark.slow
+def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, monkeypatch, study_globals):
+    from irnet.reproduce import ex2
+
+    make = ex2.make_module
+
+    def unsteady(*args):  # lr 0.3: val loss turns up within a few epochs on 3 layers
+        module = make(*args)
+        module.lr = 0.3
+        return module
+
+    monkeypatch.setattr(ex2, "make_module", unsteady)
+    monkeypatch.setattr(ex2, "NOISE_REPEATS", 2)
+    cell = {"sigma": 0.05, "weight": 0.01, "seed": 0, "layers": 3, "epochs": 30, "patience": 2,
+            "log_dir": str(tmp_path)}
+    result = ex2.run_cell(cell)
+    val_loss, val_acc = result["history"]["val_loss"], result["history"]["val_acc"]
+    run, best = result["epochs_run"], result["best_epoch"]
+    assert run == best + 2 < 30  # EarlyStopping: two epochs without improvement
+    assert len(val_loss) == 30 and all(math.isnan(v) for v in val_loss[run:])
+    assert val_loss[best - 1] == min(val_loss[:run])
+    # the restored best state's clean accuracy is that epoch's validation accuracy, not the last one's
+    assert result["noise_acc"]["0.0"] == pytest.approx(val_acc[best - 1])
+    assert val_acc[best - 1] != pytest.approx(val_acc[run - 1])
+    assert result["epoch_reached"] == ex2.first_reached(val_acc, 0.95)
+    assert ex2.first_reached([0.5, 0.95, 0.97], 0.95) == 2 and ex2.first_reached([0.5], 0.95) is None
 
 
 @pytest.mark.slow

@@ -72,8 +72,11 @@ def train(
     log_dir: Path,
     name: str,
     callbacks: Sequence[Callback] = (),
+    gradient_clip_val: Optional[float] = None,
 ) -> dict[str, list[float]]:
     """Fit ``module`` on ``data`` for ``epochs`` epochs; TensorBoard logs under ``log_dir/name``.
+
+    ``gradient_clip_val`` is the Trainer's (the norm of all gradients together; None: no clipping).
 
     Returns the per-epoch :class:`History` values (NaN where a metric does not apply). A run that
     the module stops as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or
@@ -93,6 +96,7 @@ def train(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
+        gradient_clip_val=gradient_clip_val,
     )
     stopped: list[float] = []
     try:
