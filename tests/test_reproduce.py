@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,14 +37,34 @@ def test_group_and_markdown_table():
     assert table.splitlines() == ["| a | n |", "|---|---|", "| 1 | 2 |", "| 2 | 1 |"]
 
 
-def test_seed_screen_keeps_exactly_the_seeds_with_moderate_initial_outputs():
-    chosen = ex1.screen_seeds(2, layers=10)
-    x = torch.linspace(-5, 5, 51)[:, None]
-    for seed in range(chosen[-1] + 1):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            moderate = bool(ex1.make_net(10, 0.0)(x).abs().max() <= ex1.MAX_INITIAL_OUTPUT)
-        assert moderate == (seed in chosen)
+def test_ex1_grid_is_issue_12s_with_one_cell_at_theta_0():
+    cells = ex1.cells(ex1.FULL, Path("logs"))
+    configs = {(c["layers"], c["theta"], c["variant"]) for c in cells}
+    expected = {(n, 0.0, "paper") for n in (10, 100)}
+    expected |= {(n, t, v) for n in (10, 100) for t in (0.25, 0.5, 0.75, 1.0) for v in ex1.VARIANTS}
+    assert configs == expected and len(cells) == 5 * len(expected) == 130
+    assert {c["seed"] for c in cells} == set(range(5)) and {c["epochs"] for c in cells} == {3000}
+    for c in cells:
+        assert c["r_fp"] == (0.1 if c["variant"] == "rfp" else 0.0)
+        assert c["contraction"] == (0.9 if c["variant"] == "contraction" else None)
+
+
+@pytest.mark.parametrize("variant, contraction, max_iter", [("paper", None, 50), ("rfp", None, 50),
+                                                             ("contraction", 0.9, 120)])
+def test_ex1_variant_nets(variant, contraction, max_iter):
+    torch.manual_seed(0)
+    net = ex1.make_net(10, 0.5, variant)
+    assert (net.contraction, net.init, net.blocks[0].solver.max_iter) == (contraction, "bounded", max_iter)
+    assert isinstance(net.blocks[0].linear_solver, Direct)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ex1.make_net(10, 0.5, "fast")
+
+
+def test_ex1_estimate_interpolates_the_measured_epochs():
+    paper = ex1.EPOCH_SECONDS["paper"]
+    assert ex1.estimated_seconds(10, 0.5, "paper", 100) == pytest.approx(100 * paper[10])
+    assert ex1.estimated_seconds(55, 0.5, "paper", 2) == pytest.approx(paper[10] + paper[100])
+    assert ex1.estimated_seconds(100, 0.0, "rfp", 1) == ex1.EPOCH_SECONDS["explicit"][100]
 
 
 def _dense_layer_radius(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -197,9 +218,9 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("study, narrow, smaller, cells, figures", [
-    # θ = 0 (explicit) and 1 at both tiny depths, and the R_fp ablation's θ = 1: every kind of cell,
-    # 5 cells instead of the tiny grid's 12; still 4 + one fit figure per depth
-    ("ex1", ["--thetas", "0", "1"], {}, 2 * 2 + 1, 6),
+    # θ = 0 (explicit, one cell) and θ = 1 in each of the 3 variants at both tiny depths: every kind
+    # of cell, 8 cells instead of the tiny grid's 14; still 4 + one fit figure per depth
+    ("ex1", ["--thetas", "0", "1"], {}, 2 * (1 + 3), 6),
     # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
     # the same code, and the test reads no accuracy
     # no R_rnd and R_rnd at 2 σ × 2 weights (the tiny grid); decision regions, noise, training
@@ -218,6 +239,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     summary = (out / "summary.md").read_text()
     table_rows = [line for line in summary.splitlines() if line.startswith("| ")][1:]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
+    if study == "ex1":
+        _check_ex1_variants(saved["cells"], summary)
     pngs = list(out.glob("*.png"))
     assert len(pngs) == figures and all(p.stat().st_size > 10_000 for p in pngs)
     assert any(logs.rglob("events.out.tfevents.*"))
@@ -304,6 +327,17 @@ def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, mo
     assert val_acc[best - 1] != pytest.approx(val_acc[run - 1])
     assert result["epoch_reached"] == ex2.first_reached(val_acc, 0.95)
     assert ex2.first_reached([0.5, 0.95, 0.97], 0.95) == 2 and ex2.first_reached([0.5], 0.95) is None
+
+
+def _check_ex1_variants(cells: list[dict], summary: str) -> None:
+    """Each variant's cells exist (θ = 0 once, as ``paper``), and the table has a variant column."""
+    assert sorted((c["layers"], c["theta"], c["variant"]) for c in cells) == sorted(
+        [(n, 0.0, "paper") for n in (2, 4)] + [(n, 1.0, v) for n in (2, 4) for v in ex1.VARIANTS])
+    header, *rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("| ")]
+    column = [h.strip() for h in header].index("variant")
+    table = sorted((int(r[0]), float(r[1]), r[column].strip()) for r in rows)
+    assert table == sorted((c["layers"], c["theta"], c["variant"]) for c in cells)
+    assert "init=\"bounded\"" in summary and "Wall time: estimated" in summary
 
 
 @pytest.mark.slow

@@ -3,16 +3,41 @@
 The paper's set-up (section 3): eq. (11) with T = 10, width 100, ReLU, the
 stationary normalised initialisation, 51 training points, the L2 loss, Adam
 with learning rate 1e-2 × 0.7 every 500 epochs, TOL = 1e-5 and at most 50
-fixed-point iterations. Deviations, each for a reason given in docs/REPORT.md:
+fixed-point iterations. The default grid is issue 12's, at the paper's budget:
+θ ∈ {0, ¼, ½, ¾, 1} × {10, 100} layers, 3 000 epochs, seeds 0–4 (unscreened),
+each θ > 0 in three variants (:data:`VARIANTS`):
 
-* R_fp (eq. 9, weight 0.1) is on in the main grid; a side grid trains
-  θ ∈ {0.5, 1} with 10 layers without it (the paper's literal set-up);
-* epochs are far fewer than the paper's (2 CPU cores, 30 minutes);
-* seeds are the first ones whose initial network output is moderate (below
-  :data:`MAX_INITIAL_OUTPUT` for the explicit 100-layer network, the closest
-  to the initial ODE flow): the initialisation grows like ``exp(λT)`` and
-  some seeds start with outputs of 1e9. The rule looks only at the
-  initialisation, never at a training result.
+* ``paper``: the paper's settings (no R_fp, no contraction);
+* ``rfp``: plus R_fp (eq. 9, weight 0.1, p = 1);
+* ``contraction``: ``ODENet(contraction=0.9)`` (docs/contraction.md), no R_fp.
+
+θ = 0 (the explicit ResNet) is trained once, as ``paper``: the variants coincide
+there (contraction leaves θ = 0 layers alone, and R_fp is zero on them).
+
+Deviations from the paper, each for a reason:
+
+* every cell uses ``init="bounded"``: the paper's initialisation grows like
+  ``exp(λT)`` and some seeds start with outputs of 1e3–1e9, so five unscreened
+  seeds need an initialisation with a proven bound (docs/contraction.md). One
+  rule for every cell keeps the variants comparable; screening seeds, or
+  switching initialisation only where the paper's explodes, would not;
+* the solvers are the fast ones of configs/ex1_sine.yaml, at the paper's
+  tolerance 1e-5: fixed-point iteration from the explicit step (at most 50
+  iterations as in the paper, 120 with contraction, the bound at κ = 0.9) and
+  the adjoint solved exactly (:class:`~irnet.linear.Direct`) instead of by a
+  Neumann series.
+
+A run that the module stops as broken (:class:`irnet.failure.TrainingFailure`)
+is a result: NaN losses, and a "stopped" count in the table.
+
+Wall time of the full grid (``python -m irnet reproduce ex1``: 130 cells of 3 000
+epochs) on this machine's 2 CPU cores, one worker process per core, estimated
+from 20 timed epochs of each kind of cell (:data:`EPOCH_SECONDS`): about 24 h
+(49 core-hours: 5.3 for the 65 ten-layer cells, 43.5 for the 65 hundred-layer
+ones). The timed epochs were early ones, with about 1 fixed-point iteration per
+layer at 100 layers; as the weights grow the iterations do too (4–6 in earlier
+600-epoch runs), so plan for 24–36 h. summary.md gives the estimate for the grid
+run and the measured time.
 """
 
 from __future__ import annotations
@@ -26,7 +51,7 @@ import pytorch_lightning as pl
 import torch
 
 from irnet.datamodules import SineRegression
-from irnet.linear import Neumann
+from irnet.linear import Direct
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ODENet
 from irnet.regularizers import FixedPointRegularizer
@@ -34,60 +59,69 @@ from irnet.reproduce.figures import band, color, grid_figure, save
 from irnet.reproduce.probe import probe
 from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, train
 from irnet.solvers import FixedPoint
+from irnet.validation import check_choice
 
 THETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+VARIANTS = ("paper", "rfp", "contraction")
 R_FP_WEIGHT = 0.1
-ABLATION_THETAS = (0.5, 1.0)
-MAX_INITIAL_OUTPUT = 500.0
-FULL = {"depths": (10, 100), "epochs": {10: 300, 100: 150}, "seeds": 3}
-TINY = {"depths": (2, 4), "epochs": {2: 2, 4: 2}, "seeds": 1}
+CONTRACTION = 0.9
+INIT = "bounded"
+MAX_ITER = {"paper": 50, "rfp": 50, "contraction": 120}  # 120 >= 110, the κ = 0.9 bound for |r0| <= 1
+FULL = {"depths": (10, 100), "epochs": {10: 3000, 100: 3000}, "seeds": 5}
+TINY = {"depths": (2, 4), "epochs": {2: 2, 4: 2}, "seeds": 1, "thetas": (0.0, 0.5, 1.0)}
 TRAJECTORY_INPUTS = 15
 VIRIDIS = matplotlib.colormaps["viridis"]
+STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
+
+# Seconds per epoch of one cell (training and validation, Lightning included), measured on this
+# 2-core machine with one torch thread while two other studies kept both cores busy: epochs 2-21
+# of seed 0 at θ = ½ ("explicit": θ = 0, trained as "paper" but with no solve). Early epochs: the
+# fixed-point iterations per layer grow from about 1 (100 layers) and 3.7 (10 layers) as the
+# weights grow (to about 4-6 and 7-13 in the 150-600-epoch runs of docs/REPORT.md), so these
+# underestimate the later epochs. :func:`estimated_seconds` interpolates linearly in the depth.
+EPOCH_SECONDS = {"explicit": {10: 0.088, 100: 0.19}, "paper": {10: 0.081, 100: 0.58},
+                 "rfp": {10: 0.105, 100: 1.03}, "contraction": {10: 0.109, 100: 0.95}}
 
 
-def make_net(layers: int, theta: float) -> ODENet:
-    """The paper's Example 1 network (readout ``y(T)[1]``)."""
+def make_net(layers: int, theta: float, variant: str = "paper") -> ODENet:
+    """The paper's Example 1 network (readout ``y(T)[1]``) in one of :data:`VARIANTS`."""
+    check_choice("variant", variant, VARIANTS)
+    contraction = CONTRACTION if variant == "contraction" else None
     return ODENet(in_features=1, out_features=1, layers=layers, T=10.0, width=100, theta=theta,
                   activation="relu", stationary_init=True, readout="component", component=1,
-                  solver=FixedPoint(atol=1e-5, max_iter=50), linear_solver=Neumann(rtol=1e-5, max_iter=50))
+                  init=INIT, contraction=contraction,
+                  solver=FixedPoint(atol=1e-5, max_iter=MAX_ITER[variant]), linear_solver=Direct(rtol=1e-5))
 
 
-def screen_seeds(count: int, layers: int) -> list[int]:
-    """The first ``count`` seeds whose explicit network's initial outputs stay below the bound."""
-    x = SineRegression().build()["train"][0]
-    seeds, seed = [], 0
-    while len(seeds) < count:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            if make_net(layers, 0.0)(x).abs().max() <= MAX_INITIAL_OUTPUT:
-                seeds.append(seed)
-        seed += 1
-    return seeds
+def variants_at(theta: float) -> tuple[str, ...]:
+    """The variants trained at ``theta``: one at θ = 0, where they all train the same network."""
+    return ("paper",) if theta == 0 else VARIANTS
 
 
 def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
-    """The main grid (R_fp on) and the R_fp ablation (at the smallest depth), for every screened seed.
+    """Every (depth, θ, variant) for seeds 0 … seeds − 1; the deepest first (the longest cells start
+    first, so the workers finish together).
 
     ``settings`` may narrow the grid with ``thetas`` (``--thetas``) and ``depths`` (``--layers``).
     """
     depths, thetas = settings["depths"], settings.get("thetas", THETAS)
-    chosen = screen_seeds(seeds or settings["seeds"], max(depths))
-    grid = [(layers, theta, R_FP_WEIGHT) for layers in depths for theta in thetas]
-    grid += [(min(depths), theta, 0.0) for theta in ABLATION_THETAS if theta in thetas]
-    return [{"layers": layers, "theta": theta, "r_fp": r_fp, "seed": seed,
-             "epochs": epochs or settings["epochs"][layers], "log_dir": str(log_dir)}
-            for seed in chosen for layers, theta, r_fp in grid]
+    return [{"layers": layers, "theta": theta, "variant": variant, "seed": seed,
+             "r_fp": R_FP_WEIGHT if variant == "rfp" else 0.0,
+             "contraction": CONTRACTION if variant == "contraction" and theta > 0 else None,
+             "init": INIT, "epochs": epochs or settings["epochs"][layers], "log_dir": str(log_dir)}
+            for layers in sorted(depths, reverse=True) for seed in range(seeds or settings["seeds"])
+            for theta in thetas for variant in variants_at(theta)]
 
 
 def cell_name(cell: dict) -> str:
-    return f"L{cell['layers']}_theta{cell['theta']}_rfp{cell['r_fp']}_seed{cell['seed']}"
+    return f"L{cell['layers']}_theta{cell['theta']}_{cell['variant']}_seed{cell['seed']}"
 
 
 def run_cell(cell: dict) -> dict:
     """Train one network and measure it (runs in a worker process)."""
     pl.seed_everything(cell["seed"], verbose=False)
-    net = make_net(cell["layers"], cell["theta"])
-    r_fp = FixedPointRegularizer(weight=cell["r_fp"]) if cell["r_fp"] else None
+    net = make_net(cell["layers"], cell["theta"], cell["variant"])
+    r_fp = FixedPointRegularizer(weight=cell["r_fp"], p=1.0) if cell["r_fp"] else None
     module = ImplicitNetModule(net, loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7, r_fp=r_fp)
     data = SineRegression(num_points=51)
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), cell_name(cell))
@@ -137,30 +171,73 @@ def vector_field(net: ODENet, states: torch.Tensor, layer: int, size: int = 12) 
 
 # -- report -------------------------------------------------------------------------------
 
-CONFIG = ("layers", "theta", "r_fp")
+CONFIG = ("layers", "theta", "variant")
+
+
+def estimated_seconds(layers: int, theta: float, variant: str, epochs: int) -> float:
+    """One cell's wall time from :data:`EPOCH_SECONDS`, linear in the depth through the two measured."""
+    measured = EPOCH_SECONDS["explicit" if theta == 0 else variant]
+    (d0, s0), (d1, s1) = sorted(measured.items())
+    return epochs * (s0 + (s1 - s0) * (layers - d0) / (d1 - d0))
+
+
+def wall_time(results: list[dict], cores: int = 2) -> str:
+    """The grid's wall time on ``cores`` cores (one worker each) estimated from :data:`EPOCH_SECONDS`,
+    and the CPU time its cells measured (the run's wall time is in the summary's header)."""
+    estimate = sum(estimated_seconds(r["layers"], r["theta"], r["variant"], r["epochs"]) for r in results)
+    return (f"Wall time: estimated {_duration(estimate / cores)} on {cores} cores, one worker process per "
+            f"core ({_duration(estimate)} on one; from timed epochs, ex1.EPOCH_SECONDS); measured: "
+            f"{_duration(sum(r['seconds'] for r in results))} of cell time on one core, "
+            f"and the run's wall time above.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def summarize(results: list[dict]) -> str:
-    """The markdown table: one row per configuration, mean ± std over seeds."""
-    header = ["layers", "θ", "R_fp", "seeds", "train loss", "val loss", "fwd iters", "bwd depth",
+    """The settings, the wall time, and the table: one row per (depth, θ, variant), mean ± std over
+    seeds."""
+    header = ["layers", "θ", "variant", "seeds", "stopped", "train loss", "val loss", "fwd iters", "bwd depth",
               "‖∂L/∂y_1‖", "‖∂L/∂y_T‖", "max_t ρ(∂y_t/∂y_t−1)", "max_t ρ(θ∂F/∂y)", "minutes"]
     rows = []
-    for (layers, theta, r_fp), runs in group(results, CONFIG).items():
+    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
         def stat(f):
             return fmt(*mean_std(f(r) for r in runs))
-        rows.append([layers, theta, r_fp, len(runs), stat(lambda r: r["train_loss"]),
-                     stat(lambda r: r["val_loss"]),
+        rows.append([layers, theta, variant, len(runs), sum(bool(r["history"]["stopped"]) for r in runs),
+                     stat(lambda r: r["train_loss"]), stat(lambda r: r["val_loss"]),
                      stat(lambda r: np.mean(r["per_layer"]["forward_iterations"])),
                      stat(lambda r: np.mean(r["per_layer"]["backward_iterations"])),
                      stat(lambda r: r["per_layer"]["gradient"][0]), stat(lambda r: r["per_layer"]["gradient"][-1]),
                      stat(lambda r: max(r["per_layer"]["rho_layer"])),
                      stat(lambda r: max(r["per_layer"]["rho_neumann"])),
                      f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
-    return markdown_table(header, rows)
+    seeds = sorted({r["seed"] for r in results})
+    notes = (f"Variants: `paper` = the paper's settings (no R_fp, no contraction); `rfp` = R_fp weight "
+             f"{R_FP_WEIGHT}, p = 1; `contraction` = ODENet(contraction={CONTRACTION}), no R_fp. θ = 0 is "
+             f"trained once (as `paper`): the variants coincide there. Every cell uses init=\"{INIT}\" "
+             f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
+             f"\"stopped\": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n"
+             f"{wall_time(results)}")
+    return notes + "\n\n" + markdown_table(header, rows)
+
+
+def _order(config: tuple) -> tuple:
+    """Sort key of a ``(layers, θ, variant)`` configuration: depth, θ, then :data:`VARIANTS` order."""
+    layers, theta, variant = config
+    return layers, theta, VARIANTS.index(variant)
+
+
+def variants_drawn(groups: dict) -> list[str]:
+    """The variants with a cell at θ > 0 (else just ``paper``), in :data:`VARIANTS` order."""
+    present = {variant for (_, theta, variant) in groups if theta > 0} or {"paper"}
+    return [v for v in VARIANTS if v in present]
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:
-    """Figs. 4–8 of the paper, from this run."""
+    """Figs. 4–8 of the paper, from this run: one row of panels per variant (and per quantity)."""
     groups = group(results, CONFIG)
     depths = sorted({r["layers"] for r in results})
     return [_curves(groups, depths, out, "ex1_losses.png", ("train_loss", "val_loss"), log=True),
@@ -170,13 +247,12 @@ def figures(results: list[dict], out: Path) -> list[Path]:
             *[_fits(groups, layers, out) for layers in depths]]
 
 
-def _lines(groups: dict, layers: int):
-    """(label, colour, style, runs) of every configuration with ``layers`` layers."""
-    for (depth, theta, r_fp), runs in sorted(groups.items()):
-        if depth == layers:
-            style = "-" if r_fp else "--"
-            label = f"θ={theta}" + ("" if r_fp else ", no R_fp")
-            yield label, theta_color(theta), style, runs
+def _lines(groups: dict, layers: int, variant: str):
+    """(label, colour, style, runs) of every θ of ``variant`` with ``layers`` layers, and θ = 0 (trained
+    once, as ``paper``) in every variant's panels as the explicit reference."""
+    for (depth, theta, v), runs in sorted(groups.items(), key=lambda item: item[0][:2]):
+        if depth == layers and (v == variant or theta == 0):
+            yield f"θ={theta}" + (" (explicit)" if theta == 0 else ""), theta_color(theta), STYLES[v], runs
 
 
 def theta_color(theta: float) -> str:
@@ -185,7 +261,7 @@ def theta_color(theta: float) -> str:
 
 
 def _curves(groups: dict, depths: list[int], out: Path, name: str, keys: tuple, log: bool = False) -> Path:
-    """Histories over epochs: one row per key, one column per depth."""
+    """Histories over epochs: one row per (key, variant), one column per depth."""
     return _panels(groups, depths, out / name, keys, "history", "epoch", "{} layers", log)
 
 
@@ -197,38 +273,38 @@ def _layer_curves(groups: dict, depths: list[int], out: Path) -> Path:
 
 def _panels(groups: dict, depths: list[int], path: Path, keys: tuple, source: str, xlabel: str,
             title: str, log: bool) -> Path:
-    fig, axes = grid_figure(len(keys), len(depths))
-    for row, key in enumerate(keys):
+    variants = variants_drawn(groups)
+    fig, axes = grid_figure(len(keys) * len(variants), len(depths))
+    for row, (key, variant) in enumerate((k, v) for k in keys for v in variants):
         for col, layers in enumerate(depths):
             ax = axes[row, col]
-            for label, c, style, runs in _lines(groups, layers):
+            for label, c, style, runs in _lines(groups, layers, variant):
                 band(ax, [r[source][key] for r in runs], label, c, style)
-            ax.set(title=title.format(layers), xlabel=xlabel, ylabel=key.replace("_", " "))
+            ax.set(title=f"{title.format(layers)}: {variant}", xlabel=xlabel, ylabel=key.replace("_", " "))
             if log:
                 ax.set_yscale("log")
             if key == "rho_layer":
                 ax.axhline(1.0, color="k", lw=0.6)
-    for ax in axes[0]:
-        ax.legend(fontsize="x-small")
+            ax.legend(fontsize="x-small")
     return save(fig, path)
 
 
 def _fits(groups: dict, layers: int, out: Path) -> Path:
-    """Per θ (rows): output vs target, trajectories, middle layer's vector field (first seed)."""
-    thetas = [t for (depth, t, r_fp) in sorted(groups) if depth == layers and r_fp]
-    fig, axes = grid_figure(len(thetas), 3, width=3.6, height=3.0)
+    """Per (θ, variant) (rows): output vs target, trajectories, middle layer's vector field (first seed)."""
+    configs = [(t, v) for (depth, t, v) in sorted(groups, key=_order) if depth == layers]
+    fig, axes = grid_figure(len(configs), 3, width=3.6, height=3.0)
     target_x = np.linspace(-5, 5, 500)
     target_y = np.sin(target_x) + 0.1 * np.cos(19 * target_x)
-    for row, theta in enumerate(thetas):
-        drawn = [r for r in groups[(layers, theta, R_FP_WEIGHT)] if "grid_output" in r]
+    for row, (theta, variant) in enumerate(configs):
+        drawn = [r for r in groups[(layers, theta, variant)] if "grid_output" in r]
         if not drawn:  # every seed stopped as broken
-            axes[row, 0].set_title(f"θ={theta}: every run stopped (see the table)")
+            axes[row, 0].set_title(f"θ={theta}, {variant}: every run stopped (see the table)")
             continue
         run = drawn[0]
         ax = axes[row, 0]
         ax.plot(target_x, target_y, color="0.6", lw=2)
         ax.plot(target_x, run["grid_output"], color="C0", lw=1)
-        ax.set(title=f"θ={theta}: output (seed {run['seed']})", ylim=(-2, 2))
+        ax.set(title=f"θ={theta}, {variant}: output (seed {run['seed']})", ylim=(-2, 2))
         states = np.array(run["trajectories"])
         ax = axes[row, 1]
         for i in range(states.shape[1]):
@@ -243,4 +319,5 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
     return save(fig, out / f"ex1_fits_{layers}.png")
 
 
-__all__ = ["cells", "figures", "make_net", "run_cell", "screen_seeds", "summarize"]
+__all__ = ["VARIANTS", "cells", "estimated_seconds", "figures", "make_net", "run_cell", "summarize",
+           "variants_at"]
