@@ -36,6 +36,7 @@ from irnet.attacks import (
     Attack, Clamp, LossFn, _batches, _check_batch, _check_clamp, _eval_mode, _project, fgsm, pgd,
 )
 from irnet.linear import LinearSolver
+from irnet.per_sample import per_sample
 from irnet.solvers import NonlinearSolver
 from irnet.validation import check_choice, check_int, check_nonnegative, check_positive
 
@@ -262,7 +263,7 @@ def pgd_restarts(
                 best, best_mis, best_loss = adv, mis, loss
                 continue
             take = _worse(mis, loss, best_mis, best_loss)
-            best = torch.where(take.view(-1, *[1] * (x.dim() - 1)), adv, best)
+            best = torch.where(per_sample(take, x), adv, best)
             best_mis, best_loss = best_mis | mis, torch.where(take, loss, best_loss)
     return best
 

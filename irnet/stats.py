@@ -132,6 +132,28 @@ def reset_convergence_warnings() -> None:
     _WARNED.reset()
 
 
+def count_served(served: list[Tensor], batch: int, device: torch.device) -> Tensor:
+    """Per-sample iteration counts from the masks of the samples each iteration served.
+
+    Solver loops append one ``(batch,)`` bool mask per iteration and sum them once
+    at the end, instead of adding to a counter at every iteration.
+    """
+    if not served:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return torch.stack(served).sum(0)
+
+
+def diverged_samples(converged: Tensor, iterations: Tensor, max_iter: int, last_res: Tensor) -> Tensor:
+    """Samples a solve gave up on: stopped before ``max_iter`` unconverged, or ended non-finite.
+
+    In irnet's loops a sample leaves early only by converging or by a failure
+    test (a non-finite residual; for Neumann also a stall); one that ran all
+    ``max_iter`` iterations diverged if its last residual (its own: it was
+    active to the end) is not finite.
+    """
+    return ~converged & ((iterations < max_iter) | ~(last_res < float("inf")))
+
+
 def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
     """Warn once per ``solver`` object and period when some samples did not converge.
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
 from irnet.per_sample import per_sample, sample_norm
-from irnet.stats import SolverStats
+from irnet.stats import SolverStats, count_served, diverged_samples
 from irnet.validation import check_int
 
 
@@ -57,9 +57,7 @@ class Neumann(LinearSolver):
             stalled = torch.where(take, 0, stalled + 1)
             active = active & (new_res > tol) & (stalled < self.patience)
             res = new_res
-        iterations = torch.stack(served).sum(0)
+        iterations = count_served(served, b.shape[0], b.device)
         converged = best_res <= tol
-        # A sample leaves early only by converging, stalling or a non-finite term; one
-        # that ran all terms diverged if its last term (its own: it was active) is not finite.
-        diverged = ~converged & ((iterations < self.max_iter) | ~(res < float("inf")))
+        diverged = diverged_samples(converged, iterations, self.max_iter, res)
         return best_g, SolverStats(iterations, best_res / b_norm, converged, diverged)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from irnet.arg_repr import ArgsRepr
 from irnet.per_sample import per_sample, sample_norm
-from irnet.stats import SolverStats
+from irnet.stats import SolverStats, count_served, diverged_samples
 from irnet.validation import check_int, check_positive
 
 
@@ -26,13 +26,6 @@ def check_every(device: torch.device) -> int:
     """Iterations between early-exit checks: every one on the CPU, where reading a flag is
     free; every ``CHECK_EVERY_ON_ACCELERATOR`` on a GPU, where each read waits for the device."""
     return 1 if device.type == "cpu" else CHECK_EVERY_ON_ACCELERATOR
-
-
-def count_served(served: list[Tensor], like: Tensor) -> Tensor:
-    """Per-sample iteration counts from the list of per-iteration masks (one sum at the end)."""
-    if not served:
-        return torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-    return torch.stack(served).sum(0)
 
 
 @dataclass
@@ -180,22 +173,12 @@ class NonlinearSolver(ArgsRepr):
             best_y = torch.where(per_sample(take, best_y), state.y, best_y)
             best_res = torch.where(take, res, best_res)
             active = active & (res > self.atol)
-        iterations = count_served(served, y0)
+        iterations = count_served(served, y0.shape[0], y0.device)
         converged = best_res <= self.atol
         stats = SolverStats(
             iterations=iterations,
             residual=best_res.detach(),
             converged=converged,
-            diverged=self._diverged(converged, iterations, res),
+            diverged=diverged_samples(converged, iterations, self.max_iter, res),
         )
         return best_y, stats
-
-    def _diverged(self, converged: Tensor, iterations: Tensor, last_res: Tensor) -> Tensor:
-        """Samples whose iterates became non-finite.
-
-        A sample leaves the loop early only by converging or by a non-finite
-        residual; one that ran all ``max_iter`` iterations diverged if its last
-        residual (its own: it was active to the end) is not finite.
-        """
-        stopped_early = iterations < self.max_iter
-        return ~converged & (stopped_early | ~(last_res < float("inf")))
