@@ -25,8 +25,10 @@ from typing import Optional, Sequence
 import torch
 
 from irnet.reproduce import seeds
+from irnet.reproduce.journal import Journal
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
+JOURNAL = "cells.partial.jsonl"  # finished cells of a run in progress (or killed): it resumes from them
 STUDIES = ("stability", "ex1", "ex2", "robustness", "seeds")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
@@ -44,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)")
     p.add_argument("--thetas", type=_unit, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--replot", action="store_true",
-                   help="redraw figures and summary from the last run's <log-dir>/cells.json, no training")
+                   help="redraw figures and summary from the last run's <log-dir>/cells.json (or the finished cells "
+                        "of an unfinished run), no training; rerun the study's command to resume an unfinished run")
     p.add_argument("--workers", type=_positive, default=default_workers(),
                    help="parallel worker processes (default: one per core)")
     p.add_argument("--threads", type=_threads, default=None,
@@ -97,12 +100,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         meta, results = _saved_run(log_dir)
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
-        results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads)
+        journal = Journal(log_dir / JOURNAL)
+        results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads,
+                            journal=journal)
         minutes = (time.perf_counter() - start) / 60
         meta = {"command": command, "machine": machine(args.workers, resolve_threads(args.threads)),
                 "minutes": minutes, "settings": settings}
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "cells.json").write_text(json.dumps({"meta": meta, "cells": results}, default=float))
+        journal.remove()
     figures = study.figures(results, out)
     table = study.summarize(results)
     save_results(out, [{k: v for k, v in r.items() if k not in DRAWING_KEYS} for r in results], meta)
@@ -127,8 +133,14 @@ def _settings(args: argparse.Namespace, study) -> dict:
 
 
 def _saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
-    """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``)."""
+    """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``), or of
+    an unfinished one: the cells its journal holds (a partial study's figures and tables)."""
     path = log_dir / "cells.json"
+    journal = Journal(log_dir / JOURNAL)
+    if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
+        results = journal.results()
+        return {"command": "(unfinished run, from its journal)", "minutes": sum(r["seconds"] for r in results) / 60,
+                "machine": "see the study's command", "partial": True}, results
     if not path.is_file():
         parser().error(f"--replot needs a finished run's {path}; run the study without --replot first "
                        "(or pass its --log-dir)")

@@ -124,7 +124,7 @@ def run_cell(cell: dict) -> dict:
     r_fp = FixedPointRegularizer(weight=cell["r_fp"], p=1.0) if cell["r_fp"] else None
     module = ImplicitNetModule(net, loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7, r_fp=r_fp)
     data = SineRegression(num_points=51)
-    history = train(module, data, cell["epochs"], Path(cell["log_dir"]), cell_name(cell))
+    history = train(module, data, cell["epochs"], Path(cell["log_dir"]), cell_name(cell), lean=True)
     if history["stopped"]:
         return {"history": history, **stopped_result(cell["layers"])}
     return {"history": history, **evaluate(module, data)}

@@ -28,6 +28,10 @@ def band(ax: Axes, runs: Sequence[Sequence[float]], label: str, color: str, styl
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=0)
         low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    measured = ~np.isnan(mean)  # a series recorded every few epochs (lean runs) draws as a line
+    if not measured.any():
+        return
+    x, mean, low, high = x[measured], mean[measured], low[measured], high[measured]
     ax.plot(x, mean, style, color=color, lw=1.3, label=label)
     ax.fill_between(x, low, high, color=color, alpha=0.15, lw=0)
 

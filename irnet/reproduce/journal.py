@@ -1,0 +1,58 @@
+"""A study's finished cells on disk, one JSON line each, so that a killed study resumes.
+
+A study of hours (``reproduce ex1`` at the paper's budget) must not lose its
+finished cells to a crash, a kill or the end of a session. :func:`irnet.reproduce.runner.run_cells`
+appends every cell's result to a :class:`Journal` as it arrives; a re-run of the
+same command skips the cells already there. The study deletes the journal once
+its ``cells.json`` is written, so the next run after a finished one starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+
+def cell_key(cell: dict) -> str:
+    """The identity of a cell: its settings as canonical JSON (not its results)."""
+    return json.dumps(cell, sort_keys=True, default=float)
+
+
+class Journal:
+    """Append-only record of the finished cells of a study at ``path`` (JSON lines)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def finished(self, cells: Iterable[dict]) -> dict[str, dict]:
+        """The results already recorded for any of ``cells``, by :func:`cell_key`.
+
+        A last line cut short by a kill is ignored (that cell runs again).
+        """
+        wanted = {cell_key(cell) for cell in cells}
+        return {entry["key"]: entry["result"] for entry in self._entries() if entry.get("key") in wanted}
+
+    def record(self, cell: dict, result: dict) -> None:
+        """Append one finished cell (flushed at once: a kill loses at most the running cells)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps({"key": cell_key(cell), "result": result}, default=float) + "\n")
+
+    def results(self) -> list[dict]:
+        """Every recorded result, in the order finished (a partial study's results, for a report)."""
+        return [entry["result"] for entry in self._entries()]
+
+    def _entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

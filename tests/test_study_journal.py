@@ -1,0 +1,81 @@
+"""A study's journal (finished cells survive a kill; a re-run resumes) and its lean history
+(the same per-epoch record as the monitoring callbacks, without logging them)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+
+from irnet.datamodules import SineRegression
+from irnet.module import ImplicitNetModule
+from irnet.nets import ODENet
+from irnet.reproduce.journal import Journal, cell_key
+from irnet.reproduce.runner import LEAN_EVERY, run_cells, train
+from irnet.linear import Direct
+from irnet.solvers import FixedPoint
+
+CALLS: list[int] = []
+
+
+def square(cell: dict) -> dict:
+    CALLS.append(cell["i"])
+    return {"square": cell["i"] ** 2}
+
+
+def test_journal_keeps_finished_cells_and_ignores_a_line_cut_short(tmp_path):
+    journal = Journal(tmp_path / "j.jsonl")
+    journal.record({"i": 1, "theta": 0.5}, {"loss": 0.25, "nan": math.nan})
+    with journal.path.open("a") as file:
+        file.write('{"key": "{\\"i\\": 2')  # a kill mid-write
+    done = journal.finished([{"theta": 0.5, "i": 1}, {"i": 2}])  # key order does not matter
+    assert list(done) == [cell_key({"i": 1, "theta": 0.5})]
+    assert done[cell_key({"i": 1, "theta": 0.5})]["loss"] == 0.25
+    assert math.isnan(done[cell_key({"i": 1, "theta": 0.5})]["nan"])
+    assert len(journal.results()) == 1
+    journal.remove()
+    assert not journal.path.exists() and journal.finished([{"i": 1}]) == {}
+
+
+def test_run_cells_resumes_from_its_journal(tmp_path):
+    journal, cells = Journal(tmp_path / "j.jsonl"), [{"i": i} for i in range(4)]
+    CALLS.clear()
+    first = run_cells(square, cells[:2], workers=1, desc="t", journal=journal)  # "killed" after two cells
+    assert CALLS == [0, 1]
+    results = run_cells(square, cells, workers=1, desc="t", journal=journal)
+    assert CALLS == [0, 1, 2, 3]  # the finished cells were not run again
+    assert [r["square"] for r in results] == [0, 1, 4, 9]
+    assert results[:2] == first  # read back from the journal, order of ``cells`` kept
+    assert len(journal.results()) == 4
+
+
+@pytest.mark.slow
+def test_run_cells_journal_with_two_workers_keeps_the_order(tmp_path):
+    journal, cells = Journal(tmp_path / "j.jsonl"), [{"i": i} for i in range(5)]
+    results = run_cells(square, cells, workers=2, desc="t", journal=journal)
+    assert [r["i"] for r in results] == list(range(5)) and [r["square"] for r in results] == [0, 1, 4, 9, 16]
+    assert sorted(r["i"] for r in journal.results()) == list(range(5))
+
+
+def _fit(tmp_path: Path, lean: bool, epochs: int) -> dict:
+    pl.seed_everything(3, verbose=False)
+    net = ODENet(in_features=1, out_features=1, layers=3, T=3.0, width=16, theta=0.5, readout="component",
+                 component=1, solver=FixedPoint(atol=1e-6, max_iter=50), linear_solver=Direct())
+    module = ImplicitNetModule(net, loss="l2", lr=1e-2)
+    return train(module, SineRegression(num_points=21), epochs, tmp_path, f"lean{lean}", lean=lean)
+
+
+@pytest.mark.slow
+def test_lean_history_records_what_the_monitoring_callbacks_log(tmp_path):
+    epochs = 2 * LEAN_EVERY
+    full, lean = _fit(tmp_path, False, epochs), _fit(tmp_path, True, epochs)
+    for key in ("train_loss", "forward_iterations", "backward_iterations", "gradient_mean", "gradient_first",
+                "gradient_last"):
+        assert lean[key] == pytest.approx(full[key], rel=1e-5), key
+    assert 1 < lean["forward_iterations"][-1] < 50 and lean["gradient_first"][0] > 0
+    validated = [epoch for epoch, value in enumerate(lean["val_loss"]) if not math.isnan(value)]
+    assert validated == [LEAN_EVERY - 1, 2 * LEAN_EVERY - 1]  # validation every LEAN_EVERY epochs
+    assert [lean["val_loss"][e] for e in validated] == pytest.approx([full["val_loss"][e] for e in validated])
+    assert all(math.isnan(v) for v in lean["val_acc"])  # a regression: no accuracy
