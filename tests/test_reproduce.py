@@ -381,3 +381,11 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
     _reproduce("robustness", "--tiny", "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
     assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
     assert len(list((tmp_path / "out2").glob("*.png"))) == 3
+
+
+def test_ex1_cells_saved_before_the_variants_are_upgraded_for_replot():
+    old = [{"layers": 10, "theta": 0.5, "r_fp": 0.1, "seed": 0}, {"layers": 10, "theta": 0.5, "r_fp": 0.0, "seed": 0}]
+    assert [ex1.upgraded(c)["variant"] for c in old] == ["rfp", "paper"]
+    assert ex1.upgraded(old[0])["init"] == "paper" and ex1.upgraded(old[0])["contraction"] is None
+    new = {**old[0], "variant": "contraction", "init": "bounded", "contraction": 0.9}
+    assert ex1.upgraded(new) == new

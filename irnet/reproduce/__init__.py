@@ -98,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     settings = _settings(args, study)
     if args.replot:
         meta, results = _saved_run(log_dir)
+        results = [getattr(study, "upgraded", dict)(result) for result in results]
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
         journal = Journal(log_dir / JOURNAL)

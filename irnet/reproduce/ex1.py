@@ -113,6 +113,14 @@ def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int |
             for theta in thetas for variant in variants_at(theta)]
 
 
+def upgraded(cell: dict) -> dict:
+    """A cell saved before the variants existed (R_fp on or off, the paper's init) in today's form."""
+    if "variant" in cell:
+        return cell
+    return {**cell, "variant": "rfp" if cell.get("r_fp") else "paper", "contraction": None,
+            "init": cell.get("init", "paper")}
+
+
 def cell_name(cell: dict) -> str:
     return f"L{cell['layers']}_theta{cell['theta']}_{cell['variant']}_seed{cell['seed']}"
 
