@@ -49,6 +49,14 @@ def test_ex1_grid_is_issue_12s_with_one_cell_at_theta_0():
         assert c["contraction"] == (0.9 if c["variant"] == "contraction" else None)
 
 
+def test_ex1_variants_narrow_the_grid_but_theta_0_trains_once():
+    narrowed = {**ex1.FULL, "depths": (100,), "thetas": (0.0, 1.0), "variants": ("paper", "contraction")}
+    cells = ex1.cells(narrowed, Path("logs"), seeds=1)
+    assert [(c["theta"], c["variant"]) for c in cells] == [(0.0, "paper"), (1.0, "paper"), (1.0, "contraction")]
+    only = ex1.cells({**narrowed, "variants": ("contraction",)}, Path("logs"), seeds=1)
+    assert [(c["theta"], c["variant"]) for c in only] == [(0.0, "paper"), (1.0, "contraction")]
+
+
 @pytest.mark.parametrize("variant, contraction, max_iter", [("paper", None, 50), ("rfp", None, 50),
                                                              ("contraction", 0.9, 120)])
 def test_ex1_variant_nets(variant, contraction, max_iter):
@@ -205,7 +213,9 @@ def test_unknown_study_is_refused_with_the_choices(capsys):
 
 def test_ex1_only_options_are_refused_elsewhere(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert "--layers and --thetas apply to ex1 only" in _refused(capsys, "ex2", "--layers", "3")
+    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(capsys, "ex2", "--layers", "3")
+    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(capsys, "ex2", "--variants", "rfp")
+    assert "invalid choice: 'rpf'" in _refused(capsys, "ex1", "--variants", "rpf")
     assert "--replot needs a finished run's" in _refused(capsys, "ex1", "--replot")
     assert "θ must be in [0, 1], got 1.5" in _refused(capsys, "ex1", "--thetas", "1.5")
 

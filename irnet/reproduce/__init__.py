@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive, help="epochs of every run (overrides the study's)")
     p.add_argument("--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)")
     p.add_argument("--thetas", type=_unit, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--variants", nargs="+", choices=("paper", "rfp", "contraction"),
+                   help="ex1 only: the variants trained at θ > 0 (default all three; θ = 0 trains once)")
     p.add_argument("--replot", action="store_true",
                    help="redraw figures and summary from the last run's <log-dir>/cells.json (or the finished cells "
                         "of an unfinished run), no training; rerun the study's command to resume an unfinished run")
@@ -120,16 +122,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 def _settings(args: argparse.Namespace, study) -> dict:
-    """The study's full or tiny settings, narrowed by ``--layers`` and ``--thetas`` (ex1 only)."""
+    """The study's full or tiny settings, narrowed by ``--layers``, ``--thetas`` and ``--variants`` (ex1 only)."""
     settings = study.TINY if args.tiny else study.FULL
-    if (args.layers or args.thetas) and args.study != "ex1":
-        parser().error("--layers and --thetas apply to ex1 only")
+    if (args.layers or args.thetas or args.variants) and args.study != "ex1":
+        parser().error("--layers, --thetas and --variants apply to ex1 only")
     if args.layers:
         epochs = settings["epochs"]
         settings = {**settings, "depths": tuple(args.layers),
                     "epochs": {n: epochs.get(n, max(epochs.values())) for n in args.layers}}
     if args.thetas:
         settings = {**settings, "thetas": tuple(args.thetas)}
+    if args.variants:
+        settings = {**settings, "variants": tuple(args.variants)}
     return settings
 
 

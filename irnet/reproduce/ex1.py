@@ -102,15 +102,16 @@ def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int |
     """Every (depth, θ, variant) for seeds 0 … seeds − 1; the deepest first (the longest cells start
     first, so the workers finish together).
 
-    ``settings`` may narrow the grid with ``thetas`` (``--thetas``) and ``depths`` (``--layers``).
+    ``settings`` may narrow the grid with ``thetas`` (``--thetas``), ``depths`` (``--layers``) and
+    ``variants`` (``--variants``, the variants at θ > 0).
     """
-    depths, thetas = settings["depths"], settings.get("thetas", THETAS)
+    depths, thetas, variants = settings["depths"], settings.get("thetas", THETAS), settings.get("variants", VARIANTS)
     return [{"layers": layers, "theta": theta, "variant": variant, "seed": seed,
              "r_fp": R_FP_WEIGHT if variant == "rfp" else 0.0,
              "contraction": CONTRACTION if variant == "contraction" and theta > 0 else None,
              "init": INIT, "epochs": epochs or settings["epochs"][layers], "log_dir": str(log_dir)}
             for layers in sorted(depths, reverse=True) for seed in range(seeds or settings["seeds"])
-            for theta in thetas for variant in variants_at(theta)]
+            for theta in thetas for variant in variants_at(theta) if theta == 0 or variant in variants]
 
 
 def upgraded(cell: dict) -> dict:
