@@ -247,8 +247,11 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     assert saved["meta"]["command"].startswith("python -m irnet reproduce " + study)
     assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] for c in saved["cells"])
     summary = (out / "summary.md").read_text()
-    table_rows = [line for line in summary.splitlines() if line.startswith("| ")][1:]  # minus the header
+    first_table = summary.split("Over training")[0]  # ex1 adds a second table, over training
+    table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
+    if study == "ex1":  # the table over training: one row per implicit cell
+        assert summary.split("Over training")[1].count("\n| ") == 1 + cells - 2
     if study == "ex1":
         _check_ex1_variants(saved["cells"], summary)
     pngs = list(out.glob("*.png"))
@@ -343,7 +346,8 @@ def _check_ex1_variants(cells: list[dict], summary: str) -> None:
     """Each variant's cells exist (θ = 0 once, as ``paper``), and the table has a variant column."""
     assert sorted((c["layers"], c["theta"], c["variant"]) for c in cells) == sorted(
         [(n, 0.0, "paper") for n in (2, 4)] + [(n, 1.0, v) for n in (2, 4) for v in ex1.VARIANTS])
-    header, *rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("| ")]
+    first_table = summary.split("Over training")[0]
+    header, *rows = [line.split("|")[1:-1] for line in first_table.splitlines() if line.startswith("| ")]
     column = [h.strip() for h in header].index("variant")
     table = sorted((int(r[0]), float(r[1]), r[column].strip()) for r in rows)
     assert table == sorted((c["layers"], c["theta"], c["variant"]) for c in cells)
@@ -399,3 +403,12 @@ def test_ex1_cells_saved_before_the_variants_are_upgraded_for_replot():
     assert ex1.upgraded(old[0])["init"] == "paper" and ex1.upgraded(old[0])["contraction"] is None
     new = {**old[0], "variant": "contraction", "init": "bounded", "contraction": 0.9}
     assert ex1.upgraded(new) == new
+
+
+def test_ex1_training_phases_and_lowest_validation():
+    iterations = [2.0] * 5 + [9.0, 12.0, 8.0] + [3.0] * 92  # 100 epochs: 5 early, a peak at epoch 7, 5 late
+    assert ex1.iteration_phases(iterations) == (2.0, 12.0, 7, 3.0)
+    assert all(math.isnan(v) for v in ex1.iteration_phases([math.nan] * 40))  # θ = 0: no solve
+    val = [math.nan] * 9 + [0.5] + [math.nan] * 9 + [0.2] + [math.nan] * 9 + [0.3]  # every 10 epochs
+    assert ex1.lowest_val(val) == (0.2, 20)
+    assert all(math.isnan(v) for v in ex1.lowest_val([math.nan] * 3))

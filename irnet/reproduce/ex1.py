@@ -230,7 +230,51 @@ def summarize(results: list[dict]) -> str:
              f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
              f"\"stopped\": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n"
              f"{wall_time(results)}")
-    return notes + "\n\n" + markdown_table(header, rows)
+    return notes + "\n\n" + markdown_table(header, rows) + "\n\n" + training_table(results)
+
+
+def training_table(results: list[dict]) -> str:
+    """Over training (Fig. 5 and the fit): forward iterations per layer early, at their peak and at the
+    end, and the lowest validation loss with its epoch, mean ± std over seeds."""
+    header = ["layers", "θ", "variant", "fwd iters, first 5 %", "peak (epoch)", "fwd iters, last 5 %",
+              "lowest val loss (epoch)", "val loss at the end"]
+    rows = []
+    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
+        if theta == 0:
+            continue
+        phases = [iteration_phases(r["history"]["forward_iterations"]) for r in runs]
+        lowest = [lowest_val(r["history"]["val_loss"]) for r in runs]
+
+        def stat(values, digits=3):
+            return fmt(*mean_std(values), digits)
+        rows.append([layers, theta, variant, stat([p[0] for p in phases]),
+                     f"{stat([p[1] for p in phases])} ({stat([p[2] for p in phases], 4)})",
+                     stat([p[3] for p in phases]),
+                     f"{stat([v for v, _ in lowest])} ({stat([e for _, e in lowest], 4)})",
+                     stat([r["val_loss"] for r in runs])])
+    return ("Over training: forward iterations per layer (the mean over the layers and the epochs of the "
+            "first and last 5 % of training, and the highest epoch value with its epoch) and the lowest "
+            "validation loss seen (validation every few epochs) against the final one.\n\n"
+            + markdown_table(header, rows))
+
+
+def iteration_phases(iterations: list[float]) -> tuple[float, float, float, float]:
+    """``(early mean, peak, epoch of the peak, late mean)`` of one run's per-epoch iterations."""
+    values = np.asarray(iterations, dtype=float)
+    if not np.isfinite(values).any():
+        return (math.nan,) * 4
+    tail = max(1, len(values) // 20)
+    peak = int(np.nanargmax(values))
+    return float(np.nanmean(values[:tail])), float(values[peak]), peak + 1, float(np.nanmean(values[-tail:]))
+
+
+def lowest_val(val_loss: list[float]) -> tuple[float, float]:
+    """The lowest validation loss recorded and its epoch (NaN, NaN if none)."""
+    values = np.asarray(val_loss, dtype=float)
+    if not np.isfinite(values).any():
+        return math.nan, math.nan
+    best = int(np.nanargmin(values))
+    return float(values[best]), best + 1
 
 
 def _order(config: tuple) -> tuple:
