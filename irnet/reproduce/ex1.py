@@ -230,7 +230,18 @@ def summarize(results: list[dict]) -> str:
              f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
              f"\"stopped\": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n"
              f"{wall_time(results)}")
-    return notes + "\n\n" + markdown_table(header, rows) + "\n\n" + training_table(results)
+    return "\n\n".join([notes, markdown_table(header, rows), training_table(results), seed_table(results)])
+
+
+def seed_table(results: list[dict]) -> str:
+    """Final training / validation loss of every run, one column per seed (rankings need seeds apart)."""
+    seeds = sorted({r["seed"] for r in results})
+    rows = []
+    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
+        by_seed = {r["seed"]: _final_losses(r) for r in runs}
+        rows.append([layers, theta, variant, *(by_seed.get(seed, "–") for seed in seeds)])
+    return ("Per seed: final training / validation loss (or the epoch a broken run was stopped in).\n\n"
+            + markdown_table(["layers", "θ", "variant", *(f"seed {seed}" for seed in seeds)], rows))
 
 
 def training_table(results: list[dict]) -> str:
@@ -256,6 +267,13 @@ def training_table(results: list[dict]) -> str:
             "first and last 5 % of training, and the highest epoch value with its epoch) and the lowest "
             "validation loss seen (validation every few epochs) against the final one.\n\n"
             + markdown_table(header, rows))
+
+
+def _final_losses(result: dict) -> str:
+    stopped = result["history"]["stopped"]
+    if stopped:
+        return f"stopped (epoch {int(stopped[0]) + 1})"
+    return f"{result['train_loss']:.3g} / {result['val_loss']:.3g}"
 
 
 def iteration_phases(iterations: list[float]) -> tuple[float, float, float, float]:
