@@ -79,3 +79,13 @@ def test_lean_history_records_what_the_monitoring_callbacks_log(tmp_path):
     assert validated == [LEAN_EVERY - 1, 2 * LEAN_EVERY - 1]  # validation every LEAN_EVERY epochs
     assert [lean["val_loss"][e] for e in validated] == pytest.approx([full["val_loss"][e] for e in validated])
     assert all(math.isnan(v) for v in lean["val_acc"])  # a regression: no accuracy
+
+
+def test_results_json_keeps_every_stride_th_epoch_of_the_histories():
+    from irnet.reproduce.runner import thinned
+
+    result = {"seed": 0, "history": {"val_loss": list(range(1, 31)), "stopped": [12.0]}}
+    kept = thinned(result, 10)
+    assert kept["history"]["val_loss"] == [10, 20, 30] and kept["history"]["stopped"] == [12.0]
+    assert kept["history_stride"] == 10 and result["history"]["val_loss"][0] == 1  # the input is untouched
+    assert thinned(result, 1) is result

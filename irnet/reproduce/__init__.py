@@ -114,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         journal.remove()
     figures = study.figures(results, out)
     table = study.summarize(results)
-    save_results(out, [{k: v for k, v in r.items() if k not in DRAWING_KEYS} for r in results], meta)
+    save_results(out, [{k: v for k, v in r.items() if k not in DRAWING_KEYS} for r in results], meta,
+                 history_stride=getattr(study, "HISTORY_STRIDE", 1))
     summary = out / "summary.md"
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")

@@ -57,7 +57,7 @@ from irnet.nets import ODENet
 from irnet.regularizers import FixedPointRegularizer
 from irnet.reproduce.figures import band, color, grid_figure, save
 from irnet.reproduce.probe import probe
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, train
+from irnet.reproduce.runner import LEAN_EVERY, fmt, group, markdown_table, mean_std, train
 from irnet.solvers import FixedPoint
 from irnet.validation import check_choice
 
@@ -70,6 +70,7 @@ MAX_ITER = {"paper": 50, "rfp": 50, "contraction": 120}  # 120 >= 110, the κ = 
 FULL = {"depths": (10, 100), "epochs": {10: 3000, 100: 3000}, "seeds": 5}
 TINY = {"depths": (2, 4), "epochs": {2: 2, 4: 2}, "seeds": 1, "thetas": (0.0, 0.5, 1.0)}
 TRAJECTORY_INPUTS = 15
+HISTORY_STRIDE = LEAN_EVERY  # results.json keeps the validated epochs' history (cells.json keeps all)
 VIRIDIS = matplotlib.colormaps["viridis"]
 STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
 

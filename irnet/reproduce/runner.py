@@ -253,12 +253,26 @@ def rounded(value: Any, digits: int = 4) -> Any:
     return value
 
 
-def save_results(out: Path, results: list[dict], meta: dict) -> None:
+def save_results(out: Path, results: list[dict], meta: dict, history_stride: int = 1) -> None:
     """``results.json``: the configuration, the machine, the time taken and every cell's result
-    (floats to 4 significant digits; one line per cell)."""
+    (floats to 4 significant digits; one line per cell).
+
+    ``history_stride`` > 1 keeps every ``history_stride``-th epoch of each per-epoch history (epochs
+    ``stride, 2·stride, …``: those a lean run validated), so that runs of thousands of epochs make
+    a file of a few MB; the full histories stay in the run's ``cells.json``.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    cells = ",\n".join(json.dumps(rounded(r), allow_nan=True) for r in results)
+    cells = ",\n".join(json.dumps(rounded(thinned(r, history_stride)), allow_nan=True) for r in results)
     (out / "results.json").write_text(f'{{"meta": {json.dumps(meta)},\n"cells": [\n{cells}\n]}}\n')
+
+
+def thinned(result: dict, stride: int) -> dict:
+    """``result`` with every ``stride``-th epoch of its ``history`` lists (and ``history_stride`` set)."""
+    if stride <= 1 or "history" not in result:
+        return result
+    history = {key: values[stride - 1::stride] if key != "stopped" else values
+               for key, values in result["history"].items()}
+    return {**result, "history": history, "history_stride": stride}
 
 
 __all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "rounded",
