@@ -32,12 +32,11 @@ is a result: NaN losses, and a "stopped" count in the table.
 
 Wall time of the full grid (``python -m irnet reproduce ex1``: 130 cells of 3 000
 epochs) on this machine's 2 CPU cores, one worker process per core, estimated
-from 20 timed epochs of each kind of cell (:data:`EPOCH_SECONDS`): about 24 h
-(49 core-hours: 5.3 for the 65 ten-layer cells, 43.5 for the 65 hundred-layer
-ones). The timed epochs were early ones, with about 1 fixed-point iteration per
-layer at 100 layers; as the weights grow the iterations do too (4–6 in earlier
-600-epoch runs), so plan for 24–36 h. summary.md gives the estimate for the grid
-run and the measured time.
+from the lean cells of the first at-budget runs (:data:`EPOCH_SECONDS`; docs/REPORT.md
+§2c): about 20 h (40 core-hours: 4.4 for the 65 ten-layer cells, which took 2 h
+on 2 cores, and 36 for the 65 hundred-layer ones, of which θ = 0 and 1 with the
+paper's settings were measured). A killed run resumes from its journal (rerun the
+command). summary.md gives the estimate for the grid run and the measured time.
 """
 
 from __future__ import annotations
@@ -74,14 +73,14 @@ HISTORY_STRIDE = LEAN_EVERY  # results.json keeps the validated epochs' history 
 VIRIDIS = matplotlib.colormaps["viridis"]
 STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
 
-# Seconds per epoch of one cell (training and validation, Lightning included), measured on this
-# 2-core machine with one torch thread while two other studies kept both cores busy: epochs 2-21
-# of seed 0 at θ = ½ ("explicit": θ = 0, trained as "paper" but with no solve). Early epochs: the
-# fixed-point iterations per layer grow from about 1 (100 layers) and 3.7 (10 layers) as the
-# weights grow (to about 4-6 and 7-13 in the 150-600-epoch runs of docs/REPORT.md), so these
-# underestimate the later epochs. :func:`estimated_seconds` interpolates linearly in the depth.
-EPOCH_SECONDS = {"explicit": {10: 0.088, 100: 0.19}, "paper": {10: 0.081, 100: 0.58},
-                 "rfp": {10: 0.105, 100: 1.03}, "contraction": {10: 0.109, 100: 0.95}}
+# Seconds per epoch of one cell (training, validation every 10th epoch, Lightning included; lean
+# history), from the 3 000-epoch cells of docs/reproduce/ex1_budget and ex1_budget_100 (one torch
+# thread per worker, 2 or 3 processes sharing the 2 cores, so slightly pessimistic): the mean over
+# the cells that were not stopped. Not measured at 100 layers: rfp and contraction, scaled from
+# "paper" by their ratio in an earlier timing (1.03 and 0.95 against 0.58 s an epoch).
+# :func:`estimated_seconds` interpolates linearly in the depth.
+EPOCH_SECONDS = {"explicit": {10: 0.026, 100: 0.156}, "paper": {10: 0.077, 100: 0.48},
+                 "rfp": {10: 0.096, 100: 0.85}, "contraction": {10: 0.086, 100: 0.79}}
 
 
 def make_net(layers: int, theta: float, variant: str = "paper") -> ODENet:
