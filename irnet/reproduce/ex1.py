@@ -251,8 +251,6 @@ def training_table(results: list[dict]) -> str:
               "lowest val loss (epoch)", "val loss at the end"]
     rows = []
     for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
-        if theta == 0:
-            continue
         phases = [iteration_phases(r["history"]["forward_iterations"]) for r in runs]
         lowest = [lowest_val(r["history"]["val_loss"]) for r in runs]
 
