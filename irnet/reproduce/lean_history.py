@@ -3,11 +3,14 @@
 :class:`~irnet.reproduce.runner.History` reads what the monitoring callbacks
 (:class:`~irnet.callbacks.SolverStatistics`, :class:`~irnet.callbacks.GradientMagnitudes`)
 log. Those log a dozen tags per step through ``LightningModule.log``, which costs
-about 0.5 ms a call: on Example 1 (one full-batch step per epoch, a 40 ms step) the
-two callbacks made an epoch 28 ms longer (measured: 72 against 44 ms an epoch,
-10 layers, θ = ½, one thread). :class:`LeanHistory` records the same
+about 0.5 ms a call: on Example 1 (one full-batch step per epoch) that is a large
+part of an epoch. :class:`LeanHistory` records the same
 :data:`~irnet.reproduce.runner.HISTORY_KEYS` values directly from the blocks'
-statistics and gradient hooks, as plain floats, with no logging at all.
+statistics and gradient hooks, as plain floats, with no logging at all. With
+validation every 10th epoch (``runner.train(lean=True)``) an Example 1 epoch
+(10 layers, θ = ½) took 0.48× the time of one with the callbacks and validation
+every epoch (70 against 147 ms, one thread, side by side:
+``benchmarks/bench_study_epoch.py``; docs/benchmarks.md).
 """
 
 from __future__ import annotations

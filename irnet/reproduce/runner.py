@@ -84,7 +84,8 @@ def train(
     ``lean``: for runs of thousands of epochs, record the history with
     :class:`~irnet.reproduce.lean_history.LeanHistory` instead of the monitoring callbacks, validate
     every :data:`LEAN_EVERY` epochs (NaN validation values between) and write TensorBoard every
-    :data:`LEAN_EVERY` steps; an Example 1 epoch then costs about 40 % less.
+    :data:`LEAN_EVERY` steps; an Example 1 epoch then takes about half the time
+    (``benchmarks/bench_study_epoch.py``).
 
     Returns the per-epoch :class:`History` values (NaN where a metric does not apply). A run that
     the module stops as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or
