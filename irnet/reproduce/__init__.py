@@ -146,7 +146,7 @@ def _saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
     if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
         results = journal.results()
         return {"command": "(unfinished run, from its journal)", "minutes": sum(r["seconds"] for r in results) / 60,
-                "machine": "see the study's command", "partial": True}, results
+                "machine": "machine not recorded (an unfinished run's journal)", "partial": True}, results
     if not path.is_file():
         parser().error(f"--replot needs a finished run's {path}; run the study without --replot first "
                        "(or pass its --log-dir)")
