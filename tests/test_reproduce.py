@@ -277,6 +277,8 @@ def test_ex2_grid_is_no_r_rnd_plus_every_sigma_and_weight_for_five_seeds(tmp_pat
         assert sorted(c["seed"] for c in cells if (c["sigma"], c["weight"]) == config) == [0, 1, 2, 3, 4]
     assert all(c["epochs"] == 600 and c["patience"] == 100 and c["layers"] == 100 for c in cells)
     assert {c["epochs"] for c in ex2.cells(ex2.FULL, tmp_path, seeds=1, epochs=7)} == {7}  # --epochs
+    order = [(c["sigma"], c["weight"]) for c in cells[::5]]  # whole configurations, the shipped weight's first
+    assert order[:4] == [(0.0, 0.0), (0.01, 0.01), (0.05, 0.01), (0.1, 0.01)] and len(set(order)) == 10
     net = ex2.make_module(4, 0.05, 0.03, 0).net  # the shipped config's network
     assert (net.init, net.contraction, net.warm_start) == ("bounded", 0.9, True)
     assert ex2.make_module(4, 0.05, 0.03, 0).regularizers["r_rnd"].weight == 0.03

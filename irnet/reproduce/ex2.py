@@ -63,6 +63,7 @@ from irnet.solvers import Anderson
 
 SIGMAS = (0.01, 0.05, 0.1)  # R_rnd's perturbation σ (the paper's three)
 WEIGHTS = (0.003, 0.01, 0.03)  # R_rnd's weight (the paper gives none; the shipped config's is 0.01)
+SHIPPED_WEIGHT = 0.01
 TEST_NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 NOISE_REPEATS = 20
 TARGET_ACC = 0.95
@@ -84,14 +85,18 @@ def make_module(layers: int, sigma: float, weight: float, seed: int) -> Implicit
 
 
 def configurations(settings: dict) -> list[tuple[float, float]]:
-    """``(σ, weight)`` of every configuration: ``(0, 0)`` (no R_rnd) first, then σ × weight."""
-    return [(0.0, 0.0)] + [(s, w) for s in settings["sigmas"] for w in settings["weights"]]
+    """``(σ, weight)`` of every configuration: ``(0, 0)`` (no R_rnd) first, then σ × the shipped
+    weight, then σ × the other weights."""
+    sweep = [(s, w) for s in settings["sigmas"] for w in settings["weights"]]
+    return [(0.0, 0.0)] + sorted(sweep, key=lambda config: config[1] != SHIPPED_WEIGHT)
 
 
 def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
+    """Every seed of one configuration before the next (in :func:`configurations`' order): a study
+    cut short and resumed later (its journal) has compared whole configurations meanwhile."""
     return [{"sigma": sigma, "weight": weight, "seed": seed, "layers": settings["layers"],
              "epochs": epochs or settings["epochs"], "patience": settings["patience"], "log_dir": str(log_dir)}
-            for seed in range(seeds or settings["seeds"]) for sigma, weight in configurations(settings)]
+            for sigma, weight in configurations(settings) for seed in range(seeds or settings["seeds"])]
 
 
 class BestWeights(Callback):
