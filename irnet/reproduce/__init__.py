@@ -1,5 +1,6 @@
-"""``python -m irnet reproduce ex1|ex2|stability|robustness|seeds``: the paper's studies, end to end
-(``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`).
+"""``python -m irnet reproduce ex1|ex2|stability|robustness|digits_theta|seeds``: the paper's studies, end to
+end (``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`; ``digits_theta``: θ's effect on
+robustness over step and depth, :mod:`irnet.reproduce.digits_theta`).
 
 Each study trains its grid of configurations × seeds on the CPU (one worker
 process per core), then writes into ``--out`` (default ``reproduce/<study>``):
@@ -29,7 +30,7 @@ from irnet.reproduce.journal import Journal
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
 JOURNAL = "cells.partial.jsonl"  # finished cells of a run in progress (or killed): it resumes from them
-STUDIES = ("stability", "ex1", "ex2", "robustness", "seeds")
+STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "seeds")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
 
