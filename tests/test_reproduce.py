@@ -235,7 +235,9 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
     # the same code, and the test reads no accuracy
     # no R_rnd and R_rnd at 2 σ × 2 weights (the tiny grid); decision regions, noise, training
     ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
-], ids=["ex1", "ex2"])
+    # θ = 0 and 1 at one tiny geometry; the θ-against-noise figure and the training curves
+    ("digits_theta", [], {"NOISE_REPEATS": 2}, 2, 2),
+], ids=["ex1", "ex2", "digits_theta"])
 def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
                                               figures):
     for name, value in smaller.items():  # read by the study's cells when they run (in this process)
@@ -249,7 +251,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] // c.get("history_stride", 1)
                for c in saved["cells"])
     summary = (out / "summary.md").read_text()
-    first_table = summary.split("Over training")[0]  # ex1 adds a second table, over training
+    # ex1 adds tables over training, digits_theta one of the change from θ = 0
+    first_table = summary.split("Over training")[0].split("Change in test accuracy")[0]
     table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
     if study == "ex1":  # the tables over training and per seed: one row per cell

@@ -131,14 +131,18 @@ def _row(runs: list[dict]) -> list:
     cells = [first["layers"], f"{_h(first):g}", first["theta"], len(runs),
              ", ".join(str(r["equal_epoch"] or "never") for r in runs),
              ", ".join(str(r["epochs_run"]) for r in runs)]
-    cells += [fmt(*mean_std(_accuracy(r, state, s) for r in runs))
+    cells += [fmt(*mean_std(_finite(_accuracy(r, state, s) for r in runs)))  # runs without the state left out
               for state in STATES for s in (0.0, *NOISE)]
     last = [_last(r["history"]["forward_iterations"]) for r in runs]
     return cells + [fmt(*mean_std(last)), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"]
 
 
+def _finite(values) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
 def _last(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+    finite = _finite(values)
     return finite[-1] if finite else math.nan
 
 
@@ -164,7 +168,7 @@ def _paired(runs: list[dict], state: str, theta: float) -> str:
     by_seed = {(r["theta"], r["seed"]): _accuracy(r, state, PAPER_NOISE) for r in runs}
     deltas = [value - by_seed[(0.0, seed)] for (t, seed), value in by_seed.items()
               if t == theta and (0.0, seed) in by_seed]
-    deltas = [d for d in deltas if not math.isnan(d)]
+    deltas = _finite(deltas)
     if not deltas:
         return "–"
     return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
