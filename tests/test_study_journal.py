@@ -68,6 +68,19 @@ def _fit(tmp_path: Path, lean: bool, epochs: int) -> dict:
 
 
 @pytest.mark.slow
+def test_robustness_study_resumes_its_unfinished_run_with_the_same_transfer_files(tmp_path):
+    from irnet.reproduce import robustness
+
+    first = robustness.cells(robustness.TINY, tmp_path)
+    assert robustness.cells(robustness.TINY, tmp_path)[0]["run"] != first[0]["run"]  # nothing to resume: new id
+    journal = Journal.of_study(tmp_path)
+    journal.record(first[0], {**first[0], "clean_acc": 0.9})  # results carry their cell's fields, "run" too
+    resumed = robustness.cells(robustness.TINY, tmp_path)
+    assert resumed == first and list(journal.finished(resumed)) == [cell_key(first[0])]
+    other_grid = robustness.cells(robustness.TINY, tmp_path, epochs=3)  # a journal of another grid: new id
+    assert other_grid[0]["run"] != first[0]["run"] and not journal.finished(other_grid)
+
+
 def test_lean_history_records_what_the_monitoring_callbacks_log(tmp_path):
     epochs = 2 * LEAN_EVERY
     full, lean = _fit(tmp_path, False, epochs), _fit(tmp_path, True, epochs)

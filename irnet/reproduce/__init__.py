@@ -29,7 +29,6 @@ from irnet.reproduce import seeds
 from irnet.reproduce.journal import Journal
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
-JOURNAL = "cells.partial.jsonl"  # finished cells of a run in progress (or killed): it resumes from them
 STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "seeds")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
@@ -104,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         results = [getattr(study, "upgraded", dict)(result) for result in results]
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
-        journal = Journal(log_dir / JOURNAL)
+        journal = Journal.of_study(log_dir)
         results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads,
                             journal=journal)
         minutes = (time.perf_counter() - start) / 60
@@ -143,7 +142,7 @@ def _saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
     """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``), or of
     an unfinished one: the cells its journal holds (a partial study's figures and tables)."""
     path = log_dir / "cells.json"
-    journal = Journal(log_dir / JOURNAL)
+    journal = Journal.of_study(log_dir)
     if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
         results = journal.results()
         return {"command": "(unfinished run, from its journal)", "minutes": sum(r["seconds"] for r in results) / 60,

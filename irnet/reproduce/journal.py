@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+FILE_NAME = "cells.partial.jsonl"  # in a study's log dir: the finished cells of a run in progress (or killed)
+
 
 def cell_key(cell: dict) -> str:
     """The identity of a cell: its settings as canonical JSON (not its results)."""
@@ -24,6 +26,11 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @classmethod
+    def of_study(cls, log_dir: Path) -> "Journal":
+        """The journal of the study whose TensorBoard logs go to ``log_dir``."""
+        return cls(Path(log_dir) / FILE_NAME)
 
     def finished(self, cells: Iterable[dict]) -> dict[str, dict]:
         """The results already recorded for any of ``cells``, by :func:`cell_key`.

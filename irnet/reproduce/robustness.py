@@ -36,6 +36,7 @@ from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 from irnet.regularizers import JacobianRegularizer, PerturbationRegularizer
 from irnet.reproduce import robustness_strong as strong
+from irnet.reproduce.journal import Journal
 from irnet.reproduce.runner import train
 from irnet.solvers import FixedPoint
 
@@ -73,8 +74,20 @@ def make_module(layers: int, T: float, theta: float, r_rnd: bool, seed: int,
 
 def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
     """Per seed: the plain grid θ × R_rnd (θ ascending, so each group's θ = 0 cell, the transfer
-    source, comes first), then the variants at ``variant_thetas`` without R_rnd."""
-    run = uuid.uuid4().hex[:12]  # the transfer files of this run, not of an earlier one in log_dir
+    source, comes first), then the variants at ``variant_thetas`` without R_rnd.
+
+    Every cell carries the run's id, which names its transfer files (not an earlier run's in
+    ``log_dir``): a new one, or that of an unfinished run of the same grid, so that a re-run resumes it.
+    """
+    unfinished = {result.get("run") for result in Journal.of_study(log_dir).results()}
+    for run in sorted(r for r in unfinished if r):
+        grid = _grid(settings, log_dir, seeds, epochs, run)
+        if Journal.of_study(log_dir).finished(grid):
+            return grid
+    return _grid(settings, log_dir, seeds, epochs, uuid.uuid4().hex[:12])
+
+
+def _grid(settings: dict, log_dir: Path, seeds: int | None, epochs: int | None, run: str) -> list[dict]:
     common = {"layers": settings["layers"], "T": settings["T"], "epochs": epochs or settings["epochs"],
               "test_samples": settings["test_samples"], "log_dir": str(log_dir), "run": run,
               "strong": settings["strong"], "has_source": 0.0 in settings["thetas"]}
