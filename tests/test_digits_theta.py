@@ -38,7 +38,7 @@ def test_first_reached_keeps_the_state_of_the_first_epoch_at_the_target():
 
 
 def _run(theta: float, seed: int, equal: float | None, best: float) -> dict:
-    tested = {"best": {str(s): best for s in (0.0, *digits_theta.NOISE)}}
+    tested = {"best": {**{str(s): best for s in (0.0, *digits_theta.NOISE)}, "jacobian": 2.0}}
     if equal is not None:
         tested["equal"] = {str(s): equal for s in (0.0, *digits_theta.NOISE)}
     history = {"val_acc": [0.9, 0.96], "train_loss": [0.5, 0.2], "forward_iterations": [9.0, 8.0]}
@@ -65,3 +65,10 @@ def test_paper_noise_is_half_the_pixel_range_in_standardised_units():
 
     assert digits_theta.PAPER_NOISE == pytest.approx(0.5 * 16 / load_digits().data.std(), abs=0.005)
     assert digits_theta.PAPER_NOISE in digits_theta.NOISE
+
+
+def test_input_jacobian_norm_of_a_linear_map_is_its_frobenius_norm():
+    linear = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    assert digits_theta.input_jacobian_norm(linear, x) == pytest.approx(float(linear.weight.norm()), rel=1e-6)
+    assert not x.requires_grad

@@ -19,7 +19,9 @@ The network and training are §4's (:func:`irnet.reproduce.robustness.make_modul
 no R_rnd). Test accuracy (270 images) is measured clean and under Gaussian
 noise of σ ∈ :data:`NOISE` in standardised pixel units (the pixels' standard
 deviation is 6.0 grey levels of 16): σ = 1.33 is the paper's σ = 0.5 of the
-pixel range (8 grey levels).
+pixel range (8 grey levels). Beside it, the mean Frobenius norm of the logits'
+Jacobian with respect to the input: the first-order amplification of noise,
+to see why accuracy under noise moves with θ.
 """
 
 from __future__ import annotations
@@ -104,7 +106,18 @@ def _test(module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, seed: in
     module.eval()
     noisy = accuracy_under_noise(module, x, y, (0.0, *NOISE), repeats=NOISE_REPEATS,
                                  generator=torch.Generator().manual_seed(1000 + seed))
-    return {str(sigma): accuracy for sigma, accuracy in noisy.items()}
+    return {**{str(sigma): accuracy for sigma, accuracy in noisy.items()}, "jacobian": input_jacobian_norm(module, x)}
+
+
+def input_jacobian_norm(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Mean over ``x`` of ‖∂logits/∂x‖_F: how much the trained network amplifies a small input
+    perturbation (the first-order reason for its accuracy under noise)."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        rows = [torch.autograd.grad(logits[:, k].sum(), x, retain_graph=k + 1 < logits.shape[1])[0]
+                for k in range(logits.shape[1])]  # samples are independent: row k of each one's Jacobian
+    return float(torch.stack(rows, 1).flatten(1).norm(dim=1).mean())
 
 
 # -- report -------------------------------------------------------------------------------
@@ -120,7 +133,7 @@ def _accuracy(result: dict, state: str, sigma: float) -> float:
 def summarize(results: list[dict]) -> str:
     header = ["layers", "h", "θ", "seeds", f"epoch val acc ≥ {EQUAL_ACC}, per seed", "epochs run",
               *[f"{state}: {level}" for state in STATES for level in ("clean", *[f"σ={s}" for s in NOISE])],
-              "forward iterations, last epoch", "minutes"]
+              *[f"{state}: ‖∂f/∂x‖_F" for state in STATES], "forward iterations, last epoch", "minutes"]
     rows = [_row(runs) for _, runs in sorted(group(results, ("layers", "T", "theta")).items())]
     return "\n\n".join([markdown_table(header, rows), _direction(results), _protocol()])
 
@@ -133,6 +146,7 @@ def _row(runs: list[dict]) -> list:
              ", ".join(str(r["epochs_run"]) for r in runs)]
     cells += [fmt(*mean_std(_finite(_accuracy(r, state, s) for r in runs)))  # runs without the state left out
               for state in STATES for s in (0.0, *NOISE)]
+    cells += [fmt(*mean_std(_finite(_accuracy(r, state, "jacobian") for r in runs))) for state in STATES]
     last = [_last(r["history"]["forward_iterations"]) for r in runs]
     return cells + [fmt(*mean_std(last)), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"]
 
@@ -180,7 +194,8 @@ def _protocol() -> str:
             f"reach it, and is left out of the 'equal' columns); 'best' with the weights of its smallest "
             f"validation loss. Runs trained until the validation loss had not improved for {PATIENCE} epochs "
             f"(at most {EPOCHS}). Noise σ in standardised pixel units ({NOISE_REPEATS} draws per test image); "
-            f"σ = {PAPER_NOISE} is the paper's σ = 0.5 of the pixel range.")
+            f"σ = {PAPER_NOISE} is the paper's σ = 0.5 of the pixel range. ‖∂f/∂x‖_F: the Frobenius norm of "
+            f"the logits' Jacobian with respect to the input, mean over the test images.")
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:
