@@ -33,6 +33,7 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from irnet.cli_checks import (check_checkpoint, check_config_file, check_data_fits_model, check_strategy,
                               config_files, model_conflicts, refuse_conflicts)
 from irnet.cli_errors import CliError, flatten, report, summarize
+from irnet.cli_nulls import spell_nested_nulls
 from irnet.cli_predict import PredictionWriter
 from irnet.module import ImplicitNetModule
 from irnet.threads import apply_threads, check_threads
@@ -171,6 +172,10 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
 
         reproduce(list(argv[1:]))
         return None
+    if args is None:  # rewritten in place: LightningCLI warns when given args beside sys.argv
+        sys.argv[1:] = spell_nested_nulls(sys.argv[1:])
+    elif isinstance(args, (list, tuple)):
+        args = spell_nested_nulls(args)
     try:
         return IrnetCLI(
             ImplicitNetModule,
