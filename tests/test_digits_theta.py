@@ -41,7 +41,8 @@ def _run(theta: float, seed: int, equal: float | None, best: float) -> dict:
     tested = {"best": {**{str(s): best for s in (0.0, *digits_theta.NOISE)}, "jacobian": 2.0}}
     if equal is not None:
         tested["equal"] = {str(s): equal for s in (0.0, *digits_theta.NOISE)}
-    history = {"val_acc": [0.9, 0.96], "train_loss": [0.5, 0.2], "forward_iterations": [9.0, 8.0]}
+    history = {"val_acc": [0.9, 0.96], "train_loss": [0.5, 0.2], "forward_iterations": [9.0, 8.0],
+               "stopped": [2.0] if equal is None else []}
     return {"theta": theta, "layers": 10, "T": 5.0, "seed": seed, "equal_epoch": 2 if equal is not None else None,
             "best_epoch": 2, "epochs_run": 2, "tested": tested, "history": history, "seconds": 30.0}
 
@@ -56,8 +57,10 @@ def test_direction_table_pairs_each_theta_with_theta_0_of_the_same_seed():
     assert best == f"{fmt(*mean_std([-0.1, -0.05, -0.2]), digits=2)} (0/3)"
     rows = [line for line in table.split("Change in test accuracy")[0].splitlines() if line.startswith("| 10")]
     theta_1 = [cell.strip() for cell in rows[1].strip("| ").split(" | ")]
-    assert theta_1[:6] == ["10", "0.5", "1.0", "3", "2, 2, never", "2, 2, 2"]
+    assert theta_1[:6] == ["10", "0.5", "1.0", "3", "2, 2, never", "2, 2, 2 (broke)"]
     assert theta_1[6] == fmt(*mean_std([0.7, 0.5]))  # equal: clean, over the seeds that reached 0.95
+    never = digits_theta.summarize([_run(1.0, 0, None, 0.4)])
+    assert "| 10 | 0.5 | 1.0 | 1 | never | 2 (broke) | – |" in never
 
 
 def test_paper_noise_is_half_the_pixel_range_in_standardised_units():

@@ -143,12 +143,17 @@ def _row(runs: list[dict]) -> list:
     first = runs[0]
     cells = [first["layers"], f"{_h(first):g}", first["theta"], len(runs),
              ", ".join(str(r["equal_epoch"] or "never") for r in runs),
-             ", ".join(str(r["epochs_run"]) for r in runs)]
-    cells += [fmt(*mean_std(_finite(_accuracy(r, state, s) for r in runs)))  # runs without the state left out
-              for state in STATES for s in (0.0, *NOISE)]
-    cells += [fmt(*mean_std(_finite(_accuracy(r, state, "jacobian") for r in runs))) for state in STATES]
+             ", ".join(f"{r['epochs_run']}{' (broke)' if r['history']['stopped'] else ''}" for r in runs)]
+    cells += [_mean_std(_accuracy(r, state, s) for r in runs) for state in STATES for s in (0.0, *NOISE)]
+    cells += [_mean_std(_accuracy(r, state, "jacobian") for r in runs) for state in STATES]
     last = [_last(r["history"]["forward_iterations"]) for r in runs]
     return cells + [fmt(*mean_std(last)), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"]
+
+
+def _mean_std(values) -> str:
+    """``mean ± std`` of the finite values (runs without the state left out); "–" if there are none."""
+    finite = _finite(values)
+    return fmt(*mean_std(finite)) if finite else "–"
 
 
 def _finite(values) -> list[float]:
@@ -192,7 +197,8 @@ def _protocol() -> str:
     return (f"'equal' is each network with the weights of the first epoch whose validation accuracy reached "
             f"{EQUAL_ACC} (every network then has nearly the same clean accuracy; 'never': the run did not "
             f"reach it, and is left out of the 'equal' columns); 'best' with the weights of its smallest "
-            f"validation loss. Runs trained until the validation loss had not improved for {PATIENCE} epochs "
+            f"validation loss; '(broke)': training stopped as broken (solves that kept failing, or non-finite "
+            f"numbers) in that epoch. Runs trained until the validation loss had not improved for {PATIENCE} epochs "
             f"(at most {EPOCHS}). Noise σ in standardised pixel units ({NOISE_REPEATS} draws per test image); "
             f"σ = {PAPER_NOISE} is the paper's σ = 0.5 of the pixel range. ‖∂f/∂x‖_F: the Frobenius norm of "
             f"the logits' Jacobian with respect to the input, mean over the test images.")
