@@ -323,6 +323,24 @@ def test_ex2_summary_reports_each_seeds_epoch_at_095_and_the_last_epochs_accurac
     assert cells[-1] == "1.0"
 
 
+def test_ex2_paired_table_subtracts_the_same_seeds_run_without_r_rnd():
+    from irnet.reproduce import ex2
+
+    def run(seed, sigma, weight, acc):
+        return {"sigma": sigma, "weight": weight, "seed": seed, "epoch_reached": 1, "epochs_run": 1, "epochs": 1,
+                "patience": 1, "best_epoch": 1, "history": {"val_acc": [acc]}, "train_acc": 1.0, "seconds": 1.0,
+                "noise_acc": {str(s): acc - s for s in ex2.TEST_NOISE}}
+
+    results = [run(0, 0.0, 0.0, 0.9), run(1, 0.0, 0.0, 0.8), run(0, 0.05, 0.01, 0.95), run(1, 0.05, 0.01, 0.75),
+               run(2, 0.05, 0.01, 0.99)]  # seed 2 has no run without R_rnd: left out
+    paired = ex2.summarize(results).split("Against no R_rnd")[1]
+    row = [line for line in paired.splitlines() if line.startswith("| 0.05")][0]
+    deltas = [c.strip() for c in row.strip("| ").split(" | ")][2:]
+    expected = [ex2.mean_std([(0.95 - s) - (0.9 - s), (0.75 - s) - (0.8 - s)]) for s in ex2.PAIRED_NOISE]
+    assert deltas == [f"{ex2.fmt(*e, digits=2)} (1/2)" for e in expected]
+    assert all(abs(mean) < 1e-9 for mean, _ in expected)  # +0.05 and -0.05
+
+
 @pytest.mark.slow
 def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, monkeypatch, study_globals):
     from irnet.reproduce import ex2

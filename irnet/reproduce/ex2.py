@@ -186,7 +186,28 @@ def summarize(results: list[dict]) -> str:
               "best epoch", "train acc", "val acc", *[f"val acc, noise σ={s}" for s in noisy],
               "val acc, last epoch", "minutes"]
     rows = [_row(key, runs, noisy) for key, runs in sorted(group(results, ("sigma", "weight")).items())]
-    return f"{markdown_table(header, rows)}\n\n{_protocol(results)}"
+    return f"{markdown_table(header, rows)}\n\n{_protocol(results)}\n\n{_paired_table(results)}"
+
+
+PAIRED_NOISE = (0.0, 0.1, 0.2, 0.3)  # the levels of the table against no R_rnd
+
+
+def _paired_table(results: list[dict]) -> str:
+    """Each R_rnd configuration's validation accuracy minus that of no R_rnd on the same seed."""
+    baseline = {r["seed"]: r["noise_acc"] for r in results if not r["weight"]}
+    header = ["R_rnd σ", "weight", *[f"Δ val acc, noise σ={s} (seeds up)" for s in PAIRED_NOISE]]
+    rows = []
+    for (sigma, weight), runs in sorted(group(results, ("sigma", "weight")).items()):
+        paired = [r for r in runs if r["seed"] in baseline]
+        if weight and paired:
+            rows.append([sigma, weight, *[_delta([r["noise_acc"][str(s)] - baseline[r["seed"]][str(s)]
+                                                  for r in paired]) for s in PAIRED_NOISE]])
+    return ("Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard deviation "
+            "of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows))
+
+
+def _delta(deltas: list[float]) -> str:
+    return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
 
 
 def _row(key: tuple, runs: list[dict], noisy: list[float]) -> list:
