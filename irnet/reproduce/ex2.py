@@ -29,14 +29,13 @@ Gaussian noise of several sizes on the inputs (averaged over repeated draws),
 the epoch at which each seed's validation accuracy first reached 0.95 (or
 "never"), and a decision-region figure per σ and weight (Fig. 9's analogue).
 
-Wall time on 2 cores, one worker each (timed 21:23 UTC on 10 and 6 epochs of seed 0 at
-full size, one torch thread, the 2 cores shared with two other studies, load 2.5–3.7): an
-epoch takes about 2.4 s with R_rnd (a second, batched pass over the two perturbed
-copies of every input, with its backward) and 1.3 s without; the evaluation after
-training takes seconds. At most
-5 seeds × (9 × 2.4 + 1.3) s × 600 epochs / 2 workers ≈ 34,000 s ≈ 9.5 h, if no run stopped
-early; with runs reaching 0.95 at epochs ~110–250 and stopping 100 epochs after their best
-validation loss, expect roughly 6–8 h (less on an otherwise idle machine).
+Wall time, measured in the at-budget run of 2026-12-01 (one torch thread per worker, both
+cores busy): an epoch takes about 0.8 s without R_rnd and 1.45 s with it (a second, batched
+pass over the two perturbed copies of every input, with its backward); runs stopped after
+203–600 epochs (mean about 420). The full grid is then about 5 × 0.8 × 420 s + 45 × 1.45 ×
+420 s ≈ 29,000 s of one worker: about 4 h on 2 cores. Cells run configuration by
+configuration (:func:`cells`), so a run cut short has compared whole configurations, and the
+same command resumes it from its journal.
 """
 
 from __future__ import annotations
