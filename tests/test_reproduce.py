@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -251,8 +252,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] // c.get("history_stride", 1)
                for c in saved["cells"])
     summary = (out / "summary.md").read_text()
-    # ex1 adds tables over training, digits_theta one of the change from θ = 0
-    first_table = summary.split("Over training")[0].split("Change in test accuracy")[0]
+    # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from θ = 0
+    first_table = re.split("Over training|Against no R_rnd|Change in test accuracy", summary)[0]
     table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
     if study == "ex1":  # the tables over training and per seed: one row per cell
@@ -261,6 +262,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
         assert per_seed.count("\n| ") == 1 + cells and "seed 0 |" in per_seed
     if study == "ex1":
         _check_ex1_variants(saved["cells"], summary)
+    if study == "ex2":  # against no R_rnd: one row per R_rnd configuration
+        assert summary.split("Against no R_rnd")[1].count("\n| ") == 1 + cells - 1
     pngs = list(out.glob("*.png"))
     assert len(pngs) == figures and all(p.stat().st_size > 10_000 for p in pngs)
     assert any(logs.rglob("events.out.tfevents.*"))
