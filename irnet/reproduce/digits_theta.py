@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -41,7 +40,7 @@ from irnet.datamodules import Digits
 from irnet.reproduce.ex2 import BestWeights
 from irnet.reproduce.figures import band, color, grid_figure, save
 from irnet.reproduce.robustness import make_module
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, train
+from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
 
 THETAS = (0.0, 0.5, 1.0)
 GEOMETRIES = ((10, 2.5), (10, 5.0), (10, 10.0), (5, 2.5), (20, 10.0))  # (layers, T): h 0.25, 0.5, 1; depth 5, 20
@@ -88,9 +87,6 @@ def run_cell(cell: dict) -> dict:
     name = f"theta{cell['theta']}_layers{cell['layers']}_T{cell['T']}_seed{cell['seed']}"
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name, callbacks=(stop, best, equal))
     epochs_run = sum(not math.isnan(v) for v in history["train_loss"])
-    for key, values in history.items():  # an early stop leaves the tail unrun: NaN, as after a failure
-        if key != "stopped":
-            values.extend([math.nan] * (cell["epochs"] - len(values)))
     data.setup("test")
     x, y = (t[:cell["test_samples"]] for t in data.tensors("test"))
     tested = {}
@@ -188,9 +184,7 @@ def _paired(runs: list[dict], state: str, theta: float) -> str:
     deltas = [value - by_seed[(0.0, seed)] for (t, seed), value in by_seed.items()
               if t == theta and (0.0, seed) in by_seed]
     deltas = _finite(deltas)
-    if not deltas:
-        return "–"
-    return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
+    return paired_change(deltas) if deltas else "–"
 
 
 def _protocol() -> str:

@@ -57,7 +57,7 @@ from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 from irnet.regularizers import PerturbationRegularizer
 from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, train
+from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
 from irnet.solvers import Anderson
 
 SIGMAS = (0.01, 0.05, 0.1)  # R_rnd's perturbation σ (the paper's three)
@@ -122,9 +122,6 @@ def run_cell(cell: dict) -> dict:
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name, callbacks=(stop, best),
                     gradient_clip_val=GRADIENT_CLIP)
     epochs_run = sum(not math.isnan(v) for v in history["train_loss"])
-    for values in history.values():  # an early stop leaves the tail unrun: NaN, as after a failure
-        if values is not history["stopped"]:
-            values.extend([math.nan] * (cell["epochs"] - len(values)))
     if best.state is not None:
         module.load_state_dict(best.state)
     return {"history": history, "epochs_run": epochs_run, "best_epoch": best.epoch,
@@ -199,14 +196,11 @@ def _paired_table(results: list[dict]) -> str:
     for (sigma, weight), runs in sorted(group(results, ("sigma", "weight")).items()):
         paired = [r for r in runs if r["seed"] in baseline]
         if weight and paired:
-            rows.append([sigma, weight, *[_delta([r["noise_acc"][str(s)] - baseline[r["seed"]][str(s)]
-                                                  for r in paired]) for s in PAIRED_NOISE]])
+            rows.append([sigma, weight, *[paired_change([r["noise_acc"][str(s)] - baseline[r["seed"]][str(s)]
+                                                         for r in paired]) for s in PAIRED_NOISE]])
     return ("Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard deviation "
             "of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows))
 
-
-def _delta(deltas: list[float]) -> str:
-    return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
 
 
 def _row(key: tuple, runs: list[dict], noisy: list[float]) -> list:

@@ -87,10 +87,11 @@ def train(
     :data:`LEAN_EVERY` steps; an Example 1 epoch then takes about half the time
     (``benchmarks/bench_study_epoch.py``).
 
-    Returns the per-epoch :class:`History` values (NaN where a metric does not apply). A run that
-    the module stops as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or
-    solves that keep failing) is a result, not a crash of the study: its epochs after the stop
-    are NaN and ``values["stopped"]`` holds the epoch it stopped in (empty for a full run).
+    Returns the per-epoch :class:`History` values, ``epochs`` of each (NaN where a metric does not
+    apply, and after a callback such as early stopping ended the fit). A run that the module stops
+    as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or solves that keep
+    failing) is a result, not a crash of the study: its epochs after the stop are NaN and
+    ``values["stopped"]`` holds the epoch it stopped in (empty for a full run).
     """
     if lean:
         history = LeanHistory()
@@ -120,8 +121,8 @@ def train(
     except TrainingFailure as failure:
         print(f"{name}: {failure}", file=sys.stderr)
         stopped.append(float(trainer.current_epoch))
-        for values in history.values.values():
-            values.extend([math.nan] * (epochs - len(values)))
+    for values in history.values.values():  # epochs not run (a failure, an early stop): NaN
+        values.extend([math.nan] * (epochs - len(values)))
     return {**history.values, "stopped": stopped}
 
 
@@ -228,6 +229,11 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 
+def paired_change(deltas: Sequence[float]) -> str:
+    """``mean ± std (gained/n)`` of per-seed differences from a baseline run of the same seed."""
+    return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
+
+
 def group(results: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
     """Results grouped by the values of ``keys`` (the configuration; seeds end up together)."""
     groups: dict[tuple, list[dict]] = {}
@@ -276,5 +282,5 @@ def thinned(result: dict, stride: int) -> dict:
     return {**result, "history": history, "history_stride": stride}
 
 
-__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "rounded",
+__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "paired_change", "rounded",
            "run_cells", "save_results", "train"]
