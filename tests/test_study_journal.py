@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytorch_lightning as pl
 from irnet.datamodules import SineRegression
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.reproduce.journal import Journal, cell_key
+from irnet.reproduce.journal import Journal, cell_key, seed_from_published
 from irnet.reproduce.runner import LEAN_EVERY, run_cells, train
 from irnet.linear import Direct
 from irnet.solvers import FixedPoint
@@ -49,6 +50,30 @@ def test_run_cells_resumes_from_its_journal(tmp_path):
     assert [r["square"] for r in results] == [0, 1, 4, 9]
     assert results[:2] == first  # read back from the journal, order of ``cells`` kept
     assert len(journal.results()) == 4
+
+
+def _publish(path: Path, cells: list[dict], partial: bool) -> Path:
+    meta = {"command": "c", "partial": True} if partial else {"command": "c"}
+    path.write_text(json.dumps({"meta": meta, "cells": cells}))
+    return path
+
+
+def test_a_lost_journal_restarts_from_the_cells_a_partial_study_published(tmp_path):
+    cells = [{"i": i, "log_dir": "runs/x"} for i in range(4)]
+    published = [{**cells[1], "square": 1, "seconds": 2.0},
+                 {**cells[2], "square": 4, "history": {"loss": [1.0]}, "history_stride": 5},  # thinned: rerun
+                 {"i": 3, "log_dir": "runs/other", "square": 9}]  # another grid's cell
+    journal = Journal(tmp_path / "j.jsonl")
+    seeded = seed_from_published(journal, _publish(tmp_path / "results.json", published, True), cells)
+    assert seeded == 1 and list(journal.finished(cells)) == [cell_key(cells[1])]
+    CALLS.clear()
+    results = run_cells(square, cells, workers=1, desc="t", journal=journal)
+    assert CALLS == [0, 2, 3] and results[1] == published[0]  # the published cell is not trained again
+    # a journal on disk wins, and a finished study's results are not resumed
+    assert seed_from_published(journal, tmp_path / "results.json", cells) == 0
+    assert seed_from_published(Journal(tmp_path / "new.jsonl"), _publish(tmp_path / "done.json", published, False),
+                               cells) == 0
+    assert seed_from_published(Journal(tmp_path / "new.jsonl"), tmp_path / "missing.json", cells) == 0
 
 
 @pytest.mark.slow

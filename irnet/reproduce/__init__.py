@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from irnet.reproduce import seeds
-from irnet.reproduce.journal import Journal
+from irnet.reproduce.journal import Journal, seed_from_published
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
 STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "seeds")
@@ -104,6 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
         journal = Journal.of_study(log_dir)
+        seeded = seed_from_published(journal, out / "results.json", cells)
+        if seeded:
+            print(f"{args.study}: resuming with {seeded} finished cells of the unfinished run in {out / 'results.json'}")
         results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads,
                             journal=journal)
         minutes = (time.perf_counter() - start) / 60
@@ -114,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         journal.remove()
     figures = study.figures(results, out)
     table = study.summarize(results)
-    save_results(out, [{k: v for k, v in r.items() if k not in DRAWING_KEYS} for r in results], meta,
+    dropped = set(DRAWING_KEYS) - set(getattr(study, "PUBLISHED_DRAWINGS", ()))
+    save_results(out, [{k: v for k, v in r.items() if k not in dropped} for r in results], meta,
                  history_stride=getattr(study, "HISTORY_STRIDE", 1))
     summary = out / "summary.md"
     summary.write_text(render_summary(args.study, meta, table, figures, out))

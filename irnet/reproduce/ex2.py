@@ -70,6 +70,7 @@ GRADIENT_CLIP = 1.0
 FULL = {"layers": 100, "epochs": 600, "patience": 100, "seeds": 5, "sigmas": SIGMAS, "weights": WEIGHTS}
 TINY = {"layers": 3, "epochs": 2, "patience": 100, "seeds": 1, "sigmas": (0.01, 0.1), "weights": (0.003, 0.03)}
 GRID = 80
+PUBLISHED_DRAWINGS = ("decision",)  # kept in results.json: a study resumed from it still draws Fig. 9
 
 
 def make_module(layers: int, sigma: float, weight: float, seed: int) -> ImplicitNetModule:
@@ -150,13 +151,14 @@ def _accuracy(module: ImplicitNetModule, x: torch.Tensor, y: torch.Tensor) -> fl
 
 
 def decision_grid(module: ImplicitNetModule, x: torch.Tensor) -> dict:
-    """P(class 1) on a grid over the data's bounding box, padded (Fig. 9)."""
+    """P(class 1) on a grid over the data's bounding box, padded (Fig. 9): the grid's ``x`` and ``y``
+    coordinates and ``p[i][j]`` at ``(x[j], y[i])``, to 3 decimals (small enough for results.json)."""
     low, high = x.min(0).values - 0.5, x.max(0).values + 0.5
-    gx, gy = torch.meshgrid(torch.linspace(float(low[0]), float(high[0]), GRID),
-                            torch.linspace(float(low[1]), float(high[1]), GRID), indexing="xy")
+    xs, ys = (torch.linspace(float(low[i]), float(high[i]), GRID) for i in (0, 1))
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
     with torch.no_grad():
         prob = module(torch.stack([gx.flatten(), gy.flatten()], 1)).softmax(1)[:, 1]
-    return {"x": gx.tolist(), "y": gy.tolist(), "p": prob.view(GRID, GRID).tolist()}
+    return {"x": xs.tolist(), "y": ys.tolist(), "p": prob.view(GRID, GRID).round(decimals=3).tolist()}
 
 
 # -- report -------------------------------------------------------------------------------
@@ -247,10 +249,12 @@ def _decisions(groups: dict, sigmas: list, weights: list, out: Path) -> Path:
 
 
 def _decision_panel(ax, runs: Optional[list[dict]], points: tuple, title: str) -> None:
-    if not runs:
+    """The decision regions of the lowest seed whose grid was kept (runs of older studies have none)."""
+    drawn = sorted((r for r in runs or () if "decision" in r), key=lambda r: r["seed"])
+    if not drawn:
         ax.axis("off")
         return
-    run = min(runs, key=lambda r: r["seed"])
+    run = drawn[0]
     grid = run["decision"]
     ax.contourf(grid["x"], grid["y"], grid["p"], levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
     for (x, y), marker in zip(points, ("o", "^")):

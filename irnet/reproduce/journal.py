@@ -63,3 +63,27 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def seed_from_published(journal: Journal, published: Path, cells: Iterable[dict]) -> int:
+    """Start a missing journal from the cells an unfinished study published in ``results.json``.
+
+    A study that outlives one machine (its log dir is gone, its partial ``results.json`` was
+    committed) then resumes where it stopped instead of from scratch. Only a *partial* study's
+    results count (re-running a finished study trains it again), only cells of the current grid
+    (every setting equal), and only results with their full history (a thinned one,
+    ``history_stride`` > 1, runs again). Returns the number of cells recorded.
+    """
+    if journal.path.is_file() or not Path(published).is_file():
+        return 0
+    saved = json.loads(Path(published).read_text())
+    if not saved.get("meta", {}).get("partial"):
+        return 0
+    full = [result for result in saved.get("cells", []) if result.get("history_stride", 1) == 1]
+    seeded = 0
+    for cell in cells:
+        match = next((r for r in full if all(r.get(k) == v for k, v in cell.items())), None)
+        if match is not None:
+            journal.record(cell, match)
+            seeded += 1
+    return seeded
