@@ -132,17 +132,6 @@ def reset_convergence_warnings() -> None:
     _WARNED.reset()
 
 
-def count_served(served: list[Tensor], batch: int, device: torch.device) -> Tensor:
-    """Per-sample iteration counts from the masks of the samples each iteration served.
-
-    Solver loops append one ``(batch,)`` bool mask per iteration and sum them once
-    at the end, instead of adding to a counter at every iteration.
-    """
-    if not served:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return torch.stack(served).sum(0)
-
-
 def diverged_samples(converged: Tensor, iterations: Tensor, max_iter: int, last_res: Tensor) -> Tensor:
     """Samples a solve gave up on: stopped before ``max_iter`` unconverged, or ended non-finite.
 

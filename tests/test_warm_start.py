@@ -148,25 +148,6 @@ def test_paused_warm_start_solves_cold_and_leaves_the_cache_alone():
     assert (_iterations(net) == 0).all()
 
 
-def test_checking_for_the_early_exit_every_few_iterations_changes_no_answer(monkeypatch):
-    import irnet.solvers.base as base
-
-    torch.manual_seed(0)
-    F = _Counting(dim=4)
-    x = torch.randn(16, 4, dtype=torch.float64)
-    x[:4] *= 0.01  # some samples converge much earlier than others
-    results = {}
-    for every in (1, 3):
-        monkeypatch.setattr(base, "check_every", lambda device, every=every: every)
-        block = ImplicitResidualBlock(F, theta=0.8, solver=FixedPoint(atol=1e-9, max_iter=100))
-        y = block(x)
-        results[every] = (y, block.forward_stats)
-    (y1, s1), (y3, s3) = results[1], results[3]
-    assert torch.equal(y1, y3)
-    assert torch.equal(s1.iterations, s3.iterations) and torch.equal(s1.residual, s3.residual)
-    assert s1.iterations.min() < s1.iterations.max()
-
-
 def test_non_finite_input_is_refused_without_a_check_of_its_own():
     block = ImplicitResidualBlock(_Counting(), theta=0.5)
     x = torch.randn(3, 3, dtype=torch.float64)

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
-from irnet.per_sample import per_sample, sample_norm
-from irnet.stats import SolverStats, count_served, diverged_samples
+from irnet.per_sample import sample_norm
+from irnet.progress import Record, start
+from irnet.stats import SolverStats, diverged_samples
 from irnet.validation import check_int
 
 
@@ -33,31 +34,24 @@ class Neumann(LinearSolver):
         self.patience = check_int("patience", patience, 1)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
-        # As in the forward loop: few operations per term (NaN fails every comparison,
-        # so no finiteness tests; absolute norms against ``rtol·‖b‖``; divergence and
-        # the counts read off once at the end).
+        # As in the forward loop: per term only the product, the partial sum and the term's
+        # norm; the bookkeeping (best partial sum, stalls, counts) is settled a few terms at
+        # a time (irnet.progress). Absolute norms against ``rtol·‖b‖``; NaN fails every
+        # comparison, so a non-finite sample stops.
         b_norm = safe_norm(b)
         tol = self.rtol * b_norm
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
-        best_g, best_res = g, res
-        stalled = torch.zeros_like(res, dtype=torch.long)  # products since the last new low
-        active = res > tol
-        served = [torch.ones_like(active)]  # the first product serves every sample
-        for _ in range(1, self.max_iter):
-            if not bool(active.any()):
-                break
-            served.append(active)
-            g = g + term
-            term = operator.vjp(term)
-            new_res = sample_norm(term)
-            take = active & (new_res < best_res)
-            best_g = torch.where(per_sample(take, g), g, best_g)
-            best_res = torch.where(take, new_res, best_res)
-            stalled = torch.where(take, 0, stalled + 1)
-            active = active & (new_res > tol) & (stalled < self.patience)
-            res = new_res
-        iterations = count_served(served, b.shape[0], b.device)
-        converged = best_res <= tol
-        diverged = diverged_samples(converged, iterations, self.max_iter, res)
-        return best_g, SolverStats(iterations, best_res / b_norm, converged, diverged)
+        record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
+                        self.patience)  # the first product served every sample
+        if bool(record.progress.active.any()):
+            for k in range(1, self.max_iter):
+                g = g + term
+                term = operator.vjp(term)
+                res = sample_norm(term)
+                if record.add(g, res, last=k + 1 == self.max_iter):
+                    break
+        progress = record.close()
+        converged = progress.best_res <= tol
+        diverged = diverged_samples(converged, progress.iterations, self.max_iter, res)
+        return progress.best, SolverStats(progress.iterations, progress.best_res / b_norm, converged, diverged)

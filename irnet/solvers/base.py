@@ -14,18 +14,10 @@ import torch
 from torch import Tensor
 
 from irnet.arg_repr import ArgsRepr
-from irnet.per_sample import per_sample, sample_norm
-from irnet.stats import SolverStats, count_served, diverged_samples
+from irnet.per_sample import sample_norm
+from irnet.progress import Record, start
+from irnet.stats import SolverStats, diverged_samples
 from irnet.validation import check_int, check_positive
-
-
-CHECK_EVERY_ON_ACCELERATOR = 4
-
-
-def check_every(device: torch.device) -> int:
-    """Iterations between early-exit checks: every one on the CPU, where reading a flag is
-    free; every ``CHECK_EVERY_ON_ACCELERATOR`` on a GPU, where each read waits for the device."""
-    return 1 if device.type == "cpu" else CHECK_EVERY_ON_ACCELERATOR
 
 
 @dataclass
@@ -150,35 +142,25 @@ class NonlinearSolver(ArgsRepr):
         return self._iterate(problem, y0)
 
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
-        # Few operations per iteration, since each costs more than F on small states:
-        # comparisons with NaN are false, so ``res < best_res`` and ``res > atol`` need
-        # no separate finiteness test; divergence is read off once at the end, and the
-        # iteration counts are summed once from the masks of the samples each step served.
+        # Per iteration only the step and its residual norms; the per-sample bookkeeping
+        # (freezing, best iterate, counts) is settled a few iterations at a time
+        # (irnet.progress), with the same answers as after every iteration. Comparisons
+        # with NaN are false, so no separate finiteness test: a non-finite sample stops.
         state = self.init(problem, y0)
-        best_y = state.y
-        best_res = res = sample_norm(state.r)
-        active = res > self.atol
-        served = []
-        every = check_every(y0.device)
-        for k in range(self.max_iter):
-            # A host read for the early exit; on an accelerator only every few iterations
-            # (frozen samples keep their answers and statistics, so the extra steps change
-            # nothing but time).
-            if k % every == 0 and not bool(active.any()):
-                break
-            served.append(active)
-            state = self.step(problem, state)
-            res = sample_norm(state.r)
-            take = active & (res < best_res)
-            best_y = torch.where(per_sample(take, best_y), state.y, best_y)
-            best_res = torch.where(take, res, best_res)
-            active = active & (res > self.atol)
-        iterations = count_served(served, y0.shape[0], y0.device)
-        converged = best_res <= self.atol
+        res = sample_norm(state.r)
+        record = Record(start(state.y, res, self.atol), self.atol)
+        if bool(record.progress.active.any()):
+            for k in range(self.max_iter):
+                state = self.step(problem, state)
+                res = sample_norm(state.r)
+                if record.add(state.y, res, last=k + 1 == self.max_iter):
+                    break
+        progress = record.close()
+        converged = progress.best_res <= self.atol
         stats = SolverStats(
-            iterations=iterations,
-            residual=best_res.detach(),
+            iterations=progress.iterations,
+            residual=progress.best_res.detach(),
             converged=converged,
-            diverged=diverged_samples(converged, iterations, self.max_iter, res),
+            diverged=diverged_samples(converged, progress.iterations, self.max_iter, res),
         )
-        return best_y, stats
+        return progress.best, stats

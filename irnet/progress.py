@@ -1,0 +1,189 @@
+"""Per-sample bookkeeping of an iterative solve, settled a few iterations at a time.
+
+Every solver loop in irnet (the forward solvers and the Neumann adjoint) treats each
+sample on its own: a sample is frozen at its first iterate within tolerance, keeps its
+lowest-residual iterate if it never gets there, counts the iterations that served it, and
+(Neumann) is stopped once its residual has gone ``patience`` steps without a new low.
+Done after every iteration that is eight to twelve small tensor operations; on the toy
+sets' states each costs a few microseconds, together a large share of an evaluation of F.
+
+So a loop only records each iteration's iterate and residual norms (:class:`Record`) and
+hands a few iterations at once to :func:`settle`, which replays them in a dozen vectorised
+operations. The answers, residuals, counts and stall counters are exactly those of
+settling after every iteration; the only difference is that the loop may run a few
+iterations past the point where every sample is done (see :func:`settle_schedule`).
+
+The recorded iterates are copied into a scratch buffer kept between solves: a list of
+fresh tensors would make the allocator map new pages for every solve, and the page faults
+cost more than the copies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from irnet.per_sample import per_sample
+
+SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
+RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
+SETTLE_EVERY_ON_ACCELERATOR = 4  # on a GPU: iterations between settlements (and host reads)
+SCRATCH_BUFFERS = 8  # scratch buffers kept between solves (one per shape, dtype and device in use)
+
+Tolerance = Union[Tensor, float]  # one for all samples, or one per sample
+
+
+class Progress(NamedTuple):
+    """Where each sample of a solve stands after the iterations settled so far."""
+
+    best: Tensor  # its answer so far: the first iterate within tolerance, else the lowest-residual one
+    best_res: Tensor  # the residual norm of ``best``
+    active: Tensor  # still iterating: not converged, not non-finite, not stalled
+    iterations: Tensor  # iterations that served it (taken while it was active)
+    stalled: Tensor  # iterations since its last new lowest residual (used with ``patience``)
+
+
+def start(iterate: Tensor, res: Tensor, tol: Tolerance) -> Progress:
+    """The progress at the initial iterate, whose residual norms are ``res``."""
+    zeros = torch.zeros_like(res, dtype=torch.long)
+    return Progress(iterate, res, res > tol, zeros, zeros)
+
+
+def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
+    """``(every, quick_exit)`` for a solve of iterates like ``iterate``: settle every ``every``
+    iterations, and with ``quick_exit`` also as soon as no sample's current residual is above
+    tolerance.
+
+    On the CPU a settlement costs as much as a few evaluations of a small F, so it comes rarely
+    (at most every ``SETTLE_AT_MOST_ON_CPU`` iterations, within ``RECORD_BYTES_ON_CPU`` of recorded
+    iterates), and the quick test, read at every iteration, ends a converged solve at once. On a GPU
+    every read of a flag waits for the device: no quick test, a settlement every
+    ``SETTLE_EVERY_ON_ACCELERATOR`` iterations.
+    """
+    if iterate.device.type != "cpu":
+        return SETTLE_EVERY_ON_ACCELERATOR, False
+    fits = RECORD_BYTES_ON_CPU // max(1, iterate.numel() * iterate.element_size())
+    return max(1, min(SETTLE_AT_MOST_ON_CPU, fits)), True
+
+
+def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: Tolerance,
+           patience: Optional[int] = None) -> Progress:
+    """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` to ``progress``.
+
+    Equivalent to, for each iteration in order and each sample: if the sample is active, count the
+    iteration, take the iterate if its residual is below the best so far (a NaN residual never is),
+    and deactivate the sample if its residual is not above ``tol`` (met or non-finite) or, with
+    ``patience``, if ``patience`` iterations in a row brought no new low.
+    """
+    norm_stack = torch.stack(list(norms))
+    count, batch = norm_stack.shape
+    steps = torch.arange(count, device=norm_stack.device).unsqueeze(1)
+    stops = ~(norm_stack > tol)  # met, or not finite
+    stalled = progress.stalled
+    if patience is None:
+        first_stop = torch.where(stops, steps, count).amin(0)
+        served = progress.active & (steps <= first_stop)
+        # the lowest served residual (the first of equals), if below the best so far; NaN never is
+        lowest, index = torch.where(served, norm_stack.nan_to_num(nan=math.inf), math.inf).min(0)
+        took = lowest < progress.best_res
+    else:
+        comparable = norm_stack.nan_to_num(nan=math.inf)
+        best_before = torch.cat([progress.best_res.nan_to_num(nan=math.inf).unsqueeze(0), comparable]).cummin(0)
+        new_low = comparable < best_before.values[:-1]
+        last_low = torch.where(new_low, steps, -1).cummax(0).values
+        stalled_at = torch.where(last_low >= 0, steps - last_low, progress.stalled + steps + 1)
+        first_stop = torch.where(stops | (stalled_at >= patience), steps, count).amin(0)
+        served = progress.active & (steps <= first_stop)
+        last_take = torch.where(served & new_low, steps, -1).amax(0)  # the last new low is the lowest
+        took, index, stalled = last_take >= 0, last_take.clamp_min(0), stalled_at[-1]
+    samples = torch.arange(batch, device=norm_stack.device)
+    best = torch.where(per_sample(took, progress.best), iterates[index, samples], progress.best)
+    best_res = torch.where(took, norm_stack[index, samples], progress.best_res)
+    return Progress(best, best_res, progress.active & (first_stop == count), progress.iterations + served.sum(0),
+                    stalled)
+
+
+class Record:
+    """The iterations of a solve since its last settlement, and its :class:`Progress`.
+
+    ``add`` each iteration's iterate and residual norms; it settles when the schedule says so
+    (:func:`settle_schedule`, or ``last``) and answers whether every sample is then done.
+
+    Args:
+        progress: the progress at the initial iterate (:func:`start`).
+        tol: the tolerance on the residual norms.
+        patience: stop a sample after this many iterations without a new lowest residual.
+    """
+
+    def __init__(self, progress: Progress, tol: Tolerance, patience: Optional[int] = None) -> None:
+        self.progress, self.tol, self.patience = progress, tol, patience
+        self.every, self.quick_exit = settle_schedule(progress.best)
+        # Iterates with a graph (unrolled solves) are kept as they are; others go to scratch.
+        self._buffer = None if progress.best.requires_grad else _take_scratch(progress.best, self.every)
+        self._iterates: list[Tensor] = []
+        self._norms: list[Tensor] = []
+
+    def add(self, iterate: Tensor, norms: Tensor, last: bool = False) -> bool:
+        """Record one iteration; returns True once no sample is active (the loop should stop)."""
+        if self._buffer is not None and iterate.requires_grad:  # a graph after all: keep the tensors
+            self._iterates = list(self._buffer[:len(self._norms)].clone())
+            _give_back_scratch(self._buffer)
+            self._buffer = None
+        if self._buffer is not None:
+            self._buffer[len(self._norms)].copy_(iterate)
+        else:
+            self._iterates.append(iterate)
+        self._norms.append(norms)
+        if not (last or len(self._norms) == self.every or (self.quick_exit and not self._any_above(norms))):
+            return False
+        self._settle()
+        return not bool(self.progress.active.any())
+
+    def close(self) -> Progress:
+        """Settle what is left, hand the scratch buffer back and return the final progress."""
+        if self._norms:
+            self._settle()
+        if self._buffer is not None:
+            _give_back_scratch(self._buffer)
+            self._buffer = None
+        return self.progress
+
+    def _settle(self) -> None:
+        count = len(self._norms)
+        iterates = torch.stack(self._iterates) if self._iterates else self._buffer[:count]
+        self.progress = settle(self.progress, iterates, self._norms, self.tol, self.patience)
+        self._iterates, self._norms = [], []
+
+    def _any_above(self, norms: Tensor) -> bool:
+        # One reduction and one read; a NaN anywhere answers "none above", and the settlement sorts it out.
+        if isinstance(self.tol, Tensor):
+            return bool((norms > self.tol).any())
+        return float(norms.amax()) > self.tol
+
+
+_SCRATCH: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def _scratch_key(shape: Sequence[int], like: Tensor) -> tuple:
+    return tuple(shape), like.dtype, like.device, torch.is_inference_mode_enabled()
+
+
+def _take_scratch(like: Tensor, count: int) -> Tensor:
+    """A buffer for ``count`` tensors like ``like``, taken out of the cache while in use (a solve
+    nested in F gets its own)."""
+    shape = (count, *like.shape)
+    buffer = _SCRATCH.pop(_scratch_key(shape, like), None)
+    return buffer if buffer is not None else like.new_empty(shape)
+
+
+def _give_back_scratch(buffer: Tensor) -> None:
+    _SCRATCH[_scratch_key(buffer.shape, buffer)] = buffer
+    while len(_SCRATCH) > SCRATCH_BUFFERS:
+        _SCRATCH.popitem(last=False)
+
+
+__all__ = ["Progress", "Record", "settle", "settle_schedule", "start"]

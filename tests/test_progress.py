@@ -1,0 +1,118 @@
+"""The solver loops settle their per-sample bookkeeping a few iterations at a time
+(irnet.progress): the answers and statistics must be exactly those of settling after
+every iteration, whatever the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import irnet.progress as progress_module
+from irnet import ImplicitResidualBlock
+from irnet.linear import Neumann
+from irnet.linear.base import AdjointOperator
+from irnet.progress import Progress, settle, start
+from irnet.solvers import Anderson, FixedPoint
+
+
+def settle_one_by_one(progress: Progress, iterates, norms, tol, patience=None) -> Progress:
+    """The reference: the bookkeeping the loops did after every iteration before settling in batches."""
+    best, best_res, active, iterations, stalled = progress
+    for y, res in zip(iterates, norms):
+        iterations = iterations + active.long()
+        take = active & (res < best_res)
+        best = torch.where(take.view(-1, *[1] * (best.dim() - 1)), y, best)
+        best_res = torch.where(take, res, best_res)
+        stalled = torch.where(take, 0, stalled + 1)
+        active = active & (res > tol)
+        if patience is not None:
+            active = active & (stalled < patience)
+    return Progress(best, best_res, active, iterations, stalled if patience is not None else progress.stalled)
+
+
+def _norms(count: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Residual norms that fall, rise, tie, stall and turn NaN, on a grid of values (so ties occur)."""
+    norms = (torch.randint(0, 12, (count, batch), generator=generator).double() / 4)
+    norms[:, 0] = torch.linspace(3, 0, count)  # falls steadily, meets the tolerance near the end
+    norms[count // 2:, 1] = math.nan  # turns non-finite
+    norms[:, 2] = 2.0  # never improves: stalls
+    norms[1, 3] = norms[4, 3] = -1.0  # below tolerance at once (frozen at its second iterate)
+    return list(norms)
+
+
+@pytest.mark.parametrize("patience", [None, 3])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16])
+def test_settling_in_chunks_is_settling_after_every_iteration(patience, chunk):
+    generator = torch.Generator().manual_seed(chunk)
+    batch, count, tol = 9, 16, 0.3
+    norms = _norms(count, batch, generator)
+    iterates = [torch.randn(batch, 2, 3, generator=generator, dtype=torch.float64) for _ in norms]
+    initial = start(torch.zeros(batch, 2, 3, dtype=torch.float64), torch.full((batch,), 2.5, dtype=torch.float64), tol)
+    expected = settle_one_by_one(initial, iterates, norms, tol, patience)
+    settled = initial
+    for i in range(0, count, chunk):
+        settled = settle(settled, torch.stack(iterates[i:i + chunk]), norms[i:i + chunk], tol, patience)
+    for got, want in zip(settled[:4], expected[:4]):
+        assert torch.equal(got, want)
+    # the stall counter matters only while a sample is active (the reference keeps counting after)
+    assert torch.equal(settled.stalled[expected.active], expected.stalled[expected.active])
+    assert not expected.active[[0, 1, 3]].any() and expected.iterations.min() < count  # the cases occurred
+    if patience is not None:
+        assert not expected.active[2] and expected.iterations[2] == patience + 1  # one new low, then the stall
+
+
+class _Tanh(nn.Module):
+    def __init__(self, dim: int = 4, scale: float = 0.9) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim).double()
+        with torch.no_grad():
+            self.lin.weight.mul_(scale)
+
+    def forward(self, y):
+        return torch.tanh(self.lin(y))
+
+
+@pytest.mark.parametrize("solver", [FixedPoint(atol=1e-9, max_iter=60), Anderson(atol=1e-9, max_iter=60)],
+                         ids=["FixedPoint", "Anderson"])
+def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypatch, solver):
+    torch.manual_seed(0)
+    F = _Tanh()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    x[:4] *= 0.01  # some samples converge much earlier than others
+    results = []
+    for schedule in [(1, False), (3, False), (8, True), (60, True)]:
+        monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
+        block = ImplicitResidualBlock(F, theta=0.8, solver=solver)
+        xx = x.clone().requires_grad_()
+        y = block(xx)
+        (grad,) = torch.autograd.grad(y.square().sum(), xx)
+        results.append((y, grad, block.forward_stats))
+    y1, g1, s1 = results[0]
+    assert s1.iterations.min() < s1.iterations.max() and bool(s1.converged.all())
+    for y, grad, stats in results[1:]:
+        assert torch.equal(y, y1) and torch.equal(grad, g1)
+        for field in ("iterations", "residual", "converged", "diverged"):
+            assert torch.equal(getattr(stats, field), getattr(s1, field))
+
+
+def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
+    torch.manual_seed(1)
+    F = _Tanh(dim=5, scale=4.0)
+    y = torch.randn(12, 5, dtype=torch.float64)
+    y[:6] *= 20.0  # tanh saturated: a small Jacobian, the series converges; near 0 it grows or stalls
+    y[6:] *= 0.01
+    operator = AdjointOperator(F, y, theta=1.0)
+    b = torch.randn(12, 5, dtype=torch.float64)
+    results = []
+    for schedule in [(1, False), (4, True), (7, False)]:
+        monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
+        results.append(Neumann(rtol=1e-8, max_iter=80, patience=4).solve(operator, b))
+    g1, s1 = results[0]
+    assert bool(s1.diverged.any()) and bool(s1.converged.any())  # both kinds of sample occurred
+    for g, stats in results[1:]:
+        assert torch.equal(g, g1)
+        for field in ("iterations", "residual", "converged", "diverged"):
+            assert torch.equal(getattr(stats, field), getattr(s1, field))
