@@ -32,6 +32,8 @@ from irnet.per_sample import per_sample
 SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
 RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
 SETTLE_EVERY_ON_ACCELERATOR = 4  # on a GPU: iterations between settlements (and host reads)
+SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
+ONE_BY_ONE_FIRST = 4  # on the CPU, a solve's first iterations are settled as they come
 SCRATCH_BUFFERS = 8  # scratch buffers kept between solves (one per shape, dtype and device in use)
 
 Tolerance = Union[Tensor, float]  # one for all samples, or one per sample
@@ -79,6 +81,10 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
     and deactivate the sample if its residual is not above ``tol`` (met or non-finite) or, with
     ``patience``, if ``patience`` iterations in a row brought no new low.
     """
+    if len(norms) <= SETTLE_ONE_BY_ONE:
+        for iterate, res in zip(iterates, norms):
+            progress = _settle_one(progress, iterate, res, tol, patience)
+        return progress
     norm_stack = torch.stack(list(norms))
     count, batch = norm_stack.shape
     steps = torch.arange(count, device=norm_stack.device).unsqueeze(1)
@@ -90,6 +96,7 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
         # the lowest served residual (the first of equals), if below the best so far; NaN never is
         lowest, index = torch.where(served, norm_stack.nan_to_num(nan=math.inf), math.inf).min(0)
         took = lowest < progress.best_res
+        best_res = torch.where(took, lowest, progress.best_res)
     else:
         comparable = norm_stack.nan_to_num(nan=math.inf)
         best_before = torch.cat([progress.best_res.nan_to_num(nan=math.inf).unsqueeze(0), comparable]).cummin(0)
@@ -100,18 +107,32 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
         served = progress.active & (steps <= first_stop)
         last_take = torch.where(served & new_low, steps, -1).amax(0)  # the last new low is the lowest
         took, index, stalled = last_take >= 0, last_take.clamp_min(0), stalled_at[-1]
-    samples = torch.arange(batch, device=norm_stack.device)
-    best = torch.where(per_sample(took, progress.best), iterates[index, samples], progress.best)
-    best_res = torch.where(took, norm_stack[index, samples], progress.best_res)
+        best_res = torch.where(took, norm_stack[index, torch.arange(batch, device=index.device)], progress.best_res)
+    best = torch.where(per_sample(took, progress.best), iterates[index, torch.arange(batch, device=index.device)],
+                       progress.best)
     return Progress(best, best_res, progress.active & (first_stop == count), progress.iterations + served.sum(0),
                     stalled)
+
+
+def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int]) -> Progress:
+    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
+    took = progress.active & (res < progress.best_res)
+    still = progress.active & (res > tol)
+    stalled = progress.stalled
+    if patience is not None:
+        stalled = torch.where(took, 0, stalled + 1)
+        still = still & (stalled < patience)
+    return Progress(torch.where(per_sample(took, progress.best), iterate, progress.best),
+                    torch.where(took, res, progress.best_res), still, progress.iterations + progress.active, stalled)
 
 
 class Record:
     """The iterations of a solve since its last settlement, and its :class:`Progress`.
 
     ``add`` each iteration's iterate and residual norms; it settles when the schedule says so
-    (:func:`settle_schedule`, or ``last``) and answers whether every sample is then done.
+    (:func:`settle_schedule`, or ``last``) and answers whether every sample is then done. The
+    first few iterations of a solve on the CPU are settled one by one, as they come: most solves
+    of a trained network end within them, and for so few the replay costs more than it saves.
 
     Args:
         progress: the progress at the initial iterate (:func:`start`).
@@ -122,21 +143,23 @@ class Record:
     def __init__(self, progress: Progress, tol: Tolerance, patience: Optional[int] = None) -> None:
         self.progress, self.tol, self.patience = progress, tol, patience
         self.every, self.quick_exit = settle_schedule(progress.best)
-        # Iterates with a graph (unrolled solves) are kept as they are; others go to scratch.
-        self._buffer = None if progress.best.requires_grad else _take_scratch(progress.best, self.every)
-        self._iterates: list[Tensor] = []
+        self._one_by_one = ONE_BY_ONE_FIRST if self.quick_exit else 0
+        self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
+        self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
         self._norms: list[Tensor] = []
 
     def add(self, iterate: Tensor, norms: Tensor, last: bool = False) -> bool:
         """Record one iteration; returns True once no sample is active (the loop should stop)."""
-        if self._buffer is not None and iterate.requires_grad:  # a graph after all: keep the tensors
-            self._iterates = list(self._buffer[:len(self._norms)].clone())
-            _give_back_scratch(self._buffer)
-            self._buffer = None
-        if self._buffer is not None:
-            self._buffer[len(self._norms)].copy_(iterate)
-        else:
+        if self._one_by_one:
+            self._one_by_one -= 1
+            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience)
+            return not bool(self.progress.active.any())
+        if iterate.requires_grad:
             self._iterates.append(iterate)
+        else:
+            if self._buffer is None:
+                self._buffer = _take_scratch(iterate, self.every)
+            self._buffer[len(self._norms)].copy_(iterate)
         self._norms.append(norms)
         if not (last or len(self._norms) == self.every or (self.quick_exit and not self._any_above(norms))):
             return False
@@ -153,8 +176,7 @@ class Record:
         return self.progress
 
     def _settle(self) -> None:
-        count = len(self._norms)
-        iterates = torch.stack(self._iterates) if self._iterates else self._buffer[:count]
+        iterates = torch.stack(self._iterates) if self._iterates else self._buffer[:len(self._norms)]
         self.progress = settle(self.progress, iterates, self._norms, self.tol, self.patience)
         self._iterates, self._norms = [], []
 

@@ -226,3 +226,18 @@ def test_linear_solver_rejects_bad_max_iter(cls, max_iter):
 def test_linear_solver_specific_arguments(cls, kwargs, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         cls(**kwargs)
+
+
+def test_graph_vjp_is_torch_autograd_grad_on_a_retained_graph():
+    from irnet.linear.base import graph_vjp
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 5).double()
+    y = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    out = torch.tanh(lin(y))
+    v = torch.randn(7, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(out, y, v, retain_graph=True)[0]
+    assert torch.equal(graph_vjp(out, y, v), expected)  # the engine called directly
+    assert torch.equal(graph_vjp(out, y, v), expected)  # the graph is retained
+    assert torch.allclose(graph_vjp(out, y, v.float()), expected)  # another dtype: torch.autograd.grad's path
+    assert lin.weight.grad is None  # products never accumulate into parameters
