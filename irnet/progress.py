@@ -147,6 +147,20 @@ class Record:
         self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
         self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
         self._norms: list[Tensor] = []
+        self._slots: dict[int, Tensor] = {}  # rows handed out by ``slot``, not yet added
+        self._live_row = -1  # the row of the last iterate added (a solver may still read it)
+
+    def slot(self, like: Tensor, ahead: int) -> Optional[Tensor]:
+        """Where to compute the iterate that the ``ahead``-th ``add`` from now will record (0: the next),
+        so that ``add`` finds it in place instead of copying it; None where it would be kept as it is
+        (one by one, or with a graph). Never a row the solver may still read from."""
+        if like.requires_grad or self._one_by_one > ahead:
+            return None
+        row = 0 if self._one_by_one else len(self._norms) + ahead
+        if row == self._live_row or row in self._slots:
+            return None
+        self._slots[row] = view = self._scratch(like)[row]
+        return view
 
     def add(self, iterate: Tensor, norms: Tensor, last: bool = False) -> bool:
         """Record one iteration; returns True once no sample is active (the loop should stop)."""
@@ -157,9 +171,11 @@ class Record:
         if iterate.requires_grad:
             self._iterates.append(iterate)
         else:
-            if self._buffer is None:
-                self._buffer = _take_scratch(iterate, self.every)
-            self._buffer[len(self._norms)].copy_(iterate)
+            row = len(self._norms)
+            if self._slots.pop(row, None) is not iterate:  # not computed in place: copy it there
+                self._slots = {r: v for r, v in self._slots.items() if v is not iterate}
+                self._scratch(iterate)[row].copy_(iterate)
+            self._live_row = row
         self._norms.append(norms)
         if not (last or len(self._norms) == self.every or (self.quick_exit and not self._any_above(norms))):
             return False
@@ -174,6 +190,12 @@ class Record:
             _give_back_scratch(self._buffer)
             self._buffer = None
         return self.progress
+
+    def _scratch(self, like: Tensor) -> Tensor:
+        # ``every`` rows, one for an iterate computed ahead, one for a slot that a settlement displaced
+        if self._buffer is None:
+            self._buffer = _take_scratch(like, self.every + 2)
+        return self._buffer
 
     def _settle(self) -> None:
         iterates = torch.stack(self._iterates) if self._iterates else self._buffer[:len(self._norms)]

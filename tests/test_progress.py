@@ -83,7 +83,7 @@ def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypat
     x = torch.randn(16, 4, dtype=torch.float64)
     x[:4] *= 0.01  # some samples converge much earlier than others
     results = []
-    for schedule in [(1, False), (3, False), (8, True), (60, True)]:
+    for schedule in [(1, False), (1, True), (2, True), (3, False), (8, True), (60, True)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         block = ImplicitResidualBlock(F, theta=0.8, solver=solver)
         xx = x.clone().requires_grad_()
@@ -107,7 +107,7 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
     operator = AdjointOperator(F, y, theta=1.0)
     b = torch.randn(12, 5, dtype=torch.float64)
     results = []
-    for schedule in [(1, False), (4, True), (7, False)]:
+    for schedule in [(1, False), (1, True), (2, True), (4, True), (7, False)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         results.append(Neumann(rtol=1e-8, max_iter=80, patience=4).solve(operator, b))
     g1, s1 = results[0]

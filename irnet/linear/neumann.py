@@ -46,7 +46,8 @@ class Neumann(LinearSolver):
                         self.patience)  # the first product served every sample
         if bool(record.progress.active.any()):
             for k in range(1, self.max_iter):
-                g = g + term
+                slot = record.slot(g, ahead=0)  # the partial sum goes straight into the record
+                g = g + term if slot is None else torch.add(g, term, out=slot)
                 term = operator.vjp(term)
                 res = sample_norm(term)
                 if record.add(g, res, last=k + 1 == self.max_iter):

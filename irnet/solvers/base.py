@@ -8,7 +8,7 @@ best iterate and the statistics, so all solvers report the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -38,11 +38,11 @@ class FixedPointProblem:
     theta: float
     differentiable: bool = False
 
-    def map(self, y: Tensor) -> Tensor:
-        """The fixed-point map ``g(y) = c + θ F(y)``."""
-        if self.theta == 1:  # backward Euler: one operation fewer per iteration
-            return self.c + self.F(y)
-        return self.c + self.theta * self.F(y)
+    def map(self, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The fixed-point map ``g(y) = c + θ F(y)`` (one fused add; into ``out`` if given)."""
+        if out is None:
+            return torch.add(self.c, self.F(y), alpha=self.theta)
+        return torch.add(self.c, self.F(y), alpha=self.theta, out=out)
 
     def residual(self, y: Tensor) -> Tensor:
         """``r(y) = y − g(y)``."""
@@ -121,6 +121,11 @@ class NonlinearSolver(ArgsRepr):
         """One iteration; returns the next state."""
         raise NotImplementedError
 
+    def step_into(self, problem: FixedPointProblem, state, out: Optional[Tensor]):
+        """:meth:`step`, with the iterate after next computed into ``out`` where the solver can
+        (saving the loop's copy of it); by default ``out`` is ignored."""
+        return self.step(problem, state)
+
     # -- the shared loop -------------------------------------------------------
     def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         """Iterate from ``y0`` until every sample meets ``atol`` or ``max_iter`` is reached.
@@ -151,7 +156,7 @@ class NonlinearSolver(ArgsRepr):
         record = Record(start(state.y, res, self.atol), self.atol)
         if bool(record.progress.active.any()):
             for k in range(self.max_iter):
-                state = self.step(problem, state)
+                state = self.step_into(problem, state, record.slot(state.y, ahead=1))
                 res = sample_norm(state.r)
                 if record.add(state.y, res, last=k + 1 == self.max_iter):
                     break

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
@@ -25,9 +25,12 @@ class FixedPoint(NonlinearSolver):
         max_iter: the most iterations.
     """
 
-    def init(self, problem: FixedPointProblem, y0: Tensor) -> _State:
-        g = problem.map(y0)
+    def init(self, problem: FixedPointProblem, y0: Tensor, out: Optional[Tensor] = None) -> _State:
+        g = problem.map(y0, out)
         return _State(y=y0, r=y0 - g, g=g)
 
     def step(self, problem: FixedPointProblem, state: _State) -> _State:
         return self.init(problem, state.g)
+
+    def step_into(self, problem: FixedPointProblem, state: _State, out: Optional[Tensor]) -> _State:
+        return self.init(problem, state.g, out)  # g, the next step's iterate, goes straight to ``out``
