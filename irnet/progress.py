@@ -114,8 +114,10 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
                     stalled)
 
 
-def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int]) -> Progress:
-    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
+def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int],
+                count: bool = True) -> Progress:
+    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay);
+    ``count=False`` leaves the iteration counts to the caller."""
     took = progress.active & (res < progress.best_res)
     still = progress.active & (res > tol)
     stalled = progress.stalled
@@ -123,7 +125,8 @@ def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance
         stalled = torch.where(took, 0, stalled + 1)
         still = still & (stalled < patience)
     return Progress(torch.where(per_sample(took, progress.best), iterate, progress.best),
-                    torch.where(took, res, progress.best_res), still, progress.iterations + progress.active, stalled)
+                    torch.where(took, res, progress.best_res), still,
+                    progress.iterations + progress.active if count else progress.iterations, stalled)
 
 
 class Record:
@@ -147,6 +150,7 @@ class Record:
         self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
         self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
         self._norms: list[Tensor] = []
+        self._served: list[Tensor] = []  # the active masks of the iterations settled one by one
         self._slots: dict[int, Tensor] = {}  # rows handed out by ``slot``, not yet added
         self._live_row = -1  # the row of the last iterate added (a solver may still read it)
 
@@ -154,7 +158,7 @@ class Record:
         """Where to compute the iterate that the ``ahead``-th ``add`` from now will record (0: the next),
         so that ``add`` finds it in place instead of copying it; None where it would be kept as it is
         (one by one, or with a graph). Never a row the solver may still read from."""
-        if like.requires_grad or self._one_by_one > ahead:
+        if self._one_by_one > ahead or like.requires_grad:
             return None
         row = 0 if self._one_by_one else len(self._norms) + ahead
         if row == self._live_row or row in self._slots:
@@ -166,7 +170,8 @@ class Record:
         """Record one iteration; returns True once no sample is active (the loop should stop)."""
         if self._one_by_one:
             self._one_by_one -= 1
-            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience)
+            self._served.append(self.progress.active)  # counted once, in ``close``
+            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience, count=False)
             return not bool(self.progress.active.any())
         if iterate.requires_grad:
             self._iterates.append(iterate)
@@ -186,6 +191,10 @@ class Record:
         """Settle what is left, hand the scratch buffer back and return the final progress."""
         if self._norms:
             self._settle()
+        if self._served:
+            self.progress = self.progress._replace(
+                iterations=self.progress.iterations + torch.stack(self._served).sum(0))
+            self._served = []
         if self._buffer is not None:
             _give_back_scratch(self._buffer)
             self._buffer = None
