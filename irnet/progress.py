@@ -31,7 +31,9 @@ from irnet.per_sample import per_sample
 
 SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
 RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
-SETTLE_EVERY_ON_ACCELERATOR = 4  # on a GPU: iterations between settlements (and host reads)
+SETTLE_EVERY_ON_ACCELERATOR = 4  # on a GPU: iterations between settlements (and host reads) ...
+RECORD_BYTES_ON_ACCELERATOR = 256 * 2**20  # ... fewer if the recorded iterates would exceed this
+SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed after its solve
 SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
 ONE_BY_ONE_FIRST = 4  # on the CPU, a solve's first iterations are settled as they come
 SCRATCH_BUFFERS = 8  # scratch buffers kept between solves (one per shape, dtype and device in use)
@@ -66,10 +68,10 @@ def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
     every read of a flag waits for the device: no quick test, a settlement every
     ``SETTLE_EVERY_ON_ACCELERATOR`` iterations.
     """
+    size = max(1, iterate.numel() * iterate.element_size())
     if iterate.device.type != "cpu":
-        return SETTLE_EVERY_ON_ACCELERATOR, False
-    fits = RECORD_BYTES_ON_CPU // max(1, iterate.numel() * iterate.element_size())
-    return max(1, min(SETTLE_AT_MOST_ON_CPU, fits)), True
+        return max(1, min(SETTLE_EVERY_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)), False
+    return max(1, min(SETTLE_AT_MOST_ON_CPU, RECORD_BYTES_ON_CPU // size)), True
 
 
 def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: Tolerance,
@@ -234,6 +236,8 @@ def _take_scratch(like: Tensor, count: int) -> Tensor:
 
 
 def _give_back_scratch(buffer: Tensor) -> None:
+    if buffer.numel() * buffer.element_size() > SCRATCH_KEPT_BYTES:
+        return  # large states: the allocation is cheap beside their solve, the memory is not
     _SCRATCH[_scratch_key(buffer.shape, buffer)] = buffer
     while len(_SCRATCH) > SCRATCH_BUFFERS:
         _SCRATCH.popitem(last=False)

@@ -116,3 +116,20 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
         assert torch.equal(g, g1)
         for field in ("iterations", "residual", "converged", "diverged"):
             assert torch.equal(getattr(stats, field), getattr(s1, field))
+
+
+def test_the_record_stays_within_its_memory_budget(monkeypatch):
+    from irnet.progress import _SCRATCH, settle_schedule
+
+    assert settle_schedule(torch.empty(51, 4)) == (32, True)  # small states: a replay every 32 at most
+    assert settle_schedule(torch.empty(2**21)) == (2, True)  # 8 MiB iterates: 16 MiB of them at once
+    assert settle_schedule(torch.empty(2**25)) == (1, True)  # larger: one at a time
+    # a scratch buffer over SCRATCH_KEPT_BYTES is freed after its solve; smaller ones are kept
+    _SCRATCH.clear()
+    monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 1024)
+    block = ImplicitResidualBlock(_Tanh(), theta=0.8, solver=FixedPoint(atol=1e-12, max_iter=60))
+    block(torch.randn(16, 4, dtype=torch.float64))
+    assert block.forward_stats.iterations.max() > 8 and not _SCRATCH  # the record was used, then dropped
+    monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 2**20)
+    block(torch.randn(16, 4, dtype=torch.float64))
+    assert len(_SCRATCH) == 1
