@@ -52,27 +52,30 @@ def test_run_cells_resumes_from_its_journal(tmp_path):
     assert len(journal.results()) == 4
 
 
-def _publish(path: Path, cells: list[dict], partial: bool) -> Path:
-    meta = {"command": "c", "partial": True} if partial else {"command": "c"}
-    path.write_text(json.dumps({"meta": meta, "cells": cells}))
+def _publish(path: Path, cells: list[dict]) -> Path:
+    path.write_text(json.dumps({"meta": {"command": "c"}, "cells": cells}))
     return path
 
 
-def test_a_lost_journal_restarts_from_the_cells_a_partial_study_published(tmp_path):
-    cells = [{"i": i, "log_dir": "runs/x"} for i in range(4)]
+def test_a_lost_journal_restarts_from_the_cells_a_study_published(tmp_path):
+    cells = [{"i": i, "log_dir": "runs/x", "epochs": 25} for i in range(4)]
     published = [{**cells[1], "square": 1, "seconds": 2.0},
-                 {**cells[2], "square": 4, "history": {"loss": [1.0]}, "history_stride": 5},  # thinned: rerun
-                 {"i": 3, "log_dir": "runs/other", "square": 9}]  # another grid's cell
+                 {**cells[2], "square": 4, "history": {"loss": [1.0, 2.0], "stopped": 0}, "history_stride": 10},
+                 {"i": 3, "log_dir": "runs/other", "epochs": 25, "square": 9}]  # another grid's cell
     journal = Journal(tmp_path / "j.jsonl")
-    seeded = seed_from_published(journal, _publish(tmp_path / "results.json", published, True), cells)
-    assert seeded == 1 and list(journal.finished(cells)) == [cell_key(cells[1])]
+    assert seed_from_published(journal, _publish(tmp_path / "results.json", published), cells) == 2
+    assert list(journal.finished(cells)) == [cell_key(cells[1]), cell_key(cells[2])]
     CALLS.clear()
     results = run_cells(square, cells, workers=1, desc="t", journal=journal)
-    assert CALLS == [0, 2, 3] and results[1] == published[0]  # the published cell is not trained again
-    # a journal on disk wins, and a finished study's results are not resumed
+    assert CALLS == [0, 3] and results[1] == published[0]  # the published cells are not trained again
+    # a thinned history comes back one entry per epoch, the kept epochs (10, 20) in place
+    loss = results[2]["history"]["loss"]
+    assert len(loss) == 25 and loss[9] == 1.0 and loss[19] == 2.0 and math.isnan(loss[0]) and math.isnan(loss[24])
+    assert "history_stride" not in results[2] and results[2]["history"]["stopped"] == 0
+    # a journal on disk wins; published results that cover the whole grid (a finished run) are not reused
     assert seed_from_published(journal, tmp_path / "results.json", cells) == 0
-    assert seed_from_published(Journal(tmp_path / "new.jsonl"), _publish(tmp_path / "done.json", published, False),
-                               cells) == 0
+    finished = _publish(tmp_path / "done.json", [{**c, "square": c["i"] ** 2} for c in cells])
+    assert seed_from_published(Journal(tmp_path / "new.jsonl"), finished, cells) == 0
     assert seed_from_published(Journal(tmp_path / "new.jsonl"), tmp_path / "missing.json", cells) == 0
 
 

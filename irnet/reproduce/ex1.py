@@ -366,8 +366,9 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
     target_y = np.sin(target_x) + 0.1 * np.cos(19 * target_x)
     for row, (theta, variant) in enumerate(configs):
         drawn = [r for r in groups[(layers, theta, variant)] if "grid_output" in r]
-        if not drawn:  # every seed stopped as broken
-            axes[row, 0].set_title(f"θ={theta}, {variant}: every run stopped (see the table)")
+        if not drawn:  # every seed stopped as broken, or resumed from a results.json (no grids kept)
+            axes[row, 0].set_title(f"θ={theta}, {variant}: no fit kept (runs stopped, see the table,\n"
+                                   "or resumed from a published results.json)")
             continue
         run = drawn[0]
         ax = axes[row, 0]

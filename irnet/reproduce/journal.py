@@ -10,8 +10,9 @@ its ``cells.json`` is written, so the next run after a finished one starts afres
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 FILE_NAME = "cells.partial.jsonl"  # in a study's log dir: the finished cells of a run in progress (or killed)
 
@@ -65,25 +66,43 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
-def seed_from_published(journal: Journal, published: Path, cells: Iterable[dict]) -> int:
-    """Start a missing journal from the cells an unfinished study published in ``results.json``.
+def seed_from_published(journal: Journal, published: Path, cells: Sequence[dict]) -> int:
+    """Start a missing journal from the cells of ``cells`` that a study published in ``results.json``.
 
-    A study that outlives one machine (its log dir is gone, its partial ``results.json`` was
-    committed) then resumes where it stopped instead of from scratch. Only a *partial* study's
-    results count (re-running a finished study trains it again), only cells of the current grid
-    (every setting equal), and only results with their full history (a thinned one,
-    ``history_stride`` > 1, runs again). Returns the number of cells recorded.
+    A study that outlives one machine (its log dir is gone, its ``results.json`` was committed)
+    then resumes where it stopped, and a wider grid (more θ, seeds or variants) builds on a
+    narrower one, instead of training those cells again. A cell counts when every one of its
+    settings equals a published result's. Nothing is seeded when the published results cover
+    the whole grid (re-running a finished study trains it again). A history thinned for
+    ``results.json`` (``history_stride``) comes back at full length, NaN between the epochs
+    kept, so that it lines up with the new cells' (and is thinned the same way again).
+    Returns the number of cells recorded.
     """
     if journal.path.is_file() or not Path(published).is_file():
         return 0
-    saved = json.loads(Path(published).read_text())
-    if not saved.get("meta", {}).get("partial"):
+    results = json.loads(Path(published).read_text()).get("cells", [])
+    matches = [(cell, next((r for r in results if all(r.get(k) == v for k, v in cell.items())), None))
+               for cell in cells]
+    found = [(cell, result) for cell, result in matches if result is not None]
+    if len(found) == len(matches):
         return 0
-    full = [result for result in saved.get("cells", []) if result.get("history_stride", 1) == 1]
-    seeded = 0
-    for cell in cells:
-        match = next((r for r in full if all(r.get(k) == v for k, v in cell.items())), None)
-        if match is not None:
-            journal.record(cell, match)
-            seeded += 1
-    return seeded
+    for cell, result in found:
+        journal.record(cell, unthinned(result))
+    return len(found)
+
+
+def unthinned(result: dict) -> dict:
+    """``result`` with each thinned ``history`` list back at one entry per epoch (NaN where none was kept)."""
+    stride = result.get("history_stride", 1)
+    if stride <= 1 or "history" not in result:
+        return result
+    history = {}
+    for key, values in result["history"].items():
+        if key == "stopped" or not isinstance(values, list):
+            history[key] = values
+            continue
+        full = [math.nan] * result.get("epochs", len(values) * stride)
+        kept = min(len(values), len(full) // stride)
+        full[stride - 1:stride * kept:stride] = values[:kept]
+        history[key] = full
+    return {k: v for k, v in result.items() if k != "history_stride"} | {"history": history}
