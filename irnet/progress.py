@@ -13,9 +13,10 @@ operations. The answers, residuals, counts and stall counters are exactly those 
 settling after every iteration; the only difference is that the loop may run a few
 iterations past the point where every sample is done (see :func:`settle_schedule`).
 
-The recorded iterates are copied into a scratch buffer kept between solves: a list of
-fresh tensors would make the allocator map new pages for every solve, and the page faults
-cost more than the copies.
+The recorded iterates live in the rows of a scratch buffer kept between solves: a solver
+computes an iterate straight into its row where it can (:meth:`Record.slot`), else it is
+copied there. A list of fresh tensors would make the allocator map new pages for every
+solve, and the page faults cost more than the copies.
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ class Record:
             self._served.append(self.progress.active)  # counted once, in ``close``
             self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience, count=False)
             return not bool(self.progress.active.any())
-        if iterate.requires_grad:
+        if iterate.requires_grad or self._iterates:  # with a graph (unrolled): keep the tensors themselves
+            if not self._iterates and self._norms:  # rows recorded before the first iterate with a graph
+                self._iterates = list(self._buffer[:len(self._norms)].clone())
             self._iterates.append(iterate)
         else:
             row = len(self._norms)
