@@ -326,6 +326,15 @@ def test_ex2_summary_reports_each_seeds_epoch_at_095_and_the_last_epochs_accurac
     assert cells[-1] == "1.0"
 
 
+def test_ex2_counts_an_accuracy_of_exactly_095_as_reached():
+    from irnet.reproduce import ex2
+
+    exactly_95 = float(torch.tensor(95 / 100, dtype=torch.float32))  # 95 of 100, as logged: below the float 0.95
+    assert ex2.first_reached([0.5, exactly_95, 0.96], 0.95) == 2 and ex2.first_reached([0.5, 0.94], 0.95) is None
+    stale = {"epoch_reached": None, "history": {"val_acc": [0.5, exactly_95]}}  # counted before the fix
+    assert ex2.upgraded(stale)["epoch_reached"] == 2
+
+
 def test_ex2_paired_table_subtracts_the_same_seeds_run_without_r_rnd():
     from irnet.reproduce import ex2
 

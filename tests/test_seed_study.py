@@ -350,3 +350,10 @@ def test_sigterm_stops_the_study_instead_of_counting_as_a_failed_seed(monkeypatc
         seeds.run_cell({"seed": 0})
     monkeypatch.setattr(Terminated, "fit", lambda self, *a, **k: (_ for _ in ()).throw(SystemExit(2)))
     assert seeds.run_cell({"seed": 0})["failed"]
+
+
+def test_criterion_compares_in_the_precision_of_logged_metrics():
+    exactly_95 = float(torch.tensor(95 / 100, dtype=torch.float32))  # 0.949999988: what Lightning logs
+    assert exactly_95 < 0.95
+    assert parse_criterion("max(val/acc)>=0.95").met({"best_val_acc": exactly_95})
+    assert not parse_criterion("max(val/acc)>=0.95").met({"best_val_acc": float(torch.tensor(0.94))})

@@ -109,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             print(f"{args.study}: resuming with {seeded} finished cells of the unfinished run in {out / 'results.json'}")
         results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads,
                             journal=journal)
+        results = [getattr(study, "upgraded", dict)(result) for result in results]  # seeded ones too
         minutes = (time.perf_counter() - start) / 60
         meta = {"command": command, "machine": machine(args.workers, resolve_threads(args.threads)),
                 "minutes": minutes, "settings": settings}

@@ -39,6 +39,7 @@ from irnet.attacks import accuracy_under_noise
 from irnet.datamodules import Digits
 from irnet.reproduce.ex2 import BestWeights
 from irnet.reproduce.figures import band, color, grid_figure, save
+from irnet.reproduce.logged import as_logged
 from irnet.reproduce.robustness import make_module
 from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
 
@@ -73,7 +74,7 @@ class FirstReached(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = float(trainer.callback_metrics.get(self.monitor, math.nan))
-        if self.state is None and not trainer.sanity_checking and value >= self.target:
+        if self.state is None and not trainer.sanity_checking and as_logged(value) >= as_logged(self.target):
             self.epoch, self.state = trainer.current_epoch + 1, copy.deepcopy(pl_module.state_dict())
 
 

@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from irnet.reproduce.logged import as_logged
+
 DEFAULT_SEEDS = 10
 TINY_EPOCHS = 3
 TINY_SEEDS = 2
@@ -72,7 +74,7 @@ class Criterion:
         if result.get("failed") and self.key.startswith("final_"):
             return False
         value = result.get(self.key)
-        return value is not None and not math.isnan(value) and _OPS[self.op](value, self.threshold)
+        return value is not None and not math.isnan(value) and _OPS[self.op](as_logged(value), as_logged(self.threshold))
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
