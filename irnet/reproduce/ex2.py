@@ -20,9 +20,10 @@ is evaluated with the weights of its best validation loss (kept in memory).
 A run whose validation loss keeps falling is not cut off, and the epochs after
 a run has settled (its val loss then rises as the logits grow confident) are not
 paid for; but a run that sits at chance for more than 100 epochs is stopped
-there (docs/REPORT.md §3b: two runs at σ = 0.1, which left chance when continued). The checkpoint is chosen on the validation set
-that is also reported (the data set has no third split), which biases the
-clean validation accuracy up a little; the last epoch's is reported beside it.
+there (docs/REPORT.md §3b: two runs at σ = 0.1, which left chance when
+continued). The checkpoint is chosen on the validation set that is also
+reported (the data set has no third split), which biases the clean validation
+accuracy up a little; the last epoch's is reported beside it.
 
 Per configuration: train and validation accuracy, validation accuracy with
 Gaussian noise of several sizes on the inputs (averaged over repeated draws),
