@@ -117,10 +117,8 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
                     stalled)
 
 
-def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int],
-                count: bool = True) -> Progress:
-    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay);
-    ``count=False`` leaves the iteration counts to the caller."""
+def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int]) -> Progress:
+    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
     took = progress.active & (res < progress.best_res)
     still = progress.active & (res > tol)
     stalled = progress.stalled
@@ -128,8 +126,7 @@ def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance
         stalled = torch.where(took, 0, stalled + 1)
         still = still & (stalled < patience)
     return Progress(torch.where(per_sample(took, progress.best), iterate, progress.best),
-                    torch.where(took, res, progress.best_res), still,
-                    progress.iterations + progress.active if count else progress.iterations, stalled)
+                    torch.where(took, res, progress.best_res), still, progress.iterations + progress.active, stalled)
 
 
 class Record:
@@ -153,7 +150,6 @@ class Record:
         self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
         self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
         self._norms: list[Tensor] = []
-        self._served: list[Tensor] = []  # the active masks of the iterations settled one by one
         self._slots: dict[int, Tensor] = {}  # rows handed out by ``slot``, not yet added
         self._live_row = -1  # the row of the last iterate added (a solver may still read it)
 
@@ -173,8 +169,7 @@ class Record:
         """Record one iteration; returns True once no sample is active (the loop should stop)."""
         if self._one_by_one:
             self._one_by_one -= 1
-            self._served.append(self.progress.active)  # counted once, in ``close``
-            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience, count=False)
+            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience)
             return not bool(self.progress.active.any())
         if iterate.requires_grad or self._iterates:  # with a graph (unrolled): keep the tensors themselves
             if not self._iterates and self._norms:  # rows recorded before the first iterate with a graph
@@ -196,10 +191,6 @@ class Record:
         """Settle what is left, hand the scratch buffer back and return the final progress."""
         if self._norms:
             self._settle()
-        if self._served:
-            self.progress = self.progress._replace(
-                iterations=self.progress.iterations + torch.stack(self._served).sum(0))
-            self._served = []
         if self._buffer is not None:
             _give_back_scratch(self._buffer)
             self._buffer = None
