@@ -15,6 +15,11 @@ def sample_norm(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v if v.dim() == 2 else v.flatten(1), dim=1)
 
 
+def row_sample_norms(rows: Tensor) -> Tensor:
+    """Euclidean norm of each sample of each row of stacked batches ``(rows, batch, …)``, shape ``(rows, batch)``."""
+    return torch.linalg.vector_norm(rows.flatten(2), dim=2)
+
+
 def sample_dot(a: Tensor, b: Tensor) -> Tensor:
     """Inner product of each pair of samples, shape ``(batch,)``."""
     return (a * b).flatten(1).sum(1)
@@ -25,4 +30,4 @@ def per_sample(s: Tensor, like: Tensor) -> Tensor:
     return s.view(-1, *([1] * (like.dim() - 1)))
 
 
-__all__ = ["per_sample", "sample_dot", "sample_norm"]
+__all__ = ["per_sample", "row_sample_norms", "sample_dot", "sample_norm"]

@@ -38,6 +38,7 @@ SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed af
 SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
 ONE_BY_ONE_FIRST = 4  # on the CPU, a solve's first iterations are settled as they come
 SCRATCH_BUFFERS = 8  # scratch buffers kept between solves (one per shape, dtype and device in use)
+CHECK_AT_MOST_EVERY = 8  # iterations between two looks at the residuals (CheckSchedule), at most
 
 Tolerance = Union[Tensor, float]  # one for all samples, or one per sample
 
@@ -75,9 +76,10 @@ def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
     return max(1, min(SETTLE_AT_MOST_ON_CPU, RECORD_BYTES_ON_CPU // size)), True
 
 
-def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: Tolerance,
+def settle(progress: Progress, iterates: Tensor, norms: Union[Tensor, Sequence[Tensor]], tol: Tolerance,
            patience: Optional[int] = None) -> Progress:
-    """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` to ``progress``.
+    """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` (stacked or
+    a list) to ``progress``.
 
     Equivalent to, for each iteration in order and each sample: if the sample is active, count the
     iteration, take the iterate if its residual is below the best so far (a NaN residual never is),
@@ -88,7 +90,7 @@ def settle(progress: Progress, iterates: Tensor, norms: Sequence[Tensor], tol: T
         for iterate, res in zip(iterates, norms):
             progress = _settle_one(progress, iterate, res, tol, patience)
         return progress
-    norm_stack = torch.stack(list(norms))
+    norm_stack = norms if isinstance(norms, Tensor) else torch.stack(list(norms))
     count, batch = norm_stack.shape
     steps = torch.arange(count, device=norm_stack.device).unsqueeze(1)
     stops = ~(norm_stack > tol)  # met, or not finite
@@ -192,14 +194,14 @@ class Record:
         if self._norms:
             self._settle()
         if self._buffer is not None:
-            _give_back_scratch(self._buffer)
+            give_back_scratch(self._buffer)
             self._buffer = None
         return self.progress
 
     def _scratch(self, like: Tensor) -> Tensor:
         # ``every`` rows, one for an iterate computed ahead, one for a slot that a settlement displaced
         if self._buffer is None:
-            self._buffer = _take_scratch(like, self.every + 2)
+            self._buffer = take_scratch(like, self.every + 2)
         return self._buffer
 
     def _settle(self) -> None:
@@ -211,7 +213,40 @@ class Record:
         # One reduction and one read; a NaN anywhere answers "none above", and the settlement sorts it out.
         if isinstance(self.tol, Tensor):
             return bool((norms > self.tol).any())
-        return float(norms.amax()) > self.tol
+        return float(norms.detach().amax()) > self.tol
+
+
+class CheckSchedule:
+    """When a loop that computes its residual norms a few iterations at a time looks at them next.
+
+    A look costs a host read, so it comes where the worst sample is predicted to meet its
+    tolerance: at iterations 0 and 1, then after as many iterations as the largest ratio of
+    residual to tolerance, falling at the rate seen between the last two looks, needs to reach 1
+    — at most :data:`CHECK_AT_MOST_EVERY` apart, and at the next iteration once it is not falling
+    or not finite. A linearly converging solve stops at or just after its last needed iteration;
+    a long one reads rarely.
+    """
+
+    def __init__(self) -> None:
+        self.next = 0
+        self._last: Optional[tuple[int, float]] = None
+
+    def due(self, iteration: int) -> bool:
+        return iteration >= self.next
+
+    def seen(self, iteration: int, excess: float) -> None:
+        """Record a look at ``iteration``: the largest residual over its tolerance was ``excess``."""
+        self.next = iteration + self._wait(iteration, excess)
+        self._last = (iteration, excess)
+
+    def _wait(self, iteration: int, excess: float) -> int:
+        if self._last is None:
+            return 1
+        before_iteration, before = self._last
+        if not (0 < excess < before < math.inf):
+            return CHECK_AT_MOST_EVERY if excess >= before else 1
+        log_rate = math.log(excess / before) / (iteration - before_iteration)
+        return max(1, min(CHECK_AT_MOST_EVERY, math.ceil(math.log(1 / excess) / log_rate)))
 
 
 _SCRATCH: "OrderedDict[tuple, Tensor]" = OrderedDict()
@@ -221,7 +256,7 @@ def _scratch_key(shape: Sequence[int], like: Tensor) -> tuple:
     return tuple(shape), like.dtype, like.device, torch.is_inference_mode_enabled()
 
 
-def _take_scratch(like: Tensor, count: int) -> Tensor:
+def take_scratch(like: Tensor, count: int) -> Tensor:
     """A buffer for ``count`` tensors like ``like``, taken out of the cache while in use (a solve
     nested in F gets its own)."""
     shape = (count, *like.shape)
@@ -229,7 +264,7 @@ def _take_scratch(like: Tensor, count: int) -> Tensor:
     return buffer if buffer is not None else like.new_empty(shape)
 
 
-def _give_back_scratch(buffer: Tensor) -> None:
+def give_back_scratch(buffer: Tensor) -> None:
     if buffer.numel() * buffer.element_size() > SCRATCH_KEPT_BYTES:
         return  # large states: the allocation is cheap beside their solve, the memory is not
     _SCRATCH[_scratch_key(buffer.shape, buffer)] = buffer
@@ -237,4 +272,4 @@ def _give_back_scratch(buffer: Tensor) -> None:
         _SCRATCH.popitem(last=False)
 
 
-__all__ = ["Progress", "Record", "settle", "settle_schedule", "start"]
+__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_schedule", "start", "take_scratch"]

@@ -15,7 +15,7 @@ from irnet import ImplicitResidualBlock
 from irnet.linear import Neumann
 from irnet.linear.base import AdjointOperator
 from irnet.progress import Progress, settle, start
-from irnet.solvers import Anderson, FixedPoint
+from irnet.solvers import Anderson, FixedPoint, FixedPointProblem
 
 
 def settle_one_by_one(progress: Progress, iterates, norms, tol, patience=None) -> Progress:
@@ -83,8 +83,12 @@ def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypat
     x = torch.randn(16, 4, dtype=torch.float64)
     x[:4] *= 0.01  # some samples converge much earlier than others
     results = []
-    for schedule in [(1, False), (1, True), (2, True), (3, False), (8, True), (60, True)]:
+    # (1, …): the shared loop, settled after every iteration; FixedPoint's rows loop otherwise,
+    # looking at its residuals at most every ``look`` iterations (Anderson: the shared loop)
+    for schedule, look in [((1, False), 8), ((1, True), 8), ((2, True), 1), ((3, False), 3), ((8, True), 8),
+                           ((60, True), 2)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
+        monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
         block = ImplicitResidualBlock(F, theta=0.8, solver=solver)
         xx = x.clone().requires_grad_()
         y = block(xx)
@@ -107,8 +111,10 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
     operator = AdjointOperator(F, y, theta=1.0)
     b = torch.randn(12, 5, dtype=torch.float64)
     results = []
-    for schedule in [(1, False), (1, True), (2, True), (4, True), (7, False)]:
+    for schedule, look in [((1, False), 8), ((1, True), 8), ((2, True), 1), ((4, True), 3), ((7, False), 8),
+                           ((80, True), 5)]:  # (1, …): term by term; else the rows loop (neumann_rows)
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
+        monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
         results.append(Neumann(rtol=1e-8, max_iter=80, patience=4).solve(operator, b))
     g1, s1 = results[0]
     assert bool(s1.diverged.any()) and bool(s1.converged.any())  # both kinds of sample occurred
@@ -133,3 +139,50 @@ def test_the_record_stays_within_its_memory_budget(monkeypatch):
     monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 2**20)
     block(torch.randn(16, 4, dtype=torch.float64))
     assert len(_SCRATCH) == 1
+
+
+class _Counted(nn.Module):
+    """``F(y) = rate · y``, with ``blow_up`` a map that overflows to NaN on the last sample; counts its calls."""
+
+    def __init__(self, rate: float, blow_up: bool = True) -> None:
+        super().__init__()
+        self.rate, self.blow_up, self.calls = rate, blow_up, 0
+
+    def forward(self, y):
+        self.calls += 1
+        out = self.rate * y
+        if self.blow_up:
+            out[-1] = torch.exp(1e3 * y[-1].abs())  # overflows: inf, then NaN (inf − inf)
+        return out
+
+
+@pytest.mark.parametrize("max_iter", [1, 7, 40])
+def test_the_fixed_point_rows_loop_is_the_iteration_by_iteration_loop(monkeypatch, max_iter):
+    # Samples that converge at the start, converge later, never converge (max_iter) and blow up.
+    y0 = torch.randn(6, 3, dtype=torch.float64)
+    y0[0] = 0.0  # r(y0) = 0: converged before any iteration
+    problem = FixedPointProblem(_Counted(0.5), y0 * 0.1, theta=1.0)
+    results = []
+    for schedule, look in [((1, False), 8), ((2, True), 1), ((5, True), 3), ((64, True), 8)]:
+        monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
+        monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
+        results.append(FixedPoint(atol=1e-6, max_iter=max_iter).solve(problem, y0))
+    y1, s1 = results[0]
+    assert s1.iterations[0] == 0 and bool(s1.converged[0]) and bool(s1.diverged[-1])
+    for y, stats in results[1:]:
+        assert torch.equal(y, y1)
+        for field in ("iterations", "residual", "converged", "diverged"):
+            assert torch.equal(getattr(stats, field), getattr(s1, field))
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.7, 0.9])
+def test_the_rows_loop_stops_within_an_iteration_of_a_linear_convergence(rate):
+    # The residuals of y ← c + rate·y fall by ``rate`` per step: the looks predicted from
+    # that rate end the solve at most one evaluation after the iteration-by-iteration loop.
+    F = _Counted(rate, blow_up=False)
+    y0 = torch.randn(5, 3, dtype=torch.float64)
+    problem = FixedPointProblem(F, torch.zeros_like(y0), theta=1.0)
+    y, stats = FixedPoint(atol=1e-9, max_iter=500).solve(problem, y0)
+    assert bool(stats.converged.all())
+    needed = int(stats.iterations.max()) + 1  # the evaluations that reveal the last residual
+    assert needed <= F.calls <= needed + 1

@@ -7,7 +7,9 @@ from torch import Tensor
 
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
 from irnet.per_sample import sample_norm
-from irnet.progress import Record, start
+from irnet.linear.neumann_rows import neumann_rows
+from irnet import progress as solve_progress
+from irnet.progress import Progress, Record, start
 from irnet.stats import SolverStats, diverged_samples
 from irnet.validation import check_int
 
@@ -40,6 +42,17 @@ class Neumann(LinearSolver):
         # comparison, so a non-finite sample stops.
         b_norm = safe_norm(b)
         tol = self.rtol * b_norm
+        rows, _ = solve_progress.settle_schedule(b)
+        if b.requires_grad or b.device.type != "cpu" or rows < 2:
+            progress, res = self._sum_term_by_term(operator, b, tol)
+        else:  # the terms' norms a few at a time (irnet.linear.neumann_rows)
+            progress, res = neumann_rows(operator.vjp, b, tol, self.max_iter, self.patience, rows)
+        converged = progress.best_res <= tol
+        diverged = diverged_samples(converged, progress.iterations, self.max_iter, res)
+        return progress.best, SolverStats(progress.iterations, progress.best_res / b_norm, converged, diverged)
+
+    def _sum_term_by_term(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
+        # Double backward (a graph through the adjoint) and accelerators: each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
@@ -52,7 +65,4 @@ class Neumann(LinearSolver):
                 res = sample_norm(term)
                 if record.add(g, res, last=k + 1 == self.max_iter):
                     break
-        progress = record.close()
-        converged = progress.best_res <= tol
-        diverged = diverged_samples(converged, progress.iterations, self.max_iter, res)
-        return progress.best, SolverStats(progress.iterations, progress.best_res / b_norm, converged, diverged)
+        return record.close(), res

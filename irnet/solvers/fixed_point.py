@@ -6,7 +6,10 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
+from irnet import progress as solve_progress
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
+from irnet.solvers.picard_rows import picard_rows
+from irnet.stats import SolverStats, diverged_samples
 
 
 class _State(NamedTuple):
@@ -34,3 +37,15 @@ class FixedPoint(NonlinearSolver):
 
     def step_into(self, problem: FixedPointProblem, state: _State, out: Optional[Tensor]) -> _State:
         return self.init(problem, state.g, out)  # g, the next step's iterate, goes straight to ``out``
+
+    def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        # Without a graph on the CPU the residual norms are computed several at a time from the
+        # iterates (irnet.solvers.picard_rows); the shared loop serves unrolled solves (each
+        # iterate keeps its graph) and accelerators (whose own schedule avoids host reads).
+        rows, _ = solve_progress.settle_schedule(y0)
+        if problem.differentiable or y0.requires_grad or y0.device.type != "cpu" or rows < 2:
+            return super()._iterate(problem, y0)
+        progress, last_res = picard_rows(problem, y0, self.atol, self.max_iter, rows)
+        converged = progress.best_res <= self.atol
+        diverged = diverged_samples(converged, progress.iterations, self.max_iter, last_res)
+        return progress.best, SolverStats(progress.iterations, progress.best_res.detach(), converged, diverged)
