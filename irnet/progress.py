@@ -88,7 +88,7 @@ def settle(progress: Progress, iterates: Tensor, norms: Union[Tensor, Sequence[T
     """
     if len(norms) <= SETTLE_ONE_BY_ONE:
         for iterate, res in zip(iterates, norms):
-            progress = _settle_one(progress, iterate, res, tol, patience)
+            progress = settle_one(progress, iterate, res, tol, patience)
         return progress
     norm_stack = norms if isinstance(norms, Tensor) else torch.stack(list(norms))
     count, batch = norm_stack.shape
@@ -119,7 +119,8 @@ def settle(progress: Progress, iterates: Tensor, norms: Union[Tensor, Sequence[T
                     stalled)
 
 
-def _settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int]) -> Progress:
+def settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance,
+               patience: Optional[int] = None) -> Progress:
     """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
     took = progress.active & (res < progress.best_res)
     still = progress.active & (res > tol)
@@ -171,7 +172,7 @@ class Record:
         """Record one iteration; returns True once no sample is active (the loop should stop)."""
         if self._one_by_one:
             self._one_by_one -= 1
-            self.progress = _settle_one(self.progress, iterate, norms, self.tol, self.patience)
+            self.progress = settle_one(self.progress, iterate, norms, self.tol, self.patience)
             return not bool(self.progress.active.any())
         if iterate.requires_grad or self._iterates:  # with a graph (unrolled): keep the tensors themselves
             if not self._iterates and self._norms:  # rows recorded before the first iterate with a graph
@@ -220,15 +221,15 @@ class CheckSchedule:
     """When a loop that computes its residual norms a few iterations at a time looks at them next.
 
     A look costs a host read, so it comes where the worst sample is predicted to meet its
-    tolerance: at iterations 0 and 1, then after as many iterations as the largest ratio of
+    tolerance: at the loop's first two iterations, then after as many iterations as the largest ratio of
     residual to tolerance, falling at the rate seen between the last two looks, needs to reach 1
     — at most :data:`CHECK_AT_MOST_EVERY` apart, and at the next iteration once it is not falling
     or not finite. A linearly converging solve stops at or just after its last needed iteration;
     a long one reads rarely.
     """
 
-    def __init__(self) -> None:
-        self.next = 0
+    def __init__(self, first: int = 0) -> None:
+        self.next = first  # the first look: where the loop starts
         self._last: Optional[tuple[int, float]] = None
 
     def due(self, iteration: int) -> bool:
@@ -272,4 +273,5 @@ def give_back_scratch(buffer: Tensor) -> None:
         _SCRATCH.popitem(last=False)
 
 
-__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_schedule", "start", "take_scratch"]
+__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_one", "settle_schedule", "start",
+           "take_scratch"]

@@ -85,10 +85,11 @@ def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypat
     results = []
     # (1, …): the shared loop, settled after every iteration; FixedPoint's rows loop otherwise,
     # looking at its residuals at most every ``look`` iterations (Anderson: the shared loop)
-    for schedule, look in [((1, False), 8), ((1, True), 8), ((2, True), 1), ((3, False), 3), ((8, True), 8),
-                           ((60, True), 2)]:
+    for schedule, look, first in [((1, False), 8, 4), ((1, True), 8, 4), ((2, True), 1, 0), ((3, False), 3, 4),
+                                  ((8, True), 8, 1), ((60, True), 2, 0)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
+        monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
         block = ImplicitResidualBlock(F, theta=0.8, solver=solver)
         xx = x.clone().requires_grad_()
         y = block(xx)
@@ -111,10 +112,12 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
     operator = AdjointOperator(F, y, theta=1.0)
     b = torch.randn(12, 5, dtype=torch.float64)
     results = []
-    for schedule, look in [((1, False), 8), ((1, True), 8), ((2, True), 1), ((4, True), 3), ((7, False), 8),
-                           ((80, True), 5)]:  # (1, …): term by term; else the rows loop (neumann_rows)
+    # (1, …): term by term; else the rows loop (neumann_rows) after ``first`` terms one by one
+    for schedule, look, first in [((1, False), 8, 4), ((1, True), 8, 4), ((2, True), 1, 0), ((4, True), 3, 4),
+                                  ((7, False), 8, 1), ((80, True), 5, 0)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
+        monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
         results.append(Neumann(rtol=1e-8, max_iter=80, patience=4).solve(operator, b))
     g1, s1 = results[0]
     assert bool(s1.diverged.any()) and bool(s1.converged.any())  # both kinds of sample occurred
@@ -163,9 +166,11 @@ def test_the_fixed_point_rows_loop_is_the_iteration_by_iteration_loop(monkeypatc
     y0[0] = 0.0  # r(y0) = 0: converged before any iteration
     problem = FixedPointProblem(_Counted(0.5), y0 * 0.1, theta=1.0)
     results = []
-    for schedule, look in [((1, False), 8), ((2, True), 1), ((5, True), 3), ((64, True), 8)]:
+    for schedule, look, first in [((1, False), 8, 4), ((2, True), 1, 0), ((5, True), 3, 2), ((64, True), 8, 0),
+                                  ((64, True), 8, 4)]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
+        monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
         results.append(FixedPoint(atol=1e-6, max_iter=max_iter).solve(problem, y0))
     y1, s1 = results[0]
     assert s1.iterations[0] == 0 and bool(s1.converged[0]) and bool(s1.diverged[-1])
@@ -176,9 +181,10 @@ def test_the_fixed_point_rows_loop_is_the_iteration_by_iteration_loop(monkeypatc
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.3, 0.7, 0.9])
-def test_the_rows_loop_stops_within_an_iteration_of_a_linear_convergence(rate):
+def test_the_rows_loop_stops_within_an_iteration_of_a_linear_convergence(monkeypatch, rate):
     # The residuals of y ← c + rate·y fall by ``rate`` per step: the looks predicted from
     # that rate end the solve at most one evaluation after the iteration-by-iteration loop.
+    monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", 0)  # the rows loop from the first iteration
     F = _Counted(rate, blow_up=False)
     y0 = torch.randn(5, 3, dtype=torch.float64)
     problem = FixedPointProblem(F, torch.zeros_like(y0), theta=1.0)

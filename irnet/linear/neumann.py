@@ -9,7 +9,7 @@ from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
 from irnet.per_sample import sample_norm
 from irnet.linear.neumann_rows import neumann_rows
 from irnet import progress as solve_progress
-from irnet.progress import Progress, Record, start
+from irnet.progress import Progress, Record, settle_one, start
 from irnet.stats import SolverStats, diverged_samples
 from irnet.validation import check_int
 
@@ -45,11 +45,30 @@ class Neumann(LinearSolver):
         rows, _ = solve_progress.settle_schedule(b)
         if b.requires_grad or b.device.type != "cpu" or rows < 2:
             progress, res = self._sum_term_by_term(operator, b, tol)
-        else:  # the terms' norms a few at a time (irnet.linear.neumann_rows)
-            progress, res = neumann_rows(operator.vjp, b, tol, self.max_iter, self.patience, rows)
+        else:
+            progress, res = self._sum_on_cpu(operator, b, tol, rows)
         converged = progress.best_res <= tol
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, res)
         return progress.best, SolverStats(progress.iterations, progress.best_res / b_norm, converged, diverged)
+
+    def _sum_on_cpu(self, operator: AdjointOperator, b: Tensor, tol: Tensor, rows: int) -> tuple[Progress, Tensor]:
+        # The first terms one by one (most adjoint solves of a trained network end within them,
+        # where the rows' setup and replay would cost more than they save), then the terms'
+        # norms a few at a time (irnet.linear.neumann_rows).
+        g, term = b, operator.vjp(b)
+        res = sample_norm(term)
+        progress = start(b, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long))
+        index = 0  # g is the partial sum of index + 1 terms
+        while index + 1 < self.max_iter and bool(progress.active.any()):
+            if index == solve_progress.ONE_BY_ONE_FIRST:
+                return neumann_rows(operator.vjp, g, term, index + 1, progress, tol, self.max_iter, self.patience,
+                                    rows)
+            g = g + term
+            term = operator.vjp(term)
+            res = sample_norm(term)
+            progress = settle_one(progress, g, res, tol, self.patience)
+            index += 1
+        return progress, res
 
     def _sum_term_by_term(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
         # Double backward (a graph through the adjoint) and accelerators: each term's norm as it comes.

@@ -10,13 +10,13 @@ bookkeeping (best partial sum, stalls, counts) is settled from them by
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from irnet.per_sample import row_sample_norms
-from irnet.progress import CheckSchedule, Progress, give_back_scratch, settle, start, take_scratch
+from irnet.progress import CheckSchedule, Progress, give_back_scratch, settle, take_scratch
 
 
 class SeriesResult(NamedTuple):
@@ -24,34 +24,35 @@ class SeriesResult(NamedTuple):
     last_res: Tensor  # the norms of the last term computed
 
 
-def neumann_rows(vjp: Callable[[Tensor], Tensor], b: Tensor, tol: Tensor, max_iter: int, patience: int,
-                 rows_per_settlement: int) -> SeriesResult:
-    """Sum ``b + P b + P² b + …`` (``P`` applied by ``vjp``) to at most ``max_iter`` terms.
+def neumann_rows(vjp: Callable[[Tensor], Tensor], g: Tensor, term: Tensor, index: int, progress: Progress,
+                 tol: Tensor, max_iter: int, patience: int, rows_per_settlement: int) -> SeriesResult:
+    """Sum the series ``b + P b + P² b + …`` (``P`` applied by ``vjp``) on from the partial sum ``g`` of
+    ``index`` terms and its residual ``term`` (the next term), to at most ``max_iter`` terms.
 
-    ``tol``: per-sample tolerance on the residual (the next term's norm). At most
-    ``rows_per_settlement`` (≥ 2) partial sums are kept before their bookkeeping is settled.
+    ``progress`` is the bookkeeping up to ``g``; ``tol`` the per-sample tolerance on the residual.
+    At most ``rows_per_settlement`` (≥ 2) partial sums are kept before their bookkeeping is settled.
     """
     # Partial sums and terms both live in scratch rows: a product's fresh tensor is freed at
     # once, so the heap does not grow and shrink by a solve's worth of terms (page faults).
-    rows = take_scratch(b, 2 * (rows_per_settlement + 1))
+    rows = take_scratch(g, 2 * (rows_per_settlement + 1))
     try:
         sums, terms = rows.chunk(2)
-        sums[0].copy_(b)
-        terms[0].copy_(vjp(b))
-        return _sum(vjp, b, sums, terms, tol, max_iter, patience)
+        torch.add(g, term, out=sums[0])
+        terms[0].copy_(vjp(term))
+        return _sum(vjp, index, progress, sums, terms, tol, max_iter, patience)
     finally:
         give_back_scratch(rows)
 
 
-def _sum(vjp, b: Tensor, rows: Tensor, terms: Tensor, tol: Tensor, max_iter: int, patience: int) -> SeriesResult:
+def _sum(vjp, base: int, progress: Progress, rows: Tensor, terms: Tensor, tol: Tensor, max_iter: int,
+         patience: int) -> SeriesResult:
     # rows[i] holds the partial sum of base + i + 1 terms and terms[i] its residual, the next
     # term; the norms of terms[:normed] are known. The last partial sum that may be an answer
     # has max_iter terms.
     capacity = rows.shape[0]
-    base, top, normed = 0, 0, 0
+    top, normed = 0, 0
     norms: list[Tensor] = []
-    progress: Optional[Progress] = None
-    schedule = CheckSchedule()
+    schedule = CheckSchedule(first=base)
     while True:
         newest = base + top
         last, full = newest + 1 == max_iter, top + 1 == capacity
@@ -61,7 +62,7 @@ def _sum(vjp, b: Tensor, rows: Tensor, terms: Tensor, tol: Tensor, max_iter: int
             excess = float((norms[-1][-1] / tol).amax())  # NaN compares false: a non-finite sample stops
             schedule.seen(newest, excess)
             if not excess > 1 or last or full:
-                progress = _settle(progress, b, rows[:normed], torch.cat(norms), tol, patience)
+                progress = settle(progress, rows[:normed], torch.cat(norms), tol, patience)
                 if last or not bool(progress.active.any()):
                     return SeriesResult(progress, norms[-1][-1])
                 # The next partial sum starts the next settlement.
@@ -72,16 +73,6 @@ def _sum(vjp, b: Tensor, rows: Tensor, terms: Tensor, tol: Tensor, max_iter: int
         torch.add(rows[top], terms[top], out=rows[top + 1])
         terms[top + 1].copy_(vjp(terms[top]))
         top += 1
-
-
-def _settle(progress: Optional[Progress], b: Tensor, sums: Tensor, norms: Tensor, tol: Tensor,
-            patience: int) -> Progress:
-    if progress is None:  # the first partial sum, b itself: where the progress starts, its one product served all
-        progress = start(b, norms[0], tol)
-        progress, sums, norms = progress._replace(iterations=torch.ones_like(progress.iterations)), sums[1:], norms[1:]
-    if norms.shape[0] == 0:
-        return progress
-    return settle(progress, sums, norms, tol, patience)
 
 
 __all__ = ["SeriesResult", "neumann_rows"]

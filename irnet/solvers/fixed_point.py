@@ -7,6 +7,8 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from irnet import progress as solve_progress
+from irnet.per_sample import sample_norm
+from irnet.progress import settle_one, start
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.solvers.picard_rows import picard_rows
 from irnet.stats import SolverStats, diverged_samples
@@ -45,7 +47,21 @@ class FixedPoint(NonlinearSolver):
         rows, _ = solve_progress.settle_schedule(y0)
         if problem.differentiable or y0.requires_grad or y0.device.type != "cpu" or rows < 2:
             return super()._iterate(problem, y0)
-        progress, last_res = picard_rows(problem, y0, self.atol, self.max_iter, rows)
+        # The first iterations one by one, as the shared loop takes them: most solves of a trained
+        # network end within them, where the rows' setup and replay would cost more than they save.
+        state = self.init(problem, y0)
+        last_res = sample_norm(state.r)
+        progress = start(y0, last_res, self.atol)
+        taken = 0
+        while taken < self.max_iter and bool(progress.active.any()):
+            if taken == solve_progress.ONE_BY_ONE_FIRST:
+                progress, last_res = picard_rows(problem, state.g, taken + 1, progress, self.atol, self.max_iter,
+                                                 rows)
+                break
+            state = self.step(problem, state)
+            last_res = sample_norm(state.r)
+            progress = settle_one(progress, state.y, last_res, self.atol)
+            taken += 1
         converged = progress.best_res <= self.atol
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, last_res)
         return progress.best, SolverStats(progress.iterations, progress.best_res.detach(), converged, diverged)

@@ -15,14 +15,13 @@ tolerance.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from irnet.per_sample import row_sample_norms
-from irnet.progress import CheckSchedule, Progress, give_back_scratch, take_scratch, settle, start
+from irnet.progress import CheckSchedule, Progress, give_back_scratch, settle, take_scratch
 
 
 class PicardResult(NamedTuple):
@@ -30,28 +29,30 @@ class PicardResult(NamedTuple):
     last_res: Tensor  # the residual norms of the last iterate whose residual was computed
 
 
-def picard_rows(problem, y0: Tensor, atol: float, max_iter: int, rows_per_settlement: int) -> PicardResult:
-    """Iterate ``y ← problem.map(y)`` from ``y0`` for at most ``max_iter`` steps (no autograd graph).
+def picard_rows(problem, y: Tensor, index: int, progress: Progress, atol: float, max_iter: int,
+                rows_per_settlement: int) -> PicardResult:
+    """Iterate ``y ← problem.map(y)`` (no autograd graph) on from the iterate ``y`` of number ``index``
+    (≥ 1, ≤ ``max_iter``), whose residual is not yet known, to at most iterate ``max_iter``.
 
-    ``rows_per_settlement`` (≥ 2) iterates are kept at most before their bookkeeping is settled.
+    ``progress`` is the bookkeeping of the iterates before it. At most ``rows_per_settlement`` (≥ 2)
+    iterates are kept before their bookkeeping is settled.
     """
-    rows = take_scratch(y0, rows_per_settlement + 1)
+    rows = take_scratch(y, rows_per_settlement + 1)
     try:
-        rows[0].copy_(y0)
-        return _iterate(problem, y0, rows, atol, max_iter)
+        rows[0].copy_(y)
+        return _iterate(problem, index, progress, rows, atol, max_iter)
     finally:
         give_back_scratch(rows)
 
 
-def _iterate(problem, y0: Tensor, rows: Tensor, atol: float, max_iter: int) -> PicardResult:
+def _iterate(problem, base: int, progress: Progress, rows: Tensor, atol: float, max_iter: int) -> PicardResult:
     # rows[i] holds the iterate of index base + i; rows[:normed] have known residual norms,
     # rows[:top + 1] are computed. Index max_iter is the last iterate that may be an answer;
     # its residual needs one more evaluation.
     capacity = rows.shape[0] - 1
-    base, top, normed = 0, 0, 0
+    top, normed = 0, 0
     norms: list[Tensor] = []
-    progress: Optional[Progress] = None
-    schedule = CheckSchedule()
+    schedule = CheckSchedule(first=base)
     while True:
         problem.map(rows[top], out=rows[top + 1])
         top += 1
@@ -64,20 +65,12 @@ def _iterate(problem, y0: Tensor, rows: Tensor, atol: float, max_iter: int) -> P
         schedule.seen(newest, largest / atol)
         if largest > atol and newest < max_iter and top < capacity:
             continue
-        progress = _settle(progress, y0, rows[:normed], torch.cat(norms), atol)
+        progress = settle(progress, rows[:normed], torch.cat(norms), atol)
         if newest == max_iter or not bool(progress.active.any()):
             return PicardResult(progress, norms[-1][-1])
         # Start the next settlement from the one computed iterate whose residual is unknown.
         rows[0].copy_(rows[top])
         base, top, normed, norms = base + top, 0, 0, []
-
-
-def _settle(progress: Optional[Progress], y0: Tensor, iterates: Tensor, norms: Tensor, atol: float) -> Progress:
-    if progress is None:  # the first row is the initial guess: where the progress starts, not an iteration
-        progress, iterates, norms = start(y0, norms[0], atol), iterates[1:], norms[1:]
-    if norms.shape[0] == 0:
-        return progress
-    return settle(progress, iterates, norms, atol)
 
 
 __all__ = ["PicardResult", "picard_rows"]
