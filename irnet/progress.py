@@ -221,8 +221,8 @@ class CheckSchedule:
     """When a loop that computes its residual norms a few iterations at a time looks at them next.
 
     A look costs a host read, so it comes where the worst sample is predicted to meet its
-    tolerance: at the loop's first two iterations, then after as many iterations as the largest ratio of
-    residual to tolerance, falling at the rate seen between the last two looks, needs to reach 1
+    tolerance: at the loop's first two iterations, then after as many iterations as the largest
+    ratio of residual to tolerance, falling at the rate seen between the last two looks, needs to reach 1
     — at most :data:`CHECK_AT_MOST_EVERY` apart, and at the next iteration once it is not falling
     or not finite. A linearly converging solve stops at or just after its last needed iteration;
     a long one reads rarely.
@@ -273,5 +273,5 @@ def give_back_scratch(buffer: Tensor) -> None:
         _SCRATCH.popitem(last=False)
 
 
-__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_one", "settle_schedule", "start",
-           "take_scratch"]
+__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_one", "settle_schedule",
+           "start", "take_scratch"]

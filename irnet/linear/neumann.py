@@ -71,7 +71,8 @@ class Neumann(LinearSolver):
         return progress, res
 
     def _sum_term_by_term(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
-        # Double backward (a graph through the adjoint) and accelerators: each term's norm as it comes.
+        # Double backward (a graph through the adjoint), accelerators and states too large for rows:
+        # each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,

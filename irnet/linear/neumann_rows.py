@@ -1,8 +1,8 @@
 """The Neumann series' loop with the norms of its terms computed a few terms at a time.
 
 After ``k`` terms the residual of the partial sum is the next term, so per term the loop only
-adds the term into a row of a scratch buffer and makes the next vector–Jacobian product. The
-norms of several terms come from one stack and one norm, looked at where
+adds the term into a row of a scratch buffer and makes the next vector–Jacobian product (copied
+into a row beside it). The norms of several terms come from one norm over their rows, looked at where
 :class:`irnet.progress.CheckSchedule` predicts the series to meet its tolerance; the per-sample
 bookkeeping (best partial sum, stalls, counts) is settled from them by
 :func:`irnet.progress.settle`, exactly as if it were done after every term.
