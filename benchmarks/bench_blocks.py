@@ -14,6 +14,8 @@ settings). Every configuration runs on the same weights and data, side by side:
 * θ = 0.5 with each forward solver and the Neumann backward;
 * θ = 0.5, fixed point, with the GMRES and Direct backward;
 * θ = 0.5, fixed point, unrolled backward (differentiating the iterations);
+* with ``--fixed-k K``: fixed point + Neumann with ``fixed_count=True`` (no stopping
+  tests) and the floor (K evaluations of F and K vector–Jacobian products alone);
 * torchdeq's fixed-point and Anderson solvers with its implicit (IFT) backward
   on the same map ``z ↦ y + (1−θ)F(y) + θF(z)`` (optional: ``pip install irnet[bench]``).
 
@@ -263,6 +265,10 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
         Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(rtol=tol, max_iter=max_iter))),
         Config("FixedPoint + Direct", irnet(fp, lambda: Direct(rtol=tol))),
         Config("FixedPoint, unrolled backward", irnet(fp, backward="unrolled")),
+        Config("FixedPoint + Neumann, fixed count",
+               irnet(lambda: FixedPoint(atol=tol, max_iter=max_iter, fixed_count=True),
+                     lambda: Neumann(rtol=tol, max_iter=max_iter, fixed_count=True)),
+               skip=None if fixed_k is not None else "needs --fixed-k"),
         Config("floor: K F-evals + K VJPs" + (f" (K = {fixed_k})" if fixed_k else ""),
                lambda residuals: FloorNet(residuals, theta, fixed_k),
                skip=None if fixed_k is not None else "needs --fixed-k"),
@@ -498,10 +504,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="state dimension (even; 4 = the paper's lifted 2-D input)")
     parser.add_argument("--fixed-k", type=int, default=None, metavar="K",
                         help="every solver takes exactly K iterations (forward) and K terms "
-                             "(backward): tolerance 1e-30 (torchdeq: 0); adds the floor row")
+                             "(backward): tolerance 1e-30 (torchdeq: 0); adds the rows of the "
+                             "floor and of fixed point + Neumann with fixed_count=True")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="issue9: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
-                             "h = 0.5, 1 thread; rows fixed point + Neumann, floor, torchdeq "
+                             "h = 0.5, 1 thread; rows fixed point + Neumann (tolerance never met, "
+                             "and fixed count), floor, torchdeq "
                              "(explicit flags after it do not override it)")
     parser.add_argument("--batch", type=int, default=51, help="batch size (51)")
     parser.add_argument("--horizon", type=float, default=10.0, help="T; h = T / layers (10)")

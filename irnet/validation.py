@@ -24,6 +24,13 @@ def check_int(name: str, value: int, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value: bool) -> bool:
+    """``True`` or ``False`` (not a truthy stand-in such as 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_unit_interval(name: str, value: float) -> float:
     """A number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

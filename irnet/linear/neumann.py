@@ -11,7 +11,7 @@ from irnet.linear.neumann_rows import neumann_rows
 from irnet import progress as solve_progress
 from irnet.progress import Progress, Record, settle_one, start
 from irnet.stats import SolverStats, diverged_samples
-from irnet.validation import check_int
+from irnet.validation import check_bool, check_int
 
 
 class Neumann(LinearSolver):
@@ -29,11 +29,17 @@ class Neumann(LinearSolver):
         patience: how many products in a row without a new lowest residual mean
             divergence (a non-normal Jacobian can grow for a few terms and still
             converge).
+        fixed_count: sum exactly ``max_iter`` terms, with no stopping test, stall test or
+            best-partial-sum tracking on the way; only the answer's residual (the next term)
+            is measured, and ``converged`` says whether it meets ``rtol``. A solve costs the
+            same whatever the data, and needs no host read.
     """
 
-    def __init__(self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10) -> None:
+    def __init__(self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10,
+                 fixed_count: bool = False) -> None:
         super().__init__(rtol, max_iter)
         self.patience = check_int("patience", patience, 1)
+        self.fixed_count = check_bool("fixed_count", fixed_count)
 
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
         # As in the forward loop: per term only the product, the partial sum and the term's
@@ -43,7 +49,9 @@ class Neumann(LinearSolver):
         b_norm = safe_norm(b)
         tol = self.rtol * b_norm
         rows, _ = solve_progress.settle_schedule(b)
-        if b.requires_grad or b.device.type != "cpu" or rows < 2:
+        if self.fixed_count:
+            progress, res = self._sum_fixed_count(operator, b, tol)
+        elif b.requires_grad or b.device.type != "cpu" or rows < 2:
             progress, res = self._sum_term_by_term(operator, b, tol)
         else:
             progress, res = self._sum_on_cpu(operator, b, tol, rows)
@@ -69,6 +77,15 @@ class Neumann(LinearSolver):
             progress = settle_one(progress, g, res, tol, self.patience)
             index += 1
         return progress, res
+
+    def _sum_fixed_count(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
+        g, term = b, operator.vjp(b)
+        for _ in range(1, self.max_iter):
+            g = g + term
+            term = operator.vjp(term)
+        res = sample_norm(term)  # the residual of the partial sum of max_iter terms
+        iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
+        return Progress(g, res, res > tol, iterations, torch.zeros_like(iterations)), res
 
     def _sum_term_by_term(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
         # Double backward (a graph through the adjoint), accelerators and states too large for rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 from irnet import progress as solve_progress
@@ -12,6 +13,7 @@ from irnet.progress import settle_one, start
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.solvers.picard_rows import picard_rows
 from irnet.stats import SolverStats, diverged_samples
+from irnet.validation import check_bool
 
 
 class _State(NamedTuple):
@@ -28,7 +30,16 @@ class FixedPoint(NonlinearSolver):
     Args:
         atol: absolute tolerance on each sample's residual norm ``‖r(y)‖₂``.
         max_iter: the most iterations.
+        fixed_count: take exactly ``max_iter`` iterations and return the last iterate, with no
+            stopping test, per-sample freezing or best-iterate tracking on the way (a fixed-depth
+            solve, as DEQ training often uses). Only the answer's residual is computed, by one
+            more evaluation of ``F``; the statistics report it, ``converged`` where it meets
+            ``atol``. A solve costs the same whatever the data, and needs no host read.
     """
+
+    def __init__(self, atol: float = 1e-5, max_iter: int = 50, fixed_count: bool = False) -> None:
+        super().__init__(atol, max_iter)
+        self.fixed_count = check_bool("fixed_count", fixed_count)
 
     def init(self, problem: FixedPointProblem, y0: Tensor, out: Optional[Tensor] = None) -> _State:
         g = problem.map(y0, out)
@@ -41,6 +52,8 @@ class FixedPoint(NonlinearSolver):
         return self.init(problem, state.g, out)  # g, the next step's iterate, goes straight to ``out``
 
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        if self.fixed_count:
+            return self._iterate_fixed_count(problem, y0)
         # Without a graph on the CPU the residual norms are computed several at a time from the
         # iterates (irnet.solvers.picard_rows); the shared loop serves unrolled solves (each
         # iterate keeps its graph) and accelerators (whose own schedule avoids host reads).
@@ -65,3 +78,13 @@ class FixedPoint(NonlinearSolver):
         converged = progress.best_res <= self.atol
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, last_res)
         return progress.best, SolverStats(progress.iterations, progress.best_res.detach(), converged, diverged)
+
+    def _iterate_fixed_count(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        y = y0
+        for _ in range(self.max_iter):
+            y = problem.map(y)
+        res = sample_norm(y - problem.map(y))
+        iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
+        converged = res <= self.atol
+        diverged = diverged_samples(converged, iterations, self.max_iter, res)  # a non-finite answer
+        return y, SolverStats(iterations, res.detach(), converged, diverged)
