@@ -67,6 +67,8 @@ EFFECTS = {
     "--model.net.init_args.width": lambda cli: _blocks(cli)[0].F.gamma1.shape[0],
     "--model.net.init_args.solver.class_path": lambda cli: type(_blocks(cli)[0].solver).__name__,
     "--model.net.init_args.solver.init_args.atol": lambda cli: _blocks(cli)[0].solver.atol,
+    "--model.net.init_args.solver.init_args.max_iter": lambda cli: _blocks(cli)[0].solver.max_iter,
+    "--model.net.init_args.solver.init_args.fixed_count": lambda cli: _blocks(cli)[0].solver.fixed_count,
     "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
     "--model.net.init_args.contraction": lambda cli: _contraction(_blocks(cli)[0]),
