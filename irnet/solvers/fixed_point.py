@@ -33,7 +33,8 @@ class FixedPoint(NonlinearSolver):
         fixed_count: take exactly ``max_iter`` iterations and return the last iterate, with no
             stopping test, per-sample freezing or best-iterate tracking on the way (a fixed-depth
             solve). Only the answer's residual is computed, by one more evaluation of ``F``;
-            the statistics report it, ``converged`` where it meets ``atol``. A solve costs the same whatever the data, and needs no host read.
+            the statistics report it, ``converged`` where it meets ``atol``. A solve costs the
+            same whatever the data, and needs no host read.
     """
 
     def __init__(self, atol: float = 1e-5, max_iter: int = 50, fixed_count: bool = False) -> None:
