@@ -267,7 +267,7 @@ def test_tolerance_budget_names_and_repr():
                        Anderson(atol=1e-6, history=3)])
     assert solver.atol == 1e-6 and solver.max_iter == 20 + 30 + 50
     assert solver.method_names == ["FixedPoint", "Anderson_1", "Anderson_2"]
-    want = "Fallback(solvers=[FixedPoint(atol=1e-06, max_iter=20), Anderson("
+    want = "Fallback(solvers=[FixedPoint(atol=1e-06, max_iter=20, fixed_count=False), Anderson("
     assert repr(solver).startswith(want)
 
 
