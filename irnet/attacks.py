@@ -230,6 +230,7 @@ def accuracy_under_noise(
     generator: Optional[torch.Generator] = None,
     repeats: int = 1,
     batch_size: Optional[int] = None,
+    clip: Optional[tuple[float, float]] = None,
 ) -> dict[float, float]:
     """Classification accuracy on ``x + σ ε``, ``ε ~ N(0, I)``, for every σ in ``sigmas``.
 
@@ -240,6 +241,8 @@ def accuracy_under_noise(
         generator: source of the noise, for reproducible curves.
         repeats: noise draws per input ≥ 1; the accuracy is averaged over them.
         batch_size: evaluate this many inputs at a time (default: all at once).
+        clip: ``(low, high)``: noisy inputs are clipped to this range (pixels stay pixels, as in
+            torchattacks' ``GN``, which the paper's authors used); ``None`` (default): no clipping.
 
     Returns:
         ``{sigma: accuracy}`` with accuracies in [0, 1].
@@ -247,9 +250,14 @@ def accuracy_under_noise(
     sigmas = _check_levels("sigmas", sigmas)
     repeats = check_int("repeats", repeats, 1)
     _check_batch(x, target)
+    if clip is not None and not (len(clip) == 2 and float(clip[0]) < float(clip[1])):
+        raise ValueError(f"clip must be None or a pair (low, high) with low < high, got {clip!r}")
 
     def noisy(xb: Tensor, sigma: float) -> Tensor:
-        return GaussianPerturbation(sigma)(xb, generator) if sigma > 0 else xb
+        if sigma == 0:
+            return xb
+        perturbed = GaussianPerturbation(sigma)(xb, generator)
+        return perturbed if clip is None else perturbed.clamp(float(clip[0]), float(clip[1]))
 
     with _eval_mode(model):
         return {

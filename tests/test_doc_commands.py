@@ -271,7 +271,7 @@ def run_reproduce(args: list[str], workdir: Path) -> None:
     from irnet.reproduce import main as reproduce, parser
 
     parsed = parser().parse_args(args)
-    assert parsed.study in ("stability", "ex1", "ex2", "robustness", "digits_theta", "seeds")
+    assert parsed.study in ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
     if parsed.study == "stability":
         summary = reproduce([*args, "--tiny", "--out", str(workdir / "reproduce_stability")])
         assert summary.exists() and summary.stat().st_size > 0

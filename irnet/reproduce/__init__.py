@@ -1,6 +1,7 @@
-"""``python -m irnet reproduce ex1|ex2|stability|robustness|digits_theta|seeds``: the paper's studies, end to
-end (``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`; ``digits_theta``: θ's effect on
-robustness over step and depth, :mod:`irnet.reproduce.digits_theta`).
+"""``python -m irnet reproduce ex1|ex2|stability|robustness|digits_theta|mnist_theta|seeds``: the paper's
+studies, end to end (``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`; ``digits_theta``:
+θ's effect on robustness over step and depth, :mod:`irnet.reproduce.digits_theta`; ``mnist_theta``: the
+authors' MNIST set-up, :mod:`irnet.reproduce.mnist_theta`).
 
 Each study trains its grid of configurations × seeds on the CPU (one worker
 process per core), then writes into ``--out`` (default ``reproduce/<study>``):
@@ -29,7 +30,7 @@ from irnet.reproduce import seeds
 from irnet.reproduce.journal import Journal, seed_from_published
 from irnet.threads import apply_threads, check_threads, resolve_threads
 
-STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "seeds")
+STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
 DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
 
 
