@@ -131,9 +131,13 @@ def test_noise_clipped_to_the_pixel_range_never_leaves_it():
 
 def test_grid_pairs_every_configuration_with_theta_0_of_its_seed():
     cells = mnist_theta.cells(mnist_theta.FULL, Path("logs"))
-    assert len(cells) == 3 * 4
-    assert [(c["theta"], c["variant"]) for c in cells[:4]] == [(0.0, "plain"), (0.5, "plain"), (1.0, "plain"),
-                                                                (1.0, "contraction")]
+    assert len(cells) == 3 * 5
+    assert [(c["theta"], c["variant"]) for c in cells[:5]] == [(0.0, "plain"), (0.5, "plain"), (1.0, "plain"),
+                                                                (1.0, "contraction"), (1.0, "fallback")]
+    fallback = mnist_theta.make_module(1.0, "fallback").net.blocks[0].solver
+    assert [type(s).__name__ for s in fallback.solvers] == ["FixedPoint", "Anderson", "Broyden"]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        mnist_theta.make_module(1.0, "spectral")
     assert {c["train_size"] for c in cells} == {1000} and {c["epochs"] for c in cells} == {mnist_theta.EPOCHS}
 
 
