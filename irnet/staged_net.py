@@ -22,6 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from irnet.datamodules.mnist import MNIST_MEAN, MNIST_STD
 from irnet.linear import GMRES, LinearSolver
 from irnet.nets import CONV_INITS, ConvResidual, ImplicitODENet
 from irnet.layer import ImplicitResidualBlock
@@ -56,7 +57,7 @@ class StagedConvODENet(nn.Module):
         T: integration time per stage (h = T / steps); the authors used 2.
         theta: θ of every implicit layer.
         num_classes: classes (logits out).
-        mean, std: the pixel standardisation applied first.
+        mean, std: the pixel standardisation applied first (default: MNIST's).
         activation: activation inside F.
         contraction: κ in (0, 1), or ``None`` (off): θ · Lip(F) ≤ κ in every layer at every
             evaluation (FFT bounds on the stage's image side), so every fixed-point map contracts.
@@ -67,7 +68,7 @@ class StagedConvODENet(nn.Module):
     """
 
     def __init__(self, channels: int = 8, steps: int = 2, T: float = 2.0, theta: float = 0.5,
-                 num_classes: int = 10, mean: float = 0.1307, std: float = 0.3081,
+                 num_classes: int = 10, mean: float = MNIST_MEAN, std: float = MNIST_STD,
                  activation: str = "relu", contraction: Optional[float] = None, init: str = "default",
                  solver: Optional[NonlinearSolver] = None,
                  linear_solver: Optional[LinearSolver] = None) -> None:

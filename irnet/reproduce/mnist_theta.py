@@ -146,7 +146,7 @@ def _state_table(results: list[dict], state: str) -> str:
 
 
 def _configurations(results: list[dict]) -> list[tuple[tuple, list[dict]]]:
-    """Runs grouped by (variant, θ): the plain rows by θ, then the contraction rows."""
+    """Runs grouped by (variant, θ): the plain rows by θ, then the contraction and fallback rows."""
     return sorted(group(results, ("variant", "theta")).items(), key=lambda item: (item[0][0] != "plain", item[0][1]))
 
 
