@@ -41,7 +41,7 @@ from irnet.reproduce.ex2 import BestWeights
 from irnet.reproduce.figures import band, color, grid_figure, save
 from irnet.reproduce.logged import as_logged
 from irnet.reproduce.robustness import make_module
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
+from irnet.reproduce.runner import fmt, fmt_finite, group, markdown_table, mean_std, paired_change, train
 
 THETAS = (0.0, 0.5, 1.0)
 GEOMETRIES = ((10, 2.5), (10, 5.0), (10, 10.0), (5, 2.5), (20, 10.0))  # (layers, T): h 0.25, 0.5, 1; depth 5, 20
@@ -141,16 +141,10 @@ def _row(runs: list[dict]) -> list:
     cells = [first["layers"], f"{_h(first):g}", first["theta"], len(runs),
              ", ".join(str(r["equal_epoch"] or "never") for r in runs),
              ", ".join(f"{r['epochs_run']}{' (broke)' if r['history']['stopped'] else ''}" for r in runs)]
-    cells += [_mean_std(_accuracy(r, state, s) for r in runs) for state in STATES for s in (0.0, *NOISE)]
-    cells += [_mean_std(_accuracy(r, state, "jacobian") for r in runs) for state in STATES]
+    cells += [fmt_finite(_accuracy(r, state, s) for r in runs) for state in STATES for s in (0.0, *NOISE)]
+    cells += [fmt_finite(_accuracy(r, state, "jacobian") for r in runs) for state in STATES]
     last = [_last(r["history"]["forward_iterations"]) for r in runs]
     return cells + [fmt(*mean_std(last)), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"]
-
-
-def _mean_std(values) -> str:
-    """``mean ± std`` of the finite values (runs without the state left out); "–" if there are none."""
-    finite = _finite(values)
-    return fmt(*mean_std(finite)) if finite else "–"
 
 
 def _finite(values) -> list[float]:

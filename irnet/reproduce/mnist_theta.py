@@ -36,7 +36,7 @@ from irnet.module import ImplicitNetModule
 from irnet.reproduce.digits_theta import FirstReached, input_jacobian_norm
 from irnet.reproduce.ex2 import BestWeights
 from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
+from irnet.reproduce.runner import fmt_finite, group, markdown_table, paired_change, train
 from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint
 from irnet.staged_net import StagedConvODENet
 
@@ -138,9 +138,9 @@ def _state_table(results: list[dict], state: str) -> str:
         epochs = "–" if epoch_key is None else ", ".join(str(r[epoch_key] or "never") for r in runs)
         iters = [r["history"]["forward_iterations"][-1] for r in runs]
         rows.append([f"{theta:g}", variant, len(runs), sum(bool(r["history"]["stopped"]) for r in runs),
-                     *[_mean_std(_accuracy(r, state, s) for r in runs) for s in (0.0, *NOISE)],
-                     _mean_std(_accuracy(r, state, "jacobian") for r in runs), epochs,
-                     _mean_std(iters), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
+                     *[fmt_finite(_accuracy(r, state, s) for r in runs) for s in (0.0, *NOISE)],
+                     fmt_finite(_accuracy(r, state, "jacobian") for r in runs), epochs,
+                     fmt_finite(iters), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
     return f"**{state}** weights: test accuracy under Gaussian noise σ (pixels in [0, 1], clipped)\n\n" + \
         markdown_table(header, rows)
 
@@ -148,11 +148,6 @@ def _state_table(results: list[dict], state: str) -> str:
 def _configurations(results: list[dict]) -> list[tuple[tuple, list[dict]]]:
     """Runs grouped by (variant, θ): the plain rows by θ, then the contraction and fallback rows."""
     return sorted(group(results, ("variant", "theta")).items(), key=lambda item: (item[0][0] != "plain", item[0][1]))
-
-
-def _mean_std(values) -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    return fmt(*mean_std(finite)) if finite else "–"
 
 
 def _direction(results: list[dict]) -> str:

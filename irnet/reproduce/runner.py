@@ -229,6 +229,12 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 
+def fmt_finite(values: Iterable[float]) -> str:
+    """``mean ± std`` of the finite values (runs without the quantity left out); "–" if there are none."""
+    finite = [float(v) for v in values if not math.isnan(v)]
+    return fmt(*mean_std(finite)) if finite else "–"
+
+
 def paired_change(deltas: Sequence[float]) -> str:
     """``mean ± std (gained/n)`` of per-seed differences from a baseline run of the same seed."""
     return f"{fmt(*mean_std(deltas), digits=2)} ({sum(d > 0 for d in deltas)}/{len(deltas)})"
@@ -282,5 +288,5 @@ def thinned(result: dict, stride: int) -> dict:
     return {**result, "history": history, "history_stride": stride}
 
 
-__all__ = ["History", "default_workers", "fmt", "group", "markdown_table", "mean_std", "paired_change", "rounded",
+__all__ = ["History", "default_workers", "fmt", "fmt_finite", "group", "markdown_table", "mean_std", "paired_change", "rounded",
            "run_cells", "save_results", "train"]
