@@ -1,0 +1,99 @@
+"""Count, on the CPU, the calls that would wait for the device on a GPU (host reads).
+
+On CUDA every ``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.numpy()``,
+``nonzero`` and boolean-mask index copies a value to the host and so waits for every queued
+kernel. On the CPU they are free, so nothing would show them; :class:`HostReads` patches them
+onto torch and counts each call (with where it came from), the way the figures of
+``docs/speed.md`` were taken.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+_TENSOR_METHODS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
+_TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique")
+
+
+def _is_bool_mask(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in items)
+
+
+class HostReads:
+    """Counts host reads while :meth:`counting` is active.
+
+    Attributes:
+        count: reads seen so far.
+        sources: ``"file:line"`` of the first frame outside torch → number of reads there.
+    """
+
+    def __init__(self, with_sources: bool = True) -> None:
+        self.count = 0
+        self.sources: collections.Counter = collections.Counter()
+        self.with_sources = with_sources
+        self._active = False
+        self._inside = False  # a patched call made by another patched call counts once
+
+    def _seen(self) -> None:
+        if not self._active or self._inside:
+            return
+        self.count += 1
+        if self.with_sources:
+            for frame in reversed(traceback.extract_stack()[:-2]):
+                if "/torch/" not in frame.filename and "helpers_sync" not in frame.filename:
+                    self.sources[f"{frame.filename.split('/')[-2]}/{frame.filename.split('/')[-1]}:"
+                                 f"{frame.lineno}"] += 1
+                    break
+
+    def _wrap(self, original, condition=None):
+        counter = self
+
+        def wrapper(*args, **kwargs):
+            if counter._inside or (condition is not None and not condition(*args, **kwargs)):
+                return original(*args, **kwargs)
+            counter._seen()
+            counter._inside = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter._inside = False
+        return wrapper
+
+    @contextmanager
+    def patched(self) -> Iterator["HostReads"]:
+        """Patch torch for the duration (counting only inside :meth:`counting`)."""
+        saved = []
+        for name in _TENSOR_METHODS:
+            original = getattr(Tensor, name)
+            saved.append((Tensor, name, original))
+            setattr(Tensor, name, self._wrap(original))
+        for name in _TORCH_FUNCTIONS:
+            original = getattr(torch, name)
+            saved.append((torch, name, original))
+            setattr(torch, name, self._wrap(original))
+        getitem = Tensor.__getitem__
+        saved.append((Tensor, "__getitem__", getitem))
+        Tensor.__getitem__ = self._wrap(getitem, lambda t, index: _is_bool_mask(index))
+        try:
+            yield self
+        finally:
+            for owner, name, original in saved:
+                setattr(owner, name, original)
+
+    @contextmanager
+    def counting(self) -> Iterator["HostReads"]:
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def report(self, top: int = 15) -> str:
+        return f"{self.count} host reads; " + ", ".join(f"{k} ×{v}" for k, v in self.sources.most_common(top))
