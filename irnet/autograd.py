@@ -33,17 +33,18 @@ class ImplicitAdjoint(torch.autograd.Function):
         theta: float,
         linear_solver: LinearSolver,
         on_stats: Callable[[SolverStats], None],
+        owner: object = None,
     ) -> Tensor:
         # f_star's graph is kept on ctx (not save_for_backward: it is an intermediate
         # with its own graph, which the products below walk again and again).
         ctx.y_leaf, ctx.f_star = y_leaf, f_star
-        ctx.theta, ctx.linear_solver, ctx.on_stats = theta, linear_solver, on_stats
+        ctx.theta, ctx.linear_solver, ctx.on_stats, ctx.owner = theta, linear_solver, on_stats, owner
         return y_leaf.detach().clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        operator = AdjointOperator.from_graph(ctx.y_leaf, ctx.f_star, ctx.theta)
+        operator = AdjointOperator.from_graph(ctx.y_leaf, ctx.f_star, ctx.theta, ctx.owner)
         g, stats = ctx.linear_solver.solve(operator, grad)
         ctx.on_stats(stats)
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None

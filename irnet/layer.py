@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Union
 
 import torch
@@ -13,10 +14,26 @@ from irnet.linear import LinearSolver, Neumann
 from irnet.solve_scope import SolveScope
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
 from irnet.per_sample import per_sample, sample_norm
-from irnet.stats import SolverStats, warn_if_failed
+from irnet.device_path import on_accelerator_path
+from irnet.stats import SolverStats, report_failures, warn_if_failed
 from irnet.validation import check_choice, check_int, check_unit_interval
 
 BACKWARD_MODES = ("implicit", "unrolled")
+
+
+def _nan_where_diverged(y: Tensor, stats: SolverStats) -> Tensor:
+    """A diverged sample (non-finite iterates) has no plausible answer: its best iterate (often
+    the start) would pass for one. It comes out as NaN instead."""
+    broken = stats.diverged & ~stats.converged
+    return torch.where(per_sample(broken, y), torch.full_like(y, float("nan")), y)
+
+
+def _moved(stats: Optional[SolverStats], fn) -> Optional[SolverStats]:
+    """``stats`` with every tensor passed through a module's ``_apply`` function."""
+    if stats is None:
+        return None
+    return dataclasses.replace(stats, **{f.name: fn(getattr(stats, f.name)) for f in dataclasses.fields(stats)
+                                         if isinstance(getattr(stats, f.name), Tensor)})
 
 
 class NonFiniteInputError(ValueError):
@@ -142,10 +159,18 @@ class ImplicitResidualBlock(nn.Module):
         if self.backward_mode == "unrolled":
             problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
             return self._solve(problem, x, x)
+        graph = torch.is_grad_enabled() and self._needs_grad(x)
+        # A fixed-count solve's answer is measured by the evaluation of F(y*) with its graph below,
+        # not by one more of its own: F is evaluated k + 2 times for k iterations (F(x), k, F(y*)).
+        measure_here = graph and isinstance(self.solver, FixedPoint) and self.solver.fixed_count
         with torch.no_grad():
-            problem = FixedPointProblem(self.F, explicit.detach(), self.theta)
-            y_star = self._solve(problem, self._initial_guess(x, fx, guess), x)
-        if not (torch.is_grad_enabled() and self._needs_grad(x)):
+            problem = FixedPointProblem(self.F, explicit.detach(), self.theta, measure_answer=not measure_here)
+            start = self._initial_guess(x, fx, guess)
+            if measure_here:
+                y_star, _ = self.solver.solve(problem, start)
+            else:
+                y_star = self._solve(problem, start, x)
+        if not graph:
             return y_star
         # One evaluation of F(y*) with a graph serves both the output's autograd
         # (∂/∂x and ∂/∂γ through ``y_graph``) and the adjoint's vector–Jacobian products.
@@ -153,8 +178,10 @@ class ImplicitResidualBlock(nn.Module):
             y_leaf = y_star.detach().requires_grad_()
             f_star = self.F(y_leaf)
         y_graph = explicit + self.theta * f_star
+        if measure_here:  # r(y*) = y* − x − (1−θ)F(x) − θF(y*); a non-finite answer is NaN already
+            self._accept(y_star, self.solver.answer_stats(sample_norm(y_star - y_graph.detach())), x)
         return ImplicitAdjoint.apply(
-            y_graph, y_leaf, f_star, self.theta, self.linear_solver, self._record_backward
+            y_graph, y_leaf, f_star, self.theta, self.linear_solver, self._record_backward, self.F
         )
 
     def _initial_guess(self, x: Tensor, fx: Optional[Tensor], guess: Optional[Tensor]) -> Tensor:
@@ -171,25 +198,41 @@ class ImplicitResidualBlock(nn.Module):
         return torch.where(per_sample(known, start), guess.to(start.dtype), start)
 
     def _solve(self, problem: FixedPointProblem, y0: Tensor, x: Tensor) -> Tensor:
-        y, stats = self.solver.solve(problem, y0)
+        return self._accept(*self.solver.solve(problem, y0), x)
+
+    def _accept(self, y: Tensor, stats: SolverStats, x: Tensor) -> Tensor:
+        """Keep the solve's statistics, report failures, and NaN out samples whose solve diverged."""
         self.forward_stats = stats
-        # The one host read of a block: did every sample converge? Only if not is the
-        # input checked, so a finite input costs no synchronisation of its own.
+        if on_accelerator_path(y):
+            # No host read: the warning waits for the step's one read (flush_failure_warnings), a
+            # NaN input shows up as a NaN loss, and diverged samples are masked unconditionally.
+            report_failures(stats, self._forward_what, self.solver, deferred=True)
+            return _nan_where_diverged(y, stats)
+        # The CPU path's read: did every sample converge? Only if not is the input checked.
         if not bool(stats.converged.all()):
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteInputError("x (the block's input) contains NaN or Inf; the solve would not end well")
-            warn_if_failed(stats, f"Forward solve ({type(self.solver).__name__})", self.solver)
-            # A diverged sample (non-finite iterates) has no plausible answer: its best
-            # iterate (often the start) would pass for one. It comes out as NaN instead.
-            broken = stats.diverged & ~stats.converged
-            y = torch.where(per_sample(broken, y), torch.full_like(y, float("nan")), y)
+            warn_if_failed(stats, self._forward_what, self.solver)
+            y = _nan_where_diverged(y, stats)
         return y
+
+    @property
+    def _forward_what(self) -> str:
+        return f"Forward solve ({type(self.solver).__name__})"
 
     def _record_backward(self, stats: SolverStats) -> None:
         self.backward_stats = stats
         if getattr(self.linear_solver, "approximate", False):
             return  # JacobianFree / Phantom miss the exact adjoint by design
-        warn_if_failed(stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self.linear_solver)
+        report_failures(stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self.linear_solver,
+                        deferred=on_accelerator_path(stats.residual))
+
+    def _apply(self, fn, recurse: bool = True):
+        # The last solves' statistics follow the block to its new device (and dtype).
+        super()._apply(fn, recurse)
+        self.forward_stats = _moved(self.forward_stats, fn)
+        self.backward_stats = _moved(self.backward_stats, fn)
+        return self
 
     def _apply_F(self, x: Tensor) -> Tensor:
         fx = self.F(x)

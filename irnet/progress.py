@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from irnet.device_path import on_accelerator_path
 from irnet.per_sample import per_sample
+
+if TYPE_CHECKING:
+    from irnet.stop_checks import StopChecks
 
 SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
 RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
-SETTLE_EVERY_ON_ACCELERATOR = 4  # on a GPU: iterations between settlements (and host reads) ...
+SETTLE_AT_MOST_ON_ACCELERATOR = 32  # on a GPU: iterations recorded between settlements (no host read) ...
 RECORD_BYTES_ON_ACCELERATOR = 256 * 2**20  # ... fewer if the recorded iterates would exceed this
 SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed after its solve
 SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
@@ -64,15 +68,15 @@ def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
     iterations, and with ``quick_exit`` also as soon as no sample's current residual is above
     tolerance.
 
-    On the CPU a settlement costs as much as a few evaluations of a small F, so it comes rarely
+    On the CPU path a settlement costs as much as a few evaluations of a small F, so it comes rarely
     (at most every ``SETTLE_AT_MOST_ON_CPU`` iterations, within ``RECORD_BYTES_ON_CPU`` of recorded
-    iterates), and the quick test, read at every iteration, ends a converged solve at once. On a GPU
-    every read of a flag waits for the device: no quick test, a settlement every
-    ``SETTLE_EVERY_ON_ACCELERATOR`` iterations.
+    iterates), and the quick test, read at every iteration, ends a converged solve at once. On the
+    accelerator path every read of a flag waits for the device: settlements read nothing, and the
+    loop looks only where :class:`~irnet.stop_checks.StopChecks` says.
     """
     size = max(1, iterate.numel() * iterate.element_size())
-    if iterate.device.type != "cpu":
-        return max(1, min(SETTLE_EVERY_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)), False
+    if on_accelerator_path(iterate):
+        return max(1, min(SETTLE_AT_MOST_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)), False
     return max(1, min(SETTLE_AT_MOST_ON_CPU, RECORD_BYTES_ON_CPU // size)), True
 
 
@@ -139,16 +143,22 @@ class Record:
     (:func:`settle_schedule`, or ``last``) and answers whether every sample is then done. The
     first few iterations of a solve on the CPU are settled one by one, as they come: most solves
     of a trained network end within them, and for so few the replay costs more than it saves.
+    With ``checks`` (the accelerator path) a settlement reads nothing; the record looks (one host
+    read) only where ``checks`` says, and not at all at the last iteration.
 
     Args:
         progress: the progress at the initial iterate (:func:`start`).
         tol: the tolerance on the residual norms.
         patience: stop a sample after this many iterations without a new lowest residual.
+        checks: where to look on the accelerator path (:class:`~irnet.stop_checks.StopChecks`).
     """
 
-    def __init__(self, progress: Progress, tol: Tolerance, patience: Optional[int] = None) -> None:
+    def __init__(self, progress: Progress, tol: Tolerance, patience: Optional[int] = None,
+                 checks: Optional["StopChecks"] = None) -> None:
         self.progress, self.tol, self.patience = progress, tol, patience
         self.every, self.quick_exit = settle_schedule(progress.best)
+        self.checks = checks  # the accelerator path's looks (None: look at every settlement)
+        self.taken = 0  # iterations added
         self._one_by_one = ONE_BY_ONE_FIRST if self.quick_exit else 0
         self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
         self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
@@ -185,10 +195,33 @@ class Record:
                 self._scratch(iterate)[row].copy_(iterate)
             self._live_row = row
         self._norms.append(norms)
+        self.taken += 1
+        if self.checks is not None:
+            return self._add_without_reads(norms, last)
         if not (last or len(self._norms) == self.every or (self.quick_exit and not self._any_above(norms))):
             return False
         self._settle()
         return not bool(self.progress.active.any())
+
+    def done_at_start(self) -> bool:
+        """Whether every sample is done at the initial iterate (on the accelerator path: only if
+        ``checks`` looks there)."""
+        if self.checks is None:
+            return not bool(self.progress.active.any())
+        excess = excess_of(self.progress.active, self.progress.best_res, self.tol)
+        self.checks.start(excess)
+        return self.checks.due(0) and self.checks.look(0, self.progress.active, excess)
+
+    def _add_without_reads(self, norms: Tensor, last: bool) -> bool:
+        if last:  # the loop ends anyway: nothing to read
+            self._settle()
+            return True
+        if self.checks.due(self.taken):
+            self._settle()
+            return self.checks.look(self.taken, self.progress.active, excess_of(self.progress.active, norms, self.tol))
+        if len(self._norms) == self.every:
+            self._settle()
+        return False
 
     def close(self) -> Progress:
         """Settle what is left, hand the scratch buffer back and return the final progress."""
@@ -215,6 +248,12 @@ class Record:
         if isinstance(self.tol, Tensor):
             return bool((norms > self.tol).any())
         return float(norms.detach().amax()) > self.tol
+
+
+def excess_of(active: Tensor, res: Tensor, tol: Tolerance) -> Tensor:
+    """The largest ``res / tol`` over the active samples, a device scalar (0 when none is active)."""
+    ratio = res / tol
+    return torch.where(active, ratio, torch.zeros_like(ratio)).amax()
 
 
 class CheckSchedule:
@@ -273,5 +312,5 @@ def give_back_scratch(buffer: Tensor) -> None:
         _SCRATCH.popitem(last=False)
 
 
-__all__ = ["CheckSchedule", "Progress", "Record", "give_back_scratch", "settle", "settle_one", "settle_schedule",
-           "start", "take_scratch"]
+__all__ = ["CheckSchedule", "Progress", "Record", "excess_of", "give_back_scratch", "settle", "settle_one",
+           "settle_schedule", "start", "take_scratch"]

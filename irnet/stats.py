@@ -143,6 +143,35 @@ def diverged_samples(converged: Tensor, iterations: Tensor, max_iter: int, last_
     return ~converged & ((iterations < max_iter) | ~(last_res < float("inf")))
 
 
+def report_failures(stats: SolverStats, what: str, solver: object, deferred: bool) -> None:
+    """:func:`warn_if_failed` now, or (``deferred``, the accelerator path) at the next
+    :func:`flush_failure_warnings`, which reads the flags of every solve since the last with one
+    host read. The module flushes once per step; at most :data:`DEFERRED_AT_MOST` solves wait."""
+    if not deferred:
+        warn_if_failed(stats, what, solver)
+        return
+    _DEFERRED.append((stats.converged.all(), stats, what, solver))
+    if len(_DEFERRED) >= DEFERRED_AT_MOST:
+        flush_failure_warnings()
+
+
+def flush_failure_warnings() -> None:
+    """Warn for the deferred solves that failed (:func:`report_failures`), with one host read."""
+    if not _DEFERRED:
+        return
+    pending = list(_DEFERRED)
+    _DEFERRED.clear()
+    flags = torch.stack([ok.to(device=pending[0][0].device) for ok, *_ in pending]).tolist()
+    for ok, (_, stats, what, solver) in zip(flags, pending):
+        if not ok:
+            warn_if_failed(stats, what, solver)
+
+
+#: deferred solves kept before a flush is forced (a user who never flushes holds this many)
+DEFERRED_AT_MOST = 1024
+_DEFERRED: list = []
+
+
 def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
     """Warn once per ``solver`` object and period when some samples did not converge.
 
@@ -166,5 +195,5 @@ def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
     )
 
 
-__all__ = ["ConvergenceWarning", "SolverStats", "preserved_stats", "reset_convergence_warnings",
-           "warn_if_failed"]
+__all__ = ["ConvergenceWarning", "SolverStats", "flush_failure_warnings", "preserved_stats", "report_failures",
+           "reset_convergence_warnings", "warn_if_failed"]

@@ -44,9 +44,13 @@ class HostReads:
     def _seen(self) -> None:
         if not self._active or self._inside:
             return
+        stack = traceback.extract_stack()[:-2]
+        # torch's optimisers keep their step counts on the host (capturable=False): free on a GPU too
+        if any("/torch/optim/" in frame.filename for frame in stack[-6:]):
+            return
         self.count += 1
         if self.with_sources:
-            for frame in reversed(traceback.extract_stack()[:-2]):
+            for frame in reversed(stack):
                 if "/torch/" not in frame.filename and "helpers_sync" not in frame.filename:
                     self.sources[f"{frame.filename.split('/')[-2]}/{frame.filename.split('/')[-1]}:"
                                  f"{frame.lineno}"] += 1

@@ -10,6 +10,7 @@ from torch import Tensor
 from irnet.arg_repr import ArgsRepr
 from irnet.per_sample import sample_norm
 from irnet.stats import SolverStats
+from irnet.stop_checks import RemembersIterations
 from irnet.validation import check_int, check_positive
 
 
@@ -24,17 +25,26 @@ class AdjointOperator:
         F: the residual function; it must act on each sample separately.
         y: the point of linearisation (the layer's output).
         theta: the implicitness θ.
+
+    Attributes:
+        owner: what makes "the same solve" from one step to the next (the block's F), by which an
+            iterative solver on the accelerator path places its first look
+            (:mod:`irnet.stop_checks`).
     """
 
+    owner: object = None
+
     def __init__(self, F: Callable[[Tensor], Tensor], y: Tensor, theta: float) -> None:
+        self.owner = F
         with torch.enable_grad():
             y_leaf = y.detach().requires_grad_()
             self._set_graph(y_leaf, F(y_leaf), theta)
 
     @classmethod
-    def from_graph(cls, y: Tensor, fy: Tensor, theta: float) -> "AdjointOperator":
+    def from_graph(cls, y: Tensor, fy: Tensor, theta: float, owner: object = None) -> "AdjointOperator":
         """The operator on an existing graph ``fy = F(y)`` (``y`` a leaf), without evaluating F again."""
         operator = cls.__new__(cls)
+        operator.owner = owner
         operator._set_graph(y, fy, theta)
         return operator
 
@@ -74,7 +84,7 @@ def graph_vjp(output: Tensor, point: Tensor, v: Tensor) -> Tensor:
     return engine.run_backward((output,), (v,), True, False, (point,), False, False)[0]
 
 
-class LinearSolver(ArgsRepr):
+class LinearSolver(ArgsRepr, RemembersIterations):
     """Base class of the adjoint solvers: solve ``A g = b`` for the operator ``A``.
 
     Args:

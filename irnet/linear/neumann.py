@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from irnet.device_path import on_accelerator_path
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
 from irnet.per_sample import sample_norm
 from irnet.linear.neumann_rows import neumann_rows
@@ -51,7 +52,7 @@ class Neumann(LinearSolver):
         rows, _ = solve_progress.settle_schedule(b)
         if self.fixed_count:
             progress, res = self._sum_fixed_count(operator, b, tol)
-        elif b.requires_grad or b.device.type != "cpu" or rows < 2:
+        elif b.requires_grad or on_accelerator_path(b) or rows < 2:
             progress, res = self._sum_term_by_term(operator, b, tol)
         else:
             progress, res = self._sum_on_cpu(operator, b, tol, rows)
@@ -93,8 +94,8 @@ class Neumann(LinearSolver):
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
-                        self.patience)  # the first product served every sample
-        if bool(record.progress.active.any()):
+                        self.patience, self.stop_checks(operator.owner, b))  # the first product served every sample
+        if not record.done_at_start():
             for k in range(1, self.max_iter):
                 slot = record.slot(g, ahead=0)  # the partial sum goes straight into the record
                 g = g + term if slot is None else torch.add(g, term, out=slot)
@@ -102,4 +103,5 @@ class Neumann(LinearSolver):
                 res = sample_norm(term)
                 if record.add(g, res, last=k + 1 == self.max_iter):
                     break
+        self.remember(operator.owner, b, record.taken)
         return record.close(), res

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from irnet.device_path import on_accelerator_path
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.validation import check_int
 
@@ -88,7 +89,7 @@ class Anderson(NonlinearSolver):
         # A singular or non-finite system falls back to the newest map value
         # (NaN fails every comparison, so ``|α| < ∞`` is the finiteness test).
         ok = (alpha.abs() < float("inf")).all(dim=1, keepdim=True)
-        if R.device.type == "cpu" and bool(ok.all()):
+        if not on_accelerator_path(R) and bool(ok.all()):
             return alpha  # reading the flag is free on the CPU; skip the fallback
         newest = torch.zeros_like(alpha)
         newest[:, -1] = 1

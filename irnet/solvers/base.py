@@ -17,6 +17,7 @@ from irnet.arg_repr import ArgsRepr
 from irnet.per_sample import sample_norm
 from irnet.progress import Record, start
 from irnet.stats import SolverStats, diverged_samples
+from irnet.stop_checks import RemembersIterations
 from irnet.validation import check_int, check_positive
 
 
@@ -31,12 +32,16 @@ class FixedPointProblem:
         c: the explicit part, fixed during the solve.
         theta: the implicitness θ.
         differentiable: build graphs through every operation (unrolled mode).
+        measure_answer: whether a fixed-count solve measures its answer's residual (one more
+            evaluation of F); ``False`` where the caller evaluates F at the answer anyway and
+            measures it there (:meth:`irnet.solvers.FixedPoint.answer_stats`).
     """
 
     F: Callable[[Tensor], Tensor]
     c: Tensor
     theta: float
     differentiable: bool = False
+    measure_answer: bool = True
 
     def map(self, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """The fixed-point map ``g(y) = c + θ F(y)`` (one fused add; into ``out`` if given)."""
@@ -92,7 +97,7 @@ class IterState(NamedTuple):
     r: Tensor
 
 
-class NonlinearSolver(ArgsRepr):
+class NonlinearSolver(ArgsRepr, RemembersIterations):
     """Base class of the forward solvers.
 
     A solver that differentiates ``½‖r‖²`` sets ``uses_autograd = True``; its
@@ -153,13 +158,16 @@ class NonlinearSolver(ArgsRepr):
         # with NaN are false, so no separate finiteness test: a non-finite sample stops.
         state = self.init(problem, y0)
         res = sample_norm(state.r)
-        record = Record(start(state.y, res, self.atol), self.atol)
-        if bool(record.progress.active.any()):
+        record = Record(start(state.y, res, self.atol), self.atol, checks=self.stop_checks(problem.F, y0))
+        # An unrolled solve's iterates carry a graph (through c) even from a constant start: no slots.
+        graph = problem.differentiable and torch.is_grad_enabled()
+        if not record.done_at_start():
             for k in range(self.max_iter):
-                state = self.step_into(problem, state, record.slot(state.y, ahead=1))
+                state = self.step_into(problem, state, None if graph else record.slot(state.y, ahead=1))
                 res = sample_norm(state.r)
                 if record.add(state.y, res, last=k + 1 == self.max_iter):
                     break
+        self.remember(problem.F, y0, record.taken)
         progress = record.close()
         converged = progress.best_res <= self.atol
         stats = SolverStats(

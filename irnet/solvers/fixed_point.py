@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from irnet import progress as solve_progress
+from irnet.device_path import on_accelerator_path
 from irnet.per_sample import sample_norm
 from irnet.progress import settle_one, start
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
@@ -58,7 +59,7 @@ class FixedPoint(NonlinearSolver):
         # iterates (irnet.solvers.picard_rows); the shared loop serves unrolled solves (each
         # iterate keeps its graph) and accelerators (whose own schedule avoids host reads).
         rows, _ = solve_progress.settle_schedule(y0)
-        if problem.differentiable or y0.requires_grad or y0.device.type != "cpu" or rows < 2:
+        if problem.differentiable or y0.requires_grad or on_accelerator_path(y0) or rows < 2:
             return super()._iterate(problem, y0)
         # The first iterations one by one, as the shared loop takes them: most solves of a trained
         # network end within them, where the rows' setup and replay would cost more than they save.
@@ -79,12 +80,17 @@ class FixedPoint(NonlinearSolver):
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, last_res)
         return progress.best, SolverStats(progress.iterations, progress.best_res.detach(), converged, diverged)
 
-    def _iterate_fixed_count(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+    def _iterate_fixed_count(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, Optional[SolverStats]]:
         y = y0
         for _ in range(self.max_iter):
             y = problem.map(y)
-        res = sample_norm(y - problem.map(y))
+        if not problem.measure_answer:  # the caller measures it (and makes the statistics)
+            return y, None
+        return y, self.answer_stats(sample_norm(y - problem.map(y)))
+
+    def answer_stats(self, res: Tensor) -> SolverStats:
+        """The statistics of a fixed-count solve whose answer has residual norms ``res``."""
         iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
         converged = res <= self.atol
         diverged = diverged_samples(converged, iterations, self.max_iter, res)  # a non-finite answer
-        return y, SolverStats(iterations, res.detach(), converged, diverged)
+        return SolverStats(iterations, res.detach(), converged, diverged)

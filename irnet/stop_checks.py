@@ -1,0 +1,121 @@
+"""When a solver loop on the accelerator path reads whether it is done.
+
+On a GPU every look at a residual waits for the device, so a loop there cannot test after every
+iteration as it does on the CPU. It runs on blindly and looks where the solve is predicted to
+end: first after as many iterations as the same solve (the same block) needed last time — between
+two optimiser steps that count rarely changes — then, if some sample is still active, where its
+residual, falling at the rate seen so far, is predicted to meet its tolerance
+(:class:`~irnet.progress.CheckSchedule`). A solve whose need did not change reads once and takes
+exactly the iterations the CPU path takes; one that needs more reads twice or so.
+
+:class:`IterationMemory` keeps the counts, per solver object and key (the block's F).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Optional
+
+import torch
+from torch import Tensor
+
+from irnet.device_path import on_accelerator_path
+from irnet.progress import CheckSchedule
+
+#: where a solve without a remembered count first looks
+FIRST_LOOK = 1
+#: the most keys an IterationMemory keeps (least recently used are forgotten)
+REMEMBERED_AT_MOST = 4096
+
+
+class IterationMemory:
+    """The iterations each solve needed last time, by key (least recently used are forgotten)."""
+
+    def __init__(self) -> None:
+        self._needed: "OrderedDict[Hashable, int]" = OrderedDict()
+
+    def expected(self, key: Hashable) -> int:
+        """Where to look first: last time's count, or :data:`FIRST_LOOK` for a new key."""
+        return self._needed.get(key, FIRST_LOOK)
+
+    def remember(self, key: Hashable, taken: int) -> None:
+        self._needed[key] = taken
+        self._needed.move_to_end(key)
+        while len(self._needed) > REMEMBERED_AT_MOST:
+            self._needed.popitem(last=False)
+
+
+class StopChecks:
+    """The looks of one solve on the accelerator path.
+
+    Each look is one host read: whether any sample is still active, and the largest ratio of an
+    active sample's residual to its tolerance (its excess), read together (with the excess at
+    the start, at the first look, to measure the rate).
+
+    Args:
+        first: the iteration count of the first look (0: at the initial iterate).
+    """
+
+    def __init__(self, first: int) -> None:
+        self._schedule = CheckSchedule(first=max(0, first))
+        self._start: Optional[Tensor] = None
+        self.looks = 0
+
+    def start(self, excess: Tensor) -> None:
+        """The excess at the initial iterate (a device scalar, read at the first look)."""
+        self._start = excess
+
+    def due(self, taken: int) -> bool:
+        """Whether to look after ``taken`` iterations."""
+        return self._schedule.due(taken)
+
+    def look(self, taken: int, active: Tensor, excess: Tensor) -> bool:
+        """Read whether every sample is done (one host read); plan the next look if not."""
+        values = [active.any().to(excess.dtype), excess.reshape(())]
+        if self._start is not None and taken > 0:
+            values.append(self._start.reshape(()))
+        read = torch.stack(values).tolist()
+        self.looks += 1
+        if len(read) == 3:  # the start as the first point of the rate
+            self._schedule.seen(0, read[2])
+            self._start = None
+        if not read[0]:
+            return True
+        self._schedule.seen(taken, read[1])
+        return False
+
+
+def solve_key(owner: object, like: Tensor) -> tuple:
+    """What makes "the same solve" from one step to the next: its block (F) and the state's shape."""
+    return id(owner), tuple(like.shape)
+
+
+class RemembersIterations:
+    """Mixin of the solvers: the accelerator path's looks, placed by the counts of the last solves.
+
+    ``owner`` names the solve's block (its F); the key adds the state's shape, so a block's main
+    pass and its perturbed passes of another batch size are remembered apart.
+    """
+
+    @property
+    def iteration_memory(self) -> IterationMemory:
+        """The iterations each of this solver's solves needed last time."""
+        memory = self.__dict__.get("_iteration_memory")
+        if memory is None:
+            memory = self.__dict__["_iteration_memory"] = IterationMemory()
+        return memory
+
+    def stop_checks(self, owner: object, like: Tensor) -> Optional[StopChecks]:
+        """The looks of a solve on the accelerator path (``None`` on the CPU path)."""
+        if not on_accelerator_path(like):
+            return None
+        return StopChecks(self.iteration_memory.expected(solve_key(owner, like)))
+
+    def remember(self, owner: object, like: Tensor, taken: int) -> None:
+        """A solve took ``taken`` iterations: the next one of the same key looks there first."""
+        if on_accelerator_path(like):
+            self.iteration_memory.remember(solve_key(owner, like), taken)
+
+
+__all__ = ["FIRST_LOOK", "IterationMemory", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",
+           "solve_key"]
