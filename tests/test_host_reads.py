@@ -1,0 +1,182 @@
+"""The accelerator path, run and counted on the CPU: host reads per training step, F evaluations
+per block, and the same training as the CPU path.
+
+On a GPU every host read waits for the device. ``forced_path("accelerator")`` (what
+``IRNET_DEVICE_PATH=accelerator`` does) runs the accelerator path here, and
+:class:`helpers_sync.HostReads` counts, during one training step of each shipped config (its own
+callbacks included), every call that would be a host read there. The budget (issue 23): at most one
+read per solve (forward or adjoint) plus 10 for the rest of the step; with fixed-count solves at
+most 10, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from helpers_sync import HostReads
+from irnet import ImplicitResidualBlock
+from irnet.device_path import forced_path
+from irnet.linear import LinearSolver, Neumann
+from irnet.solvers import Anderson, FixedPoint, NonlinearSolver
+from problems import mlp
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OTHER_READS = 10  # per step: the loss and finiteness checks, logging, metrics
+FIXED_COUNT = ["--model.net.init_args.solver", "irnet.solvers.FixedPoint",
+               "--model.net.init_args.solver.init_args.fixed_count", "true",
+               "--model.net.init_args.solver.init_args.max_iter", "4"]
+
+
+class _CountOneStep(pl.Callback):
+    """Counts host reads from the start to the end of training step ``step``."""
+
+    def __init__(self, reads: HostReads, step: int) -> None:
+        self.reads, self.step = reads, step
+        self._counting = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self._counting = self.reads.counting()
+            self._counting.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._counting is not None:
+            self._counting.__exit__(None, None, None)
+            self._counting = None
+
+
+class _SolveCounter:
+    """Counts the solves (outermost ``solve`` calls of any solver) made while ``reads`` counts."""
+
+    def __init__(self, reads: HostReads, monkeypatch) -> None:
+        self.reads, self.count, self._depth = reads, 0, 0
+        for base in (NonlinearSolver, LinearSolver):
+            for cls in (base, *_subclasses(base)):
+                if "solve" in vars(cls):
+                    monkeypatch.setattr(cls, "solve", self._wrap(vars(cls)["solve"]))
+
+    def _wrap(self, original):
+        def solve(solver, *args, **kwargs):
+            if self._depth == 0 and self.reads._active:
+                self.count += 1
+            self._depth += 1
+            try:
+                return original(solver, *args, **kwargs)
+            finally:
+                self._depth -= 1
+        return solve
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def count_step(config: str, extra: list[str], tmp_path: Path, monkeypatch) -> tuple[HostReads, int]:
+    """Host reads and solves of training step 2 of ``config`` on the accelerator path."""
+    from irnet.cli import main as cli_main
+
+    reads = HostReads()
+    solves = _SolveCounter(reads, monkeypatch)
+    with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
+        cli = cli_main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
+                        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+                        "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
+                        *extra], run=False)
+        cli.trainer.callbacks.append(_CountOneStep(reads, step=2))
+        with forced_path("accelerator"), reads.patched():
+            cli.trainer.fit(cli.model, cli.datamodule)
+    return reads, solves.count
+
+
+@pytest.mark.parametrize("config", ["ex1_sine", "ex1_sine_100", "ex2_spirals", "digits"])
+def test_a_training_step_reads_at_most_once_per_solve(config, tmp_path, monkeypatch):
+    reads, solves = count_step(config, [], tmp_path, monkeypatch)
+    print(f"{config}: {solves} solves, {reads.report()}")
+    assert solves > 0
+    assert reads.count <= solves + OTHER_READS, reads.report()
+
+
+def test_fixed_count_solves_read_nothing_whatever_the_depth(tmp_path, monkeypatch):
+    reads, solves = count_step("ex2_spirals", FIXED_COUNT, tmp_path, monkeypatch)
+    print(f"ex2_spirals, fixed count: {solves} solves, {reads.report()}")
+    assert solves >= 200  # 100 layers, the main pass and R_rnd's perturbed pass
+    assert reads.count <= OTHER_READS, reads.report()
+
+
+class _CountedF(nn.Module):
+    """Wraps F and counts its evaluations."""
+
+    def __init__(self, F: nn.Module) -> None:
+        super().__init__()
+        self.F, self.calls = F, 0
+
+    def forward(self, y):
+        self.calls += 1
+        return self.F(y)
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_a_fixed_count_block_evaluates_F_k_plus_2_times(path, theta):
+    # F(x) (not needed at θ = 1), one per iteration, and F(y*) with its graph, which also measures
+    # the answer's residual: no evaluation of F(y*) without a graph before it.
+    k = 6
+    F = _CountedF(mlp(n=3, width=8, lipschitz=0.5))
+    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-4, max_iter=k, fixed_count=True), Neumann())
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    with forced_path(path):
+        block(x)  # the first call checks F's output shape once
+        F.calls = 0
+        block(x).square().sum().backward()
+    assert F.calls == k + (2 if theta < 1 else 1)
+    want = (block.forward_stats.residual, block.forward_stats.converged)
+    with torch.no_grad():  # without a graph the solve measures its answer itself: the same statistics
+        y = block(x)
+    torch.testing.assert_close(block.forward_stats.residual, want[0], rtol=1e-12, atol=1e-15)
+    assert torch.equal(block.forward_stats.converged, want[1])
+    r = y - x - (1 - theta) * F.F(x) - theta * F.F(y)
+    torch.testing.assert_close(want[0], r.norm(dim=1), rtol=1e-10, atol=1e-15)
+
+
+def _train(path: str, steps: int = 6) -> tuple[list[float], list[torch.Tensor]]:
+    from irnet.module import ImplicitNetModule
+    from irnet.nets import ODENet
+
+    torch.manual_seed(0)
+    net = ODENet(2, 2, layers=3, T=3.0, width=16, theta=0.5, readout="linear", warm_start=True,
+                 contraction=0.9, init="bounded", solver=Anderson(atol=1e-9, max_iter=60, history=3),
+                 linear_solver=Neumann(rtol=1e-9, max_iter=200)).double()
+    module = ImplicitNetModule(net, loss="cross_entropy", lr=1e-2)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    x = torch.randn(32, 2, dtype=torch.float64)
+    target = (x[:, 0] * x[:, 1] > 0).long()
+    losses = []
+    with forced_path(path):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = module.compute_loss(module(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses, [p.detach().clone() for p in module.parameters()]
+
+
+def test_training_on_the_accelerator_path_matches_the_cpu_path():
+    # The same per-sample answers by construction (frozen at the first iterate within tolerance),
+    # whatever the path's schedule of looks; only round-off of the replayed bookkeeping may differ.
+    cpu_losses, cpu_params = _train("cpu")
+    accelerator_losses, accelerator_params = _train("accelerator")
+    assert cpu_losses == pytest.approx(accelerator_losses, rel=1e-12, abs=1e-14)
+    for a, b in zip(cpu_params, accelerator_params):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
