@@ -159,6 +159,7 @@ class Record:
         self.every, self.quick_exit = settle_schedule(progress.best)
         self.checks = checks  # the accelerator path's looks (None: look at every settlement)
         self.taken = 0  # iterations added
+        self._counted_before = progress.iterations  # what the counts held before the first iteration
         self._one_by_one = ONE_BY_ONE_FIRST if self.quick_exit else 0
         self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
         self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
@@ -210,7 +211,7 @@ class Record:
             return not bool(self.progress.active.any())
         excess = excess_of(self.progress.active, self.progress.best_res, self.tol)
         self.checks.start(excess)
-        return self.checks.due(0) and self.checks.look(0, self.progress.active, excess)
+        return self.checks.due(0) and self._look(excess)
 
     def _add_without_reads(self, norms: Tensor, last: bool) -> bool:
         if last:  # the loop ends anyway: nothing to read
@@ -218,10 +219,14 @@ class Record:
             return True
         if self.checks.due(self.taken):
             self._settle()
-            return self.checks.look(self.taken, self.progress.active, excess_of(self.progress.active, norms, self.tol))
+            return self._look(excess_of(self.progress.active, norms, self.tol))
         if len(self._norms) == self.every:
             self._settle()
         return False
+
+    def _look(self, excess: Tensor) -> bool:
+        needed = (self.progress.iterations - self._counted_before).amax()
+        return self.checks.look(self.taken, self.progress.active, excess, needed)
 
     def close(self) -> Progress:
         """Settle what is left, hand the scratch buffer back and return the final progress."""

@@ -60,6 +60,7 @@ class StopChecks:
         self._schedule = CheckSchedule(first=max(0, first))
         self._start: Optional[Tensor] = None
         self.looks = 0
+        self.needed: Optional[int] = None  # known once a look found every sample done
 
     def start(self, excess: Tensor) -> None:
         """The excess at the initial iterate (a device scalar, read at the first look)."""
@@ -69,17 +70,24 @@ class StopChecks:
         """Whether to look after ``taken`` iterations."""
         return self._schedule.due(taken)
 
-    def look(self, taken: int, active: Tensor, excess: Tensor) -> bool:
-        """Read whether every sample is done (one host read); plan the next look if not."""
-        values = [active.any().to(excess.dtype), excess.reshape(())]
+    def look(self, taken: int, active: Tensor, excess: Tensor, needed: Optional[Tensor] = None) -> bool:
+        """Read whether every sample is done (one host read); plan the next look if not.
+
+        ``needed`` is the most iterations any sample has needed so far (a device scalar, optional):
+        once every sample is done, it is where the next solve of the same key should look first
+        (:attr:`needed`), read in the same host read.
+        """
+        needed = excess.new_full((), -1) if needed is None else needed
+        values = [active.any().to(excess.dtype), excess.reshape(()), needed.reshape(()).to(excess.dtype)]
         if self._start is not None and taken > 0:
             values.append(self._start.reshape(()))
         read = torch.stack(values).tolist()
         self.looks += 1
-        if len(read) == 3:  # the start as the first point of the rate
-            self._schedule.seen(0, read[2])
+        if len(read) == 4:  # the start as the first point of the rate
+            self._schedule.seen(0, read[3])
             self._start = None
         if not read[0]:
+            self.needed = int(read[2]) if read[2] >= 0 else None
             return True
         self._schedule.seen(taken, read[1])
         return False
@@ -111,10 +119,13 @@ class RemembersIterations:
             return None
         return StopChecks(self.iteration_memory.expected(solve_key(owner, like)))
 
-    def remember(self, owner: object, like: Tensor, taken: int) -> None:
-        """A solve took ``taken`` iterations: the next one of the same key looks there first."""
-        if on_accelerator_path(like):
-            self.iteration_memory.remember(solve_key(owner, like), taken)
+    def remember(self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None) -> None:
+        """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
+        looks first where this one's last sample was done (``checks.needed``), else at ``taken``."""
+        if not on_accelerator_path(like):
+            return
+        needed = None if checks is None else checks.needed
+        self.iteration_memory.remember(solve_key(owner, like), taken if needed is None else needed)
 
 
 __all__ = ["FIRST_LOOK", "IterationMemory", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",

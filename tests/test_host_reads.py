@@ -149,7 +149,7 @@ def test_a_fixed_count_block_evaluates_F_k_plus_2_times(path, theta):
     torch.testing.assert_close(want[0], r.norm(dim=1), rtol=1e-10, atol=1e-15)
 
 
-def _train(path: str, steps: int = 6) -> tuple[list[float], list[torch.Tensor]]:
+def _train(path: str, steps: int = 6) -> tuple[list[float], list[torch.Tensor], list[int]]:
     from irnet.module import ImplicitNetModule
     from irnet.nets import ODENet
 
@@ -161,22 +161,32 @@ def _train(path: str, steps: int = 6) -> tuple[list[float], list[torch.Tensor]]:
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
     x = torch.randn(32, 2, dtype=torch.float64)
     target = (x[:, 0] * x[:, 1] > 0).long()
-    losses = []
+    calls = [0]
+    for block in net.blocks:
+        block.F.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    losses, evaluations = [], []
     with forced_path(path):
         for _ in range(steps):
+            calls[0] = 0
             optimizer.zero_grad()
             loss = module.compute_loss(module(x), target)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    return losses, [p.detach().clone() for p in module.parameters()]
+            evaluations.append(calls[0])
+    return losses, [p.detach().clone() for p in module.parameters()], evaluations
 
 
 def test_training_on_the_accelerator_path_matches_the_cpu_path():
     # The same per-sample answers by construction (frozen at the first iterate within tolerance),
     # whatever the path's schedule of looks; only round-off of the replayed bookkeeping may differ.
-    cpu_losses, cpu_params = _train("cpu")
-    accelerator_losses, accelerator_params = _train("accelerator")
+    cpu_losses, cpu_params, cpu_evaluations = _train("cpu")
+    accelerator_losses, accelerator_params, accelerator_evaluations = _train("accelerator")
     assert cpu_losses == pytest.approx(accelerator_losses, rel=1e-12, abs=1e-14)
     for a, b in zip(cpu_params, accelerator_params):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # No overshoot: once each block remembers its last count, a step's solves take at most one
+    # evaluation of F more than the CPU path's, each (3 forward solves a step here).
+    print("F evaluations per step, CPU path:", cpu_evaluations, "accelerator path:", accelerator_evaluations)
+    for cpu, accelerator in zip(cpu_evaluations[1:], accelerator_evaluations[1:]):
+        assert cpu <= accelerator <= cpu + 3

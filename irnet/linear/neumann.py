@@ -93,8 +93,9 @@ class Neumann(LinearSolver):
         # each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
+        checks = self.stop_checks(operator.owner, b)
         record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
-                        self.patience, self.stop_checks(operator.owner, b))  # the first product served every sample
+                        self.patience, checks)  # the first product served every sample
         if not record.done_at_start():
             for k in range(1, self.max_iter):
                 slot = record.slot(g, ahead=0)  # the partial sum goes straight into the record
@@ -103,5 +104,5 @@ class Neumann(LinearSolver):
                 res = sample_norm(term)
                 if record.add(g, res, last=k + 1 == self.max_iter):
                     break
-        self.remember(operator.owner, b, record.taken)
+        self.remember(operator.owner, b, record.taken, checks)
         return record.close(), res

@@ -158,7 +158,8 @@ class NonlinearSolver(ArgsRepr, RemembersIterations):
         # with NaN are false, so no separate finiteness test: a non-finite sample stops.
         state = self.init(problem, y0)
         res = sample_norm(state.r)
-        record = Record(start(state.y, res, self.atol), self.atol, checks=self.stop_checks(problem.F, y0))
+        checks = self.stop_checks(problem.F, y0)
+        record = Record(start(state.y, res, self.atol), self.atol, checks=checks)
         # An unrolled solve's iterates carry a graph (through c) even from a constant start: no slots.
         graph = problem.differentiable and torch.is_grad_enabled()
         if not record.done_at_start():
@@ -167,7 +168,7 @@ class NonlinearSolver(ArgsRepr, RemembersIterations):
                 res = sample_norm(state.r)
                 if record.add(state.y, res, last=k + 1 == self.max_iter):
                     break
-        self.remember(problem.F, y0, record.taken)
+        self.remember(problem.F, y0, record.taken, checks)
         progress = record.close()
         converged = progress.best_res <= self.atol
         stats = SolverStats(
