@@ -12,6 +12,7 @@ from torch import nn
 
 import irnet.progress as progress_module
 from irnet import ImplicitResidualBlock
+from irnet.device_path import forced_path
 from irnet.linear import Neumann
 from irnet.linear.base import AdjointOperator
 from irnet.progress import Progress, settle, start
@@ -130,9 +131,13 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
 def test_the_record_stays_within_its_memory_budget(monkeypatch):
     from irnet.progress import _SCRATCH, settle_schedule
 
-    assert settle_schedule(torch.empty(51, 4)) == (32, True)  # small states: a replay every 32 at most
-    assert settle_schedule(torch.empty(2**21)) == (2, True)  # 8 MiB iterates: 16 MiB of them at once
-    assert settle_schedule(torch.empty(2**25)) == (1, True)  # larger: one at a time
+    with forced_path("cpu"):
+        assert settle_schedule(torch.empty(51, 4)) == (32, True)  # small states: a replay every 32 at most
+        assert settle_schedule(torch.empty(2**21)) == (2, True)  # 8 MiB iterates: 16 MiB of them at once
+        assert settle_schedule(torch.empty(2**25)) == (1, True)  # larger: one at a time
+    with forced_path("accelerator"):  # no quick test (a host read); 256 MiB of iterates at most
+        assert settle_schedule(torch.empty(51, 4)) == (32, False)
+        assert settle_schedule(torch.empty(2**25)) == (2, False)
     # a scratch buffer over SCRATCH_KEPT_BYTES is freed after its solve; smaller ones are kept
     _SCRATCH.clear()
     monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 1024)
