@@ -16,15 +16,30 @@ convolution the largest singular value of its circular extension over all
 frequencies of the FFT grid (an upper bound of the padded operator's norm).
 A relative margin :data:`MARGIN` below ``L`` absorbs the rounding of those
 norms. The raw parameters keep their names, so checkpoints are unchanged.
+
+σ stays a tensor on the weights' device. On the CPU path
+(:func:`irnet.device_path.on_accelerator_path`) the bound is compared on the
+host once per weight change (free there), and weights below it are used
+untouched; on the accelerator path nothing is read: the factor is the tensor
+``min(1, L / (h · a · ‖A2‖ ‖A1‖))^(1/n)``, applied always, with derivative 0
+where the bound is not reached. σ and dσ/dW are computed outside inference
+mode and cached by the weights' version, so Lightning's validation passes reuse
+the training step's SVDs; the caches are dropped when the module moves
+(``_apply``). Non-finite weight entries are read as 0 by the SVD (which would
+raise on them): the NaN then reaches F's output, where irnet's failure report
+names the parameter.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from irnet.device_path import on_accelerator_path
 
 #: relative margin kept below the bound, for rounding in the computed norms
 MARGIN = 1e-4
@@ -47,8 +62,17 @@ def matrix_norm(weight: Tensor) -> tuple[Tensor, Tensor]:
         ``(σ, M)`` with ``σ = ⟨weight, M⟩``; computed without autograd.
     """
     with torch.no_grad():
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(finite(weight), full_matrices=False)
         return S[0], torch.outer(U[:, 0], Vh[0])
+
+
+def finite(weight: Tensor) -> Tensor:
+    """``weight`` with its NaN and ±Inf entries set to 0, on its device (no host read).
+
+    ``torch.linalg.svd`` raises on non-finite input; the norms are taken of this
+    instead, and the non-finite weight itself reaches F's output.
+    """
+    return torch.where(torch.isfinite(weight), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
 def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -74,15 +98,18 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         k = weight.shape[-1]
         grid = size + k // 2
-        transfer = torch.fft.rfft2(weight, s=(grid, grid)).permute(2, 3, 0, 1)  # (N, N//2+1, out, in)
+        transfer = torch.fft.rfft2(finite(weight), s=(grid, grid)).permute(2, 3, 0, 1)  # (N, N//2+1, out, in)
         U, S, Vh = torch.linalg.svd(transfer, full_matrices=False)
-        top = S[..., 0]
-        p, q = divmod(int(top.argmax()), top.shape[1])
-        u, v = U[p, q, :, 0], Vh[p, q, 0, :].conj()
+        top = S[..., 0].flatten()
+        # The maximising frequency stays a tensor (an index on the device, not a host read).
+        best = top.argmax().reshape(1)
+        p, q = best // S.shape[1], best % S.shape[1]
+        u = U.flatten(0, 1).index_select(0, best)[0, :, 0]
+        v = Vh.flatten(0, 1).index_select(0, best)[0, 0, :].conj()
         taps = torch.arange(k, device=weight.device, dtype=weight.dtype)
         phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)
         M = (u.conj()[:, None, None, None] * v[None, :, None, None] * phase).real
-        return top[p, q], M.to(weight.dtype)
+        return top.index_select(0, best)[0], M.to(weight.dtype)
 
 
 class _Rescale(torch.autograd.Function):
@@ -90,12 +117,16 @@ class _Rescale(torch.autograd.Function):
 
     ``σ_i`` enter as values with derivatives ``M_i = dσ_i/dW_i``, so
     ``df/dW_i = −(f / n) M_i / σ_i`` and, for output gradients ``g_j``,
-    ``dL/dW_i = f g_i − (f / n) (Σ_j ⟨g_j, W_j⟩) M_i / σ_i``.
+    ``dL/dW_i = f g_i − (f / n) (Σ_j ⟨g_j, W_j⟩) M_i / σ_i``. With ``active``
+    (a bool tensor: the accelerator path, which does not read whether the
+    bound is reached) ``f`` is 1 where it is not, and the gradient there is
+    ``g_i`` exactly, as for weights used untouched.
     """
 
     @staticmethod
-    def forward(ctx, factor: float, norms: Sequence[tuple[float, Tensor]], *weights: Tensor):
-        ctx.factor = factor
+    def forward(ctx, factor: Union[float, Tensor], active: Optional[Tensor],
+                norms: Sequence[tuple[Tensor, Tensor]], *weights: Tensor):
+        ctx.factor, ctx.active = factor, active
         ctx.sigmas = [sigma for sigma, _ in norms]
         ctx.save_for_backward(*(M for _, M in norms), *weights)
         return tuple(w * factor for w in weights)
@@ -110,8 +141,11 @@ class _Rescale(torch.autograd.Function):
         out = []
         for g, M, sigma in zip(grads, Ms, ctx.sigmas):
             d = -(f / n) * dot * M / sigma
-            out.append(d if g is None else f * g + d)
-        return (None, None, *out)
+            full = d if g is None else f * g + d
+            if ctx.active is not None:
+                full = torch.where(ctx.active, full, torch.zeros_like(full) if g is None else g)
+            out.append(full)
+        return (None, None, None, *out)
 
 
 class LipschitzConstraint(nn.Module):
@@ -119,12 +153,15 @@ class LipschitzConstraint(nn.Module):
 
     It holds no parameters or buffers. Each weight's norm σ and its derivative
     ``M = dσ/dW`` come from an exact SVD, cached until the weight changes (new
-    tensor, storage, dtype or in-place version: once per optimiser step); in
+    tensor, storage, dtype or in-place version: once per optimiser step,
+    whether the next pass trains or validates under inference mode); in
     grad mode the rescaling is one autograd node (:class:`_Rescale`) whose
     backward uses ``dσ/dW = M`` — the derivative of ``σ = uᵀWv`` that
     ``torch.nn.utils.parametrizations.spectral_norm`` uses, with exact singular
-    vectors. Where the bound is not reached the weights are returned untouched
-    (the factor is 1 with derivative 0 there).
+    vectors. Where the bound is not reached the factor is 1 with derivative 0:
+    on the CPU path the weights are then returned untouched (one host read per
+    weight change decides), on the accelerator path multiplied by the tensor
+    factor (no host read).
 
     Args:
         bound: the largest allowed ``Lip(F)``.
@@ -141,12 +178,20 @@ class LipschitzConstraint(nn.Module):
         self.bound = float(bound)
         self.scale = float(scale)
         self.norm = norm
-        self._norms: dict[int, tuple[tuple, float, Tensor]] = {}
+        self._forget()
+
+    def _forget(self) -> None:
+        self._norms: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # weight index → (key, σ, dσ/dW)
+        self._factor: Optional[tuple[tuple, Union[float, Tensor], Optional[Tensor]]] = None
         self._scaled: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
 
+    def _apply(self, fn, recurse: bool = True):
+        self._forget()  # cached on the old device and dtype: recomputed on the new ones when needed
+        return super()._apply(fn, recurse)
+
     def lipschitz(self, *weights: Tensor) -> float:
-        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights."""
-        return self.scale * math.prod(self._norm(i, w)[0] for i, w in enumerate(weights))
+        """The bound ``scale · Π ‖W‖`` on Lip(F) for these (unconstrained) weights (a host read)."""
+        return self.scale * math.prod(float(self._norm(i, w)[0]) for i, w in enumerate(weights))
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
@@ -154,46 +199,76 @@ class LipschitzConstraint(nn.Module):
         key = self._key(weights)
         if not grad and self._scaled is not None and self._same(self._scaled[0], key):
             return self._scaled[1]
-        norms = [self._norm(i, w) for i, w in enumerate(weights)]
-        lip = self.scale * math.prod(sigma for sigma, _ in norms)
-        target = self.bound * (1 - MARGIN)
-        if lip <= target:
+        factor, active = self._rescaling(key, weights)
+        if factor is None:  # CPU path, bound not reached
             out = tuple(weights)
         elif grad:
-            out = _Rescale.apply((target / lip) ** (1.0 / len(weights)), norms, *weights)
+            norms = [self._norm(i, w) for i, w in enumerate(weights)]
+            return _Rescale.apply(factor, active, norms, *weights)
         else:
-            factor = (target / lip) ** (1.0 / len(weights))
-            out = tuple(w * factor for w in weights)
+            with _outside_inference():
+                out = tuple(w * factor for w in weights)
         if not grad and not torch.compiler.is_compiling():
             self._scaled = (key, out)
         return out
 
-    def _norm(self, index: int, w: Tensor) -> tuple[float, Tensor]:
-        """σ (a float: one host read per weight change) and dσ/dW of weight ``index``."""
+    def _rescaling(self, key: tuple, weights: Sequence[Tensor]) -> tuple[Union[None, float, Tensor], Optional[Tensor]]:
+        """The factor and, on the accelerator path, whether the bound is reached (a bool tensor).
+
+        On the CPU path the factor is a float computed on the host as ever, or
+        ``None`` where the bound is not reached (the weights are used as they are).
+        """
+        if self._factor is not None and self._same(self._factor[0], key):
+            return self._factor[1], self._factor[2]
+        sigmas = [self._norm(i, w)[0] for i, w in enumerate(weights)]
+        target = self.bound * (1 - MARGIN)
+        n = len(weights)
+        if on_accelerator_path(weights[0]):
+            with _outside_inference():
+                lip = self.scale * torch.stack(sigmas).prod()
+                factor, active = (target / lip).clamp(max=1.0) ** (1.0 / n), lip > target
+        else:
+            lip = self.scale * math.prod(float(s) for s in sigmas)
+            factor, active = (None if lip <= target else (target / lip) ** (1.0 / n)), None
+        if not torch.compiler.is_compiling():
+            self._factor = (key, factor, active)
+        return factor, active
+
+    def _norm(self, index: int, w: Tensor) -> tuple[Tensor, Tensor]:
+        """σ (a 0-dim tensor on ``w``'s device) and dσ/dW of weight ``index``, once per weight change."""
         key = self._key((w,))
         cached = self._norms.get(index)
         if cached is not None and self._same(cached[0], key):
             return cached[1], cached[2]
-        sigma, M = self.norm(w.detach())
-        sigma = float(sigma)
+        # Outside inference mode, so that a norm first needed by a validation pass can
+        # still be saved for backward by the next training step.
+        with _outside_inference():
+            sigma, M = self.norm(w.detach())
         if not torch.compiler.is_compiling():
             self._norms[index] = (key, sigma, M)
         return sigma, M
 
     @staticmethod
     def _key(weights: Sequence[Tensor]) -> tuple:
-        return (torch.is_inference_mode_enabled(),) + tuple(
-            (w, w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
+        return tuple((w, w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
 
     @staticmethod
     def _same(old: tuple, new: tuple) -> bool:
-        if old[0] != new[0] or len(old) != len(new):
-            return False
-        return all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old[1:], new[1:]))
+        return len(old) == len(new) and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old, new))
 
     def extra_repr(self) -> str:
         return f"bound={self.bound:.6g}"
 
 
-__all__ = ["ACTIVATION_LIPSCHITZ", "LipschitzConstraint", "MARGIN", "conv_norm", "gelu_lipschitz",
+@contextmanager
+def _outside_inference() -> Iterator[None]:
+    """Leave inference mode, grad off: tensors made inside it could not be saved for backward later."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) alone turns grad on
+        yield
+
+
+__all__ = ["ACTIVATION_LIPSCHITZ", "LipschitzConstraint", "MARGIN", "conv_norm", "finite", "gelu_lipschitz",
            "matrix_norm"]

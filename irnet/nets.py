@@ -270,10 +270,13 @@ class ImplicitODENet(nn.Module):
         perturbed copies, a monitor's probes): they would only fill the cache.
         """
         cache, self.warm_start_cache = self.warm_start_cache, None
+        before = getattr(self, "_paused_cache", None)
+        if cache is not None:
+            self._paused_cache = cache  # still moved by ``_apply`` meanwhile
         try:
             yield
         finally:
-            self.warm_start_cache = cache
+            self.warm_start_cache, self._paused_cache = cache, before
 
     def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward,
                      warm_start: bool = False, warm_start_capacity: int = 8192,
@@ -298,7 +301,20 @@ class ImplicitODENet(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         if self.warm_start_cache is not None and state.get("warm_start") is not None:
-            self.warm_start_cache.load_state_dict(state["warm_start"])
+            # On the parameters' device and dtype: a checkpoint's rows are on the CPU, and
+            # the network may already be where it trains (or be moved there afterwards).
+            like = next((p for p in self.parameters() if p.is_floating_point()), None)
+            device, dtype = (None, None) if like is None else (like.device, like.dtype)
+            self.warm_start_cache.load_state_dict(state["warm_start"], device, dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # The warm-start cache is a plain object, not a buffer (its rows are per rank and
+        # not in the state dict's tensors): it follows the network's device and dtype here.
+        super()._apply(fn, recurse)
+        for cache in (self.warm_start_cache, getattr(self, "_paused_cache", None)):
+            if cache is not None:
+                cache.apply(fn)
+        return self
 
 
 class ODENet(ImplicitODENet):

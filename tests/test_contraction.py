@@ -14,13 +14,19 @@ import sys
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from helpers_sync import HostReads
 from helpers_training import CONFIGS, QUIET, scalars, tiny_net_overrides
 from irnet.cli import main
 from irnet.contraction import MARGIN, conv_norm, gelu_lipschitz
+from irnet.datamodules import SineRegression
+from irnet.device_path import forced_path
+from irnet.failure import TrainingFailure
 from irnet.linear import Neumann
+from irnet.module import ImplicitNetModule
 from irnet.nets import ConvODENet, ConvResidual, MLPResidual, ODENet
 from irnet.solvers import FixedPoint
 
@@ -297,3 +303,134 @@ def test_training_resumed_from_a_state_dict_matches_bit_for_bit():
     assert any(b.F.constraint.lipschitz(b.F.gamma1, b.F.gamma2) > 0.7 / b.theta for b in whole.blocks)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# -- the accelerator path: σ stays on the device, no host read, same gradients ---------------------
+
+
+def reference_constrained(F: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """F(y) with the rescaling written in plain autograd: σ by differentiable SVDs, factor min(1, ·)^½."""
+    if isinstance(F, MLPResidual):
+        w1, w2 = F.gamma1, F.gamma2
+        sigmas = [torch.linalg.matrix_norm(w, ord=2) for w in (w1, w2)]
+    else:
+        w1, w2 = F.conv1.weight, F.conv2.weight
+        grid = F.image_size + w1.shape[-1] // 2
+        sigmas = [torch.linalg.svdvals(torch.fft.rfft2(w, s=(grid, grid)).permute(2, 3, 0, 1)).max()
+                  for w in (w1, w2)]
+    lip = F.constraint.scale * sigmas[0] * sigmas[1]
+    factor = torch.clamp(F.constraint.bound * (1 - MARGIN) / lip, max=1.0) ** 0.5
+    w1, w2 = w1 * factor, w2 * factor
+    if isinstance(F, MLPResidual):
+        return F.step * nn.functional.linear(F.activation(nn.functional.linear(y, w1, F.bias)), w2)
+    hidden = F.activation(nn.functional.conv2d(y, w1, F.conv1.bias, padding=F.conv1.padding))
+    return F.step * nn.functional.conv2d(hidden, w2, F.conv2.bias, padding=F.conv2.padding)
+
+
+def constrained_pair(active: bool) -> list[tuple[nn.Module, torch.Tensor]]:
+    """A constrained MLP and conv residual (float64) whose bound is reached (``active``) or not."""
+    torch.manual_seed(6)
+    F = MLPResidual(3, 7, step=0.7, activation="tanh", lipschitz=0.4 if active else 40.0).double()
+    C = ConvResidual(2, 3, step=0.5, activation="tanh", lipschitz=0.3 if active else 30.0, image_size=4).double()
+    with torch.no_grad():
+        F.bias.normal_()
+        C.conv1.bias.normal_()
+    return [(F, torch.randn(5, 3, dtype=torch.float64)), (C, torch.randn(2, 2, 4, 4, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["bound reached", "bound not reached"])
+def test_gradients_are_those_of_the_rescaled_f_on_both_paths(active):
+    for F, y in constrained_pair(active):
+        weights = (F.gamma1, F.gamma2) if isinstance(F, MLPResidual) else (F.conv1.weight, F.conv2.weight)
+        assert (F.constraint.lipschitz(*weights) > F.constraint.bound) == active
+        v = torch.randn_like(F(y))
+        params = list(F.parameters())
+        want = torch.autograd.grad((reference_constrained(F, y) * v).sum(), params)
+        got = {}
+        for path in ("cpu", "accelerator"):
+            F.constraint._forget()
+            with forced_path(path):
+                got[path] = torch.autograd.grad((F(y) * v).sum(), params)
+            for g, w in zip(got[path], want):
+                assert torch.allclose(g, w, rtol=1e-10, atol=1e-13), (path, type(F).__name__)
+        for a, b in zip(got["cpu"], got["accelerator"]):
+            if active:
+                assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+            else:  # factor exactly 1 with derivative 0: the gradient of the weights used untouched
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+def test_gradients_match_finite_differences_on_both_paths(path):
+    with forced_path(path):
+        for F, y in constrained_pair(active=True):
+            finite_difference_check(F, y)
+
+
+def test_no_host_read_on_the_accelerator_path():
+    """Forward and backward of a constrained MLP and conv residual, SVDs included: nothing read."""
+    for F, y in constrained_pair(active=True) + constrained_pair(active=False):
+        reads = HostReads()
+        with forced_path("accelerator"), reads.patched(), reads.counting():
+            F(y).sum().backward()  # the first call: the SVDs
+            F(y).sum().backward()
+            with torch.no_grad():
+                F(y)
+            with torch.inference_mode():
+                F(y)
+        assert reads.count == 0, reads.report()
+
+
+def test_validation_reuses_the_training_step_svds():
+    """σ and dσ/dW are cached by weight version, not by inference mode: one SVD per weight and step."""
+    F = MLPResidual(2, 8, step=1.0, lipschitz=0.5).double()
+    calls = []
+    norm = F.constraint.norm
+    F.constraint.norm = lambda w: calls.append(1) or norm(w)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    optimizer = torch.optim.SGD(F.parameters(), lr=0.1)
+    for _ in range(3):
+        with torch.inference_mode():  # validation after the step (first: the sanity check)
+            F(y)
+            F(y)
+        optimizer.zero_grad()
+        F(y).pow(2).sum().backward()  # σ and M made under inference mode serve the backward
+        optimizer.step()
+    assert len(calls) == 3 * 2
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+def test_non_finite_weights_do_not_raise_in_the_svd(path):
+    for F, y in constrained_pair(active=True):
+        weight = F.gamma1 if isinstance(F, MLPResidual) else F.conv1.weight
+        with torch.no_grad():
+            weight.view(-1)[0] = float("nan")
+            weight.view(-1)[1] = float("inf")
+        with forced_path(path):
+            out = F(y)
+            out.sum().backward()
+        assert torch.isnan(out).any()  # the NaN reaches F's output, where the failure report finds it
+
+
+class _Poison(pl.Callback):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                dict(pl_module.named_parameters())[self.name].view(-1)[0] = float("nan")
+
+
+def test_a_nan_weight_under_contraction_stops_the_fit_in_one_line_naming_it(tmp_path):
+    name = "net.blocks.1.F.gamma1"
+    torch.manual_seed(0)
+    net = ODENet(layers=2, width=8, T=1.0, contraction=0.9, init="bounded",
+                 solver=FixedPoint(atol=1e-6, max_iter=50), linear_solver=Neumann(rtol=1e-6, max_iter=50))
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[_Poison(name)],
+                         default_root_dir=tmp_path)
+    with pytest.raises(TrainingFailure) as failure:
+        trainer.fit(ImplicitNetModule(net, lr=1e-2), SineRegression(num_points=11))
+    message = str(failure.value)
+    assert "\n" not in message and f"non-finite parameters: {name}" in message
