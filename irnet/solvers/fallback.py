@@ -1,4 +1,11 @@
-"""A chain of forward solvers: each sample is handed on until one of them solves it."""
+"""A chain of forward solvers: each sample is handed on until one of them solves it.
+
+Between two links the chain reads whether any sample is left unsolved (one host read). On the
+accelerator path (:mod:`irnet.device_path`) it skips that read after a link whose loop ran to
+its ``max_iter`` without looking (most often because it left samples unsolved): the next link
+runs at once, samples already solved start inside tolerance and are frozen (their answers,
+counts and finishing method stay as they were), and that link's own looks say when it is done.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from irnet.device_path import on_accelerator_path
 from irnet.per_sample import per_sample
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.stats import SolverStats
+from irnet.stop_checks import solve_key
 
 
 class Fallback(NonlinearSolver):
@@ -23,7 +32,8 @@ class Fallback(NonlinearSolver):
     samples already within ``atol`` start inside tolerance and are frozen by
     the shared loop at once (0 iterations, answer unchanged; they still ride
     along in the batch's evaluations of F). The chain stops
-    as soon as every sample is solved (one host read per solver used).
+    as soon as every sample is solved (one host read per solver used; on the
+    accelerator path none after a solver that ran to its ``max_iter``).
 
     Typical chain: ``FixedPoint`` (cheap, enough for contracting layers),
     then ``Anderson``, then ``Broyden`` (no contraction needed).
@@ -85,9 +95,13 @@ class Fallback(NonlinearSolver):
         y, stats = self.solvers[0].solve(problem, y0)
         best_y, best_res, iterations = y, stats.residual, stats.iterations
         method = torch.zeros_like(stats.iterations)
+        accelerator = on_accelerator_path(y0)
         for index, solver in enumerate(self.solvers[1:], start=1):
             unsolved = ~(best_res <= self.atol)
-            if not bool(unsolved.any()):  # the one host read per link
+            # The one host read per link; on the accelerator path none after a link that ran to its
+            # max_iter: the next link's own looks find out whether any sample is left.
+            read = not (accelerator and _ran_to_the_end(self.solvers[index - 1], problem, y0))
+            if read and not bool(unsolved.any()):
                 break
             start = torch.where(per_sample(stats.diverged, y), y0, y)
             y, stats = solver.solve(problem, start)
@@ -107,6 +121,14 @@ class Fallback(NonlinearSolver):
 
     def __repr__(self) -> str:
         return f"Fallback(solvers={self.solvers!r})"
+
+
+def _ran_to_the_end(solver: NonlinearSolver, problem: FixedPointProblem, like: Tensor) -> bool:
+    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) took its ``max_iter``
+    iterations, so that its loop ended without a look: what it remembered taking, or a fixed count."""
+    if getattr(solver, "fixed_count", False):
+        return True
+    return solver.iteration_memory.expected(solve_key(problem.F, like)) >= solver.max_iter
 
 
 __all__ = ["Fallback"]
