@@ -261,9 +261,16 @@ def report(error: CliError, prog: str = "irnet") -> NoReturn:
     if wants_traceback():
         traceback.print_exception(error)
     else:
-        print(f"(set {TRACEBACK_ENV}=1 for the full traceback)", file=sys.stderr)
-    print(f"{prog}: error: {error}", file=sys.stderr)
+        _line(f"(set {TRACEBACK_ENV}=1 for the full traceback)")
+    _line(f"{prog}: error: {error}")
     raise SystemExit(EXIT_CODE)
+
+
+def _line(text: str) -> None:
+    """``text`` and its newline in one write: under distributed training every process prints its
+    line to the same stream, and ``print``'s two writes could interleave with another's."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
 
 
 __all__ = ["CliError", "EXIT_CODE", "TRACEBACK_ENV", "accepted_arguments", "cli_key", "flatten",

@@ -14,11 +14,23 @@ layer or parameter. Lightning passes the exception through its callbacks'
 the newest checkpoint is the last good one. The command line prints the line
 and exits with status 2 (``TrainingFailure`` is a
 :class:`~irnet.cli_errors.CliError`).
+
+Under distributed training a rank that raised alone would leave the others
+waiting in the next collective (NCCL: until the process-group timeout), so every
+rank raises the same failure at the same step: the module agrees on it with the
+all-reduce it makes anyway, gathers the ranks' messages (:func:`first_failure`)
+or diagnoses (:func:`merged_diagnosis`), and :func:`stop_together` keeps
+Lightning's launcher from killing rank 0 while the other ranks exit with the
+same status.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import atexit
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,19 +98,105 @@ def diverged_layers(blocks: Iterable[nn.Module]) -> list[str]:
     return found
 
 
-def diagnosis(module: nn.Module, blocks: Iterable[nn.Module]) -> str:
+@dataclass(frozen=True)
+class Finding:
+    """What :func:`find` saw on one process: how bad, and the words around where the rank goes.
+
+    Attributes:
+        severity: 3 non-finite parameters, 2 diverged forward solves, 1 unconverged ones, 0 nothing.
+        lead: the finding (``"non-finite parameters"``).
+        detail: what follows the rank, if named (``": w (1 of 8 values)"``).
+    """
+
+    severity: int
+    lead: str
+    detail: str = ""
+
+    def text(self, on: str = "") -> str:
+        """The finding as one phrase; ``on`` (``" on rank 1 of 2"``) goes after its lead."""
+        return f"{self.lead}{on}{self.detail}"
+
+
+def find(module: nn.Module, blocks: Iterable[nn.Module]) -> Finding:
     """Where a non-finite value came from: non-finite parameters, else diverged forward solves."""
     params = nonfinite_parameters(module)
     if params:
-        return f"non-finite parameters: {listing(params)}"
+        return Finding(3, "non-finite parameters", f": {listing(params)}")
     blocks = list(blocks)
     layers = diverged_layers(blocks)
     if layers:
-        return f"forward solve diverged (non-finite iterates, stats.diverged) in {listing(layers)}"
+        return Finding(2, "forward solve diverged", f" (non-finite iterates, stats.diverged) in {listing(layers)}")
     failing = unconverged_layers(blocks)
     if failing:
-        return f"parameters finite; forward solves unconverged (stats.converged) in {listing(failing)}"
-    return "parameters finite and every forward solve converged"
+        return Finding(1, "parameters finite; forward solves unconverged",
+                       f" (stats.converged) in {listing(failing)}")
+    return Finding(0, "parameters finite and every forward solve converged")
+
+
+def diagnosis(module: nn.Module, blocks: Iterable[nn.Module]) -> str:
+    """:func:`find` as a phrase for a message."""
+    return find(module, blocks).text()
+
+
+def merged_diagnosis(findings: Sequence[Finding]) -> str:
+    """One diagnosis for every rank (``findings[r]`` is rank r's): the worst, naming its rank.
+
+    A non-finite loss is seen by every rank (its mean is global), but its cause
+    (a bad parameter, a diverged solve) by the rank that had it.
+    """
+    worst = max(range(len(findings)), key=lambda r: (findings[r].severity, -r))
+    if findings[worst].severity == 0:
+        return findings[worst].text(" on every rank")
+    return findings[worst].text(rank_note(worst, len(findings)))
+
+
+def rank_note(rank: int, world: int) -> str:
+    """``" on rank r of W"`` under distributed training, nothing in one process."""
+    return f" on rank {rank} of {world}" if world > 1 else ""
+
+
+def first_failure(messages: Sequence[Optional[str]]) -> str:
+    """The one message every rank raises (``messages[r]``: rank r's failure, or ``None``).
+
+    The lowest failing rank's message, then which other ranks failed.
+    """
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    others = failed[1:]
+    also = f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+    return f"{messages[failed[0]]}{also}"
+
+
+def stop_together(trainer: Any) -> None:
+    """Every rank is about to raise the same failure: let each exit with its own status.
+
+    Under ``strategy=ddp`` rank 0 started the other processes of its node, and
+    a thread of Lightning's launcher kills every process of the node (rank 0
+    included, with SIGKILL) as soon as one of them exits with a non-zero
+    status; rank 0, still printing its message, would then end killed instead
+    of with status 2. The launcher watches the list ``launcher.procs``, which
+    is emptied here; rank 0 instead waits for those processes when it exits
+    (at most ``STOP_WAIT`` seconds, then kills what is left). Does nothing
+    elsewhere (other ranks, other launchers).
+    """
+    procs = getattr(getattr(getattr(trainer, "strategy", None), "launcher", None), "procs", None)
+    if not isinstance(procs, list) or not procs or not all(isinstance(p, subprocess.Popen) for p in procs):
+        return  # not rank 0 of a node under strategy=ddp (ddp_spawn's workers hold no processes)
+    children = list(procs)
+    procs.clear()
+    atexit.register(_wait_for, children, STOP_WAIT)
+
+
+#: seconds rank 0 waits at exit for the processes it started, after a failure of every rank
+STOP_WAIT = 30.0
+
+
+def _wait_for(children: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in children:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def unconverged_layers(blocks: Iterable[nn.Module]) -> list[str]:
@@ -155,5 +253,6 @@ class FailingStreaks:
                     "bound, or set max_failing_steps: null")
 
 
-__all__ = ["FailingStreaks", "TrainingFailure", "check_args", "diagnosis", "diverged_layers", "listing",
-           "nonfinite_gradients", "nonfinite_parameters", "nonfinite_tensors", "unconverged_layers"]
+__all__ = ["FailingStreaks", "Finding", "TrainingFailure", "check_args", "diagnosis", "diverged_layers", "find",
+           "first_failure", "listing", "merged_diagnosis", "nonfinite_gradients", "nonfinite_parameters",
+           "nonfinite_tensors", "rank_note", "stop_together", "unconverged_layers"]

@@ -17,7 +17,10 @@ Extension points for subclasses (see ``docs/subclassing.md``):
 
 Loud failure (:mod:`irnet.failure`, on by default): a NaN/Inf loss, gradient or
 parameter, or a layer whose forward solves keep failing, stops the run with a
-:class:`~irnet.failure.TrainingFailure` naming the statistic and where.
+:class:`~irnet.failure.TrainingFailure` naming the statistic and where. Under
+distributed training every rank stops at the same step with the same message:
+the one all-reduce of a step (the global means) also carries whether some rank
+failed, so a rank's own failure (a NaN layer input) is raised by all.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -35,16 +39,20 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
-from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, listing, nonfinite_gradients,
-                           nonfinite_parameters, nonfinite_tensors)
+from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, find, first_failure, listing,
+                           merged_diagnosis, nonfinite_gradients, nonfinite_parameters, nonfinite_tensors,
+                           rank_note, stop_together)
 from irnet.layer import NonFiniteInputError
 from irnet.regularizers import FixedPointRegularizer, JacobianRegularizer, PerturbationRegularizer, Regularizer
 from irnet.per_sample import sample_norm
-from irnet.stats import reset_convergence_warnings
+from irnet.stats import flush_failure_warnings, reset_convergence_warnings
 from irnet.validation import check_choice, check_int, check_positive
+from irnet.warm_start_merge import merge_warm_starts
 
 LOSSES = ("l2", "mse", "cross_entropy")
 STAGES = ("train", "val", "test")
+#: the head of the vector a step all-reduces: samples, failed ranks, values per rank (then the values)
+STEP_HEAD = 3
 
 
 def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -152,6 +160,7 @@ class ImplicitNetModule(pl.LightningModule):
             raise ValueError(f"check_finite must be true or false, got {check_finite!r}")
         self.check_finite = check_finite
         self.failing = FailingStreaks(max_failing_steps, failing_fraction)
+        self._reduce_capacity = 0  # values the step's all-reduce holds (grows with the first steps)
         self.classification = self.loss_name == "cross_entropy"
         metrics = self._make_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -280,6 +289,22 @@ class ImplicitNetModule(pl.LightningModule):
     # -- the shared step ----------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, target = batch
+        failure: Optional[TrainingFailure] = None
+        try:
+            pred, values = self._forward_values(x, target, stage)
+        except TrainingFailure as err:
+            if self._world() == 1:
+                raise
+            pred, values, failure = None, {}, err  # raised by every rank in _global_means
+        means, share, host = self._global_means(values, x.shape[0], failure)
+        if stage == "train":
+            self._check_training_step(means, host)
+        self._log_step(stage, means, share.global_count, pred, target)
+        total = values["total"]
+        return total * share.weight if share.weight != 1 else total
+
+    def _forward_values(self, x: Tensor, target: Tensor, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The prediction and this process's batch means: loss, total, terms, iterations, unconverged fractions."""
         with self._named_failures(stage):
             states = self.trajectory(x)
             pred = self.readout(states[-1])
@@ -292,29 +317,81 @@ class ImplicitNetModule(pl.LightningModule):
         if iters is not None:
             values["iters"] = iters
         values.update({f"unconverged/{i}": v for i, v in failing.items()})
-        means, share = self._global_means(values, x.shape[0])
-        if stage == "train":
-            self._check_training_step(means)
-        self._log_step(stage, means, share.global_count, pred, target)
-        return total * share.weight if share.weight != 1 else total
+        return pred, values
 
-    def _global_means(self, values: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], BatchShare]:
-        """Means over the global batch (all processes) of this process's batch means, and its share.
+    def _world(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
 
-        One all-reduce of a small vector per step under distributed training;
-        nothing (the values themselves) on one process.
+    def _global_means(self, values: dict[str, Tensor], count: int, failure: Optional[TrainingFailure] = None
+                      ) -> tuple[dict[str, Tensor], BatchShare, Optional[dict[str, float]]]:
+        """Means over the global batch (all processes) of this process's batch means, its share, and
+        (under distributed training) the same means read on the host.
+
+        One all-reduce of a small vector per step under distributed training, which
+        also counts the processes that failed (``failure``): if any did, every
+        process raises the same :class:`~irnet.failure.TrainingFailure` here. One
+        host read of it serves the share, the failure and :meth:`_check_training_step`.
+        Nothing (the values themselves) on one process.
         """
-        world = self._trainer.world_size if self._trainer is not None else 1
+        world = self._world()
         if world == 1:
-            return {k: v.detach() for k, v in values.items()}, BatchShare(count, 1.0)
-        local = torch.stack([v.detach().float().reshape(()) for v in values.values()])
-        packed = torch.cat([local.new_tensor([1.0]), local]) * count
-        summed = self.trainer.strategy.reduce(packed, reduce_op="sum")
-        global_count = int(round(float(summed[0])))
-        means = dict(zip(values, summed[1:] / global_count))
-        return means, BatchShare(global_count, count * world / global_count)
+            return {k: v.detach() for k, v in values.items()}, BatchShare(count, 1.0), None
+        reduced, read = self._reduce_step(values, count, failure is not None)
+        if read[1] > 0:
+            self._raise_agreed(failure)
+        global_count = int(round(read[0]))
+        means = dict(zip(values, reduced[STEP_HEAD:]))
+        return means, BatchShare(global_count, count * world / global_count), dict(zip(values, read[STEP_HEAD:]))
+
+    def _reduce_step(self, values: dict[str, Tensor], count: int, failed: bool) -> tuple[Tensor, list[float]]:
+        """``[samples, failed processes, values per process, means …]`` over all processes, on the device and read.
+
+        The all-reduced vector must have one length on every process, and a failed
+        process has no values: they are padded to a capacity that every process
+        holds alike and that grows (by a second all-reduce, the first step of a
+        fit) when the processes report more values than it holds.
+        """
+        while True:
+            packed = self._pack(values, count, failed)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Not strategy.reduce: it adds a barrier, a second collective (under NCCL a host wait).
+                torch.distributed.all_reduce(packed)
+            else:
+                packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+            reduced = torch.cat([packed[:STEP_HEAD], packed[STEP_HEAD:] / packed[0]])
+            read = reduced.tolist()  # the one host read of a step
+            needed = int(round(read[2] / self._world()))
+            if read[1] > 0 or needed <= self._reduce_capacity:
+                return reduced, read
+            self._reduce_capacity = needed
+
+    def _pack(self, values: dict[str, Tensor], count: int, failed: bool) -> Tensor:
+        """This process's ``[count, failed, number of values, count · values …]``, zero-padded to the capacity."""
+        packed = torch.zeros(STEP_HEAD + self._reduce_capacity, device=self.device)
+        packed[0], packed[1], packed[2] = float(count), float(failed), float(len(values))
+        kept = min(len(values), self._reduce_capacity)
+        if kept:
+            local = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+            packed[STEP_HEAD:STEP_HEAD + kept] = local[:kept].to(packed.device) * count
+        return packed
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, by rank (a collective: every process calls it at the same point)."""
+        gathered: list[Any] = [None] * self._world()
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def _raise_agreed(self, failure: Optional[TrainingFailure]) -> NoReturn:
+        """Some process failed: every process raises the lowest failing rank's message."""
+        messages = self._gather(None if failure is None else str(failure))
+        raise self._failure(first_failure(messages)) from failure
 
     # -- loud failure (irnet.failure) ----------------------------------------------
+    def _failure(self, message: str) -> TrainingFailure:
+        """The failure to raise; under distributed training every process raises it at this step."""
+        stop_together(self._trainer)
+        return TrainingFailure(message)
+
     def _where(self, stage: str) -> str:
         if stage == "train":
             return f"training stopped at epoch {self.current_epoch}, step {self.global_step}"
@@ -331,8 +408,15 @@ class ImplicitNetModule(pl.LightningModule):
         except NonFiniteInputError as err:
             if not self.check_finite:
                 raise
-            raise TrainingFailure(f"{self._where(stage)}: a layer's input is NaN/Inf; "
+            raise TrainingFailure(f"{self._where(stage)}: a layer's input is NaN/Inf"
+                                  f"{rank_note(self.global_rank, self._world())}; "
                                   f"{diagnosis(self, self._blocks())}") from err
+
+    def _diagnosis(self) -> str:
+        """Where a non-finite loss came from; under distributed training from every process (a collective)."""
+        if self._world() == 1:
+            return diagnosis(self, self._blocks())
+        return merged_diagnosis(self._gather(find(self, self._blocks())))
 
     def unconverged_fractions(self) -> dict[int, Tensor]:
         """Each implicit layer's fraction of unconverged forward solves in the last pass (by layer index)."""
@@ -341,19 +425,30 @@ class ImplicitNetModule(pl.LightningModule):
         return {i: (~b.forward_stats.converged).float().mean() for i, b in enumerate(self._blocks())
                 if getattr(b, "forward_stats", None) is not None and getattr(b, "theta", 1) > 0}
 
-    def _check_training_step(self, means: dict[str, Tensor]) -> None:
-        """Stop on a non-finite objective or a layer failing too long (one host read for both)."""
+    def _check_training_step(self, means: dict[str, Tensor], host: Optional[dict[str, float]] = None) -> None:
+        """Stop on a non-finite objective or a layer failing too long.
+
+        ``host``: the means already read (distributed training); on one process
+        they are read here, one host read for both checks.
+        """
         keys = [k for k in means if k.startswith("unconverged/")]
         if not self.check_finite and not keys:
             return
-        read = torch.stack([means["total"].float().reshape(()), *(means[k].float() for k in keys)]).tolist()
+        if host is None:
+            read = torch.stack([means["total"].float().reshape(()), *(means[k].float() for k in keys)]).tolist()
+            host = dict(zip(["total", *keys], read))
         where = self._where("train")
-        if self.check_finite and not math.isfinite(read[0]):
+        if self.check_finite and not math.isfinite(host["total"]):
             bad = ["train/" + k.removeprefix("term/") for k in means
-                   if (k == "loss" or k.startswith("term/")) and not math.isfinite(float(means[k]))]
-            raise TrainingFailure(f"{where}: non-finite {', '.join(bad) or 'train/total'} ({read[0]}); "
-                                  f"{diagnosis(self, self._blocks())}")
-        self.failing.update({int(k.split("/")[1]): v for k, v in zip(keys, read[1:])}, where)
+                   if (k == "loss" or k.startswith("term/"))
+                   and not math.isfinite(host[k] if k in host else float(means[k]))]
+            raise self._failure(f"{where}: non-finite {', '.join(bad) or 'train/total'} ({host['total']}); "
+                                f"{self._diagnosis()}")
+        try:
+            self.failing.update({int(k.split("/")[1]): host[k] for k in keys}, where)
+        except TrainingFailure:
+            stop_together(self._trainer)
+            raise
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse a step with non-finite gradients (not applied, nothing saved)."""
@@ -365,8 +460,8 @@ class ImplicitNetModule(pl.LightningModule):
             return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
         grads = nonfinite_gradients(self)
         if grads:
-            raise TrainingFailure(f"{where}: non-finite gradients (before the optimizer step, not applied): "
-                                  f"{listing(grads)}")
+            raise self._failure(f"{where}: non-finite gradients (before the optimizer step, not applied): "
+                                f"{listing(grads)}")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then a check that it left the parameters finite (before any checkpoint)."""
@@ -374,8 +469,8 @@ class ImplicitNetModule(pl.LightningModule):
         if self.check_finite:
             params = nonfinite_parameters(self)
             if params:
-                raise TrainingFailure(f"{self._where('train')}: the optimizer step made parameters non-finite: "
-                                      f"{listing(params)}")
+                raise self._failure(f"{self._where('train')}: the optimizer step made parameters non-finite: "
+                                    f"{listing(params)}")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers)."""
@@ -384,8 +479,18 @@ class ImplicitNetModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         bad = nonfinite_tensors((k, v) for k, v in state.items() if isinstance(v, Tensor))
         if bad:
-            raise TrainingFailure(f"refusing a checkpoint with non-finite weights: {listing(bad)} "
-                                  "(set check_finite: false to load it anyway)")
+            raise self._failure(f"refusing a checkpoint with non-finite weights: {listing(bad)} "
+                                "(set check_finite: false to load it anyway)")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under distributed training, every process's warm-start cache goes into the checkpoint.
+
+        Each process caches the fixed points of its own part of the batches, and
+        rank 0 alone writes the checkpoint: the caches are merged by sample
+        (:mod:`irnet.warm_start_merge`), so every process finds its samples on resume.
+        """
+        if self._world() > 1:
+            merge_warm_starts(self, checkpoint.get("state_dict", {}))
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
@@ -435,10 +540,28 @@ class ImplicitNetModule(pl.LightningModule):
         # Each Trainer run (fit, validate, test, predict) warns afresh about failed solves.
         reset_convergence_warnings()
 
+    def on_fit_start(self) -> None:
+        # Every process starts from the same seed (seed_everything), so each would draw the
+        # same dropout masks; ranks above 0 move to their own (rank 0 draws as one process).
+        seed_rank_generators(self.global_rank)
+
     def on_train_start(self) -> None:
         # ... and training again after the sanity check, whose failures must not silence it.
         reset_convergence_warnings()
         self.failing.reset()
+
+    # Solves on the accelerator path defer their convergence warnings (one host read for a step's).
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        flush_failure_warnings()
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        flush_failure_warnings()
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        flush_failure_warnings()
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        flush_failure_warnings()
 
     def on_train_epoch_start(self) -> None:
         # Fresh perturbations every epoch, seeded by the epoch (a resumed run repeats
@@ -448,4 +571,16 @@ class ImplicitNetModule(pl.LightningModule):
 
 
 
-__all__ = ["BatchShare", "ImplicitNetModule", "LOSSES", "l2_loss"]
+def seed_rank_generators(rank: int) -> None:
+    """Give process ``rank`` its own default generators (CPU and accelerators), for dropout masks.
+
+    Rank 0 keeps its generators, so a one-process run draws as before; rank r > 0 is
+    reseeded with a well-mixed function of ``(torch.initial_seed(), r)``.
+    """
+    if rank == 0:
+        return
+    words = [torch.initial_seed(), check_int("rank", rank, 0)]
+    torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
+
+__all__ = ["BatchShare", "STEP_HEAD", "ImplicitNetModule", "LOSSES", "l2_loss", "seed_rank_generators"]

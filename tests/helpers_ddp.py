@@ -4,20 +4,30 @@
 ``SineRegression`` with the Trainer arguments in the settings and writes, to
 ``settings["out"]``: ``rank<r>.pt`` with the per-step training losses (from a
 CSV logger on rank 0), the final weights, the validation metrics and the R_rnd
-noise each rank drew. Lightning reads the rest of the distributed set-up from
-the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ...).
+noise each rank drew; with ``warm_start`` its warm-start cache, with ``masks`` a
+dropout mask drawn when training starts, and with ``checkpoint`` a checkpoint
+``last.ckpt`` made after the fit. Lightning reads the rest of the distributed
+set-up from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ...).
+
+With ``settings["cli"]`` (a list of arguments) it runs the command line instead
+and writes each process's exit status to ``exit_rank<r>`` in ``settings["out"]``
+(Lightning starts the other ranks as this same script, so every rank reports).
+:class:`PoisonOnRank` is a callback for such runs (``class_path:
+helpers_ddp.PoisonOnRank``, with this folder on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +37,7 @@ from irnet.datamodules import SineRegression  # noqa: E402
 from irnet.module import ImplicitNetModule  # noqa: E402
 from irnet.perturbations import GaussianPerturbation  # noqa: E402
 from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer  # noqa: E402
+from irnet.warm_start import WarmStartCache  # noqa: E402
 
 SIGMA = 0.1
 
@@ -42,6 +53,32 @@ class RecordingNoise(GaussianPerturbation):
         eps = super().noise(x, generator)
         self.drawn.append(eps.detach().clone())
         return eps
+
+
+class DrawMask(Callback):
+    """Draws a dropout mask from the default generator when training starts (to compare ranks)."""
+
+    def __init__(self) -> None:
+        self.mask: Optional[torch.Tensor] = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.mask = torch.nn.functional.dropout(torch.ones(256), 0.5, training=True) > 0
+
+
+class PoisonOnRank(Callback):
+    """Fills a named parameter with NaN on one rank, before the forward of training step ``step``.
+
+    Only that rank's replica is poisoned (DDP keeps replicas equal through their
+    gradients, not by copying weights), as a fault of one device would.
+    """
+
+    def __init__(self, name: str, rank: int = 1, step: int = 2) -> None:
+        self.name, self.rank, self.step = name, rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            with torch.no_grad():
+                dict(pl_module.named_parameters())[self.name].fill_(float("nan"))
 
 
 def make_module(r_rnd: bool) -> ImplicitNetModule:
@@ -62,13 +99,19 @@ def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     torch.set_num_threads(1)
     out = Path(settings["out"])
     module = make_module(settings.get("r_rnd", False))
+    if settings.get("warm_start"):
+        module.net.warm_start_cache = WarmStartCache()
+    masks = DrawMask()
     data = SineRegression(num_points=settings.get("num_points", 51), batch_size=settings.get("batch_size"),
                           seed=3)
     logger = CSVLogger(str(out), name="csv", version=0)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=settings["epochs"], logger=logger,
                          log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, **settings.get("trainer", {}))
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[masks] if settings.get("masks") else [], **settings.get("trainer", {}))
     trainer.fit(module, data)
+    if settings.get("checkpoint"):
+        trainer.save_checkpoint(out / "last.ckpt")  # on every rank: Lightning's checkpoints are collective
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     reg = module.r_rnd
     result = {
@@ -77,6 +120,8 @@ def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
         "metrics": metrics,
         "state": {k: v.detach().clone() for k, v in module.named_parameters()},
         "noise": [] if reg is None else reg.perturbation.drawn,
+        "mask": masks.mask,
+        "cache": module.net.warm_start_cache.state_dict() if settings.get("warm_start") else None,
     }
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
     trainer.strategy.barrier()
@@ -86,5 +131,27 @@ def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     return result
 
 
+def run_cli(settings: dict[str, Any]) -> None:
+    """``irnet`` with ``settings["cli"]``; writes this process's exit status to ``exit_rank<r>``."""
+    from irnet.cli import main
+
+    try:
+        main(settings["cli"])
+        code: Any = 0
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException as err:  # noqa: BLE001  (recorded, then raised as it came)
+        code = type(err).__name__
+        raise
+    finally:
+        rank = os.environ.get("LOCAL_RANK", "0")
+        (Path(settings["out"]) / f"exit_rank{rank}").write_text(str(code))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    given = json.loads(Path(sys.argv[1]).read_text())
+    if "cli" in given:
+        run_cli(given)
+    else:
+        run(given)
