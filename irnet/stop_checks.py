@@ -121,11 +121,15 @@ class RemembersIterations:
 
     def remember(self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None) -> None:
         """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
-        looks first where this one's last sample was done (``checks.needed``), else at ``taken``."""
+        looks first where this one's last sample was done (``checks.needed``). A solve that ended
+        unseen (at ``max_iter``) leaves the memory as it was: its count would make the next solve
+        run to ``max_iter`` before its first look, however early it converged."""
         if not on_accelerator_path(like):
             return
-        needed = None if checks is None else checks.needed
-        self.iteration_memory.remember(solve_key(owner, like), taken if needed is None else needed)
+        if checks is None:
+            self.iteration_memory.remember(solve_key(owner, like), taken)
+        elif checks.needed is not None:
+            self.iteration_memory.remember(solve_key(owner, like), checks.needed)
 
 
 __all__ = ["FIRST_LOOK", "IterationMemory", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",

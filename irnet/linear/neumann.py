@@ -93,7 +93,7 @@ class Neumann(LinearSolver):
         # each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
-        checks = self.stop_checks(operator.owner, b)
+        checks = self.stop_checks(getattr(operator, "owner", None), b)
         record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
                         self.patience, checks)  # the first product served every sample
         if not record.done_at_start():
@@ -104,5 +104,5 @@ class Neumann(LinearSolver):
                 res = sample_norm(term)
                 if record.add(g, res, last=k + 1 == self.max_iter):
                     break
-        self.remember(operator.owner, b, record.taken, checks)
+        self.remember(getattr(operator, "owner", None), b, record.taken, checks)
         return record.close(), res
