@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as Fn
 
+from irnet.device_path import on_accelerator_path
 from irnet.validation import check_int
 
 # splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic)
@@ -131,9 +132,10 @@ class WarmStartCache:
         self._layers: Optional[tuple[bool, ...]] = None  # which layers have a store
         self._words: Optional[Tensor] = None  # (capacity + 1, words) int64: each slot's input
         self._hashes: Optional[Tensor] = None  # (capacity + 1,) int64; −1 for an empty slot
-        self._stamps: Optional[Tensor] = None  # (capacity + 1,) int64: last use; −1 for an empty slot
+        self._stamps: Optional[Tensor] = None  # (capacity + 1,) int64: last use; < 0 for an empty slot
         self._stores: Optional[Tensor] = None  # (stored layers, capacity + 1, …)
         self._clock = 0  # rows seen so far: the next row's stamp
+        self._used: Optional[int] = 0  # slots in use (a prefix), where known (the CPU path reads it)
         self._version += 1
 
     def __len__(self) -> int:
@@ -179,21 +181,34 @@ class WarmStartCache:
         with torch.inference_mode(False), torch.no_grad():
             if self._stamps is None:
                 self._allocate(keys, layers, next(y for y in solutions if y is not None))
-            write, stamps = self._assign(keys, *self._find(keys))
+            region = self._region(keys.hashes.shape[0])
+            write, stamps = self._assign(keys, *self._find(keys), region)
             self._stamps.index_put_((write,), stamps)
             self._hashes.index_put_((write,), keys.hashes)
             self._words.index_put_((write,), keys.words)
             ys = torch.stack([y.detach() for y in solutions if y is not None])
             self._stores.index_copy_(1, write, ys.to(self._stores.dtype))
+            # The CPU path reads how many slots are in use (free there), so that the next
+            # pass sorts and ranks those instead of the whole capacity.
+            on_host = not on_accelerator_path(keys.hashes)
+            self._used = int((self._stamps[:region] >= 0).sum()) if on_host else None
         self._clock += keys.hashes.shape[0]
         self._version += 1
+
+    def _region(self, rows: int) -> int:
+        """The first slots a pass of ``rows`` inputs can touch: those in use and room for new ones.
+
+        New inputs take the lowest empty slots first (empty slots' stamps grow
+        with their index, all below any use), so the used slots stay a prefix.
+        """
+        return self.capacity if self._used is None else min(self.capacity, self._used + rows)
 
     def _allocate(self, keys: Keys, layers: tuple[bool, ...], like: Tensor) -> None:
         rows, device = self.capacity + 1, keys.words.device
         self._signature, self._layers = keys.signature, layers
         self._words = torch.zeros(rows, keys.words.shape[1], dtype=torch.int64, device=device)
         self._hashes = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self._stamps = torch.full((rows,), -1, dtype=torch.int64, device=device)
+        self._stamps = torch.arange(rows, dtype=torch.int64, device=device) - rows  # empty: lowest taken first
         self._stores = torch.full((sum(layers), rows, *like.shape[1:]), float("nan"), dtype=like.dtype,
                                   device=like.device)
 
@@ -201,14 +216,15 @@ class WarmStartCache:
         """Each sample's slot and whether it is there (once per pass: the lookup's answer is kept)."""
         if keys.found is not None and keys.found[0] == self._version:
             return keys.found[1], keys.found[2]
-        known, order = torch.sort(self._hashes[:self.capacity])  # empty slots (−1) sort first, never match
-        at = torch.searchsorted(known, keys.hashes).clamp_max(self.capacity - 1)
+        used = self.capacity if self._used is None else max(1, self._used)
+        known, order = torch.sort(self._hashes[:used])  # empty slots (−1) sort first, never match
+        at = torch.searchsorted(known, keys.hashes).clamp_max(used - 1)
         slot = order[at]
         hit = (known[at] == keys.hashes) & (self._words[slot] == keys.words).all(1)
         keys.found = (self._version, hit, slot)
         return hit, slot
 
-    def _assign(self, keys: Keys, hit: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
+    def _assign(self, keys: Keys, hit: Tensor, slot: Tensor, region: int) -> tuple[Tensor, Tensor]:
         """The slot each row writes (``capacity``: none) and its stamp, keeping the most recent inputs.
 
         A known input keeps its slot; the new ones, most recent first, take the
@@ -221,8 +237,8 @@ class WarmStartCache:
         last = _last_occurrences(keys.hashes)
         kept = hit & last
         recent = self._stamps.index_put((torch.where(kept, slot, capacity),), stamps)
-        k = min(rows, capacity)
-        victim_stamps, victims = torch.topk(recent[:capacity], k, largest=False)  # oldest first
+        k = min(rows, region)
+        victim_stamps, victims = torch.topk(recent[:region], k, largest=False)  # oldest first
         new = last & ~hit
         rank = new.flip(0).cumsum(0).flip(0) - 1  # 0 for the batch's last new input
         at = rank.clamp(0, k - 1)
@@ -298,7 +314,7 @@ class WarmStartCache:
             self._hashes[:len(keep)] = keys_now.hashes
             self._stamps[:len(keep)] = slots
             self._stores[:, :len(keep)] = values
-        self._clock = len(keep)
+        self._clock = self._used = len(keep)
 
 
 def _row_bytes(signature: str) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers_sync import HostReads
 from irnet import ImplicitResidualBlock, warm_start
-from irnet.device_path import forced_path
+from irnet.device_path import forced_path, on_accelerator_path
 from irnet.linear import Neumann
 from irnet.nets import ODENet
 from irnet.solvers import FixedPoint
@@ -323,5 +323,8 @@ def test_non_finite_input_is_refused_without_a_check_of_its_own():
     block = ImplicitResidualBlock(_Counting(), theta=0.5)
     x = torch.randn(3, 3, dtype=torch.float64)
     x[1, 0] = float("nan")
+    if on_accelerator_path(x):  # no host read there: the sample comes out NaN (the loss check names it)
+        assert block(x)[1].isnan().all()
+        return
     with pytest.raises(ValueError, match="NaN or Inf"):
         block(x)
