@@ -13,6 +13,7 @@ exactly the iterations the CPU path takes; one that needs more reads twice or so
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Hashable, Optional
 
@@ -29,20 +30,37 @@ REMEMBERED_AT_MOST = 4096
 
 
 class IterationMemory:
-    """The iterations each solve needed last time, by key (least recently used are forgotten)."""
+    """The iterations each solve needed the last two times, by key (least recently used are forgotten).
+
+    A solve looks first at the larger of the two: a need that wavers by one between steps (common
+    with warm starts) then costs one read and at most one iteration past the CPU path's, where
+    looking at the last count alone would cost a second read every other step. A key whose last
+    solve ran out of iterations unseen is marked: its next solve looks once, then runs to the end.
+    """
 
     def __init__(self) -> None:
-        self._needed: "OrderedDict[Hashable, int]" = OrderedDict()
+        self._needed: "OrderedDict[Hashable, tuple[int, ...]]" = OrderedDict()
+        self._ran_out: set = set()
 
     def expected(self, key: Hashable) -> int:
-        """Where to look first: last time's count, or :data:`FIRST_LOOK` for a new key."""
-        return self._needed.get(key, FIRST_LOOK)
+        """Where to look first: the larger of the last two counts, or :data:`FIRST_LOOK` for a new key."""
+        return max(self._needed.get(key, (FIRST_LOOK,)))
+
+    def ran_out(self, key: Hashable) -> bool:
+        """Whether the last solve of ``key`` ran to its ``max_iter`` without a look seeing it done."""
+        return key in self._ran_out
 
     def remember(self, key: Hashable, taken: int) -> None:
-        self._needed[key] = taken
+        before = self._needed.get(key)
+        self._needed[key] = (taken,) if before is None else (before[-1], taken)
         self._needed.move_to_end(key)
+        self._ran_out.discard(key)
         while len(self._needed) > REMEMBERED_AT_MOST:
-            self._needed.popitem(last=False)
+            self._ran_out.discard(self._needed.popitem(last=False)[0])
+
+    def mark_ran_out(self, key: Hashable) -> None:
+        if len(self._ran_out) < REMEMBERED_AT_MOST:
+            self._ran_out.add(key)
 
 
 class StopChecks:
@@ -54,10 +72,13 @@ class StopChecks:
 
     Args:
         first: the iteration count of the first look (0: at the initial iterate).
+        once: look only once (the last solve of this key ran out of iterations: an unconverged
+            solve would otherwise read every few iterations to its end).
     """
 
-    def __init__(self, first: int) -> None:
+    def __init__(self, first: int, once: bool = False) -> None:
         self._schedule = CheckSchedule(first=max(0, first))
+        self._once = once
         self._start: Optional[Tensor] = None
         self.looks = 0
         self.needed: Optional[int] = None  # known once a look found every sample done
@@ -90,6 +111,8 @@ class StopChecks:
             self.needed = int(read[2]) if read[2] >= 0 else None
             return True
         self._schedule.seen(taken, read[1])
+        if self._once:
+            self._schedule.next = math.inf  # run to the end without another read
         return False
 
 
@@ -117,19 +140,24 @@ class RemembersIterations:
         """The looks of a solve on the accelerator path (``None`` on the CPU path)."""
         if not on_accelerator_path(like):
             return None
-        return StopChecks(self.iteration_memory.expected(solve_key(owner, like)))
+        key = solve_key(owner, like)
+        return StopChecks(self.iteration_memory.expected(key), once=self.iteration_memory.ran_out(key))
 
     def remember(self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None) -> None:
         """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
         looks first where this one's last sample was done (``checks.needed``). A solve that ended
-        unseen (at ``max_iter``) leaves the memory as it was: its count would make the next solve
-        run to ``max_iter`` before its first look, however early it converged."""
+        unseen (at ``max_iter``) keeps the counts as they were (its own would make the next solve run
+        to ``max_iter`` before its first look, however early it converged) and marks the key, so the
+        next solve looks once only."""
         if not on_accelerator_path(like):
             return
+        key = solve_key(owner, like)
         if checks is None:
-            self.iteration_memory.remember(solve_key(owner, like), taken)
+            self.iteration_memory.remember(key, taken)
         elif checks.needed is not None:
-            self.iteration_memory.remember(solve_key(owner, like), checks.needed)
+            self.iteration_memory.remember(key, checks.needed)
+        else:
+            self.iteration_memory.mark_ran_out(key)
 
 
 __all__ = ["FIRST_LOOK", "IterationMemory", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",

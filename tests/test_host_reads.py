@@ -83,17 +83,17 @@ def _subclasses(cls):
 
 
 def count_step(config: str, extra: list[str], tmp_path: Path, monkeypatch) -> tuple[HostReads, int]:
-    """Host reads and solves of training step 2 of ``config`` on the accelerator path."""
+    """Host reads and solves of training step 5 (each block remembers its counts by then) of ``config`` on the accelerator path."""
     from irnet.cli import main as cli_main
 
     reads = HostReads()
     solves = _SolveCounter(reads, monkeypatch)
     with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
         cli = cli_main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
-                        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+                        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "6",
                         "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
                         *extra], run=False)
-        cli.trainer.callbacks.append(_CountOneStep(reads, step=2))
+        cli.trainer.callbacks.append(_CountOneStep(reads, step=5))
         with forced_path("accelerator"), reads.patched():
             cli.trainer.fit(cli.model, cli.datamodule)
     return reads, solves.count
