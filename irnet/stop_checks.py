@@ -25,6 +25,8 @@ from irnet.progress import CheckSchedule
 
 #: where a solve without a remembered count first looks
 FIRST_LOOK = 1
+#: a key whose solves keep running out of iterations looks once in this many solves
+LOOK_EVERY_WHEN_RAN_OUT = 8
 #: the most keys an IterationMemory keeps (least recently used are forgotten)
 REMEMBERED_AT_MOST = 4096
 
@@ -35,12 +37,14 @@ class IterationMemory:
     A solve looks first at the larger of the two: a need that wavers by one between steps (common
     with warm starts) then costs one read and at most one iteration past the CPU path's, where
     looking at the last count alone would cost a second read every other step. A key whose last
-    solve ran out of iterations unseen is marked: its next solve looks once, then runs to the end.
+    solve ran out of iterations without a look seeing it done runs blind (no read, as many
+    iterations as the CPU path takes for an unconverged solve), looking once every
+    :data:`LOOK_EVERY_WHEN_RAN_OUT` solves to find out whether it converges again.
     """
 
     def __init__(self) -> None:
         self._needed: "OrderedDict[Hashable, tuple[int, ...]]" = OrderedDict()
-        self._ran_out: set = set()
+        self._ran_out: dict = {}  # key -> solves run out in a row
 
     def expected(self, key: Hashable) -> int:
         """Where to look first: the larger of the last two counts, or :data:`FIRST_LOOK` for a new key."""
@@ -50,17 +54,21 @@ class IterationMemory:
         """Whether the last solve of ``key`` ran to its ``max_iter`` without a look seeing it done."""
         return key in self._ran_out
 
+    def blind(self, key: Hashable) -> bool:
+        """Whether the next solve of ``key`` should run without looking (it keeps running out)."""
+        return self._ran_out.get(key, 0) % LOOK_EVERY_WHEN_RAN_OUT != 0
+
     def remember(self, key: Hashable, taken: int) -> None:
         before = self._needed.get(key)
         self._needed[key] = (taken,) if before is None else (before[-1], taken)
         self._needed.move_to_end(key)
-        self._ran_out.discard(key)
+        self._ran_out.pop(key, None)
         while len(self._needed) > REMEMBERED_AT_MOST:
-            self._ran_out.discard(self._needed.popitem(last=False)[0])
+            self._ran_out.pop(self._needed.popitem(last=False)[0], None)
 
     def mark_ran_out(self, key: Hashable) -> None:
-        if len(self._ran_out) < REMEMBERED_AT_MOST:
-            self._ran_out.add(key)
+        if key in self._ran_out or len(self._ran_out) < REMEMBERED_AT_MOST:
+            self._ran_out[key] = self._ran_out.get(key, 0) + 1
 
 
 class StopChecks:
@@ -71,12 +79,12 @@ class StopChecks:
     the start, at the first look, to measure the rate).
 
     Args:
-        first: the iteration count of the first look (0: at the initial iterate).
+        first: the iteration count of the first look (0: at the initial iterate; ``math.inf``: none).
         once: look only once (the last solve of this key ran out of iterations: an unconverged
             solve would otherwise read every few iterations to its end).
     """
 
-    def __init__(self, first: int, once: bool = False) -> None:
+    def __init__(self, first: float, once: bool = False) -> None:
         self._schedule = CheckSchedule(first=max(0, first))
         self._once = once
         self._start: Optional[Tensor] = None
@@ -140,15 +148,16 @@ class RemembersIterations:
         """The looks of a solve on the accelerator path (``None`` on the CPU path)."""
         if not on_accelerator_path(like):
             return None
-        key = solve_key(owner, like)
-        return StopChecks(self.iteration_memory.expected(key), once=self.iteration_memory.ran_out(key))
+        key, memory = solve_key(owner, like), self.iteration_memory
+        if memory.blind(key):
+            return StopChecks(math.inf)
+        return StopChecks(memory.expected(key), once=memory.ran_out(key))
 
     def remember(self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None) -> None:
         """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
         looks first where this one's last sample was done (``checks.needed``). A solve that ended
-        unseen (at ``max_iter``) keeps the counts as they were (its own would make the next solve run
-        to ``max_iter`` before its first look, however early it converged) and marks the key, so the
-        next solve looks once only."""
+        unseen (at ``max_iter``) keeps the counts as they were and marks the key
+        (:meth:`IterationMemory.mark_ran_out`): its next solves run blind, looking once in a while."""
         if not on_accelerator_path(like):
             return
         key = solve_key(owner, like)
@@ -160,5 +169,5 @@ class RemembersIterations:
             self.iteration_memory.mark_ran_out(key)
 
 
-__all__ = ["FIRST_LOOK", "IterationMemory", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",
+__all__ = ["FIRST_LOOK", "IterationMemory", "LOOK_EVERY_WHEN_RAN_OUT", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",
            "solve_key"]

@@ -190,3 +190,38 @@ def test_training_on_the_accelerator_path_matches_the_cpu_path():
     print("F evaluations per step, CPU path:", cpu_evaluations, "accelerator path:", accelerator_evaluations)
     for cpu, accelerator in zip(cpu_evaluations[1:], accelerator_evaluations[1:]):
         assert cpu <= accelerator <= cpu + 3
+
+
+def test_a_solve_that_keeps_running_out_reads_once_in_a_while_and_finds_convergence_again():
+    # F(y) = a·y with θa = 1.5 (expansive): FixedPoint never converges and runs to max_iter on
+    # both paths. On the accelerator path the block then runs blind (no read), looking once every
+    # LOOK_EVERY_WHEN_RAN_OUT solves; once the map contracts again, that look finds it.
+    from irnet.stop_checks import LOOK_EVERY_WHEN_RAN_OUT
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = 3.0
+
+        def forward(self, y):
+            return self.a * y
+
+    F = Scale()
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-8, max_iter=20))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    reads = HostReads()
+    with forced_path("accelerator"), reads.patched(), pytest.warns(Warning):
+        counts = []
+        with reads.counting():
+            for _ in range(2 * LOOK_EVERY_WHEN_RAN_OUT):
+                block(x)
+                counts.append(block.forward_stats.iterations)
+        assert all((c == 20).all() for c in counts)
+        # the first solve looks every few iterations (3 looks), then blind, one look in 8 solves
+        assert reads.count <= 3 + 2, reads.report()
+        F.a = 0.2
+        for _ in range(LOOK_EVERY_WHEN_RAN_OUT + 1):
+            block(x)
+        assert block.forward_stats.converged.all() and block.forward_stats.iterations.max() < 20
+        from irnet.stats import flush_failure_warnings
+        flush_failure_warnings()

@@ -128,7 +128,7 @@ def _ran_to_the_end(solver: NonlinearSolver, problem: FixedPointProblem, like: T
     iterations, so that its loop ended without a look: what it remembered taking, or a fixed count."""
     if getattr(solver, "fixed_count", False):
         return True
-    return solver.iteration_memory.expected(solve_key(problem.F, like)) >= solver.max_iter
+    return solver.iteration_memory.ran_out(solve_key(problem.F, like))
 
 
 __all__ = ["Fallback"]
