@@ -14,6 +14,14 @@ vector–Jacobian products of the adjoint solve in backward:
 :class:`SolveScope` applies both with forward hooks on F while the block's
 forward runs, and again around the block's adjoint node in backward (autograd
 node hooks), so the backward code needs to know nothing of it.
+
+On the accelerator path (:mod:`irnet.device_path`) it also switches TF32 off
+(:class:`FullFloat32`) for the block's forward and for its adjoint solve:
+cuBLAS matmuls and cuDNN convolutions that round float32 inputs to TF32's
+10-bit mantissa (about 5e-4 relative) stall a solve far above its atol 1e-5
+(docs/training.md, "Precision on GPUs"). Everywhere else the user's setting
+holds, and it is put back afterwards, also when the solve raises. On the CPU
+path nothing is read or switched.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Optional
 
 import torch
+import torch.backends.cuda
+import torch.backends.cudnn
+import torch.backends.mkldnn
 from torch import Tensor, nn
 
+from irnet.device_path import on_accelerator_path
 from irnet.held_dropout import HeldRandomness, is_active_dropout, refuse_batch_statistics
 
 HALF = (torch.float16, torch.bfloat16)
@@ -62,6 +74,91 @@ class _AutocastOff:
         context, self._context = self._context, None
         if context is not None:
             context.__exit__(*exc)
+
+
+# -- TF32 ----------------------------------------------------------------------------------------
+# torch has two generations of switches: the legacy ones (set_float32_matmul_precision, which
+# matmul.allow_tf32 also sets, and cudnn.allow_tf32) and, from torch 2.9, per-backend
+# ``fp32_precision`` strings. Its legacy getters raise when the two disagree (so would
+# torch.compile's guards), so both are switched together, and every value is put back as it was.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _new_api_switches() -> tuple[list, list]:
+    """The ``fp32_precision`` holders irnet sets to "ieee", and the one the legacy setter also writes."""
+    b = torch.backends
+    return [b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn], [b.mkldnn.matmul]
+
+
+def _legacy(read: Callable[[], Any]) -> Any:
+    """A legacy setting, or None where torch finds it mixed with disagreeing new-API values."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
+
+
+def _tf32_off() -> Optional[Callable[[], None]]:
+    """Switch TF32 off for CUDA matmuls and cuDNN; return what puts the settings back (None: was off)."""
+    matmul = _legacy(torch.get_float32_matmul_precision)
+    cudnn = _legacy(lambda: torch.backends.cudnn.allow_tf32)
+    if matmul == "highest" and cudnn is False:
+        return None  # torch's getters have checked that the new API agrees
+    off, written = _new_api_switches() if _NEW_API else ([], [])
+    saved = [(holder, holder.fp32_precision) for holder in off + written]
+    if matmul is not None:
+        torch.set_float32_matmul_precision("highest")
+    if cudnn is not None:
+        torch.backends.cudnn.allow_tf32 = False
+    for holder in off:
+        holder.fp32_precision = "ieee"  # explicit: a "none" left by the legacy setter inherits
+
+    def restore() -> None:
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn
+        for holder, value in saved:
+            if holder.fp32_precision != value:
+                holder.fp32_precision = value
+
+    return restore
+
+
+class FullFloat32:
+    """Within ``with``: float32 matmuls and convolutions on CUDA in full precision (TF32 off).
+
+    The user's settings (``torch.set_float32_matmul_precision``,
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``
+    and, on torch ≥ 2.9, the ``fp32_precision`` settings) are put back on exit,
+    also on an exception. Nested uses read the switched state and change nothing.
+    """
+
+    def __init__(self) -> None:
+        self._restore: Optional[Callable[[], None]] = None
+
+    def __enter__(self) -> "FullFloat32":
+        self._restore = _tf32_off()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            restore()
+
+
+class _SolveInFullFloat32:
+    """A linear solver whose ``solve`` runs inside :class:`FullFloat32`; anything else is the solver's."""
+
+    def __init__(self, solver: Any) -> None:
+        self._solver = solver
+
+    def solve(self, *args: Any, **kwargs: Any) -> Any:
+        with FullFloat32():
+            return self._solver.solve(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._solver, name)
 
 
 def _inspect(F: nn.Module, dtype: torch.dtype) -> tuple[bool, list]:
@@ -125,6 +222,8 @@ class SolveScope:
         self._hooks: list = []
         self._saved: list[list[Tensor]] = []
         self._autocast_off = _AutocastOff(self.device_type)
+        # TF32 matters only on a GPU; the CPU path reads nothing here.
+        self._full_float32 = FullFloat32() if on_accelerator_path(x) else None
 
     @property
     def hooks_needed(self) -> bool:
@@ -134,11 +233,15 @@ class SolveScope:
     # -- the block's forward ------------------------------------------------------
     def __enter__(self) -> "SolveScope":
         self._autocast_off.__enter__()
+        if self._full_float32 is not None:
+            self._full_float32.__enter__()
         self._attach()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._detach()
+        if self._full_float32 is not None:
+            self._full_float32.__exit__(*exc)
         self._autocast_off.__exit__(*exc)
 
     # -- backward -------------------------------------------------------------------
@@ -147,9 +250,21 @@ class SolveScope:
 
         Looks a few steps back from ``y`` for nodes of irnet's autograd
         functions (the implicit adjoint), stopping at the block's input ``x``,
-        and wraps each node's backward with pre and post hooks.
+        and wraps each node's backward with pre and post hooks. On the
+        accelerator path each node's linear solve also runs in full float32:
+        its solver is wrapped on the node, so that a solve that raises still
+        puts the user's TF32 settings back (a post hook would not run).
         """
-        if not (self.hooks_needed or self.autocast) or y.grad_fn is None:
+        hooks = self.hooks_needed or self.autocast
+        if not (hooks or self._full_float32 is not None) or y.grad_fn is None:
+            return
+        nodes = _irnet_nodes(y, stop=x.grad_fn)
+        if self._full_float32 is not None:
+            for node in nodes:
+                solver = getattr(node, "linear_solver", None)
+                if solver is not None and not isinstance(solver, _SolveInFullFloat32):
+                    node.linear_solver = _SolveInFullFloat32(solver)
+        if not hooks:
             return
         backward_autocast = _AutocastOff(self.device_type)
 
@@ -161,7 +276,7 @@ class SolveScope:
             self._detach()
             backward_autocast.__exit__(None, None, None)
 
-        for node in _irnet_nodes(y, stop=x.grad_fn):
+        for node in nodes:
             node.register_prehook(before)
             node.register_hook(after)
 
@@ -231,4 +346,4 @@ def _irnet_nodes(y: Tensor, stop: Optional[Any]) -> list:
     return found
 
 
-__all__ = ["HALF", "SolveScope", "autocast_enabled", "solve_dtype"]
+__all__ = ["HALF", "FullFloat32", "SolveScope", "autocast_enabled", "solve_dtype"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from irnet import ImplicitResidualBlock
+from irnet.linear import GMRES
+from irnet.nets import ConvResidual
+from irnet.solve_scope import FullFloat32
+from irnet.solvers import FixedPoint
 from problems import LINEAR_SOLVERS, SOLVERS, conv_f, ift_gradients, mlp, residual_norm
 
 pytestmark = [
@@ -147,3 +153,82 @@ def test_lightning_precision_fits_on_cuda(precision):
         assert block.forward_stats.converged.all() and (block.forward_stats.residual <= 1e-5).all()
         assert block.backward_stats.converged.all()
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# -- TF32 (Ampere and later round float32 matmuls and convolutions to TF32 when allowed) ------
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 on for cuBLAS and cuDNN, as with ``torch.set_float32_matmul_precision("high")``."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def _conv_problem():
+    """A ConvResidual with Lip(F) ≤ 0.5 (4 channels, 32 hidden, 8×8 images) and a batch of 16."""
+    torch.manual_seed(0)
+    F = ConvResidual(4, hidden_channels=32, activation="tanh", image_size=8)
+    F.bounded_init(0.5)
+    with torch.no_grad():
+        for conv in (F.conv1, F.conv2):
+            conv.bias.normal_(0, 0.1)
+    return F.cuda(), torch.randn(16, 4, 8, 8, device="cuda")
+
+
+def _adjoint(y, into: dict, key):
+    """Keep the adjoint solution g that the block's implicit node hands on in backward."""
+    y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: into.__setitem__(key, grad_inputs[0]))
+
+
+def test_conv_block_with_tf32_on_reaches_tol_and_matches_float64(tf32_on):
+    """The solve and the adjoint run in full float32; the user's TF32 holds before and after.
+
+    On the CPU the same problem gives a float64 residual of 1e-6 and adjoint and gradient
+    errors of 4e-6 to 5e-6 (relative to their largest entry); with TF32's rounding
+    emulated in F the forward solve stalls near 8e-5 and its answer's residual is 5.5e-4.
+    """
+    F, x = _conv_problem()
+    F64 = copy.deepcopy(F).double()
+    x.requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    w = torch.randn_like(x)
+    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-5, max_iter=200), GMRES(rtol=1e-5, max_iter=100))
+    reference = ImplicitResidualBlock(F64, 0.5, FixedPoint(atol=1e-12, max_iter=500),
+                                      GMRES(rtol=1e-12, max_iter=200))
+    adjoints: dict = {}
+    y, y64 = block(x), reference(x64)
+    _adjoint(y, adjoints, 32)
+    _adjoint(y64, adjoints, 64)
+    stats = block.forward_stats
+    assert stats.converged.all() and (stats.residual <= 1e-5).all()
+    assert (residual_norm(F64, x64.detach(), y.detach().double(), 0.5) <= 2e-5).all()
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=2e-5)
+
+    grads = torch.autograd.grad((y * w).sum(), [x, *F.parameters()])
+    want = torch.autograd.grad((y64 * w.double()).sum(), [x64, *F64.parameters()])
+    assert block.backward_stats.converged.all()
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    g, g64 = adjoints[32].double(), adjoints[64]
+    torch.testing.assert_close(g, g64, rtol=0, atol=5e-5 * g64.abs().max().item())
+    # The backprop through F(x) and F(y*) after the adjoint solve is ordinary backprop and
+    # follows the user's TF32, as in an explicit network: one TF32 product's error (~1e-3).
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
+
+
+def test_tf32_changes_this_cards_convolutions(tf32_on):
+    """Without this the test above shows nothing: here TF32 really does round F's convolutions."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no TF32 before Ampere")
+    F, x = _conv_problem()
+    with torch.no_grad():
+        fast = F(x).double()
+        with FullFloat32():
+            exact = F(x).double()
+        reference = copy.deepcopy(F).double()(x.double())
+    assert (fast - reference).abs().max() > 20 * (exact - reference).abs().max()
