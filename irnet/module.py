@@ -536,6 +536,13 @@ class ImplicitNetModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x)
 
+    def _apply(self, fn, recurse: bool = True):
+        # The regularisers are not modules: their last measurements follow the model here.
+        super()._apply(fn, recurse)
+        for reg in self.regularizers.values():
+            reg.apply_to_tensors(fn)
+        return self
+
     def setup(self, stage: str) -> None:
         # Each Trainer run (fit, validate, test, predict) warns afresh about failed solves.
         reset_convergence_warnings()

@@ -69,6 +69,13 @@ class Regularizer(ArgsRepr):
         """
         raise NotImplementedError
 
+    def apply_to_tensors(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Pass every tensor this regulariser keeps (its last measurements) through ``fn``: the
+        module calls it from ``_apply``, so they follow the model to its device and dtype."""
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, fn(value))
+
     def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
         """Called by the module at the start of every training epoch.
 
