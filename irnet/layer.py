@@ -44,6 +44,20 @@ class NonFiniteInputError(ValueError):
     """
 
 
+def check_inputs_finite(inputs: list[Tensor]) -> None:
+    """Raise :class:`NonFiniteInputError` if any of the blocks' ``inputs`` holds NaN or Inf.
+
+    The accelerator path's version of the check a block makes on the CPU path after a solve that
+    did not converge: one host read for all the blocks of a pass (the module makes it once per step).
+    """
+    if not inputs:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in inputs]).tolist()
+    if not all(finite):
+        raise NonFiniteInputError(f"x (the block's input) contains NaN or Inf at layer {finite.index(False)}; "
+                                  "the solve would not end well")
+
+
 class ImplicitResidualBlock(nn.Module):
     """Residual layer whose output solves ``y = x + (1 − θ)F(x) + θF(y)``.
 

@@ -39,10 +39,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
+from irnet.device_path import on_accelerator_path
 from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, find, first_failure, listing,
                            merged_diagnosis, nonfinite_gradients, nonfinite_parameters, nonfinite_tensors,
                            rank_note, stop_together)
-from irnet.layer import NonFiniteInputError
+from irnet.layer import NonFiniteInputError, check_inputs_finite
 from irnet.regularizers import FixedPointRegularizer, JacobianRegularizer, PerturbationRegularizer, Regularizer
 from irnet.per_sample import sample_norm
 from irnet.stats import flush_failure_warnings, reset_convergence_warnings
@@ -307,6 +308,8 @@ class ImplicitNetModule(pl.LightningModule):
         """The prediction and this process's batch means: loss, total, terms, iterations, unconverged fractions."""
         with self._named_failures(stage):
             states = self.trajectory(x)
+            if on_accelerator_path(states[0]):  # the blocks there leave this check to one read here
+                check_inputs_finite(states[:-1])
             pred = self.readout(states[-1])
             iters = self.forward_iterations()  # read before any regulariser re-runs the network
             failing = self.unconverged_fractions() if stage == "train" else {}
