@@ -337,8 +337,12 @@ def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contrac
 
 
 @pytest.mark.slow
-def test_ranks_draw_their_own_masks_and_the_checkpoint_holds_every_ranks_warm_starts(tmp_path):
+def test_ranks_draw_their_own_masks_and_the_checkpoint_holds_every_ranks_warm_starts(tmp_path, monkeypatch):
     """2-process fit (gloo), full batches (51 training points: 26 + 25), warm starts on, 2 epochs."""
+    # An earlier in-process seed_everything leaves PL_GLOBAL_SEED behind; the DDP ranks (which inherit
+    # it) would reseed from it at set-up and the one-process reference would not.
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
     settings = {"epochs": 2, "warm_start": True, "masks": True, "checkpoint": True}
     proc = run_script({**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
                       tmp_path)
