@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from irnet.autograd import ImplicitAdjoint
+from irnet.device_path import on_accelerator_path
 from irnet.held_dropout import check_batch_statistics
 from irnet.linear import LinearSolver, Neumann
 from irnet.solve_scope import SolveScope
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
 from irnet.per_sample import per_sample, sample_norm
-from irnet.device_path import on_accelerator_path
 from irnet.stats import SolverStats, report_failures, warn_if_failed
 from irnet.validation import check_choice, check_int, check_unit_interval
 
@@ -219,7 +219,8 @@ class ImplicitResidualBlock(nn.Module):
         self.forward_stats = stats
         if on_accelerator_path(y):
             # No host read: the warning waits for the step's one read (flush_failure_warnings), a
-            # NaN input shows up as a NaN loss, and diverged samples are masked unconditionally.
+            # NaN input for the module's one check per step (check_inputs_finite), and diverged
+            # samples are masked unconditionally.
             report_failures(stats, self._forward_what, self.solver, deferred=True)
             return _nan_where_diverged(y, stats)
         # The CPU path's read: did every sample converge? Only if not is the input checked.
