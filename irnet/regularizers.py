@@ -117,22 +117,20 @@ class FixedPointRegularizer(Regularizer):
     def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
                  trajectory: Optional[Trajectory] = None) -> Tensor:
         total = states[0].new_zeros(states[0].shape[0])
-        for block, y_in in zip(net.blocks, states[:-1]):
-            if block.theta == 0:
-                continue
-            K = self.layer_iterations(block)
+        implicit = [(block, y_in) for block, y_in in zip(net.blocks, states[:-1]) if block.theta != 0]
+        for (block, y_in), K in zip(implicit, self.layer_iterations([block for block, _ in implicit])):
             norms = block.fixed_point_residuals(y_in.detach(), K)  # (K, batch)
             total = total + (power_weights(K, self.p, norms)[:, None] * norms).sum(0)
         return total.mean()
 
-    def layer_iterations(self, block: nn.Module) -> int:
-        """K for ``block``: fixed, or the iterations of its last forward solve."""
+    def layer_iterations(self, blocks: list[nn.Module]) -> list[int]:
+        """K for each block: fixed, or the iterations of its last forward solve (one host read for all)."""
         if self.iterations is not None:
-            return self.iterations
-        stats = block.forward_stats
-        if stats is None:
-            return block.solver.max_iter
-        return max(1, int(stats.iterations.max()))
+            return [self.iterations] * len(blocks)
+        known = [b for b in blocks if b.forward_stats is not None]
+        most = torch.stack([b.forward_stats.iterations.max() for b in known]).tolist() if known else []
+        taken = dict(zip(map(id, known), most))
+        return [max(1, int(taken[id(b)])) if id(b) in taken else b.solver.max_iter for b in blocks]
 
 
 class PerturbationRegularizer(Regularizer):
