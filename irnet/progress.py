@@ -226,7 +226,8 @@ class Record:
 
     def _look(self, excess: Tensor) -> bool:
         needed = (self.progress.iterations - self._counted_before).amax()
-        return self.checks.look(self.taken, self.progress.active, excess, needed)
+        unsolved = (~(self.progress.best_res <= self.tol)).any()  # NaN is unsolved
+        return self.checks.look(self.taken, self.progress.active, excess, needed, unsolved)
 
     def close(self) -> Progress:
         """Settle what is left, hand the scratch buffer back and return the final progress."""

@@ -45,6 +45,7 @@ class IterationMemory:
     def __init__(self) -> None:
         self._needed: "OrderedDict[Hashable, tuple[int, ...]]" = OrderedDict()
         self._ran_out: dict = {}  # key -> solves run out in a row
+        self._solved: set = set()  # keys whose last solve was seen to end with every sample solved
 
     def expected(self, key: Hashable) -> int:
         """Where to look first: the larger of the last two counts, or :data:`FIRST_LOOK` for a new key."""
@@ -64,7 +65,19 @@ class IterationMemory:
         self._needed.move_to_end(key)
         self._ran_out.pop(key, None)
         while len(self._needed) > REMEMBERED_AT_MOST:
-            self._ran_out.pop(self._needed.popitem(last=False)[0], None)
+            forgotten = self._needed.popitem(last=False)[0]
+            self._ran_out.pop(forgotten, None)
+            self._solved.discard(forgotten)
+
+    def solved_all(self, key: Hashable) -> bool:
+        """Whether the last solve of ``key`` was seen to end with every sample within tolerance."""
+        return key in self._solved
+
+    def note_solved(self, key: Hashable, solved: Optional[bool]) -> None:
+        if solved:
+            self._solved.add(key)
+        else:
+            self._solved.discard(key)
 
     def mark_ran_out(self, key: Hashable) -> None:
         if key in self._ran_out or len(self._ran_out) < REMEMBERED_AT_MOST:
@@ -89,7 +102,8 @@ class StopChecks:
         self._once = once
         self._start: Optional[Tensor] = None
         self.looks = 0
-        self.needed: Optional[int] = None  # known once a look found every sample done
+        self.needed: Optional[int] = None  # known once a look found every sample done ...
+        self.all_solved: Optional[bool] = None  # ... and whether each met its tolerance
 
     def start(self, excess: Tensor) -> None:
         """The excess at the initial iterate (a device scalar, read at the first look)."""
@@ -99,24 +113,29 @@ class StopChecks:
         """Whether to look after ``taken`` iterations."""
         return self._schedule.due(taken)
 
-    def look(self, taken: int, active: Tensor, excess: Tensor, needed: Optional[Tensor] = None) -> bool:
+    def look(self, taken: int, active: Tensor, excess: Tensor, needed: Optional[Tensor] = None,
+             unsolved: Optional[Tensor] = None) -> bool:
         """Read whether every sample is done (one host read); plan the next look if not.
 
-        ``needed`` is the most iterations any sample has needed so far (a device scalar, optional):
-        once every sample is done, it is where the next solve of the same key should look first
-        (:attr:`needed`), read in the same host read.
+        Read in the same host read, both optional device scalars: ``needed``, the most iterations any
+        sample has needed so far — once every sample is done, where the next solve of the same key
+        should look first (:attr:`needed`); ``unsolved``, whether any sample is done without meeting
+        its tolerance (:attr:`all_solved`, which lets a chain of solvers stop without a read).
         """
         needed = excess.new_full((), -1) if needed is None else needed
-        values = [active.any().to(excess.dtype), excess.reshape(()), needed.reshape(()).to(excess.dtype)]
+        unsolved = excess.new_full((), -1) if unsolved is None else unsolved
+        values = [active.any().to(excess.dtype), excess.reshape(()), needed.reshape(()).to(excess.dtype),
+                  unsolved.reshape(()).to(excess.dtype)]
         if self._start is not None and taken > 0:
             values.append(self._start.reshape(()))
         read = torch.stack(values).tolist()
         self.looks += 1
-        if len(read) == 4:  # the start as the first point of the rate
-            self._schedule.seen(0, read[3])
+        if len(read) == 5:  # the start as the first point of the rate
+            self._schedule.seen(0, read[4])
             self._start = None
         if not read[0]:
             self.needed = int(read[2]) if read[2] >= 0 else None
+            self.all_solved = read[3] == 0 if read[3] >= 0 else None
             return True
         self._schedule.seen(taken, read[1])
         if self._once:
@@ -160,13 +179,14 @@ class RemembersIterations:
         (:meth:`IterationMemory.mark_ran_out`): its next solves run blind, looking once in a while."""
         if not on_accelerator_path(like):
             return
-        key = solve_key(owner, like)
+        key, memory = solve_key(owner, like), self.iteration_memory
+        memory.note_solved(key, None if checks is None else checks.all_solved)
         if checks is None:
-            self.iteration_memory.remember(key, taken)
+            memory.remember(key, taken)
         elif checks.needed is not None:
-            self.iteration_memory.remember(key, checks.needed)
+            memory.remember(key, checks.needed)
         else:
-            self.iteration_memory.mark_ran_out(key)
+            memory.mark_ran_out(key)
 
 
 __all__ = ["FIRST_LOOK", "IterationMemory", "LOOK_EVERY_WHEN_RAN_OUT", "REMEMBERED_AT_MOST", "RemembersIterations", "StopChecks",

@@ -226,3 +226,22 @@ def test_a_solve_that_keeps_running_out_reads_once_in_a_while_and_finds_converge
             block(x)
         assert block.forward_stats.converged.all() and block.forward_stats.iterations.max() < 20
         flush_failure_warnings()
+
+
+def test_a_chain_whose_first_solver_solves_every_sample_reads_once():
+    # The first link's last look reads, with "done", whether every sample met the tolerance (which
+    # the links share): the chain stops without a read of its own.
+    from irnet.solvers import Broyden, Fallback
+
+    F = mlp(n=3, width=8, lipschitz=0.5)
+    block = ImplicitResidualBlock(F, 0.5, Fallback([Anderson(atol=1e-9), Broyden(atol=1e-9)]))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    reads = HostReads()
+    with forced_path("accelerator"), reads.patched(), torch.no_grad():
+        block(x)  # the first solve finds its counts
+        with reads.counting():
+            y = block(x)
+    assert reads.count == 1, reads.report()
+    assert (block.forward_stats.method == 0).all() and block.forward_stats.converged.all()
+    with forced_path("cpu"), torch.no_grad():
+        torch.testing.assert_close(block(x), y, rtol=0, atol=0)

@@ -100,6 +100,8 @@ class Fallback(NonlinearSolver):
             unsolved = ~(best_res <= self.atol)
             # The one host read per link; on the accelerator path none after a link that ran to its
             # max_iter: the next link's own looks find out whether any sample is left.
+            if accelerator and _solved_all(self.solvers[index - 1], problem, y0):
+                break  # its last look saw every sample within the chain's tolerance (the links share it)
             read = not (accelerator and _ran_to_the_end(self.solvers[index - 1], problem, y0))
             if read and not bool(unsolved.any()):
                 break
@@ -121,6 +123,12 @@ class Fallback(NonlinearSolver):
 
     def __repr__(self) -> str:
         return f"Fallback(solvers={self.solvers!r})"
+
+
+def _solved_all(solver: NonlinearSolver, problem: FixedPointProblem, like: Tensor) -> bool:
+    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) was seen by its last look
+    to end with every sample within tolerance."""
+    return solver.iteration_memory.solved_all(solve_key(problem.F, like))
 
 
 def _ran_to_the_end(solver: NonlinearSolver, problem: FixedPointProblem, like: Tensor) -> bool:
