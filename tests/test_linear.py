@@ -197,6 +197,28 @@ def test_zero_right_hand_side(linear):
     torch.testing.assert_close(g, exact(A, 1.0, b), rtol=0, atol=1e-10)
 
 
+@linear_names
+@pytest.mark.parametrize("alpha", [1e-8, 1e4])
+def test_solve_scales_with_the_right_hand_side(linear, alpha):
+    # rtol is relative (‖A g − b‖ ≤ rtol‖b‖ per sample), so a solve is linear in b:
+    # solve(αb) = α·solve(b), with the same counts and flags. Every other test has ‖b‖ near
+    # 1, where a tolerance taken as absolute would pass unnoticed; α = 1e-8 would then stop
+    # at once and α = 1e4 would need more products. rtol = 1e-8 leaves Neumann ~50 terms.
+    A = contraction(n=8, radius=0.7, seed=1)
+    op = operator_for(A, 1.0)
+    b = torch.randn(3, 8, dtype=DTYPE)
+    solver = LINEAR_SOLVERS[linear](rtol=1e-8)
+    g, stats = solver.solve(op, b)
+    g_scaled, stats_scaled = solver.solve(op, alpha * b)
+    assert stats.converged.all()
+    torch.testing.assert_close(g_scaled, alpha * g, rtol=1e-10, atol=0)
+    assert torch.equal(stats_scaled.iterations, stats.iterations)
+    assert torch.equal(stats_scaled.converged, stats.converged)
+    assert torch.equal(stats_scaled.diverged, stats.diverged)
+    # The reported residual is relative too (up to rounding, where GMRES and Direct end).
+    torch.testing.assert_close(stats_scaled.residual, stats.residual, rtol=1e-6, atol=1e-13)
+
+
 def test_direct_refuses_large_states():
     A = contraction(n=6)
     with pytest.raises(ValueError, match=r"\bmax_size\b"):
