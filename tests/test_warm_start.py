@@ -86,6 +86,29 @@ def test_cache_is_keyed_by_sample_so_order_and_new_samples_are_handled():
     assert len(net.warm_start_cache) == 8
 
 
+def test_new_samples_in_a_warm_batch_start_from_the_explicit_step_as_a_cold_net_does():
+    # A sample the cache does not hold must start where a cold solve starts (the explicit
+    # step x + F(x)), not from zero or any other guess: then its count and its answer are
+    # exactly a cold network's, layer by layer. "It iterates" would not tell the two apart.
+    warm, cold = _net(True), _net(False)  # same seed: same weights
+    seen = torch.randn(5, 1, dtype=torch.float64)
+    warm(seen)
+    fresh = torch.randn(3, 1, dtype=torch.float64) + 3.0
+    mixed = torch.cat([seen[:2], fresh, seen[2:]])
+    new = slice(2, 5)
+    y_warm = warm(mixed)
+    it_warm = _iterations(warm)
+    assert (it_warm[:, :2] == 0).all() and (it_warm[:, 5:] == 0).all()  # the known ones hit
+    # The cold net on the same batch (same shapes, so the same arithmetic row by row) ...
+    y_cold = cold(mixed)
+    assert torch.equal(it_warm[:, new], _iterations(cold)[:, new])
+    assert torch.equal(y_warm[new], y_cold[new])
+    # ... and on the new samples alone (a 3-row product may round otherwise than an 8-row one).
+    y_alone = cold(fresh)
+    assert torch.equal(it_warm[:, new], _iterations(cold))
+    torch.testing.assert_close(y_warm[new], y_alone, rtol=0, atol=1e-14)
+
+
 def _known(cache: WarmStartCache, x: torch.Tensor, layers: int = 1) -> list[bool]:
     guesses = cache.lookup(cache.keys(x), layers)
     if guesses is None:
