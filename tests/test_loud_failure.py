@@ -116,6 +116,49 @@ def test_non_finite_gradient_stops_before_the_step(tmp_path):
     assert trainer.global_step == 2
 
 
+class InfiniteLossAt(ImplicitNetModule):
+    """The data loss plus ``value`` (±Inf) at training step ``step``: the loss is infinite but its
+    gradient is the finite one of the data loss, so only the loss check can stop that step."""
+
+    def __init__(self, net, value: float, step: int) -> None:
+        super().__init__(net, lr=1e-2)
+        self.value, self.bad_step = value, step
+
+    def compute_loss(self, pred, target):
+        loss = super().compute_loss(pred, target)
+        return loss + self.value if self.training and self.global_step == self.bad_step else loss
+
+
+class Snapshot(Callback):
+    """The parameters as they were at the start of training step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.before = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = {k: p.detach().clone() for k, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_loss_stops_the_fit_naming_the_loss_before_the_step(tmp_path, value):
+    # Infinite, not NaN: the check must test finiteness. Under 16-mixed the gradient check is
+    # skipped, and here the gradients are finite anyway, so this message is the only stop.
+    module = InfiniteLossAt(tiny_odenet(layers=2), value, step=2)
+    snapshot = Snapshot(step=2)
+    trainer, _ = trainer_for(tmp_path, epochs=4, callbacks=[snapshot])
+    with pytest.raises(TrainingFailure) as failure:
+        trainer.fit(module, SineRegression(num_points=11))
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith(f"training stopped at epoch 2, step 2: non-finite train/loss ({value}); ")
+    assert "gradients" not in message
+    assert trainer.global_step == 2  # the infinite step was not taken
+    after = dict(module.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in snapshot.before.items())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=1-step=2.ckpt", "last.ckpt"]
+
+
 def test_layer_whose_solves_keep_failing_stops_after_n_steps(tmp_path):
     net = tiny_odenet(layers=2)
     net.blocks[1].solver = FixedPoint(atol=1e-14, max_iter=1)
