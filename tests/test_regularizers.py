@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from helpers_training import CONFIGS
+from irnet.cli import main
 from irnet.linear import Neumann
 from irnet.nets import ODENet
 from irnet.perturbations import GaussianPerturbation, Perturbation
@@ -214,6 +216,37 @@ def test_gaussian_perturbation_has_the_configured_sigma():
     noise = noisy - 3.0
     assert noise.std().item() == pytest.approx(0.05, rel=0.01)
     assert abs(noise.mean().item()) < 3 * 0.05 / 200_000**0.5 * 2**0.5
+
+
+def r_rnd_noise(reg: PerturbationRegularizer, size: int = 100_000) -> Tensor:
+    """The noise R_rnd adds to ``size`` zero inputs (all its streams), float64."""
+    return reg.perturb(torch.zeros(size, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3])
+def test_r_rnd_draws_its_noise_with_the_configured_sigma(sigma):
+    # The σ given to R_rnd must reach the perturbation it draws from, not only be stored.
+    reg = PerturbationRegularizer(streams=2, sigma=sigma, seed=1)
+    assert reg.perturbation.sigma == sigma
+    noise = r_rnd_noise(reg)
+    assert noise.shape == (200_000, 1)
+    assert noise.std().item() == pytest.approx(sigma, rel=0.01)  # 200 000 draws: std error about 0.16 %
+
+
+def test_r_rnd_draws_scale_with_sigma():
+    # Same seed and epoch, another σ: the same standard normal draws times the new σ.
+    small, large = (PerturbationRegularizer(streams=2, sigma=s, seed=4) for s in (0.05, 0.3))
+    a, b = r_rnd_noise(small, 1000), r_rnd_noise(large, 1000)
+    assert torch.allclose(b, 6.0 * a, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("override, sigma", [([], 0.05), (["--model.r_rnd.init_args.sigma", "0.3"], 0.3)])
+def test_r_rnd_sigma_reaches_the_noise_from_the_config(override, sigma, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["irnet"])  # pytest's own arguments are not the CLI's
+    cli = main(["--config", str(CONFIGS / "ex2_spirals.yaml"), *override], run=False)
+    reg = cli.model.r_rnd
+    assert r_rnd_noise(reg).std().item() == pytest.approx(sigma, rel=0.01)
 
 
 def test_perturbation_is_replaceable_at_run_time():
