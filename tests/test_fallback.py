@@ -157,6 +157,29 @@ def test_stalled_samples_continue_from_their_best_iterate_diverged_from_the_star
     assert (stats.iterations[1:] > first_stats.iterations[1:]).all()
 
 
+def test_a_nan_residual_of_an_earlier_link_gives_way_to_a_later_links_answer():
+    # A fixed-count FixedPoint keeps no best iterate: with g = 1e10 its iterates overflow to
+    # inf and the answer's residual is inf − inf = NaN (g = −1e12 alternates in sign: inf).
+    # NaN fails every comparison, so "the later link's residual is lower" alone would keep
+    # the NaN answer; Broyden, restarted from x, solves both.
+    x = torch.tensor([[1.0, -2.0, -0.5], [2.0, 1.0, 1e10], [0.5, 1.5, -1e12]], dtype=DTYPE)
+    F = ElementwiseGain()
+    problem = FixedPointProblem(F, x, 1.0)
+    first = FixedPoint(atol=ATOL, max_iter=40, fixed_count=True)
+    second = Broyden(atol=ATOL, max_iter=50)
+    with torch.no_grad():
+        _, first_stats = first.solve(problem, x)
+        y, stats = Fallback([first, second]).solve(problem, x)
+    assert torch.isnan(first_stats.residual[1]) and torch.isinf(first_stats.residual[2])
+    assert first_stats.diverged.tolist() == [False, True, True]
+    assert torch.isfinite(y).all() and torch.isfinite(stats.residual).all()
+    assert (residual_norm(F, x, y, 1.0) <= ATOL).all()  # from scratch, θ = 1: c = x
+    assert stats.converged.all() and not stats.diverged.any()
+    assert stats.method.tolist() == [0, 1, 1]
+    g = x[:, -1:]
+    torch.testing.assert_close(y, torch.cat([x[:, :-1] / (1 - g), g], 1), rtol=1e-9, atol=0)
+
+
 def test_unsolved_sample_keeps_the_best_iterate_and_is_flagged():
     # g = 3 expands: neither 5 fixed-point steps nor one Broyden step (from H = I, a
     # fixed-point step) solves it. The answer is the lower-residual iterate of the two
