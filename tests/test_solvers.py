@@ -17,6 +17,7 @@ from problems import (
     SOLVER_CLASSES,
     SOLVERS,
     THETAS,
+    TIGHT,
     Cos,
     LinearF,
     Scale,
@@ -193,6 +194,28 @@ def test_anderson_full_history_solves_linear_problem_in_n_plus_1_steps(history, 
     assert (stats.iterations <= 5).all(), stats.iterations
     exact = torch.linalg.solve(torch.eye(4, dtype=DTYPE) - 0.5 * A, c.T).T
     torch.testing.assert_close(y, exact, rtol=0, atol=1e-9)
+
+
+@thetas
+@pytest.mark.parametrize("max_iter", [500, 4], ids=["converges", "stops_short"])
+def test_anderson_with_history_one_and_no_damping_is_fixed_point_iteration(theta, max_iter):
+    # Documented: Anderson(history=1, mixing=1) mixes one map value with weight 1, i.e.
+    # y ← g(y). Its iterates, counts and flags must then be FixedPoint's, sample by sample:
+    # a window that keeps an older iterate, or a damped mix, changes the iterates. Samples
+    # of different sizes stop at different counts (5 to 18); max_iter = 4 stops every one
+    # short, so the answer is the last (best) iterate itself.
+    F = mlp(n=3, width=6, lipschitz=0.8)
+    x = torch.randn(5, 3, dtype=DTYPE) * torch.tensor([1e-3, 0.1, 1.0, 3.0, 10.0], dtype=DTYPE)[:, None]
+    problem = FixedPointProblem(F, x, theta)
+    with torch.no_grad():
+        y_fp, s_fp = FixedPoint(atol=TIGHT, max_iter=max_iter).solve(problem, x)
+        y_aa, s_aa = Anderson(atol=TIGHT, max_iter=max_iter, history=1, mixing=1.0).solve(problem, x)
+    assert torch.equal(s_aa.iterations, s_fp.iterations)
+    assert torch.equal(s_aa.converged, s_fp.converged)
+    assert s_fp.converged.all() if max_iter == 500 else not s_fp.converged.any()
+    assert torch.equal(s_aa.diverged, s_fp.diverged)
+    torch.testing.assert_close(y_aa, y_fp, rtol=0, atol=1e-14)
+    torch.testing.assert_close(s_aa.residual, s_fp.residual, rtol=1e-12, atol=1e-16)
 
 
 def test_direct_solver_call_on_problem():
