@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import lru_cache, partial
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -58,12 +59,14 @@ ACTIVATION_LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "gelu": gelu_lipschitz()}
 def matrix_norm(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Exact spectral norm σ of a matrix and its derivative ``u vᵀ`` (top singular vectors).
 
+    Also for a stack of matrices ``(..., m, n)``: one batched SVD, one σ and one M per matrix.
+
     Returns:
         ``(σ, M)`` with ``σ = ⟨weight, M⟩``; computed without autograd.
     """
     with torch.no_grad():
         U, S, Vh = torch.linalg.svd(finite(weight), full_matrices=False)
-        return S[0], torch.outer(U[:, 0], Vh[0])
+        return S[..., 0], U[..., :, 0, None] * Vh[..., None, 0, :]
 
 
 def finite(weight: Tensor) -> Tensor:
@@ -89,27 +92,31 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
     ``M[o, i, a, b] = Re(ū_o v_i e^{-iω*·(a, b)})``.
 
     Args:
-        weight: kernel of shape (out, in, k, k).
+        weight: kernel of shape (out, in, k, k), or a stack of them (B, out, in, k, k): one
+            batched SVD, one σ and one M per kernel.
         size: the largest image side the bound must hold for.
 
     Returns:
         ``(σ, M)``; computed without autograd.
     """
     with torch.no_grad():
-        k = weight.shape[-1]
+        stacked = weight if weight.dim() == 5 else weight.unsqueeze(0)  # (B, out, in, k, k)
+        k = stacked.shape[-1]
         grid = size + k // 2
-        transfer = torch.fft.rfft2(finite(weight), s=(grid, grid)).permute(2, 3, 0, 1)  # (N, N//2+1, out, in)
+        transfer = torch.fft.rfft2(finite(stacked), s=(grid, grid)).permute(0, 3, 4, 1, 2)  # (B, N, N//2+1, out, in)
         U, S, Vh = torch.linalg.svd(transfer, full_matrices=False)
-        top = S[..., 0].flatten()
+        top = S[..., 0].flatten(1)  # (B, frequencies)
         # The maximising frequency stays a tensor (an index on the device, not a host read).
-        best = top.argmax().reshape(1)
-        p, q = best // S.shape[1], best % S.shape[1]
-        u = U.flatten(0, 1).index_select(0, best)[0, :, 0]
-        v = Vh.flatten(0, 1).index_select(0, best)[0, 0, :].conj()
+        best = top.argmax(1)
+        p, q = (best // S.shape[2])[:, None, None], (best % S.shape[2])[:, None, None]
+        rows = torch.arange(stacked.shape[0], device=weight.device)
+        u = U.flatten(1, 2)[rows, best, :, 0]  # (B, out)
+        v = Vh.flatten(1, 2)[rows, best, 0, :].conj()  # (B, in)
         taps = torch.arange(k, device=weight.device, dtype=weight.dtype)
-        phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)
-        M = (u.conj()[:, None, None, None] * v[None, :, None, None] * phase).real
-        return top.index_select(0, best)[0], M.to(weight.dtype)
+        phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)  # (B, k, k)
+        M = (u.conj()[:, :, None, None, None] * v[:, None, :, None, None] * phase[:, None, None]).real
+        sigma, M = top[rows, best], M.to(weight.dtype)
+        return (sigma, M) if weight.dim() == 5 else (sigma[0], M[0])
 
 
 class _Rescale(torch.autograd.Function):
@@ -181,6 +188,7 @@ class LipschitzConstraint(nn.Module):
         self._forget()
 
     def _forget(self) -> None:
+        self._last: Optional[tuple[Tensor, ...]] = None  # the weights of the last call (for a NormGroup)
         self._norms: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # weight index → (key, σ, dσ/dW)
         self._factor: Optional[tuple[tuple, Union[float, Tensor], Optional[Tensor]]] = None
         self._scaled: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
@@ -195,6 +203,7 @@ class LipschitzConstraint(nn.Module):
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
+        self._last = weights
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         key = self._key(weights)
         if not grad and self._scaled is not None and self._same(self._scaled[0], key):
@@ -240,6 +249,12 @@ class LipschitzConstraint(nn.Module):
         cached = self._norms.get(index)
         if cached is not None and self._same(cached[0], key):
             return cached[1], cached[2]
+        group = self.__dict__.get("_group")
+        if group is not None and on_accelerator_path(w) and not torch.compiler.is_compiling():
+            group.refresh()  # every member's stale norms, one batched SVD per weight shape
+            cached = self._norms.get(index)
+            if cached is not None and self._same(cached[0], key):
+                return cached[1], cached[2]
         # Outside inference mode, so that a norm first needed by a validation pass can
         # still be saved for backward by the next training step.
         with _outside_inference():
@@ -260,6 +275,57 @@ class LipschitzConstraint(nn.Module):
         return f"bound={self.bound:.6g}"
 
 
+class NormGroup:
+    """Constraints whose matrix norms are computed together, on the accelerator path.
+
+    On CUDA every ``torch.linalg.svd`` waits for the host (it checks its solver's
+    error flag), so a network of L constrained layers would wait 2L times per
+    optimiser step. Members of a group refresh together: the first one that
+    finds its norms stale after a step computes those of every member, with the
+    weights each used last, in one batched SVD per weight shape — two waits per
+    step for the paper's networks and the convolutional ones. The CPU path keeps
+    one SVD per weight.
+
+    Args:
+        members: constraints with :func:`matrix_norm` or :func:`conv_norm` (others are left to
+            themselves).
+    """
+
+    def __init__(self, members: Sequence["LipschitzConstraint"]) -> None:
+        self.members = [c for c in members if _stackable(c.norm)]
+        for constraint in self.members:
+            constraint.__dict__["_group"] = self  # a plain attribute: not a submodule
+
+    def refresh(self) -> None:
+        stale: dict[tuple, list[tuple[LipschitzConstraint, int, Tensor]]] = {}
+        for constraint in self.members:
+            for index, w in enumerate(constraint._last or ()):
+                cached = constraint._norms.get(index)
+                if cached is None or not constraint._same(cached[0], constraint._key((w,))):
+                    shape = (tuple(w.shape), w.dtype, w.device, _stackable(constraint.norm))
+                    stale.setdefault(shape, []).append((constraint, index, w))
+        for (*_, norm), entries in stale.items():
+            with _outside_inference():
+                sigmas, Ms = norm(torch.stack([w.detach() for _, _, w in entries]))
+            for (constraint, index, w), sigma, M in zip(entries, sigmas, Ms):
+                constraint._norms[index] = (constraint._key((w,)), sigma, M)
+
+
+def _stackable(norm: Callable) -> Optional[Callable]:
+    """``norm`` as a function of a stack of weights (:func:`matrix_norm`, :func:`conv_norm` of one
+    size), comparable between constraints; ``None`` for any other norm."""
+    if norm is matrix_norm:
+        return matrix_norm
+    if isinstance(norm, partial) and norm.func is conv_norm and not norm.args:
+        return _conv_norm_of_size(norm.keywords.get("size"))
+    return None
+
+
+@lru_cache(maxsize=None)
+def _conv_norm_of_size(size: int) -> Callable:
+    return partial(conv_norm, size=size)  # one object per size: equal sizes share a stack
+
+
 @contextmanager
 def _outside_inference() -> Iterator[None]:
     """Leave inference mode, grad off: tensors made inside it could not be saved for backward later."""
@@ -270,5 +336,5 @@ def _outside_inference() -> Iterator[None]:
         yield
 
 
-__all__ = ["ACTIVATION_LIPSCHITZ", "LipschitzConstraint", "MARGIN", "conv_norm", "finite", "gelu_lipschitz",
+__all__ = ["ACTIVATION_LIPSCHITZ", "LipschitzConstraint", "MARGIN", "NormGroup", "conv_norm", "finite", "gelu_lipschitz",
            "matrix_norm"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from irnet.contraction import ACTIVATION_LIPSCHITZ, LipschitzConstraint, conv_norm
+from irnet.contraction import ACTIVATION_LIPSCHITZ, LipschitzConstraint, NormGroup, conv_norm
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
 from irnet.solvers import NonlinearSolver
@@ -282,6 +282,7 @@ class ImplicitODENet(nn.Module):
                      warm_start: bool = False, warm_start_capacity: int = 8192,
                      compile: bool = False):
         thetas = self.thetas(theta, len(residuals))
+        NormGroup([F.constraint for F in residuals if getattr(F, "constraint", None) is not None])
         self.blocks = nn.ModuleList(
             ImplicitResidualBlock(F, t, solver, linear_solver, backward)
             for F, t in zip(residuals, thetas)

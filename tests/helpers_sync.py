@@ -2,7 +2,8 @@
 
 On CUDA every ``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.numpy()``,
 ``nonzero`` and boolean-mask index copies a value to the host and so waits for every queued
-kernel. On the CPU they are free, so nothing would show them; :class:`HostReads` patches them
+kernel, and so do the SVDs and eigendecompositions of ``torch.linalg`` (they check their
+solver's error flag). On the CPU they are free, so nothing would show them; :class:`HostReads` patches them
 onto torch and counts each call (with where it came from), the way the figures of
 ``docs/speed.md`` were taken.
 """
@@ -19,6 +20,8 @@ from torch import Tensor
 
 _TENSOR_METHODS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
 _TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique")
+# linear algebra that PyTorch documents as synchronising a CUDA device with the CPU (error checks)
+_LINALG_FUNCTIONS = ("svd", "svdvals", "eig", "eigvals", "eigh", "eigvalsh")
 
 
 def _is_bool_mask(index) -> bool:
@@ -78,10 +81,11 @@ class HostReads:
             original = getattr(Tensor, name)
             saved.append((Tensor, name, original))
             setattr(Tensor, name, self._wrap(original))
-        for name in _TORCH_FUNCTIONS:
-            original = getattr(torch, name)
-            saved.append((torch, name, original))
-            setattr(torch, name, self._wrap(original))
+        for owner, names in ((torch, _TORCH_FUNCTIONS), (torch.linalg, _LINALG_FUNCTIONS)):
+            for name in names:
+                original = getattr(owner, name)
+                saved.append((owner, name, original))
+                setattr(owner, name, self._wrap(original))
         getitem = Tensor.__getitem__
         saved.append((Tensor, "__getitem__", getitem))
         Tensor.__getitem__ = self._wrap(getitem, lambda t, index: _is_bool_mask(index))

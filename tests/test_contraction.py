@@ -368,7 +368,9 @@ def test_gradients_match_finite_differences_on_both_paths(path):
 
 
 def test_no_host_read_on_the_accelerator_path():
-    """Forward and backward of a constrained MLP and conv residual, SVDs included: nothing read."""
+    """Forward and backward of a constrained MLP and conv residual: nothing read but the two SVDs of
+    the first call (one per weight), which synchronise on CUDA by themselves (NormGroup batches a
+    network's)."""
     for F, y in constrained_pair(active=True) + constrained_pair(active=False):
         reads = HostReads()
         with forced_path("accelerator"), reads.patched(), reads.counting():
@@ -378,7 +380,7 @@ def test_no_host_read_on_the_accelerator_path():
                 F(y)
             with torch.inference_mode():
                 F(y)
-        assert reads.count == 0, reads.report()
+        assert reads.count == 2 and all("contraction.py" in k for k in reads.sources), reads.report()
 
 
 def test_validation_reuses_the_training_step_svds():

@@ -245,3 +245,32 @@ def test_a_chain_whose_first_solver_solves_every_sample_reads_once():
     assert (block.forward_stats.method == 0).all() and block.forward_stats.converged.all()
     with forced_path("cpu"), torch.no_grad():
         torch.testing.assert_close(block(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("path, svds_per_step", [("cpu", 2 * 6), ("accelerator", 2)])
+def test_the_contraction_bound_makes_one_batched_svd_per_weight_shape_on_the_accelerator_path(
+        kind, path, svds_per_step, monkeypatch):
+    # torch.linalg.svd waits for the host on CUDA (it checks its error flag): the accelerator path
+    # computes every layer's norms of a step in one SVD per weight shape, the CPU path one per weight.
+    from irnet.nets import ConvODENet, ODENet
+
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or svd(*a, **k))
+    if kind == "mlp":
+        net = ODENet(2, 2, layers=6, T=6.0, width=16, readout="linear", contraction=0.9, init="bounded")
+        x = torch.randn(8, 2, dtype=torch.float64)
+    else:
+        net = ConvODENet(1, 6, num_classes=3, channels=2, hidden_channels=4, layers=6, contraction=0.9)
+        x = torch.randn(8, 1, 6, 6, dtype=torch.float64)
+    net = net.double()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    with forced_path(path):
+        for step in range(3):
+            calls.clear()
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+            optimizer.step()
+            if step > 0:  # the first step meets each layer's weights one at a time
+                assert len(calls) == svds_per_step, calls
