@@ -40,42 +40,11 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers_sync import SolveCounter  # noqa: E402  (the tests count solves the same way)
+
 DEFAULT_CONFIGS = ("ex1_sine", "ex1_sine_100", "ex2_spirals", "digits")
 SYNC_MESSAGE = "called a synchronizing CUDA operation"
-
-
-class SolveCounter:
-    """Counts outermost ``solve`` calls of irnet's forward and linear solvers while ``active``."""
-
-    def __init__(self) -> None:
-        from irnet.linear import LinearSolver
-        from irnet.solvers import NonlinearSolver
-
-        self.active, self.count, self._depth = False, 0, 0
-        self._patched = [(cls, vars(cls)["solve"]) for base in (NonlinearSolver, LinearSolver)
-                         for cls in (base, *_subclasses(base)) if "solve" in vars(cls)]
-        for cls, original in self._patched:
-            cls.solve = self._wrap(original)
-
-    def _wrap(self, original):
-        def solve(solver, *args, **kwargs):
-            self.count += self.active and self._depth == 0
-            self._depth += 1
-            try:
-                return original(solver, *args, **kwargs)
-            finally:
-                self._depth -= 1
-        return solve
-
-    def close(self) -> None:
-        for cls, original in self._patched:
-            cls.solve = original
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
 
 
 class CountOneStep(pl.Callback):

@@ -188,7 +188,7 @@ class LipschitzConstraint(nn.Module):
         self._forget()
 
     def _forget(self) -> None:
-        self._last: Optional[tuple[Tensor, ...]] = None  # the weights of the last call (for a NormGroup)
+        self.__dict__["_last"] = None  # the weights of the last call (kept only in a NormGroup)
         self._norms: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # weight index → (key, σ, dσ/dW)
         self._factor: Optional[tuple[tuple, Union[float, Tensor], Optional[Tensor]]] = None
         self._scaled: Optional[tuple[tuple, tuple[Tensor, ...]]] = None
@@ -203,7 +203,8 @@ class LipschitzConstraint(nn.Module):
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
-        self._last = weights
+        if "_group" in self.__dict__:  # for the group's next refresh; no Module.__setattr__ per evaluation
+            self.__dict__["_last"] = weights
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         key = self._key(weights)
         if not grad and self._scaled is not None and self._same(self._scaled[0], key):

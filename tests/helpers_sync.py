@@ -105,3 +105,40 @@ class HostReads:
 
     def report(self, top: int = 15) -> str:
         return f"{self.count} host reads; " + ", ".join(f"{k} ×{v}" for k, v in self.sources.most_common(top))
+
+
+class SolveCounter:
+    """Counts outermost ``solve`` calls of irnet's forward and linear solvers while ``active``.
+
+    Patches ``solve`` on every solver class that defines it; :meth:`close` puts them back.
+    """
+
+    def __init__(self) -> None:
+        from irnet.linear import LinearSolver
+        from irnet.solvers import NonlinearSolver
+
+        self.active, self.count, self._depth = False, 0, 0
+        self._patched = [(cls, vars(cls)["solve"]) for base in (NonlinearSolver, LinearSolver)
+                         for cls in (base, *_subclasses(base)) if "solve" in vars(cls)]
+        for cls, original in self._patched:
+            cls.solve = self._wrap(original)
+
+    def _wrap(self, original):
+        def solve(solver, *args, **kwargs):
+            self.count += self.active and self._depth == 0
+            self._depth += 1
+            try:
+                return original(solver, *args, **kwargs)
+            finally:
+                self._depth -= 1
+        return solve
+
+    def close(self) -> None:
+        for cls, original in self._patched:
+            cls.solve = original
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)

@@ -20,11 +20,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from helpers_sync import HostReads
+from helpers_sync import HostReads, SolveCounter
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
-from irnet.linear import LinearSolver, Neumann
-from irnet.solvers import Anderson, FixedPoint, NonlinearSolver
+from irnet.linear import Neumann
+from irnet.solvers import Anderson, FixedPoint
 from irnet.stats import flush_failure_warnings
 from problems import mlp
 
@@ -38,79 +38,55 @@ FIXED_COUNT = ["--model.net.init_args.solver", "irnet.solvers.FixedPoint",
 
 
 class _CountOneStep(pl.Callback):
-    """Counts host reads from the start to the end of training step ``step``."""
+    """Counts host reads and solves from the start to the end of training step ``step``."""
 
-    def __init__(self, reads: HostReads, step: int) -> None:
-        self.reads, self.step = reads, step
+    def __init__(self, reads: HostReads, solves: SolveCounter, step: int) -> None:
+        self.reads, self.solves, self.step = reads, solves, step
         self._counting = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             self._counting = self.reads.counting()
             self._counting.__enter__()
+            self.solves.active = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._counting is not None:
             flush_failure_warnings()  # the module's own flush comes after this hook: count it here
             self._counting.__exit__(None, None, None)
             self._counting = None
+            self.solves.active = False
 
 
-class _SolveCounter:
-    """Counts the solves (outermost ``solve`` calls of any solver) made while ``reads`` counts."""
-
-    def __init__(self, reads: HostReads, monkeypatch) -> None:
-        self.reads, self.count, self._depth = reads, 0, 0
-        for base in (NonlinearSolver, LinearSolver):
-            for cls in (base, *_subclasses(base)):
-                if "solve" in vars(cls):
-                    monkeypatch.setattr(cls, "solve", self._wrap(vars(cls)["solve"]))
-
-    def _wrap(self, original):
-        def solve(solver, *args, **kwargs):
-            if self._depth == 0 and self.reads._active:
-                self.count += 1
-            self._depth += 1
-            try:
-                return original(solver, *args, **kwargs)
-            finally:
-                self._depth -= 1
-        return solve
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
-def count_step(config: str, extra: list[str], tmp_path: Path, monkeypatch) -> tuple[HostReads, int]:
+def count_step(config: str, extra: list[str], tmp_path: Path) -> tuple[HostReads, int]:
     """Host reads and solves of training step 5 (each block remembers its counts by then) of ``config`` on the accelerator path."""
     from irnet.cli import main as cli_main
 
-    reads = HostReads()
-    solves = _SolveCounter(reads, monkeypatch)
-    with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
-        cli = cli_main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
-                        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "6",
-                        "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
-                        *extra], run=False)
-        cli.trainer.callbacks.append(_CountOneStep(reads, step=5))
-        with forced_path("accelerator"), reads.patched():
-            cli.trainer.fit(cli.model, cli.datamodule)
+    reads, solves = HostReads(), SolveCounter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
+            cli = cli_main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
+                            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "6",
+                            "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
+                            *extra], run=False)
+            cli.trainer.callbacks.append(_CountOneStep(reads, solves, step=5))
+            with forced_path("accelerator"), reads.patched():
+                cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        solves.close()
     return reads, solves.count
 
 
 @pytest.mark.parametrize("config", ["ex1_sine", "ex1_sine_100", "ex2_spirals", "digits"])
-def test_a_training_step_reads_at_most_once_per_solve(config, tmp_path, monkeypatch):
-    reads, solves = count_step(config, [], tmp_path, monkeypatch)
+def test_a_training_step_reads_at_most_once_per_solve(config, tmp_path):
+    reads, solves = count_step(config, [], tmp_path)
     print(f"{config}: {solves} solves, {reads.report()}")
     assert solves > 0
     assert reads.count <= solves + OTHER_READS, reads.report()
 
 
-def test_fixed_count_solves_read_nothing_whatever_the_depth(tmp_path, monkeypatch):
-    reads, solves = count_step("ex2_spirals", FIXED_COUNT, tmp_path, monkeypatch)
+def test_fixed_count_solves_read_nothing_whatever_the_depth(tmp_path):
+    reads, solves = count_step("ex2_spirals", FIXED_COUNT, tmp_path)
     print(f"ex2_spirals, fixed count: {solves} solves, {reads.report()}")
     assert solves >= 200  # 100 layers, the main pass and R_rnd's perturbed pass
     assert reads.count <= OTHER_READS, reads.report()
