@@ -8,7 +8,7 @@ optimiser step; no Lightning loop, no callbacks):
 * **explicit** — the config with θ = 0;
 * **implicit, cold** — the config with ``warm_start: false`` (each solve from the explicit step);
 * **implicit, warm** — the config with ``warm_start: true`` (each solve from the sample's last
-  fixed point, :mod:`irnet.warm_start`).
+  fixed point, :mod:`irnet.nets.warm_start`).
 
 The batches are moved to ``--device`` once, before timing. An epoch's time runs from before its
 first step to after its last, with ``torch.cuda.synchronize()`` at both ends on a GPU. Reported

@@ -1,9 +1,9 @@
 """A study cell's epoch with the monitoring callbacks against a lean one (``runner.train(lean=…)``).
 
 Example 1 at 10 layers, θ = ½, the paper's settings (``irnet.reproduce.ex1.make_net``): the same
-network and seed trained for ``--epochs`` epochs through ``irnet.reproduce.runner.train``, once
+network and seed trained for ``--epochs`` epochs through ``irnet.reproduce._runner.train``, once
 with the monitoring callbacks and validation every epoch (``lean=False``) and once lean
-(:class:`~irnet.reproduce.lean_history.LeanHistory`, validation every 10th epoch), alternating
+(:class:`~irnet.reproduce._lean_history.LeanHistory`, validation every 10th epoch), alternating
 ``--repeats`` times in one process with one torch thread. Prints ms an epoch and lean / full.
 
     .venv/bin/python benchmarks/bench_study_epoch.py --epochs 100 --repeats 3
@@ -25,11 +25,11 @@ from pathlib import Path  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-
 from irnet.datamodules import SineRegression  # noqa: E402
+
 from irnet.module import ImplicitNetModule  # noqa: E402
 from irnet.reproduce import ex1  # noqa: E402
-from irnet.reproduce.runner import train  # noqa: E402
+from irnet.reproduce._runner import train  # noqa: E402
 
 
 def seconds_per_epoch(lean: bool, epochs: int, log_dir: Path) -> float:

@@ -52,8 +52,8 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in eve
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
-import logging  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402

@@ -25,8 +25,8 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
-
 from irnet.datamodules import SineRegression  # noqa: E402
+
 from irnet.linear import Direct, Neumann  # noqa: E402
 from irnet.module import l2_loss  # noqa: E402
 from irnet.nets import ODENet  # noqa: E402

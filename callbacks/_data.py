@@ -16,7 +16,6 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from irnet.layer import ImplicitResidualBlock
 from irnet.nets import ConvODENet, ImplicitODENet
 
 
@@ -24,14 +23,6 @@ def find_net(pl_module: pl.LightningModule) -> Optional[ImplicitODENet]:
     """``pl_module.net`` when it is an implicit network, else None."""
     net = getattr(pl_module, "net", None)
     return net if isinstance(net, ImplicitODENet) else None
-
-
-def find_blocks(pl_module: pl.LightningModule) -> list[ImplicitResidualBlock]:
-    """The implicit blocks in depth order: ``net.blocks``, or every block found in the module."""
-    net = find_net(pl_module)
-    if net is not None:
-        return list(net.blocks)
-    return [m for m in pl_module.modules() if isinstance(m, ImplicitResidualBlock)]
 
 
 def is_classification(pl_module: pl.LightningModule) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 
 def check_bool(name: str, value: bool) -> bool:

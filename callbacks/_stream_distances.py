@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from irnet.per_sample import sample_norm
+from irnet._misc import sample_norm
 
 
 def stream_distance(clean: Tensor, noisy: Tensor, streams: int) -> Tensor:

@@ -12,8 +12,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from irnet.nets import ImplicitODENet
-from irnet.plotting import (
+from irnet._misc import check_int
+from irnet.analysis.plotting import (
     VectorField,
     plot_decision_regions,
     plot_layer_curves,
@@ -21,12 +21,11 @@ from irnet.plotting import (
     plot_trajectories,
     plot_vector_fields,
 )
-from irnet.auxiliary import auxiliary_pass
-from irnet.validation import check_int
+from irnet.nets import ImplicitODENet
+from irnet.nets import auxiliary_pass, find_blocks
 
 from ._data import (
     class_labels,
-    find_blocks,
     find_net,
     is_classification,
     target_function,
@@ -36,7 +35,7 @@ from ._data import (
 )
 from ._logging import emit_figure
 from ._schedule import EveryNEpochs, check_bool
-from ._solver_recorder import LayerAccumulator, SolverStatsRecorder, layer_vectors
+from .solver_recorder import LayerAccumulator, SolverStatsRecorder, layer_vectors
 
 KINDS = ("output", "trajectories", "fields", "decision", "iterations")
 

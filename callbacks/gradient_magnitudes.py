@@ -13,14 +13,14 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from irnet._misc import sample_norm
+from irnet.analysis.plotting import plot_layer_curves
 from irnet.layer import ImplicitResidualBlock
-from irnet.plotting import plot_layer_curves
-from irnet.per_sample import sample_norm
+from irnet.nets import find_blocks
 
-from ._data import find_blocks
 from ._logging import add_histogram, allow_unsynced_epoch_logs, emit_figure, layer_tag
 from ._schedule import EveryNEpochs, check_bool
-from ._solver_recorder import LayerAccumulator
+from .solver_recorder import LayerAccumulator
 
 NAMES = ("state_norm", "param_norm")
 

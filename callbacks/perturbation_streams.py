@@ -10,18 +10,18 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from irnet._misc import check_int
+from irnet.analysis.plotting import plot_perturbation_growth
 from irnet.nets import ImplicitODENet
+from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import Perturbation
-from irnet.plotting import plot_perturbation_growth
 from irnet.regularizers import PerturbationRegularizer
-from irnet.auxiliary import auxiliary_pass
-from irnet.validation import check_int
 
 from ._data import batch_inputs, find_net, to_module
 from ._logging import add_histogram, emit_figure, log_metrics
 from ._schedule import EveryNEpochs, check_bool
-from ._solver_recorder import LayerAccumulator
 from ._stream_distances import InputDistanceHook, amplification, depth_distances
+from .solver_recorder import LayerAccumulator
 
 DEFAULT_STREAMS = 1
 DEFAULT_SEED = 0

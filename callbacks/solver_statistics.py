@@ -9,13 +9,15 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from irnet.fidelity import gradient_cosine
-from irnet.validation import check_int
+from irnet._misc import check_int
+from irnet.analysis.fidelity import gradient_cosine
 
-from ._data import batch_inputs, find_blocks
+from irnet.nets import find_blocks
+
+from ._data import batch_inputs
 from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag
 from ._schedule import check_bool
-from ._solver_recorder import (
+from .solver_recorder import (
     REDUCTIONS,
     LayerAccumulator,
     SolverStatsRecorder,
@@ -65,7 +67,7 @@ class SolverStatistics(Callback):
     epoch ends with the cosine similarity between the parameter gradient the
     blocks' adjoint solvers give and the exact one (a tight GMRES adjoint), on
     up to ``fidelity_samples`` samples of the epoch's last batch, logged as
-    ``solver/gradient_cosine`` (:func:`irnet.fidelity.gradient_cosine`): what a
+    ``solver/gradient_cosine`` (:func:`irnet.analysis.fidelity.gradient_cosine`): what a
     :class:`~irnet.linear.JacobianFree` or :class:`~irnet.linear.Phantom`
     shortcut costs in direction (1: none). ``None`` (default) turns it on, every
     10 epochs, only when some block uses such a shortcut; 0 turns it off.
@@ -155,7 +157,7 @@ class SolverStatistics(Callback):
     def _fidelity_schedule(self, blocks: list) -> int:
         if self.fidelity_every_n_epochs is not None:
             return self.fidelity_every_n_epochs
-        approximate = any(getattr(b.linear_solver, "approximate", False) for b in blocks)
+        approximate = any(b.linear_solver.approximate for b in blocks)
         return 10 if approximate else 0
 
     def _log_fidelity(self, pl_module: pl.LightningModule) -> None:

@@ -10,10 +10,10 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from irnet._misc import check_int
+from irnet.analysis.stability import layer_spectral_radii
 from irnet.nets import ImplicitODENet
-from irnet.stability import layer_spectral_radii
-from irnet.auxiliary import auxiliary_pass
-from irnet.validation import check_int
+from irnet.nets.protocol import auxiliary_pass
 
 from ._data import batch_inputs, find_net
 from ._logging import add_histogram, layer_tag, log_metrics
@@ -27,7 +27,7 @@ class StabilityMonitor(Callback):
     hidden states ``y_0 … y_T`` are computed (eval mode, no grad); for every
     layer t and **every sample** (F acts per sample, so each sample has its own
     Jacobian) two spectral radii are estimated matrix-free with Jacobian–vector
-    products (:func:`irnet.stability.layer_spectral_radii`):
+    products (:func:`irnet.analysis.stability.layer_spectral_radii`):
 
     * ``layer_radius``: ρ(∂y_t/∂y_{t−1}) with
       ``∂y_t/∂y_{t−1} = (I − θJ_F(y_t))⁻¹(I + (1−θ)J_F(y_{t−1}))`` (the inverse

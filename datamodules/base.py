@@ -6,11 +6,11 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+from irnet.datamodules.sampler import GlobalBatchSlices
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from irnet.datamodules.sampler import GlobalBatchSlices
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 SPLITS = ("train", "val", "test")
 Split = tuple[Tensor, Tensor]
@@ -113,6 +113,3 @@ class TensorDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Predictions over the test split."""
         return self._loader("test")
-
-
-__all__ = ["TensorDataModule", "check_fraction", "random_splits"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 from sklearn.datasets import make_circles
 
-from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 
 class Circles(TensorDataModule):
@@ -44,6 +44,3 @@ class Circles(TensorDataModule):
                             random_state=self.seed)
         return random_splits(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long),
                              self.val_fraction, self.test_fraction, self.seed)
-
-
-__all__ = ["Circles"]

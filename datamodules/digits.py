@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
-
 from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
+from sklearn.datasets import load_digits
 
 
 class Digits(TensorDataModule):
@@ -49,6 +48,3 @@ class Digits(TensorDataModule):
         mean, std = train_x.mean(), train_x.std()
         shape = (-1, 64) if self.flatten else (-1, *self.image_shape)
         return {name: (((sx - mean) / std).reshape(shape), sy) for name, (sx, sy) in splits.items()}
-
-
-__all__ = ["Digits"]

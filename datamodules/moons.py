@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 from sklearn.datasets import make_moons
 
-from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 
 class Moons(TensorDataModule):
@@ -40,6 +40,3 @@ class Moons(TensorDataModule):
         x, y = make_moons(self.num_samples, noise=self.noise, random_state=self.seed)
         return random_splits(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long),
                              self.val_fraction, self.test_fraction, self.seed)
-
-
-__all__ = ["Moons"]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 
 def even_slice(size: int, parts: int, index: int) -> slice:
@@ -82,6 +82,3 @@ class GlobalBatchSlices(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         """Kept for Lightning's call; the order does not depend on it."""
         self.epoch = epoch
-
-
-__all__ = ["GlobalBatchSlices", "even_slice"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from irnet.datamodules.base import Split, TensorDataModule
 from torch import Tensor
 
-from irnet.datamodules.base import Split, TensorDataModule
-from irnet.validation import check_int
+from irnet._misc import check_int
 
 
 def sine_target(x: Tensor) -> Tensor:
@@ -52,6 +52,3 @@ class SineRegression(TensorDataModule):
         train = (x[:, None].float(), sine_target(x)[:, None].float())
         val = (mid[:, None].float(), sine_target(mid)[:, None].float())
         return {"train": train, "val": val, "test": val}
-
-
-__all__ = ["SineRegression", "sine_target"]

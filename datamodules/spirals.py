@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from irnet.datamodules.base import Split, TensorDataModule
 from torch import Tensor
 
-from irnet.datamodules.base import Split, TensorDataModule
-from irnet.validation import check_int, check_positive
+from irnet._misc import check_int, check_positive
 
 
 def two_spirals(num_points: int = 200, turns: float = 1.5, noise: float = 0.0,
@@ -71,6 +71,3 @@ class TwoSpirals(TensorDataModule):
         held_out = (torch.arange(self.num_points) // 2) % 2 == 1
         val = (x[held_out], y[held_out])
         return {"train": (x[~held_out], y[~held_out]), "val": val, "test": val}
-
-
-__all__ = ["TwoSpirals", "two_spirals"]

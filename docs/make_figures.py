@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
-
 from irnet.callbacks import Figures, GradientMagnitudes, SolverStatistics, StabilityMonitor
 from irnet.datamodules import SineRegression
+from pytorch_lightning.loggers import TensorBoardLogger
+
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 

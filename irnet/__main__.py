@@ -1,8 +1,28 @@
-"""``python -m irnet`` runs the command line (see :mod:`irnet.cli`)."""
+"""``irnet …`` and ``python -m irnet …``: the studies (``reproduce``) or LightningCLI (everything else).
+
+The entry point sits above both: the studies run configs through the command line
+(:mod:`irnet.reproduce` imports :mod:`irnet.cli`), so the command line does not import them.
+"""
+
+from __future__ import annotations
 
 import sys
+from typing import Optional, Sequence
 
-from irnet.cli import console_main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``irnet`` on ``argv`` (default ``sys.argv[1:]``); exit status 0 after a successful run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "reproduce":
+        from irnet.reproduce import main as reproduce  # imported lazily: it pulls in matplotlib
+
+        reproduce(args[1:])
+        return 0
+    from irnet.cli import main as cli
+
+    cli(None if argv is None else args)
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(console_main())
+    sys.exit(main())

@@ -2,9 +2,9 @@
 
 On the CPU a host read (``.item()``, ``bool(t)``, ``.tolist()``, …) costs nothing, so irnet's
 loops look at their residuals as often as it saves work and run their row loops
-(:mod:`irnet.solvers.picard_rows`, :mod:`irnet.linear.neumann_rows`). On a GPU each such read
+(:mod:`irnet.solvers.fixed_point`, :mod:`irnet.linear.neumann`). On a GPU each such read
 waits for every queued kernel, so the accelerator path reads at most about once per solve
-(:mod:`irnet.stop_checks`) and defers everything else to one read per training step.
+(:mod:`irnet._iterate`) and defers everything else to one read per training step.
 
 The path follows the tensor's device unless the environment variable ``IRNET_DEVICE_PATH``
 says ``accelerator`` or ``cpu``: ``IRNET_DEVICE_PATH=accelerator`` runs the accelerator path on
@@ -52,6 +52,3 @@ def forced_path(path: str) -> Iterator[None]:
         yield
     finally:
         _forced = before
-
-
-__all__ = ["ENV_VAR", "PATHS", "forced_path", "on_accelerator_path"]

@@ -12,8 +12,7 @@ and raises :class:`TrainingFailure` with one line naming the statistic and the
 layer or parameter. Lightning passes the exception through its callbacks'
 ``on_exception`` and re-raises it; no checkpoint is written on the way out, so
 the newest checkpoint is the last good one. The command line prints the line
-and exits with status 2 (``TrainingFailure`` is a
-:class:`~irnet.cli_errors.CliError`).
+and exits with status 2, as it does for a mistake in the config.
 
 Under distributed training a rank that raised alone would leave the others
 waiting in the next collective (NCCL: until the process-group timeout), so every
@@ -35,12 +34,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from irnet.cli_errors import CliError
-
 SHOWN = 3  # names listed in a message before "and k more"
 
 
-class TrainingFailure(CliError, RuntimeError):
+class TrainingFailure(RuntimeError):
     """A run stopped because its numbers are broken (non-finite, or solves that keep failing)."""
 
 
@@ -251,8 +248,3 @@ class FailingStreaks:
                     f"consecutive training steps (max_failing_steps), {value:.3g} in the last; raise the "
                     "solver's max_iter, loosen atol, lower theta, choose another solver or a contraction "
                     "bound, or set max_failing_steps: null")
-
-
-__all__ = ["FailingStreaks", "Finding", "TrainingFailure", "check_args", "diagnosis", "diverged_layers", "find",
-           "first_failure", "listing", "merged_diagnosis", "nonfinite_gradients", "nonfinite_parameters",
-           "nonfinite_tensors", "rank_note", "stop_together", "unconverged_layers"]

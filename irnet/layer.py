@@ -8,15 +8,13 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from irnet.autograd import ImplicitAdjoint
+from irnet._adjoint import ImplicitAdjoint
+from irnet._misc import check_choice, check_int, check_unit_interval, per_sample, sample_norm
+from irnet._scope import SolveScope, check_batch_statistics
 from irnet.device_path import on_accelerator_path
-from irnet.held_dropout import check_batch_statistics
 from irnet.linear import LinearSolver, Neumann
-from irnet.solve_scope import SolveScope
 from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
-from irnet.per_sample import per_sample, sample_norm
 from irnet.stats import SolverStats, report_failures, warn_if_failed
-from irnet.validation import check_choice, check_int, check_unit_interval
 
 BACKWARD_MODES = ("implicit", "unrolled")
 
@@ -237,7 +235,7 @@ class ImplicitResidualBlock(nn.Module):
 
     def _record_backward(self, stats: SolverStats) -> None:
         self.backward_stats = stats
-        if getattr(self.linear_solver, "approximate", False):
+        if self.linear_solver.approximate:
             return  # JacobianFree / Phantom miss the exact adjoint by design
         report_failures(stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self.linear_solver,
                         deferred=on_accelerator_path(stats.residual))

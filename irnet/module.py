@@ -39,16 +39,32 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
+from irnet._misc import check_choice, check_int, check_positive, sample_norm
 from irnet.device_path import on_accelerator_path
-from irnet.failure import (FailingStreaks, TrainingFailure, diagnosis, find, first_failure, listing,
-                           merged_diagnosis, nonfinite_gradients, nonfinite_parameters, nonfinite_tensors,
-                           rank_note, stop_together)
+from irnet.failure import (
+    FailingStreaks,
+    TrainingFailure,
+    diagnosis,
+    find,
+    first_failure,
+    listing,
+    merged_diagnosis,
+    nonfinite_gradients,
+    nonfinite_parameters,
+    nonfinite_tensors,
+    rank_note,
+    stop_together,
+)
 from irnet.layer import NonFiniteInputError, check_inputs_finite
-from irnet.regularizers import FixedPointRegularizer, JacobianRegularizer, PerturbationRegularizer, Regularizer
-from irnet.per_sample import sample_norm
+from irnet.nets import TrajectoryNetwork, find_blocks
+from irnet.nets.warm_start_merge import merge_warm_starts
+from irnet.regularizers import (
+    FixedPointRegularizer,
+    JacobianRegularizer,
+    PerturbationRegularizer,
+    Regularizer,
+)
 from irnet.stats import flush_failure_warnings, reset_convergence_warnings
-from irnet.validation import check_choice, check_int, check_positive
-from irnet.warm_start_merge import merge_warm_starts
 
 LOSSES = ("l2", "mse", "cross_entropy")
 STAGES = ("train", "val", "test")
@@ -186,7 +202,7 @@ class ImplicitNetModule(pl.LightningModule):
                                  f"got {type(reg).__name__}")
             if reg is not None:
                 found[name] = reg
-        if any(reg.active for reg in found.values()) and not hasattr(self.net, "trajectory"):
+        if any(reg.active for reg in found.values()) and not isinstance(self.net, TrajectoryNetwork):
             raise ValueError("r_fp, r_rnd and r_jac need a network with .trajectory() and .blocks "
                              f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}")
         return found
@@ -252,7 +268,7 @@ class ImplicitNetModule(pl.LightningModule):
         return self.net(y)
 
     def _net_has_states(self) -> bool:
-        return callable(getattr(self.net, "trajectory", None)) and callable(getattr(self.net, "readout", None))
+        return isinstance(self.net, TrajectoryNetwork)
 
     def compute_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """The data loss of a batch, a mean over its samples (``loss`` chooses it); override for another loss.
@@ -401,7 +417,7 @@ class ImplicitNetModule(pl.LightningModule):
         return f"{'validation' if stage == 'val' else stage} stopped"
 
     def _blocks(self) -> list[nn.Module]:
-        return list(getattr(self.net, "blocks", []))
+        return find_blocks(self.net)
 
     @contextmanager
     def _named_failures(self, stage: str) -> Iterator[None]:
@@ -490,14 +506,14 @@ class ImplicitNetModule(pl.LightningModule):
 
         Each process caches the fixed points of its own part of the batches, and
         rank 0 alone writes the checkpoint: the caches are merged by sample
-        (:mod:`irnet.warm_start_merge`), so every process finds its samples on resume.
+        (:mod:`irnet.nets.warm_start_merge`), so every process finds its samples on resume.
         """
         if self._world() > 1:
             merge_warm_starts(self, checkpoint.get("state_dict", {}))
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
-        stats = [b.forward_stats for b in getattr(self.net, "blocks", []) if b.forward_stats is not None]
+        stats = [b.forward_stats for b in find_blocks(self.net) if b.forward_stats is not None]
         if not stats:
             return None
         return torch.stack([s.iterations.float().mean() for s in stats]).mean()
@@ -591,6 +607,3 @@ def seed_rank_generators(rank: int) -> None:
         return
     words = [torch.initial_seed(), check_int("rank", rank, 0)]
     torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
-
-
-__all__ = ["BatchShare", "STEP_HEAD", "ImplicitNetModule", "LOSSES", "l2_loss", "seed_rank_generators"]

@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from irnet.arg_repr import ArgsRepr
-from irnet.validation import check_positive
+from irnet._misc import ArgsRepr, check_positive
 
 
 class Perturbation(ArgsRepr):
@@ -51,6 +50,3 @@ class GaussianPerturbation(Perturbation):
         device = generator.device if generator is not None else x.device
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
         return self.sigma * eps.to(x.device)
-
-
-__all__ = ["GaussianPerturbation", "Perturbation"]

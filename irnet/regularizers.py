@@ -16,11 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from irnet.arg_repr import ArgsRepr
+from irnet._misc import ArgsRepr, check_choice, check_int, check_nonnegative, sample_norm
+from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import GaussianPerturbation, Perturbation
-from irnet.per_sample import sample_norm
-from irnet.auxiliary import auxiliary_pass
-from irnet.validation import check_choice, check_int, check_nonnegative
 
 DEFAULT_SIGMA = 0.05
 
@@ -324,7 +322,3 @@ class JacobianRegularizer(Regularizer):
         if not terms:
             return states[0].new_zeros(())
         return torch.stack(terms).mean()
-
-
-__all__ = ["FixedPointRegularizer", "JacobianRegularizer", "PerturbationRegularizer", "Regularizer",
-           "Trajectory", "power_weights"]

@@ -193,7 +193,3 @@ def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
         ConvergenceWarning,
         stacklevel=3,
     )
-
-
-__all__ = ["ConvergenceWarning", "SolverStats", "flush_failure_warnings", "preserved_stats", "report_failures",
-           "reset_convergence_warnings", "warn_if_failed"]

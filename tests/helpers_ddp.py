@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_training import tiny_odenet  # noqa: E402
 from irnet.datamodules import SineRegression  # noqa: E402
+
 from irnet.module import ImplicitNetModule  # noqa: E402
+from irnet.nets.warm_start import WarmStartCache  # noqa: E402
 from irnet.perturbations import GaussianPerturbation  # noqa: E402
 from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer  # noqa: E402
-from irnet.warm_start import WarmStartCache  # noqa: E402
 
 SIGMA = 0.1
 

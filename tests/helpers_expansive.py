@@ -8,9 +8,8 @@ Jacobian ``I − θ(A + diag(sech²(y + b)))``, which Broyden and Anderson find.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
 from problems import DTYPE, matrix_with_spectrum
+from torch import Tensor, nn
 
 
 class TanhLinear(nn.Module):

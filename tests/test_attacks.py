@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from irnet.attacks import accuracy_under_attack, accuracy_under_noise, fgsm, pgd
+from irnet.analysis.attacks import accuracy_under_attack, accuracy_under_noise, fgsm, pgd
 from irnet.linear import Neumann
 from irnet.nets import ODENet
 from irnet.solvers import FixedPoint

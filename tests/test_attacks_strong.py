@@ -14,17 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as functional
+from test_attacks import disk_and_ring, train_mlp, trained  # noqa: F401  (the fixture is used by name)
 from torch import nn
 
-from irnet.attacks import fgsm, pgd
-from irnet.attacks_strong import (
-    margin_loss, pgd_restarts, spsa, spsa_gradient, strong_attacks, strongest_attack_accuracy,
-    tighter_attack, tighter_solves, transfer, transfer_attack,
+from irnet.analysis.attacks import fgsm, pgd
+from irnet.analysis.strong_attacks import (
+    margin_loss,
+    pgd_restarts,
+    spsa,
+    spsa_gradient,
+    strong_attacks,
+    strongest_attack_accuracy,
+    tighter_attack,
+    tighter_solves,
+    transfer,
+    transfer_attack,
 )
 from irnet.linear import Direct, Neumann
 from irnet.nets import ODENet
 from irnet.solvers import Anderson, Fallback, FixedPoint
-from test_attacks import disk_and_ring, train_mlp, trained  # noqa: F401  (the fixture is used by name)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_expansive import expansive_tanh, residual_jacobian, spectral_radius
+from problems import DTYPE, contraction, ift_gradients, matrix_with_spectrum, mlp, residual_norm
 
 from irnet import ImplicitResidualBlock
 from irnet.linear import GMRES, Direct
 from irnet.solvers import Broyden, FixedPoint, FixedPointProblem
 from irnet.stats import flush_failure_warnings
-from helpers_expansive import expansive_tanh, residual_jacobian, spectral_radius
-from problems import DTYPE, contraction, ift_gradients, matrix_with_spectrum, mlp, residual_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

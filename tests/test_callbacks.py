@@ -12,9 +12,6 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
-from torch.autograd.functional import jacobian
-
 from helpers_callbacks import (
     TinyModule,
     classifier_module,
@@ -26,8 +23,17 @@ from helpers_callbacks import (
     sine_module,
     two_class_data,
 )
-from irnet.callbacks import Figures, GradientMagnitudes, PerturbationStreams, SolverStatistics, StabilityMonitor
+from irnet.callbacks import (
+    Figures,
+    GradientMagnitudes,
+    PerturbationStreams,
+    SolverStatistics,
+    StabilityMonitor,
+)
 from irnet.datamodules import SineRegression
+from pytorch_lightning.loggers import CSVLogger
+from torch.autograd.functional import jacobian
+
 from irnet.linear import Neumann
 from irnet.solvers import FixedPoint
 from irnet.stats import ConvergenceWarning

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from irnet import ImplicitResidualBlock
-from irnet.fidelity import gradient_cosine
+from irnet.analysis.fidelity import gradient_cosine
 from irnet.linear import AdjointOperator, Direct, JacobianFree, Neumann, Phantom
 from irnet.nets import ODENet
 from irnet.solvers import FixedPoint

@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_checkpoint import assert_identical, assert_same_training_state
-from helpers_training import CONFIGS, QUIET, event_files, scalars, subprocess_env, tiny_net_overrides
-from irnet.cli import console_main, main
+from helpers_training import (
+    CONFIGS,
+    QUIET,
+    event_files,
+    scalars,
+    subprocess_env,
+    tiny_net_overrides,
+)
+
+from irnet.__main__ import main as console_script
+from irnet.cli import main
 
 SHORT = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
          "--trainer.num_sanity_val_steps", "0", *QUIET]
@@ -183,11 +191,11 @@ def test_run_name_falls_back_to_the_data_module(tmp_path, monkeypatch):
 
 
 def test_console_script_returns_exit_status_0(tmp_path, monkeypatch):
-    assert 'irnet = "irnet.cli:console_main"' in (CONFIGS.parent / "pyproject.toml").read_text()
+    assert 'irnet = "irnet.__main__:main"' in (CONFIGS.parent / "pyproject.toml").read_text()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["irnet", "fit", "--config", str(CONFIGS / "ex1_sine.yaml"),
                                       *tiny_net_overrides(2, 8), *QUIET, *NO_MONITORS, "--trainer.max_epochs", "1"])
-    assert console_main() == 0  # what the script hands to sys.exit
+    assert console_script() == 0  # what the script hands to sys.exit
 
 
 @pytest.mark.slow

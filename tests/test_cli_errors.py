@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_training import CONFIGS, QUIET, subprocess_env, tiny_net_overrides
+
 from irnet.cli import main
 
 EX1 = str(CONFIGS / "ex1_sine.yaml")

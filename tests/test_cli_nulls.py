@@ -8,7 +8,7 @@ import pytest
 from helpers_training import CONFIGS
 
 from irnet.cli import main
-from irnet.cli_nulls import spell_nested_nulls
+from irnet.cli.nulls import spell_nested_nulls
 
 
 def test_nested_nulls_are_written_in_the_json_form_and_everything_else_is_left_alone():

@@ -1,6 +1,6 @@
 """Contraction by construction: ``ODENet(contraction=κ)`` keeps θ·Lip(F) ≤ κ through training.
 
-The bound is checked independently of :mod:`irnet.contraction`: by the largest
+The bound is checked independently of :mod:`irnet.nets.contraction`: by the largest
 singular value of dense float64 Jacobians of F on random inputs, and by numpy's
 SVD of the weights F actually uses; the solvers' iteration counts are checked
 against the rate a κ-contraction guarantees.
@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
-
 from helpers_sync import HostReads
 from helpers_training import CONFIGS, QUIET, scalars, tiny_net_overrides
-from irnet.cli import main
-from irnet.contraction import MARGIN, conv_norm, gelu_lipschitz
 from irnet.datamodules import SineRegression
+from torch import nn
+
+from irnet.cli import main
 from irnet.device_path import forced_path
 from irnet.failure import TrainingFailure
 from irnet.linear import Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ConvODENet, ConvResidual, MLPResidual, ODENet
+from irnet.nets.contraction import MARGIN, conv_norm, gelu_lipschitz
 from irnet.solvers import FixedPoint
 
 KAPPA = 0.8

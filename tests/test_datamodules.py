@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from irnet.datamodules import Circles, Digits, Moons, SineRegression, TwoSpirals
 from irnet.datamodules.sine import sine_target
 

@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers_ddp
 import numpy as np
 import pytest
 import torch
-from torch.multiprocessing import reductions  # noqa: F401  (registers torch's pickling of tensors)
-from torch.utils.data import DataLoader, TensorDataset
-
-import helpers_ddp
 from helpers_training import subprocess_env
 from irnet.datamodules import GlobalBatchSlices, SineRegression
 from irnet.datamodules.sampler import even_slice
+from torch.multiprocessing import reductions  # noqa: F401  (registers torch's pickling of tensors)
+from torch.utils.data import DataLoader, TensorDataset
+
 from irnet.regularizers import PerturbationRegularizer
 
 SCRIPT = Path(helpers_ddp.__file__)

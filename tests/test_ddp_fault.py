@@ -20,20 +20,20 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers_ddp
 import pytest
 import pytorch_lightning as pl
 import torch
-
-import helpers_ddp
 from helpers_sync import HostReads
 from helpers_training import CONFIGS, QUIET, subprocess_env, tiny_odenet
 from irnet.datamodules import SineRegression
+from test_ddp import finish, load, run_script
+
 from irnet.device_path import forced_path
 from irnet.failure import Finding, TrainingFailure, first_failure, merged_diagnosis
 from irnet.module import STEP_HEAD, ImplicitNetModule, seed_rank_generators
-from irnet.warm_start import WarmStartCache
-from irnet.warm_start_merge import merged_state
-from test_ddp import finish, load, run_script
+from irnet.nets.warm_start import WarmStartCache
+from irnet.nets.warm_start_merge import merged_state
 
 TESTS = Path(__file__).resolve().parent
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from irnet.reproduce import digits_theta
-from irnet.reproduce.runner import fmt, mean_std
+from irnet.reproduce._runner import fmt, mean_std
 
 
 def test_grid_varies_the_step_at_10_layers_and_the_depth_at_h_half():

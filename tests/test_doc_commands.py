@@ -30,9 +30,9 @@ from typing import Optional
 import pytest
 import torch
 import yaml
+from helpers_training import QUIET, REPO
 from pytorch_lightning.strategies import DDPStrategy
 
-from helpers_training import QUIET, REPO
 from irnet.cli import main
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -268,7 +268,8 @@ def test_shown_command_runs(doc, command, workdir, capsys):
 
 def run_reproduce(args: list[str], workdir: Path) -> None:
     """``stability`` runs (seconds at ``--tiny``); the training studies only parse their arguments."""
-    from irnet.reproduce import main as reproduce, parser
+    from irnet.reproduce import main as reproduce
+    from irnet.reproduce import parser
 
     parsed = parser().parse_args(args)
     assert parsed.study in ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import DTYPE, ift_gradients, mlp, residual_norm
 from torch import Tensor, nn
 
 from irnet import ImplicitResidualBlock
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
-from problems import DTYPE, ift_gradients, mlp, residual_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

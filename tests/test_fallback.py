@@ -10,10 +10,14 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers_callbacks import TinyModule, fit, loader, sine_data
+from helpers_expansive import expansive_tanh, spectral_radius
+from helpers_training import QUIET, scalars
+from irnet.callbacks import SolverStatistics
+from problems import DTYPE, ift_gradients, mlp, residual_norm, sample_jacobian
 from torch import Tensor, nn
 
 from irnet import ImplicitResidualBlock
-from irnet.callbacks import SolverStatistics
 from irnet.cli import main
 from irnet.linear import GMRES, Direct
 from irnet.nets import ODENet
@@ -27,10 +31,6 @@ from irnet.solvers import (
     NonlinearSolver,
 )
 from irnet.stats import SolverStats
-from helpers_callbacks import TinyModule, fit, loader, sine_data
-from helpers_expansive import expansive_tanh, spectral_radius
-from helpers_training import QUIET, scalars
-from problems import DTYPE, ift_gradients, mlp, residual_norm, sample_jacobian
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import (
+    DTYPE,
+    THETAS,
+    LinearF,
+    contraction,
+    ift_gradients,
+    linear_solution,
+    mlp,
+    residual_norm,
+)
+from test_linear import operator_for
 from torch import nn
 
 from irnet import ImplicitResidualBlock
 from irnet.linear import Neumann
 from irnet.solvers import FixedPoint, FixedPointProblem
-from problems import DTYPE, THETAS, LinearF, contraction, ift_gradients, linear_solution, mlp, residual_norm
-from test_linear import operator_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -133,6 +142,7 @@ def test_repr_names_the_option():
 def test_fixed_count_from_the_command_line(tmp_path, monkeypatch):
     # The option is a config key like any other: the blocks get it and train with it.
     from helpers_training import CONFIGS, QUIET, tiny_net_overrides
+
     from irnet.cli import main
 
     monkeypatch.chdir(tmp_path)

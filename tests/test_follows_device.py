@@ -23,9 +23,9 @@ from typing import Any, Iterator, Optional
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers_training import CONFIGS
 from torch import Tensor, nn
 
-from helpers_training import CONFIGS
 from irnet.cli import main
 
 #: each shipped config, shrunk, with warm starts and the contraction bound on where it is off,

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from problems import LINEAR_SOLVERS, SOLVERS, conv_f, ift_gradients, mlp, residual_norm
 
 from irnet import ImplicitResidualBlock
+from irnet._scope import FullFloat32
 from irnet.linear import GMRES
 from irnet.nets import ConvResidual
-from irnet.solve_scope import FullFloat32
 from irnet.solvers import FixedPoint
-from problems import LINEAR_SOLVERS, SOLVERS, conv_f, ift_gradients, mlp, residual_norm
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_callbacks import events, fit, loader, scalar, sine_data, sine_module
-
 from irnet.callbacks import SolverStatistics
+
 from irnet.linear import Direct, JacobianFree, Neumann
 
 

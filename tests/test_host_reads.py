@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers_sync import HostReads, SolveCounter
+from problems import mlp
 from torch import nn
 
-from helpers_sync import HostReads, SolveCounter
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
 from irnet.linear import Neumann
 from irnet.solvers import Anderson, FixedPoint
 from irnet.stats import flush_failure_warnings
-from problems import mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -174,7 +174,7 @@ def test_a_solve_that_keeps_running_out_reads_once_in_a_while_and_finds_converge
     # F(y) = a·y with θa = 1.5 (expansive): FixedPoint never converges and runs to max_iter on
     # both paths. On the accelerator path the block then runs blind (no read), looking once every
     # LOOK_EVERY_WHEN_RAN_OUT solves; once the map contracts again, that look finds it.
-    from irnet.stop_checks import LOOK_EVERY_WHEN_RAN_OUT
+    from irnet._iterate import LOOK_EVERY_WHEN_RAN_OUT
 
     class Scale(nn.Module):
         def __init__(self):

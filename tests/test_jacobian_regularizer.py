@@ -8,10 +8,10 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.autograd.functional import jacobian
-
 from helpers_training import tiny_odenet
 from irnet.datamodules import SineRegression
+from torch.autograd.functional import jacobian
+
 from irnet.module import ImplicitNetModule
 from irnet.regularizers import JacobianRegularizer
 

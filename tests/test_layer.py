@@ -17,12 +17,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
-from irnet import ConvergenceWarning, ImplicitResidualBlock
-from irnet.device_path import on_accelerator_path
-from irnet.linear import GMRES, Neumann
-from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
 from problems import (
     DOTTIE,
     DTYPE,
@@ -38,6 +32,12 @@ from problems import (
     mlp,
     residual_norm,
 )
+from torch import nn
+
+from irnet import ConvergenceWarning, ImplicitResidualBlock
+from irnet.device_path import on_accelerator_path
+from irnet.linear import GMRES, Neumann
+from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,11 +11,6 @@ import warnings
 
 import pytest
 import torch
-
-from irnet import ConvergenceWarning, ImplicitResidualBlock
-from irnet.linear import GMRES, AdjointOperator, Direct, Neumann
-from irnet.solvers import Anderson
-from irnet.stats import flush_failure_warnings
 from problems import (
     DTYPE,
     ITERATIVE_LINEAR_CLASSES,
@@ -25,6 +20,11 @@ from problems import (
     contraction,
     matrix_with_spectrum,
 )
+
+from irnet import ConvergenceWarning, ImplicitResidualBlock
+from irnet.linear import GMRES, AdjointOperator, Direct, Neumann
+from irnet.solvers import Anderson
+from irnet.stats import flush_failure_warnings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

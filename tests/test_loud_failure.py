@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers_training import CONFIGS, QUIET, tiny_odenet
+from irnet.datamodules import SineRegression
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from helpers_training import CONFIGS, QUIET, tiny_odenet
 from irnet import ImplicitResidualBlock
 from irnet.cli import main
-from irnet.datamodules import SineRegression
 from irnet.failure import TrainingFailure
 from irnet.module import ImplicitNetModule
 from irnet.solvers import FixedPoint

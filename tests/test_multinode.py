@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import socket
 
+import helpers_ddp
 import numpy as np
 import pytest
 import torch
-
-import helpers_ddp
 from helpers_training import subprocess_env
 from test_ddp import finish, load, run_script
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from helpers_callbacks import TinyModule, events, fit, loader, scalar, sine_data
 from helpers_training import tiny_odenet
 from irnet.callbacks import PerturbationStreams, SolverStatistics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from irnet.analysis.plotting import plot_perturbation_growth
 from irnet.module import ImplicitNetModule
 from irnet.perturbations import GaussianPerturbation, Perturbation
-from irnet.plotting import plot_perturbation_growth
 from irnet.regularizers import PerturbationRegularizer
 
 LAYERS = 3

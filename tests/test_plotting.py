@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.quiver import Quiver
 
-from irnet.plotting import (
+from irnet.analysis.plotting import (
     VectorField,
     plot_decision_regions,
     plot_layer_curves,

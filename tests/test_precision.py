@@ -14,7 +14,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
+from problems import mlp, residual_norm
 from torch.utils.data import DataLoader, TensorDataset
 
 from irnet import ImplicitResidualBlock
@@ -22,7 +22,6 @@ from irnet.linear import GMRES, Direct, Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
-from problems import mlp, residual_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,5 +1,5 @@
 """The solver loops settle their per-sample bookkeeping a few iterations at a time
-(irnet.progress): the answers and statistics must be exactly those of settling after
+(irnet._iterate): the answers and statistics must be exactly those of settling after
 every iteration, whatever the schedule."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-import irnet.progress as progress_module
+import irnet._iterate as progress_module
 from irnet import ImplicitResidualBlock
+from irnet._iterate import Progress, settle, start
 from irnet.device_path import forced_path
 from irnet.linear import Neumann
 from irnet.linear.base import AdjointOperator
-from irnet.progress import Progress, settle, start
 from irnet.solvers import Anderson, FixedPoint, FixedPointProblem
 
 
@@ -129,7 +129,7 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
 
 
 def test_the_record_stays_within_its_memory_budget(monkeypatch):
-    from irnet.progress import _SCRATCH, settle_schedule
+    from irnet._iterate import _SCRATCH, settle_schedule
 
     with forced_path("cpu"):
         assert settle_schedule(torch.empty(51, 4)) == (32, True)  # small states: a replay every 32 at most

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers_training import QUIET, event_files, run_irnet, scalars
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_training import CONFIGS
 from torch import Tensor
 
-from helpers_training import CONFIGS
 from irnet.cli import main
 from irnet.linear import Neumann
 from irnet.nets import ODENet

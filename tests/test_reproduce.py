@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from irnet.linear import Direct
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ImplicitODENet, ODENet
 from irnet.reproduce import ex1
-from irnet.reproduce.probe import probe
-from irnet.reproduce.runner import group, markdown_table, mean_std
+from irnet.reproduce._probe import probe
+from irnet.reproduce._runner import group, markdown_table, mean_std
 from irnet.solvers import FixedPoint
-from irnet.linear import Direct
 
 
 def test_mean_std_is_the_sample_statistics():
@@ -173,11 +173,11 @@ def test_probe_on_linear_layers_matches_closed_forms():
 
 
 def _reproduce(*args: str) -> None:
-    """``python -m irnet reproduce ARGS`` in-process, through the CLI's dispatch (no interpreter start-up;
-    tests/test_readme.py runs ``python -m irnet`` itself in a fresh process)."""
-    from irnet.cli import main
+    """``python -m irnet reproduce ARGS`` in-process, through the entry point's dispatch (no interpreter
+    start-up; tests/test_readme.py runs ``python -m irnet`` itself in a fresh process)."""
+    from irnet.__main__ import main
 
-    assert main(["reproduce", *args]) is None
+    assert main(["reproduce", *args]) == 0
 
 
 @pytest.fixture
@@ -401,7 +401,7 @@ def _check_ex1_variants(cells: list[dict], summary: str) -> None:
 
 @pytest.mark.slow
 def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
-    from irnet.reproduce.robustness_strong import ATTACKS, EPSILONS
+    from irnet.reproduce._robustness_strong import ATTACKS, EPSILONS
 
     out, logs = tmp_path / "out", tmp_path / "logs"
     _reproduce("robustness", "--tiny", "--workers", "1", "--out", str(out), "--log-dir", str(logs))

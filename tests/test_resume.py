@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-
 from helpers_checkpoint import assert_same_training_state
 from helpers_training import CONFIGS, QUIET, REPO, subprocess_env, tiny_net_overrides
+
 from irnet.cli import main
 
 EPOCHS, KILL_AT = 6, 3

@@ -14,7 +14,13 @@ from pytorch_lightning import Callback
 
 from irnet.reproduce import main as reproduce
 from irnet.reproduce import parser
-from irnet.reproduce.seeds import Criterion, _silent_failure, parse_criterion, parse_set, parse_stop_when
+from irnet.reproduce.seeds import (
+    Criterion,
+    _silent_failure,
+    parse_criterion,
+    parse_set,
+    parse_stop_when,
+)
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ex1_sine.yaml")
 SMALL = ["model.init_args.net.init_args.layers=3"]  # a 3-layer sine network: seconds per run
@@ -301,7 +307,7 @@ def _record(seed: int, loss: float, acc: float, failed: bool = False) -> dict:
 
 
 def test_report_counts_and_spreads_over_seeds(tmp_path):
-    from irnet.reproduce.seed_report import figure, seed_table, spread, table_row
+    from irnet.reproduce._seed_report import figure, seed_table, spread, table_row
 
     results = [_record(0, 0.3, 0.9), _record(1, 0.1, 0.97), _record(2, math.nan, 0.5, failed=True)]
     criteria = [parse_criterion("val/acc>=0.95"), parse_criterion("min(val/loss)<=0.15")]

@@ -27,16 +27,23 @@ from dataclasses import dataclass, fields
 
 import pytest
 import torch
+from helpers_sync import HostReads
+from problems import DTYPE, LINEAR_SOLVERS, SOLVERS, LinearF, contraction, mlp
 from torch import Tensor, nn
 
-from helpers_sync import HostReads
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
 from irnet.linear import GMRES, AdjointOperator, Direct, JacobianFree, Neumann, Phantom
-from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint, FixedPointProblem, GradientDescent
-from irnet.solvers import line_search as line_search_module
+from irnet.solvers import (
+    Anderson,
+    Broyden,
+    Fallback,
+    FixedPoint,
+    FixedPointProblem,
+    GradientDescent,
+)
+from irnet.solvers import _line_search as line_search_module
 from irnet.stats import SolverStats
-from problems import DTYPE, LINEAR_SOLVERS, SOLVERS, LinearF, contraction, mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -246,7 +253,7 @@ def test_gmres_that_ran_out_of_iterations_reads_nothing_the_next_time():
 
 
 def test_gmres_takes_a_plain_callable_operator():
-    # irnet.stability hands GMRES a plain function (no ``owner``): such solves share one memory.
+    # irnet.analysis.stability hands GMRES a plain function (no ``owner``): such solves share one memory.
     A = contraction(n=6, radius=0.9, seed=4)
     b = torch.randn(3, 6, dtype=DTYPE)
     want, want_stats, _ = gmres_on("cpu", GMRES(rtol=TOL), lambda v: v - v @ A, b)

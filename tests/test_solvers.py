@@ -6,11 +6,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
-from irnet import ConvergenceWarning, ImplicitResidualBlock
-from irnet.solvers import Anderson, FixedPoint, FixedPointProblem, GradientDescent, NonlinearCG
-from irnet.stats import flush_failure_warnings
 from problems import (
     DOTTIE,
     DTYPE,
@@ -27,6 +22,11 @@ from problems import (
     mlp,
     residual_norm,
 )
+from torch import nn
+
+from irnet import ConvergenceWarning, ImplicitResidualBlock
+from irnet.solvers import Anderson, FixedPoint, FixedPointProblem, GradientDescent, NonlinearCG
+from irnet.stats import flush_failure_warnings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

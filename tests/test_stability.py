@@ -9,10 +9,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from irnet import ImplicitResidualBlock
-from irnet.linear import Direct
-from irnet.nets import ConvResidual, MLPResidual
-from irnet.solvers import FixedPoint
-from irnet.stability import (
+from irnet.analysis.stability import (
     LayerJacobian,
     layer_spectral_radii,
     matrix_spectral_radius,
@@ -20,6 +17,9 @@ from irnet.stability import (
     theta_method_matrix,
     verlet_matrix,
 )
+from irnet.linear import Direct
+from irnet.nets import ConvResidual, MLPResidual
+from irnet.solvers import FixedPoint
 
 DTYPE = torch.float64
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from irnet.stability import (
+from irnet.analysis.stability import (
     SCHEMES,
     amplification_matrices,
     amplification_matrix,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-
 from irnet.datamodules import SineRegression
+
+from irnet.linear import Direct
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.reproduce.journal import Journal, cell_key, seed_from_published
-from irnet.reproduce.runner import LEAN_EVERY, run_cells, train
-from irnet.linear import Direct
+from irnet.reproduce._journal import Journal, cell_key, seed_from_published
+from irnet.reproduce._runner import LEAN_EVERY, run_cells, train
 from irnet.solvers import FixedPoint
 
 CALLS: list[int] = []
@@ -123,7 +123,7 @@ def test_lean_history_records_what_the_monitoring_callbacks_log(tmp_path):
 
 
 def test_results_json_keeps_every_stride_th_epoch_of_the_histories():
-    from irnet.reproduce.runner import thinned
+    from irnet.reproduce._runner import thinned
 
     result = {"seed": 0, "history": {"val_loss": list(range(1, 31)), "stopped": [12.0]}}
     kept = thinned(result, 10)

@@ -10,13 +10,12 @@ from collections import Counter
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from helpers_training import REPO
-from irnet.cli import main
+from helpers_training import REPO, tiny_odenet
 from irnet.datamodules import SineRegression
-from helpers_training import tiny_odenet
+
+from irnet._misc import sample_norm
+from irnet.cli import main
 from irnet.module import ImplicitNetModule, l2_loss
-from irnet.per_sample import sample_norm
 from irnet.regularizers import PerturbationRegularizer
 
 DOC = REPO / "docs" / "subclassing.md"

@@ -1,7 +1,7 @@
 """TF32 inside solves: off for a block's forward solve and its adjoint solve, the user's elsewhere.
 
 cuBLAS matmuls and cuDNN convolutions that round float32 to TF32 leave a residual
-floor near 1e-3, so on the accelerator path :class:`~irnet.solve_scope.SolveScope`
+floor near 1e-3, so on the accelerator path :class:`~irnet._scope.SolveScope`
 switches TF32 off while F is evaluated in a block's forward and during its adjoint
 solve, and puts the user's settings back afterwards, also on exceptions. The flags
 can be set on a CPU build, so these tests watch them from inside F with the
@@ -15,14 +15,14 @@ import random
 
 import pytest
 import torch
+from problems import mlp
 from torch import nn
 
 from irnet import ImplicitResidualBlock
+from irnet._scope import _NEW_API, FullFloat32
 from irnet.device_path import forced_path
-from irnet.linear import Direct, GMRES, Neumann
-from irnet.solve_scope import _NEW_API, FullFloat32
+from irnet.linear import GMRES, Direct, Neumann
 from irnet.solvers import Anderson, FixedPoint
-from problems import mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

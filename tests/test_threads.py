@@ -1,4 +1,4 @@
-"""Thread policy (irnet/threads.py): precedence, and that fit and reproduce apply it."""
+"""Thread policy (irnet/cli/threads.py): precedence, and that fit and reproduce apply it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-
 from helpers_training import CONFIGS, QUIET, tiny_net_overrides
-from irnet import threads
+
 from irnet.cli import main
-from irnet.reproduce.runner import run_cells
+from irnet.cli import threads as threads
+from irnet.reproduce._runner import run_cells
 
 
 @pytest.fixture(autouse=True)

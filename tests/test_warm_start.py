@@ -7,15 +7,16 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from helpers_sync import HostReads
 from torch import nn
 
-from helpers_sync import HostReads
-from irnet import ImplicitResidualBlock, warm_start
+from irnet import ImplicitResidualBlock
+from irnet.nets import warm_start
 from irnet.device_path import forced_path, on_accelerator_path
 from irnet.linear import Neumann
 from irnet.nets import ODENet
+from irnet.nets.warm_start import WarmStartCache
 from irnet.solvers import FixedPoint
-from irnet.warm_start import WarmStartCache
 
 TOL = 1e-10
 

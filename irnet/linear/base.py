@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from irnet.arg_repr import ArgsRepr
-from irnet.per_sample import sample_norm
+from irnet._iterate import RemembersIterations
+from irnet._misc import ArgsRepr, check_int, check_positive, sample_norm
 from irnet.stats import SolverStats
-from irnet.stop_checks import RemembersIterations
-from irnet.validation import check_int, check_positive
 
 
 class AdjointOperator:
@@ -29,7 +28,7 @@ class AdjointOperator:
     Attributes:
         owner: what makes "the same solve" from one step to the next (the block's F), by which an
             iterative solver on the accelerator path places its first look
-            (:mod:`irnet.stop_checks`).
+            (:mod:`irnet._iterate`).
     """
 
     owner: object = None
@@ -84,8 +83,13 @@ def graph_vjp(output: Tensor, point: Tensor, v: Tensor) -> Tensor:
     return engine.run_backward((output,), (v,), True, False, (point,), False, False)[0]
 
 
-class LinearSolver(ArgsRepr, RemembersIterations):
+class LinearSolver(ArgsRepr, RemembersIterations, ABC):
     """Base class of the adjoint solvers: solve ``A g = b`` for the operator ``A``.
+
+    Attributes:
+        approximate: whether the answer is an approximation by design (a Jacobian-free
+            or phantom gradient) rather than a solve to ``rtol``: such solvers raise no
+            convergence warnings, and the monitors check their gradients' fidelity.
 
     Args:
         rtol: relative tolerance, per sample: ``‖A g − b‖₂ ≤ rtol · ‖b‖₂``.
@@ -96,9 +100,11 @@ class LinearSolver(ArgsRepr, RemembersIterations):
         self.rtol = check_positive("rtol", rtol)
         self.max_iter = check_int("max_iter", max_iter, 1)
 
+    approximate: bool = False
+
+    @abstractmethod
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
         """Return ``g`` with ``A g ≈ b`` and the per-sample statistics."""
-        raise NotImplementedError
 
 
 

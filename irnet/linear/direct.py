@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from irnet._misc import check_int, check_positive, sample_norm
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
-from irnet.per_sample import sample_norm
 from irnet.stats import SolverStats
-from irnet.validation import check_int, check_positive
 
 
 class Direct(LinearSolver):

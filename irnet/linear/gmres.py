@@ -3,7 +3,7 @@
 On the CPU the loop reads after every Arnoldi step whether a sample is still above its
 tolerance, and after every cycle whether the true residuals all meet it (reads are free there).
 On the accelerator path (:mod:`irnet.device_path`) each read would wait for the device, so it
-reads only where :class:`~irnet.stop_checks.StopChecks` says, once per look, as the forward
+reads only where :class:`~irnet._iterate.StopChecks` says, once per look, as the forward
 solvers' shared loop does: first after as many Krylov steps as the same solve took last time.
 A look closes the cycle where it stands (the correction and the true residual, one product)
 and asks, in one read, whether any sample is still active in the cycle or above its tolerance
@@ -18,13 +18,11 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from irnet._iterate import StopChecks, excess_of
+from irnet._misc import check_int, sample_dot, sample_norm
 from irnet.device_path import on_accelerator_path
 from irnet.linear.base import AdjointOperator, LinearSolver, safe_norm
-from irnet.per_sample import sample_dot, sample_norm
-from irnet.progress import excess_of
 from irnet.stats import SolverStats
-from irnet.stop_checks import StopChecks
-from irnet.validation import check_int
 
 
 class _System(NamedTuple):
@@ -169,14 +167,14 @@ class GMRES(LinearSolver):
     def _solve_without_reads(self, operator: AdjointOperator, b: Tensor,
                              system: _System) -> tuple[_Iterate, Tensor]:
         """The accelerator path: the CPU path's cycles, reading only at the looks of
-        :class:`~irnet.stop_checks.StopChecks` (none at the solve's last step).
+        :class:`~irnet._iterate.StopChecks` (none at the solve's last step).
 
         Returns:
             The final iterate and each sample's Krylov steps.
         """
         now = _Iterate(torch.zeros_like(system.b), system.b, sample_norm(system.b) / system.b_norm)
         iterations = torch.zeros_like(now.res, dtype=torch.long)
-        owner = getattr(operator, "owner", None)  # a plain callable (irnet.stability's) has none
+        owner = getattr(operator, "owner", None)  # a plain callable (irnet.analysis.stability's) has none
         checks = self.stop_checks(owner, b)
         left = now.res > self.rtol
         checks.start(excess_of(left, now.res, self.rtol))

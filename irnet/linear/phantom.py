@@ -15,7 +15,7 @@ little and keep a descent direction in practice:
 Their statistics report the relative residual ``‖A g − b‖ / ‖b‖`` of the
 approximate answer (one more product) and count it as converged only if it
 meets ``rtol``; they never warn, since missing the exact answer is their point.
-:func:`irnet.fidelity.gradient_cosine` measures what the shortcut costs.
+:func:`irnet.analysis.fidelity.gradient_cosine` measures what the shortcut costs.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from irnet._misc import check_int, check_positive
 from irnet.linear.base import AdjointOperator, LinearSolver, relative_residual
 from irnet.stats import SolverStats
-from irnet.validation import check_int, check_positive
 
 
 class _Approximate(LinearSolver):
@@ -84,6 +84,3 @@ class Phantom(_Approximate):
         for _ in range(self.steps):
             g = (1 - self.damping) * g + self.damping * (b + operator.vjp(g))
         return g, self._stats(operator, g, b, self.steps)
-
-
-__all__ = ["JacobianFree", "Phantom"]

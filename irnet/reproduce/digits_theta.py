@@ -35,13 +35,21 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
-from irnet.attacks import accuracy_under_noise
+from irnet.analysis.attacks import accuracy_under_noise
 from irnet.datamodules import Digits
+from irnet.reproduce._figures import band, color, grid_figure, save
+from irnet.reproduce._logged import as_logged
+from irnet.reproduce._runner import (
+    fmt,
+    fmt_finite,
+    group,
+    markdown_table,
+    mean_std,
+    paired_change,
+    train,
+)
 from irnet.reproduce.ex2 import BestWeights
-from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.logged import as_logged
 from irnet.reproduce.robustness import make_module
-from irnet.reproduce.runner import fmt, fmt_finite, group, markdown_table, mean_std, paired_change, train
 
 THETAS = (0.0, 0.5, 1.0)
 GEOMETRIES = ((10, 2.5), (10, 5.0), (10, 10.0), (5, 2.5), (20, 10.0))  # (layers, T): h 0.25, 0.5, 1; depth 5, 20
@@ -228,6 +236,3 @@ def _training_figure(results: list[dict], out: Path) -> Path:
                ylim=(0.5, 1.0))
         ax.legend(fontsize="small")
     return save(fig, out / "digits_theta_training.png")
-
-
-__all__ = ["EQUAL_ACC", "FirstReached", "cells", "figures", "run_cell", "summarize"]

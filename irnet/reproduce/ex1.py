@@ -49,16 +49,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from irnet._misc import check_choice
 from irnet.datamodules import SineRegression
 from irnet.linear import Direct
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ODENet
 from irnet.regularizers import FixedPointRegularizer
-from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.probe import probe
-from irnet.reproduce.runner import LEAN_EVERY, fmt, group, markdown_table, mean_std, train
+from irnet.reproduce._figures import band, color, grid_figure, save
+from irnet.reproduce._probe import probe
+from irnet.reproduce._runner import LEAN_EVERY, fmt, group, markdown_table, mean_std, train
 from irnet.solvers import FixedPoint
-from irnet.validation import check_choice
 
 THETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VARIANTS = ("paper", "rfp", "contraction")
@@ -387,7 +387,3 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
         ax.scatter(points[:, 0], points[:, 1], s=8, color="C3")
         ax.set(title=f"F at layer {field['layer'] + 1}", xlabel="y[0]", ylabel="y[1]")
     return save(fig, out / f"ex1_fits_{layers}.png")
-
-
-__all__ = ["VARIANTS", "cells", "estimated_seconds", "figures", "make_net", "run_cell", "summarize",
-           "variants_at"]

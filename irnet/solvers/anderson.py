@@ -7,9 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from irnet._misc import check_int
 from irnet.device_path import on_accelerator_path
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
-from irnet.validation import check_int
+from irnet.solvers.base import FixedPointProblem, IterativeSolver
 
 
 class _State(NamedTuple):
@@ -19,7 +19,7 @@ class _State(NamedTuple):
     gs: list[Tensor]  # their map values g(y)
 
 
-class Anderson(NonlinearSolver):
+class Anderson(IterativeSolver):
     """Anderson acceleration: mix the last ``history`` map values to minimise the residual.
 
     Each step solves, per sample, ``min ‖Σ αᵢ rᵢ‖² + λ‖α‖²`` subject to ``Σ αᵢ = 1``

@@ -1,24 +1,24 @@
 """The fixed-point problem of an implicit layer and the iteration loop every solver shares.
 
-A solver only says how to start (``init``) and how to take one step (``step``);
-:meth:`NonlinearSolver.solve` owns stopping, per-sample freezing, keeping the
-best iterate and the statistics, so all solvers report the same way.
+:class:`NonlinearSolver` is what a block needs of a forward solver: ``solve``.
+Most solvers are an :class:`IterativeSolver`: they only say how to start
+(``init``) and how to take one step (``step``); its :meth:`IterativeSolver.solve`
+owns stopping, per-sample freezing, keeping the best iterate and the statistics,
+so all solvers report the same way.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from irnet.arg_repr import ArgsRepr
-from irnet.per_sample import sample_norm
-from irnet.progress import Record, start
+from irnet._iterate import Record, RemembersIterations, start
+from irnet._misc import ArgsRepr, check_int, check_positive, sample_norm
 from irnet.stats import SolverStats, diverged_samples
-from irnet.stop_checks import RemembersIterations
-from irnet.validation import check_int, check_positive
 
 
 @dataclass
@@ -97,8 +97,8 @@ class IterState(NamedTuple):
     r: Tensor
 
 
-class NonlinearSolver(ArgsRepr, RemembersIterations):
-    """Base class of the forward solvers.
+class NonlinearSolver(ArgsRepr, RemembersIterations, ABC):
+    """Base class of the forward solvers: :meth:`solve` finds the fixed point of a problem.
 
     A solver that differentiates ``½‖r‖²`` sets ``uses_autograd = True``; its
     solve then leaves ``torch.inference_mode()`` (in which Lightning runs the
@@ -117,14 +117,22 @@ class NonlinearSolver(ArgsRepr, RemembersIterations):
         self.atol = check_positive("atol", atol)
         self.max_iter = check_int("max_iter", max_iter, 1)
 
+    @abstractmethod
+    def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
+        """The fixed point of ``problem`` from the initial guess ``y0``, and per-sample statistics."""
+
+
+class IterativeSolver(NonlinearSolver):
+    """A forward solver that iterates ``init`` and ``step`` in the loop all solvers share."""
+
     # -- what a solver provides ------------------------------------------------
+    @abstractmethod
     def init(self, problem: FixedPointProblem, y0: Tensor):
         """Solver state at the initial guess; must expose ``y`` and ``r`` (residual at y)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, problem: FixedPointProblem, state):
         """One iteration; returns the next state."""
-        raise NotImplementedError
 
     def step_into(self, problem: FixedPointProblem, state, out: Optional[Tensor]):
         """:meth:`step`, with the iterate after next computed into ``out`` where the solver can
@@ -154,7 +162,7 @@ class NonlinearSolver(ArgsRepr, RemembersIterations):
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         # Per iteration only the step and its residual norms; the per-sample bookkeeping
         # (freezing, best iterate, counts) is settled a few iterations at a time
-        # (irnet.progress), with the same answers as after every iteration. Comparisons
+        # (irnet._iterate), with the same answers as after every iteration. Comparisons
         # with NaN are false, so no separate finiteness test: a non-finite sample stops.
         state = self.init(problem, y0)
         res = sample_norm(state.r)

@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
-from irnet.validation import check_int
+from irnet._misc import check_int
+from irnet.solvers.base import FixedPointProblem, IterativeSolver
 
 
 class _State(NamedTuple):
@@ -39,7 +39,7 @@ def _apply_transposed(us: list[Tensor], vs: list[Tensor], x: Tensor) -> Tensor:
     return _apply(vs, us, x)
 
 
-class Broyden(NonlinearSolver):
+class Broyden(IterativeSolver):
     """Broyden's good method with a per-sample low-rank inverse Jacobian.
 
     Each step is ``s = −H r(y)``, ``y ← y + s`` (no line search), then, with

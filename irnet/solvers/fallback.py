@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from irnet._iterate import solve_key
+from irnet._misc import per_sample
 from irnet.device_path import on_accelerator_path
-from irnet.per_sample import per_sample
 from irnet.solvers.base import FixedPointProblem, NonlinearSolver
 from irnet.stats import SolverStats
-from irnet.stop_checks import solve_key
 
 
 class Fallback(NonlinearSolver):
@@ -137,6 +137,3 @@ def _ran_to_the_end(solver: NonlinearSolver, problem: FixedPointProblem, like: T
     if getattr(solver, "fixed_count", False):
         return True
     return solver.iteration_memory.ran_out(solve_key(problem.F, like))
-
-
-__all__ = ["Fallback"]

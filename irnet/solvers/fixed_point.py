@@ -1,4 +1,21 @@
-"""Plain fixed-point (Picard) iteration ``y ← x + (1−θ)F(x) + θF(y)``."""
+"""Plain fixed-point (Picard) iteration, with its row loop.
+
+Plain fixed-point (Picard) iteration ``y ← x + (1−θ)F(x) + θF(y)``.
+
+The fixed-point iteration's loop with its residual norms computed a few iterations at a time.
+
+A Picard step's residual is the step itself, ``r(yₖ) = yₖ − yₖ₊₁``. So the loop only evaluates
+the map, each iterate straight into a row of a scratch buffer, and computes the residual norms
+of several iterations at once from the differences of consecutive rows: one subtraction and
+one norm for the lot instead of two small operations, a host read and the bookkeeping's Python
+per iteration. The per-sample bookkeeping (freezing, best iterate, counts) is settled from
+those norms by :func:`irnet._iterate.settle`, so answers and statistics are exactly those of
+checking after every iteration.
+
+The cost is that the loop learns that every sample has converged only at a check, which
+:class:`irnet._iterate.CheckSchedule` places where the residuals are predicted to meet the
+tolerance.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +24,20 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from irnet import progress as solve_progress
+from irnet import _iterate as solve_progress
+from irnet._iterate import (
+    CheckSchedule,
+    Progress,
+    give_back_scratch,
+    settle,
+    settle_one,
+    start,
+    take_scratch,
+)
+from irnet._misc import check_bool, row_sample_norms, sample_norm
 from irnet.device_path import on_accelerator_path
-from irnet.per_sample import sample_norm
-from irnet.progress import settle_one, start
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
-from irnet.solvers.picard_rows import picard_rows
+from irnet.solvers.base import FixedPointProblem, IterativeSolver
 from irnet.stats import SolverStats, diverged_samples
-from irnet.validation import check_bool
 
 
 class _State(NamedTuple):
@@ -23,7 +46,7 @@ class _State(NamedTuple):
     g: Tensor  # g(y), the next iterate
 
 
-class FixedPoint(NonlinearSolver):
+class FixedPoint(IterativeSolver):
     """Fixed-point iteration from ``y⁰ = x``, so its first iterate is the explicit layer.
 
     Converges when ``θF`` is a contraction; one evaluation of ``F`` per iteration.
@@ -56,7 +79,7 @@ class FixedPoint(NonlinearSolver):
         if self.fixed_count:
             return self._iterate_fixed_count(problem, y0)
         # Without a graph on the CPU the residual norms are computed several at a time from the
-        # iterates (irnet.solvers.picard_rows); the shared loop serves unrolled solves (each
+        # iterates (irnet.solvers.fixed_point); the shared loop serves unrolled solves (each
         # iterate keeps its graph) and accelerators (whose own schedule avoids host reads).
         rows, _ = solve_progress.settle_schedule(y0)
         if problem.differentiable or y0.requires_grad or on_accelerator_path(y0) or rows < 2:
@@ -94,3 +117,52 @@ class FixedPoint(NonlinearSolver):
         converged = res <= self.atol
         diverged = diverged_samples(converged, iterations, self.max_iter, res)  # a non-finite answer
         return SolverStats(iterations, res.detach(), converged, diverged)
+
+
+class PicardResult(NamedTuple):
+    progress: Progress
+    last_res: Tensor  # the residual norms of the last iterate whose residual was computed
+
+
+def picard_rows(problem, y: Tensor, index: int, progress: Progress, atol: float, max_iter: int,
+                rows_per_settlement: int) -> PicardResult:
+    """Iterate ``y ← problem.map(y)`` (no autograd graph) on from the iterate ``y`` of number ``index``
+    (≥ 1, ≤ ``max_iter``), whose residual is not yet known, to at most iterate ``max_iter``.
+
+    ``progress`` is the bookkeeping of the iterates before it. At most ``rows_per_settlement`` (≥ 2)
+    iterates are kept before their bookkeeping is settled.
+    """
+    rows = take_scratch(y, rows_per_settlement + 1)
+    try:
+        rows[0].copy_(y)
+        return _iterate(problem, index, progress, rows, atol, max_iter)
+    finally:
+        give_back_scratch(rows)
+
+
+def _iterate(problem, base: int, progress: Progress, rows: Tensor, atol: float, max_iter: int) -> PicardResult:
+    # rows[i] holds the iterate of index base + i; rows[:normed] have known residual norms,
+    # rows[:top + 1] are computed. Index max_iter is the last iterate that may be an answer;
+    # its residual needs one more evaluation.
+    capacity = rows.shape[0] - 1
+    top, normed = 0, 0
+    norms: list[Tensor] = []
+    schedule = CheckSchedule(first=base)
+    while True:
+        problem.map(rows[top], out=rows[top + 1])
+        top += 1
+        newest = base + top - 1  # the newest iterate whose residual is now computable
+        if not (schedule.due(newest) or newest == max_iter or top == capacity):
+            continue
+        norms.append(row_sample_norms(rows[normed:top] - rows[normed + 1:top + 1]))  # r(yₖ) = yₖ − yₖ₊₁
+        normed = top
+        largest = float(norms[-1][-1].amax())  # NaN compares false: a non-finite sample stops
+        schedule.seen(newest, largest / atol)
+        if largest > atol and newest < max_iter and top < capacity:
+            continue
+        progress = settle(progress, rows[:normed], torch.cat(norms), atol)
+        if newest == max_iter or not bool(progress.active.any()):
+            return PicardResult(progress, norms[-1][-1])
+        # Start the next settlement from the one computed iterate whose residual is unknown.
+        rows[0].copy_(rows[top])
+        base, top, normed, norms = base + top, 0, 0, []

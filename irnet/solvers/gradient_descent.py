@@ -7,10 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
-from irnet.per_sample import sample_dot
-from irnet.solvers.line_search import line_search
-from irnet.validation import check_int
+from irnet._misc import check_int, sample_dot
+from irnet.solvers._line_search import line_search
+from irnet.solvers.base import FixedPointProblem, IterativeSolver
 
 
 class _State(NamedTuple):
@@ -20,11 +19,11 @@ class _State(NamedTuple):
     step: Tensor  # last accepted step, per sample
 
 
-class GradientDescent(NonlinearSolver):
+class GradientDescent(IterativeSolver):
     """Steepest descent ``y ← y − λ (I − θ ∂F/∂y)ᵀ r(y)`` with a per-sample line search.
 
     The gradient costs one vector–Jacobian product; the step comes from
-    :func:`~irnet.solvers.line_search.line_search`, started from twice the last
+    :func:`~irnet.solvers._line_search.line_search`, started from twice the last
     accepted step. Works where fixed-point iteration diverges (θF expansive),
     at the price of a few more evaluations of ``F`` per iteration.
 

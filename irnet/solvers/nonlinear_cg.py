@@ -7,10 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from irnet.solvers.base import FixedPointProblem, NonlinearSolver
-from irnet.per_sample import per_sample, sample_dot
-from irnet.solvers.line_search import line_search
-from irnet.validation import check_choice, check_int
+from irnet._misc import check_choice, check_int, per_sample, sample_dot
+from irnet.solvers._line_search import line_search
+from irnet.solvers.base import FixedPointProblem, IterativeSolver
 
 BETAS = ("fletcher-reeves", "polak-ribiere")
 
@@ -23,7 +22,7 @@ class _State(NamedTuple):
     step: Tensor
 
 
-class NonlinearCG(NonlinearSolver):
+class NonlinearCG(IterativeSolver):
     """Nonlinear conjugate gradient ``y ← y − λ s``, ``s = ∇φ + β s_prev``, ``φ = ½‖r‖²``.
 
     (The paper prints ``− β s``; with the update ``y − λ s`` the standard

@@ -1,0 +1,48 @@
+"""Networks of implicit residual blocks, and what they are built from.
+
+* :mod:`~irnet.nets.residual`: residual functions F (``MLPResidual``, ``ConvResidual``);
+* :mod:`~irnet.nets.ode_net`: the paper's ODE-style networks (``ODENet``, ``ConvODENet``);
+* :mod:`~irnet.nets.staged`: the authors' three-stage MNIST network (``StagedConvODENet``);
+* :mod:`~irnet.nets.contraction`: the Lipschitz bound that makes every layer a contraction;
+* :mod:`~irnet.nets.warm_start` and :mod:`~irnet.nets.warm_start_merge`: solves that start
+  from each sample's last fixed points, and their merge across processes;
+* :mod:`~irnet.nets.protocol`: what training and callbacks rely on in a network.
+"""
+
+from irnet.nets.contraction import LipschitzConstraint, NormGroup
+from irnet.nets.ode_net import ConvODENet, ImplicitODENet, ODENet
+from irnet.nets.protocol import ImplicitNetwork, TrajectoryNetwork, auxiliary_pass, find_blocks
+from irnet.nets.residual import (
+    ACTIVATIONS,
+    BOUNDED_INIT_LIPSCHITZ,
+    CONV_INITS,
+    INITS,
+    READOUTS,
+    ConvResidual,
+    MLPResidual,
+    make_activation,
+)
+from irnet.nets.staged import StagedConvODENet
+from irnet.nets.warm_start import WarmStartCache
+
+__all__ = [
+    "ACTIVATIONS",
+    "BOUNDED_INIT_LIPSCHITZ",
+    "CONV_INITS",
+    "INITS",
+    "READOUTS",
+    "ConvODENet",
+    "ConvResidual",
+    "ImplicitNetwork",
+    "ImplicitODENet",
+    "LipschitzConstraint",
+    "MLPResidual",
+    "NormGroup",
+    "ODENet",
+    "StagedConvODENet",
+    "TrajectoryNetwork",
+    "WarmStartCache",
+    "auxiliary_pass",
+    "find_blocks",
+    "make_activation",
+]
