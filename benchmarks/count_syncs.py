@@ -6,7 +6,7 @@ makes each such call warn; this script builds each config's run through
 ``irnet.cli.main([...], run=False)`` (the config's own callbacks, no logger), trains it on the
 device with Lightning's loop, and counts during one training step (``--step``, after warm-up
 steps) the sync warnings and the solves (outermost ``solve`` calls of irnet's solvers).
-``tests/test_host_reads.py`` counts the same step on the CPU by patching torch, with the
+``tests/training/test_host_reads.py`` counts the same step on the CPU by patching torch, with the
 accelerator path forced; its budget is one read per solve plus 10.
 
 Usage::
@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows[name] = count(config, args.device, args.step, Path(root))
             print(f"#   {name}: {rows[name]['seconds']:.0f} s", flush=True)
     print(table(rows))
-    print("tests/test_host_reads.py's budget for the same step on the CPU: syncs − solves ≤ 10")
+    print("tests/training/test_host_reads.py's budget for the same step on the CPU: syncs − solves ≤ 10")
 
 
 if __name__ == "__main__":
