@@ -82,7 +82,9 @@ class Eq11Residual(nn.Module):
         return self.h * Fn.linear(torch.relu(Fn.linear(y, self.gamma1, self.bias)), self.gamma2)
 
 
-def make_residuals(layers: int, width: int, horizon: float, seed: int, state: int = 4) -> nn.ModuleList:
+def make_residuals(
+    layers: int, width: int, horizon: float, seed: int, state: int = 4
+) -> nn.ModuleList:
     gen = torch.Generator().manual_seed(seed)
     return nn.ModuleList(Eq11Residual(state, width, horizon / layers, gen) for _ in range(layers))
 
@@ -147,8 +149,14 @@ class TorchdeqNet(nn.Module):
         # Forward: absolute per-sample ‖z − g(z)‖ like irnet; backward: torchdeq's
         # fixed-point iteration on the adjoint (a Neumann series) with a relative stop.
         self.deq = get_deq(
-            f_solver=f_solver, f_max_iter=max_iter, f_tol=tol, f_stop_mode="abs",
-            b_solver="fixed_point_iter", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel",
+            f_solver=f_solver,
+            f_max_iter=max_iter,
+            f_tol=tol,
+            f_stop_mode="abs",
+            b_solver="fixed_point_iter",
+            b_max_iter=max_iter,
+            b_tol=tol,
+            b_stop_mode="rel",
             ift=True,
         )
         self._forward_steps: list[Tensor] = []
@@ -162,7 +170,8 @@ class TorchdeqNet(nn.Module):
         for F in self.residuals:
             c = y if theta == 1 else y + (1 - theta) * F(y)
             z, info = self.deq(
-                lambda z, c=c, F=F: c + theta * F(z), y,
+                lambda z, c=c, F=F: c + theta * F(z),
+                y,
                 backward_writer=lambda info: self._backward_steps.append(info["nstep"].float()),
             )
             self._forward_steps.append(info["nstep"].float())
@@ -171,8 +180,10 @@ class TorchdeqNet(nn.Module):
         return y
 
     def forward_iterations(self) -> tuple[float, float]:
-        return (float(torch.stack(self._forward_steps).mean()),
-                float(torch.stack(self._forward_failed).mean()))
+        return (
+            float(torch.stack(self._forward_steps).mean()),
+            float(torch.stack(self._forward_failed).mean()),
+        )
 
     def backward_iterations(self) -> Optional[float]:
         if not self._backward_steps:
@@ -241,14 +252,19 @@ class Config:
 FIXED_K_TOL = 1e-30  # "tolerance" of the fixed-K rows: never met, so all K iterations are taken
 
 
-def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
-                   fixed_k: Optional[int] = None) -> list[Config]:
+def configurations(
+    tol: float, max_iter: int, theta: float, with_torchdeq: bool, fixed_k: Optional[int] = None
+) -> list[Config]:
     """The rows; with ``fixed_k`` every solver takes exactly K iterations and a floor row is added."""
     if fixed_k is not None:
         tol, max_iter = FIXED_K_TOL, fixed_k
 
-    def irnet(solver_fn, linear_fn=lambda: Neumann(rtol=tol, max_iter=max_iter),
-              backward="implicit", th=theta):
+    def irnet(
+        solver_fn,
+        linear_fn=lambda: Neumann(rtol=tol, max_iter=max_iter),
+        backward="implicit",
+        th=theta,
+    ):
         return lambda residuals: IrnetNet(residuals, th, solver_fn(), linear_fn(), backward)
 
     fp = lambda: FixedPoint(atol=tol, max_iter=max_iter)  # noqa: E731
@@ -256,22 +272,33 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
         Config("explicit ResNet (θ = 0)", irnet(fp, th=0.0)),
         Config("FixedPoint + Neumann", irnet(fp)),
         Config("Anderson + Neumann", irnet(lambda: Anderson(atol=tol, max_iter=max_iter))),
-        Config("GradientDescent + Neumann",
-               irnet(lambda: GradientDescent(atol=tol, max_iter=max_iter))),
-        Config("NonlinearCG (FR) + Neumann",
-               irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="fletcher-reeves"))),
-        Config("NonlinearCG (PR) + Neumann",
-               irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="polak-ribiere"))),
+        Config(
+            "GradientDescent + Neumann", irnet(lambda: GradientDescent(atol=tol, max_iter=max_iter))
+        ),
+        Config(
+            "NonlinearCG (FR) + Neumann",
+            irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="fletcher-reeves")),
+        ),
+        Config(
+            "NonlinearCG (PR) + Neumann",
+            irnet(lambda: NonlinearCG(atol=tol, max_iter=max_iter, beta="polak-ribiere")),
+        ),
         Config("FixedPoint + GMRES", irnet(fp, lambda: GMRES(rtol=tol, max_iter=max_iter))),
         Config("FixedPoint + Direct", irnet(fp, lambda: Direct(rtol=tol))),
         Config("FixedPoint, unrolled backward", irnet(fp, backward="unrolled")),
-        Config("FixedPoint + Neumann, fixed count",
-               irnet(lambda: FixedPoint(atol=tol, max_iter=max_iter, fixed_count=True),
-                     lambda: Neumann(rtol=tol, max_iter=max_iter, fixed_count=True)),
-               skip=None if fixed_k is not None else "needs --fixed-k"),
-        Config("floor: K F-evals + K VJPs" + (f" (K = {fixed_k})" if fixed_k else ""),
-               lambda residuals: FloorNet(residuals, theta, fixed_k),
-               skip=None if fixed_k is not None else "needs --fixed-k"),
+        Config(
+            "FixedPoint + Neumann, fixed count",
+            irnet(
+                lambda: FixedPoint(atol=tol, max_iter=max_iter, fixed_count=True),
+                lambda: Neumann(rtol=tol, max_iter=max_iter, fixed_count=True),
+            ),
+            skip=None if fixed_k is not None else "needs --fixed-k",
+        ),
+        Config(
+            "floor: K F-evals + K VJPs" + (f" (K = {fixed_k})" if fixed_k else ""),
+            lambda residuals: FloorNet(residuals, theta, fixed_k),
+            skip=None if fixed_k is not None else "needs --fixed-k",
+        ),
     ]
     reason = None
     if not with_torchdeq:
@@ -280,14 +307,19 @@ def configurations(tol: float, max_iter: int, theta: float, with_torchdeq: bool,
         try:
             import torchdeq  # noqa: F401
         except Exception as exc:  # not installed, or an incompatible build
-            reason = f"torchdeq unavailable ({type(exc).__name__}: {exc}); pip install 'irnet[bench]'"
+            reason = (
+                f"torchdeq unavailable ({type(exc).__name__}: {exc}); pip install 'irnet[bench]'"
+            )
     for solver in ("fixed_point_iter", "anderson"):
-        configs.append(Config(
-            f"torchdeq {solver} + IFT",
-            lambda residuals, s=solver: TorchdeqNet(
-                residuals, theta, s, 0.0 if fixed_k is not None else tol, max_iter),
-            skip=reason,
-        ))
+        configs.append(
+            Config(
+                f"torchdeq {solver} + IFT",
+                lambda residuals, s=solver: TorchdeqNet(
+                    residuals, theta, s, 0.0 if fixed_k is not None else tol, max_iter
+                ),
+                skip=reason,
+            )
+        )
     return configs
 
 
@@ -388,8 +420,13 @@ class Runner:
         r.train_ms = statistics.median(self.train_times)
 
 
-def run_all(configs: list[Config], residuals: nn.ModuleList, x: Tensor, repeats: int,
-            log: Callable[[str], None]) -> list[Result]:
+def run_all(
+    configs: list[Config],
+    residuals: nn.ModuleList,
+    x: Tensor,
+    repeats: int,
+    log: Callable[[str], None],
+) -> list[Result]:
     """Warm up every configuration, then time them in interleaved rounds.
 
     Round r times every configuration once, so a slow spell of a shared machine
@@ -408,8 +445,13 @@ def run_all(configs: list[Config], residuals: nn.ModuleList, x: Tensor, repeats:
             log(f"#   round {round_ + 1}/{repeats} done")
         for runner in runners:
             runner.measure()
-    for message in sorted({str(w.message).split(" did not")[0] for w in caught
-                           if issubclass(w.category, ConvergenceWarning)}):
+    for message in sorted(
+        {
+            str(w.message).split(" did not")[0]
+            for w in caught
+            if issubclass(w.category, ConvergenceWarning)
+        }
+    ):
         log(f"#   ConvergenceWarning: {message} did not converge for some samples")
     return [runner.result for runner in runners]
 
@@ -426,8 +468,10 @@ def machine() -> str:
                 cpu = match.group(1).strip()
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}"
+    )
 
 
 def load_average() -> str:
@@ -467,8 +511,10 @@ def percent(share: float) -> str:
 
 def reference_table(results: list[Result]) -> Optional[str]:
     """fwd+bwd (and forward) of every row over the floor row and torchdeq's fixed-point row."""
-    refs = [next((r for r in results if not r.skip and r.name.startswith(prefix)), None)
-            for prefix in ("floor", "torchdeq fixed_point_iter")]
+    refs = [
+        next((r for r in results if not r.skip and r.name.startswith(prefix)), None)
+        for prefix in ("floor", "torchdeq fixed_point_iter")
+    ]
     if all(ref is None for ref in refs):
         return None
 
@@ -476,41 +522,68 @@ def reference_table(results: list[Result]) -> Optional[str]:
         base = getattr(ref, attr) if ref is not None else float("nan")
         return f"{value / base:.2f}×" if base > 0 and value == value else "—"
 
-    lines = ["| configuration | fwd+bwd ms | fwd+bwd / floor | fwd+bwd / torchdeq fp "
-             "| forward / floor | forward / torchdeq fp |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| configuration | fwd+bwd ms | fwd+bwd / floor | fwd+bwd / torchdeq fp "
+        "| forward / floor | forward / torchdeq fp |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if not r.skip:
-            lines.append(f"| {r.name} | {r.train_ms:.2f} | {over(r.train_ms, refs[0], 'train_ms')} "
-                         f"| {over(r.train_ms, refs[1], 'train_ms')} "
-                         f"| {over(r.forward_ms, refs[0], 'forward_ms')} "
-                         f"| {over(r.forward_ms, refs[1], 'forward_ms')} |")
+            lines.append(
+                f"| {r.name} | {r.train_ms:.2f} | {over(r.train_ms, refs[0], 'train_ms')} "
+                f"| {over(r.train_ms, refs[1], 'train_ms')} "
+                f"| {over(r.forward_ms, refs[0], 'forward_ms')} "
+                f"| {over(r.forward_ms, refs[1], 'forward_ms')} |"
+            )
     return "\n".join(lines)
 
 
 PRESETS = {
     # Issue 9's block: one layer, θ = 1, K = 30 fixed-point iterations and 30 Neumann terms.
-    "issue9": dict(layers=1, theta=1.0, fixed_k=30, batch=128, state=64, width=256, threads=1,
-                   horizon=0.5, only=r"^FixedPoint \+ Neumann|^floor|^torchdeq fixed_point_iter"),
+    "issue9": dict(
+        layers=1,
+        theta=1.0,
+        fixed_k=30,
+        batch=128,
+        state=64,
+        width=256,
+        threads=1,
+        horizon=0.5,
+        only=r"^FixedPoint \+ Neumann|^floor|^torchdeq fixed_point_iter",
+    ),
 }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=100, help="blocks in the stack (100)")
     parser.add_argument("--width", type=int, default=100, help="hidden width of each F (100)")
-    parser.add_argument("--state", type=int, default=4,
-                        help="state dimension (even; 4 = the paper's lifted 2-D input)")
-    parser.add_argument("--fixed-k", type=int, default=None, metavar="K",
-                        help="every solver takes exactly K iterations (forward) and K terms "
-                             "(backward): tolerance 1e-30 (torchdeq: 0); adds the rows of the "
-                             "floor and of fixed point + Neumann with fixed_count=True")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="issue9: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
-                             "h = 0.5, 1 thread; rows fixed point + Neumann (tolerance never met, "
-                             "and fixed count), floor, torchdeq "
-                             "(explicit flags after it do not override it)")
+    parser.add_argument(
+        "--state",
+        type=int,
+        default=4,
+        help="state dimension (even; 4 = the paper's lifted 2-D input)",
+    )
+    parser.add_argument(
+        "--fixed-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="every solver takes exactly K iterations (forward) and K terms "
+        "(backward): tolerance 1e-30 (torchdeq: 0); adds the rows of the "
+        "floor and of fixed point + Neumann with fixed_count=True",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="issue9: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
+        "h = 0.5, 1 thread; rows fixed point + Neumann (tolerance never met, "
+        "and fixed count), floor, torchdeq "
+        "(explicit flags after it do not override it)",
+    )
     parser.add_argument("--batch", type=int, default=51, help="batch size (51)")
     parser.add_argument("--horizon", type=float, default=10.0, help="T; h = T / layers (10)")
     parser.add_argument("--theta", type=float, default=0.5, help="θ of the implicit rows (0.5)")
@@ -519,15 +592,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions; median (5)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
     parser.add_argument(
-        "--clock", choices=("auto", "wall", "cpu"), default="auto",
+        "--clock",
+        choices=("auto", "wall", "cpu"),
+        default="auto",
         help="wall: elapsed time; cpu: CPU time of this process, which leaves out the time "
-             "other processes hold the core (a shared machine). auto: cpu with 1 thread, "
-             "else wall (CPU time would add up the threads)")
+        "other processes hold the core (a shared machine). auto: cpu with 1 thread, "
+        "else wall (CPU time would add up the threads)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None, help="regex: run matching rows (+ baseline)")
     parser.add_argument("--no-torchdeq", action="store_true", help="skip the torchdeq rows")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 20 layers, 2 repeats (overrides --layers/--repeats)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 20 layers, 2 repeats (overrides --layers/--repeats)",
+    )
     args = parser.parse_args(argv)
     if args.preset:
         for key, value in PRESETS[args.preset].items():
@@ -546,15 +625,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     residuals = make_residuals(args.layers, args.width, args.horizon, args.seed, args.state)
     x = make_input(args.batch, args.state, args.seed)
 
-    configs = configurations(args.tol, args.max_iter, args.theta, not args.no_torchdeq, args.fixed_k)
+    configs = configurations(
+        args.tol, args.max_iter, args.theta, not args.no_torchdeq, args.fixed_k
+    )
     if args.only:
         configs = [configs[0]] + [c for c in configs[1:] if re.search(args.only, c.name)]
     print(f"# machine: {machine()}; {load_average()}")
-    solve = (f"tol {args.tol}, max_iter {args.max_iter}" if args.fixed_k is None else
-             f"exactly K = {args.fixed_k} iterations and adjoint terms (tol {FIXED_K_TOL:g})")
-    print(f"# network: {args.layers} layers, state {args.state}, width {args.width}, "
-          f"batch {args.batch}, h = {args.horizon}/{args.layers}, θ = {args.theta}, {solve}, "
-          f"float32, {args.clock} time, median of {args.repeats} interleaved rounds")
+    solve = (
+        f"tol {args.tol}, max_iter {args.max_iter}"
+        if args.fixed_k is None
+        else f"exactly K = {args.fixed_k} iterations and adjoint terms (tol {FIXED_K_TOL:g})"
+    )
+    print(
+        f"# network: {args.layers} layers, state {args.state}, width {args.width}, "
+        f"batch {args.batch}, h = {args.horizon}/{args.layers}, θ = {args.theta}, {solve}, "
+        f"float32, {args.clock} time, median of {args.repeats} interleaved rounds"
+    )
     start = time.perf_counter()
     results = run_all(configs, residuals, x, args.repeats, lambda line: print(line, flush=True))
     for result in results:

@@ -55,9 +55,13 @@ VARIANTS = {
 class DeviceRun:
     """One variant of one config on ``device``: its module, its batches there, its epoch times."""
 
-    def __init__(self, config: Path, variant: str, device: torch.device, args: argparse.Namespace) -> None:
+    def __init__(
+        self, config: Path, variant: str, device: torch.device, args: argparse.Namespace
+    ) -> None:
         build_args = argparse.Namespace(set=[*args.set, *VARIANTS[variant]], theta_key=THETA_KEY)
-        self.run = BareRun.build(config, "implicit", build_args)  # "implicit": the overrides as given
+        self.run = BareRun.build(
+            config, "implicit", build_args
+        )  # "implicit": the overrides as given
         self.run.module.to(device)
         self.batches = [move_data_to_device(batch, device) for batch in self.run.loader]
         self.device = device
@@ -87,26 +91,36 @@ class DeviceRun:
             torch.cuda.synchronize(self.device)
 
 
-def bench_config(config: Path, device: torch.device, args: argparse.Namespace) -> dict[str, DeviceRun]:
+def bench_config(
+    config: Path, device: torch.device, args: argparse.Namespace
+) -> dict[str, DeviceRun]:
     torch.manual_seed(0)
     runs = {name: DeviceRun(config, name, device, args) for name in VARIANTS}
     order = list(runs.values())
     for e in range(args.warmup + args.epochs):
-        for run in order[e % len(order):] + order[:e % len(order)]:  # rotate who goes first
+        for run in order[e % len(order) :] + order[: e % len(order)]:  # rotate who goes first
             run.epoch(timed=e >= args.warmup)
     return runs
 
 
 def table(results: dict[str, dict[str, DeviceRun]]) -> str:
-    lines = ["| config | variant | ms / epoch | × explicit | fwd iters | warm speed-up |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| config | variant | ms / epoch | × explicit | fwd iters | warm speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for config, runs in results.items():
         med = {name: statistics.median(run.ms) for name, run in runs.items()}
         for name, run in runs.items():
-            iters = f"{statistics.fmean(run.iters):.2f}" if run.iters and name != "explicit" else "–"
-            speedup = f"{med['implicit, cold'] / med[name]:.2f}×" if name == "implicit, warm" else ""
-            lines.append(f"| {config} | {name} | {med[name]:.1f} | {med[name] / med['explicit']:.2f}× "
-                         f"| {iters} | {speedup} |")
+            iters = (
+                f"{statistics.fmean(run.iters):.2f}" if run.iters and name != "explicit" else "–"
+            )
+            speedup = (
+                f"{med['implicit, cold'] / med[name]:.2f}×" if name == "implicit, warm" else ""
+            )
+            lines.append(
+                f"| {config} | {name} | {med[name]:.1f} | {med[name] / med['explicit']:.2f}× "
+                f"| {iters} | {speedup} |"
+            )
     return "\n".join(lines)
 
 
@@ -119,11 +133,18 @@ def describe(device: torch.device) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu … (cuda)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config names")
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config names"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed epochs first (5)")
     parser.add_argument("--epochs", type=int, default=10, help="timed epochs per variant (10)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every variant (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every variant (repeatable)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

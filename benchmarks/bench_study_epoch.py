@@ -25,8 +25,8 @@ from pathlib import Path  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from irnet.datamodules import SineRegression  # noqa: E402
 
+from irnet.datamodules import SineRegression  # noqa: E402
 from irnet.module import ImplicitNetModule  # noqa: E402
 from irnet.reproduce import ex1  # noqa: E402
 from irnet.reproduce._runner import train  # noqa: E402
@@ -34,7 +34,9 @@ from irnet.reproduce._runner import train  # noqa: E402
 
 def seconds_per_epoch(lean: bool, epochs: int, log_dir: Path) -> float:
     pl.seed_everything(0, verbose=False)
-    module = ImplicitNetModule(ex1.make_net(10, 0.5, "paper"), loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7)
+    module = ImplicitNetModule(
+        ex1.make_net(10, 0.5, "paper"), loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7
+    )
     start = time.perf_counter()
     train(module, SineRegression(num_points=51), epochs, log_dir, f"lean{lean}", lean=lean)
     return (time.perf_counter() - start) / epochs
@@ -55,9 +57,11 @@ def main() -> None:
             for lean in (False, True):
                 times[lean].append(seconds_per_epoch(lean, args.epochs, Path(log_dir)))
     full, lean = statistics.median(times[False]), statistics.median(times[True])
-    print(f"full (callbacks, validation every epoch): {1e3 * full:.1f} ms/epoch  "
-          f"lean (validation every 10th): {1e3 * lean:.1f} ms/epoch  lean / full: {lean / full:.2f}  "
-          f"(median of {args.repeats}, {args.epochs} epochs, one thread)")
+    print(
+        f"full (callbacks, validation every epoch): {1e3 * full:.1f} ms/epoch  "
+        f"lean (validation every 10th): {1e3 * lean:.1f} ms/epoch  lean / full: {lean / full:.2f}  "
+        f"(median of {args.repeats}, {args.epochs} epochs, one thread)"
+    )
 
 
 if __name__ == "__main__":

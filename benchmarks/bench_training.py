@@ -102,8 +102,9 @@ class BusyNeighbour:
     """A single-threaded spinning process, paused until :meth:`busy` resumes it."""
 
     def __init__(self, kind: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", BUSY_SOURCES[kind]],
-                                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", BUSY_SOURCES[kind]], env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
         time.sleep(2.0 if kind == "matmul" else 0.2)  # let it import torch before pausing
         self.running = True
         self.idle()
@@ -201,8 +202,16 @@ class BareRun:
         from irnet.cli import main as cli_main
 
         with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips and seed notes
-            cli = cli_main(["--config", str(config), *variant_overrides(variant, args),
-                            "--trainer.logger", "false"], run=False)
+            cli = cli_main(
+                [
+                    "--config",
+                    str(config),
+                    *variant_overrides(variant, args),
+                    "--trainer.logger",
+                    "false",
+                ],
+                run=False,
+            )
         module, data = cli.model, cli.datamodule
         data.setup("fit")
         module.setup("fit")
@@ -232,7 +241,9 @@ class BareRun:
         return elapsed, self.recorder.take()
 
 
-def bench_bare(config: Path, args: argparse.Namespace, neighbour, log: Callable[[str], None]) -> dict:
+def bench_bare(
+    config: Path, args: argparse.Namespace, neighbour, log: Callable[[str], None]
+) -> dict:
     runs = [BareRun.build(config, v, args) for v in VARIANTS]
     conditions = ["idle"] + (["busy"] if args.busy != "none" else [])
     neighbour.set("idle")
@@ -255,8 +266,10 @@ def bench_bare(config: Path, args: argparse.Namespace, neighbour, log: Callable[
     for run in runs:
         run.recorder.remove()
     log(f"#   bare {config.stem}: done")
-    return {run.name: {"ms": run.times, "early_iters": run.early_iters,
-                       "late_iters": run.late_iters} for run in runs}
+    return {
+        run.name: {"ms": run.times, "early_iters": run.early_iters, "late_iters": run.late_iters}
+        for run in runs
+    }
 
 
 # -- (b) the CLI epoch -------------------------------------------------------------------------
@@ -265,41 +278,62 @@ def bench_bare(config: Path, args: argparse.Namespace, neighbour, log: Callable[
 def cli_run(config: Path, variant: str, args: argparse.Namespace, workdir: Path) -> dict:
     """One ``python -m irnet fit`` subprocess; its per-epoch seconds and iterations."""
     out = workdir / f"{config.stem}-{variant}-{time.monotonic_ns()}.json"
-    timer = {"class_path": "training_timer.EpochTimer",
-             "init_args": {"path": str(out), "threads": args.threads}}
-    command = [sys.executable, "-m", "irnet", "fit", "--config", str(config),
-               "--trainer.max_epochs", str(args.cli_epochs), *variant_overrides(variant, args),
-               f"--trainer.callbacks+={json.dumps(timer)}"]
+    timer = {
+        "class_path": "training_timer.EpochTimer",
+        "init_args": {"path": str(out), "threads": args.threads},
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "irnet",
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_epochs",
+        str(args.cli_epochs),
+        *variant_overrides(variant, args),
+        f"--trainer.callbacks+={json.dumps(timer)}",
+    ]
     pythonpath = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=pythonpath)
     with open(workdir / "cli.log", "a") as logfile:
         logfile.write(f"\n$ {' '.join(command)}\n")
         logfile.flush()
-        done = subprocess.run(command, cwd=workdir, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            command, cwd=workdir, env=env, stdout=logfile, stderr=subprocess.STDOUT
+        )
     if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {workdir / 'cli.log'}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed (exit {done.returncode}); see {workdir / 'cli.log'}"
+        )
     return json.loads(out.read_text())
 
 
-def bench_cli(config: Path, args: argparse.Namespace, neighbour, workdir: Path,
-              log: Callable[[str], None]) -> dict:
+def bench_cli(
+    config: Path, args: argparse.Namespace, neighbour, workdir: Path, log: Callable[[str], None]
+) -> dict:
     conditions = ["idle"] + (["busy"] if args.busy != "none" else [])
-    result = {v: {"ms": {c: [] for c in conditions}, "iters": [], "threads": None} for v in VARIANTS}
+    result = {
+        v: {"ms": {c: [] for c in conditions}, "iters": [], "threads": None} for v in VARIANTS
+    }
     k = 0
     for rep in range(args.repeats):
         for condition in conditions if rep % 2 == 0 else conditions[::-1]:
             neighbour.set(condition)
             for variant in VARIANTS if k % 2 == 0 else VARIANTS[::-1]:
                 run = cli_run(config, variant, args, workdir)
-                epochs = run["epoch_s"][args.cli_skip:-1]  # the last epoch draws figures
+                epochs = run["epoch_s"][args.cli_skip : -1]  # the last epoch draws figures
                 result[variant]["ms"][condition] += [s * 1e3 for s in epochs]
-                result[variant]["iters"] += [i for i in run["iterations"][args.cli_skip:-1]
-                                             if i is not None]
+                result[variant]["iters"] += [
+                    i for i in run["iterations"][args.cli_skip : -1] if i is not None
+                ]
                 result[variant]["threads"] = run["threads"]
             k += 1
         neighbour.set("idle")
-        log(f"#   cli {config.stem}: repeat {rep + 1}/{args.repeats} done; torch threads in the "
-            f"fits: {result['implicit']['threads']}, {result['explicit']['threads']}")
+        log(
+            f"#   cli {config.stem}: repeat {rep + 1}/{args.repeats} done; torch threads in the "
+            f"fits: {result['implicit']['threads']}, {result['explicit']['threads']}"
+        )
     return result
 
 
@@ -323,30 +357,38 @@ def ratio(a: float, b: float) -> str:
 
 
 def bare_table(results: dict[str, dict]) -> str:
-    lines = ["| config | implicit ms/epoch | explicit ms/epoch | impl/expl | iters early | iters late "
-             "| busy impl ms | busy/idle impl | busy/idle expl |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | implicit ms/epoch | explicit ms/epoch | impl/expl | iters early | iters late "
+        "| busy impl ms | busy/idle impl | busy/idle expl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         imp, exp = r["implicit"], r["explicit"]
         mi, me = median(imp["ms"]["idle"]), median(exp["ms"]["idle"])
         bi, be = median(imp["ms"]["busy"]), median(exp["ms"]["busy"])
-        lines.append(f"| {name} | {fmt(mi)} | {fmt(me)} | {ratio(mi, me)} "
-                     f"| {fmt(mean(imp['early_iters']))} | {fmt(mean(imp['late_iters']))} "
-                     f"| {fmt(bi)} | {ratio(bi, mi)} | {ratio(be, me)} |")
+        lines.append(
+            f"| {name} | {fmt(mi)} | {fmt(me)} | {ratio(mi, me)} "
+            f"| {fmt(mean(imp['early_iters']))} | {fmt(mean(imp['late_iters']))} "
+            f"| {fmt(bi)} | {ratio(bi, mi)} | {ratio(be, me)} |"
+        )
     return "\n".join(lines)
 
 
 def cli_table(results: dict[str, dict]) -> str:
-    lines = ["| config | implicit ms/epoch (median / mean) | explicit ms/epoch (median / mean) "
-             "| impl/expl (median) | iters | busy impl ms (median) | busy/idle impl | busy/idle expl |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | implicit ms/epoch (median / mean) | explicit ms/epoch (median / mean) "
+        "| impl/expl (median) | iters | busy impl ms (median) | busy/idle impl | busy/idle expl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         imp, exp = r["implicit"], r["explicit"]
         mi, me = median(imp["ms"]["idle"]), median(exp["ms"]["idle"])
         bi, be = median(imp["ms"].get("busy", [])), median(exp["ms"].get("busy", []))
-        lines.append(f"| {name} | {fmt(mi)} / {fmt(mean(imp['ms']['idle']))} "
-                     f"| {fmt(me)} / {fmt(mean(exp['ms']['idle']))} | {ratio(mi, me)} "
-                     f"| {fmt(mean(imp['iters']))} | {fmt(bi)} | {ratio(bi, mi)} | {ratio(be, me)} |")
+        lines.append(
+            f"| {name} | {fmt(mi)} / {fmt(mean(imp['ms']['idle']))} "
+            f"| {fmt(me)} / {fmt(mean(exp['ms']['idle']))} | {ratio(mi, me)} "
+            f"| {fmt(mean(imp['iters']))} | {fmt(bi)} | {ratio(bi, mi)} | {ratio(be, me)} |"
+        )
     return "\n".join(lines)
 
 
@@ -358,8 +400,10 @@ def machine() -> str:
             cpu = found.group(1).strip() if found else cpu
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op thread(s), Python {platform.python_version()}"
+    )
 
 
 def load_average() -> str:
@@ -373,31 +417,63 @@ def load_average() -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                        help="comma-separated config names in configs/ or YAML paths (all four)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help="comma-separated config names in configs/ or YAML paths (all four)",
+    )
     parser.add_argument("--parts", default="bare,cli", help="bare, cli or both (bare,cli)")
-    parser.add_argument("--warmup", type=int, default=20,
-                        help="bare: untimed epochs per variant first, the 'early' iterations (20)")
-    parser.add_argument("--epochs", type=int, default=20,
-                        help="bare: timed epochs per variant and condition (20)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=20,
+        help="bare: untimed epochs per variant first, the 'early' iterations (20)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="bare: timed epochs per variant and condition (20)"
+    )
     parser.add_argument("--cli-epochs", type=int, default=12, help="cli: --trainer.max_epochs (12)")
-    parser.add_argument("--cli-skip", type=int, default=2,
-                        help="cli: first epochs left out of the time (2); the last is always left out")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="cli: fits per variant and condition; epochs pooled (1)")
-    parser.add_argument("--busy", choices=("matmul", "python", "none"), default="matmul",
-                        help="the busy neighbour of (c); none skips it (matmul)")
+    parser.add_argument(
+        "--cli-skip",
+        type=int,
+        default=2,
+        help="cli: first epochs left out of the time (2); the last is always left out",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="cli: fits per variant and condition; epochs pooled (1)",
+    )
+    parser.add_argument(
+        "--busy",
+        choices=("matmul", "python", "none"),
+        default="matmul",
+        help="the busy neighbour of (c); none skips it (matmul)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a CLI override for both variants, e.g. "
-                             "model.init_args.net.init_args.solver.init_args.atol=1e-5 (repeatable)")
-    parser.add_argument("--theta-key", default=THETA_KEY,
-                        help=f"the key set to 0 for the explicit twin ({THETA_KEY})")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CLI override for both variants, e.g. "
+        "model.init_args.net.init_args.solver.init_args.atol=1e-5 (repeatable)",
+    )
+    parser.add_argument(
+        "--theta-key",
+        default=THETA_KEY,
+        help=f"the key set to 0 for the explicit twin ({THETA_KEY})",
+    )
     parser.add_argument("--json", default=None, help="also write every measured time here")
-    parser.add_argument("--quick", action="store_true",
-                        help="sanity run: 2 warm-up + 3 timed bare epochs, 5 CLI epochs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="sanity run: 2 warm-up + 3 timed bare epochs, 5 CLI epochs",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.epochs, args.cli_epochs, args.cli_skip, args.repeats = 2, 3, 5, 1, 1
@@ -450,21 +526,28 @@ def main(argv: Optional[list[str]] = None) -> None:
         neighbour.close()
     log(f"# total {time.perf_counter() - start:.0f} s; {load_average()}\n")
     if bare:
-        log(f"## (a) bare training step: median of {args.epochs} epochs after {args.warmup} "
-            f"warm-up epochs; busy neighbour: {args.busy}\n")
+        log(
+            f"## (a) bare training step: median of {args.epochs} epochs after {args.warmup} "
+            f"warm-up epochs; busy neighbour: {args.busy}\n"
+        )
         log(bare_table(bare) + "\n")
     if cli:
-        log(f"## (b) CLI epoch with the config's callbacks: epochs {args.cli_skip + 1}–"
+        log(
+            f"## (b) CLI epoch with the config's callbacks: epochs {args.cli_skip + 1}–"
             f"{args.cli_epochs - 1} of {args.cli_epochs}, {args.repeats} fit(s) per variant and "
-            f"condition; busy neighbour: {args.busy}\n")
+            f"condition; busy neighbour: {args.busy}\n"
+        )
         log(cli_table(cli))
     save_json(args, command, bare, cli)
 
 
 def save_json(args: argparse.Namespace, command: str, bare: dict, cli: dict) -> None:
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "machine": machine(),
-                                               "bare": bare, "cli": cli}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"command": command, "machine": machine(), "bare": bare, "cli": cli}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -87,25 +87,49 @@ def count(config: Path, device: str, step: int, root: Path) -> dict:
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
-            cli = cli_main(["--config", str(config), "--trainer.logger", "false",
-                            "--trainer.accelerator", "gpu" if cuda else "cpu", "--trainer.devices", "1",
-                            "--trainer.default_root_dir", str(root / config.stem),
-                            "--trainer.max_steps", str(step + 1), "--trainer.limit_val_batches", "0",
-                            "--trainer.enable_model_summary", "false",
-                            "--trainer.enable_progress_bar", "false"], run=False)
+            cli = cli_main(
+                [
+                    "--config",
+                    str(config),
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.accelerator",
+                    "gpu" if cuda else "cpu",
+                    "--trainer.devices",
+                    "1",
+                    "--trainer.default_root_dir",
+                    str(root / config.stem),
+                    "--trainer.max_steps",
+                    str(step + 1),
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--trainer.enable_model_summary",
+                    "false",
+                    "--trainer.enable_progress_bar",
+                    "false",
+                ],
+                run=False,
+            )
             cli.trainer.callbacks.append(counter)
             cli.trainer.fit(cli.model, cli.datamodule)
     finally:
         solves.close()
-    sources = collections.Counter(f"{Path(r.filename).parent.name}/{Path(r.filename).name}:{r.lineno}"
-                                  for r in counter.syncs)
-    return {"solves": solves.count, "syncs": len(counter.syncs) if cuda else None,
-            "sources": sources, "seconds": time.perf_counter() - start}
+    sources = collections.Counter(
+        f"{Path(r.filename).parent.name}/{Path(r.filename).name}:{r.lineno}" for r in counter.syncs
+    )
+    return {
+        "solves": solves.count,
+        "syncs": len(counter.syncs) if cuda else None,
+        "sources": sources,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| config | solves / step | syncs / step | syncs − solves | where (top 3) |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        "| config | solves / step | syncs / step | syncs − solves | where (top 3) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, row in rows.items():
         syncs = "–" if row["syncs"] is None else str(row["syncs"])
         excess = "–" if row["syncs"] is None else str(row["syncs"] - row["solves"])
@@ -117,17 +141,24 @@ def table(rows: dict[str, dict]) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="(cuda)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config names")
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config names"
+    )
     parser.add_argument("--step", type=int, default=2, help="the training step counted, from 0 (2)")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from count(), not from here
-    warnings.simplefilter("ignore")  # Lightning's notes on short runs; the counted step records its own
+    warnings.simplefilter(
+        "ignore"
+    )  # Lightning's notes on short runs; the counted step records its own
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here; use --device cpu")
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (no syncs to count)"
-    print(f"# {where}, torch {torch.__version__}; training step {args.step} of each config", flush=True)
+    print(
+        f"# {where}, torch {torch.__version__}; training step {args.step} of each config",
+        flush=True,
+    )
     rows = {}
     with tempfile.TemporaryDirectory(prefix="count_syncs.") as root:
         for name in args.configs.split(","):
@@ -137,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows[name] = count(config, args.device, args.step, Path(root))
             print(f"#   {name}: {rows[name]['seconds']:.0f} s", flush=True)
     print(table(rows))
-    print("tests/training/test_host_reads.py's budget for the same step on the CPU: syncs − solves ≤ 10")
+    print(
+        "tests/training/test_host_reads.py's budget for the same step on the CPU: syncs − solves ≤ 10"
+    )
 
 
 if __name__ == "__main__":

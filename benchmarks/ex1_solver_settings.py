@@ -25,8 +25,8 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
-from irnet.datamodules import SineRegression  # noqa: E402
 
+from irnet.datamodules import SineRegression  # noqa: E402
 from irnet.linear import Direct, Neumann  # noqa: E402
 from irnet.module import l2_loss  # noqa: E402
 from irnet.nets import ODENet  # noqa: E402
@@ -35,7 +35,9 @@ from irnet.solvers import Anderson, FixedPoint  # noqa: E402
 
 VARIANTS = {
     "paper": lambda: dict(solver=FixedPoint(1e-5, 50), linear_solver=Neumann(1e-5, 50)),
-    "fast": lambda: dict(solver=Anderson(1e-5, 50, history=3), linear_solver=Direct(), warm_start=True),
+    "fast": lambda: dict(
+        solver=Anderson(1e-5, 50, history=3), linear_solver=Direct(), warm_start=True
+    ),
 }
 
 
@@ -52,7 +54,11 @@ def run(variant: str, seed: int, epochs: int) -> dict:
     for _ in range(epochs):
         states = net.trajectory(x)
         loss = l2_loss(net.readout(states[-1]), y) + r_fp.weight * r_fp(net, x, states)
-        iterations.append(float(torch.stack([b.forward_stats.iterations.float().mean() for b in net.blocks]).mean()))
+        iterations.append(
+            float(
+                torch.stack([b.forward_stats.iterations.float().mean() for b in net.blocks]).mean()
+            )
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -60,19 +66,30 @@ def run(variant: str, seed: int, epochs: int) -> dict:
     with torch.no_grad():
         val, train = float(l2_loss(net(xv), yv)), float(l2_loss(net(x), y))
     tail = iterations[-50:]
-    return dict(variant=variant, seed=seed, epochs=epochs, val=round(val, 4), train=round(train, 4),
-                iters_mean=round(sum(iterations) / len(iterations), 2),
-                iters_last50=round(sum(tail) / len(tail), 2), wall_s=round(wall, 1))
+    return dict(
+        variant=variant,
+        seed=seed,
+        epochs=epochs,
+        val=round(val, 4),
+        train=round(train, 4),
+        iters_mean=round(sum(iterations) / len(iterations), 2),
+        iters_last50=round(sum(tail) / len(tail), 2),
+        wall_s=round(wall, 1),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["paper", "fast"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=["paper", "fast"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 3])
     parser.add_argument("--epochs", type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore")  # the paper's settings warn about failed solves; the stats count them
+    warnings.simplefilter(
+        "ignore"
+    )  # the paper's settings warn about failed solves; the stats count them
     for seed in args.seeds:
         for variant in args.variants:
             print(json.dumps(run(variant, seed, args.epochs)), flush=True)

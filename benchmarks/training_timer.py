@@ -34,7 +34,7 @@ class IterationRecorder:
 
     def __init__(self, net: Any) -> None:
         self.blocks = solver_blocks(net)
-        self.main: list[torch.Tensor] = []   # per (step, layer): mean over samples
+        self.main: list[torch.Tensor] = []  # per (step, layer): mean over samples
         self.extra: list[torch.Tensor] = []  # later solves in the same step
         self._seen: set[int] = set()
         self.active = True  # record only while set (e.g. not during validation)

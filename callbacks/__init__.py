@@ -22,4 +22,10 @@ from .perturbation_streams import PerturbationStreams
 from .solver_statistics import SolverStatistics
 from .stability_monitor import StabilityMonitor
 
-__all__ = ["Figures", "GradientMagnitudes", "PerturbationStreams", "SolverStatistics", "StabilityMonitor"]
+__all__ = [
+    "Figures",
+    "GradientMagnitudes",
+    "PerturbationStreams",
+    "SolverStatistics",
+    "StabilityMonitor",
+]

@@ -81,8 +81,14 @@ def _generators(loader: Any) -> list[torch.Generator]:
     """The distinct generators a loader's iterators draw from (its own, its samplers')."""
     sampler = getattr(loader, "sampler", None)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    owners = [loader, sampler, getattr(sampler, "batches", None), batch_sampler,
-              getattr(batch_sampler, "sampler", None), getattr(getattr(sampler, "batches", None), "sampler", None)]
+    owners = [
+        loader,
+        sampler,
+        getattr(sampler, "batches", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+        getattr(getattr(sampler, "batches", None), "sampler", None),
+    ]
     found: list[torch.Generator] = []
     for owner in owners:
         generator = getattr(owner, "generator", None)
@@ -95,8 +101,12 @@ def _collect(loaders: Any, max_points: int) -> Optional[tuple[Tensor, Tensor]]:
     for loader in _loaders(loaders):
         xs, ys, count = [], [], 0
         for batch in loader:
-            if not (isinstance(batch, (list, tuple)) and len(batch) >= 2
-                    and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
+            if not (
+                isinstance(batch, (list, tuple))
+                and len(batch) >= 2
+                and isinstance(batch[0], Tensor)
+                and isinstance(batch[1], Tensor)
+            ):
                 return None
             xs.append(batch[0].detach().cpu())
             ys.append(batch[1].detach().cpu())

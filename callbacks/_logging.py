@@ -60,8 +60,9 @@ def add_histogram(trainer: pl.Trainer, tag: str, values: Tensor) -> None:
         writer.add_histogram(tag, values, global_step=trainer.global_step)
 
 
-def emit_figure(trainer: pl.Trainer, tag: str, fig: Figure, save_png: bool, epoch: int,
-                dpi: int = 100) -> Optional[Path]:
+def emit_figure(
+    trainer: pl.Trainer, tag: str, fig: Figure, save_png: bool, epoch: int, dpi: int = 100
+) -> Optional[Path]:
     """Send ``fig`` to TensorBoard as image ``tag`` and, if asked, save it as a PNG.
 
     The PNG goes to ``<log_dir>/figures/<tag>_epoch<NNNN>.png`` (``/`` in the tag
@@ -110,5 +111,8 @@ def allow_unsynced_epoch_logs(trainer: pl.Trainer, groups: tuple[str, ...]) -> N
     """
     if trainer.world_size > 1:
         pattern = "|".join(re.escape(g) for g in groups)
-        warnings.filterwarnings("ignore", message=rf"It is recommended to use `self.log\('({pattern})",
-                                category=PossibleUserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"It is recommended to use `self.log\('({pattern})",
+            category=PossibleUserWarning,
+        )

@@ -88,6 +88,9 @@ class InputDistanceHook:
         y = args[0].detach()
         if self._clean is None:
             self._clean = y
-        elif (self._value is None and y.shape[0] == self._streams * self._clean.shape[0]
-              and y.shape[1:] == self._clean.shape[1:]):
+        elif (
+            self._value is None
+            and y.shape[0] == self._streams * self._clean.shape[0]
+            and y.shape[1:] == self._clean.shape[1:]
+        ):
             self._value = stream_distance(self._clean, y, self._streams)

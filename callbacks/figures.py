@@ -21,8 +21,7 @@ from irnet.analysis.plotting import (
     plot_trajectories,
     plot_vector_fields,
 )
-from irnet.nets import ImplicitODENet
-from irnet.nets import auxiliary_pass, find_blocks
+from irnet.nets import ImplicitODENet, auxiliary_pass, find_blocks
 
 from ._data import (
     class_labels,
@@ -119,12 +118,19 @@ class Figures(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._iterations.reset()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._recorder.start()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = self._recorder.stop()
         if step is not None:
             self._iterations.add("forward", layer_vectors(step.forward)["iterations_mean"])
@@ -140,7 +146,9 @@ class Figures(Callback):
         if self.schedule.pending_at_end():
             self.draw(trainer, pl_module, self.schedule.last_epoch)
 
-    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Figure]:
+    def draw(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> dict[str, Figure]:
         """Draw every applicable figure and send it out (rank 0 only).
 
         Returns:
@@ -154,7 +162,9 @@ class Figures(Callback):
             emit_figure(trainer, f"figures/{kind}", fig, self.save_png, epoch=epoch, dpi=self.dpi)
         return figures
 
-    def make_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Figure]:
+    def make_figures(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> dict[str, Figure]:
         """The figures for the current state of the network (no output is written)."""
         figures: dict[str, Figure] = {}
         if "iterations" in self.kinds:
@@ -165,8 +175,10 @@ class Figures(Callback):
         data = training_data(trainer, self.max_points)
         if net is None or data is None:
             if net is None and not self._warned and set(self.kinds) - {"iterations"}:
-                rank_zero_warn("Figures needs pl_module.net to be an irnet ImplicitODENet for its "
-                               "output, trajectory, field and decision figures.")
+                rank_zero_warn(
+                    "Figures needs pl_module.net to be an irnet ImplicitODENet for its "
+                    "output, trajectory, field and decision figures."
+                )
                 self._warned = True
             return figures
         was_training = net.training
@@ -178,8 +190,14 @@ class Figures(Callback):
             net.train(was_training)
         return figures
 
-    def _network_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: ImplicitODENet,
-                         data: tuple[Tensor, Tensor], epoch: int) -> dict[str, Figure]:
+    def _network_figures(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        net: ImplicitODENet,
+        data: tuple[Tensor, Tensor],
+        epoch: int,
+    ) -> dict[str, Figure]:
         x, y = data
         figures: dict[str, Figure] = {}
         flat = x.dim() == 2
@@ -195,7 +213,8 @@ class Figures(Callback):
                 trajectory, colors, label = states
                 if "trajectories" in self.kinds:
                     figures["trajectories"] = plot_trajectories(
-                        np.stack([s[:, :2] for s in trajectory]), colors, title, label)
+                        np.stack([s[:, :2] for s in trajectory]), colors, title, label
+                    )
                 if "fields" in self.kinds:
                     figures["fields"] = self._fields_figure(net, trajectory)
         return figures
@@ -210,25 +229,47 @@ class Figures(Callback):
         target = _target_on_grid(trainer, grid)
         if target is None and validation is not None:
             target = validation[0][:, 0], _first_column(validation[1])
-        x_target, y_target = (None, None) if target is None else (target[0].numpy(), target[1].numpy())
-        return plot_regression(grid[:, 0].numpy(), out[:, 0].numpy(), x[:, 0].numpy(),
-                               _first_column(y).numpy(), x_target, y_target, title)
+        x_target, y_target = (
+            (None, None) if target is None else (target[0].numpy(), target[1].numpy())
+        )
+        return plot_regression(
+            grid[:, 0].numpy(),
+            out[:, 0].numpy(),
+            x[:, 0].numpy(),
+            _first_column(y).numpy(),
+            x_target,
+            y_target,
+            title,
+        )
 
     def _decision_figure(self, pl_module, net, x: Tensor, y: Tensor, title: str) -> Figure:
         lo, hi = x.min(0).values.float(), x.max(0).values.float()
         pad = 0.1 * (hi - lo).clamp_min(1e-6)
-        axes = [torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), self.grid_size) for i in range(2)]
+        axes = [
+            torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), self.grid_size)
+            for i in range(2)
+        ]
         gx, gy = torch.meshgrid(*axes, indexing="xy")
-        logits = net(to_module(torch.stack([gx.flatten(), gy.flatten()], 1), pl_module)).float().cpu()
+        logits = (
+            net(to_module(torch.stack([gx.flatten(), gy.flatten()], 1), pl_module)).float().cpu()
+        )
         predicted = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        return plot_decision_regions(gx.numpy(), gy.numpy(), predicted.view_as(gx).numpy(), x.float().numpy(),
-                                     class_labels(y).numpy(), title)
+        return plot_decision_regions(
+            gx.numpy(),
+            gy.numpy(),
+            predicted.view_as(gx).numpy(),
+            x.float().numpy(),
+            class_labels(y).numpy(),
+            title,
+        )
 
     def _states(self, pl_module, net: ImplicitODENet, x: Tensor, y: Tensor, classification: bool):
         """Hidden states of up to ``max_trajectories`` inputs, their colours and the colour label."""
         if x.shape[1] == 1:  # evenly spread over the sorted inputs
             order = torch.argsort(x[:, 0])
-            pick = order[torch.linspace(0, len(x) - 1, min(self.max_trajectories, len(x))).round().long()]
+            pick = order[
+                torch.linspace(0, len(x) - 1, min(self.max_trajectories, len(x))).round().long()
+            ]
         else:
             pick = torch.arange(min(self.max_trajectories, len(x)))
         states = [s.float().cpu() for s in net.trajectory(to_module(x[pick], pl_module))]
@@ -246,8 +287,10 @@ class Figures(Callback):
             points = trajectory[t]
             lo, hi = points[:, :2].min(0).values, points[:, :2].max(0).values
             pad = 0.15 * (hi - lo).clamp_min(1e-3)
-            axes = [torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), self.field_grid_size)
-                    for i in range(2)]
+            axes = [
+                torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), self.field_grid_size)
+                for i in range(2)
+            ]
             gx, gy = torch.meshgrid(*axes, indexing="xy")
             grid = points.mean(0).repeat(gx.numel(), 1)
             grid[:, 0], grid[:, 1] = gx.flatten(), gy.flatten()
@@ -255,9 +298,16 @@ class Figures(Callback):
             if param is not None:
                 grid = grid.to(device=param.device, dtype=param.dtype)
             field = block.F(grid).float().cpu()
-            panels.append(VectorField(gx.numpy(), gy.numpy(), field[:, 0].view_as(gx).numpy(),
-                                      field[:, 1].view_as(gx).numpy(), points[:, :2].numpy(),
-                                      f"$F_{{{t + 1}}}(y)$, θ={block.theta:g}"))
+            panels.append(
+                VectorField(
+                    gx.numpy(),
+                    gy.numpy(),
+                    field[:, 0].view_as(gx).numpy(),
+                    field[:, 1].view_as(gx).numpy(),
+                    points[:, :2].numpy(),
+                    f"$F_{{{t + 1}}}(y)$, θ={block.theta:g}",
+                )
+            )
         return plot_vector_fields(panels)
 
     def _iterations_figure(self, epoch: int) -> Optional[Figure]:
@@ -267,7 +317,9 @@ class Figures(Callback):
         curves = {"forward (nonlinear solve)": forward.cpu().numpy()}
         if backward is not None and bool(torch.isfinite(backward).any()):
             curves["backward (adjoint solve)"] = backward.cpu().numpy()
-        return plot_layer_curves(curves, ylabel="mean iterations", title=f"epoch {epoch}", log_scale=False)
+        return plot_layer_curves(
+            curves, ylabel="mean iterations", title=f"epoch {epoch}", log_scale=False
+        )
 
 
 def _target_on_grid(trainer: pl.Trainer, grid: Tensor) -> Optional[tuple[Tensor, Tensor]]:
@@ -277,7 +329,11 @@ def _target_on_grid(trainer: pl.Trainer, grid: Tensor) -> Optional[tuple[Tensor,
         return None
     try:
         values = torch.as_tensor(target(grid)).detach().cpu()
-    except (TypeError, ValueError, RuntimeError):  # another signature: fall back to the validation points
+    except (
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ):  # another signature: fall back to the validation points
         return None
     if values.numel() != len(grid):
         return None

@@ -80,9 +80,13 @@ class GradientMagnitudes(Callback):
         self._remove_hooks()
         self._blocks = find_blocks(pl_module)
         if not self._blocks:
-            rank_zero_warn("GradientMagnitudes found no ImplicitResidualBlock in the module; it logs nothing.")
-        self._handles = [b.register_forward_hook(partial(self._forward_hook, i))
-                         for i, b in enumerate(self._blocks)]
+            rank_zero_warn(
+                "GradientMagnitudes found no ImplicitResidualBlock in the module; it logs nothing."
+            )
+        self._handles = [
+            b.register_forward_hook(partial(self._forward_hook, i))
+            for i, b in enumerate(self._blocks)
+        ]
         self._reset_states()
         self.schedule.reset()
         allow_unsynced_epoch_logs(trainer, ("gradients",))  # rank 0's own hidden-state gradients
@@ -100,9 +104,16 @@ class GradientMagnitudes(Callback):
         self._state_counts = [0] * len(self._blocks)
 
     # -- capture of ∂L/∂y_t ----------------------------------------------------------------
-    def _forward_hook(self, index: int, block: ImplicitResidualBlock, inputs: Any, output: Any) -> None:
-        if (self._capturing and not self._seen[index] and isinstance(output, Tensor)
-                and output.requires_grad and torch.is_grad_enabled()):
+    def _forward_hook(
+        self, index: int, block: ImplicitResidualBlock, inputs: Any, output: Any
+    ) -> None:
+        if (
+            self._capturing
+            and not self._seen[index]
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and torch.is_grad_enabled()
+        ):
             self._seen[index] = True
             output.register_hook(partial(self._state_hook, index))
 
@@ -115,18 +126,26 @@ class GradientMagnitudes(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch.reset()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._capturing = True
         self._seen = [False] * len(self._blocks)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self._capturing = False
 
     # -- per optimiser step ----------------------------------------------------------------
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if not self._blocks:
             return
         state = self._state_norms(trainer)
@@ -136,8 +155,13 @@ class GradientMagnitudes(Callback):
         self._log(pl_module, "param_norm", params)
         if state[0] is not None and state[-1] is not None:
             ratio = state[0] / state[-1].clamp_min(torch.finfo(state[-1].dtype).tiny)
-            pl_module.log("gradients/state_norm_first_over_last", ratio, on_step=True, on_epoch=True,
-                          batch_size=1)
+            pl_module.log(
+                "gradients/state_norm_first_over_last",
+                ratio,
+                on_step=True,
+                on_epoch=True,
+                batch_size=1,
+            )
         for name, values in (("state_norm", state), ("param_norm", params)):
             self._epoch.add(name, _vector(values))
 
@@ -145,9 +169,14 @@ class GradientMagnitudes(Callback):
         """Mean of the captured norms per layer (over accumulated batches), loss scale divided out."""
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        return [None if s is None else s / (c * scale) for s, c in zip(self._state_sums, self._state_counts)]
+        return [
+            None if s is None else s / (c * scale)
+            for s, c in zip(self._state_sums, self._state_counts)
+        ]
 
-    def _log(self, pl_module: pl.LightningModule, name: str, values: list[Optional[Tensor]]) -> None:
+    def _log(
+        self, pl_module: pl.LightningModule, name: str, values: list[Optional[Tensor]]
+    ) -> None:
         present = {i: v for i, v in enumerate(values) if v is not None}
         if not present:
             return
@@ -155,8 +184,13 @@ class GradientMagnitudes(Callback):
         pl_module.log(f"gradients/{name}_mean", mean, on_step=True, on_epoch=True, batch_size=1)
         if self.per_layer:
             for i, value in present.items():
-                pl_module.log(layer_tag("gradients_layers", name, i, len(values)), value,
-                              on_step=True, on_epoch=True, batch_size=1)
+                pl_module.log(
+                    layer_tag("gradients_layers", name, i, len(values)),
+                    value,
+                    on_step=True,
+                    on_epoch=True,
+                    batch_size=1,
+                )
 
     # -- per epoch --------------------------------------------------------------------------
     def layer_means(self, name: str) -> Optional[Tensor]:
@@ -182,8 +216,10 @@ class GradientMagnitudes(Callback):
         state, params = self._epoch.mean("state_norm"), self._epoch.mean("param_norm")
         if not trainer.is_global_zero or state is None or params is None:
             return
-        curves = {r"$\|\partial L/\partial y_t\|$ (mean per sample)": state.cpu().numpy(),
-                  r"$\|\partial L/\partial \gamma_t\|$": params.cpu().numpy()}
+        curves = {
+            r"$\|\partial L/\partial y_t\|$ (mean per sample)": state.cpu().numpy(),
+            r"$\|\partial L/\partial \gamma_t\|$": params.cpu().numpy(),
+        }
         fig = plot_layer_curves(curves, ylabel="gradient norm", title=f"epoch {epoch}")
         emit_figure(trainer, "gradients/norm_vs_layer", fig, self.save_png, epoch=epoch)
 

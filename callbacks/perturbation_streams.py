@@ -104,8 +104,10 @@ class PerturbationStreams(Callback):
         save_png: bool = True,
     ) -> None:
         if perturbation is not None and not isinstance(perturbation, Perturbation):
-            raise ValueError(f"perturbation must be an irnet.perturbations.Perturbation or None, "
-                             f"got {type(perturbation).__name__}")
+            raise ValueError(
+                f"perturbation must be an irnet.perturbations.Perturbation or None, "
+                f"got {type(perturbation).__name__}"
+            )
         self.perturbation = perturbation
         self.streams = None if streams is None else check_int("streams", streams, 1)
         self.seed = None if seed is None else check_int("seed", seed, 0)
@@ -154,34 +156,50 @@ class PerturbationStreams(Callback):
     def _install(self, regularizer: PerturbationRegularizer) -> None:
         """Put the callback's perturbation, streams and seed (those given) into ``regularizer``."""
         self._saved = (regularizer.perturbation, regularizer.streams, regularizer.seed)
-        wanted = (_given(self.perturbation, regularizer.perturbation), _given(self.streams, regularizer.streams),
-                  _given(self.seed, regularizer.seed))
+        wanted = (
+            _given(self.perturbation, regularizer.perturbation),
+            _given(self.streams, regularizer.streams),
+            _given(self.seed, regularizer.seed),
+        )
         if repr(wanted) != repr(self._saved):
-            rank_zero_warn(f"PerturbationStreams owns R_rnd's noise: perturbation, streams, seed "
-                           f"{self._saved!r} replaced by {wanted!r} for this fit.")
+            rank_zero_warn(
+                f"PerturbationStreams owns R_rnd's noise: perturbation, streams, seed "
+                f"{self._saved!r} replaced by {wanted!r} for this fit."
+            )
         regularizer.perturbation, regularizer.streams, regularizer.seed = wanted
         self.mode, self.source = TRAIN, regularizer
 
-    def _own_streams(self, regularizer: Optional[PerturbationRegularizer]) -> PerturbationRegularizer:
+    def _own_streams(
+        self, regularizer: Optional[PerturbationRegularizer]
+    ) -> PerturbationRegularizer:
         """A weight-0 regulariser that draws the callback's streams (defaults from an inactive R_rnd)."""
         has = regularizer is not None
         perturbation = _given(self.perturbation, regularizer.perturbation if has else None)
         streams = _given(self.streams, regularizer.streams if has else DEFAULT_STREAMS)
         seed = _given(self.seed, regularizer.seed if has else DEFAULT_SEED)
-        return PerturbationRegularizer(weight=0.0, streams=streams, seed=seed, perturbation=perturbation)
+        return PerturbationRegularizer(
+            weight=0.0, streams=streams, seed=seed, perturbation=perturbation
+        )
 
     # -- training steps ----------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch.reset()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.mode == TRAIN:
             self._before = self.source.last_distances
             self._input_hook.start(self.source.streams)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.mode == OWN:
             x = batch_inputs(batch)
             if x is not None:
@@ -205,8 +223,14 @@ class PerturbationStreams(Callback):
         if scalars or plot:
             self._report(trainer, pl_module, self.schedule.last_epoch, scalars, plot)
 
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, scalars: bool,
-                plot: bool) -> None:
+    def _report(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        scalars: bool,
+        plot: bool,
+    ) -> None:
         if scalars:
             self.schedule.mark(epoch)
         if plot:
@@ -237,14 +261,18 @@ class PerturbationStreams(Callback):
         net = find_net(pl_module)
         if net is None or self._inputs is None or self.source is None:
             if net is None and not self._warned:
-                rank_zero_warn("PerturbationStreams needs pl_module.net to be an irnet ImplicitODENet "
-                               "to run its own streams; it measures nothing.")
+                rank_zero_warn(
+                    "PerturbationStreams needs pl_module.net to be an irnet ImplicitODENet "
+                    "to run its own streams; it measures nothing."
+                )
                 self._warned = True
             return None
         try:
             return self.measure(net, to_module(self._inputs, pl_module), epoch)
         except ValueError as error:  # e.g. a non-finite state: monitoring must not end the fit
-            rank_zero_warn(f"PerturbationStreams could not run its streams at epoch {epoch}: {error}")
+            rank_zero_warn(
+                f"PerturbationStreams could not run its streams at epoch {epoch}: {error}"
+            )
             return None
 
     def measure(self, net: ImplicitODENet, x: Tensor, epoch: int) -> Tensor:
@@ -262,7 +290,9 @@ class PerturbationStreams(Callback):
             Shape ``(T+1,)``.
         """
         if self.source is None:
-            raise RuntimeError("PerturbationStreams.measure is available during a fit (after setup)")
+            raise RuntimeError(
+                "PerturbationStreams.measure is available during a fit (after setup)"
+            )
         self.source.on_train_epoch_start(epoch)
         was_training = net.training
         net.eval()
@@ -276,8 +306,11 @@ class PerturbationStreams(Callback):
 
     def _log_scalars(self, trainer: pl.Trainer, distances: Tensor) -> None:
         width = max(2, len(str(len(distances) - 1)))
-        metrics = {f"perturbation/layer_{t:0{width}d}": float(d)
-                   for t, d in enumerate(distances) if torch.isfinite(d)}
+        metrics = {
+            f"perturbation/layer_{t:0{width}d}": float(d)
+            for t, d in enumerate(distances)
+            if torch.isfinite(d)
+        }
         ratio = amplification(distances)
         if ratio is not None:
             metrics["perturbation/amplification"] = ratio

@@ -29,8 +29,13 @@ class PredictionWriter(BasePredictionWriter):
         self.filename = filename
         self.path: Optional[Path] = None
 
-    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any],
-                           batch_indices: Sequence[Any]) -> None:
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
         folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         name = Path(self.filename)
         if trainer.world_size > 1:
@@ -39,12 +44,21 @@ class PredictionWriter(BasePredictionWriter):
         self.path = folder / name
         several = bool(predictions) and isinstance(predictions[0], list)
         if several:  # one list of batches per dataloader
-            payload = {"predictions": [_concat(p) for p in predictions], "batch_indices": list(batch_indices)}
+            payload = {
+                "predictions": [_concat(p) for p in predictions],
+                "batch_indices": list(batch_indices),
+            }
         else:  # Lightning nests the batch indices per dataloader even for one
-            indices = batch_indices[0] if len(batch_indices) == 1 and _nested(batch_indices[0]) else batch_indices
+            indices = (
+                batch_indices[0]
+                if len(batch_indices) == 1 and _nested(batch_indices[0])
+                else batch_indices
+            )
             payload = {"predictions": _concat(predictions), "batch_indices": list(indices)}
         torch.save(payload, self.path)
-        print(f"Predictions written to {self.path}", flush=True)  # every rank writes (and says) its own
+        print(
+            f"Predictions written to {self.path}", flush=True
+        )  # every rank writes (and says) its own
 
 
 def _nested(value: Any) -> bool:

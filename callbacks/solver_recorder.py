@@ -46,7 +46,10 @@ def over_layers(summaries: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     if not summaries:
         return {}
     reduce = {"mean": torch.mean, "max": torch.amax, "sum": torch.sum}
-    return {key: reduce[how](torch.stack([s[key] for s in summaries])) for key, how in REDUCTIONS.items()}
+    return {
+        key: reduce[how](torch.stack([s[key] for s in summaries]))
+        for key, how in REDUCTIONS.items()
+    }
 
 
 def layer_vectors(stats: list[Optional[SolverStats]]) -> dict[str, Tensor]:
@@ -56,8 +59,10 @@ def layer_vectors(stats: list[Optional[SolverStats]]) -> dict[str, Tensor]:
         return {key: torch.full((len(stats),), float("nan")) for key in REDUCTIONS}
     nan = torch.tensor(float("nan"), device=present[0].residual.device)
     summaries = [s.summary() if s is not None else None for s in stats]
-    return {key: torch.stack([s[key] if s is not None else nan for s in summaries])
-            for key in REDUCTIONS}
+    return {
+        key: torch.stack([s[key] if s is not None else nan for s in summaries])
+        for key in REDUCTIONS
+    }
 
 
 def finished_by(stats: Sequence[Optional[SolverStats]], blocks: Sequence) -> dict[str, Tensor]:
@@ -118,6 +123,7 @@ class SolverStatsRecorder:
         def hook(block: ImplicitResidualBlock, inputs, output) -> None:
             if self._recording and self._forward[index] is None:
                 self._forward[index] = block.forward_stats
+
         return hook
 
     def start(self) -> None:
@@ -134,8 +140,10 @@ class SolverStatsRecorder:
         if all(stats is None for stats in self._forward):
             return None
         forward = list(self._forward)
-        backward = [b.backward_stats if b.backward_stats is not before else None
-                    for b, before in zip(self.blocks, self._backward_before)]
+        backward = [
+            b.backward_stats if b.backward_stats is not before else None
+            for b, before in zip(self.blocks, self._backward_before)
+        ]
         return StepStats(forward, backward)
 
 

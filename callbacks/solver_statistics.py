@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from irnet._misc import check_int
 from irnet.analysis.fidelity import gradient_cosine
-
 from irnet.nets import find_blocks
 
 from ._data import batch_inputs
@@ -98,7 +97,9 @@ class SolverStatistics(Callback):
         self.validation = check_bool("validation", validation)
         self.sync_dist = check_bool("sync_dist", sync_dist)
         if fidelity_every_n_epochs is not None:
-            fidelity_every_n_epochs = check_int("fidelity_every_n_epochs", fidelity_every_n_epochs, 0)
+            fidelity_every_n_epochs = check_int(
+                "fidelity_every_n_epochs", fidelity_every_n_epochs, 0
+            )
         self.fidelity_every_n_epochs = fidelity_every_n_epochs
         self.fidelity_samples = check_int("fidelity_samples", fidelity_samples, 1)
         self._recorder = SolverStatsRecorder()
@@ -110,7 +111,9 @@ class SolverStatistics(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         blocks = find_blocks(pl_module)
         if not blocks:
-            rank_zero_warn("SolverStatistics found no ImplicitResidualBlock in the module; it logs nothing.")
+            rank_zero_warn(
+                "SolverStatistics found no ImplicitResidualBlock in the module; it logs nothing."
+            )
         self._recorder.attach(blocks)
         self._fidelity_every = self._fidelity_schedule(blocks)
         if not self.sync_dist:
@@ -123,12 +126,19 @@ class SolverStatistics(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch.reset()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._recorder.start()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = self._recorder.stop()
         if step is None:
             return
@@ -142,8 +152,11 @@ class SolverStatistics(Callback):
                     self._epoch.add(f"{direction}_{key}", vectors[key])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fidelity_every and self._probe is not None \
-                and (trainer.current_epoch + 1) % self._fidelity_every == 0:
+        if (
+            self._fidelity_every
+            and self._probe is not None
+            and (trainer.current_epoch + 1) % self._fidelity_every == 0
+        ):
             self._log_fidelity(pl_module)
         if not (self.histograms and trainer.is_global_zero):
             return
@@ -175,25 +188,50 @@ class SolverStatistics(Callback):
             return nn.functional.cross_entropy(pred, target)
 
         cosine = gradient_cosine(net, loss)
-        pl_module.log("solver/gradient_cosine", cosine, on_step=False, on_epoch=True,
-                      batch_size=x.shape[0], sync_dist=self.sync_dist)
+        pl_module.log(
+            "solver/gradient_cosine",
+            cosine,
+            on_step=False,
+            on_epoch=True,
+            batch_size=x.shape[0],
+            sync_dist=self.sync_dist,
+        )
 
     # -- validation ----------------------------------------------------------------------
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.validation:
             self._recorder.start()
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         step = self._recorder.stop() if self.validation else None
         if step is not None:
-            self._log(pl_module, StepStats(step.forward, [None] * len(step.forward)), "val_solver",
-                      on_step=False, batch=batch)
+            self._log(
+                pl_module,
+                StepStats(step.forward, [None] * len(step.forward)),
+                "val_solver",
+                on_step=False,
+                batch=batch,
+            )
 
     # -- logging ----------------------------------------------------------------------------
-    def _log(self, pl_module: pl.LightningModule, step: StepStats, group: str, on_step: bool,
-             batch: Any) -> None:
+    def _log(
+        self, pl_module: pl.LightningModule, step: StepStats, group: str, on_step: bool, batch: Any
+    ) -> None:
         """Log the layer-averaged summaries and, if asked, the per-layer ones.
 
         Which tags are logged depends only on the network's structure (which
@@ -204,9 +242,13 @@ class SolverStatistics(Callback):
         batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else 1
         layers = len(step.forward)
         for direction in DIRECTIONS:
-            summaries = {i: s.summary() for i, s in enumerate(getattr(step, direction)) if s is not None}
+            summaries = {
+                i: s.summary() for i, s in enumerate(getattr(step, direction)) if s is not None
+            }
             for key, value in over_layers(list(summaries.values())).items():
-                self._log_value(pl_module, f"{group}/{direction}_{key}", value, key, on_step, batch_size)
+                self._log_value(
+                    pl_module, f"{group}/{direction}_{key}", value, key, on_step, batch_size
+                )
             if not self.per_layer:
                 continue
             for i, summary in summaries.items():
@@ -214,10 +256,31 @@ class SolverStatistics(Callback):
                     tag = layer_tag(f"{group}_layers", f"{direction}_{key}", i, layers)
                     self._log_value(pl_module, tag, summary[key], key, on_step, batch_size)
         for name, fraction in finished_by(step.forward, self._recorder.blocks).items():
-            pl_module.log(f"{group}/finished_by/{name}", fraction, on_step=on_step, on_epoch=True,
-                          reduce_fx="mean", sync_dist=self.sync_dist, batch_size=batch_size)
+            pl_module.log(
+                f"{group}/finished_by/{name}",
+                fraction,
+                on_step=on_step,
+                on_epoch=True,
+                reduce_fx="mean",
+                sync_dist=self.sync_dist,
+                batch_size=batch_size,
+            )
 
-    def _log_value(self, pl_module: pl.LightningModule, name: str, value: Tensor, key: str,
-                   on_step: bool, batch_size: Optional[int]) -> None:
-        pl_module.log(name, value, on_step=on_step, on_epoch=True, reduce_fx=REDUCTIONS[key],
-                      sync_dist=self.sync_dist, batch_size=batch_size)
+    def _log_value(
+        self,
+        pl_module: pl.LightningModule,
+        name: str,
+        value: Tensor,
+        key: str,
+        on_step: bool,
+        batch_size: Optional[int],
+    ) -> None:
+        pl_module.log(
+            name,
+            value,
+            on_step=on_step,
+            on_epoch=True,
+            reduce_fx=REDUCTIONS[key],
+            sync_dist=self.sync_dist,
+            batch_size=batch_size,
+        )

@@ -77,8 +77,14 @@ class StabilityMonitor(Callback):
         self.schedule.reset()
         self._inputs = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         x = batch_inputs(batch)
         if x is not None:
             self._inputs = x[: self.max_samples].detach()
@@ -101,8 +107,10 @@ class StabilityMonitor(Callback):
         net = find_net(pl_module)
         if net is None:
             if not self._warned:
-                rank_zero_warn("StabilityMonitor needs pl_module.net to be an irnet ImplicitODENet; "
-                               "it measures nothing.")
+                rank_zero_warn(
+                    "StabilityMonitor needs pl_module.net to be an irnet ImplicitODENet; "
+                    "it measures nothing."
+                )
                 self._warned = True
             return
         layer, neumann = self.radii(net, self._inputs)
@@ -125,14 +133,19 @@ class StabilityMonitor(Callback):
             layer, neumann = [], []
             for t, block in enumerate(net.blocks):
                 rho_layer, rho_neumann = layer_spectral_radii(
-                    block.F, block.theta, states[t], states[t + 1], self.krylov_dim, generator)
+                    block.F, block.theta, states[t], states[t + 1], self.krylov_dim, generator
+                )
                 layer.append(rho_layer)
-                neumann.append(rho_neumann if block.theta > 0 else torch.full_like(rho_neumann, float("nan")))
+                neumann.append(
+                    rho_neumann if block.theta > 0 else torch.full_like(rho_neumann, float("nan"))
+                )
         finally:
             net.train(was_training)
         return torch.stack(layer).float(), torch.stack(neumann).float()
 
-    def _report(self, trainer: pl.Trainer, net: ImplicitODENet, layer: Tensor, neumann: Tensor) -> None:
+    def _report(
+        self, trainer: pl.Trainer, net: ImplicitODENet, layer: Tensor, neumann: Tensor
+    ) -> None:
         layers = layer.shape[0]
         metrics = {
             "stability/layer_radius_max": float(layer.max()),
@@ -145,9 +158,13 @@ class StabilityMonitor(Callback):
             metrics["stability/neumann_divergent_layers"] = float((worst >= 1).sum())
         if self.per_layer:
             for t in range(layers):
-                metrics[layer_tag("stability_layers", "layer_radius", t, layers)] = float(layer[t].max())
+                metrics[layer_tag("stability_layers", "layer_radius", t, layers)] = float(
+                    layer[t].max()
+                )
             for t in implicit:
-                metrics[layer_tag("stability_layers", "neumann_radius", t, layers)] = float(neumann[t].max())
+                metrics[layer_tag("stability_layers", "neumann_radius", t, layers)] = float(
+                    neumann[t].max()
+                )
         log_metrics(trainer, metrics)
         if self.histograms:
             add_histogram(trainer, "stability/layer_radius", layer)

@@ -20,4 +20,13 @@ from irnet.datamodules.sampler import GlobalBatchSlices
 from irnet.datamodules.sine import SineRegression
 from irnet.datamodules.spirals import TwoSpirals
 
-__all__ = ["Circles", "Digits", "GlobalBatchSlices", "MNIST5k", "Moons", "SineRegression", "TensorDataModule", "TwoSpirals"]
+__all__ = [
+    "Circles",
+    "Digits",
+    "GlobalBatchSlices",
+    "MNIST5k",
+    "Moons",
+    "SineRegression",
+    "TensorDataModule",
+    "TwoSpirals",
+]

@@ -6,11 +6,11 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from irnet.datamodules.sampler import GlobalBatchSlices
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from irnet._misc import check_int
+from irnet.datamodules.sampler import GlobalBatchSlices
 
 SPLITS = ("train", "val", "test")
 Split = tuple[Tensor, Tensor]
@@ -23,8 +23,9 @@ def check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
-def random_splits(x: Tensor, y: Tensor, val_fraction: float, test_fraction: float,
-                  seed: int) -> dict[str, Split]:
+def random_splits(
+    x: Tensor, y: Tensor, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, Split]:
     """Split ``(x, y)`` at random (seeded) into train, val and test parts."""
     n = x.shape[0]
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
@@ -51,7 +52,9 @@ class TensorDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process).
     """
 
-    def __init__(self, batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self, batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0
+    ) -> None:
         super().__init__()
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
         self.seed = check_int("seed", seed, 0)
@@ -67,8 +70,10 @@ class TensorDataModule(pl.LightningDataModule):
             built = self.build()
             missing = [s for s in SPLITS if s not in built]
             if missing:
-                raise ValueError(f"{type(self).__name__}.build() must return the splits {SPLITS}, "
-                                 f"missing {missing}")
+                raise ValueError(
+                    f"{type(self).__name__}.build() must return the splits {SPLITS}, "
+                    f"missing {missing}"
+                )
             self.splits = {name: TensorDataset(*built[name]) for name in SPLITS}
 
     def dataset(self, split: str) -> TensorDataset:
@@ -88,10 +93,14 @@ class TensorDataModule(pl.LightningDataModule):
         workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         world, rank = self._distributed()
         if world == 1:
-            return DataLoader(data, batch_size=size, shuffle=shuffle, generator=generator, **workers)
+            return DataLoader(
+                data, batch_size=size, shuffle=shuffle, generator=generator, **workers
+            )
         # Under DDP every process takes its part of the batches one process would see,
         # without padding; a DistributedSampler subclass, so Lightning keeps it.
-        slices = GlobalBatchSlices(len(data), size, world, rank, shuffle=shuffle, generator=generator)
+        slices = GlobalBatchSlices(
+            len(data), size, world, rank, shuffle=shuffle, generator=generator
+        )
         return DataLoader(data, sampler=slices, batch_size=None, generator=generator, **workers)
 
     def _distributed(self) -> tuple[int, int]:

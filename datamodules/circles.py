@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 from sklearn.datasets import make_circles
 
 from irnet._misc import check_int
+from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 
 
 class Circles(TensorDataModule):
@@ -26,9 +26,17 @@ class Circles(TensorDataModule):
     in_features = 2
     num_classes = 2
 
-    def __init__(self, num_samples: int = 400, noise: float = 0.05, factor: float = 0.5,
-                 val_fraction: float = 0.2, test_fraction: float = 0.2, batch_size: int | None = None,
-                 seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int = 400,
+        noise: float = 0.05,
+        factor: float = 0.5,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         self.num_samples = check_int("num_samples", num_samples, 4)
         if not noise >= 0:
@@ -40,7 +48,13 @@ class Circles(TensorDataModule):
         self.test_fraction = check_fraction("test_fraction", test_fraction)
 
     def build(self) -> dict[str, Split]:
-        x, y = make_circles(self.num_samples, noise=self.noise, factor=self.factor,
-                            random_state=self.seed)
-        return random_splits(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long),
-                             self.val_fraction, self.test_fraction, self.seed)
+        x, y = make_circles(
+            self.num_samples, noise=self.noise, factor=self.factor, random_state=self.seed
+        )
+        return random_splits(
+            torch.as_tensor(x, dtype=torch.float32),
+            torch.as_tensor(y, dtype=torch.long),
+            self.val_fraction,
+            self.test_fraction,
+            self.seed,
+        )

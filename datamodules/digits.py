@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 from sklearn.datasets import load_digits
+
+from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 
 
 class Digits(TensorDataModule):
@@ -25,8 +26,15 @@ class Digits(TensorDataModule):
     num_classes = 10
     image_shape = (1, 8, 8)
 
-    def __init__(self, flatten: bool = True, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 batch_size: int | None = 128, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        flatten: bool = True,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        batch_size: int | None = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         if not isinstance(flatten, bool):
             raise ValueError(f"flatten must be True or False, got {flatten!r}")

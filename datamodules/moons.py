@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 from sklearn.datasets import make_moons
 
 from irnet._misc import check_int
+from irnet.datamodules.base import Split, TensorDataModule, check_fraction, random_splits
 
 
 class Moons(TensorDataModule):
@@ -25,9 +25,16 @@ class Moons(TensorDataModule):
     in_features = 2
     num_classes = 2
 
-    def __init__(self, num_samples: int = 400, noise: float = 0.1, val_fraction: float = 0.2,
-                 test_fraction: float = 0.2, batch_size: int | None = None, seed: int = 0,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int = 400,
+        noise: float = 0.1,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         self.num_samples = check_int("num_samples", num_samples, 4)
         if not noise >= 0:
@@ -38,5 +45,10 @@ class Moons(TensorDataModule):
 
     def build(self) -> dict[str, Split]:
         x, y = make_moons(self.num_samples, noise=self.noise, random_state=self.seed)
-        return random_splits(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long),
-                             self.val_fraction, self.test_fraction, self.seed)
+        return random_splits(
+            torch.as_tensor(x, dtype=torch.float32),
+            torch.as_tensor(y, dtype=torch.long),
+            self.val_fraction,
+            self.test_fraction,
+            self.seed,
+        )

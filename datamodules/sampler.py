@@ -53,8 +53,15 @@ class GlobalBatchSlices(DistributedSampler):
             (a process would get an empty batch).
     """
 
-    def __init__(self, size: int, batch_size: int, num_replicas: int, rank: int, shuffle: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
         # DistributedSampler.__init__ is not called: it needs a process group and pads.
         self.size = check_int("size", size, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
@@ -67,9 +74,14 @@ class GlobalBatchSlices(DistributedSampler):
             raise ValueError(
                 f"batch_size {batch_size} on {size} samples leaves a batch of {smallest}, fewer than the "
                 f"{num_replicas} processes; choose a batch_size whose last batch has at least "
-                f"{num_replicas} samples (or use fewer processes)")
+                f"{num_replicas} samples (or use fewer processes)"
+            )
         self.shuffle, self.epoch, self.seed, self.drop_last = shuffle, 0, 0, False
-        order = RandomSampler(range(size), generator=generator) if shuffle else SequentialSampler(range(size))
+        order = (
+            RandomSampler(range(size), generator=generator)
+            if shuffle
+            else SequentialSampler(range(size))
+        )
         self.batches = BatchSampler(order, batch_size, drop_last=False)
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule
 from torch import Tensor
 
 from irnet._misc import check_int
+from irnet.datamodules.base import Split, TensorDataModule
 
 
 def sine_target(x: Tensor) -> Tensor:
@@ -33,8 +33,15 @@ class SineRegression(TensorDataModule):
     in_features = 1
     out_features = 1
 
-    def __init__(self, num_points: int = 51, low: float = -5.0, high: float = 5.0,
-                 batch_size: int | None = None, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_points: int = 51,
+        low: float = -5.0,
+        high: float = 5.0,
+        batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         self.num_points = check_int("num_points", num_points, 2)
         if not low < high:

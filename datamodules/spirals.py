@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 
 import torch
-from irnet.datamodules.base import Split, TensorDataModule
 from torch import Tensor
 
 from irnet._misc import check_int, check_positive
+from irnet.datamodules.base import Split, TensorDataModule
 
 
-def two_spirals(num_points: int = 200, turns: float = 1.5, noise: float = 0.0,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def two_spirals(
+    num_points: int = 200,
+    turns: float = 1.5,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Points along two spirals, ordered along each arm and interleaved by class.
 
     Spiral 0 runs at radius ``0.1 + 0.9 s`` and angle ``2π · turns · s`` for
@@ -52,12 +56,21 @@ class TwoSpirals(TensorDataModule):
     in_features = 2
     num_classes = 2
 
-    def __init__(self, num_points: int = 200, turns: float = 1.5, noise: float = 0.0,
-                 batch_size: int | None = None, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_points: int = 200,
+        turns: float = 1.5,
+        noise: float = 0.0,
+        batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(batch_size, seed, num_workers)
         if check_int("num_points", num_points, 8) % 4:
-            raise ValueError(f"num_points must be a multiple of 4 (two arms, every other point "
-                             f"held out), got {num_points}")
+            raise ValueError(
+                f"num_points must be a multiple of 4 (two arms, every other point "
+                f"held out), got {num_points}"
+            )
         self.num_points = num_points
         self.turns = check_positive("turns", turns)
         if not noise >= 0:
@@ -65,8 +78,9 @@ class TwoSpirals(TensorDataModule):
         self.noise = float(noise)
 
     def build(self) -> dict[str, Split]:
-        x, y = two_spirals(self.num_points, self.turns, self.noise,
-                           torch.Generator().manual_seed(self.seed))
+        x, y = two_spirals(
+            self.num_points, self.turns, self.noise, torch.Generator().manual_seed(self.seed)
+        )
         # rows 4i, 4i+1 are point 2i of each arm (train); rows 4i+2, 4i+3 point 2i+1 (val)
         held_out = (torch.arange(self.num_points) // 2) % 2 == 1
         val = (x[held_out], y[held_out])

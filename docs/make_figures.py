@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
-from irnet.callbacks import Figures, GradientMagnitudes, SolverStatistics, StabilityMonitor
-from irnet.datamodules import SineRegression
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from irnet.callbacks import Figures, GradientMagnitudes, SolverStatistics, StabilityMonitor
+from irnet.datamodules import SineRegression
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 
@@ -40,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--keep-logs", type=Path, default=None, help="write the logs here and keep them")
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, help="write the logs here and keep them"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "img")
     args = parser.parse_args()
 
@@ -55,9 +57,17 @@ def main() -> None:
         StabilityMonitor(every_n_epochs=0),
         Figures(every_n_epochs=0),  # 0: draw once, after the last epoch
     ]
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=callbacks, log_every_n_steps=1, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(module, datamodule=SineRegression())
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,12 @@ class ImplicitAdjoint(torch.autograd.Function):
         # f_star's graph is kept on ctx (not save_for_backward: it is an intermediate
         # with its own graph, which the products below walk again and again).
         ctx.y_leaf, ctx.f_star = y_leaf, f_star
-        ctx.theta, ctx.linear_solver, ctx.on_stats, ctx.owner = theta, linear_solver, on_stats, owner
+        ctx.theta, ctx.linear_solver, ctx.on_stats, ctx.owner = (
+            theta,
+            linear_solver,
+            on_stats,
+            owner,
+        )
         return y_leaf.detach().clone()
 
     @staticmethod

@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 
 SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
 RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
-SETTLE_AT_MOST_ON_ACCELERATOR = 32  # on a GPU: iterations recorded between settlements (no host read) ...
+SETTLE_AT_MOST_ON_ACCELERATOR = (
+    32  # on a GPU: iterations recorded between settlements (no host read) ...
+)
 RECORD_BYTES_ON_ACCELERATOR = 256 * 2**20  # ... fewer if the recorded iterates would exceed this
 SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed after its solve
 SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
@@ -90,12 +92,19 @@ def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
     """
     size = max(1, iterate.numel() * iterate.element_size())
     if on_accelerator_path(iterate):
-        return max(1, min(SETTLE_AT_MOST_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)), False
+        return max(
+            1, min(SETTLE_AT_MOST_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)
+        ), False
     return max(1, min(SETTLE_AT_MOST_ON_CPU, RECORD_BYTES_ON_CPU // size)), True
 
 
-def settle(progress: Progress, iterates: Tensor, norms: Union[Tensor, Sequence[Tensor]], tol: Tolerance,
-           patience: Optional[int] = None) -> Progress:
+def settle(
+    progress: Progress,
+    iterates: Tensor,
+    norms: Union[Tensor, Sequence[Tensor]],
+    tol: Tolerance,
+    patience: Optional[int] = None,
+) -> Progress:
     """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` (stacked or
     a list) to ``progress``.
 
@@ -122,23 +131,38 @@ def settle(progress: Progress, iterates: Tensor, norms: Union[Tensor, Sequence[T
         best_res = torch.where(took, lowest, progress.best_res)
     else:
         comparable = norm_stack.nan_to_num(nan=math.inf)
-        best_before = torch.cat([progress.best_res.nan_to_num(nan=math.inf).unsqueeze(0), comparable]).cummin(0)
+        best_before = torch.cat(
+            [progress.best_res.nan_to_num(nan=math.inf).unsqueeze(0), comparable]
+        ).cummin(0)
         new_low = comparable < best_before.values[:-1]
         last_low = torch.where(new_low, steps, -1).cummax(0).values
         stalled_at = torch.where(last_low >= 0, steps - last_low, progress.stalled + steps + 1)
         first_stop = torch.where(stops | (stalled_at >= patience), steps, count).amin(0)
         served = progress.active & (steps <= first_stop)
-        last_take = torch.where(served & new_low, steps, -1).amax(0)  # the last new low is the lowest
+        last_take = torch.where(served & new_low, steps, -1).amax(
+            0
+        )  # the last new low is the lowest
         took, index, stalled = last_take >= 0, last_take.clamp_min(0), stalled_at[-1]
-        best_res = torch.where(took, norm_stack[index, torch.arange(batch, device=index.device)], progress.best_res)
-    best = torch.where(per_sample(took, progress.best), iterates[index, torch.arange(batch, device=index.device)],
-                       progress.best)
-    return Progress(best, best_res, progress.active & (first_stop == count), progress.iterations + served.sum(0),
-                    stalled)
+        best_res = torch.where(
+            took, norm_stack[index, torch.arange(batch, device=index.device)], progress.best_res
+        )
+    best = torch.where(
+        per_sample(took, progress.best),
+        iterates[index, torch.arange(batch, device=index.device)],
+        progress.best,
+    )
+    return Progress(
+        best,
+        best_res,
+        progress.active & (first_stop == count),
+        progress.iterations + served.sum(0),
+        stalled,
+    )
 
 
-def settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance,
-               patience: Optional[int] = None) -> Progress:
+def settle_one(
+    progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int] = None
+) -> Progress:
     """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
     took = progress.active & (res < progress.best_res)
     still = progress.active & (res > tol)
@@ -146,8 +170,13 @@ def settle_one(progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance,
     if patience is not None:
         stalled = torch.where(took, 0, stalled + 1)
         still = still & (stalled < patience)
-    return Progress(torch.where(per_sample(took, progress.best), iterate, progress.best),
-                    torch.where(took, res, progress.best_res), still, progress.iterations + progress.active, stalled)
+    return Progress(
+        torch.where(per_sample(took, progress.best), iterate, progress.best),
+        torch.where(took, res, progress.best_res),
+        still,
+        progress.iterations + progress.active,
+        stalled,
+    )
 
 
 class Record:
@@ -167,16 +196,27 @@ class Record:
         checks: where to look on the accelerator path (:class:`~irnet._iterate.StopChecks`).
     """
 
-    def __init__(self, progress: Progress, tol: Tolerance, patience: Optional[int] = None,
-                 checks: Optional["StopChecks"] = None) -> None:
+    def __init__(
+        self,
+        progress: Progress,
+        tol: Tolerance,
+        patience: Optional[int] = None,
+        checks: Optional["StopChecks"] = None,
+    ) -> None:
         self.progress, self.tol, self.patience = progress, tol, patience
         self.every, self.quick_exit = settle_schedule(progress.best)
         self.checks = checks  # the accelerator path's looks (None: look at every settlement)
         self.taken = 0  # iterations added
-        self._counted_before = progress.iterations  # what the counts held before the first iteration
+        self._counted_before = (
+            progress.iterations
+        )  # what the counts held before the first iteration
         self._one_by_one = ONE_BY_ONE_FIRST if self.quick_exit else 0
-        self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph, taken at the first
-        self._iterates: list[Tensor] = []  # iterates with a graph (unrolled solves), kept as they are
+        self._buffer: Optional[Tensor] = (
+            None  # scratch for iterates without a graph, taken at the first
+        )
+        self._iterates: list[
+            Tensor
+        ] = []  # iterates with a graph (unrolled solves), kept as they are
         self._norms: list[Tensor] = []
         self._slots: dict[int, Tensor] = {}  # rows handed out by ``slot``, not yet added
         self._live_row = -1  # the row of the last iterate added (a solver may still read it)
@@ -199,9 +239,13 @@ class Record:
             self._one_by_one -= 1
             self.progress = settle_one(self.progress, iterate, norms, self.tol, self.patience)
             return not bool(self.progress.active.any())
-        if iterate.requires_grad or self._iterates:  # with a graph (unrolled): keep the tensors themselves
-            if not self._iterates and self._norms:  # rows recorded before the first iterate with a graph
-                self._iterates = list(self._buffer[:len(self._norms)].clone())
+        if (
+            iterate.requires_grad or self._iterates
+        ):  # with a graph (unrolled): keep the tensors themselves
+            if (
+                not self._iterates and self._norms
+            ):  # rows recorded before the first iterate with a graph
+                self._iterates = list(self._buffer[: len(self._norms)].clone())
             self._iterates.append(iterate)
         else:
             row = len(self._norms)
@@ -213,7 +257,11 @@ class Record:
         self.taken += 1
         if self.checks is not None:
             return self._add_without_reads(norms, last)
-        if not (last or len(self._norms) == self.every or (self.quick_exit and not self._any_above(norms))):
+        if not (
+            last
+            or len(self._norms) == self.every
+            or (self.quick_exit and not self._any_above(norms))
+        ):
             return False
         self._settle()
         return not bool(self.progress.active.any())
@@ -259,7 +307,9 @@ class Record:
         return self._buffer
 
     def _settle(self) -> None:
-        iterates = torch.stack(self._iterates) if self._iterates else self._buffer[:len(self._norms)]
+        iterates = (
+            torch.stack(self._iterates) if self._iterates else self._buffer[: len(self._norms)]
+        )
         self.progress = settle(self.progress, iterates, self._norms, self.tol, self.patience)
         self._iterates, self._norms = [], []
 
@@ -330,8 +380,6 @@ def give_back_scratch(buffer: Tensor) -> None:
     _SCRATCH[_scratch_key(buffer.shape, buffer)] = buffer
     while len(_SCRATCH) > SCRATCH_BUFFERS:
         _SCRATCH.popitem(last=False)
-
-
 
 
 #: where a solve without a remembered count first looks
@@ -424,8 +472,14 @@ class StopChecks:
         """Whether to look after ``taken`` iterations."""
         return self._schedule.due(taken)
 
-    def look(self, taken: int, active: Tensor, excess: Tensor, needed: Optional[Tensor] = None,
-             unsolved: Optional[Tensor] = None) -> bool:
+    def look(
+        self,
+        taken: int,
+        active: Tensor,
+        excess: Tensor,
+        needed: Optional[Tensor] = None,
+        unsolved: Optional[Tensor] = None,
+    ) -> bool:
         """Read whether every sample is done (one host read); plan the next look if not.
 
         Read in the same host read, both optional device scalars: ``needed``, the most iterations any
@@ -435,8 +489,12 @@ class StopChecks:
         """
         needed = excess.new_full((), -1) if needed is None else needed
         unsolved = excess.new_full((), -1) if unsolved is None else unsolved
-        values = [active.any().to(excess.dtype), excess.reshape(()), needed.reshape(()).to(excess.dtype),
-                  unsolved.reshape(()).to(excess.dtype)]
+        values = [
+            active.any().to(excess.dtype),
+            excess.reshape(()),
+            needed.reshape(()).to(excess.dtype),
+            unsolved.reshape(()).to(excess.dtype),
+        ]
         if self._start is not None and taken > 0:
             values.append(self._start.reshape(()))
         read = torch.stack(values).tolist()
@@ -483,7 +541,9 @@ class RemembersIterations:
             return StopChecks(math.inf)
         return StopChecks(memory.expected(key), once=memory.ran_out(key))
 
-    def remember(self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None) -> None:
+    def remember(
+        self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None
+    ) -> None:
         """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
         looks first where this one's last sample was done (``checks.needed``). A solve that ended
         unseen (at ``max_iter``) keeps the counts as they were and marks the key

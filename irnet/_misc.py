@@ -36,8 +36,6 @@ def per_sample(s: Tensor, like: Tensor) -> Tensor:
     return s.view(-1, *([1] * (like.dim() - 1)))
 
 
-
-
 def check_positive(name: str, value: float) -> float:
     """``value > 0`` as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -87,6 +85,9 @@ class ArgsRepr:
     """
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
-                         if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.Generator)))
+        args = ", ".join(
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.Generator))
+        )
         return f"{type(self).__name__}({args})"

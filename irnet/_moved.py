@@ -61,8 +61,11 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         new = importlib.import_module(MOVED[module.__name__])
-        warnings.warn(f"{module.__name__} has moved to {new.__name__}; import it from there",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{module.__name__} has moved to {new.__name__}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         public = {k: v for k, v in vars(new).items() if not k.startswith("__")}
         module.__dict__.update(public)
         module.__getattr__ = lambda attr: getattr(new, attr)  # names set on the new module later

@@ -306,8 +306,10 @@ class SolveScope:
         if not self.hooks_needed or self._hooks:
             return
         F = self.F
-        self._hooks = [F.register_forward_pre_hook(self._before_call),
-                       F.register_forward_hook(self._after_call, always_call=True)]
+        self._hooks = [
+            F.register_forward_pre_hook(self._before_call),
+            F.register_forward_hook(self._after_call, always_call=True),
+        ]
 
     def _detach(self) -> None:
         hooks, self._hooks = self._hooks, []
@@ -360,8 +362,6 @@ def _irnet_nodes(y: Tensor, stop: Optional[Any]) -> list:
             following.extend(n for n, _ in node.next_functions)
         frontier = following
     return found
-
-
 
 
 def is_active_dropout(m: nn.Module) -> bool:

@@ -58,16 +58,25 @@ def nonfinite_tensors(named: Iterable[tuple[str, Optional[Tensor]]]) -> list[str
     if _all_finite([t for _, t in named]):
         return []
     flags = torch.stack([torch.isfinite(t).all() for _, t in named])
-    return [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-            for (name, t), ok in zip(named, flags.tolist()) if not ok]
+    return [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for (name, t), ok in zip(named, flags.tolist())
+        if not ok
+    ]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every value is finite, with one host read: a fused max-norm per tensor (NaN and ±Inf
     give a non-finite norm), a quarter of the time of ``isfinite(t).all()`` per tensor on small networks."""
     try:
-        flags = torch.stack([n.float().reshape(()) for n in torch._foreach_norm(tensors, float("inf"))])
-    except (AttributeError, RuntimeError, TypeError):  # another torch, or tensors on several devices
+        flags = torch.stack(
+            [n.float().reshape(()) for n in torch._foreach_norm(tensors, float("inf"))]
+        )
+    except (
+        AttributeError,
+        RuntimeError,
+        TypeError,
+    ):  # another torch, or tensors on several devices
         return all(bool(torch.isfinite(t).all()) for t in tensors)
     return bool(torch.isfinite(flags).all())
 
@@ -122,11 +131,18 @@ def find(module: nn.Module, blocks: Iterable[nn.Module]) -> Finding:
     blocks = list(blocks)
     layers = diverged_layers(blocks)
     if layers:
-        return Finding(2, "forward solve diverged", f" (non-finite iterates, stats.diverged) in {listing(layers)}")
+        return Finding(
+            2,
+            "forward solve diverged",
+            f" (non-finite iterates, stats.diverged) in {listing(layers)}",
+        )
     failing = unconverged_layers(blocks)
     if failing:
-        return Finding(1, "parameters finite; forward solves unconverged",
-                       f" (stats.converged) in {listing(failing)}")
+        return Finding(
+            1,
+            "parameters finite; forward solves unconverged",
+            f" (stats.converged) in {listing(failing)}",
+        )
     return Finding(0, "parameters finite and every forward solve converged")
 
 
@@ -159,7 +175,11 @@ def first_failure(messages: Sequence[Optional[str]]) -> str:
     """
     failed = [r for r, m in enumerate(messages) if m is not None]
     others = failed[1:]
-    also = f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+    also = (
+        f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})"
+        if others
+        else ""
+    )
     return f"{messages[failed[0]]}{also}"
 
 
@@ -176,7 +196,11 @@ def stop_together(trainer: Any) -> None:
     elsewhere (other ranks, other launchers).
     """
     procs = getattr(getattr(getattr(trainer, "strategy", None), "launcher", None), "procs", None)
-    if not isinstance(procs, list) or not procs or not all(isinstance(p, subprocess.Popen) for p in procs):
+    if (
+        not isinstance(procs, list)
+        or not procs
+        or not all(isinstance(p, subprocess.Popen) for p in procs)
+    ):
         return  # not rank 0 of a node under strategy=ddp (ddp_spawn's workers hold no processes)
     children = list(procs)
     procs.clear()
@@ -203,18 +227,30 @@ def unconverged_layers(blocks: Iterable[nn.Module]) -> list[str]:
         stats = getattr(block, "forward_stats", None)
         if stats is None or bool(stats.converged.all()):
             continue
-        found.append(f"layer {i} ({int(stats.num_failed)} of {stats.converged.numel()} samples, "
-                     f"largest residual {float(stats.residual.max()):.3g})")
+        found.append(
+            f"layer {i} ({int(stats.num_failed)} of {stats.converged.numel()} samples, "
+            f"largest residual {float(stats.residual.max()):.3g})"
+        )
     return found
 
 
-def check_args(max_failing_steps: Optional[int], failing_fraction: float) -> tuple[Optional[int], float]:
+def check_args(
+    max_failing_steps: Optional[int], failing_fraction: float
+) -> tuple[Optional[int], float]:
     """Validated ``(max_failing_steps, failing_fraction)``."""
-    if max_failing_steps is not None and (isinstance(max_failing_steps, bool)
-                                          or not isinstance(max_failing_steps, int) or max_failing_steps < 1):
-        raise ValueError(f"max_failing_steps must be an integer >= 1 or None (off), got {max_failing_steps!r}")
-    if (isinstance(failing_fraction, bool) or not isinstance(failing_fraction, (int, float))
-            or not 0 <= failing_fraction < 1):
+    if max_failing_steps is not None and (
+        isinstance(max_failing_steps, bool)
+        or not isinstance(max_failing_steps, int)
+        or max_failing_steps < 1
+    ):
+        raise ValueError(
+            f"max_failing_steps must be an integer >= 1 or None (off), got {max_failing_steps!r}"
+        )
+    if (
+        isinstance(failing_fraction, bool)
+        or not isinstance(failing_fraction, (int, float))
+        or not 0 <= failing_fraction < 1
+    ):
         raise ValueError(f"failing_fraction must be a number in [0, 1), got {failing_fraction!r}")
     return max_failing_steps, float(failing_fraction)
 
@@ -247,4 +283,5 @@ class FailingStreaks:
                     f"(stats.converged) above failing_fraction={self.fraction:g} for {self.streaks[layer]} "
                     f"consecutive training steps (max_failing_steps), {value:.3g} in the last; raise the "
                     "solver's max_iter, loosen atol, lower theta, choose another solver or a contraction "
-                    "bound, or set max_failing_steps: null")
+                    "bound, or set max_failing_steps: null"
+                )

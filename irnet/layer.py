@@ -30,8 +30,14 @@ def _moved(stats: Optional[SolverStats], fn) -> Optional[SolverStats]:
     """``stats`` with every tensor passed through a module's ``_apply`` function."""
     if stats is None:
         return None
-    return dataclasses.replace(stats, **{f.name: fn(getattr(stats, f.name)) for f in dataclasses.fields(stats)
-                                         if isinstance(getattr(stats, f.name), Tensor)})
+    return dataclasses.replace(
+        stats,
+        **{
+            f.name: fn(getattr(stats, f.name))
+            for f in dataclasses.fields(stats)
+            if isinstance(getattr(stats, f.name), Tensor)
+        },
+    )
 
 
 class NonFiniteInputError(ValueError):
@@ -52,8 +58,10 @@ def check_inputs_finite(inputs: list[Tensor]) -> None:
         return
     finite = torch.stack([torch.isfinite(t).all() for t in inputs]).tolist()
     if not all(finite):
-        raise NonFiniteInputError(f"x (the block's input) contains NaN or Inf at layer {finite.index(False)}; "
-                                  "the solve would not end well")
+        raise NonFiniteInputError(
+            f"x (the block's input) contains NaN or Inf at layer {finite.index(False)}; "
+            "the solve would not end well"
+        )
 
 
 class ImplicitResidualBlock(nn.Module):
@@ -176,7 +184,9 @@ class ImplicitResidualBlock(nn.Module):
         # not by one more of its own: F is evaluated k + 2 times for k iterations (F(x), k, F(y*)).
         measure_here = graph and isinstance(self.solver, FixedPoint) and self.solver.fixed_count
         with torch.no_grad():
-            problem = FixedPointProblem(self.F, explicit.detach(), self.theta, measure_answer=not measure_here)
+            problem = FixedPointProblem(
+                self.F, explicit.detach(), self.theta, measure_answer=not measure_here
+            )
             start = self._initial_guess(x, fx, guess)
             if measure_here:
                 y_star, _ = self.solver.solve(problem, start)
@@ -191,7 +201,9 @@ class ImplicitResidualBlock(nn.Module):
             f_star = self.F(y_leaf)
         y_graph = explicit + self.theta * f_star
         if measure_here:  # r(y*) = y* − x − (1−θ)F(x) − θF(y*); a non-finite answer is NaN already
-            self._accept(y_star, self.solver.answer_stats(sample_norm(y_star - y_graph.detach())), x)
+            self._accept(
+                y_star, self.solver.answer_stats(sample_norm(y_star - y_graph.detach())), x
+            )
         return ImplicitAdjoint.apply(
             y_graph, y_leaf, f_star, self.theta, self.linear_solver, self._record_backward, self.F
         )
@@ -224,7 +236,9 @@ class ImplicitResidualBlock(nn.Module):
         # The CPU path's read: did every sample converge? Only if not is the input checked.
         if not bool(stats.converged.all()):
             if not bool(torch.isfinite(x).all()):
-                raise NonFiniteInputError("x (the block's input) contains NaN or Inf; the solve would not end well")
+                raise NonFiniteInputError(
+                    "x (the block's input) contains NaN or Inf; the solve would not end well"
+                )
             warn_if_failed(stats, self._forward_what, self.solver)
             y = _nan_where_diverged(y, stats)
         return y
@@ -237,8 +251,12 @@ class ImplicitResidualBlock(nn.Module):
         self.backward_stats = stats
         if self.linear_solver.approximate:
             return  # JacobianFree / Phantom miss the exact adjoint by design
-        report_failures(stats, f"Adjoint solve ({type(self.linear_solver).__name__})", self.linear_solver,
-                        deferred=on_accelerator_path(stats.residual))
+        report_failures(
+            stats,
+            f"Adjoint solve ({type(self.linear_solver).__name__})",
+            self.linear_solver,
+            deferred=on_accelerator_path(stats.residual),
+        )
 
     def _apply(self, fn, recurse: bool = True):
         # The last solves' statistics follow the block to its new device (and dtype).
@@ -308,15 +326,19 @@ class ImplicitResidualBlock(nn.Module):
             Tensor of shape ``(S, batch, …)``.
         """
         if vectors.shape[1:] != y.shape:
-            raise ValueError(f"vectors must have shape (S, *y.shape) = (S, {', '.join(map(str, y.shape))}), "
-                             f"got {tuple(vectors.shape)}")
+            raise ValueError(
+                f"vectors must have shape (S, *y.shape) = (S, {', '.join(map(str, y.shape))}), "
+                f"got {tuple(vectors.shape)}"
+            )
         with SolveScope(self.F, y) as scope, torch.enable_grad():
             y = y.to(scope.dtype)
             if not y.requires_grad:
                 y = y.detach().requires_grad_()
             f = self.F(y)
-            products = [torch.autograd.grad(f, y, v.to(f.dtype), create_graph=True, retain_graph=True)[0]
-                        for v in vectors]
+            products = [
+                torch.autograd.grad(f, y, v.to(f.dtype), create_graph=True, retain_graph=True)[0]
+                for v in vectors
+            ]
         return self.theta * torch.stack(products)
 
     def extra_repr(self) -> str:

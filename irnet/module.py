@@ -171,8 +171,9 @@ class ImplicitNetModule(pl.LightningModule):
         self.net = net
         self.loss_name = check_choice("loss", loss, LOSSES)
         self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
-        self.regularizers: dict[str, Regularizer] = self._collect_regularizers(r_fp=r_fp, r_rnd=r_rnd,
-                                                                               r_jac=r_jac)
+        self.regularizers: dict[str, Regularizer] = self._collect_regularizers(
+            r_fp=r_fp, r_rnd=r_rnd, r_jac=r_jac
+        )
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be true or false, got {check_finite!r}")
         self.check_finite = check_finite
@@ -184,13 +185,23 @@ class ImplicitNetModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def _set_optimiser_args(self, lr: float, lr_step: int, lr_gamma: float, weight_decay: float) -> None:
+    def _set_optimiser_args(
+        self, lr: float, lr_step: int, lr_gamma: float, weight_decay: float
+    ) -> None:
         self.lr = check_positive("lr", lr)
         self.lr_step = check_int("lr_step", lr_step, 1)
-        if isinstance(lr_gamma, bool) or not isinstance(lr_gamma, (int, float)) or not 0 < lr_gamma <= 1:
+        if (
+            isinstance(lr_gamma, bool)
+            or not isinstance(lr_gamma, (int, float))
+            or not 0 < lr_gamma <= 1
+        ):
             raise ValueError(f"lr_gamma must be a number in (0, 1], got {lr_gamma!r}")
         self.lr_gamma = float(lr_gamma)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        if (
+            isinstance(weight_decay, bool)
+            or not isinstance(weight_decay, (int, float))
+            or not weight_decay >= 0
+        ):
             raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
 
@@ -198,13 +209,19 @@ class ImplicitNetModule(pl.LightningModule):
         found = {}
         for name, reg in given.items():
             if reg is not None and not isinstance(reg, Regularizer):
-                raise ValueError(f"{name} must be an irnet.regularizers.Regularizer or None, "
-                                 f"got {type(reg).__name__}")
+                raise ValueError(
+                    f"{name} must be an irnet.regularizers.Regularizer or None, "
+                    f"got {type(reg).__name__}"
+                )
             if reg is not None:
                 found[name] = reg
-        if any(reg.active for reg in found.values()) and not isinstance(self.net, TrajectoryNetwork):
-            raise ValueError("r_fp, r_rnd and r_jac need a network with .trajectory() and .blocks "
-                             f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}")
+        if any(reg.active for reg in found.values()) and not isinstance(
+            self.net, TrajectoryNetwork
+        ):
+            raise ValueError(
+                "r_fp, r_rnd and r_jac need a network with .trajectory() and .blocks "
+                f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}"
+            )
         return found
 
     @property
@@ -227,17 +244,23 @@ class ImplicitNetModule(pl.LightningModule):
             return MetricCollection({"mse": MeanSquaredError()})
         if num_classes is None:
             num_classes = self._infer_num_classes()
-        return MetricCollection({"acc": MulticlassAccuracy(check_int("num_classes", num_classes, 2),
-                                                           average="micro")})
+        return MetricCollection(
+            {"acc": MulticlassAccuracy(check_int("num_classes", num_classes, 2), average="micro")}
+        )
 
     def _infer_num_classes(self) -> int:
-        for owner, attr in ((self.net, "num_classes"), (self.net, "out_features"),
-                            (getattr(self.net, "head", None), "out_features")):
+        for owner, attr in (
+            (self.net, "num_classes"),
+            (self.net, "out_features"),
+            (getattr(self.net, "head", None), "out_features"),
+        ):
             value = getattr(owner, attr, None)
             if isinstance(value, int):
                 return value
-        raise ValueError("num_classes is required with loss='cross_entropy' when the network "
-                         "does not expose out_features/num_classes")
+        raise ValueError(
+            "num_classes is required with loss='cross_entropy' when the network "
+            "does not expose out_features/num_classes"
+        )
 
     def active_regularizers(self) -> dict[str, Regularizer]:
         """The configured regularisers with a positive weight."""
@@ -294,14 +317,21 @@ class ImplicitNetModule(pl.LightningModule):
         a mean over the batch's samples or independent of the batch (see
         ``docs/distributed.md``).
         """
-        return {name: reg.weight * reg(self.net, x, states, trajectory=self.trajectory)
-                for name, reg in self.active_regularizers().items()}
+        return {
+            name: reg.weight * reg(self.net, x, states, trajectory=self.trajectory)
+            for name, reg in self.active_regularizers().items()
+        }
 
     def configure_optimizers(self) -> Any:
         """Adam with a StepLR schedule (the paper: lr 1e-2, × 0.7 every 500 epochs)."""
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=self.lr_step, gamma=self.lr_gamma
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # -- the shared step ----------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
@@ -320,7 +350,9 @@ class ImplicitNetModule(pl.LightningModule):
         total = values["total"]
         return total * share.weight if share.weight != 1 else total
 
-    def _forward_values(self, x: Tensor, target: Tensor, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def _forward_values(
+        self, x: Tensor, target: Tensor, stage: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The prediction and this process's batch means: loss, total, terms, iterations, unconverged fractions."""
         with self._named_failures(stage):
             states = self.trajectory(x)
@@ -341,8 +373,9 @@ class ImplicitNetModule(pl.LightningModule):
     def _world(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def _global_means(self, values: dict[str, Tensor], count: int, failure: Optional[TrainingFailure] = None
-                      ) -> tuple[dict[str, Tensor], BatchShare, Optional[dict[str, float]]]:
+    def _global_means(
+        self, values: dict[str, Tensor], count: int, failure: Optional[TrainingFailure] = None
+    ) -> tuple[dict[str, Tensor], BatchShare, Optional[dict[str, float]]]:
         """Means over the global batch (all processes) of this process's batch means, its share, and
         (under distributed training) the same means read on the host.
 
@@ -360,9 +393,15 @@ class ImplicitNetModule(pl.LightningModule):
             self._raise_agreed(failure)
         global_count = int(round(read[0]))
         means = dict(zip(values, reduced[STEP_HEAD:]))
-        return means, BatchShare(global_count, count * world / global_count), dict(zip(values, read[STEP_HEAD:]))
+        return (
+            means,
+            BatchShare(global_count, count * world / global_count),
+            dict(zip(values, read[STEP_HEAD:])),
+        )
 
-    def _reduce_step(self, values: dict[str, Tensor], count: int, failed: bool) -> tuple[Tensor, list[float]]:
+    def _reduce_step(
+        self, values: dict[str, Tensor], count: int, failed: bool
+    ) -> tuple[Tensor, list[float]]:
         """``[samples, failed processes, values per process, means …]`` over all processes, on the device and read.
 
         The all-reduced vector must have one length on every process, and a failed
@@ -391,7 +430,7 @@ class ImplicitNetModule(pl.LightningModule):
         kept = min(len(values), self._reduce_capacity)
         if kept:
             local = torch.stack([v.detach().float().reshape(()) for v in values.values()])
-            packed[STEP_HEAD:STEP_HEAD + kept] = local[:kept].to(packed.device) * count
+            packed[STEP_HEAD : STEP_HEAD + kept] = local[:kept].to(packed.device) * count
         return packed
 
     def _gather(self, obj: Any) -> list[Any]:
@@ -427,9 +466,11 @@ class ImplicitNetModule(pl.LightningModule):
         except NonFiniteInputError as err:
             if not self.check_finite:
                 raise
-            raise TrainingFailure(f"{self._where(stage)}: a layer's input is NaN/Inf"
-                                  f"{rank_note(self.global_rank, self._world())}; "
-                                  f"{diagnosis(self, self._blocks())}") from err
+            raise TrainingFailure(
+                f"{self._where(stage)}: a layer's input is NaN/Inf"
+                f"{rank_note(self.global_rank, self._world())}; "
+                f"{diagnosis(self, self._blocks())}"
+            ) from err
 
     def _diagnosis(self) -> str:
         """Where a non-finite loss came from; under distributed training from every process (a collective)."""
@@ -441,10 +482,15 @@ class ImplicitNetModule(pl.LightningModule):
         """Each implicit layer's fraction of unconverged forward solves in the last pass (by layer index)."""
         if self.failing.max_steps is None:
             return {}
-        return {i: (~b.forward_stats.converged).float().mean() for i, b in enumerate(self._blocks())
-                if getattr(b, "forward_stats", None) is not None and getattr(b, "theta", 1) > 0}
+        return {
+            i: (~b.forward_stats.converged).float().mean()
+            for i, b in enumerate(self._blocks())
+            if getattr(b, "forward_stats", None) is not None and getattr(b, "theta", 1) > 0
+        }
 
-    def _check_training_step(self, means: dict[str, Tensor], host: Optional[dict[str, float]] = None) -> None:
+    def _check_training_step(
+        self, means: dict[str, Tensor], host: Optional[dict[str, float]] = None
+    ) -> None:
         """Stop on a non-finite objective or a layer failing too long.
 
         ``host``: the means already read (distributed training); on one process
@@ -454,15 +500,22 @@ class ImplicitNetModule(pl.LightningModule):
         if not self.check_finite and not keys:
             return
         if host is None:
-            read = torch.stack([means["total"].float().reshape(()), *(means[k].float() for k in keys)]).tolist()
+            read = torch.stack(
+                [means["total"].float().reshape(()), *(means[k].float() for k in keys)]
+            ).tolist()
             host = dict(zip(["total", *keys], read))
         where = self._where("train")
         if self.check_finite and not math.isfinite(host["total"]):
-            bad = ["train/" + k.removeprefix("term/") for k in means
-                   if (k == "loss" or k.startswith("term/"))
-                   and not math.isfinite(host[k] if k in host else float(means[k]))]
-            raise self._failure(f"{where}: non-finite {', '.join(bad) or 'train/total'} ({host['total']}); "
-                                f"{self._diagnosis()}")
+            bad = [
+                "train/" + k.removeprefix("term/")
+                for k in means
+                if (k == "loss" or k.startswith("term/"))
+                and not math.isfinite(host[k] if k in host else float(means[k]))
+            ]
+            raise self._failure(
+                f"{where}: non-finite {', '.join(bad) or 'train/total'} ({host['total']}); "
+                f"{self._diagnosis()}"
+            )
         try:
             self.failing.update({int(k.split("/")[1]): host[k] for k in keys}, where)
         except TrainingFailure:
@@ -479,8 +532,10 @@ class ImplicitNetModule(pl.LightningModule):
             return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
         grads = nonfinite_gradients(self)
         if grads:
-            raise self._failure(f"{where}: non-finite gradients (before the optimizer step, not applied): "
-                                f"{listing(grads)}")
+            raise self._failure(
+                f"{where}: non-finite gradients (before the optimizer step, not applied): "
+                f"{listing(grads)}"
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then a check that it left the parameters finite (before any checkpoint)."""
@@ -488,8 +543,10 @@ class ImplicitNetModule(pl.LightningModule):
         if self.check_finite:
             params = nonfinite_parameters(self)
             if params:
-                raise self._failure(f"{self._where('train')}: the optimizer step made parameters non-finite: "
-                                    f"{listing(params)}")
+                raise self._failure(
+                    f"{self._where('train')}: the optimizer step made parameters non-finite: "
+                    f"{listing(params)}"
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers)."""
@@ -498,8 +555,10 @@ class ImplicitNetModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         bad = nonfinite_tensors((k, v) for k, v in state.items() if isinstance(v, Tensor))
         if bad:
-            raise self._failure(f"refusing a checkpoint with non-finite weights: {listing(bad)} "
-                                "(set check_finite: false to load it anyway)")
+            raise self._failure(
+                f"refusing a checkpoint with non-finite weights: {listing(bad)} "
+                "(set check_finite: false to load it anyway)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Under distributed training, every process's warm-start cache goes into the checkpoint.
@@ -518,8 +577,9 @@ class ImplicitNetModule(pl.LightningModule):
             return None
         return torch.stack([s.iterations.float().mean() for s in stats]).mean()
 
-    def _log_step(self, stage: str, means: dict[str, Tensor], batch_size: int, pred: Tensor,
-                  target: Tensor) -> None:
+    def _log_step(
+        self, stage: str, means: dict[str, Tensor], batch_size: int, pred: Tensor, target: Tensor
+    ) -> None:
         # The values are already means over the global batch (the same on every
         # process); sync_dist only averages identical numbers.
         epoch = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
@@ -532,14 +592,23 @@ class ImplicitNetModule(pl.LightningModule):
             self.log(f"{stage}/iters", iters, **epoch)
         if stage != "train":
             return
-        self.log("train/loss_step", means["loss"], on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log(
+            "train/loss_step", means["loss"], on_step=True, on_epoch=False, batch_size=batch_size
+        )
         self.log("train/total", means["total"], **epoch)
         for key, value in means.items():
             if key.startswith("term/"):
                 self.log(f"train/{key[5:]}", value, **epoch)
         if iters is not None:
-            self.log("iters", iters, prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                     batch_size=batch_size)
+            self.log(
+                "iters",
+                iters,
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -580,13 +649,19 @@ class ImplicitNetModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         flush_failure_warnings()
 
-    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         flush_failure_warnings()
 
-    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         flush_failure_warnings()
 
-    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         flush_failure_warnings()
 
     def on_train_epoch_start(self) -> None:
@@ -594,7 +669,6 @@ class ImplicitNetModule(pl.LightningModule):
         # them) and the process's rank (each process draws its own).
         for reg in self.regularizers.values():
             reg.on_train_epoch_start(self.current_epoch, self.global_rank)
-
 
 
 def seed_rank_generators(rank: int) -> None:

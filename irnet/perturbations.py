@@ -33,7 +33,6 @@ class Perturbation(ArgsRepr):
         return x + self.noise(x, generator)
 
 
-
 class GaussianPerturbation(Perturbation):
     """``x + σ ε`` with ``ε ~ N(0, I)`` (the perturbations of the paper's Example 2).
 

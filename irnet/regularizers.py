@@ -51,8 +51,13 @@ class Regularizer(ArgsRepr):
         """Whether the penalty is on (``weight > 0``)."""
         return self.weight > 0
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
-                 trajectory: Optional[Trajectory] = None) -> Tensor:
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
         """The unweighted penalty, a 0-d tensor differentiable in the network's weights.
 
         Args:
@@ -83,7 +88,6 @@ class Regularizer(ArgsRepr):
         """
 
 
-
 class FixedPointRegularizer(Regularizer):
     """R_fp = Σ_t Σ_k (k/K)^p ‖r(y_t^k)‖ over the fixed-point iterates of each layer (eq. 9).
 
@@ -107,16 +111,27 @@ class FixedPointRegularizer(Regularizer):
 
     name = "r_fp"
 
-    def __init__(self, weight: float = 1.0, p: float = 1.0, iterations: Optional[int] = None) -> None:
+    def __init__(
+        self, weight: float = 1.0, p: float = 1.0, iterations: Optional[int] = None
+    ) -> None:
         super().__init__(weight)
         self.p = check_nonnegative("p", p)
         self.iterations = None if iterations is None else check_int("iterations", iterations, 1)
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
-                 trajectory: Optional[Trajectory] = None) -> Tensor:
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
         total = states[0].new_zeros(states[0].shape[0])
-        implicit = [(block, y_in) for block, y_in in zip(net.blocks, states[:-1]) if block.theta != 0]
-        for (block, y_in), K in zip(implicit, self.layer_iterations([block for block, _ in implicit])):
+        implicit = [
+            (block, y_in) for block, y_in in zip(net.blocks, states[:-1]) if block.theta != 0
+        ]
+        for (block, y_in), K in zip(
+            implicit, self.layer_iterations([block for block, _ in implicit])
+        ):
             norms = block.fixed_point_residuals(y_in.detach(), K)  # (K, batch)
             total = total + (power_weights(K, self.p, norms)[:, None] * norms).sum(0)
         return total.mean()
@@ -126,7 +141,9 @@ class FixedPointRegularizer(Regularizer):
         if self.iterations is not None:
             return [self.iterations] * len(blocks)
         known = [b for b in blocks if b.forward_stats is not None]
-        most = torch.stack([b.forward_stats.iterations.max() for b in known]).tolist() if known else []
+        most = (
+            torch.stack([b.forward_stats.iterations.max() for b in known]).tolist() if known else []
+        )
         taken = dict(zip(map(id, known), most))
         return [max(1, int(taken[id(b)])) if id(b) in taken else b.solver.max_iter for b in blocks]
 
@@ -177,12 +194,18 @@ class PerturbationRegularizer(Regularizer):
         self.r = check_nonnegative("r", r)
         self.seed = check_int("seed", seed, 0)
         if perturbation is not None and sigma is not None:
-            raise ValueError("give sigma or perturbation, not both (sigma configures the default "
-                             "GaussianPerturbation)")
+            raise ValueError(
+                "give sigma or perturbation, not both (sigma configures the default "
+                "GaussianPerturbation)"
+            )
         if perturbation is not None and not isinstance(perturbation, Perturbation):
-            raise ValueError(f"perturbation must be an irnet.perturbations.Perturbation, "
-                             f"got {type(perturbation).__name__}")
-        self.perturbation = perturbation or GaussianPerturbation(DEFAULT_SIGMA if sigma is None else sigma)
+            raise ValueError(
+                f"perturbation must be an irnet.perturbations.Perturbation, "
+                f"got {type(perturbation).__name__}"
+            )
+        self.perturbation = perturbation or GaussianPerturbation(
+            DEFAULT_SIGMA if sigma is None else sigma
+        )
         self.generator = torch.Generator()
         self.last_distances: Optional[Tensor] = None
         self.on_train_epoch_start(0)
@@ -219,8 +242,13 @@ class PerturbationRegularizer(Regularizer):
         """The P perturbed copies of ``x``, stacked along the batch: ``(P · batch, …)``."""
         return torch.cat([self.perturbation(x, self.generator) for _ in range(self.streams)])
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
-                 trajectory: Optional[Trajectory] = None) -> Tensor:
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
         batch, layers = x.shape[0], len(states) - 1
         trajectory = net.trajectory if trajectory is None else trajectory
         # The perturbed pass must not overwrite the clean pass's solver statistics,
@@ -229,8 +257,10 @@ class PerturbationRegularizer(Regularizer):
         with auxiliary_pass(net):
             noisy = trajectory(self.perturb(x))
         if len(noisy) != len(states):
-            raise ValueError(f"trajectory returned {len(noisy)} states for the perturbed inputs and "
-                             f"{len(states)} for the clean ones")
+            raise ValueError(
+                f"trajectory returned {len(noisy)} states for the perturbed inputs and "
+                f"{len(states)} for the clean ones"
+            )
         beta = power_weights(layers, self.r, states[0])
         total, distances = states[0].new_zeros(batch), []
         for t in range(1, layers + 1):
@@ -279,8 +309,13 @@ class JacobianRegularizer(Regularizer):
     name = "r_jac"
     NOISES = ("rademacher", "gaussian")
 
-    def __init__(self, weight: float = 1.0, samples: Optional[int] = 1, noise: str = "rademacher",
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        samples: Optional[int] = 1,
+        noise: str = "rademacher",
+        seed: int = 0,
+    ) -> None:
         super().__init__(weight)
         self.samples = None if samples is None else check_int("samples", samples, 1)
         self.noise = check_choice("noise", noise, self.NOISES)
@@ -308,8 +343,13 @@ class JacobianRegularizer(Regularizer):
             v = torch.randint(0, 2, shape, generator=self.generator).to(y.dtype).mul_(2).sub_(1)
         return v.to(y.device)
 
-    def __call__(self, net: nn.Module, x: Tensor, states: list[Tensor],
-                 trajectory: Optional[Trajectory] = None) -> Tensor:
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
         terms = []
         for block, y in zip(net.blocks, states[1:]):
             if block.theta == 0:

@@ -132,7 +132,9 @@ def reset_convergence_warnings() -> None:
     _WARNED.reset()
 
 
-def diverged_samples(converged: Tensor, iterations: Tensor, max_iter: int, last_res: Tensor) -> Tensor:
+def diverged_samples(
+    converged: Tensor, iterations: Tensor, max_iter: int, last_res: Tensor
+) -> Tensor:
     """Samples a solve gave up on: stopped before ``max_iter`` unconverged, or ended non-finite.
 
     In irnet's loops a sample leaves early only by converging or by a failure

@@ -61,8 +61,10 @@ def _check_clamp(clamp: Clamp) -> Clamp:
 
 def _check_batch(x: Tensor, target: Tensor) -> None:
     if x.dim() < 1 or x.shape[0] == 0 or target.shape[:1] != x.shape[:1]:
-        raise ValueError(f"x and target must share a non-empty batch dimension, got shapes "
-                         f"{tuple(x.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"x and target must share a non-empty batch dimension, got shapes "
+            f"{tuple(x.shape)} and {tuple(target.shape)}"
+        )
 
 
 def _input_grad(model: nn.Module, x: Tensor, target: Tensor, loss_fn: LossFn) -> Tensor:
@@ -216,8 +218,11 @@ def accuracy_under_attack(
     _check_batch(x, target)
     with _eval_mode(model):
         return {
-            eps: sum(_correct(model, attack(model, xb, tb, eps, **kwargs), tb)
-                     for xb, tb in _batches(x, target, batch_size)) / x.shape[0]
+            eps: sum(
+                _correct(model, attack(model, xb, tb, eps, **kwargs), tb)
+                for xb, tb in _batches(x, target, batch_size)
+            )
+            / x.shape[0]
             for eps in eps_list
         }
 
@@ -261,8 +266,11 @@ def accuracy_under_noise(
 
     with _eval_mode(model):
         return {
-            sigma: sum(_correct(model, noisy(xb, sigma), tb)
-                       for _ in range(repeats)
-                       for xb, tb in _batches(x, target, batch_size)) / (repeats * x.shape[0])
+            sigma: sum(
+                _correct(model, noisy(xb, sigma), tb)
+                for _ in range(repeats)
+                for xb, tb in _batches(x, target, batch_size)
+            )
+            / (repeats * x.shape[0])
             for sigma in sigmas
         }

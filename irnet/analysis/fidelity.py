@@ -69,4 +69,6 @@ def gradient_cosine(
 
 def _flat_grad(value: Tensor, params: list[nn.Parameter]) -> Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
+    )

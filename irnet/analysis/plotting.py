@@ -107,9 +107,12 @@ def plot_trajectories(
     for i in range(n):
         color = cmap((values[i] - values.min()) / span)
         ax.plot(states[:, i, 0], states[:, i, 1], color=color, lw=0.8, alpha=0.8)
-    ax.scatter(states[0, :, 0], states[0, :, 1], c=values, cmap=cmap, marker="o", s=10, label="$y_0$")
-    last = ax.scatter(states[-1, :, 0], states[-1, :, 1], c=values, cmap=cmap, marker="x", s=18,
-                      label="$y_T$")
+    ax.scatter(
+        states[0, :, 0], states[0, :, 1], c=values, cmap=cmap, marker="o", s=10, label="$y_0$"
+    )
+    last = ax.scatter(
+        states[-1, :, 0], states[-1, :, 1], c=values, cmap=cmap, marker="x", s=18, label="$y_T$"
+    )
     fig.colorbar(last, ax=ax, label=color_label)
     ax.set(xlabel="$y[0]$", ylabel="$y[1]$", title=title)
     ax.legend(loc="best", fontsize="small")
@@ -145,8 +148,10 @@ def plot_vector_fields(fields: Sequence[VectorField]) -> Figure:
     for k, field in enumerate(fields):
         arrays = [_array(name, getattr(field, name), 2) for name in ("grid_x", "grid_y", "u", "v")]
         if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"fields[{k}]: grid_x, grid_y, u, v must share one shape, "
-                             f"got {[a.shape for a in arrays]}")
+            raise ValueError(
+                f"fields[{k}]: grid_x, grid_y, u, v must share one shape, "
+                f"got {[a.shape for a in arrays]}"
+            )
         ax = fig.add_subplot(1, len(fields), k + 1)
         ax.quiver(*arrays, np.hypot(arrays[2], arrays[3]), cmap="coolwarm", angles="xy")
         if field.points is not None:
@@ -177,8 +182,10 @@ def plot_decision_regions(
     grid_x, grid_y = _array("grid_x", grid_x, 2), _array("grid_y", grid_y, 2)
     predicted = _array("predicted", predicted, 2)
     if not grid_x.shape == grid_y.shape == predicted.shape:
-        raise ValueError(f"grid_x, grid_y and predicted must share one shape, got "
-                         f"{grid_x.shape}, {grid_y.shape}, {predicted.shape}")
+        raise ValueError(
+            f"grid_x, grid_y and predicted must share one shape, got "
+            f"{grid_x.shape}, {grid_y.shape}, {predicted.shape}"
+        )
     points, labels = _array("points", points, 2), _array("labels", labels, 1)
     _same_length(points=points, labels=labels)
     classes = int(max(predicted.max(), labels.max())) + 1
@@ -186,8 +193,17 @@ def plot_decision_regions(
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.add_subplot()
     ax.contourf(grid_x, grid_y, predicted, levels=levels, cmap="coolwarm", alpha=0.35)
-    ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="coolwarm", vmin=0, vmax=max(classes - 1, 1),
-               s=14, edgecolors="k", linewidths=0.4)
+    ax.scatter(
+        points[:, 0],
+        points[:, 1],
+        c=labels,
+        cmap="coolwarm",
+        vmin=0,
+        vmax=max(classes - 1, 1),
+        s=14,
+        edgecolors="k",
+        linewidths=0.4,
+    )
     ax.set(xlabel="$x[0]$", ylabel="$x[1]$", title=title)
     return fig
 

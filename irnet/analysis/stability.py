@@ -189,7 +189,9 @@ def _positive_values(name: str, value) -> Tensor:
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} must be finite numbers > 0, got {value!r}") from error
     if values.ndim > 1 or not bool(((values > 0) & values.isfinite()).all()):
-        raise ValueError(f"{name} must be a number or 1-D sequence of finite numbers > 0, got {value!r}")
+        raise ValueError(
+            f"{name} must be a number or 1-D sequence of finite numbers > 0, got {value!r}"
+        )
     return values
 
 
@@ -239,7 +241,9 @@ def spectral_radius(
         h = sample_norm(w)
         # Breakdown: the space is invariant, later columns must stay zero.
         alive = h > 100 * torch.finfo(q.dtype).eps * scale.clamp_min(torch.finfo(q.dtype).tiny)
-        basis.append(torch.where(alive[:, None], w / h.clamp_min(torch.finfo(q.dtype).tiny)[:, None], 0))
+        basis.append(
+            torch.where(alive[:, None], w / h.clamp_min(torch.finfo(q.dtype).tiny)[:, None], 0)
+        )
         hessenberg[:, j + 1, j] = torch.where(alive, h, 0)
     return matrix_spectral_radius(hessenberg[:, :steps, :steps])
 
@@ -255,7 +259,9 @@ def jvp_operator(F: nn.Module | Operator, at: Tensor) -> Operator:
         # use compiles torch's JVP decompositions with the deprecated torch.jit.script (torch's
         # own warning, nothing for a user to act on).
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.script.*", category=DeprecationWarning
+            )
             return torch.func.jvp(F, (at,), (v,))[1]
 
     return apply
@@ -301,12 +307,16 @@ class LayerJacobian:
         max_iter: int = 100,
     ) -> None:
         if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         self.theta = check_unit_interval("theta", theta)
         self._jvp_x = jvp_operator(F, x)
         self._jvp_y = jvp_operator(F, y)
         tol = 1000 * torch.finfo(x.dtype).eps if tol is None else check_positive("tol", tol)
-        self._gmres = GMRES(rtol=tol, max_iter=check_int("max_iter", max_iter, 1), restart=min(max_iter, 50))
+        self._gmres = GMRES(
+            rtol=tol, max_iter=check_int("max_iter", max_iter, 1), restart=min(max_iter, 50)
+        )
         self.solve_residual = 0.0
 
     def explicit_part(self, v: Tensor) -> Tensor:

@@ -81,8 +81,9 @@ def _worse(mis: Tensor, loss: Tensor, best_mis: Tensor, best_loss: Tensor) -> Te
     return (mis & ~best_mis) | ((mis == best_mis) & (loss > best_loss))
 
 
-def _rademacher(shape: tuple[int, ...], like: Tensor,
-                generator: Optional[torch.Generator]) -> Tensor:
+def _rademacher(
+    shape: tuple[int, ...], like: Tensor, generator: Optional[torch.Generator]
+) -> Tensor:
     """±1 entries, drawn where the generator lives (same draws on every device for a seed)."""
     device = generator.device if generator is not None else like.device
     bits = torch.randint(0, 2, shape, generator=generator, device=device)
@@ -90,8 +91,9 @@ def _rademacher(shape: tuple[int, ...], like: Tensor,
 
 
 @torch.no_grad()
-def _estimate(model: nn.Module, x: Tensor, target: Tensor, directions: Tensor, delta: float,
-              loss_fn: LossFn) -> Tensor:
+def _estimate(
+    model: nn.Module, x: Tensor, target: Tensor, directions: Tensor, delta: float, loss_fn: LossFn
+) -> Tensor:
     """``mean_k (L(x + δv_k) − L(x − δv_k)) / (2δ) · v_k`` per sample, in one forward pass."""
     samples, batch = directions.shape[:2]
     probes = torch.cat([x + delta * directions, x - delta * directions]).flatten(0, 1)
@@ -144,7 +146,7 @@ class _Adam:
         (b1, b2) = _ADAM_BETAS
         self.m[rows] = b1 * self.m[rows] + (1 - b1) * grad
         self.v[rows] = b2 * self.v[rows] + (1 - b2) * grad * grad
-        m_hat, v_hat = self.m[rows] / (1 - b1 ** t), self.v[rows] / (1 - b2 ** t)
+        m_hat, v_hat = self.m[rows] / (1 - b1**t), self.v[rows] / (1 - b2**t)
         return m_hat / (v_hat.sqrt() + _ADAM_EPS)
 
 
@@ -346,9 +348,11 @@ def transfer(
     """
     _check_model("target_model", target_model)
     adversarial = transfer_attack(source_model, attack, **kwargs)(target_model, x, target, eps)
-    return Transfer(adversarial,
-                    _correct(source_model, adversarial, target).double().mean().item(),
-                    _correct(target_model, adversarial, target).double().mean().item())
+    return Transfer(
+        adversarial,
+        _correct(source_model, adversarial, target).double().mean().item(),
+        _correct(target_model, adversarial, target).double().mean().item(),
+    )
 
 
 def _solver_objects(model: nn.Module) -> list[Union[NonlinearSolver, LinearSolver]]:
@@ -367,8 +371,9 @@ def _solver_objects(model: nn.Module) -> list[Union[NonlinearSolver, LinearSolve
     return list(found.values())
 
 
-def _check_factors(atol_factor: float, rtol_factor: float,
-                   iter_factor: int) -> tuple[float, float, int]:
+def _check_factors(
+    atol_factor: float, rtol_factor: float, iter_factor: int
+) -> tuple[float, float, int]:
     for name, value in (("atol_factor", atol_factor), ("rtol_factor", rtol_factor)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
             raise ValueError(f"{name} must be a number >= 1 (a tightening), got {value!r}")
@@ -404,8 +409,12 @@ def tighter_solves(
     atol_factor, rtol_factor, iter_factor = _check_factors(atol_factor, rtol_factor, iter_factor)
     divisors = {"atol": atol_factor, "rtol": rtol_factor}
     solvers = _solver_objects(model)
-    saved = [(s, name, value) for s in solvers for name, value in vars(s).items()
-             if name in ("atol", "rtol", "max_iter")]
+    saved = [
+        (s, name, value)
+        for s in solvers
+        for name, value in vars(s).items()
+        if name in ("atol", "rtol", "max_iter")
+    ]
     try:
         for s, name, value in saved:
             setattr(s, name, value * iter_factor if name == "max_iter" else value / divisors[name])
@@ -415,8 +424,13 @@ def tighter_solves(
             setattr(s, name, value)
 
 
-def tighter_attack(attack: Attack = pgd, atol_factor: float = 10.0, rtol_factor: float = 10.0,
-                   iter_factor: int = 10, **kwargs) -> Attack:
+def tighter_attack(
+    attack: Attack = pgd,
+    atol_factor: float = 10.0,
+    rtol_factor: float = 10.0,
+    iter_factor: int = 10,
+    **kwargs,
+) -> Attack:
     """``attack`` computed inside :func:`tighter_solves` of the model it is handed.
 
     The adversarial inputs are then evaluated at the network's own tolerances.
@@ -485,7 +499,8 @@ def strong_attacks(
     }
     if source_model is not None:
         attacks["transfer"] = transfer_attack(
-            source_model, _seeded(pgd_restarts, seed, steps=steps, restarts=restarts, clamp=clamp))
+            source_model, _seeded(pgd_restarts, seed, steps=steps, restarts=restarts, clamp=clamp)
+        )
     return attacks
 
 
@@ -544,5 +559,8 @@ def strongest_attack_accuracy(
                 masks[name].append(_correct(model, attack(model, xb, tb, eps), tb))
     correct = {name: torch.cat(m) for name, m in masks.items()}
     robust = torch.stack(list(correct.values())).all(dim=0)
-    return StrongestAttack(robust.double().mean().item(),
-                           {name: c.double().mean().item() for name, c in correct.items()}, robust)
+    return StrongestAttack(
+        robust.double().mean().item(),
+        {name: c.double().mean().item() for name, c in correct.items()},
+        robust,
+    )

@@ -48,11 +48,15 @@ from irnet.module import ImplicitNetModule
 
 LOG_DIR = "runs"
 TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
-DESCRIPTION = ("irnet: implicit residual networks. Subcommands: fit, validate, test, predict "
-               "(LightningCLI: python -m irnet fit --help) and reproduce (the paper's studies: "
-               "python -m irnet reproduce --help).")
-EPILOG = ("reproduce   python -m irnet reproduce {stability,ex1,ex2,robustness} [--tiny] …: "
-          "run one of the paper's studies end to end (see python -m irnet reproduce --help)")
+DESCRIPTION = (
+    "irnet: implicit residual networks. Subcommands: fit, validate, test, predict "
+    "(LightningCLI: python -m irnet fit --help) and reproduce (the paper's studies: "
+    "python -m irnet reproduce --help)."
+)
+EPILOG = (
+    "reproduce   python -m irnet reproduce {stability,ex1,ex2,robustness} [--tiny] …: "
+    "run one of the paper's studies end to end (see python -m irnet reproduce --help)"
+)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -67,8 +71,14 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Optional[str] = None, every_n_epochs: int = 1) -> None:
-        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
-                         every_n_epochs=every_n_epochs, enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=every_n_epochs,
+            enable_version_counter=False,
+        )
 
 
 class IrnetCLI(LightningCLI):
@@ -77,23 +87,33 @@ class IrnetCLI(LightningCLI):
     threads: int = 0  # torch threads the run uses (set before the classes are built)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--threads", type=Optional[Union[int, str]], default=None,
-                            help="torch intra-op threads: an integer, 'auto' (torch's default), or unset: "
-                                 "OMP_NUM_THREADS if set, else 1 (docs/training.md, Threads)")
+        parser.add_argument(
+            "--threads",
+            type=Optional[Union[int, str]],
+            default=None,
+            help="torch intra-op threads: an integer, 'auto' (torch's default), or unset: "
+            "OMP_NUM_THREADS if set, else 1 (docs/training.md, Threads)",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.mode": "min",
-            "checkpoint.filename": "best-epoch={epoch}-step={step}",
-            "checkpoint.auto_insert_metric_name": False,
-            # full-batch toy sets take one step per epoch: log every step
-            "trainer.log_every_n_steps": 1,
-            "trainer.logger": {"class_path": TENSORBOARD,
-                               "init_args": {"save_dir": LOG_DIR, "name": None}},
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best-epoch={epoch}-step={step}",
+                "checkpoint.auto_insert_metric_name": False,
+                # full-batch toy sets take one step per epoch: log every step
+                "trainer.log_every_n_steps": 1,
+                "trainer.logger": {
+                    "class_path": TENSORBOARD,
+                    "init_args": {"save_dir": LOG_DIR, "name": None},
+                },
+            }
+        )
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
@@ -110,7 +130,9 @@ class IrnetCLI(LightningCLI):
 
     def _option_names(self) -> list[str]:
         parsers = [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]
-        return sorted({s.lstrip("-") for p in parsers for s in p._option_string_actions if s.startswith("--")})
+        return sorted(
+            {s.lstrip("-") for p in parsers for s in p._option_string_actions if s.startswith("--")}
+        )
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -123,8 +145,10 @@ class IrnetCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except (ArgumentError, SystemExit) as err:
-            raise CliError(f"ckpt_path {path}: its saved hyperparameters do not fit this config's model: "
-                           f"{summarize(str(err))}") from err
+            raise CliError(
+                f"ckpt_path {path}: its saved hyperparameters do not fit this config's model: "
+                f"{summarize(str(err))}"
+            ) from err
         refuse_conflicts(model_conflicts(requested, self.config[subcommand].get("model")), path)
 
     def before_instantiate_classes(self) -> None:
@@ -142,7 +166,9 @@ class IrnetCLI(LightningCLI):
             super().instantiate_classes()
         except CliError:
             raise
-        except Exception as err:  # a constructor's ValueError, a Trainer MisconfigurationException …
+        except (
+            Exception
+        ) as err:  # a constructor's ValueError, a Trainer MisconfigurationException …
             config = self.config[self.subcommand] if self.subcommand else self.config
             kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
             raise CliError(kind + summarize(str(err), config=flatten(config))) from err
@@ -154,7 +180,10 @@ class IrnetCLI(LightningCLI):
 
 
 def _is_tensorboard(logger: Any) -> bool:
-    return getattr(logger, "class_path", None) in (TENSORBOARD, "lightning.pytorch.loggers.TensorBoardLogger")
+    return getattr(logger, "class_path", None) in (
+        TENSORBOARD,
+        "lightning.pytorch.loggers.TensorBoardLogger",
+    )
 
 
 def run_name(config: Any) -> str:
@@ -185,8 +214,12 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"allow_abbrev": False, "exit_on_error": False,
-                           "description": DESCRIPTION, "epilog": EPILOG},
+            parser_kwargs={
+                "allow_abbrev": False,
+                "exit_on_error": False,
+                "description": DESCRIPTION,
+                "epilog": EPILOG,
+            },
             args=args,
             run=run,
         )

@@ -48,10 +48,14 @@ def check_config_file(path: str) -> None:
     except (OSError, UnicodeDecodeError) as err:
         raise CliError(f"config file {path} cannot be read: {err}") from err
     if content is None:
-        raise CliError(f"config file {path} is empty; it must hold keys such as model:, data:, trainer:")
+        raise CliError(
+            f"config file {path} is empty; it must hold keys such as model:, data:, trainer:"
+        )
     if not isinstance(content, dict):
-        raise CliError(f"config file {path} must hold a mapping of keys (model:, data:, trainer: …), "
-                       f"got a {type(content).__name__}")
+        raise CliError(
+            f"config file {path} must hold a mapping of keys (model:, data:, trainer: …), "
+            f"got a {type(content).__name__}"
+        )
 
 
 def check_checkpoint(path: Optional[str]) -> Optional[dict]:
@@ -65,8 +69,10 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
         ckpt = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises EOFError, OSError, RuntimeError, UnpicklingError …
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CliError(f"ckpt_path: {path} is not a readable checkpoint (corrupted or truncated?): "
-                       f"{type(err).__name__}: {reason[:200]}") from err
+        raise CliError(
+            f"ckpt_path: {path} is not a readable checkpoint (corrupted or truncated?): "
+            f"{type(err).__name__}: {reason[:200]}"
+        ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CliError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict)")
     return ckpt
@@ -75,8 +81,11 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
 def model_conflicts(requested: Any, restored: Any) -> list[str]:
     """``key: checkpoint X, given Y`` for every model setting where the checkpoint overrides the request."""
     before, after = flatten(requested, "model"), flatten(restored, "model")
-    return [f"{cli_key(k)}: checkpoint {after.get(k)!r}, given {before[k]!r}"
-            for k in sorted(before) if k in after and not _same(before[k], after[k])]
+    return [
+        f"{cli_key(k)}: checkpoint {after.get(k)!r}, given {before[k]!r}"
+        for k in sorted(before)
+        if k in after and not _same(before[k], after[k])
+    ]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -92,7 +101,8 @@ def refuse_conflicts(conflicts: Sequence[str], path: str) -> None:
         raise CliError(
             f"ckpt_path {path}: a resumed or evaluated checkpoint keeps its own model, optimiser and schedule, "
             f"but the config asks for other settings ({'; '.join(conflicts)}). Give the checkpoint's values "
-            f"(or drop the overrides), or start a new run without --ckpt_path.")
+            f"(or drop the overrides), or start a new run without --ckpt_path."
+        )
 
 
 def check_strategy(trainer: Any) -> None:
@@ -109,7 +119,8 @@ def check_strategy(trainer: Any) -> None:
             f"trainer.strategy: strategies that start their workers with multiprocessing "
             f"(start method {method!r}: ddp_spawn, ddp_fork, ddp_notebook) are not supported: a worker that "
             f"dies (e.g. 'unable to resize file' when /dev/shm is small) leaves the parent waiting for ever. "
-            f"Use --trainer.strategy ddp, which runs one process per device and stops when any of them fails.")
+            f"Use --trainer.strategy ddp, which runs one process per device and stops when any of them fails."
+        )
 
 
 def check_data_fits_model(model: torch.nn.Module, datamodule: Any, stage: str) -> None:
@@ -132,20 +143,32 @@ def check_data_fits_model(model: torch.nn.Module, datamodule: Any, stage: str) -
                 pred = probe(x)
         except (RuntimeError, ValueError, IndexError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CliError(f"data and model do not fit: {type(datamodule).__name__} gives inputs of shape "
-                           f"{tuple(x.shape[1:])} per sample, and {type(probe).__name__} fails on them: "
-                           f"{reason[:300]} (check model.net's in_features/out_features against data)") from err
+            raise CliError(
+                f"data and model do not fit: {type(datamodule).__name__} gives inputs of shape "
+                f"{tuple(x.shape[1:])} per sample, and {type(probe).__name__} fails on them: "
+                f"{reason[:300]} (check model.net's in_features/out_features against data)"
+            ) from err
     target = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-    if (isinstance(target, torch.Tensor) and target.is_floating_point() and isinstance(pred, torch.Tensor)
-            and pred.shape[1:] != target.shape[1:]):
-        raise CliError(f"data and model do not fit: the model outputs shape {tuple(pred.shape[1:])} per sample, "
-                       f"the targets of {type(datamodule).__name__} have shape {tuple(target.shape[1:])} "
-                       f"(check model.net's out_features)")
+    if (
+        isinstance(target, torch.Tensor)
+        and target.is_floating_point()
+        and isinstance(pred, torch.Tensor)
+        and pred.shape[1:] != target.shape[1:]
+    ):
+        raise CliError(
+            f"data and model do not fit: the model outputs shape {tuple(pred.shape[1:])} per sample, "
+            f"the targets of {type(datamodule).__name__} have shape {tuple(target.shape[1:])} "
+            f"(check model.net's out_features)"
+        )
 
 
 def _first_batch(datamodule: Any, stage: str) -> Optional[Any]:
-    loader_name = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
-                   "predict": "predict_dataloader"}.get(stage)
+    loader_name = {
+        "fit": "train_dataloader",
+        "validate": "val_dataloader",
+        "test": "test_dataloader",
+        "predict": "predict_dataloader",
+    }.get(stage)
     if datamodule is None or loader_name is None or not hasattr(datamodule, loader_name):
         return None
     try:

@@ -24,10 +24,16 @@ from typing import Any, Iterable, NoReturn, Optional, Sequence
 TRACEBACK_ENV = "IRNET_TRACEBACK"
 EXIT_CODE = 2
 
-_NOISE = [re.compile(p) for p in (
-    r"^Does not validate against any of the Union subtypes$", r"^Errors:$", r"^Given value type:",
-    r"^Expected a <class 'NoneType'>$", r"^Expected a path but .* either not accessible or invalid$",
-)]
+_NOISE = [
+    re.compile(p)
+    for p in (
+        r"^Does not validate against any of the Union subtypes$",
+        r"^Errors:$",
+        r"^Given value type:",
+        r"^Expected a <class 'NoneType'>$",
+        r"^Expected a path but .* either not accessible or invalid$",
+    )
+]
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':$")
 _SUBTYPES = re.compile(r"^Subtypes: \[(.*)\]$")
@@ -35,8 +41,10 @@ _GIVEN = re.compile(r"^Given value: (.*)$")
 _CLASS = re.compile(r"<class '([\w.]+)'>")
 _UNKNOWN_OPTION = re.compile(r"^Option '([^']+)' is not accepted$")
 _EXPECTED = re.compile(r"^Expected a <class '([\w.]+)'>(?:\. Got value: (.*))?$")
-_BAD_IMPORT = re.compile(r"has no attribute|No module named|Expected a dot import path string|"
-                         r"does not correspond to a subclass|Import path")
+_BAD_IMPORT = re.compile(
+    r"has no attribute|No module named|Expected a dot import path string|"
+    r"does not correspond to a subclass|Import path"
+)
 _SUBCOMMAND_OPTION = re.compile(r"^Subcommand '\w+' does not accept option '([^']+)'$")
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
 
@@ -88,7 +96,7 @@ def _walk(message: str) -> tuple[list[_Frame], str]:
         if (m := _CLASS_PATH.match(text)) is not None:
             stack.append(_Frame(indent, class_path=m.group(1)))
             continue
-        _collect_given(stack, lines[i + 1:], indent)
+        _collect_given(stack, lines[i + 1 :], indent)
         return stack, text
     return stack, message.strip().splitlines()[0] if message.strip() else "invalid configuration"
 
@@ -110,7 +118,9 @@ def key_path(frames: Sequence[_Frame], leaf_key: Optional[str] = None) -> str:
         if frame.class_path is not None:
             classes += 1
         if frame.key is not None:
-            parts.append(frame.key if not parts else ("." if classes <= 1 else ".init_args.") + frame.key)
+            parts.append(
+                frame.key if not parts else ("." if classes <= 1 else ".init_args.") + frame.key
+            )
     if leaf_key is not None:
         parts.append(leaf_key if not parts else ("." if classes <= 1 else ".init_args.") + leaf_key)
     return "".join(parts)
@@ -130,8 +140,13 @@ def accepted_arguments(class_path: str) -> list[str]:
             params = inspect.signature(init).parameters.values()
         except (TypeError, ValueError):
             break
-        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and p.name not in names]
+        names += [
+            p.name
+            for p in params
+            if p.name != "self"
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in names
+        ]
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     return names
@@ -203,15 +218,20 @@ def summarize(message: str, options: Sequence[str] = (), config: Optional[dict] 
     owner = next((f.class_path for f in reversed(frames) if f.class_path), None)
     if (m := _UNKNOWN_OPTION.match(leaf)) is not None:
         names = accepted_arguments(owner) if owner else []
-        return f"unknown key {key_path(frames, m.group(1))} of {owner}; {_choices(names, m.group(1))}"
+        return (
+            f"unknown key {key_path(frames, m.group(1))} of {owner}; {_choices(names, m.group(1))}"
+        )
     if (m := _EXPECTED.match(leaf)) is not None:
         given = m.group(2) if m.group(2) is not None else frames[-1].given
         return f"{key_path(frames)}: expected a value of type {m.group(1)}, got {given!r}"
     if _BAD_IMPORT.search(leaf):
         bases = next((f.subtypes for f in reversed(frames) if f.subtypes), [])
         named = re.search(r"string: (\S+)$", leaf)
-        given = (frames[-1].class_path or (named.group(1) if named else None)
-                 or next((f.given for f in reversed(frames) if f.given), "?"))
+        given = (
+            frames[-1].class_path
+            or (named.group(1) if named else None)
+            or next((f.given for f in reversed(frames) if f.given), "?")
+        )
         choices = [c for base in bases for c in known_subclasses(base)]
         allowed = f"; accepted: {', '.join(choices)}" if choices else ""
         return f"{key_path(frames)}: unknown class_path {given!r} ({leaf}){allowed}"
@@ -229,7 +249,9 @@ def _find_key(leaf: str, config: Optional[dict]) -> Optional[str]:
     keys = [k for k in config if k.rsplit(".", 1)[-1] == name.group(1)]
     given = re.search(r"got (.+?)\s*$", leaf)
     if len(keys) > 1 and given is not None:
-        keys = [k for k in keys if given.group(1).strip("'\"") in (str(config[k]), repr(config[k]))] or keys
+        keys = [
+            k for k in keys if given.group(1).strip("'\"") in (str(config[k]), repr(config[k]))
+        ] or keys
     return cli_key(keys[0]) if len(keys) == 1 else None
 
 

@@ -45,7 +45,9 @@ def check_threads(value: ThreadsSetting) -> ThreadsSetting:
     return number
 
 
-def resolve_threads(setting: ThreadsSetting = None, environ: Optional[Mapping[str, str]] = None) -> int:
+def resolve_threads(
+    setting: ThreadsSetting = None, environ: Optional[Mapping[str, str]] = None
+) -> int:
     """The intra-op thread count for ``setting`` under the precedence of this module's docstring.
 
     Args:

@@ -6,4 +6,12 @@ from irnet.linear.gmres import GMRES
 from irnet.linear.neumann import Neumann
 from irnet.linear.phantom import JacobianFree, Phantom
 
-__all__ = ["AdjointOperator", "Direct", "GMRES", "JacobianFree", "LinearSolver", "Neumann", "Phantom"]
+__all__ = [
+    "AdjointOperator",
+    "Direct",
+    "GMRES",
+    "JacobianFree",
+    "LinearSolver",
+    "Neumann",
+    "Phantom",
+]

@@ -40,7 +40,9 @@ class AdjointOperator:
             self._set_graph(y_leaf, F(y_leaf), theta)
 
     @classmethod
-    def from_graph(cls, y: Tensor, fy: Tensor, theta: float, owner: object = None) -> "AdjointOperator":
+    def from_graph(
+        cls, y: Tensor, fy: Tensor, theta: float, owner: object = None
+    ) -> "AdjointOperator":
         """The operator on an existing graph ``fy = F(y)`` (``y`` a leaf), without evaluating F again."""
         operator = cls.__new__(cls)
         operator.owner = owner
@@ -64,8 +66,9 @@ class AdjointOperator:
         """Per-sample matrices ``(I − θ J)ᵀ`` of shape (batch, n, n), by n products."""
         batch, n = self.shape[0], self._y[0].numel()
         basis = torch.eye(n, dtype=self._y.dtype, device=self._y.device)
-        columns = [self(basis[i].expand(batch, n).reshape(self.shape)).reshape(batch, n)
-                   for i in range(n)]
+        columns = [
+            self(basis[i].expand(batch, n).reshape(self.shape)).reshape(batch, n) for i in range(n)
+        ]
         return torch.stack(columns, dim=2)
 
 
@@ -77,8 +80,14 @@ def graph_vjp(output: Tensor, point: Tensor, v: Tensor) -> Tensor:
     ``output`` they are skipped and the autograd engine is called directly.
     """
     engine = getattr(torch.autograd.Variable, "_execution_engine", None)
-    if (engine is None or v.shape != output.shape or v.dtype != output.dtype or v.device != output.device
-            or torch.is_grad_enabled() and v.requires_grad):
+    if (
+        engine is None
+        or v.shape != output.shape
+        or v.dtype != output.dtype
+        or v.device != output.device
+        or torch.is_grad_enabled()
+        and v.requires_grad
+    ):
         return torch.autograd.grad(output, point, v, retain_graph=True)[0]
     return engine.run_backward((output,), (v,), True, False, (point,), False, False)[0]
 
@@ -105,7 +114,6 @@ class LinearSolver(ArgsRepr, RemembersIterations, ABC):
     @abstractmethod
     def solve(self, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats]:
         """Return ``g`` with ``A g ≈ b`` and the per-sample statistics."""
-
 
 
 def relative_residual(operator: Callable[[Tensor], Tensor], g: Tensor, b: Tensor) -> Tensor:

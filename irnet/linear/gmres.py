@@ -64,13 +64,23 @@ class _Cycle:
 
     def step(self, system: _System, rtol: float) -> Tensor:
         """Build the next column; returns each sample's estimated relative residual after it."""
-        j, H, cos, sin, rhs, basis, tiny = self.built, self.H, self.cos, self.sin, self.rhs, self.basis, self.tiny
+        j, H, cos, sin, rhs, basis, tiny = (
+            self.built,
+            self.H,
+            self.cos,
+            self.sin,
+            self.rhs,
+            self.basis,
+            self.tiny,
+        )
         w = system.apply(basis[j])
         for i in range(j + 1):  # modified Gram–Schmidt
             H[:, i, j] = sample_dot(w, basis[i])
             w = w - H[:, i, j, None] * basis[i]
         H[:, j + 1, j] = sample_norm(w)
-        basis.append(torch.where(H[:, j + 1, j, None] > tiny, w / H[:, j + 1, j, None].clamp_min(tiny), 0))
+        basis.append(
+            torch.where(H[:, j + 1, j, None] > tiny, w / H[:, j + 1, j, None].clamp_min(tiny), 0)
+        )
         for i in range(j):  # earlier rotations on the new column
             top = cos[:, i] * H[:, i, j] + sin[:, i] * H[:, i + 1, j]
             H[:, i + 1, j] = -sin[:, i] * H[:, i, j] + cos[:, i] * H[:, i + 1, j]
@@ -94,13 +104,17 @@ class _Cycle:
         ``columns`` built (at least every sample's ``used``)."""
         if columns == 0:
             return torch.zeros_like(self.basis[0])
-        keep = torch.arange(columns, device=self.used.device)[None, :] < self.used[:, None]  # (batch, k)
+        keep = (
+            torch.arange(columns, device=self.used.device)[None, :] < self.used[:, None]
+        )  # (batch, k)
         both = keep[:, :, None] & keep[:, None, :]
         eye = torch.eye(columns, dtype=self.H.dtype, device=self.H.device)
         R = torch.where(both, self.H[:, :columns, :columns], eye)
         # A breakdown that leaves a zero pivot gives a non-finite correction,
         # which the solve rejects for that sample.
-        y = torch.linalg.solve_triangular(R, (self.rhs[:, :columns] * keep)[:, :, None], upper=True)[:, :, 0]
+        y = torch.linalg.solve_triangular(
+            R, (self.rhs[:, :columns] * keep)[:, :, None], upper=True
+        )[:, :, 0]
         return torch.einsum("bk,kbn->bn", y, torch.stack(self.basis[:columns]))
 
 
@@ -164,8 +178,9 @@ class GMRES(LinearSolver):
                 break
         return cycle.correction(int(cycle.used.max())), cycle.used
 
-    def _solve_without_reads(self, operator: AdjointOperator, b: Tensor,
-                             system: _System) -> tuple[_Iterate, Tensor]:
+    def _solve_without_reads(
+        self, operator: AdjointOperator, b: Tensor, system: _System
+    ) -> tuple[_Iterate, Tensor]:
         """The accelerator path: the CPU path's cycles, reading only at the looks of
         :class:`~irnet._iterate.StopChecks` (none at the solve's last step).
 
@@ -174,7 +189,9 @@ class GMRES(LinearSolver):
         """
         now = _Iterate(torch.zeros_like(system.b), system.b, sample_norm(system.b) / system.b_norm)
         iterations = torch.zeros_like(now.res, dtype=torch.long)
-        owner = getattr(operator, "owner", None)  # a plain callable (irnet.analysis.stability's) has none
+        owner = getattr(
+            operator, "owner", None
+        )  # a plain callable (irnet.analysis.stability's) has none
         checks = self.stop_checks(owner, b)
         left = now.res > self.rtol
         checks.start(excess_of(left, now.res, self.rtol))
@@ -183,16 +200,25 @@ class GMRES(LinearSolver):
         while not done and used < self.max_iter:
             steps = min(self.restart, self.max_iter - used)
             cycle = _Cycle(now.r, left, steps)
-            now, done = self._cycle_with_looks(cycle, now, system, steps, taken, checks,
-                                               last=used + steps == self.max_iter)
+            now, done = self._cycle_with_looks(
+                cycle, now, system, steps, taken, checks, last=used + steps == self.max_iter
+            )
             iterations, left = iterations + cycle.used, now.res > self.rtol
             used += steps
             taken += cycle.built
         self.remember(owner, b, taken, checks)
         return now, iterations
 
-    def _cycle_with_looks(self, cycle: _Cycle, now: _Iterate, system: _System, steps: int, before: int,
-                          checks: StopChecks, last: bool) -> tuple[_Iterate, bool]:
+    def _cycle_with_looks(
+        self,
+        cycle: _Cycle,
+        now: _Iterate,
+        system: _System,
+        steps: int,
+        before: int,
+        checks: StopChecks,
+        last: bool,
+    ) -> tuple[_Iterate, bool]:
         """One cycle on the accelerator path, ``before`` Krylov steps into the solve; ``last``: the
         solve's last. Returns the iterate after it and whether the solve is done.
 
@@ -228,5 +254,8 @@ def _better(now: _Iterate, dx: Tensor, system: _System) -> _Iterate:
     new_r = system.b - system.apply(candidate)
     new_res = sample_norm(new_r) / system.b_norm
     better = torch.isfinite(new_res) & (new_res <= now.res)
-    return _Iterate(torch.where(better[:, None], candidate, now.x), torch.where(better[:, None], new_r, now.r),
-                    torch.where(better, new_res, now.res))
+    return _Iterate(
+        torch.where(better[:, None], candidate, now.x),
+        torch.where(better[:, None], new_r, now.r),
+        torch.where(better, new_res, now.res),
+    )

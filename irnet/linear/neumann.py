@@ -57,8 +57,9 @@ class Neumann(LinearSolver):
             same whatever the data, and needs no host read.
     """
 
-    def __init__(self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10,
-                 fixed_count: bool = False) -> None:
+    def __init__(
+        self, rtol: float = 1e-5, max_iter: int = 50, patience: int = 10, fixed_count: bool = False
+    ) -> None:
         super().__init__(rtol, max_iter)
         self.patience = check_int("patience", patience, 1)
         self.fixed_count = check_bool("fixed_count", fixed_count)
@@ -79,9 +80,13 @@ class Neumann(LinearSolver):
             progress, res = self._sum_on_cpu(operator, b, tol, rows)
         converged = progress.best_res <= tol
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, res)
-        return progress.best, SolverStats(progress.iterations, progress.best_res / b_norm, converged, diverged)
+        return progress.best, SolverStats(
+            progress.iterations, progress.best_res / b_norm, converged, diverged
+        )
 
-    def _sum_on_cpu(self, operator: AdjointOperator, b: Tensor, tol: Tensor, rows: int) -> tuple[Progress, Tensor]:
+    def _sum_on_cpu(
+        self, operator: AdjointOperator, b: Tensor, tol: Tensor, rows: int
+    ) -> tuple[Progress, Tensor]:
         # The first terms one by one (most adjoint solves of a trained network end within them,
         # where the rows' setup and replay would cost more than they save), then the terms'
         # norms a few at a time (irnet.linear.neumann).
@@ -91,8 +96,17 @@ class Neumann(LinearSolver):
         index = 0  # g is the partial sum of index + 1 terms
         while index + 1 < self.max_iter and bool(progress.active.any()):
             if index == solve_progress.ONE_BY_ONE_FIRST:
-                return neumann_rows(operator.vjp, g, term, index + 1, progress, tol, self.max_iter, self.patience,
-                                    rows)
+                return neumann_rows(
+                    operator.vjp,
+                    g,
+                    term,
+                    index + 1,
+                    progress,
+                    tol,
+                    self.max_iter,
+                    self.patience,
+                    rows,
+                )
             g = g + term
             term = operator.vjp(term)
             res = sample_norm(term)
@@ -100,7 +114,9 @@ class Neumann(LinearSolver):
             index += 1
         return progress, res
 
-    def _sum_fixed_count(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
+    def _sum_fixed_count(
+        self, operator: AdjointOperator, b: Tensor, tol: Tensor
+    ) -> tuple[Progress, Tensor]:
         g, term = b, operator.vjp(b)
         for _ in range(1, self.max_iter):
             g = g + term
@@ -109,14 +125,20 @@ class Neumann(LinearSolver):
         iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
         return Progress(g, res, res > tol, iterations, torch.zeros_like(iterations)), res
 
-    def _sum_term_by_term(self, operator: AdjointOperator, b: Tensor, tol: Tensor) -> tuple[Progress, Tensor]:
+    def _sum_term_by_term(
+        self, operator: AdjointOperator, b: Tensor, tol: Tensor
+    ) -> tuple[Progress, Tensor]:
         # Double backward (a graph through the adjoint), accelerators and states too large for rows:
         # each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         checks = self.stop_checks(getattr(operator, "owner", None), b)
-        record = Record(start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)), tol,
-                        self.patience, checks)  # the first product served every sample
+        record = Record(
+            start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)),
+            tol,
+            self.patience,
+            checks,
+        )  # the first product served every sample
         if not record.done_at_start():
             for k in range(1, self.max_iter):
                 slot = record.slot(g, ahead=0)  # the partial sum goes straight into the record
@@ -134,8 +156,17 @@ class SeriesResult(NamedTuple):
     last_res: Tensor  # the norms of the last term computed
 
 
-def neumann_rows(vjp: Callable[[Tensor], Tensor], g: Tensor, term: Tensor, index: int, progress: Progress,
-                 tol: Tensor, max_iter: int, patience: int, rows_per_settlement: int) -> SeriesResult:
+def neumann_rows(
+    vjp: Callable[[Tensor], Tensor],
+    g: Tensor,
+    term: Tensor,
+    index: int,
+    progress: Progress,
+    tol: Tensor,
+    max_iter: int,
+    patience: int,
+    rows_per_settlement: int,
+) -> SeriesResult:
     """Sum the series ``b + P b + P² b + …`` (``P`` applied by ``vjp``) on from the partial sum ``g`` of
     ``index`` terms and its residual ``term`` (the next term), to at most ``max_iter`` terms.
 
@@ -154,8 +185,16 @@ def neumann_rows(vjp: Callable[[Tensor], Tensor], g: Tensor, term: Tensor, index
         give_back_scratch(rows)
 
 
-def _sum(vjp, base: int, progress: Progress, rows: Tensor, terms: Tensor, tol: Tensor, max_iter: int,
-         patience: int) -> SeriesResult:
+def _sum(
+    vjp,
+    base: int,
+    progress: Progress,
+    rows: Tensor,
+    terms: Tensor,
+    tol: Tensor,
+    max_iter: int,
+    patience: int,
+) -> SeriesResult:
     # rows[i] holds the partial sum of base + i + 1 terms and terms[i] its residual, the next
     # term; the norms of terms[:normed] are known. The last partial sum that may be an answer
     # has max_iter terms.
@@ -167,9 +206,11 @@ def _sum(vjp, base: int, progress: Progress, rows: Tensor, terms: Tensor, tol: T
         newest = base + top
         last, full = newest + 1 == max_iter, top + 1 == capacity
         if schedule.due(newest) or last or full:
-            norms.append(row_sample_norms(terms[normed:top + 1]))
+            norms.append(row_sample_norms(terms[normed : top + 1]))
             normed = top + 1
-            excess = float((norms[-1][-1] / tol).amax())  # NaN compares false: a non-finite sample stops
+            excess = float(
+                (norms[-1][-1] / tol).amax()
+            )  # NaN compares false: a non-finite sample stops
             schedule.seen(newest, excess)
             if not excess > 1 or last or full:
                 progress = settle(progress, rows[:normed], torch.cat(norms), tol, patience)

@@ -70,10 +70,15 @@ class Phantom(_Approximate):
             product); without it the residual reads NaN ("not measured").
     """
 
-    def __init__(self, steps: int = 5, damping: float = 0.5, rtol: float = 1e-5,
-                 report_residual: bool = True) -> None:
+    def __init__(
+        self, steps: int = 5, damping: float = 0.5, rtol: float = 1e-5, report_residual: bool = True
+    ) -> None:
         self.steps = check_int("steps", steps, 1)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1:
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not 0 < damping <= 1
+        ):
             raise ValueError(f"damping must be a number in (0, 1], got {damping!r}")
         self.damping = float(damping)
         self.rtol = check_positive("rtol", rtol)

@@ -75,7 +75,9 @@ def finite(weight: Tensor) -> Tensor:
     ``torch.linalg.svd`` raises on non-finite input; the norms are taken of this
     instead, and the non-finite weight itself reaches F's output.
     """
-    return torch.where(torch.isfinite(weight), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return torch.where(
+        torch.isfinite(weight), weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
+    )
 
 
 def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -103,7 +105,9 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
         stacked = weight if weight.dim() == 5 else weight.unsqueeze(0)  # (B, out, in, k, k)
         k = stacked.shape[-1]
         grid = size + k // 2
-        transfer = torch.fft.rfft2(finite(stacked), s=(grid, grid)).permute(0, 3, 4, 1, 2)  # (B, N, N//2+1, out, in)
+        transfer = torch.fft.rfft2(finite(stacked), s=(grid, grid)).permute(
+            0, 3, 4, 1, 2
+        )  # (B, N, N//2+1, out, in)
         U, S, Vh = torch.linalg.svd(transfer, full_matrices=False)
         top = S[..., 0].flatten(1)  # (B, frequencies)
         # The maximising frequency stays a tensor (an index on the device, not a host read).
@@ -113,8 +117,12 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
         u = U.flatten(1, 2)[rows, best, :, 0]  # (B, out)
         v = Vh.flatten(1, 2)[rows, best, 0, :].conj()  # (B, in)
         taps = torch.arange(k, device=weight.device, dtype=weight.dtype)
-        phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)  # (B, k, k)
-        M = (u.conj()[:, :, None, None, None] * v[:, None, :, None, None] * phase[:, None, None]).real
+        phase = torch.exp(
+            -2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid
+        )  # (B, k, k)
+        M = (
+            u.conj()[:, :, None, None, None] * v[:, None, :, None, None] * phase[:, None, None]
+        ).real
         sigma, M = top[rows, best], M.to(weight.dtype)
         return (sigma, M) if weight.dim() == 5 else (sigma[0], M[0])
 
@@ -131,8 +139,13 @@ class _Rescale(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, factor: Union[float, Tensor], active: Optional[Tensor],
-                norms: Sequence[tuple[Tensor, Tensor]], *weights: Tensor):
+    def forward(
+        ctx,
+        factor: Union[float, Tensor],
+        active: Optional[Tensor],
+        norms: Sequence[tuple[Tensor, Tensor]],
+        *weights: Tensor,
+    ):
         ctx.factor, ctx.active = factor, active
         ctx.sigmas = [sigma for sigma, _ in norms]
         ctx.save_for_backward(*(M for _, M in norms), *weights)
@@ -177,8 +190,12 @@ class LipschitzConstraint(nn.Module):
             :func:`conv_norm` with the image size bound in).
     """
 
-    def __init__(self, bound: float, scale: float,
-                 norm: Callable[[Tensor], tuple[Tensor, Tensor]] = matrix_norm) -> None:
+    def __init__(
+        self,
+        bound: float,
+        scale: float,
+        norm: Callable[[Tensor], tuple[Tensor, Tensor]] = matrix_norm,
+    ) -> None:
         super().__init__()
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound!r}")
@@ -203,7 +220,9 @@ class LipschitzConstraint(nn.Module):
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
-        if "_group" in self.__dict__:  # for the group's next refresh; no Module.__setattr__ per evaluation
+        if (
+            "_group" in self.__dict__
+        ):  # for the group's next refresh; no Module.__setattr__ per evaluation
             self.__dict__["_last"] = weights
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         key = self._key(weights)
@@ -222,7 +241,9 @@ class LipschitzConstraint(nn.Module):
             self._scaled = (key, out)
         return out
 
-    def _rescaling(self, key: tuple, weights: Sequence[Tensor]) -> tuple[Union[None, float, Tensor], Optional[Tensor]]:
+    def _rescaling(
+        self, key: tuple, weights: Sequence[Tensor]
+    ) -> tuple[Union[None, float, Tensor], Optional[Tensor]]:
         """The factor and, on the accelerator path, whether the bound is reached (a bool tensor).
 
         On the CPU path the factor is a float computed on the host as ever, or
@@ -270,7 +291,9 @@ class LipschitzConstraint(nn.Module):
 
     @staticmethod
     def _same(old: tuple, new: tuple) -> bool:
-        return len(old) == len(new) and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old, new))
+        return len(old) == len(new) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old, new)
+        )
 
     def extra_repr(self) -> str:
         return f"bound={self.bound:.6g}"

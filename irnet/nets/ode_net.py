@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
@@ -45,12 +44,16 @@ class ImplicitODENet(nn.Module, ABC):
             return [check_unit_interval("theta", theta)] * layers
         theta = list(theta)
         if len(theta) != layers:
-            raise ValueError(f"theta must be a number or a list of {layers} numbers (one per layer), "
-                             f"got a list of {len(theta)}")
+            raise ValueError(
+                f"theta must be a number or a list of {layers} numbers (one per layer), "
+                f"got a list of {len(theta)}"
+            )
         return [check_unit_interval(f"theta[{i}]", t) for i, t in enumerate(theta)]
 
     @staticmethod
-    def lipschitz_bounds(contraction: Optional[float], thetas: Sequence[float]) -> list[Optional[float]]:
+    def lipschitz_bounds(
+        contraction: Optional[float], thetas: Sequence[float]
+    ) -> list[Optional[float]]:
         """Each layer's bound on Lip(F_t) for a contraction factor κ: κ / θ_t (none at θ_t = 0).
 
         Then θ_t · Lip(F_t) ≤ κ, so each layer's fixed-point map y ↦ c + θ_t F_t(y)
@@ -58,8 +61,11 @@ class ImplicitODENet(nn.Module, ABC):
         """
         if contraction is None:
             return [None] * len(thetas)
-        if isinstance(contraction, bool) or not isinstance(contraction, (int, float)) \
-                or not 0 < contraction < 1:
+        if (
+            isinstance(contraction, bool)
+            or not isinstance(contraction, (int, float))
+            or not 0 < contraction < 1
+        ):
             raise ValueError(f"contraction must be null or a number in (0, 1), got {contraction!r}")
         return [contraction / t if t > 0 else None for t in thetas]
 
@@ -104,7 +110,9 @@ class ImplicitODENet(nn.Module, ABC):
         states = [self.lift(x)]
         for block, guess in zip(self.blocks, guesses):
             states.append(block(states[-1], guess=guess))
-        cache.store(keys, [y if block.theta > 0 else None for block, y in zip(self.blocks, states[1:])])
+        cache.store(
+            keys, [y if block.theta > 0 else None for block, y in zip(self.blocks, states[1:])]
+        )
         return states
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,9 +139,17 @@ class ImplicitODENet(nn.Module, ABC):
         finally:
             self.warm_start_cache, self._paused_cache = cache, before
 
-    def _make_blocks(self, residuals: list[nn.Module], theta, solver, linear_solver, backward,
-                     warm_start: bool = False, warm_start_capacity: int = 8192,
-                     compile: bool = False):
+    def _make_blocks(
+        self,
+        residuals: list[nn.Module],
+        theta,
+        solver,
+        linear_solver,
+        backward,
+        warm_start: bool = False,
+        warm_start_capacity: int = 8192,
+        compile: bool = False,
+    ):
         thetas = self.thetas(theta, len(residuals))
         NormGroup([F.constraint for F in residuals if getattr(F, "constraint", None) is not None])
         self.blocks = nn.ModuleList(
@@ -151,7 +167,11 @@ class ImplicitODENet(nn.Module, ABC):
 
     # The cache travels with checkpoints, so a resumed run starts where it stopped.
     def get_extra_state(self) -> dict:
-        return {} if self.warm_start_cache is None else {"warm_start": self.warm_start_cache.state_dict()}
+        return (
+            {}
+            if self.warm_start_cache is None
+            else {"warm_start": self.warm_start_cache.state_dict()}
+        )
 
     def set_extra_state(self, state: dict) -> None:
         if self.warm_start_cache is not None and state.get("warm_start") is not None:
@@ -244,8 +264,10 @@ class ODENet(ImplicitODENet):
         self.readout_kind = check_choice("readout", readout, READOUTS)
         dim = 2 * in_features
         if readout == "component" and not 0 <= component <= dim - out_features:
-            raise ValueError(f"component must be in [0, {dim - out_features}] to read "
-                             f"{out_features} of the {dim} states, got {component}")
+            raise ValueError(
+                f"component must be in [0, {dim - out_features}] to read "
+                f"{out_features} of the {dim} states, got {component}"
+            )
         self.component = component
         step = self.T / layers
         self.init = check_choice("init", init, INITS)
@@ -257,8 +279,16 @@ class ODENet(ImplicitODENet):
         elif stationary_init:
             for F in residuals[1:]:
                 F.load_state_dict(residuals[0].state_dict())
-        self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
-                         warm_start_capacity, compile)
+        self._make_blocks(
+            residuals,
+            theta,
+            solver,
+            linear_solver,
+            backward,
+            warm_start,
+            warm_start_capacity,
+            compile,
+        )
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
 
     def lift(self, x: Tensor) -> Tensor:
@@ -333,7 +363,9 @@ class ConvODENet(ImplicitODENet):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, 1)
         if check_int("channels", channels, 1) % in_channels:
-            raise ValueError(f"channels must be a multiple of in_channels={in_channels}, got {channels}")
+            raise ValueError(
+                f"channels must be a multiple of in_channels={in_channels}, got {channels}"
+            )
         self.channels = channels
         self.image_size = check_int("image_size", image_size, 1)
         self.layers = check_int("layers", layers, 1)
@@ -342,20 +374,31 @@ class ConvODENet(ImplicitODENet):
         self.init = check_choice("init", init, CONV_INITS)
         self.contraction = contraction
         bounds = self.lipschitz_bounds(contraction, self.thetas(theta, layers))
-        residuals = [ConvResidual(channels, hidden_channels, 3, step, activation, bound, image_size)
-                     for bound in bounds]
+        residuals = [
+            ConvResidual(channels, hidden_channels, 3, step, activation, bound, image_size)
+            for bound in bounds
+        ]
         if init == "bounded":
             self.bounded_init(residuals)
         linear_solver = linear_solver if linear_solver is not None else GMRES()
-        self._make_blocks(residuals, theta, solver, linear_solver, backward, warm_start,
-                         warm_start_capacity, compile)
+        self._make_blocks(
+            residuals,
+            theta,
+            solver,
+            linear_solver,
+            backward,
+            warm_start,
+            warm_start_capacity,
+            compile,
+        )
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
 
     def lift(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (batch, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
         return x.repeat(1, self.channels // self.in_channels, 1, 1)
 
     def readout(self, y: Tensor) -> Tensor:

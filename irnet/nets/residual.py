@@ -21,7 +21,6 @@ CONV_INITS = ("default", "bounded")
 BOUNDED_INIT_LIPSCHITZ = 1.0
 
 
-
 def make_activation(name: str) -> nn.Module:
     """The activation called ``name`` (one of ``ACTIVATIONS``)."""
     return ACTIVATIONS[check_choice("activation", name, tuple(ACTIVATIONS))]()
@@ -41,17 +40,30 @@ class MLPResidual(nn.Module):
             The parameters keep their names and raw values.
     """
 
-    def __init__(self, dim: int, width: int = 100, step: float = 1.0, activation: str = "relu",
-                 lipschitz: Optional[float] = None):
+    def __init__(
+        self,
+        dim: int,
+        width: int = 100,
+        step: float = 1.0,
+        activation: str = "relu",
+        lipschitz: Optional[float] = None,
+    ):
         super().__init__()
         self.step = check_positive("step", step)
-        self.gamma1 = nn.Parameter(torch.empty(check_int("width", width, 1), check_int("dim", dim, 1)))
+        self.gamma1 = nn.Parameter(
+            torch.empty(check_int("width", width, 1), check_int("dim", dim, 1))
+        )
         self.bias = nn.Parameter(torch.zeros(width))
         self.gamma2 = nn.Parameter(torch.empty(dim, width))
         self.activation = make_activation(activation)
         self.activation_lipschitz = ACTIVATION_LIPSCHITZ[activation]
-        self.constraint = None if lipschitz is None else LipschitzConstraint(
-            check_positive("lipschitz", lipschitz), self.step * self.activation_lipschitz)
+        self.constraint = (
+            None
+            if lipschitz is None
+            else LipschitzConstraint(
+                check_positive("lipschitz", lipschitz), self.step * self.activation_lipschitz
+            )
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -72,7 +84,9 @@ class MLPResidual(nn.Module):
         Then ``h · a · ‖γ2‖ ‖γ1‖ = lipschitz`` exactly, whatever the draw, and
         F(0) = 0 (σ(0) = 0 for every activation here), so ``‖F(y)‖ ≤ lipschitz · ‖y‖``.
         """
-        target = math.sqrt(check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz))
+        target = math.sqrt(
+            check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz)
+        )
         for w in (self.gamma1, self.gamma2):
             nn.init.normal_(w)
             w *= target / torch.linalg.matrix_norm(w, ord=2)
@@ -122,8 +136,12 @@ class ConvResidual(nn.Module):
             raise ValueError(f"kernel_size must be odd to keep the shape, got {kernel_size}")
         self.step = check_positive("step", step)
         pad = kernel_size // 2
-        self.conv1 = nn.Conv2d(check_int("channels", channels, 1),
-                               check_int("hidden_channels", hidden_channels, 1), kernel_size, padding=pad)
+        self.conv1 = nn.Conv2d(
+            check_int("channels", channels, 1),
+            check_int("hidden_channels", hidden_channels, 1),
+            kernel_size,
+            padding=pad,
+        )
         self.activation = make_activation(activation)
         self.conv2 = nn.Conv2d(hidden_channels, channels, kernel_size, padding=pad)
         self.activation_lipschitz = ACTIVATION_LIPSCHITZ[activation]
@@ -131,10 +149,14 @@ class ConvResidual(nn.Module):
         self.constraint = None
         if lipschitz is not None:
             if image_size is None:
-                raise ValueError("image_size is required with lipschitz (the norm bound depends on it)")
-            self.constraint = LipschitzConstraint(check_positive("lipschitz", lipschitz),
-                                                  self.step * self.activation_lipschitz,
-                                                  partial(conv_norm, size=image_size))
+                raise ValueError(
+                    "image_size is required with lipschitz (the norm bound depends on it)"
+                )
+            self.constraint = LipschitzConstraint(
+                check_positive("lipschitz", lipschitz),
+                self.step * self.activation_lipschitz,
+                partial(conv_norm, size=image_size),
+            )
 
     def norm_bound(self, w: Tensor) -> Tensor:
         """Operator-norm bound of one of this F's convolutions with kernel ``w``."""
@@ -152,7 +174,9 @@ class ConvResidual(nn.Module):
         Then ``Lip(F) ≤ lipschitz`` and F(0) = 0 whatever the draw (the draw is
         PyTorch's default one). Needs ``image_size``.
         """
-        target = math.sqrt(check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz))
+        target = math.sqrt(
+            check_positive("lipschitz", lipschitz) / (self.step * self.activation_lipschitz)
+        )
         for conv in (self.conv1, self.conv2):
             conv.reset_parameters()
             conv.weight *= target / self.norm_bound(conv.weight)
@@ -162,8 +186,10 @@ class ConvResidual(nn.Module):
         if self.constraint is None:
             return self.step * self.conv2(self.activation(self.conv1(y)))
         if max(y.shape[-2:]) > self.image_size:
-            raise ValueError(f"y's images must be at most {self.image_size} wide and high under the "
-                             f"Lipschitz bound, got {tuple(y.shape[-2:])}")
+            raise ValueError(
+                f"y's images must be at most {self.image_size} wide and high under the "
+                f"Lipschitz bound, got {tuple(y.shape[-2:])}"
+            )
         w1, w2 = self.constraint(self.conv1.weight, self.conv2.weight)
         hidden = self.activation(Fn.conv2d(y, w1, self.conv1.bias, padding=self.conv1.padding))
         return self.step * Fn.conv2d(hidden, w2, self.conv2.bias, padding=self.conv2.padding)

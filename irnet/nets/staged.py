@@ -69,11 +69,21 @@ class StagedConvODENet(nn.Module):
         linear_solver: adjoint solver (default ``GMRES()``).
     """
 
-    def __init__(self, channels: int = 8, steps: int = 2, T: float = 2.0, theta: float = 0.5,
-                 num_classes: int = 10, mean: float = MNIST_MEAN, std: float = MNIST_STD,
-                 activation: str = "relu", contraction: Optional[float] = None, init: str = "default",
-                 solver: Optional[NonlinearSolver] = None,
-                 linear_solver: Optional[LinearSolver] = None) -> None:
+    def __init__(
+        self,
+        channels: int = 8,
+        steps: int = 2,
+        T: float = 2.0,
+        theta: float = 0.5,
+        num_classes: int = 10,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+        activation: str = "relu",
+        contraction: Optional[float] = None,
+        init: str = "default",
+        solver: Optional[NonlinearSolver] = None,
+        linear_solver: Optional[LinearSolver] = None,
+    ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, 1)
         self.steps = check_int("steps", steps, 1)
@@ -85,16 +95,23 @@ class StagedConvODENet(nn.Module):
         layers: list[nn.Module] = [Standardize(mean, std)]
         width_in = 1
         for stage, (kernel, side) in enumerate(STAGE_ENTRIES):
-            width = channels * 2 ** stage
+            width = channels * 2**stage
             layers.append(nn.Conv2d(width_in, width, kernel, stride=2, padding=(kernel - 1) // 2))
-            residuals = [ConvResidual(width, width, 3, self.T / steps, activation, bound, side)
-                         for _ in range(steps)]
+            residuals = [
+                ConvResidual(width, width, 3, self.T / steps, activation, bound, side)
+                for _ in range(steps)
+            ]
             if init == "bounded":
                 ImplicitODENet.bounded_init(residuals)
-            layers += [ImplicitResidualBlock(F, self.theta, solver, linear_solver) for F in residuals]
+            layers += [
+                ImplicitResidualBlock(F, self.theta, solver, linear_solver) for F in residuals
+            ]
             width_in = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                   nn.Linear(width_in, check_int("num_classes", num_classes, 2))]
+        layers += [
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width_in, check_int("num_classes", num_classes, 2)),
+        ]
         self.num_classes = num_classes
         self.layers = nn.Sequential(*layers)
 

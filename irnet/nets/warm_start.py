@@ -132,15 +132,19 @@ class WarmStartCache:
         self._layers: Optional[tuple[bool, ...]] = None  # which layers have a store
         self._words: Optional[Tensor] = None  # (capacity + 1, words) int64: each slot's input
         self._hashes: Optional[Tensor] = None  # (capacity + 1,) int64; −1 for an empty slot
-        self._stamps: Optional[Tensor] = None  # (capacity + 1,) int64: last use; < 0 for an empty slot
+        self._stamps: Optional[Tensor] = (
+            None  # (capacity + 1,) int64: last use; < 0 for an empty slot
+        )
         self._stores: Optional[Tensor] = None  # (stored layers, capacity + 1, …)
         self._clock = 0  # rows seen so far: the next row's stamp
-        self._used: Optional[int] = 0  # slots in use (a prefix), where known (the CPU path reads it)
+        self._used: Optional[int] = (
+            0  # slots in use (a prefix), where known (the CPU path reads it)
+        )
         self._version += 1
 
     def __len__(self) -> int:
         """Samples held (a host read: for tests and reports, not for the training loop)."""
-        return 0 if self._stamps is None else int((self._stamps[:self.capacity] >= 0).sum())
+        return 0 if self._stamps is None else int((self._stamps[: self.capacity] >= 0).sum())
 
     @staticmethod
     def keys(x: Tensor) -> Keys:
@@ -160,8 +164,9 @@ class WarmStartCache:
         hit, slot = self._find(keys)
         guesses = self._stores.index_select(1, slot)  # one gather for every layer
         known = hit.view(1, -1, *[1] * (guesses.dim() - 2))
-        guesses = torch.where(known, guesses, torch.full((), float("nan"), dtype=guesses.dtype,
-                                                         device=guesses.device))
+        guesses = torch.where(
+            known, guesses, torch.full((), float("nan"), dtype=guesses.dtype, device=guesses.device)
+        )
         rows = iter(guesses.unbind(0))
         return [next(rows) if stored else None for stored in self._layers]
 
@@ -208,9 +213,12 @@ class WarmStartCache:
         self._signature, self._layers = keys.signature, layers
         self._words = torch.zeros(rows, keys.words.shape[1], dtype=torch.int64, device=device)
         self._hashes = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self._stamps = torch.arange(rows, dtype=torch.int64, device=device) - rows  # empty: lowest taken first
-        self._stores = torch.full((sum(layers), rows, *like.shape[1:]), float("nan"), dtype=like.dtype,
-                                  device=like.device)
+        self._stamps = (
+            torch.arange(rows, dtype=torch.int64, device=device) - rows
+        )  # empty: lowest taken first
+        self._stores = torch.full(
+            (sum(layers), rows, *like.shape[1:]), float("nan"), dtype=like.dtype, device=like.device
+        )
 
     def _find(self, keys: Keys) -> tuple[Tensor, Tensor]:
         """Each sample's slot and whether it is there (once per pass: the lookup's answer is kept)."""
@@ -244,8 +252,12 @@ class WarmStartCache:
         at = rank.clamp(0, k - 1)
         taken = new & (rank < k) & (victim_stamps[at] < stamps)
         target = torch.where(taken, victims[at], capacity)
-        lost = torch.zeros_like(recent, dtype=torch.bool).index_put_((target,), torch.ones_like(taken))
-        write = torch.where(kept & ~lost[slot], slot, capacity)  # a known input whose slot went to a newer one is dropped
+        lost = torch.zeros_like(recent, dtype=torch.bool).index_put_(
+            (target,), torch.ones_like(taken)
+        )
+        write = torch.where(
+            kept & ~lost[slot], slot, capacity
+        )  # a known input whose slot went to a newer one is dropped
         return torch.where(taken, target, write), stamps
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -271,7 +283,7 @@ class WarmStartCache:
         """Keys in LRU order and the used rows of every layer's store (for checkpoints)."""
         if self._stamps is None:
             return {"keys": [], "rows": []}
-        stamps = self._stamps[:self.capacity].cpu()
+        stamps = self._stamps[: self.capacity].cpu()
         order = stamps.argsort()
         order = order[stamps[order] >= 0]
         nbytes = _row_bytes(self._signature)
@@ -283,8 +295,12 @@ class WarmStartCache:
             "rows": [next(stored).clone() if s else None for s in self._layers],
         }
 
-    def load_state_dict(self, state: dict, device: Optional[torch.device] = None,
-                        dtype: Optional[torch.dtype] = None) -> None:
+    def load_state_dict(
+        self,
+        state: dict,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         """Restore what :meth:`state_dict` saved, on ``device`` with stores of ``dtype`` (default: the rows').
 
         Slots are renumbered in LRU order; beyond ``capacity`` the least recently
@@ -296,11 +312,15 @@ class WarmStartCache:
         layers = tuple(r is not None for r in rows)
         if not keys or not any(layers):
             return
-        prefix = keys[-1][:keys[-1].index(b")") + 1]
+        prefix = keys[-1][: keys[-1].index(b")") + 1]
         nbytes = len(keys[-1]) - len(prefix)
-        keep = [i for i, k in enumerate(keys) if len(k) == len(prefix) + nbytes and k.startswith(prefix)]
-        keep = keep[-self.capacity:]
-        raw = torch.frombuffer(bytearray(b"".join(keys[i][len(prefix):] for i in keep)), dtype=torch.uint8)
+        keep = [
+            i for i, k in enumerate(keys) if len(k) == len(prefix) + nbytes and k.startswith(prefix)
+        ]
+        keep = keep[-self.capacity :]
+        raw = torch.frombuffer(
+            bytearray(b"".join(keys[i][len(prefix) :] for i in keep)), dtype=torch.uint8
+        )
         index = torch.tensor(keep, dtype=torch.long)
         values = torch.stack([r[index] for r in rows if r is not None])
         device = values.device if device is None else device
@@ -310,10 +330,10 @@ class WarmStartCache:
             values = values.to(device=device, dtype=dtype or values.dtype)
             self._allocate(keys_now, layers, values[0])
             slots = torch.arange(len(keep), device=device)
-            self._words[:len(keep)] = words
-            self._hashes[:len(keep)] = keys_now.hashes
-            self._stamps[:len(keep)] = slots
-            self._stores[:, :len(keep)] = values
+            self._words[: len(keep)] = words
+            self._hashes[: len(keep)] = keys_now.hashes
+            self._stamps[: len(keep)] = slots
+            self._stores[:, : len(keep)] = values
         self._clock = self._used = len(keep)
 
 

@@ -36,8 +36,10 @@ def merged_state(states: Sequence[Optional[dict]], capacity: int) -> dict:
     states = [s for s in states if s is not None]
     order = _recent_first(states, capacity)[::-1]
     layers = max((len(s["rows"]) for s in states), default=0)
-    return {"keys": [states[r]["keys"][i] for r, i in order],
-            "rows": [_layer_rows(states, order, t) for t in range(layers)]}
+    return {
+        "keys": [states[r]["keys"][i] for r, i in order],
+        "rows": [_layer_rows(states, order, t) for t in range(layers)],
+    }
 
 
 def _recent_first(states: Sequence[dict], capacity: int) -> list[tuple[int, int]]:
@@ -95,6 +97,8 @@ def merge_warm_starts(module: nn.Module, state_dict: dict[str, Any]) -> None:
 def _gather_on_rank_zero(obj: Any) -> Optional[list[Any]]:
     """``obj`` of every process, by rank, on rank 0 (``None`` elsewhere)."""
     rank = torch.distributed.get_rank()
-    gathered: Optional[list[Any]] = [None] * torch.distributed.get_world_size() if rank == 0 else None
+    gathered: Optional[list[Any]] = (
+        [None] * torch.distributed.get_world_size() if rank == 0 else None
+    )
     torch.distributed.gather_object(obj, gathered, dst=0)
     return gathered

@@ -1,6 +1,5 @@
 """``irnet reproduce <study> …``: parse the command line, run the study's cells, write its summary."""
 
-
 from __future__ import annotations
 
 import argparse
@@ -29,26 +28,53 @@ STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta
 
 def parser() -> argparse.ArgumentParser:
     from irnet.reproduce._runner import default_workers  # lazily: it imports Lightning
+
     p = argparse.ArgumentParser(prog="irnet reproduce", description=DESCRIPTION)
     p.add_argument("study", choices=STUDIES, help="which study to run")
-    p.add_argument("--out", type=Path, help="folder for summary.md, results.json and figures "
-                                            "(default: reproduce/<study>)")
-    p.add_argument("--log-dir", type=Path, help="TensorBoard logs (default: runs/reproduce/<study>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for summary.md, results.json and figures (default: reproduce/<study>)",
+    )
+    p.add_argument(
+        "--log-dir", type=Path, help="TensorBoard logs (default: runs/reproduce/<study>)"
+    )
     p.add_argument("--tiny", action="store_true", help="a minute-sized run (smoke test)")
-    p.add_argument("--seeds", type=_positive, help="seeds per configuration (overrides the study's)")
+    p.add_argument(
+        "--seeds", type=_positive, help="seeds per configuration (overrides the study's)"
+    )
     p.add_argument("--epochs", type=_positive, help="epochs of every run (overrides the study's)")
-    p.add_argument("--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)")
-    p.add_argument("--thetas", type=_unit, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)")
-    p.add_argument("--variants", nargs="+", choices=("paper", "rfp", "contraction"),
-                   help="ex1 only: the variants trained at θ > 0 (default all three; θ = 0 trains once)")
-    p.add_argument("--replot", action="store_true",
-                   help="redraw figures and summary from the last run's <log-dir>/cells.json (or the finished cells "
-                        "of an unfinished run), no training; rerun the study's command to resume an unfinished run")
-    p.add_argument("--workers", type=_positive, default=default_workers(),
-                   help="parallel worker processes (default: one per core)")
-    p.add_argument("--threads", type=_threads, default=None,
-                   help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, else 1; "
-                        "see docs/training.md, Threads)")
+    p.add_argument(
+        "--layers", type=_positive, nargs="+", help="ex1 only: the depths to train (default 10 100)"
+    )
+    p.add_argument(
+        "--thetas", type=_unit, nargs="+", help="ex1 only: the θ values (default 0 0.25 0.5 0.75 1)"
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("paper", "rfp", "contraction"),
+        help="ex1 only: the variants trained at θ > 0 (default all three; θ = 0 trains once)",
+    )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw figures and summary from the last run's <log-dir>/cells.json (or the finished cells "
+        "of an unfinished run), no training; rerun the study's command to resume an unfinished run",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=default_workers(),
+        help="parallel worker processes (default: one per core)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, else 1; "
+        "see docs/training.md, Threads)",
+    )
     seeds.add_arguments(p)
     return p
 
@@ -90,7 +116,9 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     out = args.out or Path("reproduce") / args.study
     log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
     study = importlib.import_module(f"irnet.reproduce.{args.study}")
-    command = "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in (argv or sys.argv[2:]))
+    command = "python -m irnet reproduce " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[2:])
+    )
     seeds.refuse_foreign(args, parser().error)
     if args.study == "seeds":
         return seeds.main(args, command)
@@ -107,21 +135,41 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         journal = Journal.of_study(log_dir)
         seeded = seed_from_published(journal, out / "results.json", cells)
         if seeded:
-            print(f"{args.study}: resuming with {seeded} finished cells of the unfinished run in {out / 'results.json'}")
-        results = run_cells(study.run_cell, cells, args.workers, desc=args.study, threads=args.threads,
-                            journal=journal)
-        results = [getattr(study, "upgraded", dict)(result) for result in results]  # seeded ones too
+            print(
+                f"{args.study}: resuming with {seeded} finished cells of the unfinished run in {out / 'results.json'}"
+            )
+        results = run_cells(
+            study.run_cell,
+            cells,
+            args.workers,
+            desc=args.study,
+            threads=args.threads,
+            journal=journal,
+        )
+        results = [
+            getattr(study, "upgraded", dict)(result) for result in results
+        ]  # seeded ones too
         minutes = (time.perf_counter() - start) / 60
-        meta = {"command": command, "machine": machine(args.workers, resolve_threads(args.threads)),
-                "minutes": minutes, "settings": settings}
+        meta = {
+            "command": command,
+            "machine": machine(args.workers, resolve_threads(args.threads)),
+            "minutes": minutes,
+            "settings": settings,
+        }
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "cells.json").write_text(json.dumps({"meta": meta, "cells": results}, default=float))
+        (log_dir / "cells.json").write_text(
+            json.dumps({"meta": meta, "cells": results}, default=float)
+        )
         journal.remove()
     figures = study.figures(results, out)
     table = study.summarize(results)
     dropped = set(DRAWING_KEYS) - set(getattr(study, "PUBLISHED_DRAWINGS", ()))
-    save_results(out, [{k: v for k, v in r.items() if k not in dropped} for r in results], meta,
-                 history_stride=getattr(study, "HISTORY_STRIDE", 1))
+    save_results(
+        out,
+        [{k: v for k, v in r.items() if k not in dropped} for r in results],
+        meta,
+        history_stride=getattr(study, "HISTORY_STRIDE", 1),
+    )
     summary = out / "summary.md"
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
@@ -135,8 +183,11 @@ def _settings(args: argparse.Namespace, study) -> dict:
         parser().error("--layers, --thetas and --variants apply to ex1 only")
     if args.layers:
         epochs = settings["epochs"]
-        settings = {**settings, "depths": tuple(args.layers),
-                    "epochs": {n: epochs.get(n, max(epochs.values())) for n in args.layers}}
+        settings = {
+            **settings,
+            "depths": tuple(args.layers),
+            "epochs": {n: epochs.get(n, max(epochs.values())) for n in args.layers},
+        }
     if args.thetas:
         settings = {**settings, "thetas": tuple(args.thetas)}
     if args.variants:

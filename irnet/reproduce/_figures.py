@@ -18,8 +18,14 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def band(ax: Axes, runs: Sequence[Sequence[float]], label: str, color: str, style: str = "-",
-         x: Optional[Sequence[float]] = None) -> None:
+def band(
+    ax: Axes,
+    runs: Sequence[Sequence[float]],
+    label: str,
+    color: str,
+    style: str = "-",
+    x: Optional[Sequence[float]] = None,
+) -> None:
     """Mean of ``runs`` (one sequence per seed) as a line, their min–max as a shaded band."""
     length = min(len(r) for r in runs)
     values = np.array([list(r)[:length] for r in runs], dtype=float)
@@ -36,7 +42,9 @@ def band(ax: Axes, runs: Sequence[Sequence[float]], label: str, color: str, styl
     ax.fill_between(x, low, high, color=color, alpha=0.15, lw=0)
 
 
-def grid_figure(rows: int, cols: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, np.ndarray]:
+def grid_figure(
+    rows: int, cols: int, width: float = 4.2, height: float = 3.2
+) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure with a ``rows × cols`` array of axes."""
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))

@@ -39,7 +39,9 @@ class Journal:
         A last line cut short by a kill is ignored (that cell runs again).
         """
         wanted = {cell_key(cell) for cell in cells}
-        return {entry["key"]: entry["result"] for entry in self._entries() if entry.get("key") in wanted}
+        return {
+            entry["key"]: entry["result"] for entry in self._entries() if entry.get("key") in wanted
+        }
 
     def record(self, cell: dict, result: dict) -> None:
         """Append one finished cell (flushed at once: a kill loses at most the running cells)."""
@@ -81,8 +83,10 @@ def seed_from_published(journal: Journal, published: Path, cells: Sequence[dict]
     if journal.path.is_file() or not Path(published).is_file():
         return 0
     results = json.loads(Path(published).read_text()).get("cells", [])
-    matches = [(cell, next((r for r in results if all(r.get(k) == v for k, v in cell.items())), None))
-               for cell in cells]
+    matches = [
+        (cell, next((r for r in results if all(r.get(k) == v for k, v in cell.items())), None))
+        for cell in cells
+    ]
     found = [(cell, result) for cell, result in matches if result is not None]
     if len(found) == len(matches):
         return 0
@@ -103,6 +107,6 @@ def unthinned(result: dict) -> dict:
             continue
         full = [math.nan] * result.get("epochs", len(values) * stride)
         kept = min(len(values), len(full) // stride)
-        full[stride - 1:stride * kept:stride] = values[:kept]
+        full[stride - 1 : stride * kept : stride] = values[:kept]
         history[key] = full
     return {k: v for k, v in result.items() if k != "history_stride"} | {"history": history}

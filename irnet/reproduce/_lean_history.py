@@ -25,12 +25,23 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from irnet._misc import sample_norm
-from irnet.nets import find_blocks
 from irnet.callbacks.solver_recorder import SolverStatsRecorder
+from irnet.nets import find_blocks
 
 # History keys read from the module's own epoch metrics (the rest are measured here).
-LOGGED = {"train_loss": "train/loss", "val_loss": "val/loss", "train_acc": "train/acc", "val_acc": "val/acc"}
-MEASURED = ("forward_iterations", "backward_iterations", "gradient_mean", "gradient_first", "gradient_last")
+LOGGED = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "train_acc": "train/acc",
+    "val_acc": "val/acc",
+}
+MEASURED = (
+    "forward_iterations",
+    "backward_iterations",
+    "gradient_mean",
+    "gradient_first",
+    "gradient_last",
+)
 
 
 class LeanHistory(Callback):
@@ -53,7 +64,9 @@ class LeanHistory(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         blocks = find_blocks(pl_module)
         self._recorder.attach(blocks)
-        self._handles = [block.register_forward_hook(partial(self._capture, i)) for i, block in enumerate(blocks)]
+        self._handles = [
+            block.register_forward_hook(partial(self._capture, i)) for i, block in enumerate(blocks)
+        ]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._recorder.detach()
@@ -63,27 +76,43 @@ class LeanHistory(Callback):
 
     def _capture(self, index: int, block: Any, inputs: Any, output: Any) -> None:
         """Hook the main pass's output of each block once a step (not R_rnd's extra passes)."""
-        if self._capturing and not self._seen[index] and isinstance(output, Tensor) and output.requires_grad:
+        if (
+            self._capturing
+            and not self._seen[index]
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
             self._seen[index] = True
-            output.register_hook(lambda grad: self._grads[index].append(sample_norm(grad.detach().float()).mean()))
+            output.register_hook(
+                lambda grad: self._grads[index].append(sample_norm(grad.detach().float()).mean())
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sums = {"forward": [], "backward": []}
         self._grads = [[] for _ in self._recorder.blocks]
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._recorder.start()
         self._capturing, self._seen = True, [False] * len(self._recorder.blocks)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self._capturing = False
         step = self._recorder.stop()
         if step is None:
             return
         for direction in ("forward", "backward"):
-            iterations = [s.iterations.float().mean() for s in getattr(step, direction) if s is not None]
+            iterations = [
+                s.iterations.float().mean() for s in getattr(step, direction) if s is not None
+            ]
             if iterations:
                 self._sums[direction].append(float(torch.stack(iterations).mean()))
 
@@ -92,7 +121,9 @@ class LeanHistory(Callback):
         fresh_validation = _validated_this_epoch(trainer)
         for key, name in LOGGED.items():
             stale = key.startswith("val") and not fresh_validation
-            self.values[key].append(float(metrics[name]) if name in metrics and not stale else math.nan)
+            self.values[key].append(
+                float(metrics[name]) if name in metrics and not stale else math.nan
+            )
         self.values["forward_iterations"].append(_mean(self._sums["forward"]))
         self.values["backward_iterations"].append(_mean(self._sums["backward"]))
         layers = [_mean([float(g) for g in grads]) for grads in self._grads]

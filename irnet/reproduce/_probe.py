@@ -50,14 +50,21 @@ def probe(
     result: dict[str, list[float]] = {
         "forward_iterations": [_mean_iterations(b.forward_stats) for b in blocks],
         "backward_iterations": [_mean_iterations(b.backward_stats) for b in blocks],
-        "gradient": [float(sample_norm(s.grad).mean()) if s.grad is not None else 0.0 for s in states[1:]],
+        "gradient": [
+            float(sample_norm(s.grad).mean()) if s.grad is not None else 0.0 for s in states[1:]
+        ],
     }
     generator = torch.Generator().manual_seed(seed)
     radii = {"rho_layer": [], "rho_layer_max": [], "rho_neumann": [], "rho_neumann_max": []}
     for t, block in enumerate(blocks):
         rho_layer, rho_neumann = layer_spectral_radii(
-            block.F, block.theta, states[t][:max_samples].detach(), states[t + 1][:max_samples].detach(),
-            krylov_dim, generator)
+            block.F,
+            block.theta,
+            states[t][:max_samples].detach(),
+            states[t + 1][:max_samples].detach(),
+            krylov_dim,
+            generator,
+        )
         for name, rho in (("rho_layer", rho_layer), ("rho_neumann", rho_neumann)):
             radii[name].append(float(rho.mean()))
             radii[name + "_max"].append(float(rho.max()))

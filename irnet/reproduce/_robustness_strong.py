@@ -37,15 +37,33 @@ ATTACKS = ("fgsm", "pgd", "pgd_restarts", "spsa", "pgd_tight", "transfer")
 # first 200 test images; SPSA costs most. Measured on one (shared) core, a full-size cell (training and
 # every evaluation) took 21 s at θ = 0, 119 s at θ = 0.5, 183 s at θ = 1 (about 40 s of it training),
 # 154 s with κ = 0.9 and 135 s with R_jac at θ = 1: the full study takes about 45 min on 2 cores.
-FULL = {"epsilons": EPSILONS, "samples": 200, "steps": 20, "restarts": 2, "spsa_samples": 16, "batch_size": 100}
-TINY = {"epsilons": EPSILONS, "samples": 32, "steps": 3, "restarts": 1, "spsa_samples": 4, "batch_size": 32}
+FULL = {
+    "epsilons": EPSILONS,
+    "samples": 200,
+    "steps": 20,
+    "restarts": 2,
+    "spsa_samples": 16,
+    "batch_size": 100,
+}
+TINY = {
+    "epsilons": EPSILONS,
+    "samples": 32,
+    "steps": 3,
+    "restarts": 1,
+    "spsa_samples": 4,
+    "batch_size": 32,
+}
 WAIT_SECONDS = 6 * 3600  # a transfer source that never appears: its cell died
 
 
 def transfer_file(cell: dict) -> Path:
     """Where the explicit network of ``cell``'s seed and R_rnd setting saves its crafted inputs."""
-    return (Path(cell["log_dir"]) / "transfer" / cell["run"]
-            / f"rrnd{int(cell['r_rnd'])}_seed{cell['seed']}.pt")
+    return (
+        Path(cell["log_dir"])
+        / "transfer"
+        / cell["run"]
+        / f"rrnd{int(cell['r_rnd'])}_seed{cell['seed']}.pt"
+    )
 
 
 def is_source(cell: dict) -> bool:
@@ -74,19 +92,32 @@ def _load(path: Path, timeout: float = WAIT_SECONDS) -> dict[str, Tensor]:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"transfer source {path} did not appear within {timeout:.0f} s "
-                               "(did the θ = 0 cell of this seed and R_rnd setting fail?)")
+            raise RuntimeError(
+                f"transfer source {path} did not appear within {timeout:.0f} s "
+                "(did the θ = 0 cell of this seed and R_rnd setting fail?)"
+            )
         time.sleep(2.0)
     return torch.load(path)
 
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([model(xb).argmax(dim=1) == tb for xb, tb in zip(x.split(batch_size), target.split(batch_size))])
+    return torch.cat(
+        [
+            model(xb).argmax(dim=1) == tb
+            for xb, tb in zip(x.split(batch_size), target.split(batch_size))
+        ]
+    )
 
 
-def evaluate(model: nn.Module, x: Tensor, target: Tensor, clamp: tuple[float, float], cell: dict,
-             has_source: bool) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    clamp: tuple[float, float],
+    cell: dict,
+    has_source: bool,
+) -> dict[str, dict[str, float]]:
     """Per ε: each attack's accuracy, ``"clean"`` and ``"strongest"`` (the per-sample worst case).
 
     Args:
@@ -97,14 +128,23 @@ def evaluate(model: nn.Module, x: Tensor, target: Tensor, clamp: tuple[float, fl
         has_source: whether the study trains this cell's explicit network (else no transfer attack).
     """
     sizes = cell["strong"]
-    x, target = x[:sizes["samples"]], target[:sizes["samples"]]
+    x, target = x[: sizes["samples"]], target[: sizes["samples"]]
     source, crafted, evaluated = is_source(cell), {}, {}
     for eps in sizes["epsilons"]:
-        attacks = strong_attacks(clamp=clamp, seed=1000 + cell["seed"], steps=sizes["steps"],
-                                 restarts=sizes["restarts"], spsa_samples=sizes["spsa_samples"])
+        attacks = strong_attacks(
+            clamp=clamp,
+            seed=1000 + cell["seed"],
+            steps=sizes["steps"],
+            restarts=sizes["restarts"],
+            spsa_samples=sizes["spsa_samples"],
+        )
         if source:
-            attacks["pgd_restarts"] = _recording(attacks["pgd_restarts"], crafted.setdefault(str(eps), []))
-        evaluated[str(eps)] = strongest_attack_accuracy(model, x, target, eps, attacks, sizes["batch_size"])
+            attacks["pgd_restarts"] = _recording(
+                attacks["pgd_restarts"], crafted.setdefault(str(eps), [])
+            )
+        evaluated[str(eps)] = strongest_attack_accuracy(
+            model, x, target, eps, attacks, sizes["batch_size"]
+        )
     if source:
         _save(transfer_file(cell), {eps: torch.cat(batches) for eps, batches in crafted.items()})
     transferred = _load(transfer_file(cell)) if has_source else None

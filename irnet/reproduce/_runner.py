@@ -156,15 +156,23 @@ def run_cells(
     done = journal.finished(cells) if journal else {}
     todo = [cell for cell in cells if cell_key(cell) not in done]
     timed = Timed(function)
-    for cell, result in _results(timed, todo, workers, desc, threads, skipped=len(cells) - len(todo)):
+    for cell, result in _results(
+        timed, todo, workers, desc, threads, skipped=len(cells) - len(todo)
+    ):
         done[cell_key(cell)] = result
         if journal:
             journal.record(cell, result)
     return [done[cell_key(cell)] for cell in cells]
 
 
-def _results(timed: "Timed", cells: Sequence[dict], workers: int, desc: str, threads: ThreadsSetting,
-             skipped: int) -> Iterator[tuple[dict, dict]]:
+def _results(
+    timed: "Timed",
+    cells: Sequence[dict],
+    workers: int,
+    desc: str,
+    threads: ThreadsSetting,
+    skipped: int,
+) -> Iterator[tuple[dict, dict]]:
     """``(cell, result)`` pairs as the cells finish (in any order with several workers)."""
     bar = tqdm(total=len(cells) + skipped, initial=skipped, desc=desc)
     if workers <= 1:
@@ -173,7 +181,9 @@ def _results(timed: "Timed", cells: Sequence[dict], workers: int, desc: str, thr
             yield cell, timed(cell)
             bar.update()
     else:
-        context = multiprocessing.get_context("spawn")  # fork would copy Lightning's and torch's threads
+        context = multiprocessing.get_context(
+            "spawn"
+        )  # fork would copy Lightning's and torch's threads
         with context.Pool(workers, initializer=quiet_worker, initargs=(threads,)) as pool:
             for index, result in pool.imap_unordered(_Indexed(timed), list(enumerate(cells))):
                 yield cells[index], result
@@ -206,7 +216,9 @@ class Timed:
 
 def default_workers() -> int:
     """One worker per available core (each runs one torch thread)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 
 # -- summaries ----------------------------------------------------------------------------
@@ -274,7 +286,9 @@ def save_results(out: Path, results: list[dict], meta: dict, history_stride: int
     a file of a few MB; the full histories stay in the run's ``cells.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    cells = ",\n".join(json.dumps(rounded(thinned(r, history_stride)), allow_nan=True) for r in results)
+    cells = ",\n".join(
+        json.dumps(rounded(thinned(r, history_stride)), allow_nan=True) for r in results
+    )
     (out / "results.json").write_text(f'{{"meta": {json.dumps(meta)},\n"cells": [\n{cells}\n]}}\n')
 
 
@@ -282,6 +296,8 @@ def thinned(result: dict, stride: int) -> dict:
     """``result`` with every ``stride``-th epoch of its ``history`` lists (and ``history_stride`` set)."""
     if stride <= 1 or "history" not in result:
         return result
-    history = {key: values[stride - 1::stride] if key != "stopped" else values
-               for key, values in result["history"].items()}
+    history = {
+        key: values[stride - 1 :: stride] if key != "stopped" else values
+        for key, values in result["history"].items()
+    }
     return {**result, "history": history, "history_stride": stride}

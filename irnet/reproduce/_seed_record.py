@@ -16,8 +16,8 @@ import torch
 from pytorch_lightning import Callback
 from torch import Tensor
 
-from irnet.nets import find_blocks
 from irnet.callbacks.solver_recorder import SolverStatsRecorder
+from irnet.nets import find_blocks
 
 LAST_FRACTION = 0.1  # the "late" iteration count: the last 10 % of the epochs run
 METRICS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_acc": "val/acc"}

@@ -51,8 +51,12 @@ def render(
 def _stop_line(meta: dict) -> str:
     """What ``--stop-when`` did, if given (old runs' metadata lack the key)."""
     stop = meta.get("stop_when")
-    return (f"Each fit ended at its first validation with {stop} (strict), else at its last epoch; "
-            "final values are those at the stop.\n\n" if stop else "")
+    return (
+        f"Each fit ended at its first validation with {stop} (strict), else at its last epoch; "
+        "final values are those at the stop.\n\n"
+        if stop
+        else ""
+    )
 
 
 def criterion_line(criterion: Any, results: list[dict]) -> str:

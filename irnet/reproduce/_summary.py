@@ -11,7 +11,12 @@ import torch
 
 from irnet.reproduce._journal import Journal
 
-DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")  # in the figures, not results.json
+DRAWING_KEYS = (
+    "grid_output",
+    "trajectories",
+    "field",
+    "decision",
+)  # in the figures, not results.json
 
 
 class ReplotWithoutRun(ValueError):
@@ -25,11 +30,17 @@ def saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
     journal = Journal.of_study(log_dir)
     if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
         results = journal.results()
-        return {"command": "(unfinished run, from its journal)", "minutes": sum(r["seconds"] for r in results) / 60,
-                "machine": "machine not recorded (an unfinished run's journal)", "partial": True}, results
+        return {
+            "command": "(unfinished run, from its journal)",
+            "minutes": sum(r["seconds"] for r in results) / 60,
+            "machine": "machine not recorded (an unfinished run's journal)",
+            "partial": True,
+        }, results
     if not path.is_file():
-        raise ReplotWithoutRun(f"--replot needs a finished run's {path}; run the study without --replot first "
-                       "(or pass its --log-dir)")
+        raise ReplotWithoutRun(
+            f"--replot needs a finished run's {path}; run the study without --replot first "
+            "(or pass its --log-dir)"
+        )
     saved = json.loads(path.read_text())
     return saved["meta"], saved["cells"]
 
@@ -37,20 +48,26 @@ def saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
 def machine(workers: int, threads: int = 1) -> str:
     """One line: CPU, cores used, OS, Python and torch versions."""
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    return (f"{cpu}, {workers} worker process(es) × {threads} torch thread(s), {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{cpu}, {workers} worker process(es) × {threads} torch thread(s), {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def _cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else an empty string."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+            )
     except OSError:
         return ""
 
 
 def render_summary(name: str, meta: dict, table: str, figures: Sequence[Path], out: Path) -> str:
     images = "\n".join(f"![{f.stem}]({f.relative_to(out)})" for f in figures)
-    return (f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes.\n\n"
-            f"Mean ± standard deviation over seeds.\n\n{table}\n\n{images}\n")
+    return (
+        f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes.\n\n"
+        f"Mean ± standard deviation over seeds.\n\n{table}\n\n{images}\n"
+    )

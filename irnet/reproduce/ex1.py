@@ -65,11 +65,17 @@ VARIANTS = ("paper", "rfp", "contraction")
 R_FP_WEIGHT = 0.1
 CONTRACTION = 0.9
 INIT = "bounded"
-MAX_ITER = {"paper": 50, "rfp": 50, "contraction": 120}  # 120 >= 110, the κ = 0.9 bound for |r0| <= 1
+MAX_ITER = {
+    "paper": 50,
+    "rfp": 50,
+    "contraction": 120,
+}  # 120 >= 110, the κ = 0.9 bound for |r0| <= 1
 FULL = {"depths": (10, 100), "epochs": {10: 3000, 100: 3000}, "seeds": 5}
 TINY = {"depths": (2, 4), "epochs": {2: 2, 4: 2}, "seeds": 1, "thetas": (0.0, 0.5, 1.0)}
 TRAJECTORY_INPUTS = 15
-HISTORY_STRIDE = LEAN_EVERY  # results.json keeps the validated epochs' history (cells.json keeps all)
+HISTORY_STRIDE = (
+    LEAN_EVERY  # results.json keeps the validated epochs' history (cells.json keeps all)
+)
 VIRIDIS = matplotlib.colormaps["viridis"]
 STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
 
@@ -79,18 +85,34 @@ STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
 # the cells that were not stopped. Not measured at 100 layers: rfp and contraction, scaled from
 # "paper" by their ratio in an earlier timing (1.03 and 0.95 against 0.58 s an epoch).
 # :func:`estimated_seconds` interpolates linearly in the depth.
-EPOCH_SECONDS = {"explicit": {10: 0.026, 100: 0.156}, "paper": {10: 0.077, 100: 0.48},
-                 "rfp": {10: 0.096, 100: 0.85}, "contraction": {10: 0.086, 100: 0.79}}
+EPOCH_SECONDS = {
+    "explicit": {10: 0.026, 100: 0.156},
+    "paper": {10: 0.077, 100: 0.48},
+    "rfp": {10: 0.096, 100: 0.85},
+    "contraction": {10: 0.086, 100: 0.79},
+}
 
 
 def make_net(layers: int, theta: float, variant: str = "paper") -> ODENet:
     """The paper's Example 1 network (readout ``y(T)[1]``) in one of :data:`VARIANTS`."""
     check_choice("variant", variant, VARIANTS)
     contraction = CONTRACTION if variant == "contraction" else None
-    return ODENet(in_features=1, out_features=1, layers=layers, T=10.0, width=100, theta=theta,
-                  activation="relu", stationary_init=True, readout="component", component=1,
-                  init=INIT, contraction=contraction,
-                  solver=FixedPoint(atol=1e-5, max_iter=MAX_ITER[variant]), linear_solver=Direct(rtol=1e-5))
+    return ODENet(
+        in_features=1,
+        out_features=1,
+        layers=layers,
+        T=10.0,
+        width=100,
+        theta=theta,
+        activation="relu",
+        stationary_init=True,
+        readout="component",
+        component=1,
+        init=INIT,
+        contraction=contraction,
+        solver=FixedPoint(atol=1e-5, max_iter=MAX_ITER[variant]),
+        linear_solver=Direct(rtol=1e-5),
+    )
 
 
 def variants_at(theta: float) -> tuple[str, ...]:
@@ -98,28 +120,50 @@ def variants_at(theta: float) -> tuple[str, ...]:
     return ("paper",) if theta == 0 else VARIANTS
 
 
-def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
+def cells(
+    settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None
+) -> list[dict]:
     """Every (depth, θ, variant) for seeds 0 … seeds − 1; the deepest first (the longest cells start
     first, so the workers finish together).
 
     ``settings`` may narrow the grid with ``thetas`` (``--thetas``), ``depths`` (``--layers``) and
     ``variants`` (``--variants``, the variants at θ > 0).
     """
-    depths, thetas, variants = settings["depths"], settings.get("thetas", THETAS), settings.get("variants", VARIANTS)
-    return [{"layers": layers, "theta": theta, "variant": variant, "seed": seed,
-             "r_fp": R_FP_WEIGHT if variant == "rfp" else 0.0,
-             "contraction": CONTRACTION if variant == "contraction" and theta > 0 else None,
-             "init": INIT, "epochs": epochs or settings["epochs"][layers], "log_dir": str(log_dir)}
-            for layers in sorted(depths, reverse=True) for seed in range(seeds or settings["seeds"])
-            for theta in thetas for variant in variants_at(theta) if theta == 0 or variant in variants]
+    depths, thetas, variants = (
+        settings["depths"],
+        settings.get("thetas", THETAS),
+        settings.get("variants", VARIANTS),
+    )
+    return [
+        {
+            "layers": layers,
+            "theta": theta,
+            "variant": variant,
+            "seed": seed,
+            "r_fp": R_FP_WEIGHT if variant == "rfp" else 0.0,
+            "contraction": CONTRACTION if variant == "contraction" and theta > 0 else None,
+            "init": INIT,
+            "epochs": epochs or settings["epochs"][layers],
+            "log_dir": str(log_dir),
+        }
+        for layers in sorted(depths, reverse=True)
+        for seed in range(seeds or settings["seeds"])
+        for theta in thetas
+        for variant in variants_at(theta)
+        if theta == 0 or variant in variants
+    ]
 
 
 def upgraded(cell: dict) -> dict:
     """A cell saved before the variants existed (R_fp on or off, the paper's init) in today's form."""
     if "variant" in cell:
         return cell
-    return {**cell, "variant": "rfp" if cell.get("r_fp") else "paper", "contraction": None,
-            "init": cell.get("init", "paper")}
+    return {
+        **cell,
+        "variant": "rfp" if cell.get("r_fp") else "paper",
+        "contraction": None,
+        "init": cell.get("init", "paper"),
+    }
 
 
 def cell_name(cell: dict) -> str:
@@ -139,15 +183,25 @@ def run_cell(cell: dict) -> dict:
     return {"history": history, **evaluate(module, data)}
 
 
-PER_LAYER_KEYS = ("forward_iterations", "backward_iterations", "gradient", "rho_layer", "rho_layer_max",
-                  "rho_neumann", "rho_neumann_max")
+PER_LAYER_KEYS = (
+    "forward_iterations",
+    "backward_iterations",
+    "gradient",
+    "rho_layer",
+    "rho_layer_max",
+    "rho_neumann",
+    "rho_neumann_max",
+)
 
 
 def stopped_result(layers: int) -> dict:
     """A run stopped as broken (irnet.failure.TrainingFailure) has no trained network to measure:
     NaN losses and per-layer numbers, and nothing to draw."""
-    return {"train_loss": math.nan, "val_loss": math.nan,
-            "per_layer": {key: [math.nan] * layers for key in PER_LAYER_KEYS}}
+    return {
+        "train_loss": math.nan,
+        "val_loss": math.nan,
+        "per_layer": {key: [math.nan] * layers for key in PER_LAYER_KEYS},
+    }
 
 
 def evaluate(module: ImplicitNetModule, data: SineRegression) -> dict:
@@ -156,12 +210,18 @@ def evaluate(module: ImplicitNetModule, data: SineRegression) -> dict:
     data.setup("fit")
     (x, y), (xv, yv) = data.tensors("train"), data.tensors("val")
     with torch.no_grad():
-        losses = {"train_loss": float(l2_loss(module(x), y)), "val_loss": float(l2_loss(module(xv), yv))}
+        losses = {
+            "train_loss": float(l2_loss(module(x), y)),
+            "val_loss": float(l2_loss(module(xv), yv)),
+        }
         grid = torch.linspace(data.low, data.high, 500)[:, None]
         inputs = torch.linspace(data.low, data.high, TRAJECTORY_INPUTS)[:, None]
         states = torch.stack(module.trajectory(inputs))  # (layers + 1, inputs, 2)
-        drawn = {"grid_output": module(grid)[:, 0].tolist(), "trajectories": states.tolist(),
-                 "field": vector_field(module.net, states, len(module.net.blocks) // 2)}
+        drawn = {
+            "grid_output": module(grid)[:, 0].tolist(),
+            "trajectories": states.tolist(),
+            "field": vector_field(module.net, states, len(module.net.blocks) // 2),
+        }
     layers = probe(module, x, y, l2_loss, krylov_dim=2, max_samples=x.shape[0])
     return {**losses, "per_layer": layers, **drawn}
 
@@ -174,8 +234,14 @@ def vector_field(net: ODENet, states: torch.Tensor, layer: int, size: int = 12) 
     axes = [torch.linspace(float(low[i] - pad[i]), float(high[i] + pad[i]), size) for i in range(2)]
     gx, gy = torch.meshgrid(*axes, indexing="xy")
     field = net.blocks[layer].F(torch.stack([gx.flatten(), gy.flatten()], 1))
-    return {"layer": layer, "x": gx.tolist(), "y": gy.tolist(), "u": field[:, 0].view(size, size).tolist(),
-            "v": field[:, 1].view(size, size).tolist(), "points": points.tolist()}
+    return {
+        "layer": layer,
+        "x": gx.tolist(),
+        "y": gy.tolist(),
+        "u": field[:, 0].view(size, size).tolist(),
+        "v": field[:, 1].view(size, size).tolist(),
+        "points": points.tolist(),
+    }
 
 
 # -- report -------------------------------------------------------------------------------
@@ -193,11 +259,15 @@ def estimated_seconds(layers: int, theta: float, variant: str, epochs: int) -> f
 def wall_time(results: list[dict], cores: int = 2) -> str:
     """The grid's wall time on ``cores`` cores (one worker each) estimated from :data:`EPOCH_SECONDS`,
     and the CPU time its cells measured (the run's wall time is in the summary's header)."""
-    estimate = sum(estimated_seconds(r["layers"], r["theta"], r["variant"], r["epochs"]) for r in results)
-    return (f"Wall time: estimated {_duration(estimate / cores)} on {cores} cores, one worker process per "
-            f"core ({_duration(estimate)} on one; from timed epochs, ex1.EPOCH_SECONDS); measured: "
-            f"{_duration(sum(r['seconds'] for r in results))} of cell time on one core, "
-            f"and the run's wall time above.")
+    estimate = sum(
+        estimated_seconds(r["layers"], r["theta"], r["variant"], r["epochs"]) for r in results
+    )
+    return (
+        f"Wall time: estimated {_duration(estimate / cores)} on {cores} cores, one worker process per "
+        f"core ({_duration(estimate)} on one; from timed epochs, ex1.EPOCH_SECONDS); measured: "
+        f"{_duration(sum(r['seconds'] for r in results))} of cell time on one core, "
+        f"and the run's wall time above."
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -209,62 +279,118 @@ def _duration(seconds: float) -> str:
 def summarize(results: list[dict]) -> str:
     """The settings, the wall time, and the table: one row per (depth, θ, variant), mean ± std over
     seeds."""
-    header = ["layers", "θ", "variant", "seeds", "stopped", "train loss", "val loss", "fwd iters", "bwd depth",
-              "‖∂L/∂y_1‖", "‖∂L/∂y_T‖", "max_t ρ(∂y_t/∂y_t−1)", "max_t ρ(θ∂F/∂y)", "minutes"]
+    header = [
+        "layers",
+        "θ",
+        "variant",
+        "seeds",
+        "stopped",
+        "train loss",
+        "val loss",
+        "fwd iters",
+        "bwd depth",
+        "‖∂L/∂y_1‖",
+        "‖∂L/∂y_T‖",
+        "max_t ρ(∂y_t/∂y_t−1)",
+        "max_t ρ(θ∂F/∂y)",
+        "minutes",
+    ]
     rows = []
-    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
+    for (layers, theta, variant), runs in sorted(
+        group(results, CONFIG).items(), key=lambda g: _order(g[0])
+    ):
+
         def stat(f):
             return fmt(*mean_std(f(r) for r in runs))
-        rows.append([layers, theta, variant, len(runs), sum(bool(r["history"]["stopped"]) for r in runs),
-                     stat(lambda r: r["train_loss"]), stat(lambda r: r["val_loss"]),
-                     stat(lambda r: np.mean(r["per_layer"]["forward_iterations"])),
-                     stat(lambda r: np.mean(r["per_layer"]["backward_iterations"])),
-                     stat(lambda r: r["per_layer"]["gradient"][0]), stat(lambda r: r["per_layer"]["gradient"][-1]),
-                     stat(lambda r: max(r["per_layer"]["rho_layer"])),
-                     stat(lambda r: max(r["per_layer"]["rho_neumann"])),
-                     f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
+
+        rows.append(
+            [
+                layers,
+                theta,
+                variant,
+                len(runs),
+                sum(bool(r["history"]["stopped"]) for r in runs),
+                stat(lambda r: r["train_loss"]),
+                stat(lambda r: r["val_loss"]),
+                stat(lambda r: np.mean(r["per_layer"]["forward_iterations"])),
+                stat(lambda r: np.mean(r["per_layer"]["backward_iterations"])),
+                stat(lambda r: r["per_layer"]["gradient"][0]),
+                stat(lambda r: r["per_layer"]["gradient"][-1]),
+                stat(lambda r: max(r["per_layer"]["rho_layer"])),
+                stat(lambda r: max(r["per_layer"]["rho_neumann"])),
+                f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}",
+            ]
+        )
     seeds = sorted({r["seed"] for r in results})
-    notes = (f"Variants: `paper` = the paper's settings (no R_fp, no contraction); `rfp` = R_fp weight "
-             f"{R_FP_WEIGHT}, p = 1; `contraction` = ODENet(contraction={CONTRACTION}), no R_fp. θ = 0 is "
-             f"trained once (as `paper`): the variants coincide there. Every cell uses init=\"{INIT}\" "
-             f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
-             f"\"stopped\": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n"
-             f"{wall_time(results)}")
-    return "\n\n".join([notes, markdown_table(header, rows), training_table(results), seed_table(results)])
+    notes = (
+        f"Variants: `paper` = the paper's settings (no R_fp, no contraction); `rfp` = R_fp weight "
+        f"{R_FP_WEIGHT}, p = 1; `contraction` = ODENet(contraction={CONTRACTION}), no R_fp. θ = 0 is "
+        f'trained once (as `paper`): the variants coincide there. Every cell uses init="{INIT}" '
+        f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
+        f'"stopped": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n'
+        f"{wall_time(results)}"
+    )
+    return "\n\n".join(
+        [notes, markdown_table(header, rows), training_table(results), seed_table(results)]
+    )
 
 
 def seed_table(results: list[dict]) -> str:
     """Final training / validation loss of every run, one column per seed (rankings need seeds apart)."""
     seeds = sorted({r["seed"] for r in results})
     rows = []
-    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
+    for (layers, theta, variant), runs in sorted(
+        group(results, CONFIG).items(), key=lambda g: _order(g[0])
+    ):
         by_seed = {r["seed"]: _final_losses(r) for r in runs}
         rows.append([layers, theta, variant, *(by_seed.get(seed, "–") for seed in seeds)])
-    return ("Per seed: final training / validation loss (or the epoch a broken run was stopped in).\n\n"
-            + markdown_table(["layers", "θ", "variant", *(f"seed {seed}" for seed in seeds)], rows))
+    return (
+        "Per seed: final training / validation loss (or the epoch a broken run was stopped in).\n\n"
+        + markdown_table(["layers", "θ", "variant", *(f"seed {seed}" for seed in seeds)], rows)
+    )
 
 
 def training_table(results: list[dict]) -> str:
     """Over training (Fig. 5 and the fit): forward iterations per layer early, at their peak and at the
     end, and the lowest validation loss with its epoch, mean ± std over seeds."""
-    header = ["layers", "θ", "variant", "fwd iters, first 5 %", "peak (epoch)", "fwd iters, last 5 %",
-              "lowest val loss (epoch)", "val loss at the end"]
+    header = [
+        "layers",
+        "θ",
+        "variant",
+        "fwd iters, first 5 %",
+        "peak (epoch)",
+        "fwd iters, last 5 %",
+        "lowest val loss (epoch)",
+        "val loss at the end",
+    ]
     rows = []
-    for (layers, theta, variant), runs in sorted(group(results, CONFIG).items(), key=lambda g: _order(g[0])):
+    for (layers, theta, variant), runs in sorted(
+        group(results, CONFIG).items(), key=lambda g: _order(g[0])
+    ):
         phases = [iteration_phases(r["history"]["forward_iterations"]) for r in runs]
         lowest = [lowest_val(r["history"]["val_loss"]) for r in runs]
 
         def stat(values, digits=3):
             return fmt(*mean_std(values), digits)
-        rows.append([layers, theta, variant, stat([p[0] for p in phases]),
-                     f"{stat([p[1] for p in phases])} ({stat([p[2] for p in phases], 4)})",
-                     stat([p[3] for p in phases]),
-                     f"{stat([v for v, _ in lowest])} ({stat([e for _, e in lowest], 4)})",
-                     stat([r["val_loss"] for r in runs])])
-    return ("Over training: forward iterations per layer (the mean over the layers and the epochs of the "
-            "first and last 5 % of training, and the highest epoch value with its epoch) and the lowest "
-            "validation loss seen (validation every few epochs) against the final one.\n\n"
-            + markdown_table(header, rows))
+
+        rows.append(
+            [
+                layers,
+                theta,
+                variant,
+                stat([p[0] for p in phases]),
+                f"{stat([p[1] for p in phases])} ({stat([p[2] for p in phases], 4)})",
+                stat([p[3] for p in phases]),
+                f"{stat([v for v, _ in lowest])} ({stat([e for _, e in lowest], 4)})",
+                stat([r["val_loss"] for r in runs]),
+            ]
+        )
+    return (
+        "Over training: forward iterations per layer (the mean over the layers and the epochs of the "
+        "first and last 5 % of training, and the highest epoch value with its epoch) and the lowest "
+        "validation loss seen (validation every few epochs) against the final one.\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def _final_losses(result: dict) -> str:
@@ -281,7 +407,12 @@ def iteration_phases(iterations: list[float]) -> tuple[float, float, float, floa
         return (math.nan,) * 4
     tail = max(1, len(values) // 20)
     peak = int(np.nanargmax(values))
-    return float(np.nanmean(values[:tail])), float(values[peak]), peak + 1, float(np.nanmean(values[-tail:]))
+    return (
+        float(np.nanmean(values[:tail])),
+        float(values[peak]),
+        peak + 1,
+        float(np.nanmean(values[-tail:])),
+    )
 
 
 def lowest_val(val_loss: list[float]) -> tuple[float, float]:
@@ -309,11 +440,17 @@ def figures(results: list[dict], out: Path) -> list[Path]:
     """Figs. 4–8 of the paper, from this run: one row of panels per variant (and per quantity)."""
     groups = group(results, CONFIG)
     depths = sorted({r["layers"] for r in results})
-    return [_curves(groups, depths, out, "ex1_losses.png", ("train_loss", "val_loss"), log=True),
-            _curves(groups, depths, out, "ex1_iterations.png", ("forward_iterations", "backward_iterations")),
-            _curves(groups, depths, out, "ex1_gradients.png", ("gradient_mean", "gradient_first"), log=True),
-            _layer_curves(groups, depths, out),
-            *[_fits(groups, layers, out) for layers in depths]]
+    return [
+        _curves(groups, depths, out, "ex1_losses.png", ("train_loss", "val_loss"), log=True),
+        _curves(
+            groups, depths, out, "ex1_iterations.png", ("forward_iterations", "backward_iterations")
+        ),
+        _curves(
+            groups, depths, out, "ex1_gradients.png", ("gradient_mean", "gradient_first"), log=True
+        ),
+        _layer_curves(groups, depths, out),
+        *[_fits(groups, layers, out) for layers in depths],
+    ]
 
 
 def _lines(groups: dict, layers: int, variant: str):
@@ -321,7 +458,12 @@ def _lines(groups: dict, layers: int, variant: str):
     once, as ``paper``) in every variant's panels as the explicit reference."""
     for (depth, theta, v), runs in sorted(groups.items(), key=lambda item: item[0][:2]):
         if depth == layers and (v == variant or theta == 0):
-            yield f"θ={theta}" + (" (explicit)" if theta == 0 else ""), theta_color(theta), STYLES[v], runs
+            yield (
+                f"θ={theta}" + (" (explicit)" if theta == 0 else ""),
+                theta_color(theta),
+                STYLES[v],
+                runs,
+            )
 
 
 def theta_color(theta: float) -> str:
@@ -329,19 +471,37 @@ def theta_color(theta: float) -> str:
     return color(THETAS.index(theta) if theta in THETAS else len(THETAS) + int(theta * 100) % 5)
 
 
-def _curves(groups: dict, depths: list[int], out: Path, name: str, keys: tuple, log: bool = False) -> Path:
+def _curves(
+    groups: dict, depths: list[int], out: Path, name: str, keys: tuple, log: bool = False
+) -> Path:
     """Histories over epochs: one row per (key, variant), one column per depth."""
     return _panels(groups, depths, out / name, keys, "history", "epoch", "{} layers", log)
 
 
 def _layer_curves(groups: dict, depths: list[int], out: Path) -> Path:
     """After training, against depth: gradient norms and the two spectral radii."""
-    return _panels(groups, depths, out / "ex1_layers.png", ("gradient", "rho_layer", "rho_neumann"),
-                   "per_layer", "layer t", "{} layers, after training", log=True)
+    return _panels(
+        groups,
+        depths,
+        out / "ex1_layers.png",
+        ("gradient", "rho_layer", "rho_neumann"),
+        "per_layer",
+        "layer t",
+        "{} layers, after training",
+        log=True,
+    )
 
 
-def _panels(groups: dict, depths: list[int], path: Path, keys: tuple, source: str, xlabel: str,
-            title: str, log: bool) -> Path:
+def _panels(
+    groups: dict,
+    depths: list[int],
+    path: Path,
+    keys: tuple,
+    source: str,
+    xlabel: str,
+    title: str,
+    log: bool,
+) -> Path:
     variants = variants_drawn(groups)
     fig, axes = grid_figure(len(keys) * len(variants), len(depths))
     for row, (key, variant) in enumerate((k, v) for k in keys for v in variants):
@@ -349,7 +509,11 @@ def _panels(groups: dict, depths: list[int], path: Path, keys: tuple, source: st
             ax = axes[row, col]
             for label, c, style, runs in _lines(groups, layers, variant):
                 band(ax, [r[source][key] for r in runs], label, c, style)
-            ax.set(title=f"{title.format(layers)}: {variant}", xlabel=xlabel, ylabel=key.replace("_", " "))
+            ax.set(
+                title=f"{title.format(layers)}: {variant}",
+                xlabel=xlabel,
+                ylabel=key.replace("_", " "),
+            )
             if log:
                 ax.set_yscale("log")
             if key == "rho_layer":
@@ -366,9 +530,13 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
     target_y = np.sin(target_x) + 0.1 * np.cos(19 * target_x)
     for row, (theta, variant) in enumerate(configs):
         drawn = [r for r in groups[(layers, theta, variant)] if "grid_output" in r]
-        if not drawn:  # every seed stopped as broken, or resumed from a results.json (no grids kept)
-            axes[row, 0].set_title(f"θ={theta}, {variant}: no fit kept (runs stopped, see the table,\n"
-                                   "or resumed from a published results.json)")
+        if (
+            not drawn
+        ):  # every seed stopped as broken, or resumed from a results.json (no grids kept)
+            axes[row, 0].set_title(
+                f"θ={theta}, {variant}: no fit kept (runs stopped, see the table,\n"
+                "or resumed from a published results.json)"
+            )
             continue
         run = drawn[0]
         ax = axes[row, 0]
@@ -378,7 +546,9 @@ def _fits(groups: dict, layers: int, out: Path) -> Path:
         states = np.array(run["trajectories"])
         ax = axes[row, 1]
         for i in range(states.shape[1]):
-            ax.plot(states[:, i, 0], states[:, i, 1], lw=0.8, color=VIRIDIS(i / (states.shape[1] - 1)))
+            ax.plot(
+                states[:, i, 0], states[:, i, 1], lw=0.8, color=VIRIDIS(i / (states.shape[1] - 1))
+            )
         ax.set(title="trajectories y_0 → y_T", xlabel="y[0]", ylabel="y[1]")
         field = run["field"]
         ax = axes[row, 2]

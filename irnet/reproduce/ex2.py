@@ -69,21 +69,54 @@ TEST_NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 NOISE_REPEATS = 20
 TARGET_ACC = 0.95
 GRADIENT_CLIP = 1.0
-FULL = {"layers": 100, "epochs": 600, "patience": 100, "seeds": 5, "sigmas": SIGMAS, "weights": WEIGHTS}
-TINY = {"layers": 3, "epochs": 2, "patience": 100, "seeds": 1, "sigmas": (0.01, 0.1), "weights": (0.003, 0.03)}
+FULL = {
+    "layers": 100,
+    "epochs": 600,
+    "patience": 100,
+    "seeds": 5,
+    "sigmas": SIGMAS,
+    "weights": WEIGHTS,
+}
+TINY = {
+    "layers": 3,
+    "epochs": 2,
+    "patience": 100,
+    "seeds": 1,
+    "sigmas": (0.01, 0.1),
+    "weights": (0.003, 0.03),
+}
 GRID = 80
-PUBLISHED_DRAWINGS = ("decision",)  # kept in results.json: a study resumed from it still draws Fig. 9
+PUBLISHED_DRAWINGS = (
+    "decision",
+)  # kept in results.json: a study resumed from it still draws Fig. 9
 
 
 def make_module(layers: int, sigma: float, weight: float, seed: int) -> ImplicitNetModule:
     """The spirals classifier of configs/ex2_spirals.yaml; ``weight = 0`` trains without R_rnd."""
-    net = ODENet(in_features=2, out_features=2, layers=layers, T=10.0, width=100, theta=0.5,
-                 activation="relu", stationary_init=True, readout="linear", init="bounded",
-                 contraction=0.9, warm_start=True, solver=Anderson(atol=1e-5, max_iter=50, history=3),
-                 linear_solver=Direct())
-    r_rnd = (PerturbationRegularizer(weight=weight, streams=2, sigma=sigma, r=1.0, seed=seed)
-             if weight > 0 else None)
-    return ImplicitNetModule(net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=r_rnd)
+    net = ODENet(
+        in_features=2,
+        out_features=2,
+        layers=layers,
+        T=10.0,
+        width=100,
+        theta=0.5,
+        activation="relu",
+        stationary_init=True,
+        readout="linear",
+        init="bounded",
+        contraction=0.9,
+        warm_start=True,
+        solver=Anderson(atol=1e-5, max_iter=50, history=3),
+        linear_solver=Direct(),
+    )
+    r_rnd = (
+        PerturbationRegularizer(weight=weight, streams=2, sigma=sigma, r=1.0, seed=seed)
+        if weight > 0
+        else None
+    )
+    return ImplicitNetModule(
+        net, loss="cross_entropy", lr=1e-3, lr_step=500, lr_gamma=0.7, r_rnd=r_rnd
+    )
 
 
 def configurations(settings: dict) -> list[tuple[float, float]]:
@@ -93,12 +126,24 @@ def configurations(settings: dict) -> list[tuple[float, float]]:
     return [(0.0, 0.0)] + sorted(sweep, key=lambda config: config[1] != SHIPPED_WEIGHT)
 
 
-def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
+def cells(
+    settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None
+) -> list[dict]:
     """Every seed of one configuration before the next (in :func:`configurations`' order): a study
     cut short and resumed later (its journal) has compared whole configurations meanwhile."""
-    return [{"sigma": sigma, "weight": weight, "seed": seed, "layers": settings["layers"],
-             "epochs": epochs or settings["epochs"], "patience": settings["patience"], "log_dir": str(log_dir)}
-            for sigma, weight in configurations(settings) for seed in range(seeds or settings["seeds"])]
+    return [
+        {
+            "sigma": sigma,
+            "weight": weight,
+            "seed": seed,
+            "layers": settings["layers"],
+            "epochs": epochs or settings["epochs"],
+            "patience": settings["patience"],
+            "log_dir": str(log_dir),
+        }
+        for sigma, weight in configurations(settings)
+        for seed in range(seeds or settings["seeds"])
+    ]
 
 
 class BestWeights(Callback):
@@ -122,13 +167,25 @@ def run_cell(cell: dict) -> dict:
     best = BestWeights()
     stop = EarlyStopping("val/loss", patience=cell["patience"], mode="min")
     name = f"sigma{cell['sigma']}_weight{cell['weight']}_seed{cell['seed']}"
-    history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name, callbacks=(stop, best),
-                    gradient_clip_val=GRADIENT_CLIP)
+    history = train(
+        module,
+        data,
+        cell["epochs"],
+        Path(cell["log_dir"]),
+        name,
+        callbacks=(stop, best),
+        gradient_clip_val=GRADIENT_CLIP,
+    )
     epochs_run = sum(not math.isnan(v) for v in history["train_loss"])
     if best.state is not None:
         module.load_state_dict(best.state)
-    return {"history": history, "epochs_run": epochs_run, "best_epoch": best.epoch,
-            "epoch_reached": first_reached(history["val_acc"], TARGET_ACC), **evaluate(module, data, cell["seed"])}
+    return {
+        "history": history,
+        "epochs_run": epochs_run,
+        "best_epoch": best.epoch,
+        "epoch_reached": first_reached(history["val_acc"], TARGET_ACC),
+        **evaluate(module, data, cell["seed"]),
+    }
 
 
 def first_reached(values: list[float], target: float) -> Optional[int]:
@@ -148,10 +205,19 @@ def evaluate(module: ImplicitNetModule, data: TwoSpirals, seed: int) -> dict:
     module.eval()
     data.setup("fit")
     (x, y), (xv, yv) = data.tensors("train"), data.tensors("val")
-    noisy = accuracy_under_noise(module, xv, yv, TEST_NOISE, repeats=NOISE_REPEATS,
-                                 generator=torch.Generator().manual_seed(1000 + seed))
-    return {"train_acc": _accuracy(module, x, y), "noise_acc": {str(s): a for s, a in noisy.items()},
-            "decision": decision_grid(module, x)}
+    noisy = accuracy_under_noise(
+        module,
+        xv,
+        yv,
+        TEST_NOISE,
+        repeats=NOISE_REPEATS,
+        generator=torch.Generator().manual_seed(1000 + seed),
+    )
+    return {
+        "train_acc": _accuracy(module, x, y),
+        "noise_acc": {str(s): a for s, a in noisy.items()},
+        "decision": decision_grid(module, x),
+    }
 
 
 def _accuracy(module: ImplicitNetModule, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -167,32 +233,54 @@ def decision_grid(module: ImplicitNetModule, x: torch.Tensor) -> dict:
     gx, gy = torch.meshgrid(xs, ys, indexing="xy")
     with torch.no_grad():
         prob = module(torch.stack([gx.flatten(), gy.flatten()], 1)).softmax(1)[:, 1]
-    return {"x": xs.tolist(), "y": ys.tolist(), "p": prob.view(GRID, GRID).round(decimals=3).tolist()}
+    return {
+        "x": xs.tolist(),
+        "y": ys.tolist(),
+        "p": prob.view(GRID, GRID).round(decimals=3).tolist(),
+    }
 
 
 # -- report -------------------------------------------------------------------------------
 
+
 def _protocol(results: list[dict]) -> str:
     """How the runs were trained and evaluated, and why (after the table of summary.md)."""
-    patience, epochs = sorted({r["patience"] for r in results}), sorted({r["epochs"] for r in results})
-    return (f"Training to convergence: each run trained until its validation loss had not improved for "
-            f"{'/'.join(map(str, patience))} epochs, at most {'/'.join(map(str, epochs))} epochs, and was "
-            f"evaluated with the weights of its smallest validation loss. In the full study (patience 100, "
-            f"at most 600): with the shipped config, seeds 0–9 reached val acc {TARGET_ACC} at epochs "
-            f"107–246 (docs/seeds.md); 600 leaves 2.4 times the slowest of them. A run whose validation loss "
-            f"keeps falling is not cut off, but one that sits at chance for more than the patience is stopped "
-            f"there (docs/REPORT.md §3b). The best epoch is chosen on the validation set reported here "
-            f"(the data set has no third split), so 'val acc' is a little optimistic; 'val acc, last "
-            f"epoch' is the last epoch run's. 'epoch val acc ≥ {TARGET_ACC}, per seed' is the first epoch "
-            f"whose validation accuracy reached {TARGET_ACC}, seeds in order.")
+    patience, epochs = (
+        sorted({r["patience"] for r in results}),
+        sorted({r["epochs"] for r in results}),
+    )
+    return (
+        f"Training to convergence: each run trained until its validation loss had not improved for "
+        f"{'/'.join(map(str, patience))} epochs, at most {'/'.join(map(str, epochs))} epochs, and was "
+        f"evaluated with the weights of its smallest validation loss. In the full study (patience 100, "
+        f"at most 600): with the shipped config, seeds 0–9 reached val acc {TARGET_ACC} at epochs "
+        f"107–246 (docs/seeds.md); 600 leaves 2.4 times the slowest of them. A run whose validation loss "
+        f"keeps falling is not cut off, but one that sits at chance for more than the patience is stopped "
+        f"there (docs/REPORT.md §3b). The best epoch is chosen on the validation set reported here "
+        f"(the data set has no third split), so 'val acc' is a little optimistic; 'val acc, last "
+        f"epoch' is the last epoch run's. 'epoch val acc ≥ {TARGET_ACC}, per seed' is the first epoch "
+        f"whose validation accuracy reached {TARGET_ACC}, seeds in order."
+    )
 
 
 def summarize(results: list[dict]) -> str:
     noisy = [s for s in TEST_NOISE if s > 0]
-    header = ["R_rnd σ", "weight", "seeds", f"epoch val acc ≥ {TARGET_ACC}, per seed", "epochs run",
-              "best epoch", "train acc", "val acc", *[f"val acc, noise σ={s}" for s in noisy],
-              "val acc, last epoch", "minutes"]
-    rows = [_row(key, runs, noisy) for key, runs in sorted(group(results, ("sigma", "weight")).items())]
+    header = [
+        "R_rnd σ",
+        "weight",
+        "seeds",
+        f"epoch val acc ≥ {TARGET_ACC}, per seed",
+        "epochs run",
+        "best epoch",
+        "train acc",
+        "val acc",
+        *[f"val acc, noise σ={s}" for s in noisy],
+        "val acc, last epoch",
+        "minutes",
+    ]
+    rows = [
+        _row(key, runs, noisy) for key, runs in sorted(group(results, ("sigma", "weight")).items())
+    ]
     return f"{markdown_table(header, rows)}\n\n{_protocol(results)}\n\n{_paired_table(results)}"
 
 
@@ -207,22 +295,41 @@ def _paired_table(results: list[dict]) -> str:
     for (sigma, weight), runs in sorted(group(results, ("sigma", "weight")).items()):
         paired = [r for r in runs if r["seed"] in baseline]
         if weight and paired:
-            rows.append([sigma, weight, *[paired_change([r["noise_acc"][str(s)] - baseline[r["seed"]][str(s)]
-                                                         for r in paired]) for s in PAIRED_NOISE]])
-    return ("Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard deviation "
-            "of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows))
-
+            rows.append(
+                [
+                    sigma,
+                    weight,
+                    *[
+                        paired_change(
+                            [r["noise_acc"][str(s)] - baseline[r["seed"]][str(s)] for r in paired]
+                        )
+                        for s in PAIRED_NOISE
+                    ],
+                ]
+            )
+    return (
+        "Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard deviation "
+        "of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows)
+    )
 
 
 def _row(key: tuple, runs: list[dict], noisy: list[float]) -> list:
     runs = sorted(runs, key=lambda r: r["seed"])
-    last = [r["history"]["val_acc"][r["epochs_run"] - 1] if r["epochs_run"] else math.nan for r in runs]
-    return [*(key if key[1] else ("none", "–")), len(runs),
-            ", ".join(str(r["epoch_reached"] or "never") for r in runs),
-            _median_range(r["epochs_run"] for r in runs), _median_range(r["best_epoch"] for r in runs),
-            fmt(*mean_std(r["train_acc"] for r in runs)), fmt(*mean_std(r["noise_acc"]["0.0"] for r in runs)),
-            *[fmt(*mean_std(r["noise_acc"][str(s)] for r in runs)) for s in noisy],
-            fmt(*mean_std(last)), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"]
+    last = [
+        r["history"]["val_acc"][r["epochs_run"] - 1] if r["epochs_run"] else math.nan for r in runs
+    ]
+    return [
+        *(key if key[1] else ("none", "–")),
+        len(runs),
+        ", ".join(str(r["epoch_reached"] or "never") for r in runs),
+        _median_range(r["epochs_run"] for r in runs),
+        _median_range(r["best_epoch"] for r in runs),
+        fmt(*mean_std(r["train_acc"] for r in runs)),
+        fmt(*mean_std(r["noise_acc"]["0.0"] for r in runs)),
+        *[fmt(*mean_std(r["noise_acc"][str(s)] for r in runs)) for s in noisy],
+        fmt(*mean_std(last)),
+        f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}",
+    ]
 
 
 def _median_range(values) -> str:
@@ -234,8 +341,11 @@ def figures(results: list[dict], out: Path) -> list[Path]:
     groups = dict(group(results, ("sigma", "weight")))
     sigmas = sorted({s for s, w in groups if w})
     weights = sorted({w for s, w in groups if w})
-    return [_decisions(groups, sigmas, weights, out), _noise_curves(groups, sigmas, weights, out),
-            _training(groups, sigmas, weights, out)]
+    return [
+        _decisions(groups, sigmas, weights, out),
+        _noise_curves(groups, sigmas, weights, out),
+        _training(groups, sigmas, weights, out),
+    ]
 
 
 def _label(sigma: float, weight: float) -> str:
@@ -253,7 +363,9 @@ def _decisions(groups: dict, sigmas: list, weights: list, out: Path) -> Path:
     _decision_panel(axes[0, 0], groups.get((0.0, 0.0)), points, "no R_rnd")
     for i, weight in enumerate(weights):
         for j, sigma in enumerate(sigmas):
-            _decision_panel(axes[i, j + 1], groups.get((sigma, weight)), points, f"σ={sigma}, weight {weight}")
+            _decision_panel(
+                axes[i, j + 1], groups.get((sigma, weight)), points, f"σ={sigma}, weight {weight}"
+            )
     return save(fig, out / "ex2_decision.png")
 
 
@@ -265,10 +377,25 @@ def _decision_panel(ax, runs: Optional[list[dict]], points: tuple, title: str) -
         return
     run = drawn[0]
     grid = run["decision"]
-    ax.contourf(grid["x"], grid["y"], grid["p"], levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
+    ax.contourf(
+        grid["x"], grid["y"], grid["p"], levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6
+    )
     for (x, y), marker in zip(points, ("o", "^")):
-        ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", s=10, marker=marker, edgecolors="k", linewidths=0.3)
-    ax.set(title=f"{title}\nseed {run['seed']}, val acc {run['noise_acc']['0.0']:.2f}", xticks=[], yticks=[])
+        ax.scatter(
+            x[:, 0],
+            x[:, 1],
+            c=y,
+            cmap="RdBu_r",
+            s=10,
+            marker=marker,
+            edgecolors="k",
+            linewidths=0.3,
+        )
+    ax.set(
+        title=f"{title}\nseed {run['seed']}, val acc {run['noise_acc']['0.0']:.2f}",
+        xticks=[],
+        yticks=[],
+    )
     ax.title.set_fontsize("small")
 
 
@@ -283,9 +410,18 @@ def _noise_curves(groups: dict, sigmas: list, weights: list, out: Path) -> Path:
     fig, axes = grid_figure(1, max(1, len(weights)), width=4.2, height=3.4)
     for ax, weight in zip(axes[0], weights or [0.0]):
         for label, c, runs in _panels(groups, sigmas, weight):
-            band(ax, [[r["noise_acc"][str(s)] for s in TEST_NOISE] for r in runs], label, c, x=TEST_NOISE)
-        ax.set(title=f"R_rnd weight {weight}", xlabel="σ of Gaussian noise on the validation inputs",
-               ylabel="validation accuracy")
+            band(
+                ax,
+                [[r["noise_acc"][str(s)] for s in TEST_NOISE] for r in runs],
+                label,
+                c,
+                x=TEST_NOISE,
+            )
+        ax.set(
+            title=f"R_rnd weight {weight}",
+            xlabel="σ of Gaussian noise on the validation inputs",
+            ylabel="validation accuracy",
+        )
         ax.legend(fontsize="small")
     return save(fig, out / "ex2_noise.png")
 

@@ -53,21 +53,46 @@ NOISE_REPEATS = 5
 JACOBIAN_SAMPLES = 200
 STATES = ("final", "best", "equal")
 VARIANTS = ("plain", "contraction", "fallback")
-FULL = {"thetas": THETAS, "contraction_thetas": CONTRACTION_THETAS, "fallback_thetas": FALLBACK_THETAS,
-        "epochs": EPOCHS, "seeds": 3, "train_size": 1000, "test_size": 1000}
-TINY = {"thetas": (0.0, 1.0), "contraction_thetas": (1.0,), "fallback_thetas": (), "epochs": 2, "seeds": 1,
-        "train_size": 100, "test_size": 50}
+FULL = {
+    "thetas": THETAS,
+    "contraction_thetas": CONTRACTION_THETAS,
+    "fallback_thetas": FALLBACK_THETAS,
+    "epochs": EPOCHS,
+    "seeds": 3,
+    "train_size": 1000,
+    "test_size": 1000,
+}
+TINY = {
+    "thetas": (0.0, 1.0),
+    "contraction_thetas": (1.0,),
+    "fallback_thetas": (),
+    "epochs": 2,
+    "seeds": 1,
+    "train_size": 100,
+    "test_size": 50,
+}
 
 
-def cells(settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None) -> list[dict]:
+def cells(
+    settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None
+) -> list[dict]:
     """Seed by seed: the plain θ values ascending, then the contraction and fallback rows."""
-    common = {"epochs": epochs or settings["epochs"], "train_size": settings["train_size"],
-              "test_size": settings["test_size"], "log_dir": str(log_dir)}
+    common = {
+        "epochs": epochs or settings["epochs"],
+        "train_size": settings["train_size"],
+        "test_size": settings["test_size"],
+        "log_dir": str(log_dir),
+    }
     grid = []
     for seed in range(seeds or settings["seeds"]):
-        grid += [{"theta": t, "variant": "plain", "seed": seed, **common} for t in settings["thetas"]]
-        grid += [{"theta": t, "variant": variant, "seed": seed, **common}
-                 for variant in ("contraction", "fallback") for t in settings[f"{variant}_thetas"]]
+        grid += [
+            {"theta": t, "variant": "plain", "seed": seed, **common} for t in settings["thetas"]
+        ]
+        grid += [
+            {"theta": t, "variant": variant, "seed": seed, **common}
+            for variant in ("contraction", "fallback")
+            for t in settings[f"{variant}_thetas"]
+        ]
     return grid
 
 
@@ -77,10 +102,18 @@ def make_module(theta: float, variant: str) -> ImplicitNetModule:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     solver = FixedPoint(atol=1e-4, max_iter=50)
     if variant == "fallback":
-        solver = Fallback([FixedPoint(atol=1e-4, max_iter=30), Anderson(atol=1e-4), Broyden(atol=1e-4)])
-    net = StagedConvODENet(channels=8, steps=2, T=2.0, theta=theta,
-                           contraction=CONTRACTION if variant == "contraction" else None, init="bounded",
-                           solver=solver)
+        solver = Fallback(
+            [FixedPoint(atol=1e-4, max_iter=30), Anderson(atol=1e-4), Broyden(atol=1e-4)]
+        )
+    net = StagedConvODENet(
+        channels=8,
+        steps=2,
+        T=2.0,
+        theta=theta,
+        contraction=CONTRACTION if variant == "contraction" else None,
+        init="bounded",
+        solver=solver,
+    )
     return ImplicitNetModule(net, loss="cross_entropy", lr=1e-2, lr_step=LR_STEP, lr_gamma=0.5)
 
 
@@ -88,11 +121,18 @@ def run_cell(cell: dict) -> dict:
     """Train one network for the whole budget; test it at its final, best and equal-accuracy states."""
     pl.seed_everything(cell["seed"], verbose=False)
     module = make_module(cell["theta"], cell["variant"])
-    data = MNIST5k(train_size=cell["train_size"], val_size=cell["test_size"], test_size=cell["test_size"],
-                   batch_size=200, seed=cell["seed"])
+    data = MNIST5k(
+        train_size=cell["train_size"],
+        val_size=cell["test_size"],
+        test_size=cell["test_size"],
+        batch_size=200,
+        seed=cell["seed"],
+    )
     best, equal = BestWeights(), FirstReached(EQUAL_ACC)
     name = f"theta{cell['theta']}_{cell['variant']}_seed{cell['seed']}"
-    history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name, callbacks=(best, equal))
+    history = train(
+        module, data, cell["epochs"], Path(cell["log_dir"]), name, callbacks=(best, equal)
+    )
     data.setup("test")
     x, y = data.tensors("test")
     # a run stopped as broken has no final state, but its best and equal states were trained before
@@ -102,25 +142,43 @@ def run_cell(cell: dict) -> dict:
         if state is not None:
             module.load_state_dict(state)
             tested[state_name] = _test(module, x, y, cell["seed"])
-    return {"history": history, "best_epoch": best.epoch, "equal_epoch": equal.epoch, "tested": tested}
+    return {
+        "history": history,
+        "best_epoch": best.epoch,
+        "equal_epoch": equal.epoch,
+        "tested": tested,
+    }
 
 
 def _test(module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
     module.eval()
-    noisy = accuracy_under_noise(module, x, y, (0.0, *NOISE), repeats=NOISE_REPEATS, batch_size=500,
-                                 clip=(0.0, 1.0), generator=torch.Generator().manual_seed(1000 + seed))
-    return {**{str(sigma): accuracy for sigma, accuracy in noisy.items()},
-            "jacobian": input_jacobian_norm(module, x[:JACOBIAN_SAMPLES])}
+    noisy = accuracy_under_noise(
+        module,
+        x,
+        y,
+        (0.0, *NOISE),
+        repeats=NOISE_REPEATS,
+        batch_size=500,
+        clip=(0.0, 1.0),
+        generator=torch.Generator().manual_seed(1000 + seed),
+    )
+    return {
+        **{str(sigma): accuracy for sigma, accuracy in noisy.items()},
+        "jacobian": input_jacobian_norm(module, x[:JACOBIAN_SAMPLES]),
+    }
 
 
 # -- report -------------------------------------------------------------------------------
+
 
 def _accuracy(result: dict, state: str, sigma) -> float:
     return result["tested"].get(state, {}).get(str(sigma), math.nan)
 
 
 def _label(result: dict) -> str:
-    return f"θ={result['theta']:g}" + ("" if result["variant"] == "plain" else f" {result['variant']}")
+    return f"θ={result['theta']:g}" + (
+        "" if result["variant"] == "plain" else f" {result['variant']}"
+    )
 
 
 def summarize(results: list[dict]) -> str:
@@ -129,25 +187,49 @@ def summarize(results: list[dict]) -> str:
 
 
 def _state_table(results: list[dict], state: str) -> str:
-    header = ["θ", "variant", "seeds", "broke", "clean", *[f"σ={s}" for s in NOISE], "‖∂f/∂x‖_F",
-              "epoch (per seed)", "fwd iters, last epoch", "minutes"]
+    header = [
+        "θ",
+        "variant",
+        "seeds",
+        "broke",
+        "clean",
+        *[f"σ={s}" for s in NOISE],
+        "‖∂f/∂x‖_F",
+        "epoch (per seed)",
+        "fwd iters, last epoch",
+        "minutes",
+    ]
     rows = []
     for (variant, theta), runs in _configurations(results):
         runs = sorted(runs, key=lambda r: r["seed"])
         epoch_key = {"final": None, "best": "best_epoch", "equal": "equal_epoch"}[state]
         epochs = "–" if epoch_key is None else ", ".join(str(r[epoch_key] or "never") for r in runs)
         iters = [r["history"]["forward_iterations"][-1] for r in runs]
-        rows.append([f"{theta:g}", variant, len(runs), sum(bool(r["history"]["stopped"]) for r in runs),
-                     *[fmt_finite(_accuracy(r, state, s) for r in runs) for s in (0.0, *NOISE)],
-                     fmt_finite(_accuracy(r, state, "jacobian") for r in runs), epochs,
-                     fmt_finite(iters), f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}"])
-    return f"**{state}** weights: test accuracy under Gaussian noise σ (pixels in [0, 1], clipped)\n\n" + \
-        markdown_table(header, rows)
+        rows.append(
+            [
+                f"{theta:g}",
+                variant,
+                len(runs),
+                sum(bool(r["history"]["stopped"]) for r in runs),
+                *[fmt_finite(_accuracy(r, state, s) for r in runs) for s in (0.0, *NOISE)],
+                fmt_finite(_accuracy(r, state, "jacobian") for r in runs),
+                epochs,
+                fmt_finite(iters),
+                f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}",
+            ]
+        )
+    return (
+        f"**{state}** weights: test accuracy under Gaussian noise σ (pixels in [0, 1], clipped)\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def _configurations(results: list[dict]) -> list[tuple[tuple, list[dict]]]:
     """Runs grouped by (variant, θ): the plain rows by θ, then the contraction and fallback rows."""
-    return sorted(group(results, ("variant", "theta")).items(), key=lambda item: (item[0][0] != "plain", item[0][1]))
+    return sorted(
+        group(results, ("variant", "theta")).items(),
+        key=lambda item: (item[0][0] != "plain", item[0][1]),
+    )
 
 
 def _direction(results: list[dict]) -> str:
@@ -160,22 +242,30 @@ def _direction(results: list[dict]) -> str:
             continue
         row = [_label(runs[0])]
         for state in STATES:
-            deltas = [_accuracy(r, state, PAPER_NOISE) - _accuracy(baseline[r["seed"]], state, PAPER_NOISE)
-                      for r in runs if r["seed"] in baseline]
+            deltas = [
+                _accuracy(r, state, PAPER_NOISE)
+                - _accuracy(baseline[r["seed"]], state, PAPER_NOISE)
+                for r in runs
+                if r["seed"] in baseline
+            ]
             deltas = [d for d in deltas if not math.isnan(d)]
             row.append(paired_change(deltas) if deltas else "–")
         rows.append(row)
-    return (f"Change in test accuracy under σ = {PAPER_NOISE} from θ = 0, paired by seed (the authors: "
-            f"63.2 % at θ = 0, 75.4 % at θ = 1).\n\n" + markdown_table(header, rows))
+    return (
+        f"Change in test accuracy under σ = {PAPER_NOISE} from θ = 0, paired by seed (the authors: "
+        f"63.2 % at θ = 0, 75.4 % at θ = 1).\n\n" + markdown_table(header, rows)
+    )
 
 
 def _protocol() -> str:
-    return (f"'final': the weights after all epochs (the authors tested these); 'best': those of the smallest "
-            f"validation loss; 'equal': those of the first epoch whose validation accuracy reached {EQUAL_ACC} "
-            f"('never': not reached, left out). {NOISE_REPEATS} noise draws per test image. ‖∂f/∂x‖_F: the "
-            f"Frobenius norm of the logits' Jacobian with respect to the pixels, mean over "
-            f"{JACOBIAN_SAMPLES} test images. 'broke': runs stopped as broken (no final state; their best and "
-            f"equal states, from before the break, are tested).")
+    return (
+        f"'final': the weights after all epochs (the authors tested these); 'best': those of the smallest "
+        f"validation loss; 'equal': those of the first epoch whose validation accuracy reached {EQUAL_ACC} "
+        f"('never': not reached, left out). {NOISE_REPEATS} noise draws per test image. ‖∂f/∂x‖_F: the "
+        f"Frobenius norm of the logits' Jacobian with respect to the pixels, mean over "
+        f"{JACOBIAN_SAMPLES} test images. 'broke': runs stopped as broken (no final state; their best and "
+        f"equal states, from before the break, are tested)."
+    )
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:
@@ -189,8 +279,16 @@ def _noise_figure(results: list[dict], out: Path) -> Path:
     levels = [0.0, *NOISE]
     for ax, state in zip(axes[0], STATES):
         for i, (_, runs) in enumerate(_configurations(results)):
-            band(ax, [[_accuracy(r, state, s) for s in levels] for r in runs], _label(runs[0]), color(i), x=levels)
-        ax.set(title=f"{state} weights", xlabel="noise σ (pixel range [0, 1])", ylabel="test accuracy")
+            band(
+                ax,
+                [[_accuracy(r, state, s) for s in levels] for r in runs],
+                _label(runs[0]),
+                color(i),
+                x=levels,
+            )
+        ax.set(
+            title=f"{state} weights", xlabel="noise σ (pixel range [0, 1])", ylabel="test accuracy"
+        )
         ax.legend(fontsize="small")
     return save(fig, out / "mnist_theta.png")
 

@@ -74,7 +74,11 @@ class Criterion:
         if result.get("failed") and self.key.startswith("final_"):
             return False
         value = result.get(self.key)
-        return value is not None and not math.isnan(value) and _OPS[self.op](as_logged(value), as_logged(self.threshold))
+        return (
+            value is not None
+            and not math.isnan(value)
+            and _OPS[self.op](as_logged(value), as_logged(self.threshold))
+        )
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -127,8 +131,9 @@ def parse_stop_when(text: str) -> Criterion:
     """
     criterion = parse_criterion(text)
     if criterion.key not in STOP_MONITORS:
-        raise ValueError(f"--stop-when takes a criterion on {' or '.join(STOP_MONITORS.values())}, "
-                         f"got {text!r}")
+        raise ValueError(
+            f"--stop-when takes a criterion on {' or '.join(STOP_MONITORS.values())}, got {text!r}"
+        )
     return criterion
 
 
@@ -141,8 +146,13 @@ def early_stop(criterion: Criterion) -> Any:
     from pytorch_lightning.callbacks import EarlyStopping
 
     mode = "min" if criterion.op in ("<=", "<") else "max"
-    return EarlyStopping(monitor=STOP_MONITORS[criterion.key], mode=mode, patience=10**9,
-                         stopping_threshold=criterion.threshold, check_finite=False)
+    return EarlyStopping(
+        monitor=STOP_MONITORS[criterion.key],
+        mode=mode,
+        patience=10**9,
+        stopping_threshold=criterion.threshold,
+        check_finite=False,
+    )
 
 
 def parse_set(text: str) -> tuple[str, str]:

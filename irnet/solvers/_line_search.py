@@ -69,7 +69,9 @@ def line_search(
     step = torch.where(curvature > 0, slope / (2 * curvature.clamp_min(1e-300)), step0)
     step = torch.where(torch.isfinite(step) & (step > 0), step, step0)
     if on_accelerator_path(y):
-        return _backtrack_stacked(problem, y, r, direction, slope, step, phi0, armijo, max_backtracks)
+        return _backtrack_stacked(
+            problem, y, r, direction, slope, step, phi0, armijo, max_backtracks
+        )
 
     accepted = torch.zeros_like(phi0, dtype=torch.bool)
     best_step, y_best, r_best = torch.zeros_like(step), y, r
@@ -86,9 +88,17 @@ def line_search(
     return best_step, y_best, r_best
 
 
-def _backtrack_stacked(problem: FixedPointProblem, y: Tensor, r: Tensor, direction: Tensor, slope: Tensor,
-                       step: Tensor, phi0: Tensor, armijo: float,
-                       max_backtracks: int) -> tuple[Tensor, Tensor, Tensor]:
+def _backtrack_stacked(
+    problem: FixedPointProblem,
+    y: Tensor,
+    r: Tensor,
+    direction: Tensor,
+    slope: Tensor,
+    step: Tensor,
+    phi0: Tensor,
+    armijo: float,
+    max_backtracks: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The backtracking of :func:`line_search` without host reads: all ``max_backtracks + 1`` steps
     at once, each sample taking the first that satisfies the Armijo condition (λ = 0 if none does).
 
@@ -103,7 +113,7 @@ def _backtrack_stacked(problem: FixedPointProblem, y: Tensor, r: Tensor, directi
     accepted = torch.zeros_like(phi0, dtype=torch.bool)
     best_step, y_best, r_best = torch.zeros_like(step), y, r
     for first in range(0, len(steps), per_call):
-        trial = torch.stack(steps[first:first + per_call])  # (k, batch)
+        trial = torch.stack(steps[first : first + per_call])  # (k, batch)
         ys, rs, values = _evaluate_stacked(problem, y, direction, trial)
         ok = torch.isfinite(values) & (values <= phi0 - armijo * trial * slope)
         # Each sample's first passing step in this group, if it has none from an earlier group.
@@ -124,8 +134,9 @@ def _trials_per_evaluation(problem: FixedPointProblem, y: Tensor, trials: int) -
     return max(1, min(trials, STACKED_AT_MOST_BYTES // max(1, y.numel() * y.element_size())))
 
 
-def _evaluate_stacked(problem: FixedPointProblem, y: Tensor, direction: Tensor,
-                      trial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _evaluate_stacked(
+    problem: FixedPointProblem, y: Tensor, direction: Tensor, trial: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The iterates ``y − λ s``, their residuals and ``φ`` for the ``k`` steps of ``trial`` (k, batch),
     by one evaluation of F on the ``k`` batches stacked; shapes (k, batch, …), (k, batch, …), (k, batch)."""
     k, batch = trial.shape

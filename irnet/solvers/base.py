@@ -172,7 +172,9 @@ class IterativeSolver(NonlinearSolver):
         graph = problem.differentiable and torch.is_grad_enabled()
         if not record.done_at_start():
             for k in range(self.max_iter):
-                state = self.step_into(problem, state, None if graph else record.slot(state.y, ahead=1))
+                state = self.step_into(
+                    problem, state, None if graph else record.slot(state.y, ahead=1)
+                )
                 res = sample_norm(state.r)
                 if record.add(state.y, res, last=k + 1 == self.max_iter):
                     break

@@ -69,8 +69,10 @@ class Fallback(NonlinearSolver):
             raise ValueError("solvers must hold at least one irnet.solvers solver, got []")
         for s in solvers:
             if not isinstance(s, NonlinearSolver) or isinstance(s, Fallback):
-                raise ValueError("solvers must hold irnet.solvers solvers (not a Fallback), "
-                                 f"got {type(s).__name__}")
+                raise ValueError(
+                    "solvers must hold irnet.solvers solvers (not a Fallback), "
+                    f"got {type(s).__name__}"
+                )
         atols = [s.atol for s in solvers]
         if len(set(atols)) > 1:
             raise ValueError(

@@ -73,7 +73,9 @@ class FixedPoint(IterativeSolver):
         return self.init(problem, state.g)
 
     def step_into(self, problem: FixedPointProblem, state: _State, out: Optional[Tensor]) -> _State:
-        return self.init(problem, state.g, out)  # g, the next step's iterate, goes straight to ``out``
+        return self.init(
+            problem, state.g, out
+        )  # g, the next step's iterate, goes straight to ``out``
 
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         if self.fixed_count:
@@ -92,8 +94,9 @@ class FixedPoint(IterativeSolver):
         taken = 0
         while taken < self.max_iter and bool(progress.active.any()):
             if taken == solve_progress.ONE_BY_ONE_FIRST:
-                progress, last_res = picard_rows(problem, state.g, taken + 1, progress, self.atol, self.max_iter,
-                                                 rows)
+                progress, last_res = picard_rows(
+                    problem, state.g, taken + 1, progress, self.atol, self.max_iter, rows
+                )
                 break
             state = self.step(problem, state)
             last_res = sample_norm(state.r)
@@ -101,9 +104,13 @@ class FixedPoint(IterativeSolver):
             taken += 1
         converged = progress.best_res <= self.atol
         diverged = diverged_samples(converged, progress.iterations, self.max_iter, last_res)
-        return progress.best, SolverStats(progress.iterations, progress.best_res.detach(), converged, diverged)
+        return progress.best, SolverStats(
+            progress.iterations, progress.best_res.detach(), converged, diverged
+        )
 
-    def _iterate_fixed_count(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, Optional[SolverStats]]:
+    def _iterate_fixed_count(
+        self, problem: FixedPointProblem, y0: Tensor
+    ) -> tuple[Tensor, Optional[SolverStats]]:
         y = y0
         for _ in range(self.max_iter):
             y = problem.map(y)
@@ -115,7 +122,9 @@ class FixedPoint(IterativeSolver):
         """The statistics of a fixed-count solve whose answer has residual norms ``res``."""
         iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
         converged = res <= self.atol
-        diverged = diverged_samples(converged, iterations, self.max_iter, res)  # a non-finite answer
+        diverged = diverged_samples(
+            converged, iterations, self.max_iter, res
+        )  # a non-finite answer
         return SolverStats(iterations, res.detach(), converged, diverged)
 
 
@@ -124,8 +133,15 @@ class PicardResult(NamedTuple):
     last_res: Tensor  # the residual norms of the last iterate whose residual was computed
 
 
-def picard_rows(problem, y: Tensor, index: int, progress: Progress, atol: float, max_iter: int,
-                rows_per_settlement: int) -> PicardResult:
+def picard_rows(
+    problem,
+    y: Tensor,
+    index: int,
+    progress: Progress,
+    atol: float,
+    max_iter: int,
+    rows_per_settlement: int,
+) -> PicardResult:
     """Iterate ``y ← problem.map(y)`` (no autograd graph) on from the iterate ``y`` of number ``index``
     (≥ 1, ≤ ``max_iter``), whose residual is not yet known, to at most iterate ``max_iter``.
 
@@ -140,7 +156,9 @@ def picard_rows(problem, y: Tensor, index: int, progress: Progress, atol: float,
         give_back_scratch(rows)
 
 
-def _iterate(problem, base: int, progress: Progress, rows: Tensor, atol: float, max_iter: int) -> PicardResult:
+def _iterate(
+    problem, base: int, progress: Progress, rows: Tensor, atol: float, max_iter: int
+) -> PicardResult:
     # rows[i] holds the iterate of index base + i; rows[:normed] have known residual norms,
     # rows[:top + 1] are computed. Index max_iter is the last iterate that may be an answer;
     # its residual needs one more evaluation.
@@ -154,7 +172,9 @@ def _iterate(problem, base: int, progress: Progress, rows: Tensor, atol: float, 
         newest = base + top - 1  # the newest iterate whose residual is now computable
         if not (schedule.due(newest) or newest == max_iter or top == capacity):
             continue
-        norms.append(row_sample_norms(rows[normed:top] - rows[normed + 1:top + 1]))  # r(yₖ) = yₖ − yₖ₊₁
+        norms.append(
+            row_sample_norms(rows[normed:top] - rows[normed + 1 : top + 1])
+        )  # r(yₖ) = yₖ − yₖ₊₁
         normed = top
         largest = float(norms[-1][-1].amax())  # NaN compares false: a non-finite sample stops
         schedule.seen(newest, largest / atol)

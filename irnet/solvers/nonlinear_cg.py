@@ -61,15 +61,21 @@ class NonlinearCG(IterativeSolver):
     def step(self, problem: FixedPointProblem, state: _State) -> _State:
         slope = sample_dot(state.grad, state.direction)
         step, y, _ = line_search(
-            problem, state.y, state.r, state.direction, slope, state.step,
+            problem,
+            state.y,
+            state.r,
+            state.direction,
+            slope,
+            state.step,
             max_backtracks=self.max_backtracks,
         )
         r, grad = problem.residual_and_gradient(y)
         direction = grad + per_sample(self._beta(grad, state.grad), grad) * state.direction
         descent = sample_dot(grad, direction) > 0
         direction = torch.where(per_sample(descent, grad), direction, grad)
-        return _State(y=y, r=r, grad=grad, direction=direction,
-                      step=torch.where(step > 0, step, state.step))
+        return _State(
+            y=y, r=r, grad=grad, direction=direction, step=torch.where(step > 0, step, state.step)
+        )
 
     def _beta(self, grad: Tensor, grad_prev: Tensor) -> Tensor:
         denom = sample_dot(grad_prev, grad_prev).clamp_min(torch.finfo(grad.dtype).tiny)

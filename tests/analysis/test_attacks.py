@@ -67,8 +67,10 @@ def test_fgsm_on_a_linear_model_is_the_closed_form():
 
 def test_perturbations_stay_in_the_ball_and_the_data_range(trained):
     model, x, target = trained
-    for adv in (fgsm(model, x, target, 0.3, clamp=(-2.0, 2.0)),
-                pgd(model, x, target, 0.3, steps=5, clamp=(-2.0, 2.0))):
+    for adv in (
+        fgsm(model, x, target, 0.3, clamp=(-2.0, 2.0)),
+        pgd(model, x, target, 0.3, steps=5, clamp=(-2.0, 2.0)),
+    ):
         assert not adv.requires_grad
         inside = (x >= -2) & (x <= 2)  # where x is in range, the ball is respected exactly
         assert (adv - x)[inside].abs().max() <= 0.3 + 1e-6
@@ -109,10 +111,17 @@ def test_accuracy_falls_with_eps_and_sigma_and_the_model_is_untouched(trained):
     eps_list = [0.0, 0.25, 0.5, 1.0, 2.0]
     curves = [
         accuracy_under_attack(model, x, target, "fgsm", eps_list, batch_size=64),
-        accuracy_under_attack(model, x, target, pgd, eps_list, steps=5,
-                              generator=torch.Generator().manual_seed(0)),
-        accuracy_under_noise(model, x, target, [0.0, 0.5, 1.0, 3.0],
-                             generator=torch.Generator().manual_seed(0), repeats=2),
+        accuracy_under_attack(
+            model, x, target, pgd, eps_list, steps=5, generator=torch.Generator().manual_seed(0)
+        ),
+        accuracy_under_noise(
+            model,
+            x,
+            target,
+            [0.0, 0.5, 1.0, 3.0],
+            generator=torch.Generator().manual_seed(0),
+            repeats=2,
+        ),
     ]
     for curve in curves:
         accs = list(curve.values())
@@ -134,18 +143,21 @@ def test_eval_mode_is_used_and_restored():
     assert not model.training
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda m, x, t: fgsm(m, x, t, -0.1), "eps"),
-    (lambda m, x, t: fgsm(m, x, t, 0.1, clamp=(1.0, 0.0)), "clamp"),
-    (lambda m, x, t: fgsm(m, x[:3], t, 0.1), "target"),
-    (lambda m, x, t: pgd(m, x, t, 0.1, steps=0), "steps"),
-    (lambda m, x, t: pgd(m, x, t, 0.1, step_size=0.0), "step_size"),
-    (lambda m, x, t: accuracy_under_attack(m, x, t, "cw", [0.1]), "attack"),
-    (lambda m, x, t: accuracy_under_attack(m, x, t, fgsm, [0.1, -1]), r"eps_list\[1\]"),
-    (lambda m, x, t: accuracy_under_attack(m, x, t, fgsm, [0.1], batch_size=0), "batch_size"),
-    (lambda m, x, t: accuracy_under_noise(m, x, t, []), "sigmas"),
-    (lambda m, x, t: accuracy_under_noise(m, x, t, [0.1], repeats=0), "repeats"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m, x, t: fgsm(m, x, t, -0.1), "eps"),
+        (lambda m, x, t: fgsm(m, x, t, 0.1, clamp=(1.0, 0.0)), "clamp"),
+        (lambda m, x, t: fgsm(m, x[:3], t, 0.1), "target"),
+        (lambda m, x, t: pgd(m, x, t, 0.1, steps=0), "steps"),
+        (lambda m, x, t: pgd(m, x, t, 0.1, step_size=0.0), "step_size"),
+        (lambda m, x, t: accuracy_under_attack(m, x, t, "cw", [0.1]), "attack"),
+        (lambda m, x, t: accuracy_under_attack(m, x, t, fgsm, [0.1, -1]), r"eps_list\[1\]"),
+        (lambda m, x, t: accuracy_under_attack(m, x, t, fgsm, [0.1], batch_size=0), "batch_size"),
+        (lambda m, x, t: accuracy_under_noise(m, x, t, []), "sigmas"),
+        (lambda m, x, t: accuracy_under_noise(m, x, t, [0.1], repeats=0), "repeats"),
+    ],
+)
 def test_bad_arguments_name_the_argument(call, name):
     x, target = disk_and_ring(8)
     with pytest.raises(ValueError, match=name):
@@ -154,9 +166,18 @@ def test_bad_arguments_name_the_argument(call, name):
 
 def test_fgsm_on_an_implicit_network_follows_the_finite_difference_gradient():
     torch.manual_seed(0)
-    net = ODENet(in_features=2, out_features=2, layers=3, T=1.0, width=16, theta=0.5,
-                 activation="tanh", readout="linear", solver=FixedPoint(atol=1e-12, max_iter=500),
-                 linear_solver=Neumann(rtol=1e-12, max_iter=500)).double()
+    net = ODENet(
+        in_features=2,
+        out_features=2,
+        layers=3,
+        T=1.0,
+        width=16,
+        theta=0.5,
+        activation="tanh",
+        readout="linear",
+        solver=FixedPoint(atol=1e-12, max_iter=500),
+        linear_solver=Neumann(rtol=1e-12, max_iter=500),
+    ).double()
     x = torch.randn(4, 2, dtype=torch.float64)
     target = torch.tensor([0, 1, 1, 0])
 

@@ -87,10 +87,18 @@ class Undifferentiable(nn.Module):
 
 def small_odenet(solver=None, linear_solver=None, theta: float = 0.5) -> ODENet:
     torch.manual_seed(0)
-    return ODENet(in_features=2, out_features=2, layers=3, T=1.0, width=8, theta=theta,
-                  activation="tanh", readout="linear",
-                  solver=solver or FixedPoint(atol=1e-3, max_iter=50),
-                  linear_solver=linear_solver or Neumann(rtol=1e-2, max_iter=50)).double()
+    return ODENet(
+        in_features=2,
+        out_features=2,
+        layers=3,
+        T=1.0,
+        width=8,
+        theta=theta,
+        activation="tanh",
+        readout="linear",
+        solver=solver or FixedPoint(atol=1e-3, max_iter=50),
+        linear_solver=linear_solver or Neumann(rtol=1e-2, max_iter=50),
+    ).double()
 
 
 # ---------------------------------------------------------------- SPSA
@@ -106,15 +114,20 @@ def test_spsa_gradient_converges_to_the_closed_form_gradient():
         logits = model(x)
     # margin = z_j* − z_y (j* the best other class): ∇ = w_j* − w_y; CE: ∇ = Wᵀ(softmax − e_y).
     runner_up = logits.masked_fill(functional.one_hot(target, 3).bool(), -torch.inf).argmax(dim=1)
-    exact = {"margin": w[runner_up] - w[target],
-             "ce": (logits.softmax(dim=1) - functional.one_hot(target, 3)) @ w}
-    losses = {"margin": margin_loss,
-              "ce": lambda z, t: functional.cross_entropy(z, t, reduction="none")}
+    exact = {
+        "margin": w[runner_up] - w[target],
+        "ce": (logits.softmax(dim=1) - functional.one_hot(target, 3)) @ w,
+    }
+    losses = {
+        "margin": margin_loss,
+        "ce": lambda z, t: functional.cross_entropy(z, t, reduction="none"),
+    }
     for name, loss_fn in losses.items():
         errors = []
         for samples in (250, 4000):
-            estimate = spsa_gradient(model, x, target, samples=samples, delta=1e-4,
-                                     loss_fn=loss_fn, generator=seeded())
+            estimate = spsa_gradient(
+                model, x, target, samples=samples, delta=1e-4, loss_fn=loss_fn, generator=seeded()
+            )
             errors.append(((estimate - exact[name]).norm(dim=1) / exact[name].norm(dim=1)).max())
         # Rademacher estimator: relative error ~ √((d − 1) / samples) = 0.13 and 0.03 here.
         assert errors[1] < 0.08 and errors[1] < errors[0] / 2, (name, errors)
@@ -129,8 +142,17 @@ def test_one_spsa_step_on_a_linear_model_is_the_fgsm_step():
         target = model(x).argmax(dim=1)  # all classified correctly: every sample is attacked
     expected = fgsm(model, x, target, 0.1)
     for update in ("sign", "adam"):
-        adv = spsa(model, x, target, 0.1, steps=1, samples=2000, step_size=0.1, update=update,
-                   generator=seeded())
+        adv = spsa(
+            model,
+            x,
+            target,
+            0.1,
+            steps=1,
+            samples=2000,
+            step_size=0.1,
+            update=update,
+            generator=seeded(),
+        )
         # Adam's first step is m̂ / (√v̂ + 1e-8) = g / (|g| + 1e-8): the sign, to 1e-8.
         assert torch.allclose(adv, expected, rtol=0, atol=1e-7), update
 
@@ -154,10 +176,14 @@ def test_spsa_and_transfer_break_a_masked_gradient_that_pgd_does_not(trained):
     assert accuracy(masked, fgsm(masked, x, target, eps), target) == 1.0
     by_pgd = accuracy(masked, pgd(masked, x, target, eps, steps=20, generator=seeded()), target)
     # Differences across the grid (δ = 0.1 > half a cell on many probes) see the decision boundary.
-    by_spsa = accuracy(masked, spsa(masked, x, target, eps, steps=20, samples=32, delta=0.1,
-                                    generator=seeded()), target)
-    by_transfer = transfer(model, masked, x, target, eps, steps=20,
-                           generator=seeded()).target_accuracy
+    by_spsa = accuracy(
+        masked,
+        spsa(masked, x, target, eps, steps=20, samples=32, delta=0.1, generator=seeded()),
+        target,
+    )
+    by_transfer = transfer(
+        model, masked, x, target, eps, steps=20, generator=seeded()
+    ).target_accuracy
     unmasked = accuracy(model, pgd(model, x, target, eps, steps=20, generator=seeded()), target)
     # Measured: PGD 0.97, SPSA 0.395, transfer 0.415, PGD on the unmasked model 0.435.
     assert by_pgd > 0.9
@@ -186,8 +212,9 @@ def test_spsa_samples_are_independent_of_each_other():
     target = torch.randint(0, 3, (12,))
     other = x.clone()
     other[1:] = torch.randn(11, 2, dtype=torch.float64)  # every sample but the first changes
-    runs = [spsa(model, z, target, 0.5, steps=10, samples=16, generator=seeded())
-            for z in (x, other)]
+    runs = [
+        spsa(model, z, target, 0.5, steps=10, samples=16, generator=seeded()) for z in (x, other)
+    ]
     assert torch.allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
     assert not torch.allclose(runs[0][1:], runs[1][1:])
     # A sample misclassified from the start is left where it is.
@@ -197,8 +224,10 @@ def test_spsa_samples_are_independent_of_each_other():
 
 def test_spsa_with_a_generator_is_reproducible(trained):
     model, x, target = trained
-    first, again, other = (spsa(model, x, target, 0.75, steps=3, samples=4, update="sign",
-                                generator=seeded(s)) for s in (7, 7, 8))
+    first, again, other = (
+        spsa(model, x, target, 0.75, steps=3, samples=4, update="sign", generator=seeded(s))
+        for s in (7, 7, 8)
+    )
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
@@ -223,9 +252,11 @@ def test_restarts_are_never_worse_than_one_pgd_run_per_sample(trained):
 def test_perturbations_stay_in_the_ball_and_the_data_range(trained):
     model, x, target = trained
     box = (-2.0, 2.0)
-    for adv in (spsa(model, x, target, 0.5, steps=5, samples=8, clamp=box, generator=seeded()),
-                spsa(model, x, target, 0.5, steps=5, samples=8, update="sign", clamp=box),
-                pgd_restarts(model, x, target, 0.5, steps=5, restarts=2, clamp=box)):
+    for adv in (
+        spsa(model, x, target, 0.5, steps=5, samples=8, clamp=box, generator=seeded()),
+        spsa(model, x, target, 0.5, steps=5, samples=8, update="sign", clamp=box),
+        pgd_restarts(model, x, target, 0.5, steps=5, restarts=2, clamp=box),
+    ):
         assert not adv.requires_grad and adv.shape == x.shape
         inside = (x >= -2) & (x <= 2)
         assert (adv - x)[inside].abs().max() <= 0.5 + 1e-6
@@ -256,9 +287,10 @@ def test_transfer_to_itself_is_the_white_box_attack_and_to_a_twin_nearly(trained
 
 
 def tolerances(net: nn.Module) -> list:
-    return [(s.atol, s.max_iter) for s in {id(b.solver): b.solver for b in net.blocks}.values()] + \
-           [(s.rtol, getattr(s, "max_iter", None))
-            for s in {id(b.linear_solver): b.linear_solver for b in net.blocks}.values()]
+    return [(s.atol, s.max_iter) for s in {id(b.solver): b.solver for b in net.blocks}.values()] + [
+        (s.rtol, getattr(s, "max_iter", None))
+        for s in {id(b.linear_solver): b.linear_solver for b in net.blocks}.values()
+    ]
 
 
 def test_tighter_solves_changes_each_shared_solver_once_and_restores_it_exactly():
@@ -279,7 +311,7 @@ def test_tighter_solves_changes_each_shared_solver_once_and_restores_it_exactly(
     with pytest.raises(KeyError):
         with tighter_solves(net, atol_factor=7):
             raise KeyError("inside")
-    assert tolerances(net) == before[:len(tolerances(net))]
+    assert tolerances(net) == before[: len(tolerances(net))]
 
 
 def test_tighter_solves_reaches_into_a_fallback_chain():
@@ -331,8 +363,12 @@ def test_strongest_attack_accuracy_is_the_per_sample_worst_case(trained):
     result = strongest_attack_accuracy(model, x, target, 0.75, attacks, batch_size=64)
     correct = [per_sample(model, x, target)[0].logical_not()]
     for name, attack in attacks.items():
-        hits = torch.cat([~per_sample(model, attack(model, xb, tb, 0.75), tb)[0]
-                          for xb, tb in zip(x.split(64), target.split(64))])
+        hits = torch.cat(
+            [
+                ~per_sample(model, attack(model, xb, tb, 0.75), tb)[0]
+                for xb, tb in zip(x.split(64), target.split(64))
+            ]
+        )
         assert result.per_attack[name] == hits.double().mean().item()
         correct.append(hits)
     assert torch.equal(result.robust, torch.stack(correct).all(dim=0))
@@ -349,8 +385,9 @@ def test_strong_attacks_on_an_implicit_network_with_its_explicit_twin():
         block.theta = 0.0
     x, target = disk_and_ring(24)
     x = x.double()
-    attacks = strong_attacks(clamp=(-3.0, 3.0), steps=5, restarts=2, spsa_samples=8,
-                             source_model=explicit)
+    attacks = strong_attacks(
+        clamp=(-3.0, 3.0), steps=5, restarts=2, spsa_samples=8, source_model=explicit
+    )
     assert list(attacks) == ["fgsm", "pgd", "pgd_restarts", "spsa", "pgd_tight", "transfer"]
     first = strongest_attack_accuracy(implicit, x, target, 0.5, attacks)
     again = strongest_attack_accuracy(implicit, x, target, 0.5, attacks)
@@ -364,35 +401,40 @@ def test_strong_attacks_on_an_implicit_network_with_its_explicit_twin():
 # ---------------------------------------------------------------- arguments, docs
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda m, x, t: spsa(m, x, t, -0.1), "eps"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, steps=0), "steps"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, samples=0), "samples"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, step_size=0), "step_size"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, delta=-1e-3), "delta"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, update="rmsprop"), "update"),
-    (lambda m, x, t: spsa(m, x, t, 0.1, clamp=(1, 0)), "clamp"),
-    (lambda m, x, t: spsa(m, x[:3], t, 0.1), "target"),
-    (lambda m, x, t: spsa_gradient(m, x, t, samples=0), "samples"),
-    (lambda m, x, t: pgd_restarts(m, x, t, 0.1, restarts=0), "restarts"),
-    (lambda m, x, t: pgd_restarts(m, x, t, 0.1, clean_start="yes"), "clean_start"),
-    (lambda m, x, t: pgd_restarts(m, x, t, 0.1, steps=0), "steps"),
-    (lambda m, x, t: transfer(m, m, x, t, 0.1, attack="pgd"), "attack"),
-    (lambda m, x, t: transfer(m, "net", x, t, 0.1), "target_model"),
-    (lambda m, x, t: transfer_attack(None), "source_model"),
-    (lambda m, x, t: tighter_solves(m, atol_factor=0.5).__enter__(), "atol_factor"),
-    (lambda m, x, t: tighter_solves(m, rtol_factor="10").__enter__(), "rtol_factor"),
-    (lambda m, x, t: tighter_solves(m, iter_factor=0).__enter__(), "iter_factor"),
-    (lambda m, x, t: tighter_attack(pgd, atol_factor=0.1), "atol_factor"),
-    (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {}), "attacks"),
-    (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"clean": fgsm}), "attacks"),
-    (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"a": 1}), r"attacks\['a'\]"),
-    (lambda m, x, t: strongest_attack_accuracy(m, x, t, -1.0, {"a": fgsm}), "eps"),
-    (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"a": fgsm}, batch_size=0),
-     "batch_size"),
-    (lambda m, x, t: strong_attacks(steps=0), "steps"),
-    (lambda m, x, t: margin_loss(torch.zeros(3, 1), t[:3]), "logits"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m, x, t: spsa(m, x, t, -0.1), "eps"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, steps=0), "steps"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, samples=0), "samples"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, step_size=0), "step_size"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, delta=-1e-3), "delta"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, update="rmsprop"), "update"),
+        (lambda m, x, t: spsa(m, x, t, 0.1, clamp=(1, 0)), "clamp"),
+        (lambda m, x, t: spsa(m, x[:3], t, 0.1), "target"),
+        (lambda m, x, t: spsa_gradient(m, x, t, samples=0), "samples"),
+        (lambda m, x, t: pgd_restarts(m, x, t, 0.1, restarts=0), "restarts"),
+        (lambda m, x, t: pgd_restarts(m, x, t, 0.1, clean_start="yes"), "clean_start"),
+        (lambda m, x, t: pgd_restarts(m, x, t, 0.1, steps=0), "steps"),
+        (lambda m, x, t: transfer(m, m, x, t, 0.1, attack="pgd"), "attack"),
+        (lambda m, x, t: transfer(m, "net", x, t, 0.1), "target_model"),
+        (lambda m, x, t: transfer_attack(None), "source_model"),
+        (lambda m, x, t: tighter_solves(m, atol_factor=0.5).__enter__(), "atol_factor"),
+        (lambda m, x, t: tighter_solves(m, rtol_factor="10").__enter__(), "rtol_factor"),
+        (lambda m, x, t: tighter_solves(m, iter_factor=0).__enter__(), "iter_factor"),
+        (lambda m, x, t: tighter_attack(pgd, atol_factor=0.1), "atol_factor"),
+        (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {}), "attacks"),
+        (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"clean": fgsm}), "attacks"),
+        (lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"a": 1}), r"attacks\['a'\]"),
+        (lambda m, x, t: strongest_attack_accuracy(m, x, t, -1.0, {"a": fgsm}), "eps"),
+        (
+            lambda m, x, t: strongest_attack_accuracy(m, x, t, 0.1, {"a": fgsm}, batch_size=0),
+            "batch_size",
+        ),
+        (lambda m, x, t: strong_attacks(steps=0), "steps"),
+        (lambda m, x, t: margin_loss(torch.zeros(3, 1), t[:3]), "logits"),
+    ],
+)
 def test_bad_arguments_name_the_argument(call, name):
     x, target = disk_and_ring(8)
     with pytest.raises(ValueError, match=name):

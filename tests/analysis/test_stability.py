@@ -46,7 +46,9 @@ def test_euler_expands_backward_euler_contracts_trapezoid_preserves(h_omega: flo
     assert forward.real.tolist() == pytest.approx([1.0, 1.0], rel=1e-12)
     assert float(matrix_spectral_radius(theta_method_matrix(h, omega, 0.0))) > 1
     assert float(matrix_spectral_radius(theta_method_matrix(h, omega, 1.0))) < 1
-    assert float(matrix_spectral_radius(theta_method_matrix(h, omega, 0.5))) == pytest.approx(1.0, abs=1e-13)
+    assert float(matrix_spectral_radius(theta_method_matrix(h, omega, 0.5))) == pytest.approx(
+        1.0, abs=1e-13
+    )
 
 
 def test_verlet_is_stable_only_for_small_steps() -> None:
@@ -58,7 +60,9 @@ def test_verlet_is_stable_only_for_small_steps() -> None:
         assert float(torch.linalg.det(matrix)) == pytest.approx(1.0, rel=1e-12)
         assert float(matrix_spectral_radius(matrix)) == pytest.approx(1.0, abs=1e-12)
     # hω = 2.5: λ² + 4.25λ + 1 has the roots −0.25 and −4.
-    assert float(matrix_spectral_radius(verlet_matrix(2.5 / omega, omega))) == pytest.approx(4.0, rel=1e-12)
+    assert float(matrix_spectral_radius(verlet_matrix(2.5 / omega, omega))) == pytest.approx(
+        4.0, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,9 @@ def test_spectral_radius_is_exact_with_a_full_krylov_space() -> None:
     matrices = torch.randn(5, 7, 7, dtype=DTYPE)
     # A rotation-dominated sample: its largest eigenvalues are a complex pair 3e^{±iπ/4},
     # where plain power iteration never settles.
-    rotation = 3 * torch.tensor([[math.cos(0.785), -math.sin(0.785)], [math.sin(0.785), math.cos(0.785)]])
+    rotation = 3 * torch.tensor(
+        [[math.cos(0.785), -math.sin(0.785)], [math.sin(0.785), math.cos(0.785)]]
+    )
     matrices[0] = 0.1 * matrices[0]
     matrices[0, :2, :2] += rotation.to(DTYPE)
     estimate = spectral_radius(_batched(matrices), torch.randn(5, 7, dtype=DTYPE), krylov_dim=50)
@@ -111,7 +117,9 @@ def test_spectral_radius_finds_a_dominant_eigenvalue_with_few_steps() -> None:
     eigenvalues = torch.rand(n, dtype=DTYPE) * 2 - 1  # in (−1, 1)
     eigenvalues[7] = -3.0
     matrix = basis @ torch.diag(eigenvalues) @ torch.linalg.inv(basis)
-    estimate = spectral_radius(_batched(matrix[None]), torch.randn(1, n, dtype=DTYPE), krylov_dim=20)
+    estimate = spectral_radius(
+        _batched(matrix[None]), torch.randn(1, n, dtype=DTYPE), krylov_dim=20
+    )
     assert float(estimate) == pytest.approx(3.0, rel=1e-6)
 
 
@@ -119,7 +127,9 @@ def test_spectral_radius_finds_a_dominant_eigenvalue_with_few_steps() -> None:
 
 
 def _solved_layer(F: torch.nn.Module, theta: float, x: torch.Tensor):
-    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-13, max_iter=5000), Direct(rtol=1e-12))
+    block = ImplicitResidualBlock(
+        F, theta, FixedPoint(atol=1e-13, max_iter=5000), Direct(rtol=1e-12)
+    )
     y = block(x).detach()
     assert bool(block.forward_stats.converged.all())
     return block, y
@@ -141,10 +151,14 @@ def _dense_F_jacobians(F, y: torch.Tensor) -> torch.Tensor:
 def _ift_layer_jacobians(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample ∂y/∂x = (I − θJ_F(y))⁻¹(I + (1−θ)J_F(x)) (implicit function theorem on eq. 7)."""
     eye = torch.eye(x[0].numel(), dtype=x.dtype)
-    return torch.linalg.solve(eye - theta * _dense_F_jacobians(F, y), eye + (1 - theta) * _dense_F_jacobians(F, x))
+    return torch.linalg.solve(
+        eye - theta * _dense_F_jacobians(F, y), eye + (1 - theta) * _dense_F_jacobians(F, x)
+    )
 
 
-def _finite_difference_layer_jacobians(block: ImplicitResidualBlock, x: torch.Tensor, eps: float = 1e-5):
+def _finite_difference_layer_jacobians(
+    block: ImplicitResidualBlock, x: torch.Tensor, eps: float = 1e-5
+):
     """Per-sample ∂y/∂x by central differences of the solved layer (tol 1e-13), no autograd."""
     n = x[0].numel()
     columns = []
@@ -180,7 +194,9 @@ def test_layer_spectral_radii_match_dense_eigenvalues(theta: float) -> None:
     expected_neumann = theta * matrix_spectral_radius(_dense_F_jacobians(F, y))
     assert torch.allclose(rho_layer, expected_layer, rtol=1e-9)
     assert torch.allclose(rho_neumann, expected_neumann, rtol=1e-9, atol=1e-15)
-    assert len(set(rho_layer.round(decimals=6).tolist())) > 1  # samples really have their own Jacobians
+    assert (
+        len(set(rho_layer.round(decimals=6).tolist())) > 1
+    )  # samples really have their own Jacobians
 
 
 def test_layer_spectral_radii_of_a_convolutional_layer() -> None:
@@ -192,7 +208,9 @@ def test_layer_spectral_radii_of_a_convolutional_layer() -> None:
     dense = _ift_layer_jacobians(F, 0.5, x, y)
     assert torch.allclose(dense, _finite_difference_layer_jacobians(block, x), atol=1e-6)
     assert torch.allclose(rho_layer, matrix_spectral_radius(dense), rtol=1e-9)
-    assert torch.allclose(rho_neumann, 0.5 * matrix_spectral_radius(_dense_F_jacobians(F, y)), rtol=1e-9)
+    assert torch.allclose(
+        rho_neumann, 0.5 * matrix_spectral_radius(_dense_F_jacobians(F, y)), rtol=1e-9
+    )
 
 
 def test_layer_spectral_radii_leave_the_global_rng_alone() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers.checkpoint import assert_identical, assert_same_training_state
 from helpers.training import (
     CONFIGS,
@@ -18,12 +19,20 @@ from helpers.training import (
     subprocess_env,
     tiny_net_overrides,
 )
-
 from irnet.__main__ import main as console_script
 from irnet.cli import main
 
-SHORT = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-         "--trainer.num_sanity_val_steps", "0", *QUIET]
+SHORT = [
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    *QUIET,
+]
 # Tests about checkpoints, exit status and predict leave out the configs' monitoring callbacks: each
 # fit would end drawing half a dozen figures (seconds), and every config's callbacks run in
 # test_config_fits_from_the_command_line, test_readme, the resume test and the dying-DDP-child test.
@@ -33,8 +42,16 @@ TINY = {
     "ex1_sine": tiny_net_overrides(2, 16),
     "ex1_sine_100": tiny_net_overrides(3, 16),
     "ex2_spirals": tiny_net_overrides(3, 16),
-    "digits": ["--model.net.init_args.layers", "1", "--model.net.init_args.channels", "2",
-               "--model.net.init_args.hidden_channels", "2", "--data.init_args.batch_size", "64"],
+    "digits": [
+        "--model.net.init_args.layers",
+        "1",
+        "--model.net.init_args.channels",
+        "2",
+        "--model.net.init_args.hidden_channels",
+        "2",
+        "--data.init_args.batch_size",
+        "64",
+    ],
 }
 
 
@@ -70,7 +87,15 @@ def test_config_fits_from_the_command_line(name, tmp_path, monkeypatch):
 
 def test_misspelled_key_fails_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), "--model.net.init_args.thetaa", "0"])
+        main(
+            args=[
+                "fit",
+                "--config",
+                str(CONFIGS / "ex1_sine.yaml"),
+                "--model.net.init_args.thetaa",
+                "0",
+            ]
+        )
     assert exit_info.value.code != 0
     assert "thetaa" in capsys.readouterr().err
 
@@ -85,9 +110,20 @@ def test_misspelled_key_in_a_config_file_fails_naming_it(tmp_path, capsys):
 
 def test_print_config_shows_command_line_overrides(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), "--model.net.init_args.theta", "0",
-                   "--model.net.init_args.layers", "100",
-                   "--model.net.init_args.solver.class_path", "irnet.solvers.Anderson", "--print_config"])
+        main(
+            args=[
+                "fit",
+                "--config",
+                str(CONFIGS / "ex1_sine.yaml"),
+                "--model.net.init_args.theta",
+                "0",
+                "--model.net.init_args.layers",
+                "100",
+                "--model.net.init_args.solver.class_path",
+                "irnet.solvers.Anderson",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: irnet.nets.ODENet" in out
@@ -113,16 +149,30 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     # every weight, Adam moment and scheduler value as if the run had never stopped
     assert_identical(second.model.state_dict(), whole.model.state_dict(), "model")
     ckpt = "runs/ex1_sine/version_{}/checkpoints/last.ckpt"
-    count = assert_same_training_state(torch.load(tmp_path / ckpt.format(1), weights_only=False),
-                                       torch.load(tmp_path / "whole" / ckpt.format(0), weights_only=False))
+    count = assert_same_training_state(
+        torch.load(tmp_path / ckpt.format(1), weights_only=False),
+        torch.load(tmp_path / "whole" / ckpt.format(0), weights_only=False),
+    )
     assert count >= 3 * len(whole.model.state_dict())  # weights, exp_avg, exp_avg_sq at least
 
 
 def test_last_checkpoint_is_the_latest_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # mode max: the "best" checkpoint stops improving after the first epoch as the loss falls
-    cli = main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                     *NO_MONITORS, "--checkpoint.mode", "max", "--trainer.max_epochs", "4"])
+    cli = main(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *tiny_net_overrides(2, 8),
+            *QUIET,
+            *NO_MONITORS,
+            "--checkpoint.mode",
+            "max",
+            "--trainer.max_epochs",
+            "4",
+        ]
+    )
     folder = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints"
     last = torch.load(folder / "last.ckpt", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (3, 4)
@@ -135,8 +185,20 @@ def test_last_checkpoint_is_the_latest_state(tmp_path, monkeypatch):
 
 def test_checkpoint_reloads_from_its_config_hyperparameters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                     *NO_MONITORS, "--model.net.init_args.theta", "0.25", "--trainer.max_epochs", "1"])
+    cli = main(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *tiny_net_overrides(2, 8),
+            *QUIET,
+            *NO_MONITORS,
+            "--model.net.init_args.theta",
+            "0.25",
+            "--trainer.max_epochs",
+            "1",
+        ]
+    )
     last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
     reloaded = type(cli.model).load_from_checkpoint(last)
     assert reloaded.net.blocks[0].theta == 0.25 and len(reloaded.net.blocks) == 2
@@ -147,14 +209,34 @@ def test_checkpoint_reloads_from_its_config_hyperparameters(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_a_dying_ddp_child_ends_the_run_with_its_error(tmp_path):
-    failing = '{"class_path": "helpers.checkpoint.FailOnRank", "init_args": {"rank": 1, "epoch": 1}}'
-    args = ["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-            "--trainer.max_epochs", "50", f"--trainer.callbacks+={failing}"]
+    failing = (
+        '{"class_path": "helpers.checkpoint.FailOnRank", "init_args": {"rank": 1, "epoch": 1}}'
+    )
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "ex1_sine.yaml"),
+        *tiny_net_overrides(2, 8),
+        *QUIET,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs",
+        "50",
+        f"--trainer.callbacks+={failing}",
+    ]
     env = subprocess_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "irnet", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)  # a hang would raise TimeoutExpired
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "irnet", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # a hang would raise TimeoutExpired
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stderr
 
@@ -162,8 +244,18 @@ def test_a_dying_ddp_child_ends_the_run_with_its_error(tmp_path):
 def test_ddp_spawn_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                   "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"])
+        main(
+            args=[
+                "fit",
+                "--config",
+                str(CONFIGS / "ex1_sine.yaml"),
+                *tiny_net_overrides(2, 8),
+                *QUIET,
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=2",
+                "--trainer.strategy=ddp_spawn",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "ddp_spawn" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
@@ -173,8 +265,19 @@ def test_ddp_spawn_is_refused_before_anything_starts(tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("name", config_names())
 def test_config_fits_on_a_gpu(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(args=["fit", "--config", str(CONFIGS / f"{name}.yaml"), *SHORT, *TINY[name],
-                     "--trainer.accelerator", "gpu", "--trainer.devices", "1"])
+    cli = main(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / f"{name}.yaml"),
+            *SHORT,
+            *TINY[name],
+            "--trainer.accelerator",
+            "gpu",
+            "--trainer.devices",
+            "1",
+        ]
+    )
     assert next(cli.model.parameters()).is_cuda
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]).item()
     assert cli.trainer.current_epoch == 2
@@ -182,8 +285,17 @@ def test_config_fits_on_a_gpu(name, tmp_path, monkeypatch):
 
 def test_run_name_falls_back_to_the_data_module(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(args=["--model.net", "irnet.nets.ODENet", "--model.net.init_args.in_features", "2",
-                     "--data", "irnet.datamodules.Moons"], run=False)
+    cli = main(
+        args=[
+            "--model.net",
+            "irnet.nets.ODENet",
+            "--model.net.init_args.in_features",
+            "2",
+            "--data",
+            "irnet.datamodules.Moons",
+        ],
+        run=False,
+    )
     assert cli.trainer.logger.name == "moons"
     assert cli.trainer.logger.save_dir == "runs"
     named = main(args=["--config", str(CONFIGS / "digits.yaml")], run=False)
@@ -193,8 +305,21 @@ def test_run_name_falls_back_to_the_data_module(tmp_path, monkeypatch):
 def test_console_script_returns_exit_status_0(tmp_path, monkeypatch):
     assert 'irnet = "irnet.__main__:main"' in (CONFIGS.parent / "pyproject.toml").read_text()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["irnet", "fit", "--config", str(CONFIGS / "ex1_sine.yaml"),
-                                      *tiny_net_overrides(2, 8), *QUIET, *NO_MONITORS, "--trainer.max_epochs", "1"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "irnet",
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *tiny_net_overrides(2, 8),
+            *QUIET,
+            *NO_MONITORS,
+            "--trainer.max_epochs",
+            "1",
+        ],
+    )
     assert console_script() == 0  # what the script hands to sys.exit
 
 
@@ -203,9 +328,24 @@ def test_installed_irnet_script_exits_0(tmp_path):
     script = Path(sys.executable).with_name("irnet")
     if not script.exists():
         pytest.skip("the irnet console script is not installed beside this Python")
-    proc = subprocess.run([str(script), "fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8),
-                           *QUIET, *NO_MONITORS, "--trainer.max_epochs", "1"], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            str(script),
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *tiny_net_overrides(2, 8),
+            *QUIET,
+            *NO_MONITORS,
+            "--trainer.max_epochs",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "IrnetCLI object" not in proc.stdout + proc.stderr
 
@@ -220,7 +360,13 @@ def test_help_lists_every_subcommand_and_reproduce(capsys):
 
 def test_predict_writes_the_predictions_into_the_run_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET, *NO_MONITORS]
+    common = [
+        "--config",
+        str(CONFIGS / "ex1_sine.yaml"),
+        *tiny_net_overrides(2, 8),
+        *QUIET,
+        *NO_MONITORS,
+    ]
     main(args=["fit", *common, "--trainer.max_epochs", "1"])
     last = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()

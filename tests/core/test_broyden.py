@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.expansive import expansive_tanh, residual_jacobian, spectral_radius
-from helpers.problems import DTYPE, contraction, ift_gradients, matrix_with_spectrum, mlp, residual_norm
 
+from helpers.expansive import expansive_tanh, residual_jacobian, spectral_radius
+from helpers.problems import (
+    DTYPE,
+    contraction,
+    ift_gradients,
+    matrix_with_spectrum,
+    mlp,
+    residual_norm,
+)
 from irnet import ImplicitResidualBlock
 from irnet.linear import GMRES, Direct
 from irnet.solvers import Broyden, FixedPoint, FixedPointProblem
@@ -20,8 +27,9 @@ from irnet.stats import flush_failure_warnings
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("eigenvalues", [[2.5, 0.5, -1.0, 3.0], [0.9, 0.5, -0.5, 0.3]],
-                         ids=["expansive", "contractive"])
+@pytest.mark.parametrize(
+    "eigenvalues", [[2.5, 0.5, -1.0, 3.0], [0.9, 0.5, -0.5, 0.3]], ids=["expansive", "contractive"]
+)
 @pytest.mark.parametrize("theta", [0.5, 1.0])
 def test_linear_map_solved_exactly_within_2n_steps(eigenvalues, theta):
     # y = c + θAy: Broyden's good method ends in at most 2n steps on a linear
@@ -134,8 +142,9 @@ def test_per_sample_independence_on_non_contracting_map():
             assert block.forward_stats.iterations[0] == stats.iterations[i]
             # Equal up to rounding: a 1-row and a 6-row matrix product may sum in another order.
             torch.testing.assert_close(alone[0], both[i], rtol=0, atol=1e-14)
-            torch.testing.assert_close(block.forward_stats.residual[0], stats.residual[i],
-                                       rtol=0, atol=1e-14)
+            torch.testing.assert_close(
+                block.forward_stats.residual[0], stats.residual[i], rtol=0, atol=1e-14
+            )
     assert len(set(stats.iterations.tolist())) > 1, "samples should need different counts"
 
 

@@ -37,7 +37,9 @@ def test_phantom_is_damped_adjoint_iteration_in_closed_form(steps, damping):
     assert (stats.iterations == steps).all()
     exact = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - P, b.T).T
     # the reported residual is the true relative residual of the returned g
-    true_res = torch.linalg.vector_norm((g - g @ P.T) - b, dim=1) / torch.linalg.vector_norm(b, dim=1)
+    true_res = torch.linalg.vector_norm((g - g @ P.T) - b, dim=1) / torch.linalg.vector_norm(
+        b, dim=1
+    )
     assert torch.allclose(stats.residual, true_res, atol=1e-12)
     assert not torch.allclose(g, exact, atol=1e-6)  # a few steps are not the exact answer
 
@@ -45,8 +47,10 @@ def test_phantom_is_damped_adjoint_iteration_in_closed_form(steps, damping):
 def test_phantom_approaches_the_exact_adjoint_with_more_steps():
     operator, P, b = _linear_operator()
     exact = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - P, b.T).T
-    errors = [float((Phantom(steps=k, damping=0.8).solve(operator, b)[0] - exact).norm())
-              for k in (1, 5, 20, 80)]
+    errors = [
+        float((Phantom(steps=k, damping=0.8).solve(operator, b)[0] - exact).norm())
+        for k in (1, 5, 20, 80)
+    ]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 1e-10
 
@@ -65,8 +69,9 @@ def test_jacobian_free_block_gradient_is_the_explicit_formula():
     F = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     with torch.no_grad():
         F[2].weight.mul_(0.3)
-    block = ImplicitResidualBlock(F, theta=THETA, solver=FixedPoint(atol=1e-12, max_iter=200),
-                                  linear_solver=JacobianFree())
+    block = ImplicitResidualBlock(
+        F, theta=THETA, solver=FixedPoint(atol=1e-12, max_iter=200), linear_solver=JacobianFree()
+    )
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(5, 3, dtype=torch.float64)
     y = block(x)
@@ -79,16 +84,28 @@ def test_jacobian_free_block_gradient_is_the_explicit_formula():
 
 def _probe_net(linear_solver):
     torch.manual_seed(0)
-    return ODENet(1, 1, layers=3, T=1.5, width=16, theta=1.0,
-                  solver=FixedPoint(atol=1e-12, max_iter=300), linear_solver=linear_solver).double()
+    return ODENet(
+        1,
+        1,
+        layers=3,
+        T=1.5,
+        width=16,
+        theta=1.0,
+        solver=FixedPoint(atol=1e-12, max_iter=300),
+        linear_solver=linear_solver,
+    ).double()
 
 
 def test_gradient_cosine_is_one_for_exact_adjoints_and_below_for_shortcuts():
     x = torch.linspace(-2, 2, 17, dtype=torch.float64)[:, None]
     cosines = {}
-    for name, solver in {"neumann": Neumann(rtol=1e-12, max_iter=500), "direct": Direct(),
-                         "phantom1": Phantom(steps=1, damping=1.0), "phantom40": Phantom(steps=40, damping=1.0),
-                         "jfb": JacobianFree()}.items():
+    for name, solver in {
+        "neumann": Neumann(rtol=1e-12, max_iter=500),
+        "direct": Direct(),
+        "phantom1": Phantom(steps=1, damping=1.0),
+        "phantom40": Phantom(steps=40, damping=1.0),
+        "jfb": JacobianFree(),
+    }.items():
         net = _probe_net(solver)
         cosines[name] = float(gradient_cosine(net, lambda: net(x).pow(2).sum()))
     assert cosines["neumann"] == pytest.approx(1.0, abs=1e-9)
@@ -115,8 +132,15 @@ def test_gradient_cosine_works_under_inference_mode():
     assert -1.0 <= float(c) <= 1.0
 
 
-@pytest.mark.parametrize("make", [lambda: Phantom(steps=0), lambda: Phantom(damping=0),
-                                  lambda: Phantom(damping=1.5), lambda: JacobianFree(rtol=-1)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Phantom(steps=0),
+        lambda: Phantom(damping=0),
+        lambda: Phantom(damping=1.5),
+        lambda: JacobianFree(rtol=-1),
+    ],
+)
 def test_bad_arguments_are_named(make):
     with pytest.raises(ValueError, match="steps|damping|rtol"):
         make()

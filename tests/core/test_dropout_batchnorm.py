@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.problems import DTYPE, ift_gradients, mlp, residual_norm
 from torch import Tensor, nn
 
+from helpers.problems import DTYPE, ift_gradients, mlp, residual_norm
 from irnet import ImplicitResidualBlock
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
@@ -24,14 +24,22 @@ N, WIDTH, BATCH = 3, 8, 5
 TOL = 1e-12
 
 COMBOS = {
-    "fixed_point-neumann": (lambda: FixedPoint(atol=TOL, max_iter=500),
-                            lambda: Neumann(rtol=TOL, max_iter=500)),
-    "anderson-gmres": (lambda: Anderson(atol=TOL, max_iter=500),
-                       lambda: GMRES(rtol=TOL, max_iter=100)),
-    "gradient_descent-direct": (lambda: GradientDescent(atol=TOL, max_iter=500),
-                                lambda: Direct(rtol=TOL)),
-    "cg-neumann": (lambda: NonlinearCG(atol=TOL, max_iter=500),
-                   lambda: Neumann(rtol=TOL, max_iter=500)),
+    "fixed_point-neumann": (
+        lambda: FixedPoint(atol=TOL, max_iter=500),
+        lambda: Neumann(rtol=TOL, max_iter=500),
+    ),
+    "anderson-gmres": (
+        lambda: Anderson(atol=TOL, max_iter=500),
+        lambda: GMRES(rtol=TOL, max_iter=100),
+    ),
+    "gradient_descent-direct": (
+        lambda: GradientDescent(atol=TOL, max_iter=500),
+        lambda: Direct(rtol=TOL),
+    ),
+    "cg-neumann": (
+        lambda: NonlinearCG(atol=TOL, max_iter=500),
+        lambda: Neumann(rtol=TOL, max_iter=500),
+    ),
 }
 
 
@@ -113,8 +121,9 @@ def recorded_masks(dropout: nn.Module) -> tuple[list[Tensor], object]:
     return masks, dropout.register_forward_hook(hook)
 
 
-def assert_held_mask_matches_dense_reference(F: nn.Sequential, block: ImplicitResidualBlock, theta: float,
-                                            min_calls: int) -> None:
+def assert_held_mask_matches_dense_reference(
+    F: nn.Sequential, block: ImplicitResidualBlock, theta: float, min_calls: int
+) -> None:
     """One forward + backward of ``block`` (F = :func:`dropout_mlp`): every call of F (at least
     ``min_calls``) saw the one mask drawn after ``manual_seed(7)``, and the answer and gradients
     equal the dense float64 references for that mask."""
@@ -127,7 +136,9 @@ def assert_held_mask_matches_dense_reference(F: nn.Sequential, block: ImplicitRe
     handle.remove()
 
     mask = mask_after_seed(7)
-    assert len(masks) >= min_calls and all(torch.equal(m, mask != 0) for m in masks)  # every call, one mask
+    assert len(masks) >= min_calls and all(
+        torch.equal(m, mask != 0) for m in masks
+    )  # every call, one mask
     assert block.forward_stats.converged.all()
     Fm = MaskedMLP(F[0], F[3], mask)
     want_y = newton_solution(Fm, x.detach(), theta)
@@ -143,16 +154,18 @@ def assert_held_mask_matches_dense_reference(F: nn.Sequential, block: ImplicitRe
 def test_held_mask_matches_dense_reference(combo, theta):
     solver, linear = COMBOS[combo]
     F = dropout_mlp()
-    assert_held_mask_matches_dense_reference(F, ImplicitResidualBlock(F, theta, solver(), linear()), theta,
-                                             min_calls=3)
+    assert_held_mask_matches_dense_reference(
+        F, ImplicitResidualBlock(F, theta, solver(), linear()), theta, min_calls=3
+    )
 
 
 def test_two_forwards_before_one_backward_keep_their_own_masks():
     """Like R_rnd's perturbed passes: each forward's adjoint uses that forward's mask."""
     theta = 0.5
     F = dropout_mlp()
-    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=TOL, max_iter=500),
-                                  GMRES(rtol=TOL, max_iter=100))
+    block = ImplicitResidualBlock(
+        F, theta, FixedPoint(atol=TOL, max_iter=500), GMRES(rtol=TOL, max_iter=100)
+    )
     x1 = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     x2 = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     w1, w2 = torch.randn(BATCH, N, dtype=DTYPE), torch.randn(BATCH, N, dtype=DTYPE)
@@ -238,8 +251,11 @@ def test_channel_dropout_in_conv_F_is_held():
 # -- BatchNorm and per-sample norms ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm1d(6), nn.SyncBatchNorm(6), nn.LazyBatchNorm1d()],
-                         ids=["batchnorm1d", "syncbatchnorm", "lazy"])
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm1d(6), nn.SyncBatchNorm(6), nn.LazyBatchNorm1d()],
+    ids=["batchnorm1d", "syncbatchnorm", "lazy"],
+)
 def test_batchnorm_in_training_mode_is_refused_at_construction(norm):
     F = nn.Sequential(nn.Linear(3, 6), norm, nn.Tanh(), nn.Linear(6, 3))
     with pytest.raises(ValueError, match=r"F\.1 is a \w*BatchNorm\w* .*batch statistics"):
@@ -279,8 +295,11 @@ def test_batchnorm_with_running_stats_in_eval_mode_is_a_fixed_affine_map():
 
 @pytest.mark.parametrize("norm", ["group", "layer", "instance"])
 def test_per_sample_norms_are_accepted_and_samples_stay_independent(norm):
-    make = {"group": lambda: nn.GroupNorm(2, 4), "layer": lambda: nn.LayerNorm([4, 5, 5]),
-            "instance": lambda: nn.InstanceNorm2d(4, affine=True)}[norm]
+    make = {
+        "group": lambda: nn.GroupNorm(2, 4),
+        "layer": lambda: nn.LayerNorm([4, 5, 5]),
+        "instance": lambda: nn.InstanceNorm2d(4, affine=True),
+    }[norm]
     conv1, conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
     with torch.no_grad():
         conv2.weight.mul_(0.2)

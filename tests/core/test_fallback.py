@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.callbacks import TinyModule, fit, loader, sine_data
-from helpers.expansive import expansive_tanh, spectral_radius
-from helpers.training import QUIET, scalars
-from irnet.callbacks import SolverStatistics
-from helpers.problems import DTYPE, ift_gradients, mlp, residual_norm, sample_jacobian
 from torch import Tensor, nn
 
+from helpers.callbacks import TinyModule, fit, loader, sine_data
+from helpers.expansive import expansive_tanh, spectral_radius
+from helpers.problems import DTYPE, ift_gradients, mlp, residual_norm, sample_jacobian
+from helpers.training import QUIET, scalars
 from irnet import ImplicitResidualBlock
+from irnet.callbacks import SolverStatistics
 from irnet.cli import main
 from irnet.linear import GMRES, Direct
 from irnet.nets import ODENet
@@ -61,14 +61,22 @@ class Gain(nn.Module):
 def gain_problem(gains=GAINS, seed: int = 0) -> tuple[Gain, Tensor]:
     F = Gain(expansive_tanh(n=6, radius=1.0, seed=0))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randn(len(gains), 6, dtype=DTYPE, generator=gen),
-                   torch.tensor(gains, dtype=DTYPE)[:, None]], 1)
+    x = torch.cat(
+        [
+            torch.randn(len(gains), 6, dtype=DTYPE, generator=gen),
+            torch.tensor(gains, dtype=DTYPE)[:, None],
+        ],
+        1,
+    )
     return F, x
 
 
 def chain() -> list[NonlinearSolver]:
-    return [FixedPoint(atol=ATOL, max_iter=30), Anderson(atol=ATOL, max_iter=15),
-            Broyden(atol=ATOL, max_iter=100)]
+    return [
+        FixedPoint(atol=ATOL, max_iter=30),
+        Anderson(atol=ATOL, max_iter=15),
+        Broyden(atol=ATOL, max_iter=100),
+    ]
 
 
 def test_mixed_batch_each_sample_finished_by_the_right_solver():
@@ -246,8 +254,11 @@ def test_gradients_match_the_dense_reference(linear):
     F, x = gain_problem()
     x.requires_grad_()
     w = torch.randn(x.shape, dtype=DTYPE)
-    tight = [FixedPoint(atol=1e-12, max_iter=30), Anderson(atol=1e-12, max_iter=15),
-             Broyden(atol=1e-12, max_iter=200)]
+    tight = [
+        FixedPoint(atol=1e-12, max_iter=30),
+        Anderson(atol=1e-12, max_iter=15),
+        Broyden(atol=1e-12, max_iter=200),
+    ]
     adjoint = GMRES(rtol=1e-12, max_iter=50) if linear == "gmres" else Direct(rtol=1e-12)
     block = ImplicitResidualBlock(F, 1.0, Fallback(tight), adjoint)
     y = block(x)
@@ -276,18 +287,32 @@ def test_held_dropout_mask_through_the_hand_off():
 # -- arguments --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solvers", [
-    [], (), FixedPoint(), None, "FixedPoint", [FixedPoint(), "Anderson"], [Fallback([FixedPoint()])],
-    [FixedPoint(atol=1e-5), Broyden(atol=1e-6)],
-])
+@pytest.mark.parametrize(
+    "solvers",
+    [
+        [],
+        (),
+        FixedPoint(),
+        None,
+        "FixedPoint",
+        [FixedPoint(), "Anderson"],
+        [Fallback([FixedPoint()])],
+        [FixedPoint(atol=1e-5), Broyden(atol=1e-6)],
+    ],
+)
 def test_rejects_bad_solvers(solvers):
     with pytest.raises(ValueError, match=r"\bsolvers\b"):
         Fallback(solvers)
 
 
 def test_tolerance_budget_names_and_repr():
-    solver = Fallback([FixedPoint(atol=1e-6, max_iter=20), Anderson(atol=1e-6, max_iter=30),
-                       Anderson(atol=1e-6, history=3)])
+    solver = Fallback(
+        [
+            FixedPoint(atol=1e-6, max_iter=20),
+            Anderson(atol=1e-6, max_iter=30),
+            Anderson(atol=1e-6, history=3),
+        ]
+    )
     assert solver.atol == 1e-6 and solver.max_iter == 20 + 30 + 50
     assert solver.method_names == ["FixedPoint", "Anderson_1", "Anderson_2"]
     want = "Fallback(solvers=[FixedPoint(atol=1e-06, max_iter=20, fixed_count=False), Anderson("
@@ -295,12 +320,22 @@ def test_tolerance_budget_names_and_repr():
 
 
 def test_solver_stats_method_is_optional():
-    stats = SolverStats(torch.zeros(2, dtype=torch.long), torch.zeros(2),
-                        torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+    stats = SolverStats(
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(2),
+        torch.ones(2, dtype=torch.bool),
+        torch.zeros(2, dtype=torch.bool),
+    )
     assert stats.method is None
     assert SolverStats.trivial(3, torch.device("cpu"), DTYPE).method is None
-    assert set(stats.summary()) == {"iterations_mean", "iterations_max", "residual_mean",
-                                    "residual_max", "not_converged", "diverged"}
+    assert set(stats.summary()) == {
+        "iterations_mean",
+        "iterations_max",
+        "residual_mean",
+        "residual_max",
+        "not_converged",
+        "diverged",
+    }
 
 
 # -- monitoring ---------------------------------------------------------------------------------
@@ -314,8 +349,10 @@ class MethodCheck(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         methods = torch.cat([b.forward_stats.method for b in module.net.blocks])
-        want = {name: float((methods == i).float().mean())
-                for i, name in enumerate(module.net.blocks[0].solver.method_names)}
+        want = {
+            name: float((methods == i).float().mean())
+            for i, name in enumerate(module.net.blocks[0].solver.method_names)
+        }
         metrics = trainer.callback_metrics
         got = {name: float(metrics[f"solver/finished_by/{name}_step"]) for name in want}
         self.steps.append(want)
@@ -326,11 +363,25 @@ def test_solver_statistics_logs_the_fraction_each_method_finished(tmp_path):
     torch.manual_seed(0)
     # 6 fixed-point steps solve some samples of this net, not all (6–15 needed).
     solver = Fallback([FixedPoint(atol=1e-6, max_iter=6), Anderson(atol=1e-6, max_iter=50)])
-    net = ODENet(1, 1, layers=2, T=2.0, width=16, theta=1.0, activation="tanh", solver=solver,
-                 linear_solver=GMRES(rtol=1e-6))
+    net = ODENet(
+        1,
+        1,
+        layers=2,
+        T=2.0,
+        width=16,
+        theta=1.0,
+        activation="tanh",
+        solver=solver,
+        linear_solver=GMRES(rtol=1e-6),
+    )
     check = MethodCheck()
-    fit(TinyModule(net), [SolverStatistics(), check], tmp_path, loader(*sine_data(), batch_size=17),
-        epochs=2)
+    fit(
+        TinyModule(net),
+        [SolverStatistics(), check],
+        tmp_path,
+        loader(*sine_data(), batch_size=17),
+        epochs=2,
+    )
     assert len(check.steps) == 6
     fractions = [s["Anderson"] for s in check.steps]
     assert 0 < max(fractions) and min(fractions) < 1, fractions  # both methods finished samples
@@ -399,8 +450,9 @@ def test_fallback_from_a_yaml_config_fits_and_logs_the_finishing_method(tmp_path
     runs = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert runs, "no TensorBoard events"
     logged = scalars(runs[0].parent)
-    per_epoch = [[v for _, v in logged[f"solver/finished_by/{name}_epoch"]]
-                 for name in solver.method_names]
+    per_epoch = [
+        [v for _, v in logged[f"solver/finished_by/{name}_epoch"]] for name in solver.method_names
+    ]
     assert all(len(series) == 2 for series in per_epoch)
     for epoch in range(2):  # the fractions of one epoch add up to 1
         assert sum(series[epoch] for series in per_epoch) == pytest.approx(1.0, abs=1e-6)

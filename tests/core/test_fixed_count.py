@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_linear import operator_for
+from torch import nn
+
 from helpers.problems import (
     DTYPE,
     THETAS,
@@ -15,9 +18,6 @@ from helpers.problems import (
     mlp,
     residual_norm,
 )
-from test_linear import operator_for
-from torch import nn
-
 from irnet import ImplicitResidualBlock
 from irnet.linear import Neumann
 from irnet.solvers import FixedPoint, FixedPointProblem
@@ -41,8 +41,9 @@ def test_fixed_point_takes_exactly_max_iter_iterations():
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-14)
     assert (stats.iterations == 7).all()
     # The statistics hold the answer's own residual, not that of an earlier iterate.
-    torch.testing.assert_close(stats.residual, (expected - picard(problem, expected, 1)).norm(dim=1),
-                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        stats.residual, (expected - picard(problem, expected, 1)).norm(dim=1), rtol=0, atol=1e-14
+    )
     assert not stats.converged.any() and not stats.diverged.any()
 
 
@@ -74,16 +75,22 @@ def test_fixed_point_reaches_the_closed_form_answer():
 
 
 def test_fixed_point_marks_non_finite_answers_diverged():
-    F = LinearF(3.0 * torch.eye(2, dtype=DTYPE), torch.zeros(2, dtype=DTYPE))  # θF expands: iterates blow up
+    F = LinearF(
+        3.0 * torch.eye(2, dtype=DTYPE), torch.zeros(2, dtype=DTYPE)
+    )  # θF expands: iterates blow up
     problem = FixedPointProblem(F, torch.ones(2, 2, dtype=DTYPE), theta=1.0)
-    _, stats = FixedPoint(max_iter=1000, fixed_count=True).solve(problem, torch.ones(2, 2, dtype=DTYPE))
+    _, stats = FixedPoint(max_iter=1000, fixed_count=True).solve(
+        problem, torch.ones(2, 2, dtype=DTYPE)
+    )
     assert stats.diverged.all() and not stats.converged.any()
 
 
 def test_neumann_sums_exactly_max_iter_terms():
     A = contraction(n=4, radius=0.5)
     b = torch.randn(2, 4, dtype=DTYPE)
-    g, stats = Neumann(rtol=1e-300, max_iter=6, fixed_count=True).solve(operator_for(A, 1.0, batch=2), b)
+    g, stats = Neumann(rtol=1e-300, max_iter=6, fixed_count=True).solve(
+        operator_for(A, 1.0, batch=2), b
+    )
     expected, term = torch.zeros_like(b), b
     for _ in range(6):
         expected, term = expected + term, term @ A  # (Aᵀ v) per row is v @ A
@@ -112,8 +119,13 @@ def test_block_gradients_match_the_dense_reference(theta, backward):
     F = mlp(n=3, width=5, activation=nn.Tanh)
     x = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
     w = torch.randn(2, 3, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-12, max_iter=300, fixed_count=True),
-                                  Neumann(rtol=1e-12, max_iter=300, fixed_count=True), backward=backward)
+    block = ImplicitResidualBlock(
+        F,
+        theta,
+        FixedPoint(atol=1e-12, max_iter=300, fixed_count=True),
+        Neumann(rtol=1e-12, max_iter=300, fixed_count=True),
+        backward=backward,
+    )
     y = block(x)
     params = list(F.parameters())
     gx, *gp = torch.autograd.grad((y * w).sum(), [x, *params])
@@ -123,11 +135,16 @@ def test_block_gradients_match_the_dense_reference(theta, backward):
     for got, want in zip(gp, rp):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
     if backward == "implicit":
-        assert block.backward_stats.converged.all() and (block.backward_stats.iterations == 300).all()
+        assert (
+            block.backward_stats.converged.all() and (block.backward_stats.iterations == 300).all()
+        )
 
 
-@pytest.mark.parametrize("make", [lambda v: FixedPoint(fixed_count=v), lambda v: Neumann(fixed_count=v)],
-                         ids=["FixedPoint", "Neumann"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda v: FixedPoint(fixed_count=v), lambda v: Neumann(fixed_count=v)],
+    ids=["FixedPoint", "Neumann"],
+)
 @pytest.mark.parametrize("bad", [1, "yes", None])
 def test_fixed_count_must_be_a_bool(make, bad):
     with pytest.raises(ValueError, match="fixed_count must be True or False"):
@@ -142,15 +159,27 @@ def test_repr_names_the_option():
 def test_fixed_count_from_the_command_line(tmp_path, monkeypatch):
     # The option is a config key like any other: the blocks get it and train with it.
     from helpers.training import CONFIGS, QUIET, tiny_net_overrides
-
     from irnet.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["irnet"])
     solver = "--model.net.init_args.solver.init_args"
-    cli = main(args=["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *tiny_net_overrides(2, 8), *QUIET,
-                     "--trainer.callbacks=[]", "--trainer.max_epochs", "2",
-                     f"{solver}.fixed_count", "true", f"{solver}.max_iter", "6"])
+    cli = main(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *tiny_net_overrides(2, 8),
+            *QUIET,
+            "--trainer.callbacks=[]",
+            "--trainer.max_epochs",
+            "2",
+            f"{solver}.fixed_count",
+            "true",
+            f"{solver}.max_iter",
+            "6",
+        ]
+    )
     block = cli.model.net.blocks[0]
     assert block.solver.fixed_count and (block.forward_stats.iterations == 6).all()
     assert cli.trainer.current_epoch == 2

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from helpers.problems import LINEAR_SOLVERS, SOLVERS, conv_f, ift_gradients, mlp, residual_norm
 
+from helpers.problems import LINEAR_SOLVERS, SOLVERS, conv_f, ift_gradients, mlp, residual_norm
 from irnet import ImplicitResidualBlock
 from irnet._scope import FullFloat32
 from irnet.linear import GMRES
@@ -49,8 +49,9 @@ def test_conv_block_on_cuda_keeps_dtype(dtype):
     device = torch.device("cuda")
     F = conv_f(channels=2, dtype=dtype).to(device)
     x = torch.randn(2, 2, 4, 4, dtype=dtype, device=device, requires_grad=True)
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](atol=1e-5),
-                                  LINEAR_SOLVERS["gmres"](rtol=1e-5))
+    block = ImplicitResidualBlock(
+        F, 0.5, SOLVERS["anderson"](atol=1e-5), LINEAR_SOLVERS["gmres"](rtol=1e-5)
+    )
     y = block(x)
     y.square().sum().backward()
     assert y.dtype == dtype and x.grad.dtype == dtype and x.grad.device.type == "cuda"
@@ -73,8 +74,12 @@ def test_autocast_on_cuda_solves_and_differentiates_in_float32(dtype, linear):
     F, x = _f32_problem(device)
     x.requires_grad_()
     w = torch.randn_like(x)
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["fixed_point"](atol=1e-5, max_iter=200),
-                                  LINEAR_SOLVERS[linear](rtol=1e-5, max_iter=200))
+    block = ImplicitResidualBlock(
+        F,
+        0.5,
+        SOLVERS["fixed_point"](atol=1e-5, max_iter=200),
+        LINEAR_SOLVERS[linear](rtol=1e-5, max_iter=200),
+    )
     want_y = block(x)
     want = torch.autograd.grad((want_y * w).sum(), [x, *F.parameters()])
     with torch.autocast("cuda", dtype=dtype):
@@ -94,8 +99,12 @@ def test_half_model_on_cuda_solves_in_float32(dtype):
     F, x = _f32_problem(device)
     F = F.to(dtype)
     xh = x.to(dtype).requires_grad_()
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["gradient_descent"](atol=1e-5, max_iter=200),
-                                  LINEAR_SOLVERS["gmres"](rtol=1e-5))
+    block = ImplicitResidualBlock(
+        F,
+        0.5,
+        SOLVERS["gradient_descent"](atol=1e-5, max_iter=200),
+        LINEAR_SOLVERS["gmres"](rtol=1e-5),
+    )
     y = block(xh)
     assert y.dtype == dtype and block.forward_stats.residual.dtype == torch.float32
     assert block.forward_stats.converged.all()
@@ -109,14 +118,20 @@ def test_half_model_on_cuda_solves_in_float32(dtype):
 
 def test_dropout_mask_held_on_cuda():
     device = torch.device("cuda")
-    F = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-                            torch.nn.Linear(8, 3)).to(device, torch.float64)
+    F = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)
+    ).to(device, torch.float64)
     with torch.no_grad():
-        F[3].weight.mul_(0.3 / torch.linalg.matrix_norm(F[3].weight, ord=2)
-                         / torch.linalg.matrix_norm(F[0].weight, ord=2))
+        F[3].weight.mul_(
+            0.3
+            / torch.linalg.matrix_norm(F[3].weight, ord=2)
+            / torch.linalg.matrix_norm(F[0].weight, ord=2)
+        )
     kept = []
     F[2].register_forward_hook(lambda m, a, out: kept.append(out.detach() != 0))
-    block = ImplicitResidualBlock(F, 0.5, SOLVERS["anderson"](atol=1e-12), LINEAR_SOLVERS["gmres"]())
+    block = ImplicitResidualBlock(
+        F, 0.5, SOLVERS["anderson"](atol=1e-12), LINEAR_SOLVERS["gmres"]()
+    )
     x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
     block(x).square().sum().backward()
     assert len(kept) >= 3 and all(torch.equal(k, kept[0]) for k in kept)
@@ -139,14 +154,30 @@ def test_lightning_precision_fits_on_cuda(precision):
             return torch.optim.SGD(self.parameters(), lr=1e-2)
 
     torch.manual_seed(0)
-    net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=FixedPoint(atol=1e-5, max_iter=100), linear_solver=GMRES(rtol=1e-5))
+    net = ODENet(
+        1,
+        1,
+        layers=2,
+        T=1.0,
+        width=8,
+        activation="tanh",
+        solver=FixedPoint(atol=1e-5, max_iter=100),
+        linear_solver=GMRES(rtol=1e-5),
+    )
     module = (SGDModule if precision == "16-true" else ImplicitNetModule)(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)
-    trainer = pl.Trainer(max_steps=4, precision=precision, accelerator="gpu", devices=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=1)
+    trainer = pl.Trainer(
+        max_steps=4,
+        precision=precision,
+        accelerator="gpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
     trainer.fit(module, loader, loader)
     assert trainer.global_step == 4
     for block in net.blocks:
@@ -197,9 +228,12 @@ def test_conv_block_with_tf32_on_reaches_tol_and_matches_float64(tf32_on):
     x.requires_grad_()
     x64 = x.detach().double().requires_grad_()
     w = torch.randn_like(x)
-    block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-5, max_iter=200), GMRES(rtol=1e-5, max_iter=100))
-    reference = ImplicitResidualBlock(F64, 0.5, FixedPoint(atol=1e-12, max_iter=500),
-                                      GMRES(rtol=1e-12, max_iter=200))
+    block = ImplicitResidualBlock(
+        F, 0.5, FixedPoint(atol=1e-5, max_iter=200), GMRES(rtol=1e-5, max_iter=100)
+    )
+    reference = ImplicitResidualBlock(
+        F64, 0.5, FixedPoint(atol=1e-12, max_iter=500), GMRES(rtol=1e-12, max_iter=200)
+    )
     adjoints: dict = {}
     y, y64 = block(x), reference(x64)
     _adjoint(y, adjoints, 32)

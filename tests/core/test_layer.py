@@ -17,6 +17,8 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
 from helpers.problems import (
     DOTTIE,
     DTYPE,
@@ -32,8 +34,6 @@ from helpers.problems import (
     mlp,
     residual_norm,
 )
-from torch import nn
-
 from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.device_path import on_accelerator_path
 from irnet.linear import GMRES, Neumann
@@ -85,8 +85,9 @@ def test_gradients_match_references(solver, linear, theta, activation):
 
     # (b) dense IFT: the adjoint solve is accurate to a relative 1e-12 and y to ≤ 5e-12,
     # so the gradients agree to ~1e-11 relative (condition of I − θJ ≤ 1/(1 − 0.8)).
-    assert_grads_close((gx, gp), ift_gradients(F, x.detach(), y.detach(), theta, w),
-                       rtol=1e-9, atol=1e-10)
+    assert_grads_close(
+        (gx, gp), ift_gradients(F, x.detach(), y.detach(), theta, w), rtol=1e-9, atol=1e-10
+    )
 
     # (c) unrolled: differentiating the iterations converges to the IFT gradient at the
     # solver's rate but lags the residual (the derivative recursion carries a factor
@@ -140,9 +141,7 @@ def test_gradcheck_full_jacobian(solver, linear, theta):
     F = mlp(n=2, width=4)
     x = torch.randn(2, 2, dtype=DTYPE, requires_grad=True)
     block = ImplicitResidualBlock(F, theta, SOLVERS[solver](), LINEAR_SOLVERS[linear]())
-    assert torch.autograd.gradcheck(
-        lambda x, *params: block(x), (x, *F.parameters()), **GRADCHECK
-    )
+    assert torch.autograd.gradcheck(lambda x, *params: block(x), (x, *F.parameters()), **GRADCHECK)
 
 
 @linear_names
@@ -155,8 +154,9 @@ def test_linear_F_closed_form_gradient(linear, theta):
     F = LinearF(A, b)
     x = torch.randn(3, n, dtype=DTYPE, requires_grad=True)
     w = torch.randn(3, n, dtype=DTYPE)
-    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-13, max_iter=500),
-                                  LINEAR_SOLVERS[linear]())
+    block = ImplicitResidualBlock(
+        F, theta, FixedPoint(atol=1e-13, max_iter=500), LINEAR_SOLVERS[linear]()
+    )
     y, gx, (gA, gb) = gradients(block, x, w)
     eye = torch.eye(n, dtype=DTYPE)
     y_exact = linear_solution(A, b, x.detach(), theta)
@@ -182,8 +182,8 @@ def test_theta_zero_gradient_is_explicit_autograd():
 
 
 @pytest.mark.parametrize(
-    "solver, linear", [("fixed_point", "gmres"), ("anderson", "neumann"),
-                       ("cg_polak_ribiere", "gmres")]
+    "solver, linear",
+    [("fixed_point", "gmres"), ("anderson", "neumann"), ("cg_polak_ribiere", "gmres")],
 )
 @pytest.mark.parametrize("theta", [0.5, 1.0])
 def test_image_shaped_conv(solver, linear, theta):
@@ -197,8 +197,9 @@ def test_image_shaped_conv(solver, linear, theta):
     assert y.shape == x.shape
     assert (residual_norm(F, x, y, theta) <= 1e-12).all()
     assert block.backward_stats.converged.all()
-    assert_grads_close((gx, gp), ift_gradients(F, x.detach(), y.detach(), theta, w),
-                       rtol=1e-9, atol=1e-10)
+    assert_grads_close(
+        (gx, gp), ift_gradients(F, x.detach(), y.detach(), theta, w), rtol=1e-9, atol=1e-10
+    )
 
 
 # -- memory: what the graph keeps is independent of the number of iterations --------------
@@ -233,8 +234,9 @@ def test_saved_tensors_do_not_grow_with_iterations(solver):
     cls = MEMORY_SOLVERS[solver]
 
     def measure(max_iter, backward):
-        block = ImplicitResidualBlock(F, 1.0, cls(atol=1e-300, max_iter=max_iter),
-                                      Neumann(rtol=1e-8), backward=backward)
+        block = ImplicitResidualBlock(
+            F, 1.0, cls(atol=1e-300, max_iter=max_iter), Neumann(rtol=1e-8), backward=backward
+        )
         return saved_bytes(block, x)
 
     few, few_iters = measure(5, "implicit")
@@ -307,7 +309,9 @@ def test_rejects_F_that_changes_shape(theta):
 def test_rejects_non_finite_input(bad):
     x = torch.randn(4, 3, dtype=DTYPE)
     x[2, 1] = bad
-    if on_accelerator_path(x):  # no host read there: the sample comes out NaN (the loss check names it)
+    if on_accelerator_path(
+        x
+    ):  # no host read there: the sample comes out NaN (the loss check names it)
         y = ImplicitResidualBlock(mlp())(x)
         assert y[2].isnan().all() and y[[0, 1, 3]].isfinite().all()
         return
@@ -351,8 +355,9 @@ def test_defaults():
 def test_plain_callable_F_closed_form(theta, linear):
     """F(y) = a·y as a lambda: y = (1 + (1−θ)a)/(1 − θa)·x, and dy/dx the same factor."""
     a = -0.6
-    block = ImplicitResidualBlock(lambda y: a * y, theta, FixedPoint(atol=1e-13, max_iter=200),
-                                  LINEAR_SOLVERS[linear]())
+    block = ImplicitResidualBlock(
+        lambda y: a * y, theta, FixedPoint(atol=1e-13, max_iter=200), LINEAR_SOLVERS[linear]()
+    )
     x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
     factor = (1 + (1 - theta) * a) / (1 - theta * a)
     y = block(x)

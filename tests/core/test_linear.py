@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+
 from helpers.problems import (
     DTYPE,
     ITERATIVE_LINEAR_CLASSES,
@@ -20,7 +21,6 @@ from helpers.problems import (
     contraction,
     matrix_with_spectrum,
 )
-
 from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.linear import GMRES, AdjointOperator, Direct, Neumann
 from irnet.solvers import Anderson
@@ -66,8 +66,9 @@ def test_known_system(linear, theta):
     g, stats = LINEAR_SOLVERS[linear](rtol=tol).solve(operator_for(A, theta), b)
     assert stats.converged.all() and not stats.diverged.any()
     assert (stats.residual <= tol).all()
-    torch.testing.assert_close(stats.residual, relative_residual(A, theta, g, b),
-                               rtol=1e-6, atol=1e-15)
+    torch.testing.assert_close(
+        stats.residual, relative_residual(A, theta, g, b), rtol=1e-6, atol=1e-15
+    )
     # ‖g − g*‖ ≤ ‖(I − θAᵀ)⁻¹‖ tol ‖b‖ ≤ tol ‖b‖ / (1 − 0.7θ).
     torch.testing.assert_close(g, exact(A, theta, b), rtol=0, atol=1e-11)
 
@@ -118,8 +119,7 @@ def test_neumann_diverges_flags_and_stays_finite():
     assert (stats.iterations < 20).all(), "must stop early, not run to max_iter"
     assert torch.isfinite(stats.residual).all()
     # The returned g is the best partial sum: its reported residual is its own.
-    torch.testing.assert_close(stats.residual, relative_residual(A, 0.5, g, b), rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(stats.residual, relative_residual(A, 0.5, g, b), rtol=1e-6, atol=0)
     # GMRES does not need a convergent series.
     g_gmres, stats_gmres = GMRES(rtol=1e-12, max_iter=50).solve(operator_for(A, 0.5), b)
     assert stats_gmres.converged.all()
@@ -155,8 +155,9 @@ def test_block_warns_once_for_divergent_neumann_and_gmres_solves_it():
 
     # The same block with GMRES gives the closed-form gradient
     # ∇_x L = (I + (1−θ)A)ᵀ (I − θA)⁻ᵀ w.
-    block = ImplicitResidualBlock(F, 0.5, Anderson(atol=1e-12, max_iter=100),
-                                  GMRES(rtol=1e-12, max_iter=50))
+    block = ImplicitResidualBlock(
+        F, 0.5, Anderson(atol=1e-12, max_iter=100), GMRES(rtol=1e-12, max_iter=50)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         (gx,) = torch.autograd.grad((block(x) * w).sum(), x)
@@ -267,5 +268,7 @@ def test_graph_vjp_is_torch_autograd_grad_on_a_retained_graph():
     expected = torch.autograd.grad(out, y, v, retain_graph=True)[0]
     assert torch.equal(graph_vjp(out, y, v), expected)  # the engine called directly
     assert torch.equal(graph_vjp(out, y, v), expected)  # the graph is retained
-    assert torch.allclose(graph_vjp(out, y, v.float()), expected)  # another dtype: torch.autograd.grad's path
+    assert torch.allclose(
+        graph_vjp(out, y, v.float()), expected
+    )  # another dtype: torch.autograd.grad's path
     assert lin.weight.grad is None  # products never accumulate into parameters

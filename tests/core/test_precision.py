@@ -14,9 +14,9 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.problems import mlp, residual_norm
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.problems import mlp, residual_norm
 from irnet import ImplicitResidualBlock
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.module import ImplicitNetModule
@@ -121,7 +121,7 @@ def test_half_model_solves_in_float32_and_returns_its_dtype(dtype, solver):
     assert xh.grad.dtype == dtype and all(p.grad.dtype == dtype for p in Fh.parameters())
     torch.testing.assert_close(xh.grad, x_ref.grad.to(dtype), rtol=0, atol=0)
     for p, q in zip(Fh.parameters(), F32.parameters()):
-        torch.testing.assert_close(p.grad, q.grad.to(dtype), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(p.grad, q.grad.to(dtype), rtol=2**-7, atol=1e-6)
     assert all(p.dtype == dtype and p.is_leaf for p in Fh.parameters())  # the casts are undone
 
 
@@ -143,15 +143,30 @@ def test_half_model_under_inference_mode(solver):
 def tiny_fit(precision: str, steps: int = 4, seed: int = 0) -> tuple[ImplicitNetModule, pl.Trainer]:
     """Fit a 2-layer ODENet on 16 points of sin(3x) for ``steps`` steps at ``precision``."""
     torch.manual_seed(seed)
-    net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=FixedPoint(atol=TOL, max_iter=100),
-                 linear_solver=GMRES(rtol=TOL, max_iter=50))
+    net = ODENet(
+        1,
+        1,
+        layers=2,
+        T=1.0,
+        width=8,
+        activation="tanh",
+        solver=FixedPoint(atol=TOL, max_iter=100),
+        linear_solver=GMRES(rtol=TOL, max_iter=50),
+    )
     module = ImplicitNetModule(net, loss="l2")
     x = torch.linspace(-1, 1, 16).unsqueeze(1)
     loader = DataLoader(TensorDataset(x, torch.sin(3 * x)), batch_size=8)
-    trainer = pl.Trainer(max_steps=steps, precision=precision, accelerator="cpu", devices=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=1)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        precision=precision,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
     trainer.fit(module, loader, loader)
     return module, trainer
 
@@ -169,9 +184,10 @@ def float32_fit():
     return tiny_fit("32-true")
 
 
-@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64),
-                                              ("bf16-mixed", torch.float32),
-                                              ("bf16-true", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("64-true", torch.float64), ("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)],
+)
 def test_lightning_precision_fits(precision, dtype, float32_fit):
     module, trainer = tiny_fit(precision)
     assert trainer.global_step == 4

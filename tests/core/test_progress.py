@@ -31,14 +31,16 @@ def settle_one_by_one(progress: Progress, iterates, norms, tol, patience=None) -
         active = active & (res > tol)
         if patience is not None:
             active = active & (stalled < patience)
-    return Progress(best, best_res, active, iterations, stalled if patience is not None else progress.stalled)
+    return Progress(
+        best, best_res, active, iterations, stalled if patience is not None else progress.stalled
+    )
 
 
 def _norms(count: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Residual norms that fall, rise, tie, stall and turn NaN, on a grid of values (so ties occur)."""
-    norms = (torch.randint(0, 12, (count, batch), generator=generator).double() / 4)
+    norms = torch.randint(0, 12, (count, batch), generator=generator).double() / 4
     norms[:, 0] = torch.linspace(3, 0, count)  # falls steadily, meets the tolerance near the end
-    norms[count // 2:, 1] = math.nan  # turns non-finite
+    norms[count // 2 :, 1] = math.nan  # turns non-finite
     norms[:, 2] = 2.0  # never improves: stalls
     norms[1, 3] = norms[4, 3] = -1.0  # below tolerance at once (frozen at its second iterate)
     return list(norms)
@@ -51,18 +53,28 @@ def test_settling_in_chunks_is_settling_after_every_iteration(patience, chunk):
     batch, count, tol = 9, 16, 0.3
     norms = _norms(count, batch, generator)
     iterates = [torch.randn(batch, 2, 3, generator=generator, dtype=torch.float64) for _ in norms]
-    initial = start(torch.zeros(batch, 2, 3, dtype=torch.float64), torch.full((batch,), 2.5, dtype=torch.float64), tol)
+    initial = start(
+        torch.zeros(batch, 2, 3, dtype=torch.float64),
+        torch.full((batch,), 2.5, dtype=torch.float64),
+        tol,
+    )
     expected = settle_one_by_one(initial, iterates, norms, tol, patience)
     settled = initial
     for i in range(0, count, chunk):
-        settled = settle(settled, torch.stack(iterates[i:i + chunk]), norms[i:i + chunk], tol, patience)
+        settled = settle(
+            settled, torch.stack(iterates[i : i + chunk]), norms[i : i + chunk], tol, patience
+        )
     for got, want in zip(settled[:4], expected[:4]):
         assert torch.equal(got, want)
     # the stall counter matters only while a sample is active (the reference keeps counting after)
     assert torch.equal(settled.stalled[expected.active], expected.stalled[expected.active])
-    assert not expected.active[[0, 1, 3]].any() and expected.iterations.min() < count  # the cases occurred
+    assert (
+        not expected.active[[0, 1, 3]].any() and expected.iterations.min() < count
+    )  # the cases occurred
     if patience is not None:
-        assert not expected.active[2] and expected.iterations[2] == patience + 1  # one new low, then the stall
+        assert (
+            not expected.active[2] and expected.iterations[2] == patience + 1
+        )  # one new low, then the stall
 
 
 class _Tanh(nn.Module):
@@ -76,8 +88,11 @@ class _Tanh(nn.Module):
         return torch.tanh(self.lin(y))
 
 
-@pytest.mark.parametrize("solver", [FixedPoint(atol=1e-9, max_iter=60), Anderson(atol=1e-9, max_iter=60)],
-                         ids=["FixedPoint", "Anderson"])
+@pytest.mark.parametrize(
+    "solver",
+    [FixedPoint(atol=1e-9, max_iter=60), Anderson(atol=1e-9, max_iter=60)],
+    ids=["FixedPoint", "Anderson"],
+)
 def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypatch, solver):
     torch.manual_seed(0)
     F = _Tanh()
@@ -86,8 +101,14 @@ def test_a_blocks_answers_and_statistics_do_not_depend_on_the_schedule(monkeypat
     results = []
     # (1, …): the shared loop, settled after every iteration; FixedPoint's rows loop otherwise,
     # looking at its residuals at most every ``look`` iterations (Anderson: the shared loop)
-    for schedule, look, first in [((1, False), 8, 4), ((1, True), 8, 4), ((2, True), 1, 0), ((3, False), 3, 4),
-                                  ((8, True), 8, 1), ((60, True), 2, 0)]:
+    for schedule, look, first in [
+        ((1, False), 8, 4),
+        ((1, True), 8, 4),
+        ((2, True), 1, 0),
+        ((3, False), 3, 4),
+        ((8, True), 8, 1),
+        ((60, True), 2, 0),
+    ]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
         monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
@@ -108,14 +129,22 @@ def test_neumann_answers_and_stalls_do_not_depend_on_the_schedule(monkeypatch):
     torch.manual_seed(1)
     F = _Tanh(dim=5, scale=4.0)
     y = torch.randn(12, 5, dtype=torch.float64)
-    y[:6] *= 20.0  # tanh saturated: a small Jacobian, the series converges; near 0 it grows or stalls
+    y[:6] *= (
+        20.0  # tanh saturated: a small Jacobian, the series converges; near 0 it grows or stalls
+    )
     y[6:] *= 0.01
     operator = AdjointOperator(F, y, theta=1.0)
     b = torch.randn(12, 5, dtype=torch.float64)
     results = []
     # (1, …): term by term; else the rows loop (neumann_rows) after ``first`` terms one by one
-    for schedule, look, first in [((1, False), 8, 4), ((1, True), 8, 4), ((2, True), 1, 0), ((4, True), 3, 4),
-                                  ((7, False), 8, 1), ((80, True), 5, 0)]:
+    for schedule, look, first in [
+        ((1, False), 8, 4),
+        ((1, True), 8, 4),
+        ((2, True), 1, 0),
+        ((4, True), 3, 4),
+        ((7, False), 8, 1),
+        ((80, True), 5, 0),
+    ]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
         monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
@@ -132,8 +161,14 @@ def test_the_record_stays_within_its_memory_budget(monkeypatch):
     from irnet._iterate import _SCRATCH, settle_schedule
 
     with forced_path("cpu"):
-        assert settle_schedule(torch.empty(51, 4)) == (32, True)  # small states: a replay every 32 at most
-        assert settle_schedule(torch.empty(2**21)) == (2, True)  # 8 MiB iterates: 16 MiB of them at once
+        assert settle_schedule(torch.empty(51, 4)) == (
+            32,
+            True,
+        )  # small states: a replay every 32 at most
+        assert settle_schedule(torch.empty(2**21)) == (
+            2,
+            True,
+        )  # 8 MiB iterates: 16 MiB of them at once
         assert settle_schedule(torch.empty(2**25)) == (1, True)  # larger: one at a time
     with forced_path("accelerator"):  # no quick test (a host read); 256 MiB of iterates at most
         assert settle_schedule(torch.empty(51, 4)) == (32, False)
@@ -143,7 +178,9 @@ def test_the_record_stays_within_its_memory_budget(monkeypatch):
     monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 1024)
     block = ImplicitResidualBlock(_Tanh(), theta=0.8, solver=FixedPoint(atol=1e-12, max_iter=60))
     block(torch.randn(16, 4, dtype=torch.float64))
-    assert block.forward_stats.iterations.max() > 8 and not _SCRATCH  # the record was used, then dropped
+    assert (
+        block.forward_stats.iterations.max() > 8 and not _SCRATCH
+    )  # the record was used, then dropped
     monkeypatch.setattr(progress_module, "SCRATCH_KEPT_BYTES", 2**20)
     block(torch.randn(16, 4, dtype=torch.float64))
     assert len(_SCRATCH) == 1
@@ -171,8 +208,13 @@ def test_the_fixed_point_rows_loop_is_the_iteration_by_iteration_loop(monkeypatc
     y0[0] = 0.0  # r(y0) = 0: converged before any iteration
     problem = FixedPointProblem(_Counted(0.5), y0 * 0.1, theta=1.0)
     results = []
-    for schedule, look, first in [((1, False), 8, 4), ((2, True), 1, 0), ((5, True), 3, 2), ((64, True), 8, 0),
-                                  ((64, True), 8, 4)]:
+    for schedule, look, first in [
+        ((1, False), 8, 4),
+        ((2, True), 1, 0),
+        ((5, True), 3, 2),
+        ((64, True), 8, 0),
+        ((64, True), 8, 4),
+    ]:
         monkeypatch.setattr(progress_module, "settle_schedule", lambda like, s=schedule: s)
         monkeypatch.setattr(progress_module, "CHECK_AT_MOST_EVERY", look)
         monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", first)
@@ -189,7 +231,9 @@ def test_the_fixed_point_rows_loop_is_the_iteration_by_iteration_loop(monkeypatc
 def test_the_rows_loop_stops_within_an_iteration_of_a_linear_convergence(monkeypatch, rate):
     # The residuals of y ← c + rate·y fall by ``rate`` per step: the looks predicted from
     # that rate end the solve at most one evaluation after the iteration-by-iteration loop.
-    monkeypatch.setattr(progress_module, "ONE_BY_ONE_FIRST", 0)  # the rows loop from the first iteration
+    monkeypatch.setattr(
+        progress_module, "ONE_BY_ONE_FIRST", 0
+    )  # the rows loop from the first iteration
     F = _Counted(rate, blow_up=False)
     y0 = torch.randn(5, 3, dtype=torch.float64)
     problem = FixedPointProblem(F, torch.zeros_like(y0), theta=1.0)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, fields
 
 import pytest
 import torch
-from helpers.sync import HostReads
-from helpers.problems import DTYPE, LINEAR_SOLVERS, SOLVERS, LinearF, contraction, mlp
 from torch import Tensor, nn
 
+from helpers.problems import DTYPE, LINEAR_SOLVERS, SOLVERS, LinearF, contraction, mlp
+from helpers.sync import HostReads
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
 from irnet.linear import GMRES, AdjointOperator, Direct, JacobianFree, Neumann, Phantom
@@ -76,6 +76,7 @@ class CountedLinks:
         def counted(*args, **kwargs):
             self.count += 1
             return solve(*args, **kwargs)
+
         return counted
 
 
@@ -114,7 +115,9 @@ def run(solver: str, linear: str, path: str) -> Run:
         products = count_products(monkeypatch)
         F = CountedF(mlp(n=3, width=6, lipschitz=0.8))
         forward = SOLVERS[solver](atol=TOL, max_iter=200)
-        block = ImplicitResidualBlock(F, 0.5, forward, LINEAR_SOLVERS[linear](rtol=TOL, max_iter=200))
+        block = ImplicitResidualBlock(
+            F, 0.5, forward, LINEAR_SOLVERS[linear](rtol=TOL, max_iter=200)
+        )
         x = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
         w = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
         for _ in range(2):
@@ -129,9 +132,18 @@ def run(solver: str, linear: str, path: str) -> Run:
                     grads = torch.autograd.grad((y * w).sum(), [xr, *F.parameters()])
             for link in getattr(forward, "solvers", ()):
                 del link.solve  # the class's own again
-        return Run(y.detach(), tuple(grads), block.forward_stats, block.backward_stats, forward_reads,
-                   reads.count - forward_reads, F_calls, products[0], links.count,
-                   f"forward: {report}; both: {reads.report()}")
+        return Run(
+            y.detach(),
+            tuple(grads),
+            block.forward_stats,
+            block.backward_stats,
+            forward_reads,
+            reads.count - forward_reads,
+            F_calls,
+            products[0],
+            links.count,
+            f"forward: {report}; both: {reads.report()}",
+        )
 
 
 def assert_same_stats(got: SolverStats, want: SolverStats) -> None:
@@ -175,8 +187,12 @@ def test_a_repeated_solve_evaluates_F_at_most_once_more_than_the_cpu_path(solver
 
 # -- fixed-count solves -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("linear", [Neumann(max_iter=8, fixed_count=True), Direct(), Phantom(steps=4),
-                                    JacobianFree()], ids=lambda s: type(s).__name__)
+
+@pytest.mark.parametrize(
+    "linear",
+    [Neumann(max_iter=8, fixed_count=True), Direct(), Phantom(steps=4), JacobianFree()],
+    ids=lambda s: type(s).__name__,
+)
 def test_fixed_count_solves_read_nothing(linear):
     F = mlp(n=3, width=6, lipschitz=0.8)
     block = ImplicitResidualBlock(F, 0.5, FixedPoint(max_iter=8, fixed_count=True), linear)
@@ -190,12 +206,17 @@ def test_fixed_count_solves_read_nothing(linear):
 
 # -- GMRES ------------------------------------------------------------------------------------
 
+
 def linear_operator(n: int, batch: int, seed: int) -> AdjointOperator:
     A = contraction(n=n, radius=0.9, seed=seed)
-    return AdjointOperator(LinearF(A, torch.zeros(n, dtype=DTYPE)), torch.randn(batch, n, dtype=DTYPE), 1.0)
+    return AdjointOperator(
+        LinearF(A, torch.zeros(n, dtype=DTYPE)), torch.randn(batch, n, dtype=DTYPE), 1.0
+    )
 
 
-def gmres_on(path: str, solver: GMRES, operator: AdjointOperator, b: Tensor) -> tuple[Tensor, SolverStats, int]:
+def gmres_on(
+    path: str, solver: GMRES, operator: AdjointOperator, b: Tensor
+) -> tuple[Tensor, SolverStats, int]:
     reads = HostReads()
     with forced_path(path), reads.patched(), reads.counting():
         g, stats = solver.solve(operator, b)
@@ -206,7 +227,9 @@ def gmres_on(path: str, solver: GMRES, operator: AdjointOperator, b: Tensor) -> 
 def test_gmres_over_restarts_reads_once_when_repeated(n, restart):
     operator, b = linear_operator(n, 6, seed=n), torch.randn(6, n, dtype=DTYPE)
     b[0] *= 1e-3  # the scale of b does not matter (relative tolerance)
-    want, want_stats, _ = gmres_on("cpu", GMRES(rtol=TOL, max_iter=200, restart=restart), operator, b)
+    want, want_stats, _ = gmres_on(
+        "cpu", GMRES(rtol=TOL, max_iter=200, restart=restart), operator, b
+    )
     solver = GMRES(rtol=TOL, max_iter=200, restart=restart)
     reads = [gmres_on("accelerator", solver, operator, b) for _ in range(3)]
     for g, stats, _ in reads:
@@ -224,7 +247,9 @@ def test_gmres_answers_stay_the_cpu_paths_when_the_need_changes():
     solver = GMRES(rtol=1e-4, max_iter=200, restart=20)
     for rtol, b in [(1e-4, easy), (1e-11, hard), (1e-4, easy), (1e-11, hard)]:
         solver.rtol = rtol
-        want, want_stats, _ = gmres_on("cpu", GMRES(rtol=rtol, max_iter=200, restart=20), operator, b)
+        want, want_stats, _ = gmres_on(
+            "cpu", GMRES(rtol=rtol, max_iter=200, restart=20), operator, b
+        )
         got, stats, _ = gmres_on("accelerator", solver, operator, b)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
         assert_same_stats(stats, want_stats)
@@ -235,7 +260,11 @@ def test_gmres_with_zero_right_hand_sides_looks_at_the_start_once_learned():
     solver = GMRES(rtol=TOL)
     counts = [gmres_on("accelerator", solver, operator, b)[2] for _ in range(2)]
     g, stats, _ = gmres_on("accelerator", solver, operator, b)
-    assert torch.equal(g, torch.zeros_like(b)) and stats.converged.all() and (stats.iterations == 0).all()
+    assert (
+        torch.equal(g, torch.zeros_like(b))
+        and stats.converged.all()
+        and (stats.iterations == 0).all()
+    )
     assert counts[1] == 1
 
 
@@ -267,17 +296,23 @@ def test_gmres_takes_a_plain_callable_operator():
 
 # -- the line search --------------------------------------------------------------------------
 
-def search_on(path: str, problem: FixedPointProblem, y: Tensor, step0: Tensor, max_backtracks: int = 10):
+
+def search_on(
+    path: str, problem: FixedPointProblem, y: Tensor, step0: Tensor, max_backtracks: int = 10
+):
     r, grad = problem.residual_and_gradient(y)
     slope = (grad * grad).sum(1)
     reads = HostReads()
     with forced_path(path), reads.patched(), reads.counting():
-        found = line_search_module.line_search(problem, y, r, grad, slope, step0, max_backtracks=max_backtracks)
+        found = line_search_module.line_search(
+            problem, y, r, grad, slope, step0, max_backtracks=max_backtracks
+        )
     return found, reads.count
 
 
 def wiggly_problem() -> tuple[FixedPointProblem, Tensor]:
     """``F = 3 sin``: ½‖r‖² is far from quadratic along the gradient, so long steps backtrack."""
+
     class Sin(nn.Module):
         def forward(self, y):
             return 3 * torch.sin(y)
@@ -287,7 +322,9 @@ def wiggly_problem() -> tuple[FixedPointProblem, Tensor]:
 
 
 @pytest.mark.parametrize("max_backtracks", [0, 3, 10])
-@pytest.mark.parametrize("stacked_bytes", [None, 1])  # all trials in one evaluation of F, or one by one
+@pytest.mark.parametrize(
+    "stacked_bytes", [None, 1]
+)  # all trials in one evaluation of F, or one by one
 def test_stacked_backtracking_takes_the_cpu_loops_steps(max_backtracks, stacked_bytes, monkeypatch):
     if stacked_bytes is not None:
         monkeypatch.setattr(line_search_module, "STACKED_AT_MOST_BYTES", stacked_bytes)
@@ -300,7 +337,9 @@ def test_stacked_backtracking_takes_the_cpu_loops_steps(max_backtracks, stacked_
     torch.testing.assert_close(step, want_step, rtol=0, atol=0)  # powers of two of the same step
     torch.testing.assert_close(y_new, want_y, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(r_new, want_r, rtol=1e-12, atol=1e-15)
-    if max_backtracks == 10:  # the case is worth testing: some sample found its step by backtracking
+    if (
+        max_backtracks == 10
+    ):  # the case is worth testing: some sample found its step by backtracking
         (first_try, *_), _ = search_on("cpu", problem, y, step0, max_backtracks=0)
         assert ((want_step > 0) & (first_try == 0)).any()
     if max_backtracks == 0:
@@ -340,6 +379,7 @@ def test_held_dropout_takes_the_trials_one_by_one():
 
 # -- Fallback ---------------------------------------------------------------------------------
 
+
 def fallback_twice(solvers_factory, F: nn.Module, x: Tensor, theta: float, path: str):
     """Solve twice with a fresh chain; the second solve's answer, stats, reads and links run."""
     solver = Fallback(solvers_factory())
@@ -353,17 +393,36 @@ def fallback_twice(solvers_factory, F: nn.Module, x: Tensor, theta: float, path:
     return y, stats, reads, links.count
 
 
-@pytest.mark.parametrize("name, factory, reads_at_most, links", [
-    # FixedPoint runs out of iterations: no read after it, Anderson's look, the read that stops the chain
-    pytest.param("hands on", lambda: [FixedPoint(atol=TOL, max_iter=4), Anderson(atol=TOL), Broyden(atol=TOL)],
-                 2, 2, id="hands-on"),
-    # the first link solves every sample: its look, and the read that stops the chain
-    pytest.param("first solves all", lambda: [Anderson(atol=TOL), Broyden(atol=TOL)], 2, 1, id="first-solves-all"),
-    # FixedPoint solves every sample in exactly its max_iter (16 here): no read after it, so Anderson
-    # runs on frozen samples and, having learnt that, looks at its start
-    pytest.param("solves at max_iter", lambda: [FixedPoint(atol=TOL, max_iter=16), Anderson(atol=TOL)], 1, 2,
-                 id="solves-at-max-iter"),
-])
+@pytest.mark.parametrize(
+    "name, factory, reads_at_most, links",
+    [
+        # FixedPoint runs out of iterations: no read after it, Anderson's look, the read that stops the chain
+        pytest.param(
+            "hands on",
+            lambda: [FixedPoint(atol=TOL, max_iter=4), Anderson(atol=TOL), Broyden(atol=TOL)],
+            2,
+            2,
+            id="hands-on",
+        ),
+        # the first link solves every sample: its look, and the read that stops the chain
+        pytest.param(
+            "first solves all",
+            lambda: [Anderson(atol=TOL), Broyden(atol=TOL)],
+            2,
+            1,
+            id="first-solves-all",
+        ),
+        # FixedPoint solves every sample in exactly its max_iter (16 here): no read after it, so Anderson
+        # runs on frozen samples and, having learnt that, looks at its start
+        pytest.param(
+            "solves at max_iter",
+            lambda: [FixedPoint(atol=TOL, max_iter=16), Anderson(atol=TOL)],
+            1,
+            2,
+            id="solves-at-max-iter",
+        ),
+    ],
+)
 def test_fallback_reads_and_answers(name, factory, reads_at_most, links):
     F = mlp(n=3, width=6, lipschitz=0.8)
     x = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
@@ -374,7 +433,9 @@ def test_fallback_reads_and_answers(name, factory, reads_at_most, links):
     assert reads.count <= reads_at_most, reads.report()
     assert ran == links
     if name == "solves at max_iter":
-        assert want_links == 1 and (want_stats.method == 0).all() and want_stats.iterations.max() == 16
+        assert (
+            want_links == 1 and (want_stats.method == 0).all() and want_stats.iterations.max() == 16
+        )
 
 
 def test_fallback_on_a_mixed_batch_hands_on_as_on_the_cpu():

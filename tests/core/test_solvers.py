@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
 from helpers.problems import (
     DOTTIE,
     DTYPE,
@@ -22,8 +24,6 @@ from helpers.problems import (
     mlp,
     residual_norm,
 )
-from torch import nn
-
 from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.solvers import Anderson, FixedPoint, FixedPointProblem, GradientDescent, NonlinearCG
 from irnet.stats import flush_failure_warnings
@@ -136,8 +136,12 @@ def test_per_sample_independence(solver):
     assert it_both[0] == it_alone[0]
     # Equal up to rounding: a 1-row and a 2-row matrix product may sum in another order.
     torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-15)
-    torch.testing.assert_close(both_block.forward_stats.residual[:1],
-                               alone_block.forward_stats.residual, rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        both_block.forward_stats.residual[:1],
+        alone_block.forward_stats.residual,
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 def test_nonconvergence_expansive_fixed_point():
@@ -164,8 +168,9 @@ def test_nonconvergence_expansive_fixed_point():
     torch.testing.assert_close(y, 4 * x)
 
 
-@pytest.mark.parametrize("solver", ["anderson", "gradient_descent", "cg_fletcher_reeves",
-                                    "cg_polak_ribiere"])
+@pytest.mark.parametrize(
+    "solver", ["anderson", "gradient_descent", "cg_fletcher_reeves", "cg_polak_ribiere"]
+)
 def test_other_solvers_solve_expansive_linear_case(solver):
     # Where fixed-point iteration diverges the others still find y = x + 1.5x + 1.5y = −5x.
     x = torch.randn(4, 3, dtype=DTYPE)
@@ -177,8 +182,9 @@ def test_other_solvers_solve_expansive_linear_case(solver):
 
 
 @pytest.mark.parametrize("history", [5, 6, 9])
-@pytest.mark.parametrize("eigenvalues", [[2.5, 0.5, -1.0, 3.0], [0.9, 0.5, -0.5, 0.3]],
-                         ids=["expansive", "contractive"])
+@pytest.mark.parametrize(
+    "eigenvalues", [[2.5, 0.5, -1.0, 3.0], [0.9, 0.5, -0.5, 0.3]], ids=["expansive", "contractive"]
+)
 def test_anderson_full_history_solves_linear_problem_in_n_plus_1_steps(history, eigenvalues):
     # Unregularised Anderson with a window of ≥ n + 1 iterates is GMRES on a linear
     # problem (Walker & Ni 2011): y = c + θAy is solved after n + 1 = 5 steps,
@@ -205,11 +211,16 @@ def test_anderson_with_history_one_and_no_damping_is_fixed_point_iteration(theta
     # of different sizes stop at different counts (5 to 18); max_iter = 4 stops every one
     # short, so the answer is the last (best) iterate itself.
     F = mlp(n=3, width=6, lipschitz=0.8)
-    x = torch.randn(5, 3, dtype=DTYPE) * torch.tensor([1e-3, 0.1, 1.0, 3.0, 10.0], dtype=DTYPE)[:, None]
+    x = (
+        torch.randn(5, 3, dtype=DTYPE)
+        * torch.tensor([1e-3, 0.1, 1.0, 3.0, 10.0], dtype=DTYPE)[:, None]
+    )
     problem = FixedPointProblem(F, x, theta)
     with torch.no_grad():
         y_fp, s_fp = FixedPoint(atol=TIGHT, max_iter=max_iter).solve(problem, x)
-        y_aa, s_aa = Anderson(atol=TIGHT, max_iter=max_iter, history=1, mixing=1.0).solve(problem, x)
+        y_aa, s_aa = Anderson(atol=TIGHT, max_iter=max_iter, history=1, mixing=1.0).solve(
+            problem, x
+        )
     assert torch.equal(s_aa.iterations, s_fp.iterations)
     assert torch.equal(s_aa.converged, s_fp.converged)
     assert s_fp.converged.all() if max_iter == 500 else not s_fp.converged.any()
@@ -224,8 +235,9 @@ def test_direct_solver_call_on_problem():
     c = torch.randn(2, 3, dtype=DTYPE)
     problem = FixedPointProblem(lambda y: y @ A.T, c, 1.0)
     y, stats = FixedPoint(atol=1e-13, max_iter=200).solve(problem, c)
-    torch.testing.assert_close(y, torch.linalg.solve(torch.eye(3, dtype=DTYPE) - A, c.T).T,
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        y, torch.linalg.solve(torch.eye(3, dtype=DTYPE) - A, c.T).T, rtol=0, atol=1e-12
+    )
     assert stats.converged.all() and stats.iterations.dtype == torch.long
 
 
@@ -319,6 +331,8 @@ def test_residual_and_gradient_under_inference_mode():
         r, grad = problem.residual_and_gradient(y)
     A = F.A.detach()
     want_r = y - c - theta * (y @ A.T + F.b.detach())
-    want_grad = want_r @ (torch.eye(3, dtype=DTYPE) - theta * A)  # rows: rᵀ(I − θA) = ((I − θA)ᵀ r)ᵀ
+    want_grad = want_r @ (
+        torch.eye(3, dtype=DTYPE) - theta * A
+    )  # rows: rᵀ(I − θA) = ((I − θA)ᵀ r)ᵀ
     torch.testing.assert_close(r, want_r)
     torch.testing.assert_close(grad, want_grad)

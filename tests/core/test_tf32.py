@@ -15,9 +15,9 @@ import random
 
 import pytest
 import torch
-from helpers.problems import mlp
 from torch import nn
 
+from helpers.problems import mlp
 from irnet import ImplicitResidualBlock
 from irnet._scope import _NEW_API, FullFloat32
 from irnet.device_path import forced_path
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ON, OFF = (True, True), (False, False)
 # (backend, op) pairs of torch ≥ 2.9's fp32_precision settings, parents first.
 PAIRS = [("generic", "all"), ("cuda", "all"), ("mkldnn", "all")] + [
-    (b, o) for b in ("cuda", "mkldnn") for o in ("matmul", "conv", "rnn")]
+    (b, o) for b in ("cuda", "mkldnn") for o in ("matmul", "conv", "rnn")
+]
 
 
 def flags() -> tuple[bool, bool]:
@@ -46,9 +47,11 @@ def _read(getter):
 
 def snapshot() -> dict:
     """Every TF32-related setting, as torch reports it (a raising getter as ``"raises"``)."""
-    state = {"matmul": _read(torch.get_float32_matmul_precision),
-             "cudnn": _read(lambda: torch.backends.cudnn.allow_tf32),
-             "cublas": _read(lambda: torch.backends.cuda.matmul.allow_tf32)}
+    state = {
+        "matmul": _read(torch.get_float32_matmul_precision),
+        "cudnn": _read(lambda: torch.backends.cudnn.allow_tf32),
+        "cublas": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
+    }
     if _NEW_API:
         state.update({p: torch._C._get_fp32_precision_getter(*p) for p in PAIRS})
     return state
@@ -111,8 +114,9 @@ def watched_block(linear, **fail) -> tuple[ImplicitResidualBlock, Watched]:
     return ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-10, max_iter=100), linear), F
 
 
-@pytest.mark.parametrize("linear", [Neumann(rtol=1e-10), GMRES(rtol=1e-10), Direct()],
-                         ids=["neumann", "gmres", "direct"])
+@pytest.mark.parametrize(
+    "linear", [Neumann(rtol=1e-10), GMRES(rtol=1e-10), Direct()], ids=["neumann", "gmres", "direct"]
+)
 def test_tf32_off_inside_forward_and_adjoint_solves_user_setting_elsewhere(tf32_on, linear):
     block, F = watched_block(linear)
     x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
@@ -189,7 +193,9 @@ def _new_api_actions() -> list:
         return []
     b = torch.backends
     holders = [b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn]
-    return [lambda h=h, v=v: setattr(h, "fp32_precision", v) for h in holders for v in ("ieee", "tf32")]
+    return [
+        lambda h=h, v=v: setattr(h, "fp32_precision", v) for h in holders for v in ("ieee", "tf32")
+    ]
 
 
 def _inside_is_full_precision(outside: dict) -> None:
@@ -226,8 +232,11 @@ def test_new_api_only_user_is_switched_off_and_put_back():
     assert before["matmul"] == "raises"
     F = mlp(n=4, width=16, lipschitz=0.8)
     seen = []
-    F.register_forward_pre_hook(lambda m, a: seen.append(
-        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)))
+    F.register_forward_pre_hook(
+        lambda m, a: seen.append(
+            (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+        )
+    )
     block = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=1e-10), Neumann(rtol=1e-10))
     with forced_path("accelerator"):
         block(torch.randn(8, 4, dtype=torch.float64, requires_grad=True)).sum().backward()

@@ -30,9 +30,9 @@ from typing import Optional
 import pytest
 import torch
 import yaml
-from helpers.training import QUIET, REPO
 from pytorch_lightning.strategies import DDPStrategy
 
+from helpers.training import QUIET, REPO
 from irnet.cli import main
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -41,9 +41,20 @@ COMMAND = re.compile(r"(?:^|\s)-m irnet\s+(.*)")  # python -m, srun python -m, t
 # Commands shown on purpose as failing examples: none today. Add (doc, command) pairs here.
 EXPECTED_TO_FAIL: set[tuple[str, str]] = set()
 
-SHORT = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-         "--trainer.num_sanity_val_steps", "0", *QUIET]
-EVALUATE = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}
+SHORT = [
+    "--trainer.limit_train_batches",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    *QUIET,
+]
+EVALUATE = {
+    "validate": "limit_val_batches",
+    "test": "limit_test_batches",
+    "predict": "limit_predict_batches",
+}
 DEEP_CONFIGS = ("ex2_spirals", "ex1_sine_100")  # 100 layers: cut to 4 where the command allows
 KEEPS_CALLBACKS = "callbacks"  # commands about the callbacks keep them
 
@@ -68,8 +79,12 @@ EFFECTS = {
     "--model.net.init_args.solver.class_path": lambda cli: type(_blocks(cli)[0].solver).__name__,
     "--model.net.init_args.solver.init_args.atol": lambda cli: _blocks(cli)[0].solver.atol,
     "--model.net.init_args.solver.init_args.max_iter": lambda cli: _blocks(cli)[0].solver.max_iter,
-    "--model.net.init_args.solver.init_args.fixed_count": lambda cli: _blocks(cli)[0].solver.fixed_count,
-    "--model.net.init_args.linear_solver.class_path": lambda cli: type(_blocks(cli)[0].linear_solver).__name__,
+    "--model.net.init_args.solver.init_args.fixed_count": lambda cli: (
+        _blocks(cli)[0].solver.fixed_count
+    ),
+    "--model.net.init_args.linear_solver.class_path": lambda cli: (
+        type(_blocks(cli)[0].linear_solver).__name__
+    ),
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
     "--model.net.init_args.contraction": lambda cli: _contraction(_blocks(cli)[0]),
     "--model.net.init_args.init": lambda cli: cli.model.net.init,
@@ -80,12 +95,19 @@ EFFECTS = {
     "--model.r_rnd.init_args.r": lambda cli: cli.model.r_rnd.r,
     "--model.lr": lambda cli: cli.model.lr,
     "--model.lr_step": lambda cli: cli.model.lr_step,
-    "--trainer.callbacks.init_args.perturbation.init_args.sigma": lambda cli: _streams_callback(cli).perturbation.sigma,
+    "--trainer.callbacks.init_args.perturbation.init_args.sigma": lambda cli: (
+        _streams_callback(cli).perturbation.sigma
+    ),
     "--trainer.callbacks.init_args.streams": lambda cli: _streams_callback(cli).streams,
     "--data": lambda cli: type(cli.datamodule).__name__,
     "--seed_everything": lambda cli: cli.config[cli.subcommand]["seed_everything"],
 }
-NOT_CHECKED = ("--config", "--ckpt_path", "--print_config", "--trainer.")  # files, or replaced by tiny()
+NOT_CHECKED = (
+    "--config",
+    "--ckpt_path",
+    "--print_config",
+    "--trainer.",
+)  # files, or replaced by tiny()
 
 
 def shown_options(args: list[str]) -> dict[str, str]:
@@ -95,8 +117,7 @@ def shown_options(args: list[str]) -> dict[str, str]:
         if arg.startswith("--"):
             name, _, value = arg.partition("=")
             pairs[name] = value or (args[i + 1] if i + 1 < len(args) else "")
-    return {k: v for k, v in pairs.items()
-            if k in EFFECTS or not k.startswith(NOT_CHECKED)}
+    return {k: v for k, v in pairs.items() if k in EFFECTS or not k.startswith(NOT_CHECKED)}
 
 
 def shown_value(text: str):
@@ -124,8 +145,11 @@ def check_effects(cli, args: list[str]) -> None:
         actual = EFFECTS[name](cli)
         if isinstance(actual, list) and not isinstance(expected, list):
             expected = [expected] * len(actual)
-        assert actual == pytest.approx(expected) if not isinstance(expected, str) else actual == expected, \
-            f"{name} {value}: the built run has {actual!r}"
+        assert (
+            actual == pytest.approx(expected)
+            if not isinstance(expected, str)
+            else actual == expected
+        ), f"{name} {value}: the built run has {actual!r}"
 
 
 def shown_commands() -> list[tuple[str, str]]:
@@ -149,8 +173,11 @@ def test_the_docs_show_the_commands_this_test_expects():
     subcommands = {shlex.split(c)[0] for _, c in COMMANDS}
     assert {"fit", "validate", "test", "predict", "reproduce"} <= subcommands
     assert len(COMMANDS) >= 25
-    assert ("training.md", "fit --config configs/ex2_spirals.yaml --trainer.callbacks.init_args.streams 4 "
-            "--model.r_rnd.init_args.r 2") in COMMANDS
+    assert (
+        "training.md",
+        "fit --config configs/ex2_spirals.yaml --trainer.callbacks.init_args.streams 4 "
+        "--model.r_rnd.init_args.r 2",
+    ) in COMMANDS
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +186,22 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("doc_commands")
     (root / "configs").symlink_to(REPO / "configs")
     subclassing = (REPO / "docs" / "subclassing.md").read_text()
-    (root / "subclass_example.py").write_text(re.search(r"```python\n(.*?)```", subclassing, re.S).group(1))
+    (root / "subclass_example.py").write_text(
+        re.search(r"```python\n(.*?)```", subclassing, re.S).group(1)
+    )
     my_config = re.search(r"```yaml\n(# my_config.yaml\n.*?)```", subclassing, re.S).group(1)
     (root / "my_config.yaml").write_text(my_config)
-    threads = torch.get_num_threads()  # the CLI sets the run's threads: give later tests theirs back
+    threads = (
+        torch.get_num_threads()
+    )  # the CLI sets the run's threads: give later tests theirs back
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.syspath_prepend(str(root))  # the doc runs it with PYTHONPATH=.
         patch.setattr(sys, "argv", ["irnet"])
-        for _, command in COMMANDS:  # the checkpoints the docs name: plain fits of their configs, first
+        for (
+            _,
+            command,
+        ) in COMMANDS:  # the checkpoints the docs name: plain fits of their configs, first
             args = shlex.split(command)
             if option(args, "--ckpt_path") is not None and launch_kind(args) == "run":
                 ensure_checkpoint(args)
@@ -194,8 +228,9 @@ def tiny(args: list[str]) -> list[str]:
         return [*args, f"--trainer.{EVALUATE[subcommand]}", "1", *QUIET]
     resumed = option(args, "--ckpt_path") is not None
     extra = ["--trainer.max_epochs", "2" if resumed else "1", *SHORT]
-    if config in DEEP_CONFIGS and not any(a.startswith(("--model.net.init_args.layers", "--model.net.init_args.theta"))
-                                          for a in args):
+    if config in DEEP_CONFIGS and not any(
+        a.startswith(("--model.net.init_args.layers", "--model.net.init_args.theta")) for a in args
+    ):
         extra += ["--model.net.init_args.layers", "4"]
     if not any(KEEPS_CALLBACKS in a for a in args):
         extra += ["--trainer.callbacks=[]"]
@@ -206,7 +241,9 @@ def launch_kind(args: list[str]) -> str:
     """``"run"``; ``"build"`` for several CPU processes; ``"parse"`` for GPUs this machine does not have."""
     devices = int(option(args, "--trainer.devices") or 1)
     nodes = int(option(args, "--trainer.num_nodes") or 1)
-    if option(args, "--trainer.accelerator") == "gpu" and (nodes > 1 or devices > torch.cuda.device_count()):
+    if option(args, "--trainer.accelerator") == "gpu" and (
+        nodes > 1 or devices > torch.cuda.device_count()
+    ):
         return "parse"
     return "build" if devices > 1 or nodes > 1 else "run"
 
@@ -258,7 +295,9 @@ def test_shown_command_runs(doc, command, workdir, capsys):
         check_effects(cli, args)
     if args[0] == "predict":  # docs/training.md: predictions.pt in the run directory
         writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PredictionWriter")
-        assert writer.path.name == "predictions.pt" and writer.path.parent == Path(cli.trainer.log_dir)
+        assert writer.path.name == "predictions.pt" and writer.path.parent == Path(
+            cli.trainer.log_dir
+        )
         saved = torch.load(writer.path)
         assert torch.isfinite(saved["predictions"]).all() and len(saved["predictions"]) > 0
     if "--print_config" in args:  # the config it printed is the command's
@@ -272,8 +311,15 @@ def run_reproduce(args: list[str], workdir: Path) -> None:
     from irnet.reproduce import parser
 
     parsed = parser().parse_args(args)
-    assert parsed.study in ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
+    assert parsed.study in (
+        "stability",
+        "ex1",
+        "ex2",
+        "robustness",
+        "digits_theta",
+        "mnist_theta",
+        "seeds",
+    )
     if parsed.study == "stability":
         summary = reproduce([*args, "--tiny", "--out", str(workdir / "reproduce_stability")])
         assert summary.exists() and summary.stat().st_size > 0
-

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers.training import QUIET, event_files, run_irnet, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,9 @@ def test_main_command_fit_writes_what_readme_promises(tmp_path):
     assert fit, f"the main command does not end in a fit: {command}"
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     # The same fit, callbacks and all, for 2 epochs instead of 400.
-    proc = run_irnet([*shlex.split(fit.group(1)), "--trainer.max_epochs", "2", *QUIET], cwd=tmp_path)
+    proc = run_irnet(
+        [*shlex.split(fit.group(1)), "--trainer.max_epochs", "2", *QUIET], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ex1_sine" / "version_0"  # where README says the run goes
     assert "runs/ex1_sine/version_0/" in README
@@ -54,9 +57,17 @@ def test_main_command_fit_writes_what_readme_promises(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert list((run / "checkpoints").glob("best-*.ckpt"))  # the best checkpoint on val/loss
     figures = {p.name for p in (run / "figures").glob("*.png")}
-    for kind in ("figures_output", "figures_trajectories", "figures_fields", "figures_iterations",
-                 "gradients_norm_vs_layer", "perturbation_distance_vs_depth"):
-        assert any(name.startswith(kind) for name in figures), f"no {kind}*.png in {sorted(figures)}"
+    for kind in (
+        "figures_output",
+        "figures_trajectories",
+        "figures_fields",
+        "figures_iterations",
+        "gradients_norm_vs_layer",
+        "perturbation_distance_vs_depth",
+    ):
+        assert any(name.startswith(kind) for name in figures), (
+            f"no {kind}*.png in {sorted(figures)}"
+        )
     logged = scalars(run)
     assert len(logged["train/loss"]) == 2 and len(logged["val/loss"]) == 2
     # The config makes every layer a 0.9-contraction: every forward solve converges.

@@ -32,8 +32,13 @@ class TinyModule(pl.LightningModule):
         lr: Adam's learning rate.
     """
 
-    def __init__(self, net: nn.Module, task: Optional[str] = "regression", classify: Optional[bool] = None,
-                 lr: float = 1e-2) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        task: Optional[str] = "regression",
+        classify: Optional[bool] = None,
+        lr: float = 1e-2,
+    ) -> None:
         super().__init__()
         self.net = net
         if task is not None:
@@ -82,12 +87,18 @@ def loader(x: Tensor, y: Tensor, batch_size: Optional[int] = None) -> DataLoader
     return DataLoader(TensorDataset(x, y), batch_size=batch_size or len(x))
 
 
-def sine_module(layers: int = 3, theta: float | list[float] = 0.5, width: int = 16, **kwargs) -> TinyModule:
+def sine_module(
+    layers: int = 3, theta: float | list[float] = 0.5, width: int = 16, **kwargs
+) -> TinyModule:
     """A tiny ODENet on 1-D inputs (2-D state) for regression."""
-    return TinyModule(ODENet(1, 1, layers=layers, T=2.0, width=width, theta=theta, **kwargs), "regression")
+    return TinyModule(
+        ODENet(1, 1, layers=layers, T=2.0, width=width, theta=theta, **kwargs), "regression"
+    )
 
 
-def classifier_module(layers: int = 3, theta: float = 0.5, task: Optional[str] = "classification") -> TinyModule:
+def classifier_module(
+    layers: int = 3, theta: float = 0.5, task: Optional[str] = "classification"
+) -> TinyModule:
     """A tiny ODENet on 2-D inputs (4-D state) with a linear head and two classes."""
     net = ODENet(2, 2, layers=layers, T=2.0, width=16, theta=theta, readout="linear")
     return TinyModule(net, task, classify=True)
@@ -127,7 +138,9 @@ def fit(
 
 def events(log_dir: str | Path) -> EventAccumulator:
     """All scalars, histograms and images of the event files in ``log_dir``."""
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0}
+    )
     accumulator.Reload()
     return accumulator
 

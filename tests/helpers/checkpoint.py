@@ -17,10 +17,16 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
     """``a`` and ``b`` equal in every tensor element, dtype and shape, and every other value."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b), f"{where}: max difference {(a.double() - b.double()).abs().max().item():.3e}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
+        assert torch.equal(a, b), (
+            f"{where}: max difference {(a.double() - b.double()).abs().max().item():.3e}"
+        )
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        assert isinstance(b, dict) and set(a) == set(b), (
+            f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        )
         for key in a:
             assert_identical(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):

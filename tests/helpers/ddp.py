@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers.training import tiny_odenet  # noqa: E402
 from irnet.datamodules import SineRegression  # noqa: E402
-
 from irnet.module import ImplicitNetModule  # noqa: E402
 from irnet.nets.warm_start import WarmStartCache  # noqa: E402
 from irnet.perturbations import GaussianPerturbation  # noqa: E402
@@ -84,15 +83,27 @@ class PoisonOnRank(Callback):
 
 def make_module(r_rnd: bool) -> ImplicitNetModule:
     """The same initial weights on every process; R_fp with a fixed K (exact under any split)."""
-    reg = PerturbationRegularizer(weight=0.1, streams=2, seed=5, perturbation=RecordingNoise(SIGMA)) if r_rnd else None
-    return ImplicitNetModule(tiny_odenet(layers=2, width=8, seed=0), lr=1e-2,
-                             r_fp=FixedPointRegularizer(weight=0.01, iterations=3), r_rnd=reg)
+    reg = (
+        PerturbationRegularizer(weight=0.1, streams=2, seed=5, perturbation=RecordingNoise(SIGMA))
+        if r_rnd
+        else None
+    )
+    return ImplicitNetModule(
+        tiny_odenet(layers=2, width=8, seed=0),
+        lr=1e-2,
+        r_fp=FixedPointRegularizer(weight=0.01, iterations=3),
+        r_rnd=reg,
+    )
 
 
 def step_losses(log_dir: Path) -> list[float]:
     """``train/loss_step`` per step from a CSVLogger's metrics.csv."""
     with open(log_dir / "metrics.csv") as handle:
-        return [float(row["train/loss_step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
+        return [
+            float(row["train/loss_step"])
+            for row in csv.DictReader(handle)
+            if row.get("train/loss_step")
+        ]
 
 
 def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -103,16 +114,27 @@ def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     if settings.get("warm_start"):
         module.net.warm_start_cache = WarmStartCache()
     masks = DrawMask()
-    data = SineRegression(num_points=settings.get("num_points", 51), batch_size=settings.get("batch_size"),
-                          seed=3)
+    data = SineRegression(
+        num_points=settings.get("num_points", 51), batch_size=settings.get("batch_size"), seed=3
+    )
     logger = CSVLogger(str(out), name="csv", version=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=settings["epochs"], logger=logger,
-                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[masks] if settings.get("masks") else [], **settings.get("trainer", {}))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=settings["epochs"],
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[masks] if settings.get("masks") else [],
+        **settings.get("trainer", {}),
+    )
     trainer.fit(module, data)
     if settings.get("checkpoint"):
-        trainer.save_checkpoint(out / "last.ckpt")  # on every rank: Lightning's checkpoints are collective
+        trainer.save_checkpoint(
+            out / "last.ckpt"
+        )  # on every rank: Lightning's checkpoints are collective
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     reg = module.r_rnd
     result = {

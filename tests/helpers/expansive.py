@@ -8,8 +8,9 @@ Jacobian ``I − θ(A + diag(sech²(y + b)))``, which Broyden and Anderson find.
 from __future__ import annotations
 
 import torch
-from helpers.problems import DTYPE, matrix_with_spectrum
 from torch import Tensor, nn
+
+from helpers.problems import DTYPE, matrix_with_spectrum
 
 
 class TanhLinear(nn.Module):

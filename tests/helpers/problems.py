@@ -37,7 +37,9 @@ TIGHT = 1e-12
 SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
     "fixed_point": lambda atol=TIGHT, max_iter=500: FixedPoint(atol=atol, max_iter=max_iter),
     "anderson": lambda atol=TIGHT, max_iter=500: Anderson(atol=atol, max_iter=max_iter),
-    "gradient_descent": lambda atol=TIGHT, max_iter=500: GradientDescent(atol=atol, max_iter=max_iter),
+    "gradient_descent": lambda atol=TIGHT, max_iter=500: GradientDescent(
+        atol=atol, max_iter=max_iter
+    ),
     "cg_fletcher_reeves": lambda atol=TIGHT, max_iter=500: NonlinearCG(
         atol=atol, max_iter=max_iter, beta="fletcher-reeves"
     ),
@@ -46,11 +48,13 @@ SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
     ),
     "broyden": lambda atol=TIGHT, max_iter=500: Broyden(atol=atol, max_iter=max_iter),
     # A short FixedPoint first, so that on the slower problems the chain hands samples on.
-    "fallback": lambda atol=TIGHT, max_iter=500: Fallback([
-        FixedPoint(atol=atol, max_iter=max(1, max_iter // 50)),
-        Anderson(atol=atol, max_iter=max_iter),
-        Broyden(atol=atol, max_iter=max_iter),
-    ]),
+    "fallback": lambda atol=TIGHT, max_iter=500: Fallback(
+        [
+            FixedPoint(atol=atol, max_iter=max(1, max_iter // 50)),
+            Anderson(atol=atol, max_iter=max_iter),
+            Broyden(atol=atol, max_iter=max_iter),
+        ]
+    ),
 }
 
 LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {

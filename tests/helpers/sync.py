@@ -18,7 +18,16 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-_TENSOR_METHODS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
+_TENSOR_METHODS = (
+    "item",
+    "tolist",
+    "numpy",
+    "nonzero",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+)
 _TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique")
 # linear algebra that PyTorch documents as synchronising a CUDA device with the CPU (error checks)
 _LINALG_FUNCTIONS = ("svd", "svdvals", "eig", "eigvals", "eigh", "eigvalsh")
@@ -55,8 +64,10 @@ class HostReads:
         if self.with_sources:
             for frame in reversed(stack):
                 if "/torch/" not in frame.filename and "helpers.sync" not in frame.filename:
-                    self.sources[f"{frame.filename.split('/')[-2]}/{frame.filename.split('/')[-1]}:"
-                                 f"{frame.lineno}"] += 1
+                    self.sources[
+                        f"{frame.filename.split('/')[-2]}/{frame.filename.split('/')[-1]}:"
+                        f"{frame.lineno}"
+                    ] += 1
                     break
 
     def _wrap(self, original, condition=None):
@@ -71,6 +82,7 @@ class HostReads:
                 return original(*args, **kwargs)
             finally:
                 counter._inside = False
+
         return wrapper
 
     @contextmanager
@@ -104,7 +116,9 @@ class HostReads:
             self._active = False
 
     def report(self, top: int = 15) -> str:
-        return f"{self.count} host reads; " + ", ".join(f"{k} ×{v}" for k, v in self.sources.most_common(top))
+        return f"{self.count} host reads; " + ", ".join(
+            f"{k} ×{v}" for k, v in self.sources.most_common(top)
+        )
 
 
 class SolveCounter:
@@ -118,8 +132,12 @@ class SolveCounter:
         from irnet.solvers import NonlinearSolver
 
         self.active, self.count, self._depth = False, 0, 0
-        self._patched = [(cls, vars(cls)["solve"]) for base in (NonlinearSolver, LinearSolver)
-                         for cls in (base, *_subclasses(base)) if "solve" in vars(cls)]
+        self._patched = [
+            (cls, vars(cls)["solve"])
+            for base in (NonlinearSolver, LinearSolver)
+            for cls in (base, *_subclasses(base))
+            if "solve" in vars(cls)
+        ]
         for cls, original in self._patched:
             cls.solve = self._wrap(original)
 
@@ -131,6 +149,7 @@ class SolveCounter:
                 return original(solver, *args, **kwargs)
             finally:
                 self._depth -= 1
+
         return solve
 
     def close(self) -> None:

@@ -32,8 +32,14 @@ def subprocess_env() -> dict[str, str]:
 
 def run_irnet(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python -m irnet *args`` in ``cwd`` and return the finished process."""
-    return subprocess.run([sys.executable, "-m", "irnet", *args], cwd=cwd, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "irnet", *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def event_files(root: Path) -> list[Path]:
@@ -48,19 +54,42 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def tiny_odenet(layers: int = 2, width: int = 8, theta: float = 0.5, in_features: int = 1,
-                out_features: int = 1, readout: str = "component", activation: str = "tanh",
-                tol: float = 1e-6, max_iter: int = 100, seed: Optional[int] = 0) -> ODENet:
+def tiny_odenet(
+    layers: int = 2,
+    width: int = 8,
+    theta: float = 0.5,
+    in_features: int = 1,
+    out_features: int = 1,
+    readout: str = "component",
+    activation: str = "tanh",
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    seed: Optional[int] = 0,
+) -> ODENet:
     """A small ODENet with tanh and tight solvers, quick to train in tests."""
     if seed is not None:
         torch.manual_seed(seed)
-    return ODENet(in_features=in_features, out_features=out_features, layers=layers, T=1.0,
-                  width=width, theta=theta, activation=activation, readout=readout,
-                  solver=FixedPoint(atol=tol, max_iter=max_iter),
-                  linear_solver=Neumann(rtol=tol, max_iter=max_iter))
+    return ODENet(
+        in_features=in_features,
+        out_features=out_features,
+        layers=layers,
+        T=1.0,
+        width=width,
+        theta=theta,
+        activation=activation,
+        readout=readout,
+        solver=FixedPoint(atol=tol, max_iter=max_iter),
+        linear_solver=Neumann(rtol=tol, max_iter=max_iter),
+    )
 
 
 def tiny_net_overrides(layers: int = 2, width: int = 8, T: float = 1.0) -> list[str]:
     """Command-line overrides that shrink a config's ODENet (a short T keeps its solves contractive)."""
-    return ["--model.net.init_args.layers", str(layers), "--model.net.init_args.width", str(width),
-            "--model.net.init_args.T", str(T)]
+    return [
+        "--model.net.init_args.layers",
+        str(layers),
+        "--model.net.init_args.width",
+        str(width),
+        "--model.net.init_args.T",
+        str(T),
+    ]

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.sync import HostReads
-from helpers.training import CONFIGS, QUIET, scalars, tiny_net_overrides
-from irnet.datamodules import SineRegression
 from torch import nn
 
+from helpers.sync import HostReads
+from helpers.training import CONFIGS, QUIET, scalars, tiny_net_overrides
 from irnet.cli import main
+from irnet.datamodules import SineRegression
 from irnet.device_path import forced_path
 from irnet.failure import TrainingFailure
 from irnet.linear import Neumann
@@ -39,8 +39,9 @@ def jacobian_norm(F: nn.Module, y: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(J.reshape(y.numel(), y.numel()), ord=2).item()
 
 
-def push_hard(net: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int = 8,
-              lr: float = 1.0) -> None:
+def push_hard(
+    net: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int = 8, lr: float = 1.0
+) -> None:
     """Several Adam steps with a large learning rate toward a target the net cannot fit."""
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(steps):
@@ -51,17 +52,31 @@ def push_hard(net: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int 
 
 
 def numpy_norm(w: torch.Tensor) -> float:
-    return float(np.linalg.svd(w.detach().double().numpy().reshape(w.shape[0], -1) if w.dim() == 2
-                               else w.detach().double().numpy(), compute_uv=False).max())
+    return float(
+        np.linalg.svd(
+            w.detach().double().numpy().reshape(w.shape[0], -1)
+            if w.dim() == 2
+            else w.detach().double().numpy(),
+            compute_uv=False,
+        ).max()
+    )
 
 
 @pytest.fixture(scope="module")
 def trained_mlp() -> ODENet:
     torch.manual_seed(0)
-    net = ODENet(in_features=2, out_features=2, layers=3, T=3.0, width=12, theta=[0.5, 1.0, 0.0],
-                 activation="relu", contraction=KAPPA,
-                 solver=FixedPoint(atol=1e-10, max_iter=300),
-                 linear_solver=Neumann(rtol=1e-10, max_iter=300)).double()
+    net = ODENet(
+        in_features=2,
+        out_features=2,
+        layers=3,
+        T=3.0,
+        width=12,
+        theta=[0.5, 1.0, 0.0],
+        activation="relu",
+        contraction=KAPPA,
+        solver=FixedPoint(atol=1e-10, max_iter=300),
+        linear_solver=Neumann(rtol=1e-10, max_iter=300),
+    ).double()
     x = torch.randn(32, 2, dtype=torch.float64)
     push_hard(net, x, 20 * torch.sin(3 * x))
     return net
@@ -94,7 +109,9 @@ def test_jacobian_norm_stays_below_kappa_over_theta_after_training(trained_mlp):
     for block in trained_mlp.blocks:
         if block.theta == 0:
             continue
-        norms = [jacobian_norm(block.F, 3 * torch.randn(1, 4, dtype=torch.float64)) for _ in range(40)]
+        norms = [
+            jacobian_norm(block.F, 3 * torch.randn(1, 4, dtype=torch.float64)) for _ in range(40)
+        ]
         assert block.theta * max(norms) <= KAPPA
         assert block.theta * max(norms) > 0.5 * KAPPA  # the check is not vacuous (0.51-0.56 here)
 
@@ -110,7 +127,7 @@ def test_fixed_point_and_neumann_iterations_never_exceed_the_contraction_bound(t
     x = 4 * torch.randn(64, 2, dtype=torch.float64)
     states = trained_mlp.trajectory(x)
     y = states[-1]
-    (y ** 2).sum().backward()  # one adjoint solve per implicit block
+    (y**2).sum().backward()  # one adjoint solve per implicit block
     checked = 0
     for block, inp in zip(trained_mlp.blocks, states[:-1]):
         if block.theta == 0:
@@ -127,7 +144,9 @@ def test_fixed_point_and_neumann_iterations_never_exceed_the_contraction_bound(t
         assert stats.iterations.max() >= 5  # deep enough to mean something at atol 1e-10
         neumann = block.backward_stats
         assert neumann.converged.all()
-        assert neumann.iterations.max() <= math.ceil(math.log(block.linear_solver.rtol) / math.log(KAPPA))
+        assert neumann.iterations.max() <= math.ceil(
+            math.log(block.linear_solver.rtol) / math.log(KAPPA)
+        )
         checked += 1
     assert checked == 2
 
@@ -168,7 +187,9 @@ def finite_difference_check(F: nn.Module, y: torch.Tensor) -> None:
             p.sub_(2 * eps * direction)
             minus = (F(y) * v).sum().item()
             p.add_(eps * direction)
-        assert (g * direction).sum().item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-6, abs=1e-9)
+        assert (g * direction).sum().item() == pytest.approx(
+            (plus - minus) / (2 * eps), rel=1e-6, abs=1e-9
+        )
 
 
 def test_gradients_through_the_rescaling_match_finite_differences():
@@ -185,9 +206,19 @@ def test_gradients_through_the_rescaling_match_finite_differences():
 
 def test_conv_jacobian_norm_stays_below_kappa_over_theta_after_training():
     torch.manual_seed(4)
-    net = ConvODENet(in_channels=1, image_size=5, num_classes=3, channels=2, hidden_channels=3,
-                     layers=2, T=2.0, theta=[0.5, 1.0], activation="relu", contraction=KAPPA,
-                     solver=FixedPoint(atol=1e-10, max_iter=300)).double()
+    net = ConvODENet(
+        in_channels=1,
+        image_size=5,
+        num_classes=3,
+        channels=2,
+        hidden_channels=3,
+        layers=2,
+        T=2.0,
+        theta=[0.5, 1.0],
+        activation="relu",
+        contraction=KAPPA,
+        solver=FixedPoint(atol=1e-10, max_iter=300),
+    ).double()
     x = torch.randn(16, 1, 5, 5, dtype=torch.float64)
     labels = torch.randint(0, 3, (16,))
     opt = torch.optim.Adam(net.parameters(), lr=1.0)
@@ -261,11 +292,25 @@ def test_cached_weights_follow_in_place_updates():
 def test_config_with_contraction_trains_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["irnet"])
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *QUIET, *tiny_net_overrides(4, 16, 10.0),
-                "--model.init_args.r_fp", "null", "--trainer.callbacks", "[]",
-                "--model.init_args.net.init_args.contraction", "0.9",
-                "--model.init_args.net.init_args.init", "bounded",
-                "--trainer.max_epochs", "25"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "ex1_sine.yaml"),
+            *QUIET,
+            *tiny_net_overrides(4, 16, 10.0),
+            "--model.init_args.r_fp",
+            "null",
+            "--trainer.callbacks",
+            "[]",
+            "--model.init_args.net.init_args.contraction",
+            "0.9",
+            "--model.init_args.net.init_args.init",
+            "bounded",
+            "--trainer.max_epochs",
+            "25",
+        ]
+    )
     net = cli.model.net
     assert net.contraction == 0.9 and net.init == "bounded"
     for block in net.blocks:  # θ = 0.5, h = 2.5: each F rescaled to h·‖γ2‖‖γ1‖ ≤ 0.9 / 0.5
@@ -278,9 +323,12 @@ def test_config_with_contraction_trains_from_the_command_line(tmp_path, monkeypa
 
 def test_training_resumed_from_a_state_dict_matches_bit_for_bit():
     """The rescaling keeps no state: a net and optimiser reloaded mid-training continue identically."""
+
     def make():
         torch.manual_seed(8)
-        net = ODENet(layers=3, width=8, T=3.0, theta=[0.5, 1.0, 0.5], contraction=0.7, warm_start=False)
+        net = ODENet(
+            layers=3, width=8, T=3.0, theta=[0.5, 1.0, 0.5], contraction=0.7, warm_start=False
+        )
         return net, torch.optim.Adam(net.parameters(), lr=0.1)
 
     x = torch.linspace(-3, 3, 17)[:, None]
@@ -293,14 +341,18 @@ def test_training_resumed_from_a_state_dict_matches_bit_for_bit():
 
     whole, whole_opt = make()
     train(whole, whole_opt, 3)
-    saved = ({k: v.clone() for k, v in whole.state_dict().items() if isinstance(v, torch.Tensor)},
-             copy.deepcopy(whole_opt.state_dict()))
+    saved = (
+        {k: v.clone() for k, v in whole.state_dict().items() if isinstance(v, torch.Tensor)},
+        copy.deepcopy(whole_opt.state_dict()),
+    )
     train(whole, whole_opt, 3)
     resumed, resumed_opt = make()
     resumed.load_state_dict(saved[0], strict=False)
     resumed_opt.load_state_dict(saved[1])
     train(resumed, resumed_opt, 3)
-    assert any(b.F.constraint.lipschitz(b.F.gamma1, b.F.gamma2) > 0.7 / b.theta for b in whole.blocks)
+    assert any(
+        b.F.constraint.lipschitz(b.F.gamma1, b.F.gamma2) > 0.7 / b.theta for b in whole.blocks
+    )
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
@@ -316,8 +368,10 @@ def reference_constrained(F: nn.Module, y: torch.Tensor) -> torch.Tensor:
     else:
         w1, w2 = F.conv1.weight, F.conv2.weight
         grid = F.image_size + w1.shape[-1] // 2
-        sigmas = [torch.linalg.svdvals(torch.fft.rfft2(w, s=(grid, grid)).permute(2, 3, 0, 1)).max()
-                  for w in (w1, w2)]
+        sigmas = [
+            torch.linalg.svdvals(torch.fft.rfft2(w, s=(grid, grid)).permute(2, 3, 0, 1)).max()
+            for w in (w1, w2)
+        ]
     lip = F.constraint.scale * sigmas[0] * sigmas[1]
     factor = torch.clamp(F.constraint.bound * (1 - MARGIN) / lip, max=1.0) ** 0.5
     w1, w2 = w1 * factor, w2 * factor
@@ -331,17 +385,24 @@ def constrained_pair(active: bool) -> list[tuple[nn.Module, torch.Tensor]]:
     """A constrained MLP and conv residual (float64) whose bound is reached (``active``) or not."""
     torch.manual_seed(6)
     F = MLPResidual(3, 7, step=0.7, activation="tanh", lipschitz=0.4 if active else 40.0).double()
-    C = ConvResidual(2, 3, step=0.5, activation="tanh", lipschitz=0.3 if active else 30.0, image_size=4).double()
+    C = ConvResidual(
+        2, 3, step=0.5, activation="tanh", lipschitz=0.3 if active else 30.0, image_size=4
+    ).double()
     with torch.no_grad():
         F.bias.normal_()
         C.conv1.bias.normal_()
-    return [(F, torch.randn(5, 3, dtype=torch.float64)), (C, torch.randn(2, 2, 4, 4, dtype=torch.float64))]
+    return [
+        (F, torch.randn(5, 3, dtype=torch.float64)),
+        (C, torch.randn(2, 2, 4, 4, dtype=torch.float64)),
+    ]
 
 
 @pytest.mark.parametrize("active", [True, False], ids=["bound reached", "bound not reached"])
 def test_gradients_are_those_of_the_rescaled_f_on_both_paths(active):
     for F, y in constrained_pair(active):
-        weights = (F.gamma1, F.gamma2) if isinstance(F, MLPResidual) else (F.conv1.weight, F.conv2.weight)
+        weights = (
+            (F.gamma1, F.gamma2) if isinstance(F, MLPResidual) else (F.conv1.weight, F.conv2.weight)
+        )
         assert (F.constraint.lipschitz(*weights) > F.constraint.bound) == active
         v = torch.randn_like(F(y))
         params = list(F.parameters())
@@ -380,7 +441,9 @@ def test_no_host_read_on_the_accelerator_path():
                 F(y)
             with torch.inference_mode():
                 F(y)
-        assert reads.count == 2 and all("contraction.py" in k for k in reads.sources), reads.report()
+        assert reads.count == 2 and all("contraction.py" in k for k in reads.sources), (
+            reads.report()
+        )
 
 
 def test_validation_reuses_the_training_step_svds():
@@ -411,7 +474,9 @@ def test_non_finite_weights_do_not_raise_in_the_svd(path):
         with forced_path(path):
             out = F(y)
             out.sum().backward()
-        assert torch.isnan(out).any()  # the NaN reaches F's output, where the failure report finds it
+        assert torch.isnan(
+            out
+        ).any()  # the NaN reaches F's output, where the failure report finds it
 
 
 class _Poison(pl.Callback):
@@ -427,11 +492,25 @@ class _Poison(pl.Callback):
 def test_a_nan_weight_under_contraction_stops_the_fit_in_one_line_naming_it(tmp_path):
     name = "net.blocks.1.F.gamma1"
     torch.manual_seed(0)
-    net = ODENet(layers=2, width=8, T=1.0, contraction=0.9, init="bounded",
-                 solver=FixedPoint(atol=1e-6, max_iter=50), linear_solver=Neumann(rtol=1e-6, max_iter=50))
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[_Poison(name)],
-                         default_root_dir=tmp_path)
+    net = ODENet(
+        layers=2,
+        width=8,
+        T=1.0,
+        contraction=0.9,
+        init="bounded",
+        solver=FixedPoint(atol=1e-6, max_iter=50),
+        linear_solver=Neumann(rtol=1e-6, max_iter=50),
+    )
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[_Poison(name)],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(TrainingFailure) as failure:
         trainer.fit(ImplicitNetModule(net, lr=1e-2), SineRegression(num_points=11))
     message = str(failure.value)

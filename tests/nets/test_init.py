@@ -30,8 +30,16 @@ def proven_bound(theta: float, layers: int = LAYERS) -> float:
 
 def initial_output(seed: int, theta: float, init: str) -> torch.Tensor:
     torch.manual_seed(seed)
-    net = ODENet(in_features=1, out_features=1, layers=LAYERS, T=T, width=WIDTH, theta=theta, init=init,
-                 solver=FixedPoint(atol=ATOL, max_iter=100))
+    net = ODENet(
+        in_features=1,
+        out_features=1,
+        layers=LAYERS,
+        T=T,
+        width=WIDTH,
+        theta=theta,
+        init=init,
+        solver=FixedPoint(atol=ATOL, max_iter=100),
+    )
     with torch.no_grad():
         return net(X)
 
@@ -88,8 +96,16 @@ def test_paper_init_is_the_default_and_unchanged():
 
 def test_conv_bounded_init_bounds_each_residual():
     torch.manual_seed(1)
-    net = ConvODENet(in_channels=1, image_size=5, num_classes=3, channels=2, hidden_channels=3, layers=4,
-                     T=1.0, init="bounded").double()
+    net = ConvODENet(
+        in_channels=1,
+        image_size=5,
+        num_classes=3,
+        channels=2,
+        hidden_channels=3,
+        layers=4,
+        T=1.0,
+        init="bounded",
+    ).double()
     for block in net.blocks:
         F = block.F
         zero = torch.zeros(1, 2, 5, 5, dtype=torch.float64)

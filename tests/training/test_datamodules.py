@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from irnet.datamodules import Circles, Digits, Moons, SineRegression, TwoSpirals
 from irnet.datamodules.sine import sine_target
 
@@ -81,7 +82,9 @@ def test_moons_noise_changes_the_points():
     radius = (clean - torch.tensor([0.0, 0.0])).norm(dim=1)
     # noise-free moons lie on unit circles centred at (0, 0) and (1, 0.5)
     other = (clean - torch.tensor([1.0, 0.5])).norm(dim=1)
-    assert torch.allclose(torch.minimum((radius - 1).abs(), (other - 1).abs()), torch.zeros(60), atol=1e-5)
+    assert torch.allclose(
+        torch.minimum((radius - 1).abs(), (other - 1).abs()), torch.zeros(60), atol=1e-5
+    )
     assert not torch.equal(clean, Moons(num_samples=100, noise=0.2).tensors("train")[0])
 
 
@@ -118,15 +121,18 @@ def test_predict_loader_serves_the_test_split():
     assert torch.equal(x, dm.tensors("test")[0])
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: SineRegression(num_points=1), "num_points"),
-    (lambda: SineRegression(low=1.0, high=0.0), "low"),
-    (lambda: TwoSpirals(num_points=202), "num_points"),
-    (lambda: Moons(val_fraction=1.0), "val_fraction"),
-    (lambda: Circles(factor=1.5), "factor"),
-    (lambda: Digits(batch_size=0), "batch_size"),
-    (lambda: Digits(test_fraction=-0.1), "test_fraction"),
-])
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: SineRegression(num_points=1), "num_points"),
+        (lambda: SineRegression(low=1.0, high=0.0), "low"),
+        (lambda: TwoSpirals(num_points=202), "num_points"),
+        (lambda: Moons(val_fraction=1.0), "val_fraction"),
+        (lambda: Circles(factor=1.5), "factor"),
+        (lambda: Digits(batch_size=0), "batch_size"),
+        (lambda: Digits(test_fraction=-0.1), "test_fraction"),
+    ],
+)
 def test_bad_arguments_name_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
         build()

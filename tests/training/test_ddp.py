@@ -13,27 +13,34 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import helpers.ddp
 import numpy as np
 import pytest
 import torch
-from helpers.training import subprocess_env
-from irnet.datamodules import GlobalBatchSlices, SineRegression
-from irnet.datamodules.sampler import even_slice
 from torch.multiprocessing import reductions  # noqa: F401  (registers torch's pickling of tensors)
 from torch.utils.data import DataLoader, TensorDataset
 
+import helpers.ddp
+from helpers.training import subprocess_env
+from irnet.datamodules import GlobalBatchSlices, SineRegression
+from irnet.datamodules.sampler import even_slice
 from irnet.regularizers import PerturbationRegularizer
 
 SCRIPT = Path(helpers.ddp.__file__)
 
 
-def run_script(settings: dict, tmp_path: Path, env: dict | None = None, timeout: float = 300) -> subprocess.Popen:
+def run_script(
+    settings: dict, tmp_path: Path, env: dict | None = None, timeout: float = 300
+) -> subprocess.Popen:
     """Start ``helpers.ddp.py`` with ``settings`` (written beside ``settings["out"]``)."""
     path = tmp_path / f"settings_{len(list(tmp_path.glob('settings_*')))}.json"
     path.write_text(json.dumps(settings))
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(path)], env=env or subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(path)],
+        env=env or subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -62,15 +69,21 @@ def test_slices_of_every_rank_make_the_batches_of_one_process(world, shuffle):
     if world == 3:
         batch = 10  # 10, 10, 3
     data = TensorDataset(torch.arange(size))
-    one = DataLoader(data, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(4))
+    one = DataLoader(
+        data, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(4)
+    )
     ranks = []
-    for rank in range(world):  # as the data modules build them: the loader and its sampler share a generator
+    for rank in range(
+        world
+    ):  # as the data modules build them: the loader and its sampler share a generator
         generator = torch.Generator().manual_seed(4)
         slices = GlobalBatchSlices(size, batch, world, rank, shuffle, generator)
         ranks.append(DataLoader(data, sampler=slices, batch_size=None, generator=generator))
     for epoch in range(2):  # the order moves on from epoch to epoch as in one process
         expected = [b[0].tolist() for b in one]
-        got = [sum(parts, []) for parts in zip(*([b[0].tolist() for b in loader] for loader in ranks))]
+        got = [
+            sum(parts, []) for parts in zip(*([b[0].tolist() for b in loader] for loader in ranks))
+        ]
         assert got == expected
     assert all(len(loader) == len(one) for loader in ranks)
 
@@ -100,7 +113,9 @@ def test_data_module_gives_each_rank_its_part_without_padding():
 
 def test_each_rank_seeds_its_own_streams_and_rank_zero_keeps_the_old_seed():
     reg = PerturbationRegularizer(weight=1.0, seed=9, sigma=1.0)
-    old = int(np.random.SeedSequence([9, 4]).generate_state(1, np.uint64)[0] >> 1)  # the seed before ranks
+    old = int(
+        np.random.SeedSequence([9, 4]).generate_state(1, np.uint64)[0] >> 1
+    )  # the seed before ranks
     assert reg.epoch_seed(4, 0) == old == reg.epoch_seed(4)
     seeds = {reg.epoch_seed(e, r) for e in range(3) for r in range(4)}
     assert len(seeds) == 12
@@ -108,7 +123,9 @@ def test_each_rank_seeds_its_own_streams_and_rank_zero_keeps_the_old_seed():
     for rank in (0, 1):
         reg.on_train_epoch_start(4, rank)
         words = [9, 4, rank]
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+        )
         torch.testing.assert_close(reg.perturb(x), torch.randn(5, 2, generator=g), rtol=0, atol=0)
     with pytest.raises(ValueError, match="rank"):
         reg.on_train_epoch_start(0, -1)
@@ -121,7 +138,9 @@ def test_regulariser_pickles_with_its_generator_state():
     reg = PerturbationRegularizer(weight=0.5, streams=2, seed=3)
     reg.on_train_epoch_start(2, 1)
     torch.randn(3, generator=reg.generator)  # move the state along
-    assert isinstance(reg.__getstate__()["generator"], bytes)  # no tensor, so no shared-memory handle
+    assert isinstance(
+        reg.__getstate__()["generator"], bytes
+    )  # no tensor, so no shared-memory handle
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(reg)
     copy = ForkingPickler.loads(buffer.getvalue())
@@ -138,8 +157,10 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
     """2-process DDP (gloo) = 1 process with the same global batch: 51 samples in shuffled batches of
     20 (ranks hold 10/10, 10/10, 6/5), R_fp on, R_rnd off, 6 steps."""
     settings = {"epochs": 2, "batch_size": 20}
-    proc = run_script({**settings, "out": str(tmp_path / "two"),
-                       "trainer": {"devices": 2, "strategy": "ddp"}}, tmp_path)
+    proc = run_script(
+        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
+        tmp_path,
+    )
     (tmp_path / "one").mkdir()
     one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
     one["losses"] = helpers.ddp.step_losses(tmp_path / "one" / "csv" / "version_0")
@@ -162,9 +183,18 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 @pytest.mark.slow
 def test_ddp_spawn_fits_with_r_rnd(tmp_path):
     """strategy=ddp_spawn pickles the module (R_rnd's generator included) and returns rank 0's weights."""
-    initial = {k: v.detach().clone() for k, v in helpers.ddp.make_module(r_rnd=True).named_parameters()}
-    proc = run_script({"out": str(tmp_path / "spawn"), "epochs": 2, "r_rnd": True,
-                       "trainer": {"devices": 2, "strategy": "ddp_spawn"}}, tmp_path)
+    initial = {
+        k: v.detach().clone() for k, v in helpers.ddp.make_module(r_rnd=True).named_parameters()
+    }
+    proc = run_script(
+        {
+            "out": str(tmp_path / "spawn"),
+            "epochs": 2,
+            "r_rnd": True,
+            "trainer": {"devices": 2, "strategy": "ddp_spawn"},
+        },
+        tmp_path,
+    )
     finish(proc)
     result = load(tmp_path / "spawn" / "rank0.pt")
     assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))

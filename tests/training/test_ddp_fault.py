@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import helpers.ddp
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_ddp import finish, load, run_script
+
+import helpers.ddp
 from helpers.sync import HostReads
 from helpers.training import CONFIGS, QUIET, subprocess_env, tiny_odenet
 from irnet.datamodules import SineRegression
-from test_ddp import finish, load, run_script
-
 from irnet.device_path import forced_path
 from irnet.failure import Finding, TrainingFailure, first_failure, merged_diagnosis
 from irnet.module import STEP_HEAD, ImplicitNetModule, seed_rank_generators
@@ -50,13 +50,26 @@ def test_every_rank_raises_the_lowest_failing_ranks_message():
 def test_merged_diagnosis_names_the_rank_with_the_worst_finding():
     fine = Finding(0, "parameters finite and every forward solve converged")
     bad = Finding(3, "non-finite parameters", ": net.w (1 of 8 values)")
-    diverged = Finding(2, "forward solve diverged",
-                       " (non-finite iterates, stats.diverged) in layer 1 (3 of 5 samples)")
-    assert merged_diagnosis([fine, bad]) == "non-finite parameters on rank 1 of 2: net.w (1 of 8 values)"
-    assert merged_diagnosis([diverged, bad, bad]).startswith("non-finite parameters on rank 1 of 3:")
-    assert merged_diagnosis([diverged, fine]) == ("forward solve diverged on rank 0 of 2 (non-finite iterates, "
-                                                  "stats.diverged) in layer 1 (3 of 5 samples)")
-    assert merged_diagnosis([fine, fine]) == "parameters finite and every forward solve converged on every rank"
+    diverged = Finding(
+        2,
+        "forward solve diverged",
+        " (non-finite iterates, stats.diverged) in layer 1 (3 of 5 samples)",
+    )
+    assert (
+        merged_diagnosis([fine, bad])
+        == "non-finite parameters on rank 1 of 2: net.w (1 of 8 values)"
+    )
+    assert merged_diagnosis([diverged, bad, bad]).startswith(
+        "non-finite parameters on rank 1 of 3:"
+    )
+    assert merged_diagnosis([diverged, fine]) == (
+        "forward solve diverged on rank 0 of 2 (non-finite iterates, "
+        "stats.diverged) in layer 1 (3 of 5 samples)"
+    )
+    assert (
+        merged_diagnosis([fine, fine])
+        == "parameters finite and every forward solve converged on every rank"
+    )
 
 
 # -- the step's all-reduce, with a simulated second rank ------------------------------------------------
@@ -88,15 +101,25 @@ def second_rank(monkeypatch):
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
         monkeypatch.setattr(torch.distributed, "all_reduce", peer.all_reduce)
         monkeypatch.setattr(torch.distributed, "all_gather_object", peer.all_gather_object)
-        module._trainer = SimpleNamespace(world_size=2, global_rank=0, current_epoch=1, global_step=4,
-                                          strategy=SimpleNamespace(launcher=None))
+        module._trainer = SimpleNamespace(
+            world_size=2,
+            global_rank=0,
+            current_epoch=1,
+            global_step=4,
+            strategy=SimpleNamespace(launcher=None),
+        )
         return peer
+
     return attach
 
 
 def step_values(total: float = 0.5) -> dict[str, torch.Tensor]:
-    return {"loss": torch.tensor(0.25), "total": torch.tensor(total), "iters": torch.tensor(3.0),
-            "unconverged/0": torch.tensor(0.0)}
+    return {
+        "loss": torch.tensor(0.25),
+        "total": torch.tensor(total),
+        "iters": torch.tensor(3.0),
+        "unconverged/0": torch.tensor(0.0),
+    }
 
 
 def test_one_all_reduce_and_one_host_read_per_step(second_rank):
@@ -113,7 +136,9 @@ def test_one_all_reduce_and_one_host_read_per_step(second_rank):
     assert sum(ours.values()) == 1, reads.report()
     assert share.global_count == 10 and share.weight == 1.0
     assert host == {"loss": 0.25, "total": 0.5, "iters": 3.0, "unconverged/0": 0.0}
-    torch.testing.assert_close(torch.stack(list(means.values())), torch.tensor([0.25, 0.5, 3.0, 0.0]))
+    torch.testing.assert_close(
+        torch.stack(list(means.values())), torch.tensor([0.25, 0.5, 3.0, 0.0])
+    )
 
 
 def test_a_failure_on_the_other_rank_is_raised_here(second_rank):
@@ -141,14 +166,18 @@ def test_a_non_finite_loss_names_the_parameter_of_the_rank_that_has_it(second_ra
     means, _, host = module._global_means(step_values(total=math.nan), 5)
     with pytest.raises(TrainingFailure) as failure:
         module._check_training_step(means, host)
-    assert str(failure.value) == ("training stopped at epoch 1, step 4: non-finite train/total (nan); non-finite "
-                                  "parameters on rank 1 of 2: net.blocks.0.F.gamma1 (16 of 16 values)")
+    assert str(failure.value) == (
+        "training stopped at epoch 1, step 4: non-finite train/total (nan); non-finite "
+        "parameters on rank 1 of 2: net.blocks.0.F.gamma1 (16 of 16 values)"
+    )
 
 
 def test_the_vector_grows_when_a_step_has_more_values(second_rank):
     module = ImplicitNetModule(tiny_odenet(layers=1))
     peer = second_rank(module, SecondRank())
-    module._global_means({"loss": torch.tensor(1.0), "total": torch.tensor(1.0)}, 3)  # validation first
+    module._global_means(
+        {"loss": torch.tensor(1.0), "total": torch.tensor(1.0)}, 3
+    )  # validation first
     assert module._reduce_capacity == 2
     means, _, _ = module._global_means(step_values(), 3)  # then training: more values
     assert module._reduce_capacity == 4 and peer.reduces == 4
@@ -181,13 +210,22 @@ def test_one_process_reads_once_per_training_step_in_the_module(path, monkeypatc
     monkeypatch.setattr("irnet.module.flush_failure_warnings", lambda: flushes.append(1))
     module = ImplicitNetModule(tiny_odenet(layers=2))
     reads = HostReads()
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[CountStep(reads, step=2)])
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[CountStep(reads, step=2)],
+    )
     data = SineRegression(num_points=11)
     with forced_path(path), reads.patched():
         trainer.fit(module, data)
-    in_module = sum(n for source, n in reads.sources.items() if source.startswith("irnet/module.py"))
+    in_module = sum(
+        n for source, n in reads.sources.items() if source.startswith("irnet/module.py")
+    )
     assert in_module == 1, reads.report()
     assert len(flushes) == 4 + 4  # a training and a validation step per epoch
     trainer.test(module, data, verbose=False)
@@ -223,7 +261,10 @@ def test_each_rank_draws_its_own_dropout_masks_and_rank_zero_those_of_one_proces
 def byte_keys(x: torch.Tensor) -> list[bytes]:
     """The checkpoint's keys of a batch's samples: dtype, per-sample shape, bytes."""
     prefix = f"{x.dtype}{tuple(x.shape[1:])}".encode()
-    return [prefix + row.numpy().tobytes() for row in x.detach().contiguous().flatten(1).view(torch.uint8)]
+    return [
+        prefix + row.numpy().tobytes()
+        for row in x.detach().contiguous().flatten(1).view(torch.uint8)
+    ]
 
 
 def by_key(state: dict) -> dict[bytes, tuple[torch.Tensor, ...]]:
@@ -233,7 +274,9 @@ def by_key(state: dict) -> dict[bytes, tuple[torch.Tensor, ...]]:
 
 def cache_of(xs: torch.Tensor, layers: int = 2, capacity: int = 100) -> WarmStartCache:
     cache = WarmStartCache(capacity)
-    cache.store(WarmStartCache.keys(xs), [xs * (t + 1) if t < layers - 1 else None for t in range(layers)])
+    cache.store(
+        WarmStartCache.keys(xs), [xs * (t + 1) if t < layers - 1 else None for t in range(layers)]
+    )
     return cache
 
 
@@ -270,7 +313,9 @@ def test_merge_takes_a_shared_key_from_its_most_recent_turn_and_fills_unknown_la
     assert state["keys"] == [keys[1], keys[0], keys[2]]
     torch.testing.assert_close(state["rows"][0][1], xs[0] * 5, rtol=0, atol=0)
     assert state["rows"][1] is None  # no state holds rows for layer 1
-    empty = merged_state([WarmStartCache(4).state_dict(), WarmStartCache(4).state_dict()], capacity=4)
+    empty = merged_state(
+        [WarmStartCache(4).state_dict(), WarmStartCache(4).state_dict()], capacity=4
+    )
     assert empty == {"keys": [], "rows": []}
 
 
@@ -279,38 +324,84 @@ def test_merge_takes_a_shared_key_from_its_most_recent_turn_and_fills_unknown_la
 
 def fault_args(contraction: str, name: str, epochs: int = 4) -> list[str]:
     """ex1_sine on a 3-layer, width-8 network, two CPU processes, rank 1's ``name`` NaN at step 2."""
-    poison = [{"class_path": "helpers.ddp.PoisonOnRank", "init_args": {"name": name, "rank": 1, "step": 2}}]
-    return ["fit", "--config", str(CONFIGS / "ex1_sine.yaml"), *QUIET, "--trainer.max_epochs", str(epochs),
-            "--trainer.callbacks", json.dumps(poison), "--model.net.init_args.layers", "3",
-            "--model.net.init_args.width", "8", "--model.net.init_args.contraction", contraction,
-            "--model.net.init_args.warm_start", "true",
-            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    poison = [
+        {
+            "class_path": "helpers.ddp.PoisonOnRank",
+            "init_args": {"name": name, "rank": 1, "step": 2},
+        }
+    ]
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "ex1_sine.yaml"),
+        *QUIET,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.callbacks",
+        json.dumps(poison),
+        "--model.net.init_args.layers",
+        "3",
+        "--model.net.init_args.width",
+        "8",
+        "--model.net.init_args.contraction",
+        contraction,
+        "--model.net.init_args.warm_start",
+        "true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
 
 
-def run_cli_ranks(args: list[str], tmp_path: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
+def run_cli_ranks(
+    args: list[str], tmp_path: Path, timeout: float
+) -> tuple[subprocess.Popen, str, float]:
     """``irnet *args`` in ``tmp_path`` through helpers.ddp (which records each rank's exit status)."""
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"out": str(tmp_path), "cli": args}))
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(Path(helpers.ddp.__file__)), str(settings)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(helpers.ddp.__file__)), str(settings)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session started here: rank 0 and the rank it started
+        os.killpg(
+            proc.pid, signal.SIGKILL
+        )  # the session started here: rank 0 and the rank it started
         out, _ = proc.communicate()
         pytest.fail(f"the ranks did not stop within {timeout} s:\n{out[-4000:]}")
     return proc, out, time.monotonic() - start
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("contraction, name, cause", [
-    ("0.9", "net.blocks.0.F.gamma1", "a layer's input is NaN/Inf on rank 1 of 2; non-finite parameters: "),
-    ("null", "net.blocks.2.F.gamma2", "non-finite train/loss (nan); non-finite parameters on rank 1 of 2: "),
-], ids=["contraction-first-layer", "no-contraction-last-layer"])
+@pytest.mark.parametrize(
+    "contraction, name, cause",
+    [
+        (
+            "0.9",
+            "net.blocks.0.F.gamma1",
+            "a layer's input is NaN/Inf on rank 1 of 2; non-finite parameters: ",
+        ),
+        (
+            "null",
+            "net.blocks.2.F.gamma2",
+            "non-finite train/loss (nan); non-finite parameters on rank 1 of 2: ",
+        ),
+    ],
+    ids=["contraction-first-layer", "no-contraction-last-layer"],
+)
 def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contraction, name, cause):
     """Rank 1's weight turns NaN before step 2: both ranks exit 2 with the same line, no traceback.
 
@@ -319,8 +410,12 @@ def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contrac
     layer makes the global loss NaN (seen by both; rank 1's diagnosis is gathered).
     """
     proc, out, seconds = run_cli_ranks(fault_args(contraction, name), tmp_path, timeout=120)
-    codes = {r: (tmp_path / f"exit_rank{r}").read_text() if (tmp_path / f"exit_rank{r}").exists() else None
-             for r in range(2)}
+    codes = {
+        r: (tmp_path / f"exit_rank{r}").read_text()
+        if (tmp_path / f"exit_rank{r}").exists()
+        else None
+        for r in range(2)
+    }
     assert proc.returncode == 2 and codes == {0: "2", 1: "2"}, (codes, out[-4000:])
     assert "Traceback" not in out, out[-4000:]
     lines = [line for line in out.splitlines() if line.startswith("irnet: error:")]
@@ -328,8 +423,10 @@ def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contrac
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(expected), out[-4000:]
     assert seconds < 90
     # the last good checkpoint (epoch 1) holds both ranks' warm starts: every training sample's
-    checkpoint = torch.load(tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt",
-                            weights_only=False)
+    checkpoint = torch.load(
+        tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints" / "last.ckpt",
+        weights_only=False,
+    )
     assert checkpoint["epoch"] == 1
     rows = by_key(checkpoint["state_dict"]["net._extra_state"]["warm_start"])
     x, _ = SineRegression(num_points=51).tensors("train")
@@ -337,30 +434,42 @@ def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contrac
 
 
 @pytest.mark.slow
-def test_ranks_draw_their_own_masks_and_the_checkpoint_holds_every_ranks_warm_starts(tmp_path, monkeypatch):
+def test_ranks_draw_their_own_masks_and_the_checkpoint_holds_every_ranks_warm_starts(
+    tmp_path, monkeypatch
+):
     """2-process fit (gloo), full batches (51 training points: 26 + 25), warm starts on, 2 epochs."""
     # An earlier in-process seed_everything leaves PL_GLOBAL_SEED behind; the DDP ranks (which inherit
     # it) would reseed from it at set-up and the one-process reference would not.
     for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     settings = {"epochs": 2, "warm_start": True, "masks": True, "checkpoint": True}
-    proc = run_script({**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
-                      tmp_path)
+    proc = run_script(
+        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
+        tmp_path,
+    )
     (tmp_path / "one").mkdir()
     one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
     finish(proc)
     ranks = [load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
-    assert torch.equal(ranks[0]["mask"], one["mask"]) and not torch.equal(ranks[1]["mask"], ranks[0]["mask"])
+    assert torch.equal(ranks[0]["mask"], one["mask"]) and not torch.equal(
+        ranks[1]["mask"], ranks[0]["mask"]
+    )
 
-    merged = torch.load(tmp_path / "two" / "last.ckpt", weights_only=False)["state_dict"]["net._extra_state"]
+    merged = torch.load(tmp_path / "two" / "last.ckpt", weights_only=False)["state_dict"][
+        "net._extra_state"
+    ]
     state = merged["warm_start"]
     own = [by_key(r["cache"]) for r in ranks]
-    assert len(own[0]) == 26 + 25 and len(own[1]) == 25 + 25  # their parts of 51 training, 50 validation points
+    assert (
+        len(own[0]) == 26 + 25 and len(own[1]) == 25 + 25
+    )  # their parts of 51 training, 50 validation points
     assert len(state["keys"]) == 101 and set(state["keys"]) == set(own[0]) | set(own[1])
     merged_rows = by_key(state)
     for rows_of in own:  # each rank finds its own fixed points, as it left them
         for key, rows in rows_of.items():
-            torch.testing.assert_close(torch.stack(merged_rows[key]), torch.stack(rows), rtol=0, atol=0)
+            torch.testing.assert_close(
+                torch.stack(merged_rows[key]), torch.stack(rows), rtol=0, atol=0
+            )
     cache = WarmStartCache()
     cache.load_state_dict(state)
     assert len(cache) == 101

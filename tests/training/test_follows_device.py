@@ -23,21 +23,39 @@ from typing import Any, Iterator, Optional
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.training import CONFIGS
 from torch import Tensor, nn
 
+from helpers.training import CONFIGS
 from irnet.cli import main
 
 #: each shipped config, shrunk, with warm starts and the contraction bound on where it is off,
 #: so that every kind of cached tensor (stores, σ and dσ/dW, scaled weights, statistics) exists
 SHRUNK = {
-    "ex1_sine": ["--model.net.init_args.layers", "3", "--model.net.init_args.width", "16",
-                 "--model.net.init_args.warm_start", "true"],
-    "ex1_sine_100": ["--model.net.init_args.layers", "3", "--model.net.init_args.width", "16",
-                     "--model.net.init_args.contraction", "0.9"],
+    "ex1_sine": [
+        "--model.net.init_args.layers",
+        "3",
+        "--model.net.init_args.width",
+        "16",
+        "--model.net.init_args.warm_start",
+        "true",
+    ],
+    "ex1_sine_100": [
+        "--model.net.init_args.layers",
+        "3",
+        "--model.net.init_args.width",
+        "16",
+        "--model.net.init_args.contraction",
+        "0.9",
+    ],
     "ex2_spirals": ["--model.net.init_args.layers", "3", "--model.net.init_args.width", "16"],
-    "digits": ["--model.net.init_args.layers", "2", "--model.net.init_args.warm_start", "true",
-               "--model.net.init_args.contraction", "0.9"],
+    "digits": [
+        "--model.net.init_args.layers",
+        "2",
+        "--model.net.init_args.warm_start",
+        "true",
+        "--model.net.init_args.contraction",
+        "0.9",
+    ],
 }
 
 # Attributes every nn.Module / LightningModule has: torch's and Lightning's own state, not irnet's.
@@ -52,8 +70,16 @@ def _no_command_line(monkeypatch):
 def build(config: str) -> tuple[pl.LightningModule, Any]:
     """The config's module and data module, built as ``benchmarks/bench_training.py`` does (no Trainer)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        cli = main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
-                    *SHRUNK[config]], run=False)
+        cli = main(
+            [
+                "--config",
+                str(CONFIGS / f"{config}.yaml"),
+                "--trainer.logger",
+                "false",
+                *SHRUNK[config],
+            ],
+            run=False,
+        )
     cli.datamodule.setup("fit")
     cli.model.setup("fit")
     return cli.model, cli.datamodule
@@ -65,10 +91,18 @@ def _to(batch: Any, dtype: torch.dtype) -> Any:
     return type(batch)(_to(b, dtype) for b in batch)
 
 
-def train(module: pl.LightningModule, data: Any, steps: int = 2, dtype: torch.dtype = torch.float32) -> None:
+def train(
+    module: pl.LightningModule, data: Any, steps: int = 2, dtype: torch.dtype = torch.float32
+) -> None:
     """``steps`` bare training steps (forward, backward, optimiser step), then one validation step."""
     conf = module.configure_optimizers()
-    optimizer = conf["optimizer"] if isinstance(conf, dict) else conf[0][0] if isinstance(conf, tuple) else conf
+    optimizer = (
+        conf["optimizer"]
+        if isinstance(conf, dict)
+        else conf[0][0]
+        if isinstance(conf, tuple)
+        else conf
+    )
     module.train()
     for index, batch in zip(range(steps), data.train_dataloader()):
         optimizer.zero_grad(set_to_none=True)
@@ -130,10 +164,15 @@ def cached_tensors(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
             yield from walk(value, f"{name or type(root).__name__}.{attr}")
 
 
-def left_behind(root: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> list[str]:
+def left_behind(
+    root: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> list[str]:
     """Cached tensors not on ``device`` (or, given ``dtype``, floating ones of another dtype)."""
-    return [f"{path}: {t.device} {t.dtype} {tuple(t.shape)}" for path, t in cached_tensors(root)
-            if t.device != device or (dtype is not None and t.is_floating_point() and t.dtype != dtype)]
+    return [
+        f"{path}: {t.device} {t.dtype} {tuple(t.shape)}"
+        for path, t in cached_tensors(root)
+        if t.device != device or (dtype is not None and t.is_floating_point() and t.dtype != dtype)
+    ]
 
 
 @pytest.mark.parametrize("config", sorted(SHRUNK))
@@ -143,7 +182,9 @@ def test_every_cached_tensor_moves_with_the_module(config):
     train(module, data)
     cached = list(cached_tensors(module))
     assert any(".warm_start_cache." in path for path, _ in cached), "the test must see the cache"
-    assert any("constraint." in path for path, _ in cached), "the test must see the constraint's caches"
+    assert any("constraint." in path for path, _ in cached), (
+        "the test must see the constraint's caches"
+    )
     module.to("meta")
     stray = left_behind(module, torch.device("meta"))
     assert not stray, f"{len(stray)} tensors stayed behind:\n" + "\n".join(stray)
@@ -186,4 +227,6 @@ def test_the_search_finds_a_tensor_left_behind():
     block = module.net.blocks[0]
     block.stray = {"deep": [torch.zeros(2)]}
     module.to("meta")
-    assert left_behind(module, torch.device("meta")) == ["net.blocks.0.stray['deep'][0]: cpu torch.float32 (2,)"]
+    assert left_behind(module, torch.device("meta")) == [
+        "net.blocks.0.stray['deep'][0]: cpu torch.float32 (2,)"
+    ]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers.callbacks import events, fit, loader, scalar, sine_data, sine_module
 from irnet.callbacks import SolverStatistics
-
 from irnet.linear import Direct, JacobianFree, Neumann
 
 
@@ -29,7 +29,9 @@ def test_shortcut_adjoint_logs_its_gradient_cosine(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = sine_module(layers=2, theta=1.0, linear_solver=JacobianFree())
     x, y = sine_data(21)
-    callback = SolverStatistics(per_layer=False, histograms=False)  # on by itself: the adjoint is a shortcut
+    callback = SolverStatistics(
+        per_layer=False, histograms=False
+    )  # on by itself: the adjoint is a shortcut
     trainer = fit(module, [callback], tmp_path, loader(x, y), epochs=10)
     values = scalar(events(trainer.logger.log_dir), "solver/gradient_cosine")
     assert len(values) == 1  # every 10 epochs by default
@@ -40,12 +42,22 @@ def test_shortcut_adjoint_logs_its_gradient_cosine(tmp_path: Path) -> None:
 
 def test_exact_adjoint_logs_no_cosine_unless_asked(tmp_path: Path) -> None:
     module = sine_module(layers=2, linear_solver=Neumann())
-    trainer = fit(module, [SolverStatistics(per_layer=False, histograms=False)], tmp_path,
-                  loader(*sine_data(21)), epochs=2)
+    trainer = fit(
+        module,
+        [SolverStatistics(per_layer=False, histograms=False)],
+        tmp_path,
+        loader(*sine_data(21)),
+        epochs=2,
+    )
     assert not any("gradient_cosine" in t for t in events(trainer.logger.log_dir).Tags()["scalars"])
     module = sine_module(layers=2, linear_solver=Neumann(rtol=1e-9, max_iter=500))
-    trainer = fit(module, [SolverStatistics(per_layer=False, histograms=False, fidelity_every_n_epochs=1)],
-                  tmp_path / "asked", loader(*sine_data(21)), epochs=2)
+    trainer = fit(
+        module,
+        [SolverStatistics(per_layer=False, histograms=False, fidelity_every_n_epochs=1)],
+        tmp_path / "asked",
+        loader(*sine_data(21)),
+        epochs=2,
+    )
     values = scalar(events(trainer.logger.log_dir), "solver/gradient_cosine")
     assert len(values) == 2 and all(v == pytest.approx(1.0, abs=1e-5) for v in values)
 

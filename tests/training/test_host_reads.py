@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.sync import HostReads, SolveCounter
-from helpers.problems import mlp
 from torch import nn
 
+from helpers.problems import mlp
+from helpers.sync import HostReads, SolveCounter
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
 from irnet.linear import Neumann
@@ -32,9 +32,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 OTHER_READS = 10  # per step: the loss and finiteness checks, logging, metrics
-FIXED_COUNT = ["--model.net.init_args.solver", "irnet.solvers.FixedPoint",
-               "--model.net.init_args.solver.init_args.fixed_count", "true",
-               "--model.net.init_args.solver.init_args.max_iter", "4"]
+FIXED_COUNT = [
+    "--model.net.init_args.solver",
+    "irnet.solvers.FixedPoint",
+    "--model.net.init_args.solver.init_args.fixed_count",
+    "true",
+    "--model.net.init_args.solver.init_args.max_iter",
+    "4",
+]
 
 
 class _CountOneStep(pl.Callback):
@@ -65,10 +70,24 @@ def count_step(config: str, extra: list[str], tmp_path: Path) -> tuple[HostReads
     reads, solves = HostReads(), SolveCounter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # Lightning's tips
-            cli = cli_main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.logger", "false",
-                            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "6",
-                            "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
-                            *extra], run=False)
+            cli = cli_main(
+                [
+                    "--config",
+                    str(CONFIGS / f"{config}.yaml"),
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.default_root_dir",
+                    str(tmp_path),
+                    "--trainer.max_steps",
+                    "6",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--trainer.enable_model_summary",
+                    "false",
+                    *extra,
+                ],
+                run=False,
+            )
             cli.trainer.callbacks.append(_CountOneStep(reads, solves, step=5))
             with forced_path("accelerator"), reads.patched():
                 cli.trainer.fit(cli.model, cli.datamodule)
@@ -111,7 +130,9 @@ def test_a_fixed_count_block_evaluates_F_k_plus_2_times(path, theta):
     # the answer's residual: no evaluation of F(y*) without a graph before it.
     k = 6
     F = _CountedF(mlp(n=3, width=8, lipschitz=0.5))
-    block = ImplicitResidualBlock(F, theta, FixedPoint(atol=1e-4, max_iter=k, fixed_count=True), Neumann())
+    block = ImplicitResidualBlock(
+        F, theta, FixedPoint(atol=1e-4, max_iter=k, fixed_count=True), Neumann()
+    )
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     with forced_path(path):
         block(x)  # the first call checks F's output shape once
@@ -119,7 +140,9 @@ def test_a_fixed_count_block_evaluates_F_k_plus_2_times(path, theta):
         block(x).square().sum().backward()
     assert F.calls == k + (2 if theta < 1 else 1)
     want = (block.forward_stats.residual, block.forward_stats.converged)
-    with torch.no_grad():  # without a graph the solve measures its answer itself: the same statistics
+    with (
+        torch.no_grad()
+    ):  # without a graph the solve measures its answer itself: the same statistics
         y = block(x)
     torch.testing.assert_close(block.forward_stats.residual, want[0], rtol=1e-12, atol=1e-15)
     assert torch.equal(block.forward_stats.converged, want[1])
@@ -132,9 +155,20 @@ def _train(path: str, steps: int = 6) -> tuple[list[float], list[torch.Tensor], 
     from irnet.nets import ODENet
 
     torch.manual_seed(0)
-    net = ODENet(2, 2, layers=3, T=3.0, width=16, theta=0.5, readout="linear", warm_start=True,
-                 contraction=0.9, init="bounded", solver=Anderson(atol=1e-9, max_iter=60, history=3),
-                 linear_solver=Neumann(rtol=1e-9, max_iter=200)).double()
+    net = ODENet(
+        2,
+        2,
+        layers=3,
+        T=3.0,
+        width=16,
+        theta=0.5,
+        readout="linear",
+        warm_start=True,
+        contraction=0.9,
+        init="bounded",
+        solver=Anderson(atol=1e-9, max_iter=60, history=3),
+        linear_solver=Neumann(rtol=1e-9, max_iter=200),
+    ).double()
     module = ImplicitNetModule(net, loss="cross_entropy", lr=1e-2)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
     x = torch.randn(32, 2, dtype=torch.float64)
@@ -165,7 +199,12 @@ def test_training_on_the_accelerator_path_matches_the_cpu_path():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # No overshoot: once each block remembers its last count, a step's solves take at most one
     # evaluation of F more than the CPU path's, each (3 forward solves a step here).
-    print("F evaluations per step, CPU path:", cpu_evaluations, "accelerator path:", accelerator_evaluations)
+    print(
+        "F evaluations per step, CPU path:",
+        cpu_evaluations,
+        "accelerator path:",
+        accelerator_evaluations,
+    )
     for cpu, accelerator in zip(cpu_evaluations[1:], accelerator_evaluations[1:]):
         assert cpu <= accelerator <= cpu + 3
 
@@ -226,19 +265,26 @@ def test_a_chain_whose_first_solver_solves_every_sample_reads_once():
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("path, svds_per_step", [("cpu", 2 * 6), ("accelerator", 2)])
 def test_the_contraction_bound_makes_one_batched_svd_per_weight_shape_on_the_accelerator_path(
-        kind, path, svds_per_step, monkeypatch):
+    kind, path, svds_per_step, monkeypatch
+):
     # torch.linalg.svd waits for the host on CUDA (it checks its error flag): the accelerator path
     # computes every layer's norms of a step in one SVD per weight shape, the CPU path one per weight.
     from irnet.nets import ConvODENet, ODENet
 
     calls = []
     svd = torch.linalg.svd
-    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or svd(*a, **k))
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or svd(*a, **k)
+    )
     if kind == "mlp":
-        net = ODENet(2, 2, layers=6, T=6.0, width=16, readout="linear", contraction=0.9, init="bounded")
+        net = ODENet(
+            2, 2, layers=6, T=6.0, width=16, readout="linear", contraction=0.9, init="bounded"
+        )
         x = torch.randn(8, 2, dtype=torch.float64)
     else:
-        net = ConvODENet(1, 6, num_classes=3, channels=2, hidden_channels=4, layers=6, contraction=0.9)
+        net = ConvODENet(
+            1, 6, num_classes=3, channels=2, hidden_channels=4, layers=6, contraction=0.9
+        )
         x = torch.randn(8, 1, 6, 6, dtype=torch.float64)
     net = net.double()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -8,17 +8,25 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.training import tiny_odenet
-from irnet.datamodules import SineRegression
 from torch.autograd.functional import jacobian
 
+from helpers.training import tiny_odenet
+from irnet.datamodules import SineRegression
 from irnet.module import ImplicitNetModule
 from irnet.regularizers import JacobianRegularizer
 
 
 def small_net(theta: float = 0.5, layers: int = 2, seed: int = 0):
-    net = tiny_odenet(layers=layers, width=6, theta=theta, in_features=2, out_features=1, tol=1e-13,
-                      max_iter=400, seed=seed).double()
+    net = tiny_odenet(
+        layers=layers,
+        width=6,
+        theta=theta,
+        in_features=2,
+        out_features=1,
+        tol=1e-13,
+        max_iter=400,
+        seed=seed,
+    ).double()
     # Weights large enough that the Jacobians are far from 0 (the test would pass on zeros).
     with torch.no_grad():
         for p in net.parameters():
@@ -32,7 +40,12 @@ def dense_jacobians(net, states) -> list[list[torch.Tensor]]:
     for block, y in zip(net.blocks, states[1:]):
         if block.theta == 0:
             continue
-        out.append([block.theta * jacobian(lambda v: block.F(v[None])[0], y[b].detach()) for b in range(y.shape[0])])
+        out.append(
+            [
+                block.theta * jacobian(lambda v: block.F(v[None])[0], y[b].detach())
+                for b in range(y.shape[0])
+            ]
+        )
     return out
 
 
@@ -41,7 +54,7 @@ def exact_value(net, x) -> float:
     with torch.no_grad():
         states = net.trajectory(x)
     mats = dense_jacobians(net, states)
-    return sum(sum(float((J ** 2).sum()) for J in layer) / len(layer) for layer in mats) / len(mats)
+    return sum(sum(float((J**2).sum()) for J in layer) / len(layer) for layer in mats) / len(mats)
 
 
 @pytest.fixture()
@@ -64,13 +77,17 @@ def test_hutchinson_mean_within_its_statistical_bound(batch, noise):
     net = small_net()
     states = [s.detach() for s in net.trajectory(batch)]
     samples = 400
-    value = JacobianRegularizer(weight=1.0, samples=samples, noise=noise, seed=3)(net, batch, states).item()
+    value = JacobianRegularizer(weight=1.0, samples=samples, noise=noise, seed=3)(
+        net, batch, states
+    ).item()
     mats = dense_jacobians(net, states)
-    exact = sum(sum(float((J ** 2).sum()) for J in layer) / len(layer) for layer in mats) / len(mats)
+    exact = sum(sum(float((J**2).sum()) for J in layer) / len(layer) for layer in mats) / len(mats)
     # Var ‖vᵀA‖² = 2‖AAᵀ‖_F² for Gaussian v (an upper bound for Rademacher); independent draws per
     # layer and sample, averaged: Var = Σ_t Σ_b 2‖A_tb A_tbᵀ‖_F² / (L² B² S).
     layers, per = len(mats), len(mats[0])
-    var = sum(2 * float(((J @ J.T) ** 2).sum()) for layer in mats for J in layer) / (layers ** 2 * per ** 2 * samples)
+    var = sum(2 * float(((J @ J.T) ** 2).sum()) for layer in mats for J in layer) / (
+        layers**2 * per**2 * samples
+    )
     assert abs(value - exact) < 5 * math.sqrt(var)
     assert abs(value - exact) > 0  # an estimate, not the exact value
 
@@ -105,8 +122,14 @@ def frobenius_after_training(r_jac) -> float:
     data = SineRegression(num_points=21)
     net = tiny_odenet(layers=2, width=16, theta=1.0, tol=1e-6, max_iter=100, seed=0)
     module = ImplicitNetModule(net, lr=2e-2, r_jac=r_jac)
-    trainer = pl.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=15,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     x, _ = data.tensors("val")
     net = net.double()
@@ -134,14 +157,27 @@ def test_logged_and_configurable_from_yaml(tmp_path, monkeypatch):
         "    net: {class_path: irnet.nets.ODENet, init_args: {in_features: 1, out_features: 1, layers: 2,"
         " width: 8, T: 1.0, theta: 0.5, activation: tanh}}\n"
         "    r_jac: {class_path: irnet.regularizers.JacobianRegularizer, init_args: {weight: 0.1}}\n"
-        "data: {class_path: irnet.datamodules.SineRegression, init_args: {num_points: 11}}\n")
-    cli = main(["fit", "--config", str(config), "--trainer.max_epochs", "2",
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+        "data: {class_path: irnet.datamodules.SineRegression, init_args: {num_points: 11}}\n"
+    )
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
     assert isinstance(cli.model.r_jac, JacobianRegularizer) and cli.model.r_jac.weight == 0.1
     metrics = cli.trainer.callback_metrics
     assert metrics["train/r_jac"].item() > 0
     assert metrics["train/total"].item() == pytest.approx(
-        (metrics["train/loss"] + metrics["train/r_jac"]).item(), rel=1e-5)
+        (metrics["train/loss"] + metrics["train/r_jac"]).item(), rel=1e-5
+    )
 
 
 def test_uses_the_states_of_the_modules_forward_path(batch):
@@ -164,9 +200,16 @@ def test_uses_the_states_of_the_modules_forward_path(batch):
     assert terms["r_jac"].item() > 0
 
 
-@pytest.mark.parametrize("kwargs, name", [({"samples": 0}, "samples"), ({"samples": 1.5}, "samples"),
-                                          ({"noise": "uniform"}, "noise"), ({"weight": -1.0}, "weight"),
-                                          ({"seed": -1}, "seed")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"samples": 0}, "samples"),
+        ({"samples": 1.5}, "samples"),
+        ({"noise": "uniform"}, "noise"),
+        ({"weight": -1.0}, "weight"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
         JacobianRegularizer(**kwargs)

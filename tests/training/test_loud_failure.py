@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.training import CONFIGS, QUIET, tiny_odenet
-from irnet.datamodules import SineRegression
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
+from helpers.training import CONFIGS, QUIET, tiny_odenet
 from irnet import ImplicitResidualBlock
 from irnet.cli import main
+from irnet.datamodules import SineRegression
 from irnet.failure import TrainingFailure
 from irnet.module import ImplicitNetModule
 from irnet.solvers import FixedPoint
@@ -37,7 +37,9 @@ class Scaled(nn.Module):
 def test_diverged_sample_is_nan_unconverged_keeps_its_best_iterate():
     # θ = 1, y = x + a y: a = 0.5 converges to 2x; a = 1e30 overflows (diverged); a = 1 grows
     # linearly, finite but unconverged.
-    block = ImplicitResidualBlock(Scaled([0.5, 1e30, 1.0]), theta=1.0, solver=FixedPoint(atol=1e-6, max_iter=60))
+    block = ImplicitResidualBlock(
+        Scaled([0.5, 1e30, 1.0]), theta=1.0, solver=FixedPoint(atol=1e-6, max_iter=60)
+    )
     x = torch.ones(3, 2)
     with pytest.warns(UserWarning, match="did not converge for 2 of 3"):
         y = block(x)
@@ -55,9 +57,17 @@ def module_for(net, **kwargs) -> ImplicitNetModule:
 
 
 def trainer_for(tmp_path, epochs: int, callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint]:
-    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor=None, every_n_epochs=1)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[last, *callbacks])
+    last = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=True, monitor=None, every_n_epochs=1
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[last, *callbacks],
+    )
     return trainer, last
 
 
@@ -76,9 +86,14 @@ class PoisonParameter(Callback):
 def assert_last_checkpoint_good(path, epoch: int) -> None:
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["epoch"] == epoch
-    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
-               if isinstance(v, torch.Tensor) and v.is_floating_point())
-    ImplicitNetModule.load_from_checkpoint(path, net=tiny_odenet(layers=2))  # loads without complaint
+    assert all(
+        torch.isfinite(v).all()
+        for v in checkpoint["state_dict"].values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+    ImplicitNetModule.load_from_checkpoint(
+        path, net=tiny_odenet(layers=2)
+    )  # loads without complaint
 
 
 @pytest.mark.parametrize("name", ["net.blocks.1.F.gamma2", "net.blocks.0.F.gamma1"])
@@ -89,9 +104,15 @@ def test_nan_parameter_stops_the_fit_naming_it(tmp_path, name):
         trainer.fit(module, SineRegression(num_points=11))
     message = str(failure.value)
     assert "\n" not in message
-    assert "training stopped at epoch 3, step 3" in message and f"non-finite parameters: {name} (1 of" in message
+    assert (
+        "training stopped at epoch 3, step 3" in message
+        and f"non-finite parameters: {name} (1 of" in message
+    )
     assert trainer.global_step == 3  # the poisoned step was not taken
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=2-step=3.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch=2-step=3.ckpt",
+        "last.ckpt",
+    ]
     assert_last_checkpoint_good(tmp_path / "ckpt" / "last.ckpt", epoch=2)
 
 
@@ -109,7 +130,9 @@ def test_non_finite_gradient_stops_before_the_step(tmp_path):
     module = module_for(tiny_odenet(layers=2))
     poison = PoisonGradient(step=2)
     trainer, _ = trainer_for(tmp_path, epochs=4, callbacks=[poison])
-    with pytest.raises(TrainingFailure, match=r"step 2: non-finite gradients .*: net\.blocks\.1\.F\.gamma1 \(1 of"):
+    with pytest.raises(
+        TrainingFailure, match=r"step 2: non-finite gradients .*: net\.blocks\.1\.F\.gamma1 \(1 of"
+    ):
         trainer.fit(module, SineRegression(num_points=11))
     after = dict(module.named_parameters())
     assert all(torch.equal(after[k], v) for k, v in poison.before.items())  # not applied
@@ -151,12 +174,17 @@ def test_infinite_loss_stops_the_fit_naming_the_loss_before_the_step(tmp_path, v
         trainer.fit(module, SineRegression(num_points=11))
     message = str(failure.value)
     assert "\n" not in message
-    assert message.startswith(f"training stopped at epoch 2, step 2: non-finite train/loss ({value}); ")
+    assert message.startswith(
+        f"training stopped at epoch 2, step 2: non-finite train/loss ({value}); "
+    )
     assert "gradients" not in message
     assert trainer.global_step == 2  # the infinite step was not taken
     after = dict(module.named_parameters())
     assert all(torch.equal(after[k], v) for k, v in snapshot.before.items())
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=1-step=2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch=1-step=2.ckpt",
+        "last.ckpt",
+    ]
 
 
 def test_layer_whose_solves_keep_failing_stops_after_n_steps(tmp_path):
@@ -164,9 +192,14 @@ def test_layer_whose_solves_keep_failing_stops_after_n_steps(tmp_path):
     net.blocks[1].solver = FixedPoint(atol=1e-14, max_iter=1)
     module = module_for(net, max_failing_steps=3, failing_fraction=0.5)
     trainer, _ = trainer_for(tmp_path, epochs=10)
-    expected = (r"step 2: layer 1's forward solves keep failing: unconverged fraction "
-                r".*failing_fraction=0\.5 for 3 consecutive .* 1 in the last")
-    with pytest.warns(UserWarning, match="did not converge"), pytest.raises(TrainingFailure, match=expected):
+    expected = (
+        r"step 2: layer 1's forward solves keep failing: unconverged fraction "
+        r".*failing_fraction=0\.5 for 3 consecutive .* 1 in the last"
+    )
+    with (
+        pytest.warns(UserWarning, match="did not converge"),
+        pytest.raises(TrainingFailure, match=expected),
+    ):
         trainer.fit(module, SineRegression(num_points=11))
     assert trainer.global_step == 2
 
@@ -178,12 +211,15 @@ def test_options_off_behave_as_before(tmp_path):
     trainer, _ = trainer_for(tmp_path, epochs=4)
     with pytest.warns(UserWarning, match="did not converge"):
         trainer.fit(module, SineRegression(num_points=11))
-    assert trainer.current_epoch == 4 and trainer.global_step == 4  # every step failed; the fit ran on
+    assert (
+        trainer.current_epoch == 4 and trainer.global_step == 4
+    )  # every step failed; the fit ran on
 
     # Without check_finite a NaN weight of the first layer ends in the layer's ValueError, as before.
     module = module_for(tiny_odenet(layers=2), check_finite=False)
-    trainer, _ = trainer_for(tmp_path / "off", epochs=4,
-                             callbacks=[PoisonParameter("net.blocks.0.F.gamma1", step=2)])
+    trainer, _ = trainer_for(
+        tmp_path / "off", epochs=4, callbacks=[PoisonParameter("net.blocks.0.F.gamma1", step=2)]
+    )
     with pytest.raises(ValueError, match="the block's input. contains NaN or Inf") as error:
         trainer.fit(module, SineRegression(num_points=11))
     assert not isinstance(error.value, TrainingFailure)
@@ -194,26 +230,37 @@ def test_nan_output_of_a_diverged_first_layer_is_named(tmp_path):
     with torch.no_grad():
         module.net.blocks[0].F.gamma2.fill_(float("nan"))
     trainer, _ = trainer_for(tmp_path, epochs=1)
-    with pytest.raises(TrainingFailure, match=r"validation stopped: a layer's input is NaN/Inf; non-finite "
-                                              r"parameters: net\.blocks\.0\.F\.gamma2"):
+    with pytest.raises(
+        TrainingFailure,
+        match=r"validation stopped: a layer's input is NaN/Inf; non-finite "
+        r"parameters: net\.blocks\.0\.F\.gamma2",
+    ):
         trainer.validate(module, SineRegression(num_points=11), verbose=False)
 
 
 def test_validate_on_nan_weights_in_python_reports_no_finite_loss(tmp_path):
     module = module_for(tiny_odenet(layers=2))
     with torch.no_grad():
-        module.net.blocks[1].F.gamma2.view(-1)[0] = float("nan")  # the last layer: its output is NaN
+        module.net.blocks[1].F.gamma2.view(-1)[0] = float(
+            "nan"
+        )  # the last layer: its output is NaN
     trainer, _ = trainer_for(tmp_path, epochs=1)
     with pytest.warns(UserWarning, match="did not converge"):
         (result,) = trainer.validate(module, SineRegression(num_points=11), verbose=False)
     assert math.isnan(result["val/loss"])
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"max_failing_steps": 0}, "max_failing_steps"), ({"max_failing_steps": 2.5}, "max_failing_steps"),
-    ({"max_failing_steps": True}, "max_failing_steps"), ({"failing_fraction": 1.0}, "failing_fraction"),
-    ({"failing_fraction": -0.1}, "failing_fraction"), ({"check_finite": "yes"}, "check_finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"max_failing_steps": 0}, "max_failing_steps"),
+        ({"max_failing_steps": 2.5}, "max_failing_steps"),
+        ({"max_failing_steps": True}, "max_failing_steps"),
+        ({"failing_fraction": 1.0}, "failing_fraction"),
+        ({"failing_fraction": -0.1}, "failing_fraction"),
+        ({"check_finite": "yes"}, "check_finite"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
         module_for(tiny_odenet(layers=1), **kwargs)
@@ -225,8 +272,6 @@ def run_cli(args, capsys) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
-
-
 def unconstrained_sine_config(folder: Path) -> Path:
     """configs/ex1_sine.yaml as it was when the issue tried ``--model.lr 10``: the paper's network
     and initialisation (no contraction, which keeps such a run finite), seed 3, with R_fp, and
@@ -235,9 +280,13 @@ def unconstrained_sine_config(folder: Path) -> Path:
     for line in ("        init: bounded\n", "        contraction: 0.9\n"):
         assert line in text, line
         text = text.replace(line, "")
-    for old, new in (("        warm_start: false\n", "        warm_start: true\n"),
-                     ("          class_path: irnet.solvers.FixedPoint\n          init_args: {atol: 1.0e-5, max_iter: 120}",
-                      "          class_path: irnet.solvers.Anderson\n          init_args: {atol: 1.0e-5, max_iter: 120, history: 3}")):
+    for old, new in (
+        ("        warm_start: false\n", "        warm_start: true\n"),
+        (
+            "          class_path: irnet.solvers.FixedPoint\n          init_args: {atol: 1.0e-5, max_iter: 120}",
+            "          class_path: irnet.solvers.Anderson\n          init_args: {atol: 1.0e-5, max_iter: 120, history: 3}",
+        ),
+    ):
         assert old in text, old
         text = text.replace(old, new)
     path = folder / "ex1_sine.yaml"
@@ -246,35 +295,70 @@ def unconstrained_sine_config(folder: Path) -> Path:
 
 
 def lr10(config: Path) -> list[str]:
-    return ["--config", str(config), "--trainer.callbacks", "[]", *QUIET, "--seed_everything", "3",
-            "--model.r_fp.init_args.weight", "0.1", "--model.lr", "10", "--trainer.max_epochs", "3"]
+    return [
+        "--config",
+        str(config),
+        "--trainer.callbacks",
+        "[]",
+        *QUIET,
+        "--seed_everything",
+        "3",
+        "--model.r_fp.init_args.weight",
+        "0.1",
+        "--model.lr",
+        "10",
+        "--trainer.max_epochs",
+        "3",
+    ]
 
 
 @pytest.mark.slow
-def test_lr_10_fails_loudly_keeps_the_last_good_checkpoint_and_refuses_nan_weights(tmp_path, capsys, monkeypatch):
+def test_lr_10_fails_loudly_keeps_the_last_good_checkpoint_and_refuses_nan_weights(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["irnet"])
     config = unconstrained_sine_config(tmp_path)
     code, err = run_cli(["fit", *lr10(config)], capsys)
     last_line = err.strip().splitlines()[-1]
     assert code == 2
-    assert last_line.startswith("irnet: error: training stopped at epoch 1, step 1: non-finite train/")
+    assert last_line.startswith(
+        "irnet: error: training stopped at epoch 1, step 1: non-finite train/"
+    )
     assert "layer 0 (51 of 51 samples" in last_line
     folder = tmp_path / "runs" / "ex1_sine" / "version_0" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch=0-step=1.ckpt", "last.ckpt"]
     checkpoint = torch.load(folder / "last.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 1
-    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
-               if isinstance(v, torch.Tensor) and v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in checkpoint["state_dict"].values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
     # validate on a checkpoint with NaN weights: refused with one line, no loss printed.
     name = "net.blocks.3.F.gamma1"
     checkpoint["state_dict"][name].view(-1)[:2] = float("nan")
     torch.save(checkpoint, tmp_path / "nan.ckpt")
-    code, err = run_cli(["validate", "--config", str(config), "--trainer.callbacks", "[]",
-                         *QUIET, "--model.lr", "10", "--ckpt_path", str(tmp_path / "nan.ckpt")], capsys)
+    code, err = run_cli(
+        [
+            "validate",
+            "--config",
+            str(config),
+            "--trainer.callbacks",
+            "[]",
+            *QUIET,
+            "--model.lr",
+            "10",
+            "--ckpt_path",
+            str(tmp_path / "nan.ckpt"),
+        ],
+        capsys,
+    )
     assert code == 2
     numel = checkpoint["state_dict"][name].numel()
-    assert err.strip().splitlines()[-1] == (f"irnet: error: refusing a checkpoint with non-finite weights: {name} "
-                                            f"(2 of {numel} values) (set check_finite: false to load it anyway)")
+    assert err.strip().splitlines()[-1] == (
+        f"irnet: error: refusing a checkpoint with non-finite weights: {name} "
+        f"(2 of {numel} values) (set check_finite: false to load it anyway)"
+    )
     assert "val/loss" not in capsys.readouterr().out

@@ -7,6 +7,7 @@ index drawing (:func:`stratified_parts`) and MNIST5k's use of it are checked her
 from __future__ import annotations
 
 import torch
+
 from irnet.datamodules import MNIST5k, mnist
 from irnet.datamodules.mnist import stratified_parts
 

@@ -8,10 +8,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers.training import tiny_odenet
-from irnet.datamodules import SineRegression, TwoSpirals
 from torch import nn
 
+from helpers.training import tiny_odenet
+from irnet.datamodules import SineRegression, TwoSpirals
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ConvODENet
 from irnet.perturbations import GaussianPerturbation
@@ -19,10 +19,20 @@ from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer
 from irnet.stats import ConvergenceWarning
 
 
-def fit(module: pl.LightningModule, data: pl.LightningDataModule, epochs: int, **kwargs) -> pl.Trainer:
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, log_every_n_steps=1, **kwargs)
+def fit(
+    module: pl.LightningModule, data: pl.LightningDataModule, epochs: int, **kwargs
+) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
     trainer.fit(module, data)
     return trainer
 
@@ -45,16 +55,31 @@ def test_compute_loss_choices():
 def test_training_step_logs_losses_metrics_and_regularisers():
     torch.manual_seed(0)
     data = SineRegression(num_points=21)
-    module = ImplicitNetModule(tiny_odenet(), lr=1e-2,
-                               r_fp=FixedPointRegularizer(weight=0.01, iterations=3),
-                               r_rnd=PerturbationRegularizer(weight=0.1, streams=2, sigma=0.05))
+    module = ImplicitNetModule(
+        tiny_odenet(),
+        lr=1e-2,
+        r_fp=FixedPointRegularizer(weight=0.01, iterations=3),
+        r_rnd=PerturbationRegularizer(weight=0.1, streams=2, sigma=0.05),
+    )
     trainer = fit(module, data, epochs=3)
     m = {k: v.item() for k, v in trainer.callback_metrics.items()}
-    for key in ("train/loss", "train/total", "train/r_fp", "train/r_rnd", "train/mse", "train/iters",
-                "val/loss", "val/mse", "val/iters", "iters"):
+    for key in (
+        "train/loss",
+        "train/total",
+        "train/r_fp",
+        "train/r_rnd",
+        "train/mse",
+        "train/iters",
+        "val/loss",
+        "val/mse",
+        "val/iters",
+        "iters",
+    ):
         assert key in m, key
     # one full batch per epoch: the epoch values are those of the last step
-    assert m["train/total"] == pytest.approx(m["train/loss"] + m["train/r_fp"] + m["train/r_rnd"], rel=1e-5)
+    assert m["train/total"] == pytest.approx(
+        m["train/loss"] + m["train/r_fp"] + m["train/r_rnd"], rel=1e-5
+    )
     assert m["train/r_fp"] > 0 and m["train/r_rnd"] > 0
     assert 1 <= m["train/iters"] <= 100
     x, y = data.tensors("val")
@@ -148,21 +173,29 @@ def test_hyperparameters_skip_a_network_object():
 
 
 def test_num_classes_is_read_from_the_network():
-    module = ImplicitNetModule(ConvODENet(layers=1, channels=2, hidden_channels=2), loss="cross_entropy")
+    module = ImplicitNetModule(
+        ConvODENet(layers=1, channels=2, hidden_channels=2), loss="cross_entropy"
+    )
     assert module.val_metrics["val/acc"].num_classes == 10
-    assert ImplicitNetModule(nn.Linear(2, 3), loss="cross_entropy").val_metrics["val/acc"].num_classes == 3
+    assert (
+        ImplicitNetModule(nn.Linear(2, 3), loss="cross_entropy").val_metrics["val/acc"].num_classes
+        == 3
+    )
     with pytest.raises(ValueError, match="num_classes"):
         ImplicitNetModule(nn.Sequential(nn.Linear(2, 3)), loss="cross_entropy")
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(loss="huber"), "loss"),
-    (dict(lr=0.0), "lr"),
-    (dict(lr_step=0), "lr_step"),
-    (dict(lr_gamma=1.5), "lr_gamma"),
-    (dict(weight_decay=-1.0), "weight_decay"),
-    (dict(r_fp=0.1), "r_fp"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(loss="huber"), "loss"),
+        (dict(lr=0.0), "lr"),
+        (dict(lr_step=0), "lr_step"),
+        (dict(lr_gamma=1.5), "lr_gamma"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(r_fp=0.1), "r_fp"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ImplicitNetModule(tiny_odenet(), **kwargs)
@@ -183,8 +216,11 @@ def test_convergence_warnings_once_per_run_not_once_per_process():
         warnings.simplefilter("always")
         for _ in range(2):  # two fits in one process
             fit(module, data, epochs=2, num_sanity_val_steps=1)
-    forward = [w for w in caught if issubclass(w.category, ConvergenceWarning)
-               and str(w.message).startswith("Forward solve")]
+    forward = [
+        w
+        for w in caught
+        if issubclass(w.category, ConvergenceWarning) and str(w.message).startswith("Forward solve")
+    ]
     # per fit: once in the sanity check, once in training (its two epochs and validations share it)
     assert len(forward) == 4, [str(w.message) for w in forward]
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.callbacks import TinyModule, events, fit, loader, scalar, sine_data
-from helpers.training import tiny_odenet
-from irnet.callbacks import PerturbationStreams, SolverStatistics
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.callbacks import TinyModule, events, fit, loader, scalar, sine_data
+from helpers.training import tiny_odenet
 from irnet.analysis.plotting import plot_perturbation_growth
+from irnet.callbacks import PerturbationStreams, SolverStatistics
 from irnet.module import ImplicitNetModule
 from irnet.perturbations import GaussianPerturbation, Perturbation
 from irnet.regularizers import PerturbationRegularizer
@@ -38,7 +38,9 @@ class Shift(Perturbation):
         return torch.full_like(x, self.c)
 
 
-def module(theta: float = 0.5, r_rnd: Optional[PerturbationRegularizer] = None, seed: int = 0) -> ImplicitNetModule:
+def module(
+    theta: float = 0.5, r_rnd: Optional[PerturbationRegularizer] = None, seed: int = 0
+) -> ImplicitNetModule:
     return ImplicitNetModule(tiny_odenet(LAYERS, 8, theta=theta, seed=seed), r_rnd=r_rnd)
 
 
@@ -53,8 +55,13 @@ def logged(acc, epoch_index: int = -1) -> list[float]:
 def own_run(tmp_path_factory):
     """R_rnd off: the callback runs 2 Gaussian streams itself, every epoch, image every 2nd."""
     root = tmp_path_factory.mktemp("own")
-    callback = PerturbationStreams(perturbation=GaussianPerturbation(0.1), streams=2, seed=7,
-                                   plot_every_n_epochs=2, max_samples=20)
+    callback = PerturbationStreams(
+        perturbation=GaussianPerturbation(0.1),
+        streams=2,
+        seed=7,
+        plot_every_n_epochs=2,
+        max_samples=20,
+    )
     trainer = fit(module(), [callback], root, loader(*sine_data()), epochs=3)
     return trainer, callback, events(trainer.logger.log_dir)
 
@@ -66,7 +73,8 @@ def test_tags_are_written_with_finite_values(own_run) -> None:
         assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values), tag
     assert f"perturbation/layer_{LAYERS + 1:02d}" not in acc.Tags()["scalars"]
     assert scalar(acc, "perturbation/amplification") == pytest.approx(
-        [last / first for first, last in zip(scalar(acc, TAGS[0]), scalar(acc, TAGS[-1]))], rel=1e-6)
+        [last / first for first, last in zip(scalar(acc, TAGS[0]), scalar(acc, TAGS[-1]))], rel=1e-6
+    )
     histogram = acc.Histograms("perturbation/distance_over_layers")
     assert len(histogram) == 3 and histogram[-1].histogram_value.num == LAYERS + 1
     assert histogram[-1].histogram_value.sum == pytest.approx(sum(logged(acc)), rel=1e-5)
@@ -78,7 +86,9 @@ def test_png_files_beside_the_logs(own_run) -> None:
     trainer, _, _ = own_run
     directory = Path(trainer.logger.log_dir) / "figures"
     assert sorted(p.name for p in directory.iterdir()) == [
-        "perturbation_distance_vs_depth_epoch0001.png", "perturbation_distance_vs_depth_epoch0002.png"]
+        "perturbation_distance_vs_depth_epoch0001.png",
+        "perturbation_distance_vs_depth_epoch0002.png",
+    ]
     data = (directory / "perturbation_distance_vs_depth_epoch0002.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
@@ -114,7 +124,9 @@ def test_distances_of_an_explicit_network_by_hand(tmp_path: Path) -> None:
     acc = events(trainer.logger.log_dir)
     assert expected[0] == pytest.approx(math.sqrt(2) * 0.2, rel=1e-6)
     assert logged(acc) == pytest.approx(expected, rel=1e-5)
-    assert scalar(acc, "perturbation/amplification") == [pytest.approx(expected[-1] / expected[0], rel=1e-5)]
+    assert scalar(acc, "perturbation/amplification") == [
+        pytest.approx(expected[-1] / expected[0], rel=1e-5)
+    ]
     assert shift.calls == 3  # one epoch, three streams
 
 
@@ -144,11 +156,15 @@ def test_installing_equals_configuring_the_regularizer(tmp_path: Path) -> None:
     weights = []
     for name in ("configured", "installed"):
         if name == "configured":
-            reg = PerturbationRegularizer(weight=0.5, streams=2, seed=3, perturbation=GaussianPerturbation(0.1))
+            reg = PerturbationRegularizer(
+                weight=0.5, streams=2, seed=3, perturbation=GaussianPerturbation(0.1)
+            )
             callbacks = []
         else:
             reg = PerturbationRegularizer(weight=0.5)
-            callbacks = [PerturbationStreams(perturbation=GaussianPerturbation(0.1), streams=2, seed=3)]
+            callbacks = [
+                PerturbationStreams(perturbation=GaussianPerturbation(0.1), streams=2, seed=3)
+            ]
         net = module(r_rnd=reg)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -162,11 +178,15 @@ def test_without_settings_it_logs_the_regularizers_own_streams(tmp_path: Path) -
     callback = PerturbationStreams()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing is replaced, so nothing to warn about
-        warnings.filterwarnings("ignore", message=".*(val_dataloader|does not have many workers|LeafSpec)")
+        warnings.filterwarnings(
+            "ignore", message=".*(val_dataloader|does not have many workers|LeafSpec)"
+        )
         fit(module(r_rnd=regularizer), [callback], tmp_path, loader(*sine_data()), epochs=1)
     assert regularizer.perturbation.calls == 2
     assert callback.last_distances[0] == pytest.approx(math.sqrt(2) * 0.3, rel=1e-6)
-    assert callback.last_distances[1:].tolist() == pytest.approx(regularizer.last_distances.tolist(), rel=1e-6)
+    assert callback.last_distances[1:].tolist() == pytest.approx(
+        regularizer.last_distances.tolist(), rel=1e-6
+    )
 
 
 # -- monitoring does not change training -------------------------------------------------------------
@@ -175,7 +195,10 @@ def test_without_settings_it_logs_the_regularizers_own_streams(tmp_path: Path) -
 def test_training_is_identical_with_and_without_the_callback(tmp_path: Path) -> None:
     x, y = sine_data()
     weights = []
-    for name, callbacks in (("plain", []), ("monitored", [PerturbationStreams(streams=3, plot_every_n_epochs=1)])):
+    for name, callbacks in (
+        ("plain", []),
+        ("monitored", [PerturbationStreams(streams=3, plot_every_n_epochs=1)]),
+    ):
         torch.manual_seed(5)
         net = module(seed=None)
         data = DataLoader(TensorDataset(x, y), batch_size=17, shuffle=True)
@@ -186,13 +209,21 @@ def test_training_is_identical_with_and_without_the_callback(tmp_path: Path) -> 
 
 def test_solver_statistics_stay_those_of_training(tmp_path: Path) -> None:
     net = module()
-    trainer = fit(net, [SolverStatistics(), PerturbationStreams(streams=3, max_samples=10)], tmp_path,
-                  loader(*sine_data()), epochs=1)
+    trainer = fit(
+        net,
+        [SolverStatistics(), PerturbationStreams(streams=3, max_samples=10)],
+        tmp_path,
+        loader(*sine_data()),
+        epochs=1,
+    )
     acc = events(trainer.logger.log_dir)
     for t, block in enumerate(net.net.blocks, start=1):
-        assert block.forward_stats.iterations.shape == (51,)  # the training batch, not 3 x 10 streams
+        assert block.forward_stats.iterations.shape == (
+            51,
+        )  # the training batch, not 3 x 10 streams
         assert scalar(acc, f"solver_layers/forward_iterations_mean/layer_{t}_step") == [
-            pytest.approx(float(block.forward_stats.iterations.float().mean()), rel=1e-6)]
+            pytest.approx(float(block.forward_stats.iterations.float().mean()), rel=1e-6)
+        ]
     assert net.net.training
 
 
@@ -202,8 +233,13 @@ def test_solver_statistics_stay_those_of_training(tmp_path: Path) -> None:
 def test_without_a_logger_it_keeps_the_distances_and_writes_the_png(tmp_path: Path) -> None:
     callback = PerturbationStreams(plot_every_n_epochs=0)
     fit(module(), [callback], tmp_path, loader(*sine_data()), epochs=1, logger=False)
-    assert callback.last_distances.shape == (LAYERS + 1,) and torch.isfinite(callback.last_distances).all()
-    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["perturbation_distance_vs_depth_epoch0000.png"]
+    assert (
+        callback.last_distances.shape == (LAYERS + 1,)
+        and torch.isfinite(callback.last_distances).all()
+    )
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == [
+        "perturbation_distance_vs_depth_epoch0000.png"
+    ]
 
 
 def test_a_network_that_is_not_an_implicit_odenet_is_skipped(tmp_path: Path) -> None:
@@ -212,7 +248,9 @@ def test_a_network_that_is_not_an_implicit_odenet_is_skipped(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match="ImplicitODENet"):
         trainer = fit(net, [callback], tmp_path, loader(*sine_data()), epochs=1)
     assert callback.last_distances is None
-    assert not [t for t in events(trainer.logger.log_dir).Tags()["scalars"] if t.startswith("perturbation")]
+    assert not [
+        t for t in events(trainer.logger.log_dir).Tags()["scalars"] if t.startswith("perturbation")
+    ]
 
 
 # -- construction, YAML, the picture ----------------------------------------------------------------------
@@ -252,7 +290,10 @@ callbacks:
       every_n_epochs: 5
 """)
     (callback,) = parser.instantiate(config).callbacks
-    assert isinstance(callback.perturbation, GaussianPerturbation) and callback.perturbation.sigma == 0.1
+    assert (
+        isinstance(callback.perturbation, GaussianPerturbation)
+        and callback.perturbation.sigma == 0.1
+    )
     assert callback.streams == 4 and callback.seed is None and callback.schedule.every_n_epochs == 5
 
 

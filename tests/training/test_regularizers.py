@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.training import CONFIGS
 from torch import Tensor
 
+from helpers.training import CONFIGS
 from irnet.cli import main
 from irnet.linear import Neumann
 from irnet.nets import ODENet
@@ -25,9 +25,17 @@ X = torch.tensor([[0.7], [-1.2], [0.1]], dtype=torch.float64)
 
 def tiny_net(theta: float = THETA) -> ODENet:
     """Two tanh layers of width 2 with the weights above, float64, tight solvers."""
-    net = ODENet(in_features=1, out_features=1, layers=2, T=1.0, width=2, theta=theta,
-                 activation="tanh", solver=FixedPoint(atol=1e-13, max_iter=500),
-                 linear_solver=Neumann(rtol=1e-13, max_iter=500)).double()
+    net = ODENet(
+        in_features=1,
+        out_features=1,
+        layers=2,
+        T=1.0,
+        width=2,
+        theta=theta,
+        activation="tanh",
+        solver=FixedPoint(atol=1e-13, max_iter=500),
+        linear_solver=Neumann(rtol=1e-13, max_iter=500),
+    ).double()
     with torch.no_grad():
         for block, (g1, b, g2) in zip(net.blocks, WEIGHTS):
             block.F.gamma1.copy_(torch.tensor(g1, dtype=torch.float64))
@@ -39,12 +47,18 @@ def tiny_net(theta: float = THETA) -> ODENet:
 # -- the hand computation: plain float64 arithmetic on one sample at a time ------------
 def F_hand(layer: int, y: list[float]) -> list[float]:
     g1, b, g2 = WEIGHTS[layer]
-    hidden = [torch.tanh(torch.tensor(g1[j][0] * y[0] + g1[j][1] * y[1] + b[j], dtype=torch.float64)).item()
-              for j in range(2)]
+    hidden = [
+        torch.tanh(
+            torch.tensor(g1[j][0] * y[0] + g1[j][1] * y[1] + b[j], dtype=torch.float64)
+        ).item()
+        for j in range(2)
+    ]
     return [STEP * (g2[i][0] * hidden[0] + g2[i][1] * hidden[1]) for i in range(2)]
 
 
-def iterates_hand(layer: int, x: list[float], count: int, theta: float = THETA) -> list[list[float]]:
+def iterates_hand(
+    layer: int, x: list[float], count: int, theta: float = THETA
+) -> list[list[float]]:
     """Fixed-point iterates y^0 = x, y^{k+1} = x + (1−θ)F(x) + θF(y^k), k < count."""
     fx = F_hand(layer, x)
     c = [x[i] + (1 - theta) * fx[i] for i in range(2)]
@@ -115,7 +129,9 @@ def test_r_fp_default_K_is_the_forward_iteration_count():
     # the same counts by hand, from y^0 = x (a solver that starts at the explicit step x + F(x),
     # the first iterate, takes one fewer)
     hand_states = [trajectory_hand(x0) for x0 in X[:, 0].tolist()]
-    by_hand = [max(iterations_hand(layer, s[layer], tol=1e-13) for s in hand_states) for layer in range(2)]
+    by_hand = [
+        max(iterations_hand(layer, s[layer], tol=1e-13) for s in hand_states) for layer in range(2)
+    ]
     assert all(h - c in (0, 1) for h, c in zip(by_hand, counts)), (by_hand, counts)
     adaptive = FixedPointRegularizer(p=2.0)(net, X, states)
     assert adaptive.item() == pytest.approx(r_fp_hand(counts, 2.0), rel=1e-10)
@@ -230,7 +246,9 @@ def test_r_rnd_draws_its_noise_with_the_configured_sigma(sigma):
     assert reg.perturbation.sigma == sigma
     noise = r_rnd_noise(reg)
     assert noise.shape == (200_000, 1)
-    assert noise.std().item() == pytest.approx(sigma, rel=0.01)  # 200 000 draws: std error about 0.16 %
+    assert noise.std().item() == pytest.approx(
+        sigma, rel=0.01
+    )  # 200 000 draws: std error about 0.16 %
 
 
 def test_r_rnd_draws_scale_with_sigma():
@@ -240,7 +258,9 @@ def test_r_rnd_draws_scale_with_sigma():
     assert torch.allclose(b, 6.0 * a, rtol=1e-12, atol=0.0)
 
 
-@pytest.mark.parametrize("override, sigma", [([], 0.05), (["--model.r_rnd.init_args.sigma", "0.3"], 0.3)])
+@pytest.mark.parametrize(
+    "override, sigma", [([], 0.05), (["--model.r_rnd.init_args.sigma", "0.3"], 0.3)]
+)
 def test_r_rnd_sigma_reaches_the_noise_from_the_config(override, sigma, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["irnet"])  # pytest's own arguments are not the CLI's
@@ -256,19 +276,27 @@ def test_perturbation_is_replaceable_at_run_time():
 
 
 def test_power_weights():
-    assert power_weights(4, 2.0, torch.zeros(1)).tolist() == pytest.approx([1 / 16, 1 / 4, 9 / 16, 1.0])
+    assert power_weights(4, 2.0, torch.zeros(1)).tolist() == pytest.approx(
+        [1 / 16, 1 / 4, 9 / 16, 1.0]
+    )
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: FixedPointRegularizer(weight=-1.0), "weight"),
-    (lambda: FixedPointRegularizer(p=-0.5), "p"),
-    (lambda: FixedPointRegularizer(iterations=0), "iterations"),
-    (lambda: PerturbationRegularizer(streams=0), "streams"),
-    (lambda: PerturbationRegularizer(r=-1.0), "r"),
-    (lambda: PerturbationRegularizer(sigma=0.0), "sigma"),
-    (lambda: PerturbationRegularizer(sigma=0.1, perturbation=GaussianPerturbation(0.1)), "sigma"),
-    (lambda: PerturbationRegularizer(perturbation="gauss"), "perturbation"),
-])
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: FixedPointRegularizer(weight=-1.0), "weight"),
+        (lambda: FixedPointRegularizer(p=-0.5), "p"),
+        (lambda: FixedPointRegularizer(iterations=0), "iterations"),
+        (lambda: PerturbationRegularizer(streams=0), "streams"),
+        (lambda: PerturbationRegularizer(r=-1.0), "r"),
+        (lambda: PerturbationRegularizer(sigma=0.0), "sigma"),
+        (
+            lambda: PerturbationRegularizer(sigma=0.1, perturbation=GaussianPerturbation(0.1)),
+            "sigma",
+        ),
+        (lambda: PerturbationRegularizer(perturbation="gauss"), "perturbation"),
+    ],
+)
 def test_bad_arguments_name_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
         build()

@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.training import REPO, tiny_odenet
-from irnet.datamodules import SineRegression
 
+from helpers.training import REPO, tiny_odenet
 from irnet._misc import sample_norm
 from irnet.cli import main
+from irnet.datamodules import SineRegression
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.regularizers import PerturbationRegularizer
 
@@ -38,14 +38,24 @@ def test_subclass_trains_and_logs_its_penalty(example):
     torch.manual_seed(0)
     data = SineRegression(num_points=21)
     module = example.SmoothDepthModule(
-        example.GatedODENet(layers=3, dim=8), smoothness=1e-3, lr=2e-2,
-        r_rnd=PerturbationRegularizer(weight=0.05, streams=2, perturbation=example.UniformPerturbation(0.05)),
+        example.GatedODENet(layers=3, dim=8),
+        smoothness=1e-3,
+        lr=2e-2,
+        r_rnd=PerturbationRegularizer(
+            weight=0.05, streams=2, perturbation=example.UniformPerturbation(0.05)
+        ),
     )
     x, y = data.tensors("val")
     with torch.no_grad():
         before = l2_loss(module(x), y).item()
-    trainer = pl.Trainer(max_epochs=60, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     with torch.no_grad():
         after = l2_loss(module(x), y).item()
@@ -53,24 +63,38 @@ def test_subclass_trains_and_logs_its_penalty(example):
     metrics = trainer.callback_metrics
     assert metrics["train/smooth"].item() > 0 and metrics["train/r_rnd"].item() > 0
     assert metrics["train/total"].item() == pytest.approx(
-        (metrics["train/loss"] + metrics["train/smooth"] + metrics["train/r_rnd"]).item(), rel=1e-5)
+        (metrics["train/loss"] + metrics["train/smooth"] + metrics["train/r_rnd"]).item(), rel=1e-5
+    )
 
 
 def test_subclass_is_accepted_by_the_command_line(example):
-    cli = main(args=[
-        "fit",
-        "--model", "subclass_example.SmoothDepthModule",
-        "--model.net", "subclass_example.GatedODENet",
-        "--model.net.init_args.layers", "2",
-        "--model.smoothness", "0.01",
-        "--model.lr", "0.005",
-        "--model.r_rnd.init_args.weight", "0.1",
-        "--model.r_rnd.init_args.perturbation", "subclass_example.UniformPerturbation",
-        "--model.r_rnd.init_args.perturbation.init_args.radius", "0.2",
-        "--data", "irnet.datamodules.SineRegression",
-        "--trainer.max_epochs", "2",
-        "--trainer.enable_progress_bar", "false",
-    ])
+    cli = main(
+        args=[
+            "fit",
+            "--model",
+            "subclass_example.SmoothDepthModule",
+            "--model.net",
+            "subclass_example.GatedODENet",
+            "--model.net.init_args.layers",
+            "2",
+            "--model.smoothness",
+            "0.01",
+            "--model.lr",
+            "0.005",
+            "--model.r_rnd.init_args.weight",
+            "0.1",
+            "--model.r_rnd.init_args.perturbation",
+            "subclass_example.UniformPerturbation",
+            "--model.r_rnd.init_args.perturbation.init_args.radius",
+            "0.2",
+            "--data",
+            "irnet.datamodules.SineRegression",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     model = cli.model
     assert type(model).__name__ == "SmoothDepthModule"
     assert model.smoothness == 0.01 and model.lr == 0.005  # lr reached the base class via **kwargs
@@ -148,12 +172,22 @@ def test_every_stage_and_r_rnd_see_the_overrides():
     torch.manual_seed(0)
     data = SineRegression(num_points=21)
     streams = 2
-    module = Traced(tiny_odenet(layers=2, width=8, seed=0), lr=1e-2,
-                    r_rnd=PerturbationRegularizer(weight=0.1, streams=streams, sigma=0.1, seed=4))
+    module = Traced(
+        tiny_odenet(layers=2, width=8, seed=0),
+        lr=1e-2,
+        r_rnd=PerturbationRegularizer(weight=0.1, streams=streams, sigma=0.1, seed=4),
+    )
     probe = BeforeStep()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
-                         num_sanity_val_steps=1)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+        num_sanity_val_steps=1,
+    )
     trainer.fit(module, data)
     m = {k: v.item() for k, v in trainer.callback_metrics.items()}
     n_train, n_val = 21, 20
@@ -164,13 +198,17 @@ def test_every_stage_and_r_rnd_see_the_overrides():
     assert calls[("readout", "train", n_train)] == 2
     assert calls[("compute_loss", "train", 0)] == 2 and calls[("regularization", "train", 0)] == 2
     assert calls[("trajectory", "sanity_check", n_val)] == 1
-    assert calls[("trajectory", "validate", n_val)] == 2 and calls[("readout", "validate", n_val)] == 2
+    assert (
+        calls[("trajectory", "validate", n_val)] == 2 and calls[("readout", "validate", n_val)] == 2
+    )
     assert m["train/loss_step"] == pytest.approx(probe.losses[-1], rel=1e-5)
     assert m["train/const"] == CONST
     assert m["train/total"] == pytest.approx(m["train/loss"] + m["train/r_rnd"] + CONST, rel=1e-6)
 
     # R_rnd's perturbed pass went through the override: its last-layer distance is SCALE × the plain one
-    assert module.r_rnd.last_distances[-1].item() == pytest.approx(SCALE * probe.plain_distances[-1], rel=1e-5)
+    assert module.r_rnd.last_distances[-1].item() == pytest.approx(
+        SCALE * probe.plain_distances[-1], rel=1e-5
+    )
 
     x_val, y_val = data.tensors("val")
     expected = 0.5 * l2_loss(reference_output(module.net, x_val), y_val).item()
@@ -178,10 +216,16 @@ def test_every_stage_and_r_rnd_see_the_overrides():
     tested = trainer.test(module, data, verbose=False)[0]
     predicted = torch.cat(trainer.predict(module, data))
     assert validated["val/loss"] == pytest.approx(expected, rel=1e-6)
-    assert tested["test/loss"] == pytest.approx(expected, rel=1e-6)  # the test split is the val split
+    assert tested["test/loss"] == pytest.approx(
+        expected, rel=1e-6
+    )  # the test split is the val split
     torch.testing.assert_close(predicted, reference_output(module.net, x_val))
     assert calls[("trajectory", "validate", n_val)] == 3  # two in the fit, one here
     for stage in ("test", "predict"):
-        assert calls[("trajectory", stage, n_val)] == 1 and calls[("readout", stage, n_val)] == 1, stage
-    assert calls[("regularization", "validate", 0)] == 0 and calls[("compute_loss", "predict", 0)] == 0
+        assert calls[("trajectory", stage, n_val)] == 1 and calls[("readout", stage, n_val)] == 1, (
+            stage
+        )
+    assert (
+        calls[("regularization", "validate", 0)] == 0 and calls[("compute_loss", "predict", 0)] == 0
+    )
     torch.testing.assert_close(module(x_val), reference_output(module.net, x_val))

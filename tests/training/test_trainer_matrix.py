@@ -31,8 +31,13 @@ SOLVERS = {
     "cg_fletcher_reeves": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="fletcher-reeves"),
     "cg_polak_ribiere": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="polak-ribiere"),
     "broyden": lambda: Broyden(atol=TOL, max_iter=100),
-    "fallback": lambda: Fallback([FixedPoint(atol=TOL, max_iter=3), GradientDescent(atol=TOL, max_iter=100),
-                                  Broyden(atol=TOL, max_iter=100)]),
+    "fallback": lambda: Fallback(
+        [
+            FixedPoint(atol=TOL, max_iter=3),
+            GradientDescent(atol=TOL, max_iter=100),
+            Broyden(atol=TOL, max_iter=100),
+        ]
+    ),
 }
 LINEAR = {
     "neumann": lambda: Neumann(rtol=TOL, max_iter=100),
@@ -40,8 +45,14 @@ LINEAR = {
     "direct": lambda: Direct(rtol=TOL),
 }
 # stage -> (inference mode, grad mode) that Lightning sets there
-MODES = {"train": (False, True), "sanity_check": (False, False), "fit_validate": (False, False),
-         "validate": (True, False), "test": (True, False), "predict": (True, False)}
+MODES = {
+    "train": (False, True),
+    "sanity_check": (False, False),
+    "fit_validate": (False, False),
+    "validate": (True, False),
+    "test": (True, False),
+    "predict": (True, False),
+}
 
 
 class StageRecorder(pl.Callback):
@@ -57,18 +68,28 @@ class StageRecorder(pl.Callback):
             stage = "sanity_check"
         elif stage == "validate" and trainer.state.fn == "fit":
             stage = "fit_validate"
-        self.records.append(dict(
-            stage=stage, inference=torch.is_inference_mode_enabled(), grad=torch.is_grad_enabled(),
-            converged=all(s is not None and bool(s.converged.all()) for s in fwd),
-            finite=all(bool(torch.isfinite(s.residual).all()) for s in fwd if s is not None),
-        ))
+        self.records.append(
+            dict(
+                stage=stage,
+                inference=torch.is_inference_mode_enabled(),
+                grad=torch.is_grad_enabled(),
+                converged=all(s is not None and bool(s.converged.all()) for s in fwd),
+                finite=all(bool(torch.isfinite(s.residual).all()) for s in fwd if s is not None),
+            )
+        )
 
     def on_after_backward(self, trainer, module) -> None:
         bwd = [b.backward_stats for b in module.net.blocks]
         converged = all(s is not None and bool(s.converged.all()) for s in bwd)
         finite = all(bool(torch.isfinite(s.residual).all()) for s in bwd if s is not None)
-        self.records.append(dict(stage="backward", inference=torch.is_inference_mode_enabled(),
-                                 converged=converged, finite=finite))
+        self.records.append(
+            dict(
+                stage="backward",
+                inference=torch.is_inference_mode_enabled(),
+                converged=converged,
+                finite=finite,
+            )
+        )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._record(trainer, module, "train")
@@ -95,13 +116,29 @@ def loader() -> DataLoader:
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_every_stage_with_every_solver_pair(solver, linear):
     torch.manual_seed(0)
-    net = ODENet(1, 1, layers=2, T=1.0, width=8, activation="tanh",
-                 solver=SOLVERS[solver](), linear_solver=LINEAR[linear]())
+    net = ODENet(
+        1,
+        1,
+        layers=2,
+        T=1.0,
+        width=8,
+        activation="tanh",
+        solver=SOLVERS[solver](),
+        linear_solver=LINEAR[linear](),
+    )
     module = ImplicitNetModule(net, loss="l2", lr=1e-2)
     recorder = StageRecorder()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=1, callbacks=[recorder])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+        callbacks=[recorder],
+    )
     trainer.fit(module, loader(), loader())
     assert trainer.global_step == 2
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
