@@ -1,4 +1,4 @@
-"""Shared pytest set-up: reproducible draws, and the ``problems`` module importable."""
+"""Shared pytest set-up: reproducible draws, and the ``helpers`` package importable."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-# ``from problems import ...`` works however pytest is invoked (rootdir, IDE, a single file).
+# ``from helpers.problems import ...`` works however pytest is invoked (rootdir, IDE, one file).
 sys.path.insert(0, os.path.dirname(__file__))
 
 

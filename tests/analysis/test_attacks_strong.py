@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as functional
-from test_attacks import disk_and_ring, train_mlp, trained  # noqa: F401  (the fixture is used by name)
 from torch import nn
 
+from helpers.classification import disk_and_ring, train_mlp
 from irnet.analysis.attacks import fgsm, pgd
 from irnet.analysis.strong_attacks import (
     margin_loss,

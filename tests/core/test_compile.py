@@ -1,4 +1,7 @@
-"""``compile=True`` gives the eager network's numbers (slow: torch.compile takes a while on the CPU)."""
+"""``compile=True`` gives the eager network's numbers.
+
+Slow: torch.compile takes a while on the CPU.
+"""
 
 from __future__ import annotations
 

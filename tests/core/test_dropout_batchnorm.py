@@ -314,7 +314,7 @@ def test_per_sample_norms_are_accepted_and_samples_stay_independent(norm):
 
 
 def test_hooks_are_removed_and_a_failed_backward_leaves_nothing_behind():
-    """A backward raising inside the adjoint node skips its post hook; the next forward cleans up."""
+    """A backward raising in the adjoint node skips its post hook; the next forward cleans up."""
     F = dropout_mlp()
     x = torch.randn(BATCH, N, dtype=DTYPE, requires_grad=True)
     failing = ImplicitResidualBlock(F, 0.5, FixedPoint(atol=TOL, max_iter=500), Direct(max_size=2))

@@ -20,7 +20,7 @@ from irnet.solvers import Anderson, FixedPoint, FixedPointProblem
 
 
 def settle_one_by_one(progress: Progress, iterates, norms, tol, patience=None) -> Progress:
-    """The reference: the bookkeeping the loops did after every iteration before settling in batches."""
+    """The reference: the bookkeeping the loops did after every iteration, before batching it."""
     best, best_res, active, iterations, stalled = progress
     for y, res in zip(iterates, norms):
         iterations = iterations + active.long()
@@ -37,7 +37,7 @@ def settle_one_by_one(progress: Progress, iterates, norms, tol, patience=None) -
 
 
 def _norms(count: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Residual norms that fall, rise, tie, stall and turn NaN, on a grid of values (so ties occur)."""
+    """Residual norms that fall, rise, tie, stall and turn NaN, on a grid (so that ties occur)."""
     norms = torch.randint(0, 12, (count, batch), generator=generator).double() / 4
     norms[:, 0] = torch.linspace(3, 0, count)  # falls steadily, meets the tolerance near the end
     norms[count // 2 :, 1] = math.nan  # turns non-finite
@@ -187,7 +187,7 @@ def test_the_record_stays_within_its_memory_budget(monkeypatch):
 
 
 class _Counted(nn.Module):
-    """``F(y) = rate · y``, with ``blow_up`` a map that overflows to NaN on the last sample; counts its calls."""
+    """``F(y) = rate · y``, counting its calls; ``blow_up`` overflows to NaN on the last sample."""
 
     def __init__(self, rate: float, blow_up: bool = True) -> None:
         super().__init__()

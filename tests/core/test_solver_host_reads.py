@@ -1,7 +1,8 @@
 """Every forward solver × adjoint solver on the accelerator path, run and counted on the CPU.
 
-On a GPU every host read waits for the device; the budget of issue 23 is one read per solve
-(forward or adjoint), where the solve decides to stop, and none for a fixed-count solve.
+On a GPU every host read waits for the device; the host-read budget of the accelerator path is one
+read per solve (forward or adjoint), where the solve decides to stop, and none for a fixed-count
+solve.
 ``forced_path("accelerator")`` runs the accelerator path here and :class:`helpers.sync.HostReads`
 counts its reads. For each pair, on a small contractive block solved twice (the second time the
 solvers know where the same solve ended last time):
@@ -49,7 +50,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOL = 1e-10
 PATHS = ("cpu", "accelerator")
-pairs = pytest.mark.parametrize("solver, linear", [(s, l) for s in SOLVERS for l in LINEAR_SOLVERS])
+pairs = pytest.mark.parametrize(
+    "solver, linear", [(s, lin) for s in SOLVERS for lin in LINEAR_SOLVERS]
+)
 
 
 class CountedF(nn.Module):
@@ -110,7 +113,10 @@ def count_products(monkeypatch) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def run(solver: str, linear: str, path: str) -> Run:
-    """Two forward and backward passes of a contractive block (θ = ½) on ``path``; the second's results."""
+    """Two forward and backward passes of a contractive block (θ = ½) on ``path``.
+
+    Returns the second's results.
+    """
     with pytest.MonkeyPatch.context() as monkeypatch:
         products = count_products(monkeypatch)
         F = CountedF(mlp(n=3, width=6, lipschitz=0.8))
@@ -282,7 +288,8 @@ def test_gmres_that_ran_out_of_iterations_reads_nothing_the_next_time():
 
 
 def test_gmres_takes_a_plain_callable_operator():
-    # irnet.analysis.stability hands GMRES a plain function (no ``owner``): such solves share one memory.
+    # irnet.analysis.stability hands GMRES a plain function (no ``owner``): such solves share
+    # one memory.
     A = contraction(n=6, radius=0.9, seed=4)
     b = torch.randn(3, 6, dtype=DTYPE)
     want, want_stats, _ = gmres_on("cpu", GMRES(rtol=TOL), lambda v: v - v @ A, b)
@@ -396,7 +403,8 @@ def fallback_twice(solvers_factory, F: nn.Module, x: Tensor, theta: float, path:
 @pytest.mark.parametrize(
     "name, factory, reads_at_most, links",
     [
-        # FixedPoint runs out of iterations: no read after it, Anderson's look, the read that stops the chain
+        # FixedPoint runs out of iterations: no read after it, Anderson's look, the read that
+        # stops the chain
         pytest.param(
             "hands on",
             lambda: [FixedPoint(atol=TOL, max_iter=4), Anderson(atol=TOL), Broyden(atol=TOL)],
@@ -412,8 +420,8 @@ def fallback_twice(solvers_factory, F: nn.Module, x: Tensor, theta: float, path:
             1,
             id="first-solves-all",
         ),
-        # FixedPoint solves every sample in exactly its max_iter (16 here): no read after it, so Anderson
-        # runs on frozen samples and, having learnt that, looks at its start
+        # FixedPoint solves every sample in exactly its max_iter (16 here): no read after it, so
+        # Anderson runs on frozen samples and, having learnt that, looks at its start
         pytest.param(
             "solves at max_iter",
             lambda: [FixedPoint(atol=TOL, max_iter=16), Anderson(atol=TOL)],

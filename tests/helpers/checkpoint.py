@@ -38,7 +38,7 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
 
 
 def assert_same_training_state(first: dict, second: dict) -> int:
-    """:func:`assert_identical` over :data:`TRAINING_STATE`; returns the number of tensors compared."""
+    """:func:`assert_identical` over :data:`TRAINING_STATE`; returns the number of tensors."""
     for key in TRAINING_STATE:
         assert_identical(first[key], second[key], key)
     return _count_tensors([first[k] for k in TRAINING_STATE])

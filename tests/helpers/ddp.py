@@ -1,6 +1,7 @@
-"""A small distributed fit, run as a script by the DDP and multi-node tests (and in-process for references).
+"""A small distributed fit, run as a script by the DDP and multi-node tests (in-process too, for
+references).
 
-``python tests/helpers.ddp.py SETTINGS.json`` fits ``ImplicitNetModule`` on
+``python tests/helpers/ddp.py SETTINGS.json`` fits ``ImplicitNetModule`` on
 ``SineRegression`` with the Trainer arguments in the settings and writes, to
 ``settings["out"]``: ``rank<r>.pt`` with the per-step training losses (from a
 CSV logger on rank 0), the final weights, the validation metrics and the R_rnd

@@ -3,8 +3,8 @@
 On CUDA every ``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.numpy()``,
 ``nonzero`` and boolean-mask index copies a value to the host and so waits for every queued
 kernel, and so do the SVDs and eigendecompositions of ``torch.linalg`` (they check their
-solver's error flag). On the CPU they are free, so nothing would show them; :class:`HostReads` patches them
-onto torch and counts each call (with where it came from), the way the figures of
+solver's error flag). On the CPU they are free, so nothing would show them; :class:`HostReads`
+patches them onto torch and counts each call (with where it came from), the way the figures of
 ``docs/speed.md`` were taken.
 """
 
@@ -57,7 +57,8 @@ class HostReads:
         if not self._active or self._inside:
             return
         stack = traceback.extract_stack()[:-2]
-        # torch's optimisers keep their step counts on the host (capturable=False): free on a GPU too
+        # torch's optimisers keep their step counts on the host (capturable=False): free on a
+        # GPU too
         if any("/torch/optim/" in frame.filename for frame in stack[-6:]):
             return
         self.count += 1

@@ -84,7 +84,7 @@ def tiny_odenet(
 
 
 def tiny_net_overrides(layers: int = 2, width: int = 8, T: float = 1.0) -> list[str]:
-    """Command-line overrides that shrink a config's ODENet (a short T keeps its solves contractive)."""
+    """Command-line overrides that shrink a config's ODENet (a short T keeps solves contractive)."""
     return [
         "--model.net.init_args.layers",
         str(layers),

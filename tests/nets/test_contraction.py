@@ -322,7 +322,7 @@ def test_config_with_contraction_trains_from_the_command_line(tmp_path, monkeypa
 
 
 def test_training_resumed_from_a_state_dict_matches_bit_for_bit():
-    """The rescaling keeps no state: a net and optimiser reloaded mid-training continue identically."""
+    """The rescaling keeps no state: a net and optimiser reloaded mid-training go on identically."""
 
     def make():
         torch.manual_seed(8)
@@ -361,7 +361,7 @@ def test_training_resumed_from_a_state_dict_matches_bit_for_bit():
 
 
 def reference_constrained(F: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """F(y) with the rescaling written in plain autograd: σ by differentiable SVDs, factor min(1, ·)^½."""
+    """F(y) with the rescaling in plain autograd: σ by differentiable SVDs, factor min(1, ·)^½."""
     if isinstance(F, MLPResidual):
         w1, w2 = F.gamma1, F.gamma2
         sigmas = [torch.linalg.matrix_norm(w, ord=2) for w in (w1, w2)]
@@ -447,7 +447,7 @@ def test_no_host_read_on_the_accelerator_path():
 
 
 def test_validation_reuses_the_training_step_svds():
-    """σ and dσ/dW are cached by weight version, not by inference mode: one SVD per weight and step."""
+    """σ and dσ/dW are cached by weight version, not inference mode: one SVD per weight and step."""
     F = MLPResidual(2, 8, step=1.0, lipschitz=0.5).double()
     calls = []
     norm = F.constraint.norm

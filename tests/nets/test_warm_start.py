@@ -133,7 +133,7 @@ def test_cache_evicts_least_recently_used():
 
 
 class BytesKeyedCache:
-    """The cache as it was before it lived on the device (an ordered dict of byte keys): the reference."""
+    """The reference: the cache before it lived on the device (an ordered dict of byte keys)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -213,7 +213,7 @@ def _compare_passes(
     passes: int,
     largest_batch: int,
 ) -> None:
-    """Random batches of ``pool``'s rows (duplicates included): same guesses, same state, pass by pass."""
+    """Random batches of ``pool``'s rows (with duplicates): same guesses and state, pass by pass."""
     for step in range(passes):
         size = int(torch.randint(1, largest_batch + 1, (1,), generator=generator))
         x = pool[torch.randint(0, pool.shape[0], (size,), generator=generator)]
@@ -240,7 +240,7 @@ def _compare_passes(
     "shape, dtype", [((2,), torch.float32), ((3,), torch.float32), ((1, 2, 3), torch.float64)]
 )
 def test_same_hits_and_order_as_the_byte_keyed_cache(capacity, shape, dtype):
-    """Duplicates in a batch, batches larger than the cache, eviction: as the byte-keyed dictionary did.
+    """Duplicates in a batch, batches larger than the cache, eviction: as the byte-keyed dict did.
 
     (12 bytes per float32 row of 3 are padded to two words; 2 float32 fill one word exactly.)
     """
@@ -273,7 +273,10 @@ def test_a_byte_keyed_checkpoint_loads_and_goes_on_the_same_way():
 
 
 def test_a_hash_collision_costs_a_miss_never_a_wrong_start(monkeypatch):
-    """With every hash equal, only the word-by-word comparison tells inputs apart: each guess is its own."""
+    """With every hash equal, only the word-by-word comparison tells inputs apart.
+
+    Each guess is its own input's: a collision costs a miss, never a wrong start.
+    """
     monkeypatch.setattr(
         warm_start, "row_hashes", lambda words: torch.zeros(words.shape[0], dtype=torch.int64)
     )

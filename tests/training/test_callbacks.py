@@ -211,13 +211,14 @@ def test_logged_statistics_equal_the_blocks_after_the_last_step(tmp_path: Path) 
     for t, block in enumerate(module.net.blocks, start=1):
         forward, backward = block.forward_stats, block.backward_stats
         checks = {
-            f"solver_layers/forward_iterations_mean/layer_{t}_step": forward.iterations.float().mean(),
-            f"solver_layers/forward_iterations_max/layer_{t}_step": forward.iterations.max(),
-            f"solver_layers/forward_residual_max/layer_{t}_step": forward.residual.max(),
-            f"solver_layers/backward_iterations_mean/layer_{t}_step": backward.iterations.float().mean(),
-            f"solver_layers/backward_residual_max/layer_{t}_step": backward.residual.max(),
+            "forward_iterations_mean": forward.iterations.float().mean(),
+            "forward_iterations_max": forward.iterations.max(),
+            "forward_residual_max": forward.residual.max(),
+            "backward_iterations_mean": backward.iterations.float().mean(),
+            "backward_residual_max": backward.residual.max(),
         }
-        for tag, value in checks.items():
+        for name, value in checks.items():
+            tag = f"solver_layers/{name}/layer_{t}_step"
             assert scalar(acc, tag)[-1] == pytest.approx(float(value), rel=1e-6), tag
     # Epoch values: the step mean over equal batches, the step maximum, the step sum.
     steps = scalar(acc, "solver/forward_iterations_mean_step")[-3:]
@@ -229,7 +230,7 @@ def test_logged_statistics_equal_the_blocks_after_the_last_step(tmp_path: Path) 
 
 
 class TwoPassModule(TinyModule):
-    """Runs the network a second time on shifted inputs in training, like R_rnd's perturbation streams."""
+    """Runs the network again on shifted inputs in training, like R_rnd's perturbation streams."""
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch
@@ -438,7 +439,8 @@ def test_classification_draws_decision_regions(tmp_path: Path, task) -> None:
 
 
 def test_output_figure_draws_the_target_function_on_the_grid(tmp_path: Path) -> None:
-    """With SineRegression the target is f on the output grid; with bare loaders, the validation points."""
+    """With SineRegression the target is f on the output grid; with bare loaders, the validation
+    points."""
     module = sine_module(layers=2)
     figures = Figures(every_n_epochs=1, kinds=["output"], grid_size=101)
     trainer = pl.Trainer(
@@ -482,7 +484,8 @@ def test_output_figure_draws_the_target_function_on_the_grid(tmp_path: Path) -> 
 
 
 def test_monitoring_does_not_change_training(tmp_path: Path) -> None:
-    """Same seed, shuffled batches: the weights after training are the same with and without monitoring."""
+    """Same seed, shuffled batches: the weights after training are the same with or without
+    monitoring."""
     x, y = sine_data()
     weights = []
     for name, callbacks in (("plain", []), ("monitored", all_callbacks(kinds=["output"]))):
@@ -540,7 +543,8 @@ callbacks:
 
 @pytest.mark.slow
 def test_ddp_rank_zero_writes_and_nothing_hangs(tmp_path: Path) -> None:
-    """Two CPU processes (gloo): every callback runs, rank 0 writes, no collective runs on one rank only."""
+    """Two CPU processes (gloo): every callback runs, rank 0 writes, no collective runs on one rank
+    only."""
     callbacks = [
         SolverStatistics(sync_dist=True),
         GradientMagnitudes(),
@@ -574,7 +578,7 @@ def test_ddp_rank_zero_writes_and_nothing_hangs(tmp_path: Path) -> None:
 
 
 class StatsProbe(pl.Callback):
-    """After the other callbacks' epoch-end passes, the blocks still hold the training step's stats."""
+    """After the other callbacks' epoch-end passes, the blocks hold the training step's stats."""
 
     def __init__(self) -> None:
         self.checked = 0
@@ -589,8 +593,9 @@ class StatsProbe(pl.Callback):
 
 
 def test_monitoring_passes_leave_the_blocks_statistics(tmp_path: Path) -> None:
-    """StabilityMonitor, Figures and PerturbationStreams run the network on other inputs at epoch end
-    (rank 0 only under DDP): the statistics must be put back so that every rank holds the same."""
+    """StabilityMonitor, Figures and PerturbationStreams run the network on other inputs at epoch
+    end (rank 0 only under DDP): the statistics must be put back so that every rank holds the
+    same."""
     probe = StatsProbe()
     callbacks = [
         StabilityMonitor(every_n_epochs=1, max_samples=4),

@@ -1,4 +1,5 @@
-"""Distributed training: unpadded batch slices, global-batch weighting, per-rank R_rnd seeds, ddp_spawn.
+"""Distributed training: unpadded batch slices, global-batch weighting, per-rank R_rnd seeds,
+ddp_spawn.
 
 The end-to-end runs start real processes (gloo on the CPU) as subprocesses,
 with MASTER_PORT left for Lightning to choose.
@@ -108,7 +109,7 @@ def test_data_module_gives_each_rank_its_part_without_padding():
     torch.testing.assert_close(torch.cat(parts), x, rtol=0, atol=0)
 
 
-# -- R_rnd's seeds ------------------------------------------------------------------------------------
+# -- R_rnd's seeds ---------------------------------------------------------------------------------
 
 
 def test_each_rank_seeds_its_own_streams_and_rank_zero_keeps_the_old_seed():
@@ -132,7 +133,7 @@ def test_each_rank_seeds_its_own_streams_and_rank_zero_keeps_the_old_seed():
 
 
 def test_regulariser_pickles_with_its_generator_state():
-    """ddp_spawn pickles the module: the generator must travel by value, not as a shared-memory tensor."""
+    """ddp_spawn pickles the module: the generator goes by value, not as a shared-memory tensor."""
     from multiprocessing.reduction import ForkingPickler
 
     reg = PerturbationRegularizer(weight=0.5, streams=2, seed=3)
@@ -149,13 +150,13 @@ def test_regulariser_pickles_with_its_generator_state():
     assert (copy.weight, copy.streams, copy.seed) == (0.5, 2, 3)
 
 
-# -- end to end ------------------------------------------------------------------------------------------
+# -- end to end ------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(tmp_path):
-    """2-process DDP (gloo) = 1 process with the same global batch: 51 samples in shuffled batches of
-    20 (ranks hold 10/10, 10/10, 6/5), R_fp on, R_rnd off, 6 steps."""
+    """2-process DDP (gloo) = 1 process with the same global batch: 51 samples in shuffled batches
+    of 20 (ranks hold 10/10, 10/10, 6/5), R_fp on, R_rnd off, 6 steps."""
     settings = {"epochs": 2, "batch_size": 20}
     proc = run_script(
         {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
@@ -172,8 +173,8 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
         torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-6)
     for key in ("val/loss", "val/mse", "train/loss", "train/r_fp", "train/total", "train/mse"):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6, abs=1e-7), key
-    # iterations are integers per sample: weights equal to 1e-7 may move one sample of one layer across
-    # the tolerance (1 of 2 layers × 50 samples = 0.01)
+    # iterations are integers per sample: weights equal to 1e-7 may move one sample of one layer
+    # across the tolerance (1 of 2 layers × 50 samples = 0.01)
     assert abs(two["metrics"]["val/iters"] - one["metrics"]["val/iters"]) <= 0.0101
     rank1 = load(tmp_path / "two" / "rank1.pt")
     for name, value in two["state"].items():  # DDP kept the replicas equal
@@ -182,7 +183,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_spawn_fits_with_r_rnd(tmp_path):
-    """strategy=ddp_spawn pickles the module (R_rnd's generator included) and returns rank 0's weights."""
+    """ddp_spawn pickles the module (R_rnd's generator included) and returns rank 0's weights."""
     initial = {
         k: v.detach().clone() for k, v in helpers.ddp.make_module(r_rnd=True).named_parameters()
     }

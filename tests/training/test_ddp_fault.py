@@ -38,7 +38,7 @@ from irnet.nets.warm_start_merge import merged_state
 TESTS = Path(__file__).resolve().parents[1]
 
 
-# -- messages ----------------------------------------------------------------------------------------
+# -- messages --------------------------------------------------------------------------------------
 
 
 def test_every_rank_raises_the_lowest_failing_ranks_message():
@@ -72,12 +72,12 @@ def test_merged_diagnosis_names_the_rank_with_the_worst_finding():
     )
 
 
-# -- the step's all-reduce, with a simulated second rank ------------------------------------------------
+# -- the step's all-reduce, with a simulated second rank -------------------------------------------
 
 
 class SecondRank:
-    """Stands in for rank 1 of 2 in torch.distributed's collectives: healthy (the same values as this
-    rank), or failed with ``message`` (then its vector holds only the count and the flag)."""
+    """Stands in for rank 1 of 2 in torch.distributed's collectives: healthy (the same values as
+    this rank), or failed with ``message`` (then its vector holds only the count and the flag)."""
 
     def __init__(self, message: str | None = None, finding: Finding | None = None) -> None:
         self.message, self.finding, self.reduces = message, finding, 0
@@ -232,7 +232,7 @@ def test_one_process_reads_once_per_training_step_in_the_module(path, monkeypatc
     assert len(flushes) == 4 + 4 + 1
 
 
-# -- dropout masks ---------------------------------------------------------------------------------------
+# -- dropout masks ---------------------------------------------------------------------------------
 
 
 def mask_after(seed: int, rank: int) -> torch.Tensor:
@@ -255,7 +255,7 @@ def test_each_rank_draws_its_own_dropout_masks_and_rank_zero_those_of_one_proces
         seed_rank_generators(-1)
 
 
-# -- merging warm-start caches -----------------------------------------------------------------------
+# -- merging warm-start caches ---------------------------------------------------------------------
 
 
 def byte_keys(x: torch.Tensor) -> list[bytes]:
@@ -319,11 +319,11 @@ def test_merge_takes_a_shared_key_from_its_most_recent_turn_and_fills_unknown_la
     assert empty == {"keys": [], "rows": []}
 
 
-# -- end to end: two processes ---------------------------------------------------------------------------
+# -- end to end: two processes ---------------------------------------------------------------------
 
 
 def fault_args(contraction: str, name: str, epochs: int = 4) -> list[str]:
-    """ex1_sine on a 3-layer, width-8 network, two CPU processes, rank 1's ``name`` NaN at step 2."""
+    """ex1_sine on a 3-layer width-8 net, two CPU processes, rank 1's ``name`` NaN at step 2."""
     poison = [
         {
             "class_path": "helpers.ddp.PoisonOnRank",
@@ -359,7 +359,7 @@ def fault_args(contraction: str, name: str, epochs: int = 4) -> list[str]:
 def run_cli_ranks(
     args: list[str], tmp_path: Path, timeout: float
 ) -> tuple[subprocess.Popen, str, float]:
-    """``irnet *args`` in ``tmp_path`` through helpers.ddp (which records each rank's exit status)."""
+    """``irnet *args`` in ``tmp_path`` through helpers.ddp (which records each rank's exit code)."""
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"out": str(tmp_path), "cli": args}))
     env = subprocess_env()
@@ -437,9 +437,9 @@ def test_nan_weights_on_one_rank_stop_every_rank_with_one_line(tmp_path, contrac
 def test_ranks_draw_their_own_masks_and_the_checkpoint_holds_every_ranks_warm_starts(
     tmp_path, monkeypatch
 ):
-    """2-process fit (gloo), full batches (51 training points: 26 + 25), warm starts on, 2 epochs."""
-    # An earlier in-process seed_everything leaves PL_GLOBAL_SEED behind; the DDP ranks (which inherit
-    # it) would reseed from it at set-up and the one-process reference would not.
+    """2-process fit (gloo), full batches (51 training points: 26 + 25), warm starts, 2 epochs."""
+    # An earlier in-process seed_everything leaves PL_GLOBAL_SEED behind; the DDP ranks (which
+    # inherit it) would reseed from it at set-up and the one-process reference would not.
     for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     settings = {"epochs": 2, "warm_start": True, "masks": True, "checkpoint": True}

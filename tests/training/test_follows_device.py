@@ -1,4 +1,5 @@
-"""Every tensor an irnet module keeps between passes follows the model: ``.to(device)``, a dtype, a checkpoint.
+"""Every tensor an irnet module keeps between passes follows the model: ``.to(device)``, a dtype,
+a checkpoint.
 
 A tensor kept as a plain attribute (a cache, a store, the last solve's
 statistics) does not move with ``module.to(device)``, and Lightning restores a
@@ -68,7 +69,8 @@ def _no_command_line(monkeypatch):
 
 
 def build(config: str) -> tuple[pl.LightningModule, Any]:
-    """The config's module and data module, built as ``benchmarks/bench_training.py`` does (no Trainer)."""
+    """The config's module and data module, built as ``benchmarks/bench_training.py`` does them
+    (no Trainer)."""
     with contextlib.redirect_stdout(io.StringIO()):
         cli = main(
             [
@@ -94,7 +96,7 @@ def _to(batch: Any, dtype: torch.dtype) -> Any:
 def train(
     module: pl.LightningModule, data: Any, steps: int = 2, dtype: torch.dtype = torch.float32
 ) -> None:
-    """``steps`` bare training steps (forward, backward, optimiser step), then one validation step."""
+    """``steps`` bare training steps (forward, backward, optimiser step), then a validation step."""
     conf = module.configure_optimizers()
     optimizer = (
         conf["optimizer"]
@@ -142,7 +144,8 @@ def _children(value: Any) -> Iterator[tuple[str, Any]]:
 
 
 def cached_tensors(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """Every tensor held by an irnet module's attributes (parameters and buffers aside), with its path."""
+    """Each tensor an irnet module holds as a plain attribute (not a parameter or buffer), with its
+    path."""
     seen: set[int] = set()
 
     def walk(value: Any, path: str) -> Iterator[tuple[str, Tensor]]:

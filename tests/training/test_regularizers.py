@@ -82,7 +82,7 @@ def trajectory_hand(x0: float) -> list[list[float]]:
 
 
 def iterations_hand(layer: int, x: list[float], tol: float, max_iter: int = 500) -> int:
-    """Fixed-point iterations from y^0 = x until ‖y^k − y^{k+1}‖ ≤ tol (the solver's stopping rule)."""
+    """Fixed-point iterations from y^0 = x until ‖y^k − y^{k+1}‖ ≤ tol (the solver's stop rule)."""
     ys = iterates_hand(layer, x, max_iter + 1)
     return next((k for k in range(max_iter + 1) if dist(ys[k], ys[k + 1]) <= tol), max_iter)
 

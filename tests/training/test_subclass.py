@@ -1,5 +1,5 @@
-"""The worked subclass of docs/subclassing.md trains, in Python and from the command line; every stage
-and R_rnd's perturbed pass go through the overridden extension points."""
+"""The worked subclass of docs/subclassing.md trains, in Python and from the command line; every
+stage and R_rnd's perturbed pass go through the overridden extension points."""
 
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ def test_every_stage_and_r_rnd_see_the_overrides():
     assert m["train/const"] == CONST
     assert m["train/total"] == pytest.approx(m["train/loss"] + m["train/r_rnd"] + CONST, rel=1e-6)
 
-    # R_rnd's perturbed pass went through the override: its last-layer distance is SCALE × the plain one
+    # R_rnd's perturbed pass went through the override: its last-layer distance is SCALE × the
+    # plain one
     assert module.r_rnd.last_distances[-1].item() == pytest.approx(
         SCALE * probe.plain_distances[-1], rel=1e-5
     )
