@@ -1,43 +1,39 @@
-"""The solver loop's bookkeeping: per-sample progress, settlements, and when to look at the residuals.
+"""Per-sample bookkeeping of the solver loops, and where a loop on the accelerator path looks.
 
-Per-sample bookkeeping of an iterative solve, settled a few iterations at a time.
+Every solver loop in irnet (the forward solvers and the Neumann adjoint) treats each sample on
+its own: a sample is frozen at its first iterate within tolerance, keeps its lowest-residual
+iterate if it never gets there, counts the iterations that served it, and (Neumann) is stopped
+once its residual has gone ``patience`` steps without a new low. Done after every iteration,
+that is eight to twelve small tensor operations; on the toy sets' states each costs a few
+microseconds, together a large share of an evaluation of F.
 
-Every solver loop in irnet (the forward solvers and the Neumann adjoint) treats each
-sample on its own: a sample is frozen at its first iterate within tolerance, keeps its
-lowest-residual iterate if it never gets there, counts the iterations that served it, and
-(Neumann) is stopped once its residual has gone ``patience`` steps without a new low.
-Done after every iteration that is eight to twelve small tensor operations; on the toy
-sets' states each costs a few microseconds, together a large share of an evaluation of F.
+So a loop only records each iteration's iterate and residual norms (:class:`Record`) and hands
+a few iterations at once to :func:`settle`, which replays them in a dozen vectorised
+operations. The answers, residuals, counts and stall counters are exactly those of settling
+after every iteration; the only difference is that the loop may run a few iterations past the
+point where every sample is done (:func:`settle_schedule`). The recorded iterates live in the
+rows of a scratch buffer kept between solves (:func:`take_scratch`): a solver computes an
+iterate straight into its row where it can (:meth:`Record.slot`), else it is copied there. A
+list of fresh tensors would make the allocator map new pages for every solve, and the page
+faults cost more than the copies.
 
-So a loop only records each iteration's iterate and residual norms (:class:`Record`) and
-hands a few iterations at once to :func:`settle`, which replays them in a dozen vectorised
-operations. The answers, residuals, counts and stall counters are exactly those of
-settling after every iteration; the only difference is that the loop may run a few
-iterations past the point where every sample is done (see :func:`settle_schedule`).
-
-The recorded iterates live in the rows of a scratch buffer kept between solves: a solver
-computes an iterate straight into its row where it can (:meth:`Record.slot`), else it is
-copied there. A list of fresh tensors would make the allocator map new pages for every
-solve, and the page faults cost more than the copies.
-
-When a solver loop on the accelerator path reads whether it is done.
-
-On a GPU every look at a residual waits for the device, so a loop there cannot test after every
-iteration as it does on the CPU. It runs on blindly and looks where the solve is predicted to
-end: first after as many iterations as the same solve (the same block) needed last time — between
-two optimiser steps that count rarely changes — then, if some sample is still active, where its
-residual, falling at the rate seen so far, is predicted to meet its tolerance
-(:class:`~irnet._iterate.CheckSchedule`). A solve whose need did not change reads once and takes
+On a GPU every look at a residual waits for the device, so a loop there cannot test after
+every iteration as it does on the CPU. It runs on blindly and looks where the solve is
+predicted to end: first after as many iterations as the same solve (the same block) needed
+last time — between two optimiser steps that count rarely changes — then, if some sample is
+still active, where its residual, falling at the rate seen so far, is predicted to meet its
+tolerance (:class:`CheckSchedule`). A solve whose need did not change reads once and takes
 exactly the iterations the CPU path takes; one that needs more reads twice or so.
-
-:class:`IterationMemory` keeps the counts, per solver object and key (the block's F).
+:class:`IterationMemory` keeps the counts per solver object and key (the block's F and the
+state's shape), :class:`StopChecks` makes one solve's looks, and the solvers get both from
+the mixin :class:`RemembersIterations`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Hashable, NamedTuple, Optional, Sequence, Union
+from typing import Hashable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -45,28 +41,32 @@ from torch import Tensor
 from irnet._misc import per_sample
 from irnet.device_path import on_accelerator_path
 
-if TYPE_CHECKING:
-    from irnet._iterate import StopChecks
-
+# settlements
 SETTLE_AT_MOST_ON_CPU = 32  # iterations recorded between settlements on the CPU ...
 RECORD_BYTES_ON_CPU = 16 * 2**20  # ... and at most this much memory of recorded iterates
-SETTLE_AT_MOST_ON_ACCELERATOR = (
-    32  # on a GPU: iterations recorded between settlements (no host read) ...
-)
+SETTLE_AT_MOST_ON_ACCELERATOR = 32  # on a GPU: the same (settlements read nothing) ...
 RECORD_BYTES_ON_ACCELERATOR = 256 * 2**20  # ... fewer if the recorded iterates would exceed this
-SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed after its solve
 SETTLE_ONE_BY_ONE = 2  # this few iterations are settled one at a time (cheaper than the replay)
 ONE_BY_ONE_FIRST = 4  # on the CPU, a solve's first iterations are settled as they come
+# scratch buffers
+SCRATCH_KEPT_BYTES = 64 * 2**20  # a scratch buffer larger than this is freed after its solve
 SCRATCH_BUFFERS = 8  # scratch buffers kept between solves (one per shape, dtype and device in use)
+# looks on the accelerator path
 CHECK_AT_MOST_EVERY = 8  # iterations between two looks at the residuals (CheckSchedule), at most
+FIRST_LOOK = 1  # where a solve without a remembered count first looks
+LOOK_EVERY_WHEN_RAN_OUT = 8  # a key whose solves keep running out looks once in this many solves
+REMEMBERED_AT_MOST = 4096  # the most keys an IterationMemory keeps (least recently used go first)
 
 Tolerance = Union[Tensor, float]  # one for all samples, or one per sample
+
+
+# -- per-sample progress and its settlement --------------------------------------------------------
 
 
 class Progress(NamedTuple):
     """Where each sample of a solve stands after the iterations settled so far."""
 
-    best: Tensor  # its answer so far: the first iterate within tolerance, else the lowest-residual one
+    best: Tensor  # its answer so far: the first iterate within tolerance, else the lowest-residual
     best_res: Tensor  # the residual norm of ``best``
     active: Tensor  # still iterating: not converged, not non-finite, not stalled
     iterations: Tensor  # iterations that served it (taken while it was active)
@@ -88,13 +88,12 @@ def settle_schedule(iterate: Tensor) -> tuple[int, bool]:
     (at most every ``SETTLE_AT_MOST_ON_CPU`` iterations, within ``RECORD_BYTES_ON_CPU`` of recorded
     iterates), and the quick test, read at every iteration, ends a converged solve at once. On the
     accelerator path every read of a flag waits for the device: settlements read nothing, and the
-    loop looks only where :class:`~irnet._iterate.StopChecks` says.
+    loop looks only where :class:`StopChecks` says.
     """
     size = max(1, iterate.numel() * iterate.element_size())
     if on_accelerator_path(iterate):
-        return max(
-            1, min(SETTLE_AT_MOST_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)
-        ), False
+        every = min(SETTLE_AT_MOST_ON_ACCELERATOR, RECORD_BYTES_ON_ACCELERATOR // size)
+        return max(1, every), False
     return max(1, min(SETTLE_AT_MOST_ON_CPU, RECORD_BYTES_ON_CPU // size)), True
 
 
@@ -105,8 +104,8 @@ def settle(
     tol: Tolerance,
     patience: Optional[int] = None,
 ) -> Progress:
-    """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` (stacked or
-    a list) to ``progress``.
+    """Apply the iterations with ``iterates[j]`` (stacked) and residual norms ``norms[j]`` (stacked
+    or a list) to ``progress``.
 
     Equivalent to, for each iteration in order and each sample: if the sample is active, count the
     iteration, take the iterate if its residual is below the best so far (a NaN residual never is),
@@ -139,9 +138,8 @@ def settle(
         stalled_at = torch.where(last_low >= 0, steps - last_low, progress.stalled + steps + 1)
         first_stop = torch.where(stops | (stalled_at >= patience), steps, count).amin(0)
         served = progress.active & (steps <= first_stop)
-        last_take = torch.where(served & new_low, steps, -1).amax(
-            0
-        )  # the last new low is the lowest
+        # the last new low is the lowest
+        last_take = torch.where(served & new_low, steps, -1).amax(0)
         took, index, stalled = last_take >= 0, last_take.clamp_min(0), stalled_at[-1]
         best_res = torch.where(
             took, norm_stack[index, torch.arange(batch, device=index.device)], progress.best_res
@@ -163,7 +161,7 @@ def settle(
 def settle_one(
     progress: Progress, iterate: Tensor, res: Tensor, tol: Tolerance, patience: Optional[int] = None
 ) -> Progress:
-    """:func:`settle` for one iteration, step by step (fewer operations than the vectorised replay)."""
+    """:func:`settle` for one iteration, step by step (fewer operations than the replay)."""
     took = progress.active & (res < progress.best_res)
     still = progress.active & (res > tol)
     stalled = progress.stalled
@@ -177,6 +175,9 @@ def settle_one(
         progress.iterations + progress.active,
         stalled,
     )
+
+
+# -- recording a solve's iterations ----------------------------------------------------------------
 
 
 class Record:
@@ -193,7 +194,7 @@ class Record:
         progress: the progress at the initial iterate (:func:`start`).
         tol: the tolerance on the residual norms.
         patience: stop a sample after this many iterations without a new lowest residual.
-        checks: where to look on the accelerator path (:class:`~irnet._iterate.StopChecks`).
+        checks: where to look on the accelerator path (:class:`StopChecks`).
     """
 
     def __init__(
@@ -201,30 +202,24 @@ class Record:
         progress: Progress,
         tol: Tolerance,
         patience: Optional[int] = None,
-        checks: Optional["StopChecks"] = None,
+        checks: Optional[StopChecks] = None,
     ) -> None:
         self.progress, self.tol, self.patience = progress, tol, patience
         self.every, self.quick_exit = settle_schedule(progress.best)
         self.checks = checks  # the accelerator path's looks (None: look at every settlement)
         self.taken = 0  # iterations added
-        self._counted_before = (
-            progress.iterations
-        )  # what the counts held before the first iteration
+        self._counted_before = progress.iterations  # the counts before the first iteration
         self._one_by_one = ONE_BY_ONE_FIRST if self.quick_exit else 0
-        self._buffer: Optional[Tensor] = (
-            None  # scratch for iterates without a graph, taken at the first
-        )
-        self._iterates: list[
-            Tensor
-        ] = []  # iterates with a graph (unrolled solves), kept as they are
+        self._buffer: Optional[Tensor] = None  # scratch for iterates without a graph (lazily)
+        self._iterates: list[Tensor] = []  # iterates with a graph (unrolled), kept as they are
         self._norms: list[Tensor] = []
         self._slots: dict[int, Tensor] = {}  # rows handed out by ``slot``, not yet added
         self._live_row = -1  # the row of the last iterate added (a solver may still read it)
 
     def slot(self, like: Tensor, ahead: int) -> Optional[Tensor]:
-        """Where to compute the iterate that the ``ahead``-th ``add`` from now will record (0: the next),
-        so that ``add`` finds it in place instead of copying it; None where it would be kept as it is
-        (one by one, or with a graph). Never a row the solver may still read from."""
+        """Where to compute the iterate that the ``ahead``-th ``add`` from now will record (0: the
+        next), so that ``add`` finds it in place instead of copying it; None where it would be kept
+        as it is (one by one, or with a graph). Never a row the solver may still read from."""
         if self._one_by_one > ahead or like.requires_grad:
             return None
         row = 0 if self._one_by_one else len(self._norms) + ahead
@@ -239,12 +234,8 @@ class Record:
             self._one_by_one -= 1
             self.progress = settle_one(self.progress, iterate, norms, self.tol, self.patience)
             return not bool(self.progress.active.any())
-        if (
-            iterate.requires_grad or self._iterates
-        ):  # with a graph (unrolled): keep the tensors themselves
-            if (
-                not self._iterates and self._norms
-            ):  # rows recorded before the first iterate with a graph
+        if iterate.requires_grad or self._iterates:  # with a graph (unrolled): keep the tensors
+            if not self._iterates and self._norms:  # rows recorded before the first with a graph
                 self._iterates = list(self._buffer[: len(self._norms)].clone())
             self._iterates.append(iterate)
         else:
@@ -301,7 +292,8 @@ class Record:
         return self.progress
 
     def _scratch(self, like: Tensor) -> Tensor:
-        # ``every`` rows, one for an iterate computed ahead, one for a slot that a settlement displaced
+        # ``every`` rows, one for an iterate computed ahead, one for a slot that a settlement
+        # displaced
         if self._buffer is None:
             self._buffer = take_scratch(like, self.every + 2)
         return self._buffer
@@ -314,50 +306,20 @@ class Record:
         self._iterates, self._norms = [], []
 
     def _any_above(self, norms: Tensor) -> bool:
-        # One reduction and one read; a NaN anywhere answers "none above", and the settlement sorts it out.
+        # One reduction and one read; a NaN anywhere answers "none above", and the settlement
+        # sorts it out.
         if isinstance(self.tol, Tensor):
             return bool((norms > self.tol).any())
         return float(norms.detach().amax()) > self.tol
 
 
 def excess_of(active: Tensor, res: Tensor, tol: Tolerance) -> Tensor:
-    """The largest ``res / tol`` over the active samples, a device scalar (0 when none is active)."""
+    """The largest ``res / tol`` over the active samples, a device scalar (0 if none is active)."""
     ratio = res / tol
     return torch.where(active, ratio, torch.zeros_like(ratio)).amax()
 
 
-class CheckSchedule:
-    """When a loop that computes its residual norms a few iterations at a time looks at them next.
-
-    A look costs a host read, so it comes where the worst sample is predicted to meet its
-    tolerance: at the loop's first two iterations, then after as many iterations as the largest
-    ratio of residual to tolerance, falling at the rate seen between the last two looks, needs to reach 1
-    — at most :data:`CHECK_AT_MOST_EVERY` apart, and at the next iteration once it is not falling
-    or not finite. A linearly converging solve stops at or just after its last needed iteration;
-    a long one reads rarely.
-    """
-
-    def __init__(self, first: int = 0) -> None:
-        self.next = first  # the first look: where the loop starts
-        self._last: Optional[tuple[int, float]] = None
-
-    def due(self, iteration: int) -> bool:
-        return iteration >= self.next
-
-    def seen(self, iteration: int, excess: float) -> None:
-        """Record a look at ``iteration``: the largest residual over its tolerance was ``excess``."""
-        self.next = iteration + self._wait(iteration, excess)
-        self._last = (iteration, excess)
-
-    def _wait(self, iteration: int, excess: float) -> int:
-        if self._last is None:
-            return 1
-        before_iteration, before = self._last
-        if not (0 < excess < before < math.inf):
-            return CHECK_AT_MOST_EVERY if excess >= before else 1
-        log_rate = math.log(excess / before) / (iteration - before_iteration)
-        return max(1, min(CHECK_AT_MOST_EVERY, math.ceil(math.log(1 / excess) / log_rate)))
-
+# -- scratch buffers kept between solves -----------------------------------------------------------
 
 _SCRATCH: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
@@ -382,16 +344,44 @@ def give_back_scratch(buffer: Tensor) -> None:
         _SCRATCH.popitem(last=False)
 
 
-#: where a solve without a remembered count first looks
-FIRST_LOOK = 1
-#: a key whose solves keep running out of iterations looks once in this many solves
-LOOK_EVERY_WHEN_RAN_OUT = 8
-#: the most keys an IterationMemory keeps (least recently used are forgotten)
-REMEMBERED_AT_MOST = 4096
+# -- where a loop on the accelerator path looks ----------------------------------------------------
+
+
+class CheckSchedule:
+    """When a loop that computes its residual norms a few iterations at a time looks at them next.
+
+    A look costs a host read, so it comes where the worst sample is predicted to meet its
+    tolerance: at the loop's first two iterations, then after as many iterations as the largest
+    ratio of residual to tolerance, falling at the rate seen between the last two looks, needs to
+    reach 1 — at most :data:`CHECK_AT_MOST_EVERY` apart, and at the next iteration once it is not
+    falling or not finite. A linearly converging solve stops at or just after its last needed
+    iteration; a long one reads rarely.
+    """
+
+    def __init__(self, first: int = 0) -> None:
+        self.next = first  # the first look: where the loop starts
+        self._last: Optional[tuple[int, float]] = None
+
+    def due(self, iteration: int) -> bool:
+        return iteration >= self.next
+
+    def seen(self, iteration: int, excess: float) -> None:
+        """Record a look at ``iteration``: the largest residual / tolerance was ``excess``."""
+        self.next = iteration + self._wait(iteration, excess)
+        self._last = (iteration, excess)
+
+    def _wait(self, iteration: int, excess: float) -> int:
+        if self._last is None:
+            return 1
+        before_iteration, before = self._last
+        if not (0 < excess < before < math.inf):
+            return CHECK_AT_MOST_EVERY if excess >= before else 1
+        log_rate = math.log(excess / before) / (iteration - before_iteration)
+        return max(1, min(CHECK_AT_MOST_EVERY, math.ceil(math.log(1 / excess) / log_rate)))
 
 
 class IterationMemory:
-    """The iterations each solve needed the last two times, by key (least recently used are forgotten).
+    """The iterations each solve needed the last two times, by key (least recently used forgotten).
 
     A solve looks first at the larger of the two: a need that wavers by one between steps (common
     with warm starts) then costs one read and at most one iteration past the CPU path's, where
@@ -407,11 +397,12 @@ class IterationMemory:
         self._solved: set = set()  # keys whose last solve was seen to end with every sample solved
 
     def expected(self, key: Hashable) -> int:
-        """Where to look first: the larger of the last two counts, or :data:`FIRST_LOOK` for a new key."""
+        """Where to look first: the larger of the last two counts (:data:`FIRST_LOOK` for a new
+        key)."""
         return max(self._needed.get(key, (FIRST_LOOK,)))
 
     def ran_out(self, key: Hashable) -> bool:
-        """Whether the last solve of ``key`` ran to its ``max_iter`` without a look seeing it done."""
+        """Whether the last solve of ``key`` ran to ``max_iter`` without a look seeing it done."""
         return key in self._ran_out
 
     def blind(self, key: Hashable) -> bool:
@@ -451,7 +442,8 @@ class StopChecks:
     the start, at the first look, to measure the rate).
 
     Args:
-        first: the iteration count of the first look (0: at the initial iterate; ``math.inf``: none).
+        first: the iteration count of the first look (0: at the initial iterate; ``math.inf``:
+            none).
         once: look only once (the last solve of this key ran out of iterations: an unconverged
             solve would otherwise read every few iterations to its end).
     """
@@ -482,10 +474,11 @@ class StopChecks:
     ) -> bool:
         """Read whether every sample is done (one host read); plan the next look if not.
 
-        Read in the same host read, both optional device scalars: ``needed``, the most iterations any
-        sample has needed so far — once every sample is done, where the next solve of the same key
-        should look first (:attr:`needed`); ``unsolved``, whether any sample is done without meeting
-        its tolerance (:attr:`all_solved`, which lets a chain of solvers stop without a read).
+        Read in the same host read, both optional device scalars: ``needed``, the most iterations
+        any sample has needed so far — once every sample is done, where the next solve of the same
+        key should look first (:attr:`needed`); ``unsolved``, whether any sample is done without
+        meeting its tolerance (:attr:`all_solved`, which lets a chain of solvers stop without a
+        read).
         """
         needed = excess.new_full((), -1) if needed is None else needed
         unsolved = excess.new_full((), -1) if unsolved is None else unsolved
@@ -513,7 +506,7 @@ class StopChecks:
 
 
 def solve_key(owner: object, like: Tensor) -> tuple:
-    """What makes "the same solve" from one step to the next: its block (F) and the state's shape."""
+    """What makes "the same solve" from one step to the next: its block (F), the state's shape."""
     return id(owner), tuple(like.shape)
 
 
@@ -544,10 +537,11 @@ class RemembersIterations:
     def remember(
         self, owner: object, like: Tensor, taken: int, checks: Optional[StopChecks] = None
     ) -> None:
-        """After a solve of ``taken`` iterations on the accelerator path: the next one of the same key
-        looks first where this one's last sample was done (``checks.needed``). A solve that ended
-        unseen (at ``max_iter``) keeps the counts as they were and marks the key
-        (:meth:`IterationMemory.mark_ran_out`): its next solves run blind, looking once in a while."""
+        """After a solve of ``taken`` iterations on the accelerator path: the next one of the same
+        key looks first where this one's last sample was done (``checks.needed``). A solve that
+        ended unseen (at ``max_iter``) keeps the counts as they were and marks the key
+        (:meth:`IterationMemory.mark_ran_out`): its next solves run blind, looking once in a
+        while."""
         if not on_accelerator_path(like):
             return
         key, memory = solve_key(owner, like), self.iteration_memory

@@ -1,19 +1,19 @@
 """Small shared helpers: per-sample norms and products, argument checks, readable reprs.
 
-Per-sample reductions of a batch: every dimension but the first belongs to one sample.
-
-Solvers, linear solvers, losses and monitors all stop, weigh and report each
-sample on its own; these are the few helpers they share.
-
-Argument checks shared by solvers, layers and networks: each error names the argument.
-
-One ``__repr__`` for the small configuration objects (solvers, regularisers, perturbations).
+* Per-sample reductions of a batch, in which every dimension but the first belongs to one
+  sample: solvers, linear solvers, losses and monitors all stop, weigh and report each sample on
+  its own.
+* Argument checks shared by solvers, layers and networks; each error names the argument.
+* :class:`ArgsRepr`, one ``__repr__`` for the small configuration objects (solvers,
+  regularisers, perturbations).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# -- per-sample reductions -------------------------------------------------------------------------
 
 
 def sample_norm(v: Tensor) -> Tensor:
@@ -22,7 +22,8 @@ def sample_norm(v: Tensor) -> Tensor:
 
 
 def row_sample_norms(rows: Tensor) -> Tensor:
-    """Euclidean norm of each sample of each row of stacked batches ``(rows, batch, …)``, shape ``(rows, batch)``."""
+    """Euclidean norm of each sample of each row of stacked batches ``(rows, batch, …)``, shape
+    ``(rows, batch)``."""
     return torch.linalg.vector_norm(rows.flatten(2), dim=2)
 
 
@@ -34,6 +35,9 @@ def sample_dot(a: Tensor, b: Tensor) -> Tensor:
 def per_sample(s: Tensor, like: Tensor) -> Tensor:
     """Reshape a ``(batch,)`` tensor so it broadcasts against ``like``."""
     return s.view(-1, *([1] * (like.dim() - 1)))
+
+
+# -- argument checks -------------------------------------------------------------------------------
 
 
 def check_positive(name: str, value: float) -> float:
@@ -76,6 +80,9 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+# -- reprs -----------------------------------------------------------------------------------------
 
 
 class ArgsRepr:

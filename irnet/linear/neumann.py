@@ -1,15 +1,13 @@
-"""The Neumann series for the adjoint, with its row loop.
+"""The Neumann series for the adjoint, ``(I − P)⁻¹ b = Σᵢ Pⁱ b``, and its loop over rows.
 
-Neumann series ``(I − P)⁻¹ b = Σᵢ Pⁱ b`` with ``P = θ J_F(y)ᵀ`` (paper section 2.1).
-
-The Neumann series' loop with the norms of its terms computed a few terms at a time.
-
-After ``k`` terms the residual of the partial sum is the next term, so per term the loop only
-adds the term into a row of a scratch buffer and makes the next vector–Jacobian product (copied
-into a row beside it). The norms of several terms come from one norm over their rows, looked at where
-:class:`irnet._iterate.CheckSchedule` predicts the series to meet its tolerance; the per-sample
-bookkeeping (best partial sum, stalls, counts) is settled from them by
-:func:`irnet._iterate.settle`, exactly as if it were done after every term.
+:class:`Neumann` solves the adjoint system with ``P = θ J_F(y)ᵀ`` (paper section 2.1). After
+``k`` terms the residual of the partial sum is the next term, so on the CPU path without a
+graph (:func:`neumann_rows`) the loop only adds each term into a row of a scratch buffer and
+makes the next vector–Jacobian product (copied into a row beside it). The norms of several
+terms come from one norm over their rows, looked at where :class:`irnet._iterate.CheckSchedule`
+predicts the series to meet its tolerance; the per-sample bookkeeping (best partial sum,
+stalls, counts) is settled from them by :func:`irnet._iterate.settle`, exactly as if it were
+done after every term.
 """
 
 from __future__ import annotations
@@ -89,7 +87,7 @@ class Neumann(LinearSolver):
     ) -> tuple[Progress, Tensor]:
         # The first terms one by one (most adjoint solves of a trained network end within them,
         # where the rows' setup and replay would cost more than they save), then the terms'
-        # norms a few at a time (irnet.linear.neumann).
+        # norms a few at a time (neumann_rows, below).
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         progress = start(b, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long))
@@ -128,17 +126,14 @@ class Neumann(LinearSolver):
     def _sum_term_by_term(
         self, operator: AdjointOperator, b: Tensor, tol: Tensor
     ) -> tuple[Progress, Tensor]:
-        # Double backward (a graph through the adjoint), accelerators and states too large for rows:
-        # each term's norm as it comes.
+        # Double backward (a graph through the adjoint), accelerators and states too large for
+        # rows: each term's norm as it comes.
         g, term = b, operator.vjp(b)
         res = sample_norm(term)
         checks = self.stop_checks(getattr(operator, "owner", None), b)
-        record = Record(
-            start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long)),
-            tol,
-            self.patience,
-            checks,
-        )  # the first product served every sample
+        # the first product served every sample
+        progress = start(g, res, tol)._replace(iterations=torch.ones_like(res, dtype=torch.long))
+        record = Record(progress, tol, self.patience, checks)
         if not record.done_at_start():
             for k in range(1, self.max_iter):
                 slot = record.slot(g, ahead=0)  # the partial sum goes straight into the record
@@ -167,11 +162,13 @@ def neumann_rows(
     patience: int,
     rows_per_settlement: int,
 ) -> SeriesResult:
-    """Sum the series ``b + P b + P² b + …`` (``P`` applied by ``vjp``) on from the partial sum ``g`` of
-    ``index`` terms and its residual ``term`` (the next term), to at most ``max_iter`` terms.
+    """Sum the series ``b + P b + P² b + …`` (``P`` applied by ``vjp``) on from the partial sum
+    ``g`` of ``index`` terms and its residual ``term`` (the next term), to at most ``max_iter``
+    terms.
 
     ``progress`` is the bookkeeping up to ``g``; ``tol`` the per-sample tolerance on the residual.
-    At most ``rows_per_settlement`` (≥ 2) partial sums are kept before their bookkeeping is settled.
+    At most ``rows_per_settlement`` (≥ 2) partial sums are kept before their bookkeeping is
+    settled.
     """
     # Partial sums and terms both live in scratch rows: a product's fresh tensor is freed at
     # once, so the heap does not grow and shrink by a solve's worth of terms (page faults).
@@ -208,9 +205,8 @@ def _sum(
         if schedule.due(newest) or last or full:
             norms.append(row_sample_norms(terms[normed : top + 1]))
             normed = top + 1
-            excess = float(
-                (norms[-1][-1] / tol).amax()
-            )  # NaN compares false: a non-finite sample stops
+            # NaN compares false: a non-finite sample stops
+            excess = float((norms[-1][-1] / tol).amax())
             schedule.seen(newest, excess)
             if not excess > 1 or last or full:
                 progress = settle(progress, rows[:normed], torch.cat(norms), tol, patience)

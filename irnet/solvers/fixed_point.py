@@ -1,20 +1,16 @@
-"""Plain fixed-point (Picard) iteration, with its row loop.
+"""Plain fixed-point (Picard) iteration ``y ← x + (1−θ)F(x) + θF(y)``, and its loop over rows.
 
-Plain fixed-point (Picard) iteration ``y ← x + (1−θ)F(x) + θF(y)``.
-
-The fixed-point iteration's loop with its residual norms computed a few iterations at a time.
-
-A Picard step's residual is the step itself, ``r(yₖ) = yₖ − yₖ₊₁``. So the loop only evaluates
-the map, each iterate straight into a row of a scratch buffer, and computes the residual norms
-of several iterations at once from the differences of consecutive rows: one subtraction and
-one norm for the lot instead of two small operations, a host read and the bookkeeping's Python
-per iteration. The per-sample bookkeeping (freezing, best iterate, counts) is settled from
-those norms by :func:`irnet._iterate.settle`, so answers and statistics are exactly those of
-checking after every iteration.
-
-The cost is that the loop learns that every sample has converged only at a check, which
-:class:`irnet._iterate.CheckSchedule` places where the residuals are predicted to meet the
-tolerance.
+:class:`FixedPoint` is the forward solver. Without an autograd graph on the CPU path, its loop
+(:func:`picard_rows`) computes the residual norms a few iterations at a time. A Picard step's
+residual is the step itself, ``r(yₖ) = yₖ − yₖ₊₁``, so the loop only evaluates the map, each
+iterate straight into a row of a scratch buffer, and computes the residual norms of several
+iterations at once from the differences of consecutive rows: one subtraction and one norm for
+the lot instead of two small operations, a host read and the bookkeeping's Python per
+iteration. The per-sample bookkeeping (freezing, best iterate, counts) is settled from those
+norms by :func:`irnet._iterate.settle`, so answers and statistics are exactly those of checking
+after every iteration. The cost is that the loop learns that every sample has converged only at
+a check, which :class:`irnet._iterate.CheckSchedule` places where the residuals are predicted to
+meet the tolerance.
 """
 
 from __future__ import annotations
@@ -73,15 +69,14 @@ class FixedPoint(IterativeSolver):
         return self.init(problem, state.g)
 
     def step_into(self, problem: FixedPointProblem, state: _State, out: Optional[Tensor]) -> _State:
-        return self.init(
-            problem, state.g, out
-        )  # g, the next step's iterate, goes straight to ``out``
+        # g, the next step's iterate, goes straight to ``out``
+        return self.init(problem, state.g, out)
 
     def _iterate(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
         if self.fixed_count:
             return self._iterate_fixed_count(problem, y0)
         # Without a graph on the CPU the residual norms are computed several at a time from the
-        # iterates (irnet.solvers.fixed_point); the shared loop serves unrolled solves (each
+        # iterates (picard_rows, below); the shared loop serves unrolled solves (each
         # iterate keeps its graph) and accelerators (whose own schedule avoids host reads).
         rows, _ = solve_progress.settle_schedule(y0)
         if problem.differentiable or y0.requires_grad or on_accelerator_path(y0) or rows < 2:
@@ -122,9 +117,7 @@ class FixedPoint(IterativeSolver):
         """The statistics of a fixed-count solve whose answer has residual norms ``res``."""
         iterations = torch.full_like(res, self.max_iter, dtype=torch.long)
         converged = res <= self.atol
-        diverged = diverged_samples(
-            converged, iterations, self.max_iter, res
-        )  # a non-finite answer
+        diverged = diverged_samples(converged, iterations, self.max_iter, res)  # non-finite answer
         return SolverStats(iterations, res.detach(), converged, diverged)
 
 
@@ -142,11 +135,12 @@ def picard_rows(
     max_iter: int,
     rows_per_settlement: int,
 ) -> PicardResult:
-    """Iterate ``y ← problem.map(y)`` (no autograd graph) on from the iterate ``y`` of number ``index``
-    (≥ 1, ≤ ``max_iter``), whose residual is not yet known, to at most iterate ``max_iter``.
+    """Iterate ``y ← problem.map(y)`` (no autograd graph) on from the iterate ``y`` of number
+    ``index`` (≥ 1, ≤ ``max_iter``), whose residual is not yet known, to at most iterate
+    ``max_iter``.
 
-    ``progress`` is the bookkeeping of the iterates before it. At most ``rows_per_settlement`` (≥ 2)
-    iterates are kept before their bookkeeping is settled.
+    ``progress`` is the bookkeeping of the iterates before it. At most ``rows_per_settlement``
+    (≥ 2) iterates are kept before their bookkeeping is settled.
     """
     rows = take_scratch(y, rows_per_settlement + 1)
     try:
@@ -172,9 +166,8 @@ def _iterate(
         newest = base + top - 1  # the newest iterate whose residual is now computable
         if not (schedule.due(newest) or newest == max_iter or top == capacity):
             continue
-        norms.append(
-            row_sample_norms(rows[normed:top] - rows[normed + 1 : top + 1])
-        )  # r(yₖ) = yₖ − yₖ₊₁
+        # r(yₖ) = yₖ − yₖ₊₁
+        norms.append(row_sample_norms(rows[normed:top] - rows[normed + 1 : top + 1]))
         normed = top
         largest = float(norms[-1][-1].amax())  # NaN compares false: a non-finite sample stops
         schedule.seen(newest, largest / atol)
