@@ -1,4 +1,4 @@
-"""What the monitoring callbacks read from a LightningModule and a Trainer: network, blocks, task, data.
+"""What the monitoring callbacks read from a LightningModule and a Trainer: network, blocks, data.
 
 The callbacks rely only on this contract: ``pl_module.net`` is an
 :class:`~irnet.nets.ImplicitODENet` (else the implicit blocks are found by
@@ -129,7 +129,8 @@ def validation_data(trainer: pl.Trainer, max_points: int) -> Optional[tuple[Tens
 
 
 def target_function(trainer: pl.Trainer) -> Optional[Callable[[Tensor], Tensor]]:
-    """The data module's ``target(x)``, the function its targets are sampled from (``SineRegression``), or None."""
+    """The data module's ``target(x)``, the function its targets are sampled from
+    (``SineRegression``), or None."""
     target = getattr(getattr(trainer, "datamodule", None), "target", None)
     return target if callable(target) else None
 

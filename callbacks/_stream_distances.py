@@ -39,7 +39,7 @@ def depth_distances(clean: list[Tensor], noisy: list[Tensor], streams: int) -> T
 
 
 def amplification(distances: Tensor) -> Optional[float]:
-    """``‖y_T − ỹ_T‖ / ‖y_0 − ỹ_0‖`` (> 1: perturbations grow across depth), or None if undefined."""
+    """``‖y_T − ỹ_T‖ / ‖y_0 − ỹ_0‖`` (> 1: perturbations grow across depth); None if undefined."""
     first, last = float(distances[0]), float(distances[-1])
     if not (first > 0 and torch.isfinite(distances[[0, -1]]).all()):
         return None

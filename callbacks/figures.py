@@ -264,7 +264,7 @@ class Figures(Callback):
         )
 
     def _states(self, pl_module, net: ImplicitODENet, x: Tensor, y: Tensor, classification: bool):
-        """Hidden states of up to ``max_trajectories`` inputs, their colours and the colour label."""
+        """Hidden states of up to ``max_trajectories`` inputs, their colours, the colour label."""
         if x.shape[1] == 1:  # evenly spread over the sorted inputs
             order = torch.argsort(x[:, 0])
             pick = order[
@@ -329,12 +329,8 @@ def _target_on_grid(trainer: pl.Trainer, grid: Tensor) -> Optional[tuple[Tensor,
         return None
     try:
         values = torch.as_tensor(target(grid)).detach().cpu()
-    except (
-        TypeError,
-        ValueError,
-        RuntimeError,
-    ):  # another signature: fall back to the validation points
-        return None
+    except (TypeError, ValueError, RuntimeError):
+        return None  # another signature: fall back to the validation points
     if values.numel() != len(grid):
         return None
     return grid[:, 0], _first_column(values)

@@ -1,4 +1,4 @@
-"""GradientMagnitudes: loss-gradient norms per layer, w.r.t. parameters and hidden states (Fig. 6)."""
+"""GradientMagnitudes: loss-gradient norms per layer, for parameters and hidden states (Fig. 6)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ class GradientMagnitudes(Callback):
             self._epoch.add(name, _vector(values))
 
     def _state_norms(self, trainer: pl.Trainer) -> list[Optional[Tensor]]:
-        """Mean of the captured norms per layer (over accumulated batches), loss scale divided out."""
+        """Mean of the captured norms per layer (over accumulated batches), loss scale removed."""
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         return [
@@ -194,7 +194,7 @@ class GradientMagnitudes(Callback):
 
     # -- per epoch --------------------------------------------------------------------------
     def layer_means(self, name: str) -> Optional[Tensor]:
-        """This epoch's mean ``name`` (``"state_norm"`` or ``"param_norm"``) per layer, or ``None``."""
+        """This epoch's mean ``name`` (``"state_norm"`` or ``"param_norm"``) per layer, or None."""
         return self._epoch.mean(name)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,4 +1,4 @@
-"""PerturbationStreams: owns R_rnd's perturbation streams and logs how perturbations grow across depth."""
+"""PerturbationStreams: owns R_rnd's streams and logs how perturbations grow across depth."""
 
 from __future__ import annotations
 
@@ -172,7 +172,8 @@ class PerturbationStreams(Callback):
     def _own_streams(
         self, regularizer: Optional[PerturbationRegularizer]
     ) -> PerturbationRegularizer:
-        """A weight-0 regulariser that draws the callback's streams (defaults from an inactive R_rnd)."""
+        """A weight-0 regulariser that draws the callback's streams (defaults from an inactive
+        R_rnd)."""
         has = regularizer is not None
         perturbation = _given(self.perturbation, regularizer.perturbation if has else None)
         streams = _given(self.streams, regularizer.streams if has else DEFAULT_STREAMS)
@@ -276,7 +277,7 @@ class PerturbationStreams(Callback):
             return None
 
     def measure(self, net: ImplicitODENet, x: Tensor, epoch: int) -> Tensor:
-        """Mean over samples and streams of ``‖y_t − ỹ_t‖`` for t = 0…T, with the streams of ``epoch``.
+        """Mean over samples and streams of ``‖y_t − ỹ_t‖`` for t = 0…T, the streams of ``epoch``.
 
         Runs ``net`` in eval mode without grad; the training RNG, the network's
         mode and its blocks' ``forward_stats`` are as they were afterwards.

@@ -56,9 +56,7 @@ class PredictionWriter(BasePredictionWriter):
             )
             payload = {"predictions": _concat(predictions), "batch_indices": list(indices)}
         torch.save(payload, self.path)
-        print(
-            f"Predictions written to {self.path}", flush=True
-        )  # every rank writes (and says) its own
+        print(f"Predictions written to {self.path}", flush=True)  # every rank says its own
 
 
 def _nested(value: Any) -> bool:

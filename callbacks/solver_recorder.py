@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from irnet.layer import ImplicitResidualBlock
 from irnet.stats import SolverStats
 
-# Summary name (of SolverStats.summary) → how to reduce it over layers and over the steps of an epoch.
+# Summary name (of SolverStats.summary) → how to reduce it over layers and over an epoch's steps.
 REDUCTIONS = {
     "iterations_mean": "mean",
     "iterations_max": "max",

@@ -1,4 +1,4 @@
-"""SolverStatistics: forward iterations, residuals and failures and adjoint-solve depth, per layer."""
+"""SolverStatistics: forward iterations, residuals, failures and adjoint-solve depth per layer."""
 
 from __future__ import annotations
 

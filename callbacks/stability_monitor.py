@@ -21,7 +21,7 @@ from ._schedule import EveryNEpochs, check_bool
 
 
 class StabilityMonitor(Callback):
-    """Every N epochs, how each layer amplifies perturbations and whether its Neumann series converges.
+    """Every N epochs, how each layer amplifies perturbations, whether its Neumann series converges.
 
     On up to ``max_samples`` inputs of the last training batch, the network's
     hidden states ``y_0 … y_T`` are computed (eval mode, no grad); for every

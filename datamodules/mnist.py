@@ -34,8 +34,8 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stratified_parts(y: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
-    """Disjoint index sets of the given sizes, each with the same share of every class (sizes must be
-    multiples of the class count)."""
+    """Disjoint index sets of the given sizes, each with the same share of every class (sizes
+    must be multiples of the class count)."""
     classes = int(y.max()) + 1
     generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(y == c).flatten() for c in range(classes)]
@@ -61,7 +61,8 @@ class MNIST5k(TensorDataModule):
         num_workers: DataLoader workers.
 
     Pixels stay in [0, 1]; standardise inside the network
-    (:class:`irnet.nets.staged.StagedConvODENet` does, with :data:`irnet.nets.staged.MNIST_MEAN` and ``MNIST_STD``).
+    (:class:`irnet.nets.staged.StagedConvODENet` does, with
+    :data:`irnet.nets.staged.MNIST_MEAN` and ``MNIST_STD``).
     """
 
     num_classes = 10

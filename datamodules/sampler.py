@@ -24,7 +24,8 @@ from irnet._misc import check_int
 
 
 def even_slice(size: int, parts: int, index: int) -> slice:
-    """Part ``index`` of ``range(size)`` cut into ``parts`` contiguous pieces whose sizes differ by at most one."""
+    """Part ``index`` of ``range(size)`` cut into ``parts`` contiguous pieces whose sizes differ
+    by at most one."""
     base, extra = divmod(size, parts)
     start = index * base + min(index, extra)
     return slice(start, start + base + (index < extra))
@@ -72,9 +73,9 @@ class GlobalBatchSlices(DistributedSampler):
         smallest = size % batch_size or min(batch_size, size)
         if smallest < num_replicas:
             raise ValueError(
-                f"batch_size {batch_size} on {size} samples leaves a batch of {smallest}, fewer than the "
-                f"{num_replicas} processes; choose a batch_size whose last batch has at least "
-                f"{num_replicas} samples (or use fewer processes)"
+                f"batch_size {batch_size} on {size} samples leaves a batch of {smallest}, "
+                f"fewer than the {num_replicas} processes; choose a batch_size whose last batch "
+                f"has at least {num_replicas} samples (or use fewer processes)"
             )
         self.shuffle, self.epoch, self.seed, self.drop_last = shuffle, 0, 0, False
         order = (

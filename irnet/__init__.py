@@ -1,8 +1,11 @@
-"""irnet: implicit residual networks (Reshniak & Webster, "Robust learning with implicit residual networks").
+"""irnet: implicit residual networks.
+
+After Reshniak & Webster, "Robust learning with implicit residual networks".
 
 The block and its statistics are here; the rest is in packages by concept:
 
-* :mod:`irnet.solvers` and :mod:`irnet.linear`: the forward (fixed-point) and adjoint (linear) solvers;
+* :mod:`irnet.solvers` and :mod:`irnet.linear`: the forward (fixed-point) and adjoint (linear)
+  solvers;
 * :mod:`irnet.nets`: residual functions and the networks built from blocks;
 * :mod:`irnet.module`, :mod:`irnet.regularizers`, :mod:`irnet.perturbations`, :mod:`irnet.failure`:
   training with Lightning;

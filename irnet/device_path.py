@@ -43,7 +43,7 @@ def on_accelerator_path(t: Tensor) -> bool:
 
 @contextmanager
 def forced_path(path: str) -> Iterator[None]:
-    """Take ``path`` (``"cpu"``, ``"accelerator"`` or ``"auto"``) for every tensor inside the block."""
+    """Take ``path`` (``"cpu"``, ``"accelerator"`` or ``"auto"``) for every tensor in the block."""
     global _forced
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")

@@ -67,16 +67,14 @@ def nonfinite_tensors(named: Iterable[tuple[str, Optional[Tensor]]]) -> list[str
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every value is finite, with one host read: a fused max-norm per tensor (NaN and ±Inf
-    give a non-finite norm), a quarter of the time of ``isfinite(t).all()`` per tensor on small networks."""
+    give a non-finite norm), a quarter of the time of ``isfinite(t).all()`` per tensor on small
+    networks."""
     try:
         flags = torch.stack(
             [n.float().reshape(()) for n in torch._foreach_norm(tensors, float("inf"))]
         )
-    except (
-        AttributeError,
-        RuntimeError,
-        TypeError,
-    ):  # another torch, or tensors on several devices
+    except (AttributeError, RuntimeError, TypeError):
+        # another torch, or tensors on several devices
         return all(bool(torch.isfinite(t).all()) for t in tensors)
     return bool(torch.isfinite(flags).all())
 
@@ -221,7 +219,8 @@ def _wait_for(children: list[subprocess.Popen], timeout: float) -> None:
 
 
 def unconverged_layers(blocks: Iterable[nn.Module]) -> list[str]:
-    """``"layer i (k of n samples, largest residual r)"`` for each block whose last forward solve failed."""
+    """``"layer i (k of n samples, largest residual r)"`` for each block whose last forward solve
+    failed."""
     found = []
     for i, block in enumerate(blocks):
         stats = getattr(block, "forward_stats", None)
@@ -272,7 +271,7 @@ class FailingStreaks:
         self.streaks = {}
 
     def update(self, fractions: dict[int, float], where: str) -> None:
-        """Count this step's fractions (layer index → unconverged fraction); raise at ``max_steps``."""
+        """Count this step's fractions (layer → unconverged fraction); raise at ``max_steps``."""
         if self.max_steps is None:
             return
         for layer, value in fractions.items():
@@ -280,8 +279,9 @@ class FailingStreaks:
             if self.streaks[layer] >= self.max_steps:
                 raise TrainingFailure(
                     f"{where}: layer {layer}'s forward solves keep failing: unconverged fraction "
-                    f"(stats.converged) above failing_fraction={self.fraction:g} for {self.streaks[layer]} "
-                    f"consecutive training steps (max_failing_steps), {value:.3g} in the last; raise the "
-                    "solver's max_iter, loosen atol, lower theta, choose another solver or a contraction "
-                    "bound, or set max_failing_steps: null"
+                    f"(stats.converged) above failing_fraction={self.fraction:g} for "
+                    f"{self.streaks[layer]} consecutive training steps (max_failing_steps), "
+                    f"{value:.3g} in the last; raise the solver's max_iter, loosen atol, lower "
+                    "theta, choose another solver or a contraction bound, or set "
+                    "max_failing_steps: null"
                 )

@@ -52,7 +52,8 @@ def check_inputs_finite(inputs: list[Tensor]) -> None:
     """Raise :class:`NonFiniteInputError` if any of the blocks' ``inputs`` holds NaN or Inf.
 
     The accelerator path's version of the check a block makes on the CPU path after a solve that
-    did not converge: one host read for all the blocks of a pass (the module makes it once per step).
+    did not converge: one host read for all the blocks of a pass (the module makes it once per
+    step).
     """
     if not inputs:
         return
@@ -225,7 +226,7 @@ class ImplicitResidualBlock(nn.Module):
         return self._accept(*self.solver.solve(problem, y0), x)
 
     def _accept(self, y: Tensor, stats: SolverStats, x: Tensor) -> Tensor:
-        """Keep the solve's statistics, report failures, and NaN out samples whose solve diverged."""
+        """Keep the solve's statistics, report failures, NaN out samples whose solve diverged."""
         self.forward_stats = stats
         if on_accelerator_path(y):
             # No host read: the warning waits for the step's one read (flush_failure_warnings), a

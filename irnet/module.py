@@ -68,7 +68,8 @@ from irnet.stats import flush_failure_warnings, reset_convergence_warnings
 
 LOSSES = ("l2", "mse", "cross_entropy")
 STAGES = ("train", "val", "test")
-#: the head of the vector a step all-reduces: samples, failed ranks, values per rank (then the values)
+#: the head of the vector a step all-reduces: samples, failed ranks, values per rank (then the
+#: values)
 STEP_HEAD = 3
 
 
@@ -294,7 +295,8 @@ class ImplicitNetModule(pl.LightningModule):
         return isinstance(self.net, TrajectoryNetwork)
 
     def compute_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The data loss of a batch, a mean over its samples (``loss`` chooses it); override for another loss.
+        """The data loss of a batch, a mean over its samples (``loss`` chooses it); override for
+        another loss.
 
         Under distributed training the module weights each process's loss by its
         share of the global batch, which is exact for a mean over samples.
@@ -353,7 +355,8 @@ class ImplicitNetModule(pl.LightningModule):
     def _forward_values(
         self, x: Tensor, target: Tensor, stage: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The prediction and this process's batch means: loss, total, terms, iterations, unconverged fractions."""
+        """The prediction and this process's batch means: loss, total, terms, iterations,
+        unconverged fractions."""
         with self._named_failures(stage):
             states = self.trajectory(x)
             if on_accelerator_path(states[0]):  # the blocks there leave this check to one read here
@@ -402,7 +405,8 @@ class ImplicitNetModule(pl.LightningModule):
     def _reduce_step(
         self, values: dict[str, Tensor], count: int, failed: bool
     ) -> tuple[Tensor, list[float]]:
-        """``[samples, failed processes, values per process, means …]`` over all processes, on the device and read.
+        """``[samples, failed processes, values per process, means …]`` over all processes, on the
+        device and read.
 
         The all-reduced vector must have one length on every process, and a failed
         process has no values: they are padded to a capacity that every process
@@ -412,7 +416,8 @@ class ImplicitNetModule(pl.LightningModule):
         while True:
             packed = self._pack(values, count, failed)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # Not strategy.reduce: it adds a barrier, a second collective (under NCCL a host wait).
+                # Not strategy.reduce: it adds a barrier, a second collective (under NCCL a host
+                # wait).
                 torch.distributed.all_reduce(packed)
             else:
                 packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
@@ -424,7 +429,8 @@ class ImplicitNetModule(pl.LightningModule):
             self._reduce_capacity = needed
 
     def _pack(self, values: dict[str, Tensor], count: int, failed: bool) -> Tensor:
-        """This process's ``[count, failed, number of values, count · values …]``, zero-padded to the capacity."""
+        """This process's ``[count, failed, number of values, count · values …]``, zero-padded to
+        the capacity."""
         packed = torch.zeros(STEP_HEAD + self._reduce_capacity, device=self.device)
         packed[0], packed[1], packed[2] = float(count), float(failed), float(len(values))
         kept = min(len(values), self._reduce_capacity)
@@ -434,7 +440,8 @@ class ImplicitNetModule(pl.LightningModule):
         return packed
 
     def _gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every process, by rank (a collective: every process calls it at the same point)."""
+        """``obj`` of every process, by rank (a collective: every process calls it at the same
+        point)."""
         gathered: list[Any] = [None] * self._world()
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
@@ -460,7 +467,8 @@ class ImplicitNetModule(pl.LightningModule):
 
     @contextmanager
     def _named_failures(self, stage: str) -> Iterator[None]:
-        """A block refusing a NaN input (made by an earlier layer) becomes a TrainingFailure naming that layer."""
+        """A block refusing a NaN input (made by an earlier layer) becomes a TrainingFailure naming
+        that layer."""
         try:
             yield
         except NonFiniteInputError as err:
@@ -473,13 +481,15 @@ class ImplicitNetModule(pl.LightningModule):
             ) from err
 
     def _diagnosis(self) -> str:
-        """Where a non-finite loss came from; under distributed training from every process (a collective)."""
+        """Where a non-finite loss came from; under distributed training from every process (a
+        collective)."""
         if self._world() == 1:
             return diagnosis(self, self._blocks())
         return merged_diagnosis(self._gather(find(self, self._blocks())))
 
     def unconverged_fractions(self) -> dict[int, Tensor]:
-        """Each implicit layer's fraction of unconverged forward solves in the last pass (by layer index)."""
+        """Each implicit layer's fraction of unconverged forward solves in the last pass, by layer
+        index."""
         if self.failing.max_steps is None:
             return {}
         return {
@@ -538,7 +548,8 @@ class ImplicitNetModule(pl.LightningModule):
             )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then a check that it left the parameters finite (before any checkpoint)."""
+        """The optimizer step, then a check that it left the parameters finite (before any
+        checkpoint)."""
         super().optimizer_step(*args, **kwargs)
         if self.check_finite:
             params = nonfinite_parameters(self)
@@ -571,7 +582,7 @@ class ImplicitNetModule(pl.LightningModule):
             merge_warm_starts(self, checkpoint.get("state_dict", {}))
 
     def forward_iterations(self) -> Optional[Tensor]:
-        """Mean iterations of the last forward solves, over layers and samples (``None`` if unknown)."""
+        """Mean iterations of the last forward solves, over layers and samples (None if unknown)."""
         stats = [b.forward_stats for b in find_blocks(self.net) if b.forward_stats is not None]
         if not stats:
             return None
@@ -620,7 +631,8 @@ class ImplicitNetModule(pl.LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """The network's output (regression values or class logits) for a batch ``x`` or ``(x, y)``."""
+        """The network's output (regression values or class logits) for a batch ``x`` or
+        ``(x, y)``."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x)
 

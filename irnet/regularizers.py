@@ -22,7 +22,8 @@ from irnet.perturbations import GaussianPerturbation, Perturbation
 
 DEFAULT_SIGMA = 0.05
 
-#: Hidden states ``[y_0, …, y_T]`` of a batch (``ImplicitNetModule.trajectory``, ``net.trajectory``).
+#: Hidden states ``[y_0, …, y_T]`` of a batch (``ImplicitNetModule.trajectory``,
+#: ``net.trajectory``).
 Trajectory = Callable[[Tensor], list[Tensor]]
 
 
@@ -137,7 +138,8 @@ class FixedPointRegularizer(Regularizer):
         return total.mean()
 
     def layer_iterations(self, blocks: list[nn.Module]) -> list[int]:
-        """K for each block: fixed, or the iterations of its last forward solve (one host read for all)."""
+        """K for each block: fixed, or the iterations of its last forward solve (one host read for
+        all)."""
         if self.iterations is not None:
             return [self.iterations] * len(blocks)
         known = [b for b in blocks if b.forward_stats is not None]

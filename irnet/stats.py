@@ -190,7 +190,8 @@ def warn_if_failed(stats: SolverStats, what: str, solver: object) -> None:
     warnings.warn(
         f"{what} did not converge for {failed} of {stats.converged.numel()} samples "
         f"(largest residual {worst:.3g}); returning the best iterate found. "
-        "Raise max_iter, loosen the tolerance (atol or rtol), lower theta or choose another solver. "
+        "Raise max_iter, loosen the tolerance (atol or rtol), lower theta or choose another "
+        "solver. "
         "(Shown once per solver and run; the block's stats record every failure.)",
         ConvergenceWarning,
         stacklevel=3,

@@ -340,7 +340,8 @@ def transfer(
         source_model: the network attacked (white-box), e.g. the explicit θ = 0 network.
         target_model: the network evaluated on the transferred inputs.
         x, target, eps: as in :func:`irnet.analysis.attacks.pgd`.
-        attack: ``attack(model, x, target, eps, **kwargs)``; default :func:`irnet.analysis.attacks.pgd`.
+        attack: ``attack(model, x, target, eps, **kwargs)``; default
+            :func:`irnet.analysis.attacks.pgd`.
         **kwargs: passed on to ``attack`` (``steps``, ``clamp``, ``generator``, ...).
 
     Returns:
@@ -436,7 +437,8 @@ def tighter_attack(
     The adversarial inputs are then evaluated at the network's own tolerances.
 
     Args:
-        attack: ``attack(model, x, target, eps, **kwargs)``; default :func:`irnet.analysis.attacks.pgd`.
+        attack: ``attack(model, x, target, eps, **kwargs)``; default
+            :func:`irnet.analysis.attacks.pgd`.
         atol_factor, rtol_factor, iter_factor: as in :func:`tighter_solves` (checked here).
         **kwargs: passed on to ``attack``.
     """
@@ -468,7 +470,8 @@ def strong_attacks(
     restarts: int = 5,
     spsa_samples: int = 64,
 ) -> dict[str, Attack]:
-    """The attack set of :func:`strongest_attack_accuracy` (issue 12's list).
+    """The attack set of :func:`strongest_attack_accuracy`: the plain attacks and the checks for a
+    masked gradient.
 
     ``fgsm``; ``pgd`` (10 steps, as the robustness study); ``pgd_restarts``
     (``steps`` steps, ``restarts`` random starts and one from ``x``); ``spsa``

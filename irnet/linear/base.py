@@ -43,7 +43,8 @@ class AdjointOperator:
     def from_graph(
         cls, y: Tensor, fy: Tensor, theta: float, owner: object = None
     ) -> "AdjointOperator":
-        """The operator on an existing graph ``fy = F(y)`` (``y`` a leaf), without evaluating F again."""
+        """The operator on an existing graph ``fy = F(y)`` (``y`` a leaf), without evaluating F
+        again."""
         operator = cls.__new__(cls)
         operator.owner = owner
         operator._set_graph(y, fy, theta)
@@ -73,7 +74,8 @@ class AdjointOperator:
 
 
 def graph_vjp(output: Tensor, point: Tensor, v: Tensor) -> Tensor:
-    """``vᵀ ∂output/∂point`` on a retained graph, as ``torch.autograd.grad(output, point, v, retain_graph=True)``.
+    """``vᵀ ∂output/∂point`` on a retained graph, as
+    ``torch.autograd.grad(output, point, v, retain_graph=True)``.
 
     An adjoint solve makes dozens of these products on one small graph, where the argument
     checks of ``torch.autograd.grad`` cost a fifth of each product; with ``v`` already matching

@@ -104,9 +104,8 @@ class _Cycle:
         ``columns`` built (at least every sample's ``used``)."""
         if columns == 0:
             return torch.zeros_like(self.basis[0])
-        keep = (
-            torch.arange(columns, device=self.used.device)[None, :] < self.used[:, None]
-        )  # (batch, k)
+        # (batch, k)
+        keep = torch.arange(columns, device=self.used.device)[None, :] < self.used[:, None]
         both = keep[:, :, None] & keep[:, None, :]
         eye = torch.eye(columns, dtype=self.H.dtype, device=self.H.device)
         R = torch.where(both, self.H[:, :columns, :columns], eye)
@@ -189,9 +188,8 @@ class GMRES(LinearSolver):
         """
         now = _Iterate(torch.zeros_like(system.b), system.b, sample_norm(system.b) / system.b_norm)
         iterations = torch.zeros_like(now.res, dtype=torch.long)
-        owner = getattr(
-            operator, "owner", None
-        )  # a plain callable (irnet.analysis.stability's) has none
+        # a plain callable (irnet.analysis.stability's) has no owner
+        owner = getattr(operator, "owner", None)
         checks = self.stop_checks(owner, b)
         left = now.res > self.rtol
         checks.start(excess_of(left, now.res, self.rtol))

@@ -105,9 +105,8 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
         stacked = weight if weight.dim() == 5 else weight.unsqueeze(0)  # (B, out, in, k, k)
         k = stacked.shape[-1]
         grid = size + k // 2
-        transfer = torch.fft.rfft2(finite(stacked), s=(grid, grid)).permute(
-            0, 3, 4, 1, 2
-        )  # (B, N, N//2+1, out, in)
+        # (B, N, N//2+1, out, in)
+        transfer = torch.fft.rfft2(finite(stacked), s=(grid, grid)).permute(0, 3, 4, 1, 2)
         U, S, Vh = torch.linalg.svd(transfer, full_matrices=False)
         top = S[..., 0].flatten(1)  # (B, frequencies)
         # The maximising frequency stays a tensor (an index on the device, not a host read).
@@ -117,9 +116,8 @@ def conv_norm(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
         u = U.flatten(1, 2)[rows, best, :, 0]  # (B, out)
         v = Vh.flatten(1, 2)[rows, best, 0, :].conj()  # (B, in)
         taps = torch.arange(k, device=weight.device, dtype=weight.dtype)
-        phase = torch.exp(
-            -2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid
-        )  # (B, k, k)
+        # (B, k, k)
+        phase = torch.exp(-2j * math.pi * (p * taps[:, None] + q * taps[None, :]) / grid)
         M = (
             u.conj()[:, :, None, None, None] * v[:, None, :, None, None] * phase[:, None, None]
         ).real
@@ -220,9 +218,8 @@ class LipschitzConstraint(nn.Module):
 
     def forward(self, *weights: Tensor) -> tuple[Tensor, ...]:
         """The weights, rescaled together if their bound exceeds ``bound``."""
-        if (
-            "_group" in self.__dict__
-        ):  # for the group's next refresh; no Module.__setattr__ per evaluation
+        # for the group's next refresh; no Module.__setattr__ per evaluation
+        if "_group" in self.__dict__:
             self.__dict__["_last"] = weights
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         key = self._key(weights)
@@ -266,7 +263,8 @@ class LipschitzConstraint(nn.Module):
         return factor, active
 
     def _norm(self, index: int, w: Tensor) -> tuple[Tensor, Tensor]:
-        """σ (a 0-dim tensor on ``w``'s device) and dσ/dW of weight ``index``, once per weight change."""
+        """σ (a 0-dim tensor on ``w``'s device) and dσ/dW of weight ``index``, once per weight
+        change."""
         key = self._key((w,))
         cached = self._norms.get(index)
         if cached is not None and self._same(cached[0], key):
@@ -352,7 +350,7 @@ def _conv_norm_of_size(size: int) -> Callable:
 
 @contextmanager
 def _outside_inference() -> Iterator[None]:
-    """Leave inference mode, grad off: tensors made inside it could not be saved for backward later."""
+    """Leave inference mode, grad off: tensors made inside it could not be saved for backward."""
     if not torch.is_inference_mode_enabled():
         yield
         return

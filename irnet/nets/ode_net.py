@@ -1,4 +1,4 @@
-"""The paper's ODE-style implicit networks (eq. 11): a lift, implicit residual blocks over time T, a readout."""
+"""The paper's ODE-style implicit networks (eq. 11): lift, implicit blocks over time T, readout."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ class ImplicitODENet(nn.Module, ABC):
 
     @staticmethod
     def bounded_init(residuals: Sequence[nn.Module], stationary: bool = False) -> None:
-        """``init="bounded"``: each F_t drawn with ``Lip(F_t) = c / layers`` (c = BOUNDED_INIT_LIPSCHITZ).
+        """``init="bounded"``: each F_t drawn with ``Lip(F_t) = c / layers``, ``c`` being
+        ``BOUNDED_INIT_LIPSCHITZ``.
 
         With F_t(0) = 0, layer t maps ``‖x‖`` to at most
         ``(1 + (1−θ)ℓ) / (1 − θℓ) · ‖x‖`` (ℓ = c / layers), so the initial

@@ -29,14 +29,14 @@ from irnet.nets.ode_net import ImplicitODENet
 from irnet.nets.residual import CONV_INITS, ConvResidual
 from irnet.solvers import NonlinearSolver
 
-#: the mean and standard deviation of MNIST's training pixels (scaled to [0, 1]): the inputs' standardisation
+#: mean and standard deviation of MNIST's training pixels (in [0, 1]), to standardise the inputs
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 #: (kernel, output side) of the convolution that enters each stage, for 28×28 inputs
 STAGE_ENTRIES = ((7, 14), (3, 7), (4, 3))
 
 
 class Standardize(nn.Module):
-    """``(x − mean) / std`` with fixed scalars (inside the network, so inputs stay in pixel units)."""
+    """``(x − mean) / std`` with fixed scalars (in the network, so inputs stay in pixel units)."""
 
     def __init__(self, mean: float, std: float) -> None:
         super().__init__()
@@ -64,7 +64,8 @@ class StagedConvODENet(nn.Module):
         contraction: κ in (0, 1), or ``None`` (off): θ · Lip(F) ≤ κ in every layer at every
             evaluation (FFT bounds on the stage's image side), so every fixed-point map contracts.
         init: ``"default"`` (PyTorch's convolution initialisation) or ``"bounded"`` (each F's
-            kernels rescaled so that Lip(F) = 1 / steps, biases 0, as :class:`~irnet.nets.ConvODENet`).
+            kernels rescaled so that Lip(F) = 1 / steps, biases 0, as
+            :class:`~irnet.nets.ConvODENet`).
         solver: forward solver (default ``FixedPoint()``).
         linear_solver: adjoint solver (default ``GMRES()``).
     """

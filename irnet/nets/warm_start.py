@@ -75,7 +75,8 @@ def _mix(x: Tensor) -> Tensor:
 
 
 def row_words(rows: Tensor) -> Tensor:
-    """Each row's bytes as int64 words, zero-padded to whole words: ``(batch, bytes)`` uint8 → ``(batch, words)``."""
+    """Each row's bytes as int64 words, zero-padded to whole words: ``(batch, bytes)`` uint8 →
+    ``(batch, words)``."""
     pad = -rows.shape[1] % 8
     if pad or rows.storage_offset() % 8:  # a fresh, aligned copy
         rows = Fn.pad(rows, (0, pad)) if pad else rows.clone()
@@ -132,14 +133,10 @@ class WarmStartCache:
         self._layers: Optional[tuple[bool, ...]] = None  # which layers have a store
         self._words: Optional[Tensor] = None  # (capacity + 1, words) int64: each slot's input
         self._hashes: Optional[Tensor] = None  # (capacity + 1,) int64; −1 for an empty slot
-        self._stamps: Optional[Tensor] = (
-            None  # (capacity + 1,) int64: last use; < 0 for an empty slot
-        )
+        self._stamps: Optional[Tensor] = None  # (capacity + 1,) int64: last use; < 0 if empty
         self._stores: Optional[Tensor] = None  # (stored layers, capacity + 1, …)
         self._clock = 0  # rows seen so far: the next row's stamp
-        self._used: Optional[int] = (
-            0  # slots in use (a prefix), where known (the CPU path reads it)
-        )
+        self._used: Optional[int] = 0  # slots in use (a prefix) where known (the CPU path reads)
         self._version += 1
 
     def __len__(self) -> int:
@@ -213,15 +210,15 @@ class WarmStartCache:
         self._signature, self._layers = keys.signature, layers
         self._words = torch.zeros(rows, keys.words.shape[1], dtype=torch.int64, device=device)
         self._hashes = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self._stamps = (
-            torch.arange(rows, dtype=torch.int64, device=device) - rows
-        )  # empty: lowest taken first
+        # empty: lowest taken first
+        self._stamps = torch.arange(rows, dtype=torch.int64, device=device) - rows
         self._stores = torch.full(
             (sum(layers), rows, *like.shape[1:]), float("nan"), dtype=like.dtype, device=like.device
         )
 
     def _find(self, keys: Keys) -> tuple[Tensor, Tensor]:
-        """Each sample's slot and whether it is there (once per pass: the lookup's answer is kept)."""
+        """Each sample's slot and whether it is there (once per pass: the lookup's answer is
+        kept)."""
         if keys.found is not None and keys.found[0] == self._version:
             return keys.found[1], keys.found[2]
         used = self.capacity if self._used is None else max(1, self._used)
@@ -233,7 +230,7 @@ class WarmStartCache:
         return hit, slot
 
     def _assign(self, keys: Keys, hit: Tensor, slot: Tensor, region: int) -> tuple[Tensor, Tensor]:
-        """The slot each row writes (``capacity``: none) and its stamp, keeping the most recent inputs.
+        """The slot each row writes (``capacity``: none) and its stamp; the most recent inputs stay.
 
         A known input keeps its slot; the new ones, most recent first, take the
         least recently used slots while those are older than they are (a slot
@@ -255,13 +252,13 @@ class WarmStartCache:
         lost = torch.zeros_like(recent, dtype=torch.bool).index_put_(
             (target,), torch.ones_like(taken)
         )
-        write = torch.where(
-            kept & ~lost[slot], slot, capacity
-        )  # a known input whose slot went to a newer one is dropped
+        # a known input whose slot went to a newer one is dropped
+        write = torch.where(kept & ~lost[slot], slot, capacity)
         return torch.where(taken, target, write), stamps
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        """Move every tensor as ``nn.Module._apply`` moves the network's: device, and dtype of the stores.
+        """Move every tensor as ``nn.Module._apply`` moves the network's: device, and the stores'
+        dtype.
 
         The index tensors keep their integer dtype whatever ``fn`` does to it.
         """
@@ -301,7 +298,8 @@ class WarmStartCache:
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Restore what :meth:`state_dict` saved, on ``device`` with stores of ``dtype`` (default: the rows').
+        """Restore what :meth:`state_dict` saved, on ``device`` with stores of ``dtype`` (default:
+        the rows').
 
         Slots are renumbered in LRU order; beyond ``capacity`` the least recently
         used keys are dropped, and so are keys of another signature than the

@@ -1,4 +1,4 @@
-"""One warm-start cache for a checkpoint of several processes: every process's samples, merged by key.
+"""One warm-start cache for a checkpoint of several processes: their samples, merged by key.
 
 Under distributed training each process solves its own part of every batch, so
 its :class:`~irnet.nets.warm_start.WarmStartCache` holds the fixed points of its own
@@ -22,7 +22,8 @@ from irnet.nets.warm_start import WarmStartCache
 
 
 def merged_state(states: Sequence[Optional[dict]], capacity: int) -> dict:
-    """The union of several caches' states (``WarmStartCache.state_dict`` format), at most ``capacity`` keys.
+    """The union of several caches' states (``WarmStartCache.state_dict`` format), at most
+    ``capacity`` keys.
 
     Keys are taken most recent first, in turns (the most recent of every state,
     then the second most recent of every state, …): the processes step

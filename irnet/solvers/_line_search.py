@@ -137,8 +137,9 @@ def _trials_per_evaluation(problem: FixedPointProblem, y: Tensor, trials: int) -
 def _evaluate_stacked(
     problem: FixedPointProblem, y: Tensor, direction: Tensor, trial: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The iterates ``y − λ s``, their residuals and ``φ`` for the ``k`` steps of ``trial`` (k, batch),
-    by one evaluation of F on the ``k`` batches stacked; shapes (k, batch, …), (k, batch, …), (k, batch)."""
+    """The iterates ``y − λ s``, their residuals and ``φ`` for the ``k`` steps of ``trial``
+    (k, batch), by one evaluation of F on the ``k`` batches stacked; shapes (k, batch, …),
+    (k, batch, …), (k, batch)."""
     k, batch = trial.shape
     ys = y.unsqueeze(0) - trial.view(k, batch, *([1] * (y.dim() - 1))) * direction.unsqueeze(0)
     c = problem.c.unsqueeze(0).expand(k, *problem.c.shape).reshape(k * batch, *problem.c.shape[1:])

@@ -119,7 +119,7 @@ class NonlinearSolver(ArgsRepr, RemembersIterations, ABC):
 
     @abstractmethod
     def solve(self, problem: FixedPointProblem, y0: Tensor) -> tuple[Tensor, SolverStats]:
-        """The fixed point of ``problem`` from the initial guess ``y0``, and per-sample statistics."""
+        """The fixed point of ``problem`` from the initial guess ``y0``; per-sample statistics."""
 
 
 class IterativeSolver(NonlinearSolver):
@@ -168,7 +168,8 @@ class IterativeSolver(NonlinearSolver):
         res = sample_norm(state.r)
         checks = self.stop_checks(problem.F, y0)
         record = Record(start(state.y, res, self.atol), self.atol, checks=checks)
-        # An unrolled solve's iterates carry a graph (through c) even from a constant start: no slots.
+        # An unrolled solve's iterates carry a graph (through c) even from a constant start: no
+        # slots.
         graph = problem.differentiable and torch.is_grad_enabled()
         if not record.done_at_start():
             for k in range(self.max_iter):

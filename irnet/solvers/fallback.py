@@ -82,7 +82,7 @@ class Fallback(NonlinearSolver):
 
     @property
     def method_names(self) -> list[str]:
-        """One name per solver, for logs: its class name, ``<name>_<index>`` if the class repeats."""
+        """One name per solver, for logs: its class name, or ``<name>_<index>`` if it repeats."""
         names = [type(s).__name__ for s in self.solvers]
         return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
@@ -103,7 +103,8 @@ class Fallback(NonlinearSolver):
             # The one host read per link; on the accelerator path none after a link that ran to its
             # max_iter: the next link's own looks find out whether any sample is left.
             if accelerator and _solved_all(self.solvers[index - 1], problem, y0):
-                break  # its last look saw every sample within the chain's tolerance (the links share it)
+                # its last look saw every sample within the chain's tolerance (the links share it)
+                break
             read = not (accelerator and _ran_to_the_end(self.solvers[index - 1], problem, y0))
             if read and not bool(unsolved.any()):
                 break
@@ -128,14 +129,15 @@ class Fallback(NonlinearSolver):
 
 
 def _solved_all(solver: NonlinearSolver, problem: FixedPointProblem, like: Tensor) -> bool:
-    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) was seen by its last look
-    to end with every sample within tolerance."""
+    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) was seen by its last
+    look to end with every sample within tolerance."""
     return solver.iteration_memory.solved_all(solve_key(problem.F, like))
 
 
 def _ran_to_the_end(solver: NonlinearSolver, problem: FixedPointProblem, like: Tensor) -> bool:
-    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) took its ``max_iter``
-    iterations, so that its loop ended without a look: what it remembered taking, or a fixed count."""
+    """Whether ``solver``'s last solve of ``problem`` (on the accelerator path) took its
+    ``max_iter`` iterations, so that its loop ended without a look: what it remembered taking, or a
+    fixed count."""
     if getattr(solver, "fixed_count", False):
         return True
     return solver.iteration_memory.ran_out(solve_key(problem.F, like))
