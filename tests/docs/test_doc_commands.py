@@ -111,7 +111,8 @@ NOT_CHECKED = (
 
 
 def shown_options(args: list[str]) -> dict[str, str]:
-    """``{option: value}`` of the ``--option value`` pairs a command shows (not the files or Trainer)."""
+    """``{option: value}`` of the ``--option value`` pairs a command shows (files and Trainer
+    options left out)."""
     pairs = {}
     for i, arg in enumerate(args):
         if arg.startswith("--"):
@@ -182,7 +183,8 @@ def test_the_docs_show_the_commands_this_test_expects():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One working directory for all commands: ``configs/`` linked in, the doc's subclass example written."""
+    """One working directory for all commands: ``configs/`` linked in, the doc's subclass example
+    written."""
     root = tmp_path_factory.mktemp("doc_commands")
     (root / "configs").symlink_to(REPO / "configs")
     subclassing = (REPO / "docs" / "subclassing.md").read_text()
@@ -191,17 +193,13 @@ def workdir(tmp_path_factory):
     )
     my_config = re.search(r"```yaml\n(# my_config.yaml\n.*?)```", subclassing, re.S).group(1)
     (root / "my_config.yaml").write_text(my_config)
-    threads = (
-        torch.get_num_threads()
-    )  # the CLI sets the run's threads: give later tests theirs back
+    threads = torch.get_num_threads()  # the CLI sets the run's threads: give later tests theirs
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.syspath_prepend(str(root))  # the doc runs it with PYTHONPATH=.
         patch.setattr(sys, "argv", ["irnet"])
-        for (
-            _,
-            command,
-        ) in COMMANDS:  # the checkpoints the docs name: plain fits of their configs, first
+        # the checkpoints the docs name: plain fits of their configs, first
+        for _, command in COMMANDS:
             args = shlex.split(command)
             if option(args, "--ckpt_path") is not None and launch_kind(args) == "run":
                 ensure_checkpoint(args)
@@ -238,7 +236,7 @@ def tiny(args: list[str]) -> list[str]:
 
 
 def launch_kind(args: list[str]) -> str:
-    """``"run"``; ``"build"`` for several CPU processes; ``"parse"`` for GPUs this machine does not have."""
+    """``"run"``; ``"build"`` for several CPU processes; ``"parse"`` for GPUs this machine lacks."""
     devices = int(option(args, "--trainer.devices") or 1)
     nodes = int(option(args, "--trainer.num_nodes") or 1)
     if option(args, "--trainer.accelerator") == "gpu" and (
@@ -249,7 +247,8 @@ def launch_kind(args: list[str]) -> str:
 
 
 def run_in_process(args: list[str]):
-    """``irnet.cli.main(args)``: the finished CLI, or None after an exit with status 0 (``--print_config``)."""
+    """``irnet.cli.main(args)``: the finished CLI, or None after an exit with status 0
+    (``--print_config``)."""
     try:
         return main(args)
     except SystemExit as stop:
@@ -306,7 +305,8 @@ def test_shown_command_runs(doc, command, workdir, capsys):
 
 
 def run_reproduce(args: list[str], workdir: Path) -> None:
-    """``stability`` runs (seconds at ``--tiny``); the training studies only parse their arguments."""
+    """``stability`` runs (seconds at ``--tiny``); the training studies only parse their
+    arguments."""
     from irnet.reproduce import main as reproduce
     from irnet.reproduce import parser
 
