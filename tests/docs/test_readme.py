@@ -1,4 +1,5 @@
-"""README's code runs as printed, its main command writes what README promises, and CI runs its test command."""
+"""README's code runs as printed, its main command writes what README promises, CI runs its test
+command, and its layout table lists every module."""
 
 import re
 import shlex
@@ -36,6 +37,19 @@ def test_ci_runs_readme_test_command():
     ).stdout
     assert extracted.strip() == command
     assert "pytest" in command and "-c constraints.txt" in command
+
+
+def test_layout_table_lists_every_module_once():
+    section = README[README.index("## Layout\n") : README.index("## Reference\n")]
+    listed = re.findall(r"^\| `([^`]+)`", section, re.M)
+    modules = sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("irnet", "callbacks", "datamodules")
+        for path in (ROOT / folder).rglob("*.py")
+    )
+    assert [m for m in modules if m not in listed] == [], "modules missing from README's layout"
+    assert [p for p in listed if not (ROOT / p).exists()] == [], "stale paths in README's layout"
+    assert sorted({p for p in listed if listed.count(p) > 1}) == [], "listed twice"
 
 
 @pytest.mark.slow
