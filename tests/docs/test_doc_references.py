@@ -3,7 +3,7 @@
 A path such as ``irnet/nets/warm_start.py`` or ``tests/training/test_ddp.py`` must exist, a dotted
 name such as ``irnet.nets.ODENet`` must import (and not only through an old module path kept for
 old configs, which docs/layout.md names on purpose), and no document may cite an issue number of a
-tracker its reader cannot see ("issue 9's targets"): each names the capability instead.
+tracker its reader cannot see: each names the capability instead ("the speed targets").
 """
 
 from __future__ import annotations
