@@ -51,6 +51,14 @@ class TwoSpirals(TensorDataModule):
         batch_size: ``None`` for full batch.
         seed: seed of the jitter and of shuffling.
         num_workers: DataLoader workers.
+
+    Example:
+        >>> spirals = TwoSpirals()
+        >>> [len(spirals.dataset(split)) for split in ("train", "val", "test")]
+        [100, 100, 100]
+        >>> x, y = spirals.tensors("train")
+        >>> x.shape, y[:4].tolist()
+        (torch.Size([100, 2]), [0, 1, 0, 1])
     """
 
     in_features = 2

@@ -1,8 +1,7 @@
 """irnet: implicit residual networks.
 
-After Reshniak & Webster, "Robust learning with implicit residual networks".
-
-The block and its statistics are here; the rest is in packages by concept:
+A framework for the networks of Reshniak & Webster, "Robust learning with implicit residual
+networks". The block and its statistics are here; the rest is in packages by concept:
 
 * :mod:`irnet.solvers` and :mod:`irnet.linear`: the forward (fixed-point) and adjoint (linear)
   solvers;

@@ -38,6 +38,17 @@ class GaussianPerturbation(Perturbation):
 
     Args:
         sigma: standard deviation σ > 0.
+
+    Example:
+        >>> perturb = GaussianPerturbation(sigma=0.1)
+        >>> perturb
+        GaussianPerturbation(sigma=0.1)
+        >>> x = torch.zeros(1000, 2)
+        >>> noisy = perturb(x, torch.Generator().manual_seed(0))
+        >>> round(noisy.std().item(), 2)
+        0.1
+        >>> torch.equal(noisy, perturb(x, torch.Generator().manual_seed(0)))  # same seed
+        True
     """
 
     def __init__(self, sigma: float = 0.05) -> None:

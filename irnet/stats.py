@@ -35,6 +35,20 @@ class SolverStats:
         method: for a solve by several methods in turn
             (:class:`~irnet.solvers.Fallback`), the index of the method that
             finished each sample (long); ``None`` for a single solver.
+
+    Example:
+        Two samples, the second stopped at ``max_iter = 50`` short of its tolerance:
+
+        >>> stats = SolverStats(
+        ...     iterations=torch.tensor([12, 50]),
+        ...     residual=torch.tensor([8e-6, 3e-2]),
+        ...     converged=torch.tensor([True, False]),
+        ...     diverged=torch.tensor([False, False]),
+        ... )
+        >>> stats.num_failed.item()
+        1
+        >>> stats.summary()["iterations_mean"].item()
+        31.0
     """
 
     iterations: Tensor

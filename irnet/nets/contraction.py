@@ -63,6 +63,16 @@ def matrix_norm(weight: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns:
         ``(σ, M)`` with ``σ = ⟨weight, M⟩``; computed without autograd.
+
+    Example:
+        >>> weight = torch.tensor([[3.0, 0.0], [4.0, 5.0]])
+        >>> sigma, M = matrix_norm(weight)
+        >>> round(sigma.item(), 4)  # √45
+        6.7082
+        >>> torch.allclose(sigma, torch.linalg.matrix_norm(weight, 2))
+        True
+        >>> torch.allclose((weight * M).sum(), sigma)
+        True
     """
     with torch.no_grad():
         U, S, Vh = torch.linalg.svd(finite(weight), full_matrices=False)

@@ -234,6 +234,13 @@ class ODENet(ImplicitODENet):
             (γ1, γ2 scaled so that every F_t has ``Lip(F_t) = 1 / layers`` and
             b = 0: the initial network is Lipschitz with a constant at most
             ``exp(1 / (1 − 1/layers))`` for every seed; docs/contraction.md).
+
+    Example:
+        >>> net = ODENet(in_features=1, out_features=1, layers=3, width=8, init="bounded")
+        >>> len(net.blocks)
+        3
+        >>> net(torch.zeros(5, 1)).shape
+        torch.Size([5, 1])
     """
 
     def __init__(
