@@ -1,4 +1,4 @@
-"""``irnet …`` and ``python -m irnet …``: the studies (``reproduce``) or LightningCLI (everything else).
+"""``irnet …`` and ``python -m irnet …``: the studies (``reproduce``) or LightningCLI (the rest).
 
 The entry point sits above both: the studies run configs through the command line
 (:mod:`irnet.reproduce` imports :mod:`irnet.cli`), so the command line does not import them.
@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``irnet`` on ``argv`` (default ``sys.argv[1:]``); exit status 0 after a successful run."""
+    """Run ``irnet`` on ``argv`` (default ``sys.argv[1:]``); returns exit status 0 on success."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "reproduce":
         from irnet.reproduce import main as reproduce  # imported lazily: it pulls in matplotlib

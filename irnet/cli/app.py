@@ -16,6 +16,9 @@ Mistakes (a bad value, an unknown key or class, an unreadable config or
 checkpoint, a resume whose settings contradict the checkpoint) end the run with
 one line naming the key and exit status 2 (:mod:`irnet.cli.errors`;
 ``IRNET_TRACEBACK=1`` shows the traceback). Options must be spelled out in full.
+Usage lines name the program ``irnet``, however it was started; Lightning's litlogger
+advertisement and a deprecation warning from its own code are held back while the
+command runs (:mod:`irnet.cli.quiet`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from irnet.cli.checks import (
 )
 from irnet.cli.errors import CliError, flatten, report, summarize
 from irnet.cli.nulls import spell_nested_nulls
+from irnet.cli.quiet import quiet_notices
 from irnet.cli.threads import apply_threads, check_threads
 from irnet.failure import TrainingFailure
 from irnet.module import ImplicitNetModule
@@ -166,9 +170,7 @@ class IrnetCLI(LightningCLI):
             super().instantiate_classes()
         except CliError:
             raise
-        except (
-            Exception
-        ) as err:  # a constructor's ValueError, a Trainer MisconfigurationException …
+        except Exception as err:  # a constructor's ValueError, a MisconfigurationException …
             config = self.config[self.subcommand] if self.subcommand else self.config
             kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
             raise CliError(kind + summarize(str(err), config=flatten(config))) from err
@@ -197,32 +199,34 @@ def run_name(config: Any) -> str:
 
 
 def main(args: ArgsType = None, run: bool = True) -> Optional[LightningCLI]:
-    """Run LightningCLI's ``fit``, ``validate``, ``test`` or ``predict``; returns the finished :class:`IrnetCLI`.
+    """Run LightningCLI's ``fit``, ``validate``, ``test`` or ``predict``.
 
-    A mistake in the command line or config, or a :class:`~irnet.failure.TrainingFailure`,
-    raises ``SystemExit(2)`` after one line on stderr. (``python -m irnet reproduce …``
-    is dispatched before this, by :mod:`irnet.__main__`.)
+    Returns the finished :class:`IrnetCLI`. A mistake in the command line or config, or a
+    :class:`~irnet.failure.TrainingFailure`, raises ``SystemExit(2)`` after one line on stderr.
+    (``python -m irnet reproduce …`` is dispatched before this, by :mod:`irnet.__main__`.)
     """
     if args is None:  # rewritten in place: LightningCLI warns when given args beside sys.argv
         sys.argv[1:] = spell_nested_nulls(sys.argv[1:])
     elif isinstance(args, (list, tuple)):
         args = spell_nested_nulls(args)
     try:
-        return IrnetCLI(
-            ImplicitNetModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={
-                "allow_abbrev": False,
-                "exit_on_error": False,
-                "description": DESCRIPTION,
-                "epilog": EPILOG,
-            },
-            args=args,
-            run=run,
-        )
+        with quiet_notices():
+            return IrnetCLI(
+                ImplicitNetModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={
+                    "prog": "irnet",
+                    "allow_abbrev": False,
+                    "exit_on_error": False,
+                    "description": DESCRIPTION,
+                    "epilog": EPILOG,
+                },
+                args=args,
+                run=run,
+            )
     except (CliError, TrainingFailure) as err:  # both are reported as one line
         report(err)
 

@@ -1,9 +1,9 @@
-"""Checks the command line runs before anything trains; each raises :class:`CliError` naming the culprit.
+"""Checks run before anything trains; each raises :class:`CliError` naming the culprit.
 
 * config files: exist, parse as YAML, hold a mapping;
 * ``--ckpt_path``: an existing, readable Lightning checkpoint;
 * a resumed checkpoint against the model the config asks for (conflicts are refused);
-* the strategy: multiprocessing launchers (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) are refused;
+* the strategy: multiprocessing launchers (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) refused;
 * data against model: one batch through a copy of the model.
 """
 
@@ -59,7 +59,7 @@ def check_config_file(path: str) -> None:
 
 
 def check_checkpoint(path: Optional[str]) -> Optional[dict]:
-    """The loaded checkpoint at ``path`` (None for Lightning's special values); CliError if unusable."""
+    """Load ``path``'s checkpoint (None for Lightning's special values); CliError if unusable."""
     if not path or str(path) in SPECIAL_CKPT or "://" in str(path):
         return None
     file = Path(path)
@@ -79,7 +79,7 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
 
 
 def model_conflicts(requested: Any, restored: Any) -> list[str]:
-    """``key: checkpoint X, given Y`` for every model setting where the checkpoint overrides the request."""
+    """``key: checkpoint X, given Y`` for every model setting the checkpoint overrides."""
     before, after = flatten(requested, "model"), flatten(restored, "model")
     return [
         f"{cli_key(k)}: checkpoint {after.get(k)!r}, given {before[k]!r}"
@@ -96,12 +96,13 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def refuse_conflicts(conflicts: Sequence[str], path: str) -> None:
-    """Raise :class:`CliError` listing ``conflicts`` between the config and the checkpoint at ``path``."""
+    """Raise :class:`CliError` listing ``conflicts`` between the config and checkpoint ``path``."""
     if conflicts:
         raise CliError(
-            f"ckpt_path {path}: a resumed or evaluated checkpoint keeps its own model, optimiser and schedule, "
-            f"but the config asks for other settings ({'; '.join(conflicts)}). Give the checkpoint's values "
-            f"(or drop the overrides), or start a new run without --ckpt_path."
+            f"ckpt_path {path}: a resumed or evaluated checkpoint keeps its own model, optimiser "
+            f"and schedule, but the config asks for other settings ({'; '.join(conflicts)}). "
+            f"Give the checkpoint's values (or drop the overrides), or start a new run without "
+            f"--ckpt_path."
         )
 
 
@@ -117,14 +118,15 @@ def check_strategy(trainer: Any) -> None:
         method = getattr(launcher, "_start_method", "spawn")
         raise CliError(
             f"trainer.strategy: strategies that start their workers with multiprocessing "
-            f"(start method {method!r}: ddp_spawn, ddp_fork, ddp_notebook) are not supported: a worker that "
-            f"dies (e.g. 'unable to resize file' when /dev/shm is small) leaves the parent waiting for ever. "
-            f"Use --trainer.strategy ddp, which runs one process per device and stops when any of them fails."
+            f"(start method {method!r}: ddp_spawn, ddp_fork, ddp_notebook) are not supported: "
+            f"a worker that dies (e.g. 'unable to resize file' when /dev/shm is small) leaves the "
+            f"parent waiting for ever. Use --trainer.strategy ddp, which runs one process per "
+            f"device and stops when any of them fails."
         )
 
 
 def check_data_fits_model(model: torch.nn.Module, datamodule: Any, stage: str) -> None:
-    """Run one batch of ``datamodule`` through a copy of ``model``; CliError if the shapes do not fit.
+    """Run one batch of ``datamodule`` through a copy of ``model``; CliError if shapes do not fit.
 
     Nothing of the run changes: a deep copy sees the batch, random states are restored.
     Data modules that cannot hand out a batch before the Trainer starts are not checked.
@@ -156,8 +158,9 @@ def check_data_fits_model(model: torch.nn.Module, datamodule: Any, stage: str) -
         and pred.shape[1:] != target.shape[1:]
     ):
         raise CliError(
-            f"data and model do not fit: the model outputs shape {tuple(pred.shape[1:])} per sample, "
-            f"the targets of {type(datamodule).__name__} have shape {tuple(target.shape[1:])} "
+            f"data and model do not fit: the model outputs shape {tuple(pred.shape[1:])} per "
+            f"sample, the targets of {type(datamodule).__name__} have shape "
+            f"{tuple(target.shape[1:])} "
             f"(check model.net's out_features)"
         )
 

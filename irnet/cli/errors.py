@@ -209,7 +209,10 @@ def summarize(message: str, options: Sequence[str] = (), config: Optional[dict] 
         flag = next((w for w in words if w.startswith("-")), words[0] if words else "?")
         close = difflib.get_close_matches(flag.lstrip("-").split("=")[0], options, n=1)
         hint = f"; did you mean --{close[0]}?" if close else ""
-        return f"unknown option {flag} (given: {' '.join(words)}){hint} (abbreviations are not accepted)"
+        return (
+            f"unknown option {flag} (given: {' '.join(words)}){hint} "
+            "(abbreviations are not accepted)"
+        )
     if (m := _SUBCOMMAND_OPTION.match(first)) is not None:
         close = difflib.get_close_matches(m.group(1), options, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -256,7 +259,8 @@ def _find_key(leaf: str, config: Optional[dict]) -> Optional[str]:
 
 
 def cli_key(key: str) -> str:
-    """``model.init_args.net.init_args.theta`` as typed on the command line: ``model.net.init_args.theta``."""
+    """``model.init_args.net.init_args.theta`` as typed on the command line:
+    ``model.net.init_args.theta``."""
     head, sep, rest = key.partition(".init_args.")
     return f"{head}.{rest}" if sep and "." not in head else key
 

@@ -48,8 +48,9 @@ def _option(args: list[str], i: int) -> tuple[str, str | None, int]:
 
 
 def _nested_parent(key: str) -> tuple[str, str] | None:
-    """``("model.net", "contraction")`` for ``model.net.init_args.contraction`` or ``model.net.contraction``;
-    None for keys at most one class deep (``model.lr``, ``trainer.max_epochs``), which parse as they are."""
+    """``("model.net", "contraction")`` for ``model.net.init_args.contraction`` or
+    ``model.net.contraction``; None for keys at most one class deep (``model.lr``,
+    ``trainer.max_epochs``), which parse as they are."""
     parts = key.split(".")
     if len(parts) < 3 or len([p for p in parts if p != "init_args"]) < 3:
         return None

@@ -70,7 +70,7 @@ def resolve_threads(
 
 
 def apply_threads(setting: ThreadsSetting = None) -> int:
-    """Set torch's intra-op (and, where still possible, inter-op) threads; returns the intra-op count.
+    """Set torch's intra-op (and, where still possible, inter-op) threads; returns intra-op's.
 
     Inter-op threads (torch's pool for parallel independent ops) follow the
     intra-op count: one process, one core. torch lets them be set only once,

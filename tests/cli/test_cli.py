@@ -1,4 +1,5 @@
-"""``python -m irnet``: every config fits, exit status, bad keys fail clearly, exact resume, predict, DDP, print_config."""
+"""``python -m irnet``: every config fits, exit status, bad keys fail clearly, exact resume,
+predict, DDP, print_config."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def test_every_config_has_fast_overrides():
 
 
 @pytest.mark.slow
-# ex1_sine's fit from the command line, callbacks and all, is tests/docs/test_readme.py's main-command test
-# (in a fresh ``python -m irnet`` process; these run in-process through the same ``main``).
+# ex1_sine's fit from the command line, callbacks and all, is tests/docs/test_readme.py's
+# main-command test (in a fresh ``python -m irnet`` process; these run in-process through the same
+# ``main``).
 @pytest.mark.parametrize("name", [n for n in config_names() if n != "ex1_sine"])
 def test_config_fits_from_the_command_line(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -30,7 +30,9 @@ FILES = {
         "model:\n  init_args:\n    net:\n      init_args:\n        solver:\n"
         "          init_args:\n            atol: -1\n"
     ),
-    "in_features.yaml": "model:\n  init_args:\n    net:\n      init_args:\n        in_features: 2\n",
+    "in_features.yaml": (
+        "model:\n  init_args:\n    net:\n      init_args:\n        in_features: 2\n"
+    ),
     "garbage.ckpt": "this is not a checkpoint\n",
 }
 

@@ -1,4 +1,5 @@
-"""A null given on the command line to an option two classes deep (``--model.net.init_args.contraction null``)."""
+"""A null given on the command line to an option two classes deep
+(``--model.net.init_args.contraction null``)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,13 @@ def test_contraction_null_on_the_command_line_turns_the_configs_contraction_off(
     tmp_path, monkeypatch, spelling
 ):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["irnet"])  # parse only the test's arguments
     config = ["--config", str(CONFIGS / "ex1_sine.yaml")]
     assert main(config, run=False).model.net.contraction == 0.9  # the config's
     cli = main([*config, *spelling], run=False)
     assert cli.model.net.contraction is None
-    assert (
-        len(cli.model.net.blocks) == 10 and cli.model.net.blocks[0].theta == 0.5
-    )  # the rest of the net is kept
+    # the rest of the net is kept
+    assert len(cli.model.net.blocks) == 10 and cli.model.net.blocks[0].theta == 0.5
 
 
 def test_sys_argv_is_rewritten_in_place(tmp_path, monkeypatch):
