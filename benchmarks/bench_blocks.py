@@ -32,6 +32,7 @@ Usage::
     python benchmarks/bench_blocks.py                 # the full table (a few minutes)
     python benchmarks/bench_blocks.py --quick         # 20 layers, 2 repeats, seconds
     python benchmarks/bench_blocks.py --layers 100 --repeats 7 --threads 2
+    python benchmarks/bench_blocks.py --preset block-speed  # one block, K = 30: floor, torchdeq
 
 Not a test: nothing here asserts; see ``docs/benchmarks.md`` for a recorded run.
 """
@@ -255,7 +256,8 @@ FIXED_K_TOL = 1e-30  # "tolerance" of the fixed-K rows: never met, so all K iter
 def configurations(
     tol: float, max_iter: int, theta: float, with_torchdeq: bool, fixed_k: Optional[int] = None
 ) -> list[Config]:
-    """The rows; with ``fixed_k`` every solver takes exactly K iterations and a floor row is added."""
+    """The rows; with ``fixed_k`` every solver takes exactly K iterations, and a floor row is
+    added."""
     if fixed_k is not None:
         tol, max_iter = FIXED_K_TOL, fixed_k
 
@@ -539,8 +541,9 @@ def reference_table(results: list[Result]) -> Optional[str]:
 
 
 PRESETS = {
-    # Issue 9's block: one layer, θ = 1, K = 30 fixed-point iterations and 30 Neumann terms.
-    "issue9": dict(
+    # One block's speed at a fixed iteration count against the floor and torchdeq: one layer,
+    # θ = 1, K = 30 fixed-point iterations and 30 Neumann terms.
+    "block-speed": dict(
         layers=1,
         theta=1.0,
         fixed_k=30,
@@ -579,7 +582,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="issue9: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
+        help="block-speed: 1 block, θ = 1, K = 30, batch 128, state 64, width 256, "
         "h = 0.5, 1 thread; rows fixed point + Neumann (tolerance never met, "
         "and fixed count), floor, torchdeq "
         "(explicit flags after it do not override it)",

@@ -1,4 +1,4 @@
-"""Training epochs on one device (a GPU, or the CPU): explicit, implicit cold and implicit warm-started.
+"""Training epochs on one device (a GPU or the CPU): explicit, implicit cold, implicit warm-started.
 
 For every config in ``configs/`` (or those named by ``--configs``) three copies of the module
 train side by side from the same initial weights, epoch by epoch in rotating order, with the
@@ -126,7 +126,8 @@ def table(results: dict[str, dict[str, DeviceRun]]) -> str:
 
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        name = torch.cuda.get_device_name(device)
+        return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     return f"CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 

@@ -11,8 +11,8 @@ accelerator path forced; its budget is one read per solve plus 10.
 
 Usage::
 
-    python benchmarks/count_syncs.py                                   # every config, on cuda
-    python benchmarks/count_syncs.py --device cpu --configs ex1_sine   # runs the steps, counts no syncs
+    python benchmarks/count_syncs.py                                  # every config, on cuda
+    python benchmarks/count_syncs.py --device cpu --configs ex1_sine  # runs steps, counts no syncs
 
 Not a test: nothing here asserts. On the CPU there is nothing to count; the steps still run, so
 the command is checked without a GPU.
@@ -48,7 +48,8 @@ SYNC_MESSAGE = "called a synchronizing CUDA operation"
 
 
 class CountOneStep(pl.Callback):
-    """Records the warnings and counts the solves from the start to the end of training step ``step``."""
+    """Records the warnings and counts the solves from the start to the end of training step
+    ``step``."""
 
     def __init__(self, step: int, cuda: bool, solves: SolveCounter) -> None:
         self.step, self.cuda, self.solves = step, cuda, solves
@@ -169,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"#   {name}: {rows[name]['seconds']:.0f} s", flush=True)
     print(table(rows))
     print(
-        "tests/training/test_host_reads.py's budget for the same step on the CPU: syncs − solves ≤ 10"
+        "tests/training/test_host_reads.py's budget for the same step on the CPU: "
+        "syncs − solves ≤ 10"
     )
 
 

@@ -1,4 +1,4 @@
-"""Example 1 trained with the paper's solvers and with the fast ones, per seed: loss, iterations, time.
+"""Example 1 with the paper's solvers and with the fast ones, per seed: loss, iterations, time.
 
 The config's network (10 layers, θ = ½, width 100, T = 10, R_fp weight 0.1,
 Adam lr 1e-2, full batch of 51 points) in a bare training loop, one thread:

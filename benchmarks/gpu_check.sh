@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 23 wants run on one CUDA GPU, in one command of under 8 minutes:
+# Everything a first CUDA GPU should check, in one command of under 8 minutes:
 #   1. the gpu tests (pytest -m gpu);
 #   2. every shipped config fitted on the GPU for a few epochs, resumed from its last.ckpt for one
 #      more, then validate, test and predict from the resumed run's last.ckpt;
@@ -9,7 +9,8 @@
 # /tmp; the runs, checkpoints and TMPDIR to a work folder under /tmp.
 #
 #   benchmarks/gpu_check.sh [DIR]         # on the GPU
-#   benchmarks/gpu_check.sh --cpu [DIR]   # the same commands on the CPU, tiny: checks them without a GPU
+#   benchmarks/gpu_check.sh --cpu [DIR]   # the same commands on the CPU, tiny (checks them
+#                                         # without a GPU)
 #
 # PYTHON names the interpreter (default .venv/bin/python, else python3). Where irnet is not
 # installed, `pip install --no-deps -e .` installs it, after any wheels lying in .whl/ (this
