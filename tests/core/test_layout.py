@@ -51,7 +51,7 @@ TREES = {"irnet": "irnet", "irnet.callbacks": "callbacks", "irnet.datamodules": 
 MAX_TOP_LEVEL_MODULES = 14
 
 
-# -- reading the source tree ----------------------------------------------------------------------
+# -- reading the source tree -----------------------------------------------------------------------
 
 
 def source_modules(root: Path) -> tuple[dict[str, Path], set[str]]:
@@ -154,7 +154,7 @@ def test_all_is_declared_only_in_package_init_files():
     assert {"irnet", "irnet.callbacks", "irnet.datamodules"} <= packages
 
 
-# -- private modules and names --------------------------------------------------------------------
+# -- private modules and names ---------------------------------------------------------------------
 
 
 def test_no_module_imports_another_packages_private_module_or_name():
@@ -256,7 +256,7 @@ def test_import_linter_finds_an_import_that_breaks_the_layering(package_copy: Pa
     assert "irnet.layer is not allowed to import irnet.cli" in out, out
 
 
-# -- class paths in configs and docs --------------------------------------------------------------
+# -- class paths in configs and docs ---------------------------------------------------------------
 
 #: ``class_path: a.b.C`` or ``...class_path a.b.C``; not a placeholder (``irnet.solvers.<Name>``)
 CLASS_PATH = re.compile(r"class_path:?\s+[\"']?([A-Za-z_]\w*(?:\.\w+)+)(?!\w|\.[\w<])")
@@ -328,7 +328,7 @@ def test_a_misspelled_class_path_does_not_resolve():
         resolve("irnet_missing.nets.ODENet")
 
 
-# -- old module paths -----------------------------------------------------------------------------
+# -- old module paths ------------------------------------------------------------------------------
 
 
 @pytest.fixture()
