@@ -1,7 +1,8 @@
-"""``python -m irnet reproduce ex1|ex2|stability|robustness|digits_theta|mnist_theta|seeds``: the paper's
-studies, end to end (``seeds``: one config over many seeds, :mod:`irnet.reproduce.seeds`; ``digits_theta``:
-θ's effect on robustness over step and depth, :mod:`irnet.reproduce.digits_theta`; ``mnist_theta``: the
-authors' MNIST set-up, :mod:`irnet.reproduce.mnist_theta`).
+"""``python -m irnet reproduce ex1|ex2|stability|robustness|digits_theta|mnist_theta|seeds``:
+the paper's studies, end to end (``seeds``: one config over many seeds,
+:mod:`irnet.reproduce.seeds`; ``digits_theta``: θ's effect on robustness over step and depth,
+:mod:`irnet.reproduce.digits_theta`; ``mnist_theta``: the authors' MNIST set-up,
+:mod:`irnet.reproduce.mnist_theta`).
 
 Each study trains its grid of configurations × seeds on the CPU (one worker
 process per core), then writes into ``--out`` (default ``reproduce/<study>``):

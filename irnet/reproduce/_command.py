@@ -1,4 +1,11 @@
-"""``irnet reproduce <study> …``: parse the command line, run the study's cells, write its summary."""
+"""``irnet reproduce <study> …``: the studies' command line.
+
+:func:`parser` reads it: the study (one of :data:`STUDIES`), the options all studies share and
+those of the ``seeds`` study. :func:`main` runs one study: its cells on worker processes, each
+result recorded in the study's journal as it arrives (a killed run resumes where it stopped),
+then results.json, the figures and summary.md; with ``--replot``, only the figures and
+summary.md of the last run. ``stability`` and ``seeds`` run their own way.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ from irnet.reproduce._summary import (
 
 DESCRIPTION = "Run one of the paper's studies end to end (see docs/REPORT.md)."
 STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
+
+
+# -- the command line ---------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,8 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replot",
         action="store_true",
-        help="redraw figures and summary from the last run's <log-dir>/cells.json (or the finished cells "
-        "of an unfinished run), no training; rerun the study's command to resume an unfinished run",
+        help="redraw figures and summary from the last run's <log-dir>/cells.json (or the "
+        "finished cells of an unfinished run), no training; rerun the study's command to resume "
+        "an unfinished run",
     )
     p.add_argument(
         "--workers",
@@ -72,8 +83,8 @@ def parser() -> argparse.ArgumentParser:
         "--threads",
         type=_threads,
         default=None,
-        help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, else 1; "
-        "see docs/training.md, Threads)",
+        help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, "
+        "else 1; see docs/training.md, Threads)",
     )
     seeds.add_arguments(p)
     return p
@@ -98,6 +109,9 @@ def _unit(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"θ must be in [0, 1], got {text}")
     return value
+
+
+# -- running a study ----------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -136,7 +150,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         seeded = seed_from_published(journal, out / "results.json", cells)
         if seeded:
             print(
-                f"{args.study}: resuming with {seeded} finished cells of the unfinished run in {out / 'results.json'}"
+                f"{args.study}: resuming with {seeded} finished cells of the unfinished run in "
+                f"{out / 'results.json'}"
             )
         results = run_cells(
             study.run_cell,
@@ -146,9 +161,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
             threads=args.threads,
             journal=journal,
         )
-        results = [
-            getattr(study, "upgraded", dict)(result) for result in results
-        ]  # seeded ones too
+        # seeded ones too
+        results = [getattr(study, "upgraded", dict)(result) for result in results]
         minutes = (time.perf_counter() - start) / 60
         meta = {
             "command": command,
@@ -177,7 +191,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
 
 
 def _settings(args: argparse.Namespace, study) -> dict:
-    """The study's full or tiny settings, narrowed by ``--layers``, ``--thetas`` and ``--variants`` (ex1 only)."""
+    """The study's full or tiny settings, narrowed by ``--layers``, ``--thetas`` and
+    ``--variants`` (ex1 only)."""
     settings = study.TINY if args.tiny else study.FULL
     if (args.layers or args.thetas or args.variants) and args.study != "ex1":
         parser().error("--layers, --thetas and --variants apply to ex1 only")

@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-FILE_NAME = "cells.partial.jsonl"  # in a study's log dir: the finished cells of a run in progress (or killed)
+# in a study's log dir: the finished cells of a run in progress (or killed)
+FILE_NAME = "cells.partial.jsonl"
 
 
 def cell_key(cell: dict) -> str:
@@ -50,7 +51,7 @@ class Journal:
             file.write(json.dumps({"key": cell_key(cell), "result": result}, default=float) + "\n")
 
     def results(self) -> list[dict]:
-        """Every recorded result, in the order finished (a partial study's results, for a report)."""
+        """Every recorded result, in the order finished: a partial study's, for a report."""
         return [entry["result"] for entry in self._entries()]
 
     def _entries(self) -> list[dict]:
@@ -69,7 +70,7 @@ class Journal:
 
 
 def seed_from_published(journal: Journal, published: Path, cells: Sequence[dict]) -> int:
-    """Start a missing journal from the cells of ``cells`` that a study published in ``results.json``.
+    """Start a missing journal from those of ``cells`` that a study published in ``results.json``.
 
     A study that outlives one machine (its log dir is gone, its ``results.json`` was committed)
     then resumes where it stopped, and a wider grid (more θ, seeds or variants) builds on a
@@ -96,7 +97,8 @@ def seed_from_published(journal: Journal, published: Path, cells: Sequence[dict]
 
 
 def unthinned(result: dict) -> dict:
-    """``result`` with each thinned ``history`` list back at one entry per epoch (NaN where none was kept)."""
+    """``result`` with each thinned ``history`` list back at one entry per epoch (NaN where
+    none was kept)."""
     stride = result.get("history_stride", 1)
     if stride <= 1 or "history" not in result:
         return result

@@ -45,9 +45,10 @@ MEASURED = (
 
 
 class LeanHistory(Callback):
-    """Per epoch: losses (and accuracies) from the module's epoch metrics; mean fixed-point and adjoint
-    iterations over layers and steps; mean per-sample ‖∂L/∂y_t‖ over layers, and at the first and
-    last layer (the output of each block, as :class:`~irnet.callbacks.GradientMagnitudes` takes it).
+    """Per epoch: losses (and accuracies) from the module's epoch metrics; mean fixed-point and
+    adjoint iterations over layers and steps; mean per-sample ‖∂L/∂y_t‖ over layers, and at the
+    first and last layer (the output of each block, as
+    :class:`~irnet.callbacks.GradientMagnitudes` takes it).
 
     ``values`` has the keys of :class:`~irnet.reproduce._runner.History`; NaN where a value does not
     apply (no implicit layer, no validation that epoch: validation may run every few epochs).

@@ -1,4 +1,4 @@
-"""The robustness study's strong attacks (issue 12): the per-sample worst case over a set of attacks.
+"""The robustness study's strong attacks: the per-sample worst case over a set of attacks.
 
 Each trained digits classifier is attacked at :data:`EPSILONS` with the set of
 :func:`irnet.analysis.strong_attacks.strong_attacks` (FGSM, 10-step PGD, PGD with more
@@ -34,9 +34,10 @@ from irnet.analysis.strong_attacks import strong_attacks, strongest_attack_accur
 EPSILONS = (0.1, 0.2)
 ATTACKS = ("fgsm", "pgd", "pgd_restarts", "spsa", "pgd_tight", "transfer")
 # Attack sizes: PGD 20 steps × (2 random starts + 1 from x), SPSA 20 steps × 16 directions, on the
-# first 200 test images; SPSA costs most. Measured on one (shared) core, a full-size cell (training and
-# every evaluation) took 21 s at θ = 0, 119 s at θ = 0.5, 183 s at θ = 1 (about 40 s of it training),
-# 154 s with κ = 0.9 and 135 s with R_jac at θ = 1: the full study takes about 45 min on 2 cores.
+# first 200 test images; SPSA costs most. Measured on one (shared) core, a full-size cell (training
+# and every evaluation) took 21 s at θ = 0, 119 s at θ = 0.5, 183 s at θ = 1 (about 40 s of it
+# training), 154 s with κ = 0.9 and 135 s with R_jac at θ = 1: the full study takes about 45 min
+# on 2 cores.
 FULL = {
     "epsilons": EPSILONS,
     "samples": 200,
@@ -124,7 +125,8 @@ def evaluate(
         model: the trained classifier (eval mode).
         x, target: test images and labels; the first ``cell["strong"]["samples"]`` are attacked.
         clamp: the valid pixel range.
-        cell: the study's cell (``strong`` sizes, ``seed``, ``theta``, ``variant``, ``run``, ``log_dir``).
+        cell: the study's cell (``strong`` sizes, ``seed``, ``theta``, ``variant``, ``run``,
+            ``log_dir``).
         has_source: whether the study trains this cell's explicit network (else no transfer attack).
     """
     sizes = cell["strong"]

@@ -81,9 +81,9 @@ def train(
 
     ``gradient_clip_val`` is the Trainer's (the norm of all gradients together; None: no clipping).
     ``lean``: for runs of thousands of epochs, record the history with
-    :class:`~irnet.reproduce._lean_history.LeanHistory` instead of the monitoring callbacks, validate
-    every :data:`LEAN_EVERY` epochs (NaN validation values between) and write TensorBoard every
-    :data:`LEAN_EVERY` steps; an Example 1 epoch then takes about half the time
+    :class:`~irnet.reproduce._lean_history.LeanHistory` instead of the monitoring callbacks,
+    validate every :data:`LEAN_EVERY` epochs (NaN validation values between) and write TensorBoard
+    every :data:`LEAN_EVERY` steps; an Example 1 epoch then takes about half the time
     (``benchmarks/bench_study_epoch.py``).
 
     Returns the per-epoch :class:`History` values, ``epochs`` of each (NaN where a metric does not
@@ -192,7 +192,8 @@ def _results(
 
 
 class _Indexed:
-    """Picklable ``(index, cell) -> (index, function(cell))``: results of an unordered map keep their cell."""
+    """Picklable ``(index, cell) -> (index, function(cell))``: results of an unordered map keep
+    their cell."""
 
     def __init__(self, function: Callable[[dict], dict]) -> None:
         self.function = function
@@ -241,7 +242,7 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
 
 
 def fmt_finite(values: Iterable[float]) -> str:
-    """``mean ± std`` of the finite values (runs without the quantity left out); "–" if there are none."""
+    """``mean ± std`` of the finite values (runs without the quantity left out), else "–"."""
     finite = [float(v) for v in values if not math.isnan(v)]
     return fmt(*mean_std(finite)) if finite else "–"
 
@@ -267,7 +268,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def rounded(value: Any, digits: int = 4) -> Any:
-    """``value`` with every float rounded to ``digits`` significant digits (a compact results file)."""
+    """``value`` with every float rounded to ``digits`` significant digits (compact results)."""
     if isinstance(value, float):
         return float(f"{value:.{digits}g}")
     if isinstance(value, dict):
@@ -293,7 +294,7 @@ def save_results(out: Path, results: list[dict], meta: dict, history_stride: int
 
 
 def thinned(result: dict, stride: int) -> dict:
-    """``result`` with every ``stride``-th epoch of its ``history`` lists (and ``history_stride`` set)."""
+    """``result`` keeping every ``stride``-th epoch of its ``history``; ``history_stride`` set."""
     if stride <= 1 or "history" not in result:
         return result
     history = {

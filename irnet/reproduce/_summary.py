@@ -1,4 +1,13 @@
-"""What a study writes beside its numbers: the machine it ran on, its summary page, a saved run to redraw."""
+"""What a study writes beside its cells' numbers, and how a saved run is read back.
+
+* :func:`machine`: one line naming the machine (CPU, workers × threads, OS, Python, torch);
+* :func:`render_summary`: summary.md, with the command, the machine, the time taken, the
+  study's tables and its figures;
+* :data:`DRAWING_KEYS`: result keys that only feed figures, left out of results.json unless a
+  study publishes them (its ``PUBLISHED_DRAWINGS``);
+* :func:`saved_run`: the run last recorded in a log directory, finished or not, for
+  ``--replot`` (:class:`ReplotWithoutRun` where there is none).
+"""
 
 from __future__ import annotations
 
@@ -11,38 +20,8 @@ import torch
 
 from irnet.reproduce._journal import Journal
 
-DRAWING_KEYS = (
-    "grid_output",
-    "trajectories",
-    "field",
-    "decision",
-)  # in the figures, not results.json
-
-
-class ReplotWithoutRun(ValueError):
-    """``--replot`` asked for a run that never finished a cell."""
-
-
-def saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
-    """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``), or of
-    an unfinished one: the cells its journal holds (a partial study's figures and tables)."""
-    path = log_dir / "cells.json"
-    journal = Journal.of_study(log_dir)
-    if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
-        results = journal.results()
-        return {
-            "command": "(unfinished run, from its journal)",
-            "minutes": sum(r["seconds"] for r in results) / 60,
-            "machine": "machine not recorded (an unfinished run's journal)",
-            "partial": True,
-        }, results
-    if not path.is_file():
-        raise ReplotWithoutRun(
-            f"--replot needs a finished run's {path}; run the study without --replot first "
-            "(or pass its --log-dir)"
-        )
-    saved = json.loads(path.read_text())
-    return saved["meta"], saved["cells"]
+# in the figures, not results.json
+DRAWING_KEYS = ("grid_output", "trajectories", "field", "decision")
 
 
 def machine(workers: int, threads: int = 1) -> str:
@@ -66,8 +45,36 @@ def _cpu_model() -> str:
 
 
 def render_summary(name: str, meta: dict, table: str, figures: Sequence[Path], out: Path) -> str:
+    """summary.md of study ``name``: ``meta``'s command, machine and minutes, ``table`` (the
+    study's tables) and ``figures`` (linked relative to ``out``)."""
     images = "\n".join(f"![{f.stem}]({f.relative_to(out)})" for f in figures)
     return (
         f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes.\n\n"
         f"Mean ± standard deviation over seeds.\n\n{table}\n\n{images}\n"
     )
+
+
+class ReplotWithoutRun(ValueError):
+    """``--replot`` asked for a run that never finished a cell."""
+
+
+def saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
+    """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``),
+    or of an unfinished one: the cells its journal holds (a partial study's figures and tables)."""
+    path = log_dir / "cells.json"
+    journal = Journal.of_study(log_dir)
+    if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
+        results = journal.results()
+        return {
+            "command": "(unfinished run, from its journal)",
+            "minutes": sum(r["seconds"] for r in results) / 60,
+            "machine": "machine not recorded (an unfinished run's journal)",
+            "partial": True,
+        }, results
+    if not path.is_file():
+        raise ReplotWithoutRun(
+            f"--replot needs a finished run's {path}; run the study without --replot first "
+            "(or pass its --log-dir)"
+        )
+    saved = json.loads(path.read_text())
+    return saved["meta"], saved["cells"]

@@ -1,6 +1,7 @@
-"""Does a larger θ make a digits classifier more robust to noise, at equal clean accuracy, for any step or depth?
+"""Does a larger θ make a digits classifier more robust to noise, at equal clean accuracy, for
+any step or depth?
 
-Issue 12, item 4. The paper's authors report, on 1 000 MNIST images with their
+The paper's authors report, on 1 000 MNIST images with their
 own code, test accuracy under Gaussian noise σ = 0.5 (pixels in [0, 1]) rising
 from 63.2 % at θ = 0 to 75.4 % at θ = 1. docs/REPORT.md §4 found the reverse on
 scikit-learn's 8×8 digits, with one step (h = 0.5), one depth (10 layers) and
@@ -87,7 +88,8 @@ TINY = {
 def cells(
     settings: dict, log_dir: Path, seeds: int | None = None, epochs: int | None = None
 ) -> list[dict]:
-    """Seed by seed, geometry by geometry, θ ascending: a study cut short has whole θ comparisons."""
+    """Seed by seed, geometry by geometry, θ ascending: a study cut short has whole θ
+    comparisons."""
     return [
         {
             "theta": theta,
@@ -125,7 +127,8 @@ class FirstReached(Callback):
 
 
 def run_cell(cell: dict) -> dict:
-    """Train one classifier until its validation loss stalls; test it at equal clean accuracy and at its best."""
+    """Train one classifier until its validation loss stalls; test it at equal clean accuracy and
+    at its best."""
     pl.seed_everything(cell["seed"], verbose=False)
     module = make_module(cell["layers"], cell["T"], cell["theta"], False, cell["seed"])
     data = Digits(flatten=True, batch_size=128, seed=cell["seed"])
@@ -257,9 +260,9 @@ def _direction(results: list[dict]) -> str:
             row += [_paired(runs, state, theta) for theta in _thetas(results)[1:]]
         rows.append(row)
     return (
-        f"Change in test accuracy under noise σ = {PAPER_NOISE} (the paper's σ = 0.5 of the pixel range) "
-        f"from θ = 0, paired by seed: mean ± standard deviation, and how many seeds rose.\n\n"
-        + markdown_table(header, rows)
+        f"Change in test accuracy under noise σ = {PAPER_NOISE} (the paper's σ = 0.5 of the pixel "
+        "range) from θ = 0, paired by seed: mean ± standard deviation, and how many seeds rose."
+        "\n\n" + markdown_table(header, rows)
     )
 
 
@@ -280,20 +283,22 @@ def _paired(runs: list[dict], state: str, theta: float) -> str:
 
 def _protocol() -> str:
     return (
-        f"'equal' is each network with the weights of the first epoch whose validation accuracy reached "
-        f"{EQUAL_ACC} (every network then has nearly the same clean accuracy; 'never': the run did not "
-        f"reach it, and is left out of the 'equal' columns); 'best' with the weights of its smallest "
-        f"validation loss; '(broke)': training stopped as broken (solves that kept failing, or non-finite "
-        f"numbers) in that epoch. Runs trained until the validation loss had not improved for {PATIENCE} epochs "
-        f"(at most {EPOCHS}). Noise σ in standardised pixel units ({NOISE_REPEATS} draws per test image); "
-        f"σ = {PAPER_NOISE} is the paper's σ = 0.5 of the pixel range. ‖∂f/∂x‖_F: the Frobenius norm of "
-        f"the logits' Jacobian with respect to the input, mean over the test images."
+        f"'equal' is each network with the weights of the first epoch whose validation accuracy "
+        f"reached {EQUAL_ACC} (every network then has nearly the same clean accuracy; 'never': the "
+        f"run did not reach it, and is left out of the 'equal' columns); 'best' with the weights "
+        f"of its smallest validation loss; '(broke)': training stopped as broken (solves that kept "
+        f"failing, or non-finite numbers) in that epoch. Runs trained until the validation loss "
+        f"had not improved for {PATIENCE} epochs (at most {EPOCHS}). Noise σ in standardised pixel "
+        f"units ({NOISE_REPEATS} draws per test image); σ = {PAPER_NOISE} is the paper's σ = 0.5 "
+        f"of the pixel range. ‖∂f/∂x‖_F: the Frobenius norm of the logits' Jacobian with respect "
+        f"to the input, mean over the test images."
     )
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:
-    """digits_theta.png: accuracy under the paper's noise against θ per geometry, at equal clean accuracy
-    and at the best epoch; digits_theta_training.png: validation accuracy over training."""
+    """digits_theta.png: accuracy under the paper's noise against θ per geometry, at equal clean
+    accuracy and at the best epoch; digits_theta_training.png: validation accuracy over
+    training."""
     return [_direction_figure(results, out), _training_figure(results, out)]
 
 

@@ -3,7 +3,7 @@
 The paper's set-up (section 3): eq. (11) with T = 10, width 100, ReLU, the
 stationary normalised initialisation, 51 training points, the L2 loss, Adam
 with learning rate 1e-2 × 0.7 every 500 epochs, TOL = 1e-5 and at most 50
-fixed-point iterations. The default grid is issue 12's, at the paper's budget:
+fixed-point iterations. The default grid, at the paper's budget:
 θ ∈ {0, ¼, ½, ¾, 1} × {10, 100} layers, 3 000 epochs, seeds 0–4 (unscreened),
 each θ > 0 in three variants (:data:`VARIANTS`):
 
@@ -155,7 +155,7 @@ def cells(
 
 
 def upgraded(cell: dict) -> dict:
-    """A cell saved before the variants existed (R_fp on or off, the paper's init) in today's form."""
+    """A cell saved before the variants existed (R_fp on or off, the paper's init), as today's."""
     if "variant" in cell:
         return cell
     return {
@@ -250,21 +250,23 @@ CONFIG = ("layers", "theta", "variant")
 
 
 def estimated_seconds(layers: int, theta: float, variant: str, epochs: int) -> float:
-    """One cell's wall time from :data:`EPOCH_SECONDS`, linear in the depth through the two measured."""
+    """One cell's wall time from :data:`EPOCH_SECONDS`, linear in depth through the two measured."""
     measured = EPOCH_SECONDS["explicit" if theta == 0 else variant]
     (d0, s0), (d1, s1) = sorted(measured.items())
     return epochs * (s0 + (s1 - s0) * (layers - d0) / (d1 - d0))
 
 
 def wall_time(results: list[dict], cores: int = 2) -> str:
-    """The grid's wall time on ``cores`` cores (one worker each) estimated from :data:`EPOCH_SECONDS`,
-    and the CPU time its cells measured (the run's wall time is in the summary's header)."""
+    """The grid's wall time on ``cores`` cores (one worker each) estimated from
+    :data:`EPOCH_SECONDS`, and the CPU time its cells measured (the run's wall time is in the
+    summary's header)."""
     estimate = sum(
         estimated_seconds(r["layers"], r["theta"], r["variant"], r["epochs"]) for r in results
     )
     return (
-        f"Wall time: estimated {_duration(estimate / cores)} on {cores} cores, one worker process per "
-        f"core ({_duration(estimate)} on one; from timed epochs, ex1.EPOCH_SECONDS); measured: "
+        f"Wall time: estimated {_duration(estimate / cores)} on {cores} cores, one worker "
+        f"process per core ({_duration(estimate)} on one; from timed epochs, ex1.EPOCH_SECONDS); "
+        f"measured: "
         f"{_duration(sum(r['seconds'] for r in results))} of cell time on one core, "
         f"and the run's wall time above."
     )
@@ -323,12 +325,12 @@ def summarize(results: list[dict]) -> str:
         )
     seeds = sorted({r["seed"] for r in results})
     notes = (
-        f"Variants: `paper` = the paper's settings (no R_fp, no contraction); `rfp` = R_fp weight "
-        f"{R_FP_WEIGHT}, p = 1; `contraction` = ODENet(contraction={CONTRACTION}), no R_fp. θ = 0 is "
-        f'trained once (as `paper`): the variants coincide there. Every cell uses init="{INIT}" '
-        f"(the paper's initialisation explodes for some seeds at T = 10); seeds {seeds}, unscreened. "
-        f'"stopped": runs stopped as broken (irnet.failure.TrainingFailure; their numbers are NaN).\n\n'
-        f"{wall_time(results)}"
+        f"Variants: `paper` = the paper's settings (no R_fp, no contraction); `rfp` = R_fp "
+        f"weight {R_FP_WEIGHT}, p = 1; `contraction` = ODENet(contraction={CONTRACTION}), no R_fp. "
+        "θ = 0 is trained once (as `paper`): the variants coincide there. Every cell uses "
+        f'init="{INIT}" (the paper\'s initialisation explodes for some seeds at T = 10); seeds '
+        f'{seeds}, unscreened. "stopped": runs stopped as broken (irnet.failure.TrainingFailure; '
+        f"their numbers are NaN).\n\n{wall_time(results)}"
     )
     return "\n\n".join(
         [notes, markdown_table(header, rows), training_table(results), seed_table(results)]
@@ -336,7 +338,7 @@ def summarize(results: list[dict]) -> str:
 
 
 def seed_table(results: list[dict]) -> str:
-    """Final training / validation loss of every run, one column per seed (rankings need seeds apart)."""
+    """Final training / validation loss of every run, by seed (rankings need seeds apart)."""
     seeds = sorted({r["seed"] for r in results})
     rows = []
     for (layers, theta, variant), runs in sorted(
@@ -351,8 +353,8 @@ def seed_table(results: list[dict]) -> str:
 
 
 def training_table(results: list[dict]) -> str:
-    """Over training (Fig. 5 and the fit): forward iterations per layer early, at their peak and at the
-    end, and the lowest validation loss with its epoch, mean ± std over seeds."""
+    """Over training (Fig. 5 and the fit): forward iterations per layer early, at their peak and
+    at the end, and the lowest validation loss with its epoch, mean ± std over seeds."""
     header = [
         "layers",
         "θ",
@@ -386,9 +388,9 @@ def training_table(results: list[dict]) -> str:
             ]
         )
     return (
-        "Over training: forward iterations per layer (the mean over the layers and the epochs of the "
-        "first and last 5 % of training, and the highest epoch value with its epoch) and the lowest "
-        "validation loss seen (validation every few epochs) against the final one.\n\n"
+        "Over training: forward iterations per layer (the mean over the layers and the epochs of "
+        "the first and last 5 % of training, and the highest epoch value with its epoch) and the "
+        "lowest validation loss seen (validation every few epochs) against the final one.\n\n"
         + markdown_table(header, rows)
     )
 
@@ -425,7 +427,7 @@ def lowest_val(val_loss: list[float]) -> tuple[float, float]:
 
 
 def _order(config: tuple) -> tuple:
-    """Sort key of a ``(layers, θ, variant)`` configuration: depth, θ, then :data:`VARIANTS` order."""
+    """Sort key of a ``(layers, θ, variant)`` configuration: depth, θ, :data:`VARIANTS` order."""
     layers, theta, variant = config
     return layers, theta, VARIANTS.index(variant)
 
@@ -454,8 +456,8 @@ def figures(results: list[dict], out: Path) -> list[Path]:
 
 
 def _lines(groups: dict, layers: int, variant: str):
-    """(label, colour, style, runs) of every θ of ``variant`` with ``layers`` layers, and θ = 0 (trained
-    once, as ``paper``) in every variant's panels as the explicit reference."""
+    """(label, colour, style, runs) of every θ of ``variant`` with ``layers`` layers, and θ = 0
+    (trained once, as ``paper``) in every variant's panels as the explicit reference."""
     for (depth, theta, v), runs in sorted(groups.items(), key=lambda item: item[0][:2]):
         if depth == layers and (v == variant or theta == 0):
             yield (
@@ -467,7 +469,7 @@ def _lines(groups: dict, layers: int, variant: str):
 
 
 def theta_color(theta: float) -> str:
-    """The same colour for a θ in every figure (θ outside the default grid get the colours after)."""
+    """One colour per θ in all figures (θ outside the default grid take the colours after)."""
     return color(THETAS.index(theta) if theta in THETAS else len(THETAS) + int(theta * 100) % 5)
 
 
@@ -523,7 +525,7 @@ def _panels(
 
 
 def _fits(groups: dict, layers: int, out: Path) -> Path:
-    """Per (θ, variant) (rows): output vs target, trajectories, middle layer's vector field (first seed)."""
+    """One row per (θ, variant): output vs target, trajectories, mid-layer field (first seed)."""
     configs = [(t, v) for (depth, t, v) in sorted(groups, key=_order) if depth == layers]
     fig, axes = grid_figure(len(configs), 3, width=3.6, height=3.0)
     target_x = np.linspace(-5, 5, 500)

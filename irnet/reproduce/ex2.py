@@ -189,19 +189,20 @@ def run_cell(cell: dict) -> dict:
 
 
 def first_reached(values: list[float], target: float) -> Optional[int]:
-    """The first (1-based) epoch whose value is ≥ ``target`` (in float32, the values' precision); None if none is."""
+    """The first (1-based) epoch whose value is ≥ ``target`` (in float32, the values' precision);
+    None if none is."""
     threshold = as_logged(target)
     return next((i + 1 for i, v in enumerate(values) if as_logged(v) >= threshold), None)
 
 
 def upgraded(result: dict) -> dict:
-    """A result in today's form: ``epoch_reached`` recomputed from its history (runs before the float32
-    comparison missed an accuracy of exactly 0.95)."""
+    """A result in today's form: ``epoch_reached`` recomputed from its history (runs before the
+    float32 comparison missed an accuracy of exactly 0.95)."""
     return {**result, "epoch_reached": first_reached(result["history"]["val_acc"], TARGET_ACC)}
 
 
 def evaluate(module: ImplicitNetModule, data: TwoSpirals, seed: int) -> dict:
-    """Train accuracy, validation accuracy under input noise (σ = 0: clean) and the decision grid."""
+    """Train accuracy, validation accuracy under input noise (σ = 0: clean), the decision grid."""
     module.eval()
     data.setup("fit")
     (x, y), (xv, yv) = data.tensors("train"), data.tensors("val")
@@ -226,8 +227,11 @@ def _accuracy(module: ImplicitNetModule, x: torch.Tensor, y: torch.Tensor) -> fl
 
 
 def decision_grid(module: ImplicitNetModule, x: torch.Tensor) -> dict:
-    """P(class 1) on a grid over the data's bounding box, padded (Fig. 9): the grid's ``x`` and ``y``
-    coordinates and ``p[i][j]`` at ``(x[j], y[i])``, to 3 decimals (small enough for results.json)."""
+    """P(class 1) on a grid over the data's bounding box, padded (Fig. 9).
+
+    The grid's ``x`` and ``y`` coordinates and ``p[i][j]`` at ``(x[j], y[i])``, to 3 decimals
+    (small enough for results.json).
+    """
     low, high = x.min(0).values - 0.5, x.max(0).values + 0.5
     xs, ys = (torch.linspace(float(low[i]), float(high[i]), GRID) for i in (0, 1))
     gx, gy = torch.meshgrid(xs, ys, indexing="xy")
@@ -250,16 +254,17 @@ def _protocol(results: list[dict]) -> str:
         sorted({r["epochs"] for r in results}),
     )
     return (
-        f"Training to convergence: each run trained until its validation loss had not improved for "
-        f"{'/'.join(map(str, patience))} epochs, at most {'/'.join(map(str, epochs))} epochs, and was "
-        f"evaluated with the weights of its smallest validation loss. In the full study (patience 100, "
-        f"at most 600): with the shipped config, seeds 0–9 reached val acc {TARGET_ACC} at epochs "
-        f"107–246 (docs/seeds.md); 600 leaves 2.4 times the slowest of them. A run whose validation loss "
-        f"keeps falling is not cut off, but one that sits at chance for more than the patience is stopped "
-        f"there (docs/REPORT.md §3b). The best epoch is chosen on the validation set reported here "
-        f"(the data set has no third split), so 'val acc' is a little optimistic; 'val acc, last "
-        f"epoch' is the last epoch run's. 'epoch val acc ≥ {TARGET_ACC}, per seed' is the first epoch "
-        f"whose validation accuracy reached {TARGET_ACC}, seeds in order."
+        f"Training to convergence: each run trained until its validation loss had not improved "
+        f"for {'/'.join(map(str, patience))} epochs, at most {'/'.join(map(str, epochs))} epochs, "
+        f"and was evaluated with the weights of its smallest validation loss. In the full study "
+        f"(patience 100, at most 600): with the shipped config, seeds 0–9 reached val acc "
+        f"{TARGET_ACC} at epochs 107–246 (docs/seeds.md); 600 leaves 2.4 times the slowest of "
+        f"them. A run whose validation loss keeps falling is not cut off, but one that sits at "
+        f"chance for more than the patience is stopped there (docs/REPORT.md §3b). The best epoch "
+        f"is chosen on the validation set reported here (the data set has no third split), so "
+        f"'val acc' is a little optimistic; 'val acc, last epoch' is the last epoch run's. "
+        f"'epoch val acc ≥ {TARGET_ACC}, per seed' is the first epoch whose validation accuracy "
+        f"reached {TARGET_ACC}, seeds in order."
     )
 
 
@@ -308,8 +313,8 @@ def _paired_table(results: list[dict]) -> str:
                 ]
             )
     return (
-        "Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard deviation "
-        "of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows)
+        "Against no R_rnd, paired by seed (the same seed's run without R_rnd): mean ± standard "
+        "deviation of the difference, and how many seeds gained.\n\n" + markdown_table(header, rows)
     )
 
 
@@ -370,7 +375,7 @@ def _decisions(groups: dict, sigmas: list, weights: list, out: Path) -> Path:
 
 
 def _decision_panel(ax, runs: Optional[list[dict]], points: tuple, title: str) -> None:
-    """The decision regions of the lowest seed whose grid was kept (runs of older studies have none)."""
+    """Decision regions of the lowest seed whose grid was kept (older studies' runs have none)."""
     drawn = sorted((r for r in runs or () if "decision" in r), key=lambda r: r["seed"])
     if not drawn:
         ax.axis("off")

@@ -1,6 +1,6 @@
 """The authors' MNIST set-up: does accuracy under Gaussian noise rise with θ?
 
-Issue 12, item 4. The paper's authors report, for their MNIST network trained on
+The paper's authors report, for their MNIST network trained on
 1 000 images, accuracy under Gaussian noise of σ = 0.5 (pixels in [0, 1])
 rising from 63.2 % at θ = 0 to 75.4 % at θ = 1. §4–§4c of docs/REPORT.md found
 the reverse on scikit-learn's 8×8 digits. This study runs their set-up as far as
@@ -118,7 +118,7 @@ def make_module(theta: float, variant: str) -> ImplicitNetModule:
 
 
 def run_cell(cell: dict) -> dict:
-    """Train one network for the whole budget; test it at its final, best and equal-accuracy states."""
+    """Train one network for the whole budget; test its final, best and equal-accuracy states."""
     pl.seed_everything(cell["seed"], verbose=False)
     module = make_module(cell["theta"], cell["variant"])
     data = MNIST5k(
@@ -259,12 +259,12 @@ def _direction(results: list[dict]) -> str:
 
 def _protocol() -> str:
     return (
-        f"'final': the weights after all epochs (the authors tested these); 'best': those of the smallest "
-        f"validation loss; 'equal': those of the first epoch whose validation accuracy reached {EQUAL_ACC} "
-        f"('never': not reached, left out). {NOISE_REPEATS} noise draws per test image. ‖∂f/∂x‖_F: the "
-        f"Frobenius norm of the logits' Jacobian with respect to the pixels, mean over "
-        f"{JACOBIAN_SAMPLES} test images. 'broke': runs stopped as broken (no final state; their best and "
-        f"equal states, from before the break, are tested)."
+        f"'final': the weights after all epochs (the authors tested these); 'best': those of the "
+        f"smallest validation loss; 'equal': those of the first epoch whose validation accuracy "
+        f"reached {EQUAL_ACC} ('never': not reached, left out). {NOISE_REPEATS} noise draws per "
+        f"test image. ‖∂f/∂x‖_F: the Frobenius norm of the logits' Jacobian with respect to the "
+        f"pixels, mean over {JACOBIAN_SAMPLES} test images. 'broke': runs stopped as broken (no "
+        f"final state; their best and equal states, from before the break, are tested)."
     )
 
 

@@ -1,16 +1,15 @@
-"""The robustness study, with its tables and figures.
-
-Robustness on real data: scikit-learn's 8×8 digits, θ = 0 … 1, each with and without R_rnd.
+"""The robustness study: scikit-learn's 8×8 digits, θ = 0 … 1, each with and without R_rnd.
 
 The network is the paper's eq. (11) on the flattened image (a 128-component
 state ``(x, x)``), 10 layers over ``T = 5``: a coarse step ``h = 0.5``, where θ
 changes the layer map markedly (at ``h = 1`` the θ = 1 network barely learned
-in a pilot run, at 5 s an epoch), a linear readout to ten logits, cross-entropy, Adam 1e-3 with mini-batches of
-128. R_rnd uses one Gaussian stream of σ = :data:`R_RND_SIGMA`. After training,
-the test accuracy is measured clean, under Gaussian input noise (σ in units of
-the standardised pixels, whose standard deviation is 1; 1 unit ≈ 6 of the 17
-grey levels) and under FGSM and 10-step PGD attacks in the L∞ ball of radius
-ε, with adversarial images kept in the valid pixel range.
+in a pilot run, at 5 s an epoch), a linear readout to ten logits, cross-entropy,
+Adam 1e-3 with mini-batches of 128. R_rnd uses one Gaussian stream of
+σ = :data:`R_RND_SIGMA`. After training, the test accuracy is measured clean,
+under Gaussian input noise (σ in units of the standardised pixels, whose standard
+deviation is 1; 1 unit ≈ 6 of the 17 grey levels) and under FGSM and 10-step PGD
+attacks in the L∞ ball of radius ε, with adversarial images kept in the valid
+pixel range.
 
 Since gradient attacks on implicit networks can be fooled by masked gradients,
 every network is also attacked with the strong set of
@@ -22,11 +21,10 @@ Besides the plain networks, the grid trains two variants at θ in
 :data:`VARIANT_THETAS` without R_rnd: ``contraction`` (``ODENet(contraction=``
 :data:`CONTRACTION` ``)``) and ``jacobian`` (R_jac of weight :data:`JAC_WEIGHT`).
 
-summary.md tables and figures of the robustness study (:mod:`irnet.reproduce.robustness`).
-
-A configuration is ``(variant, θ, R_rnd)``; its seeds are summarised as mean ±
-standard deviation. Results saved before the variants existed count as
-``plain``; results without strong attacks get empty strong-attack columns.
+The report (summary.md's tables, then the figures): a configuration is
+``(variant, θ, R_rnd)``; its seeds are summarised as mean ± standard deviation.
+Results saved before the variants existed count as ``plain``; results without
+strong attacks get empty strong-attack columns.
 """
 
 from __future__ import annotations
@@ -128,7 +126,8 @@ def cells(
     source, comes first), then the variants at ``variant_thetas`` without R_rnd.
 
     Every cell carries the run's id, which names its transfer files (not an earlier run's in
-    ``log_dir``): a new one, or that of an unfinished run of the same grid, so that a re-run resumes it.
+    ``log_dir``): a new one, or that of an unfinished run of the same grid, so that a re-run
+    resumes it.
     """
     unfinished = {result.get("run") for result in Journal.of_study(log_dir).results()}
     for run in sorted(r for r in unfinished if r):
@@ -203,21 +202,24 @@ def run_cell(cell: dict) -> dict:
     }
 
 
+# -- report -------------------------------------------------------------------------------
+
 EQUAL_CLEAN = 0.01  # configurations within 1 point of clean accuracy are compared
 RULE = (
-    "A robustness number counts only where the strongest attack agrees with it: *strongest* counts an image "
-    "as robust only if it is classified correctly clean and under every attack of the strong set (FGSM, "
-    "10-step PGD, PGD with more steps and restarts, gradient-free SPSA, PGD under 10× tighter solver "
-    "tolerances, and PGD with restarts crafted on the explicit θ = 0 network of the same seed and R_rnd "
-    "setting; docs/robustness.md). Where FGSM or PGD lies above it, the gap is gradient masking or a weak "
-    "attack, not robustness. The strong attacks run on the first {samples} test images."
+    "A robustness number counts only where the strongest attack agrees with it: *strongest* "
+    "counts an image as robust only if it is classified correctly clean and under every attack "
+    "of the strong set (FGSM, 10-step PGD, PGD with more steps and restarts, gradient-free SPSA, "
+    "PGD under 10× tighter solver tolerances, and PGD with restarts crafted on the explicit "
+    "θ = 0 network of the same seed and R_rnd setting; docs/robustness.md). Where FGSM or PGD "
+    "lies above it, the gap is gradient masking or a weak attack, not robustness. The strong "
+    "attacks run on the first {samples} test images."
 )
 EQUAL_TEXT = (
     "θ at equal clean accuracy: a more robust network can simply be a less accurate one, so θ is "
     "compared only among configurations whose mean clean accuracy lies within "
-    f"{100 * EQUAL_CLEAN:.0f} point of each other. Configurations are sorted by clean accuracy and "
-    "grouped greedily (each group spans at most one point, from its most accurate member); within a "
-    "group, compare the strongest-attack columns."
+    f"{100 * EQUAL_CLEAN:.0f} point of each other. Configurations are sorted by clean accuracy "
+    "and grouped greedily (each group spans at most one point, from its most accurate member); "
+    "within a group, compare the strongest-attack columns."
 )
 
 
@@ -308,7 +310,8 @@ def _attack_table(groups: dict[tuple, list[dict]], eps: str) -> str:
 
 
 def equal_clean_groups(groups: dict[tuple, list[dict]]) -> list[list[tuple]]:
-    """Configurations by mean clean accuracy (descending), cut greedily into groups spanning ≤ EQUAL_CLEAN."""
+    """Configurations by mean clean accuracy (descending), cut greedily into groups spanning at
+    most :data:`EQUAL_CLEAN`."""
     clean = {k: mean_std(r["clean_acc"] for r in runs)[0] for k, runs in groups.items()}
     ordered, clusters = sorted(clean, key=lambda k: -clean[k]), []
     for k in ordered:
@@ -368,7 +371,7 @@ def figures(results: list[dict], out: Path) -> list[Path]:
                     ax,
                     plain,
                     r_rnd,
-                    lambda r, n=name, l=level: r[n][str(l)],
+                    lambda r, n=name, at=level: r[n][str(at)],
                     label,
                     color(i),
                     style,

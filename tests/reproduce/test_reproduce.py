@@ -1,4 +1,5 @@
-"""``python -m irnet reproduce``: helpers, the per-layer probe, and each study end to end at a tiny size."""
+"""``python -m irnet reproduce``: helpers, the per-layer probe, and each study end to end at a
+tiny size."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_group_and_markdown_table():
     assert table.splitlines() == ["| a | n |", "|---|---|", "| 1 | 2 |", "| 2 | 1 |"]
 
 
-def test_ex1_grid_is_issue_12s_with_one_cell_at_theta_0():
+def test_ex1_default_grid_has_every_variant_and_one_cell_at_theta_0():
     cells = ex1.cells(ex1.FULL, Path("logs"))
     configs = {(c["layers"], c["theta"], c["variant"]) for c in cells}
     expected = {(n, 0.0, "paper") for n in (10, 100)}
@@ -148,7 +149,7 @@ def test_probe_gradients_and_radii_match_independent_references():
 
 
 class LinearNet(ImplicitODENet):
-    """Blocks with F_t(y) = a_t y on a 2-D state, identity lift and readout: everything in closed form."""
+    """Blocks with F_t(y) = a_t y on a 2-D state, identity lift and readout: all in closed form."""
 
     def __init__(self, slopes: list[float], thetas: list[float], tol: float) -> None:
         super().__init__()
@@ -214,8 +215,9 @@ def test_probe_on_linear_layers_matches_closed_forms():
 
 
 def _reproduce(*args: str) -> None:
-    """``python -m irnet reproduce ARGS`` in-process, through the entry point's dispatch (no interpreter
-    start-up; tests/docs/test_readme.py runs ``python -m irnet`` itself in a fresh process)."""
+    """``python -m irnet reproduce ARGS`` in-process, through the entry point's dispatch (no
+    interpreter start-up; tests/docs/test_readme.py runs ``python -m irnet`` itself in a fresh
+    process)."""
     from irnet.__main__ import main
 
     assert main(["reproduce", *args]) == 0
@@ -284,8 +286,8 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
 @pytest.mark.parametrize(
     "study, narrow, smaller, cells, figures",
     [
-        # θ = 0 (explicit, one cell) and θ = 1 in each of the 3 variants at both tiny depths: every kind
-        # of cell, 8 cells instead of the tiny grid's 14; still 4 + one fit figure per depth
+        # θ = 0 (explicit, one cell) and θ = 1 in each of the 3 variants at both tiny depths: every
+        # kind of cell, 8 cells instead of the tiny grid's 14; still 4 + one fit figure per depth
         ("ex1", ["--thetas", "0", "1"], {}, 2 * (1 + 3), 6),
         # noise accuracy from 2 draws per level instead of 20 (two thirds of the tiny study's time);
         # the same code, and the test reads no accuracy
@@ -293,7 +295,7 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
         ("ex2", [], {"NOISE_REPEATS": 2}, 5, 3),
         # θ = 0 and 1 at one tiny geometry; the θ-against-noise figure and the training curves
         ("digits_theta", [], {"NOISE_REPEATS": 2}, 2, 2),
-        # θ = 0, θ = 1 and θ = 1 with contraction on 100 MNIST images; noise against σ, training curves
+        # θ = 0, θ = 1 and θ = 1 with contraction on 100 MNIST images; noise vs σ, training curves
         pytest.param(
             "mnist_theta",
             [],
@@ -327,8 +329,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(
         for c in saved["cells"]
     )
     summary = (out / "summary.md").read_text()
-    # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from θ = 0
-    # mnist_theta: three tables, one per tested state; the first is the final weights'
+    # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from
+    # θ = 0; mnist_theta: three tables, one per tested state; the first is the final weights'
     first_table = re.split(
         r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*", summary
     )[0]
@@ -532,7 +534,7 @@ def test_ex2_cell_stops_early_and_is_evaluated_at_its_best_val_loss(
     assert run == best + 2 < 30  # EarlyStopping: two epochs without improvement
     assert len(val_loss) == 30 and all(math.isnan(v) for v in val_loss[run:])
     assert val_loss[best - 1] == min(val_loss[:run])
-    # the restored best state's clean accuracy is that epoch's validation accuracy, not the last one's
+    # the restored best state's clean accuracy is its epoch's validation accuracy, not the last's
     assert result["noise_acc"]["0.0"] == pytest.approx(val_acc[best - 1])
     assert val_acc[best - 1] != pytest.approx(val_acc[run - 1])
     assert result["epoch_reached"] == ex2.first_reached(val_acc, 0.95)
@@ -580,7 +582,7 @@ def test_robustness_study_reports_the_strongest_attack(tmp_path, study_globals):
         assert sorted(cell["strong_acc"]) == sorted(str(e) for e in EPSILONS)
         for accuracy in cell["strong_acc"].values():
             assert set(accuracy) == {"clean", *ATTACKS, "strongest"}
-            # accuracies are counts out of the attacked images, and the worst case is below every attack
+            # accuracies are counts out of the attacked images; the worst case is below every attack
             assert all(abs(v * samples - round(v * samples)) < 1e-2 for v in accuracy.values())
             assert all(accuracy["strongest"] <= v for v in accuracy.values()), (
                 cell["variant"],

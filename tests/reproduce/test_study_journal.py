@@ -89,7 +89,7 @@ def test_a_lost_journal_restarts_from_the_cells_a_study_published(tmp_path):
         and math.isnan(loss[24])
     )
     assert "history_stride" not in results[2] and results[2]["history"]["stopped"] == 0
-    # a journal on disk wins; published results that cover the whole grid (a finished run) are not reused
+    # a journal on disk wins; published results covering the whole grid (a finished run) are unused
     assert seed_from_published(journal, tmp_path / "results.json", cells) == 0
     finished = _publish(tmp_path / "done.json", [{**c, "square": c["i"] ** 2} for c in cells])
     assert seed_from_published(Journal(tmp_path / "new.jsonl"), finished, cells) == 0
