@@ -16,8 +16,8 @@ Mistakes (a bad value, an unknown key or class, an unreadable config or
 checkpoint, a resume whose settings contradict the checkpoint) end the run with
 one line naming the key and exit status 2 (:mod:`irnet.cli.errors`;
 ``IRNET_TRACEBACK=1`` shows the traceback). Options must be spelled out in full.
-Usage lines name the program ``irnet``, however it was started; Lightning's litlogger
-advertisement and a deprecation warning from its own code are held back while the
+Usage lines name the program ``irnet``, however it was started; Lightning's advertisements
+(litlogger, litmodels) and a deprecation warning from its own code are held back while the
 command runs (:mod:`irnet.cli.quiet`).
 """
 

@@ -107,6 +107,7 @@ def test_only_the_two_notices_are_held_back_and_only_inside_the_block():
             warnings.simplefilter("always")
             with quiet_notices():
                 lightning.info(TIP)
+                lightning.info("💡 Tip: For seamless cloud uploads and versioning, try litmodels.")
                 lightning.info("GPU available: False, used: False")
                 pytree_warning("pytorch_lightning.utilities._pytree")
                 pytree_warning("irnet.layer")  # the same deprecation elsewhere is not Lightning's
