@@ -61,7 +61,7 @@ from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.solvers import Anderson, FixedPoint, GradientDescent, NonlinearCG
 
-# -- the network of eq. 11 ---------------------------------------------------------------
+# -- the network of eq. 11 -------------------------------------------------------------------------
 
 
 class Eq11Residual(nn.Module):
@@ -104,7 +104,7 @@ def make_input(batch: int, state: int = 4, seed: int = 0) -> Tensor:
     return torch.randn(batch, state // 2, generator=torch.Generator().manual_seed(seed + 1))
 
 
-# -- the configurations ------------------------------------------------------------------------
+# -- the configurations ----------------------------------------------------------------------------
 
 
 class IrnetNet(nn.Module):
@@ -325,7 +325,7 @@ def configurations(
     return configs
 
 
-# -- measuring ----------------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------------
 
 
 class _Packed:
@@ -458,7 +458,7 @@ def run_all(
     return [runner.result for runner in runners]
 
 
-# -- reporting ------------------------------------------------------------------------------
+# -- reporting -------------------------------------------------------------------------------------
 
 
 def machine() -> str:

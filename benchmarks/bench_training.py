@@ -95,7 +95,7 @@ BUSY_SOURCES = {
 }
 
 
-# -- the busy neighbour ----------------------------------------------------------------------
+# -- the busy neighbour ----------------------------------------------------------------------------
 
 
 class BusyNeighbour:
@@ -137,7 +137,7 @@ class NoNeighbour:
         pass
 
 
-# -- configs and overrides --------------------------------------------------------------------
+# -- configs and overrides -------------------------------------------------------------------------
 
 
 def config_path(name: str) -> Path:
@@ -167,7 +167,7 @@ def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
     return extra + ([f"--{args.theta_key}", "0"] if variant == "explicit" else [])
 
 
-# -- (a) the bare training step ---------------------------------------------------------------
+# -- (a) the bare training step --------------------------------------------------------------------
 
 
 def optimizer_and_scheduler(module: Any) -> tuple[torch.optim.Optimizer, Any]:
@@ -272,7 +272,7 @@ def bench_bare(
     }
 
 
-# -- (b) the CLI epoch -------------------------------------------------------------------------
+# -- (b) the CLI epoch -----------------------------------------------------------------------------
 
 
 def cli_run(config: Path, variant: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -337,7 +337,7 @@ def bench_cli(
     return result
 
 
-# -- reporting ---------------------------------------------------------------------------------
+# -- reporting -------------------------------------------------------------------------------------
 
 
 def median(values: list[float]) -> float:
@@ -413,7 +413,7 @@ def load_average() -> str:
         return "load average unknown"
 
 
-# -- main --------------------------------------------------------------------------------------
+# -- main ------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -33,7 +33,7 @@ DESCRIPTION = "Run one of the paper's studies end to end (see docs/REPORT.md)."
 STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
 
 
-# -- the command line ---------------------------------------------------------------------
+# -- the command line ------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,7 +111,7 @@ def _unit(text: str) -> float:
     return value
 
 
-# -- running a study ----------------------------------------------------------------------
+# -- running a study -------------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

@@ -125,7 +125,7 @@ def train(
     return {**history.values, "stopped": stopped}
 
 
-# -- workers ------------------------------------------------------------------------------
+# -- workers ---------------------------------------------------------------------------------------
 
 
 def quiet_worker(threads: ThreadsSetting = None) -> None:
@@ -222,7 +222,7 @@ def default_workers() -> int:
     )
 
 
-# -- summaries ----------------------------------------------------------------------------
+# -- summaries -------------------------------------------------------------------------------------
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

@@ -184,7 +184,7 @@ def input_jacobian_norm(model: torch.nn.Module, x: torch.Tensor) -> float:
     return float(torch.stack(rows, 1).flatten(1).norm(dim=1).mean())
 
 
-# -- report -------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 
 
 def _h(result: dict) -> float:

@@ -244,7 +244,7 @@ def decision_grid(module: ImplicitNetModule, x: torch.Tensor) -> dict:
     }
 
 
-# -- report -------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 
 
 def _protocol(results: list[dict]) -> str:

@@ -168,7 +168,7 @@ def _test(module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, seed: in
     }
 
 
-# -- report -------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 
 
 def _accuracy(result: dict, state: str, sigma) -> float:

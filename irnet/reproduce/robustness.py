@@ -202,7 +202,7 @@ def run_cell(cell: dict) -> dict:
     }
 
 
-# -- report -------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 
 EQUAL_CLEAN = 0.01  # configurations within 1 point of clean accuracy are compared
 RULE = (
@@ -350,7 +350,7 @@ def _equal_clean_table(groups: dict[tuple, list[dict]], levels: list[str]) -> st
     )
 
 
-# -- figures ------------------------------------------------------------------------------
+# -- figures ---------------------------------------------------------------------------------------
 
 
 def figures(results: list[dict], out: Path) -> list[Path]:

@@ -49,7 +49,7 @@ MONITORS = (
 TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
 
 
-# -- arguments ---------------------------------------------------------------------------
+# -- arguments -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> Non
         error(f"{', '.join(given) or '--first-seed'} apply to the seeds study only")
 
 
-# -- one seed ----------------------------------------------------------------------------
+# -- one seed --------------------------------------------------------------------------------------
 
 
 def cli_args(cell: dict) -> list[str]:
@@ -368,7 +368,7 @@ def _silent_failure(record: dict, module: Any, stop_when: Optional[str] = None) 
     return None
 
 
-# -- the study ---------------------------------------------------------------------------
+# -- the study -------------------------------------------------------------------------------------
 
 
 def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:

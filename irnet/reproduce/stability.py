@@ -77,7 +77,7 @@ def run(out: Path, tiny: bool = False) -> dict:
     return results
 
 
-# -- the paper's claims, checked -------------------------------------------------------------
+# -- the paper's claims, checked -------------------------------------------------------------------
 
 
 def _claims(h_omega: Tensor, grid: int) -> list[dict]:
@@ -153,7 +153,7 @@ def _left_half_plane(n: int) -> Tensor:
     return torch.complex(re, im)
 
 
-# -- figures -------------------------------------------------------------------------------
+# -- figures ---------------------------------------------------------------------------------------
 
 
 def _save(figure: Figure, path: Path, dpi: int) -> None:
@@ -228,7 +228,7 @@ def _theta_regions(n: int) -> Figure:
     return figure
 
 
-# -- summary -------------------------------------------------------------------------------
+# -- summary ---------------------------------------------------------------------------------------
 
 
 def _summary(results: dict) -> str:

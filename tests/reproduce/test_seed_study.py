@@ -37,7 +37,7 @@ class FailOnSeed(Callback):
             raise RuntimeError(f"forced failure of seed {self.seed}")
 
 
-# -- parsing -------------------------------------------------------------------------------
+# -- parsing ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_command_line_refusals_name_the_option(capsys):
     assert parser().parse_args(["seeds", "--config", CONFIG]).seeds is None
 
 
-# -- end to end ------------------------------------------------------------------------------
+# -- end to end ------------------------------------------------------------------------------------
 
 
 def _study(tmp_path: Path, *extra: str, sets=SMALL) -> dict:
