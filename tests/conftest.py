@@ -12,6 +12,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# fixtures shared by test directories (a conftest.py per directory would clash with this one
+# under --doctest-modules, which imports every conftest.py by its basename)
+pytest_plugins = ["helpers.classification"]
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """The same random draws in every test, whatever ran before it."""

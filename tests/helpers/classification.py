@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as functional
 from torch import nn
@@ -28,3 +29,10 @@ def train_mlp(x: torch.Tensor, target: torch.Tensor, seed: int) -> nn.Module:
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model
+
+
+@pytest.fixture(scope="module")
+def trained(single_thread):
+    """A tiny MLP trained on :func:`disk_and_ring` (seeded) and its data; left in training mode."""
+    x, target = disk_and_ring()
+    return train_mlp(x, target, seed=0), x, target
