@@ -17,6 +17,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 pytest_plugins = ["helpers.classification"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``, the test command's): one torch thread per worker process.
+
+    Two workers with a pool of two threads each would fight over two cores; a pool that spins
+    while another process holds the cores makes small operations many times slower.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """The same random draws in every test, whatever ran before it."""
