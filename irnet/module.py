@@ -59,10 +59,14 @@ from irnet.layer import NonFiniteInputError, check_inputs_finite
 from irnet.nets import TrajectoryNetwork, find_blocks
 from irnet.nets.warm_start_merge import merge_warm_starts
 from irnet.regularizers import (
+    DivergenceRegularizer,
     FixedPointRegularizer,
     JacobianRegularizer,
+    MagnitudeRegularizer,
     PerturbationRegularizer,
     Regularizer,
+    ResidualRegularizer,
+    TotalVariationRegularizer,
 )
 from irnet.stats import flush_failure_warnings, reset_convergence_warnings
 
@@ -106,7 +110,8 @@ class ImplicitNetModule(pl.LightningModule):
     """Train, validate, test and predict with an implicit residual network.
 
     The loss of a training step is ``compute_loss(pred, target) + Σ terms`` with
-    the terms of :meth:`regularization` (``weight · R_fp``, ``weight · R_rnd``, ``weight · R_jac``).
+    the terms of :meth:`regularization` (``weight · R`` for each regulariser configured with a
+    positive weight: ``r_fp``, ``r_rnd``, ``r_jac``, ``r_div``, ``r_mag``, ``r_res``, ``r_tv``).
     Logged per epoch: ``{stage}/loss`` (the data loss, comparable across
     stages), ``{stage}/mse`` (regression) or ``{stage}/acc`` (classification),
     ``{stage}/iters`` (mean forward solver iterations per layer and sample),
@@ -144,6 +149,17 @@ class ImplicitNetModule(pl.LightningModule):
             forward solves exceeds ``failing_fraction`` in this many consecutive
             training steps; ``None`` switches the check off.
         failing_fraction: the threshold of ``max_failing_steps``, in [0, 1).
+        r_div: the authors' divergence regulariser R_div (σ of the time-weighted
+            divergence of F along the trajectory), or ``None``.
+        r_mag: the authors' magnitude regulariser R_mag (Σ_t ‖F_t(y_t)‖²), or ``None``.
+        r_res: the authors' residual regulariser R_res (the layers' equations'
+            residuals at the detached states), or ``None``.
+        r_tv: the authors' total variation R_tv of consecutive layers' weights, or ``None``.
+
+    The seven regularisers are keyword arguments, not a list, so that each is one
+    dotted override on the command line (``--model.r_div.init_args.weight 0.1``), a
+    saved config names each by its key, and the four added after ``failing_fraction``
+    leave the positions and saved configs of the arguments before them as they were.
     """
 
     def __init__(
@@ -161,6 +177,10 @@ class ImplicitNetModule(pl.LightningModule):
         check_finite: bool = True,
         max_failing_steps: Optional[int] = 50,
         failing_fraction: float = 0.5,
+        r_div: Optional[DivergenceRegularizer] = None,
+        r_mag: Optional[MagnitudeRegularizer] = None,
+        r_res: Optional[ResidualRegularizer] = None,
+        r_tv: Optional[TotalVariationRegularizer] = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hparams are the config (class_path/init_args), so
@@ -173,7 +193,13 @@ class ImplicitNetModule(pl.LightningModule):
         self.loss_name = check_choice("loss", loss, LOSSES)
         self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
         self.regularizers: dict[str, Regularizer] = self._collect_regularizers(
-            r_fp=r_fp, r_rnd=r_rnd, r_jac=r_jac
+            r_fp=r_fp,
+            r_rnd=r_rnd,
+            r_jac=r_jac,
+            r_div=r_div,
+            r_mag=r_mag,
+            r_res=r_res,
+            r_tv=r_tv,
         )
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be true or false, got {check_finite!r}")
@@ -216,13 +242,15 @@ class ImplicitNetModule(pl.LightningModule):
                 )
             if reg is not None:
                 found[name] = reg
-        if any(reg.active for reg in found.values()) and not isinstance(
-            self.net, TrajectoryNetwork
-        ):
+        active = [name for name, reg in found.items() if reg.active]
+        if active and not isinstance(self.net, TrajectoryNetwork):
             raise ValueError(
-                "r_fp, r_rnd and r_jac need a network with .trajectory() and .blocks "
-                f"(an irnet.nets.ImplicitODENet), got {type(self.net).__name__}"
+                f"{', '.join(active)} need{'s' if len(active) == 1 else ''} a network with "
+                ".trajectory() and .blocks (an irnet.nets.ImplicitODENet), got "
+                f"{type(self.net).__name__}"
             )
+        for name in active:
+            found[name].check_network(self.net)
         return found
 
     @property
@@ -239,6 +267,26 @@ class ImplicitNetModule(pl.LightningModule):
     def r_jac(self) -> Optional[JacobianRegularizer]:
         """The Jacobian regulariser, if configured."""
         return self.regularizers.get("r_jac")
+
+    @property
+    def r_div(self) -> Optional[DivergenceRegularizer]:
+        """The divergence regulariser, if configured."""
+        return self.regularizers.get("r_div")
+
+    @property
+    def r_mag(self) -> Optional[MagnitudeRegularizer]:
+        """The magnitude regulariser, if configured."""
+        return self.regularizers.get("r_mag")
+
+    @property
+    def r_res(self) -> Optional[ResidualRegularizer]:
+        """The residual regulariser, if configured."""
+        return self.regularizers.get("r_res")
+
+    @property
+    def r_tv(self) -> Optional[TotalVariationRegularizer]:
+        """The total variation regulariser, if configured."""
+        return self.regularizers.get("r_tv")
 
     def _make_metrics(self, num_classes: Optional[int]) -> MetricCollection:
         if not self.classification:

@@ -1,5 +1,6 @@
-"""The paper's regularisers R_fp (eq. 9) and R_rnd (eq. 10), and the Jacobian regulariser R_jac
-(Bai, Koltun & Kolter 2021).
+"""The paper's regularisers R_fp (eq. 9) and R_rnd (eq. 10), the Jacobian regulariser R_jac
+(Bai, Koltun & Kolter 2021), and the authors' regularisers along the trajectory: the divergence
+R_div, the magnitude R_mag, the residual R_res and the total variation R_tv of the weights.
 
 A regulariser is a small configurable object (so a YAML config can name it by
 ``class_path``) that the LightningModule calls with the network, the input
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from irnet._misc import ArgsRepr, check_choice, check_int, check_nonnegative, sample_norm
+from irnet._scope import SolveScope
 from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import GaussianPerturbation, Perturbation
 
@@ -79,6 +81,13 @@ class Regularizer(ArgsRepr):
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, name, fn(value))
+
+    def check_network(self, net: nn.Module) -> None:
+        """Refuse, with a ``ValueError``, a network this penalty cannot be computed for.
+
+        The module calls it once, when it is built with this regulariser active; the base
+        accepts every network (the module itself asks for ``trajectory`` and ``blocks``).
+        """
 
     def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
         """Called by the module at the start of every training epoch.
@@ -364,3 +373,277 @@ class JacobianRegularizer(Regularizer):
         if not terms:
             return states[0].new_zeros(())
         return torch.stack(terms).mean()
+
+
+# -- the authors' regularisers along the trajectory ------------------------------------------------
+# Reshniak & Webster's code (ImplicitResNet, ``compute_regularizers_and_statistics``) adds these to
+# the loss with weights ``alpha``; here each is a regulariser of its own, over the layers of an
+# implicit network, with layer t's residual function F_t and input state y_t (t = 0 … T−1).
+
+
+def _sum_squares(y: Tensor) -> Tensor:
+    """``‖y_b‖²`` per sample: shape ``(batch,)``."""
+    return y.flatten(1).pow(2).sum(1)
+
+
+class DivergenceRegularizer(Regularizer):
+    """R_div = σ((1 / (T·d)) Σ_t ((t+1)/T)^p · tr ∂F_t/∂y (y_t)), the divergence along the path.
+
+    ``tr ∂F_t/∂y (y_t)`` is the divergence of layer t's residual function at the
+    layer's input state, averaged over the batch, with ``T`` the number of layers
+    and ``d`` the size of one sample's state. The trace is Hutchinson's estimate
+    ``(1/S) Σ_s v_sᵀ (∂F/∂y) v_s`` from ``samples`` probe vectors per layer and
+    sample with ``E[v vᵀ] = I`` (unbiased: ``E[vᵀAv] = tr A``); ``samples: null``
+    gives the exact trace from the unit vectors. Every layer counts, explicit
+    ones too: the divergence is a property of F, not of θ.
+
+    What it penalises: the sum of the divergences is, to first order, the
+    logarithm of the factor by which the network's steps change volumes of
+    states (``log det(I + ∂F/∂y) ≈ tr ∂F/∂y``), so a positive mean divergence
+    means that nearby states move apart. The penalty pushes it down, towards
+    steps that contract volumes, more strongly for later layers
+    (``((t+1)/T)^p``). The sigmoid bounds it in (0, 1) (½ at zero divergence)
+    and makes it saturate: its gradient fades as the mean divergence becomes
+    strongly negative (it does not drive the divergence to −∞) and also as it
+    becomes strongly positive.
+
+    As in the authors' code the input states are detached: the gradient reaches
+    F's parameters only, not the states. Their form is the same sigmoid of a
+    time-weighted sum over the steps divided by the number of steps and by
+    ``d``, with two differences: they take the trapezoid over the T + 1 states
+    ``y_0 … y_T`` (weights ``((t+1)/(T+1))^p``), where here each layer's F is
+    evaluated at its input (the left-point rule, ``((t+1)/T)^p``); and they
+    differentiate the ODE's right-hand side f, where here F is the whole
+    increment of a step (``h·f`` in :class:`~irnet.nets.ODENet`), so the
+    sigmoid's argument is h times theirs. Dropout masks are drawn afresh.
+
+    Args:
+        weight: weight in the loss (the authors' ``alpha['div']``).
+        samples: Hutchinson probes per layer and sample (the authors'
+            ``mciters``, 1); ``None`` computes the exact trace from ``d``
+            products (small states, tests).
+        noise: the probes' distribution, ``"rademacher"`` (±1, the lower
+            variance) or ``"gaussian"`` (the authors').
+        p: exponent of the time weights ``((t+1)/T)^p`` (the authors' default 2).
+        seed: seed of the probes' generator, reseeded from ``(seed, epoch, rank)``
+            at the start of every training epoch (as R_jac's).
+
+    Attributes:
+        generator: the ``torch.Generator`` the probes are drawn from (on the CPU).
+    """
+
+    name = "r_div"
+    NOISES = JacobianRegularizer.NOISES
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        samples: Optional[int] = 1,
+        noise: str = "rademacher",
+        p: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(weight)
+        self.samples = None if samples is None else check_int("samples", samples, 1)
+        self.noise = check_choice("noise", noise, self.NOISES)
+        self.p = check_nonnegative("p", p)
+        self.seed = check_int("seed", seed, 0)
+        self.generator = torch.Generator()
+        self.on_train_epoch_start(0)
+
+    __getstate__ = PerturbationRegularizer.__getstate__
+    __setstate__ = PerturbationRegularizer.__setstate__
+    epoch_seed = PerturbationRegularizer.epoch_seed
+    on_train_epoch_start = JacobianRegularizer.on_train_epoch_start
+    vectors = JacobianRegularizer.vectors
+
+    @staticmethod
+    def quadratic_forms(F: Callable[[Tensor], Tensor], y: Tensor, vectors: Tensor) -> Tensor:
+        """``vᵀ (∂F/∂y)(y) v`` for each of ``S`` vectors per sample, at ``y`` detached.
+
+        One graph of ``F(y)`` and one vector–Jacobian product per vector, kept
+        (differentiable in F's parameters). The mean over vectors with
+        ``E[v vᵀ] = I`` is Hutchinson's estimate of the trace.
+
+        Args:
+            F: the residual function.
+            y: states, ``(batch, …)``.
+            vectors: ``(S, batch, …)``.
+
+        Returns:
+            Tensor of shape ``(S, batch)``.
+
+        Example:
+            For ``F(y) = A y`` every ``vᵀ (∂F/∂y) v`` is ``vᵀ A v``; over the four
+            ±1 vectors of ℝ² their mean is ``tr A``:
+
+            >>> A = torch.tensor([[1.0, 2.0], [-3.0, 4.0]])
+            >>> signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+            >>> forms = DivergenceRegularizer.quadratic_forms(
+            ...     lambda y: y @ A.T, torch.zeros(1, 2), signs[:, None]
+            ... )
+            >>> forms[:, 0].tolist(), forms.mean().item()
+            ([4.0, 6.0, 6.0, 4.0], 5.0)
+        """
+        if vectors.shape[1:] != y.shape:
+            raise ValueError(
+                f"vectors must have shape (S, *y.shape) = (S, {', '.join(map(str, y.shape))}), "
+                f"got {tuple(vectors.shape)}"
+            )
+        with SolveScope(F, y) as scope, torch.enable_grad():
+            y = y.detach().to(scope.dtype).requires_grad_()
+            f = F(y)
+            forms = []
+            for v in vectors:
+                v = v.to(f.dtype)
+                (vj,) = torch.autograd.grad(f, y, v, create_graph=True, retain_graph=True)
+                forms.append((vj * v).flatten(1).sum(1))
+        return torch.stack(forms)
+
+    def layer_traces(self, net: nn.Module, states: list[Tensor]) -> Tensor:
+        """The batch mean of each layer's (estimated) ``tr ∂F_t/∂y (y_t)``: shape ``(T,)``."""
+        traces = []
+        for block, y in zip(net.blocks, states[:-1]):
+            forms = self.quadratic_forms(block.F, y, self.vectors(y))  # (S, batch)
+            # Exact: the sum over the unit vectors; Hutchinson: the mean over the draws.
+            each = forms.sum(0) if self.samples is None else forms.mean(0)
+            traces.append(each.mean())
+        return torch.stack(traces)
+
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
+        traces = self.layer_traces(net, states)
+        layers, dim = traces.numel(), states[0][0].numel()
+        weights = power_weights(layers, self.p, traces)
+        return torch.sigmoid((weights * traces).sum() / (layers * dim))
+
+
+class MagnitudeRegularizer(Regularizer):
+    """R_mag = Σ_t mean_batch ‖F_t(y_t)‖², the squared size of the steps along the trajectory.
+
+    A left-point sum over the layers of ``∫‖F‖²`` along the trajectory: each
+    layer's F at its input state ``y_t`` (every layer, explicit ones too). The
+    states keep their graph, as in the authors' code, so the gradient reaches F's
+    parameters directly and through the states. The authors take the trapezoid
+    over the T + 1 states and divide by the number of steps and the state's
+    size, and differentiate f with ``F = h·f``; here nothing is divided (the
+    weight absorbs it). Small steps mean a short, smooth path from ``y_0`` to
+    ``y_T``. Dropout masks are drawn afresh.
+
+    Args:
+        weight: weight in the loss (the authors' ``alpha['f']``).
+    """
+
+    name = "r_mag"
+
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
+        total = states[0].new_zeros(states[0].shape[0])
+        for block, y in zip(net.blocks, states[:-1]):
+            with SolveScope(block.F, y) as scope:
+                f = block.F(y.to(scope.dtype))
+            total = total + _sum_squares(f)
+        return total.mean()
+
+
+class ResidualRegularizer(Regularizer):
+    """R_res = Σ_t mean_batch ‖y_{t+1} − y_t − (1−θ_t)F_t(y_t) − θ_t F_t(y_{t+1})‖² (detached y).
+
+    The residual of each implicit layer's equation at the states the forward
+    pass computed, detached, so the gradient reaches F's parameters only: it
+    moves F so that the computed states solve the layers' equations more
+    exactly. It is non-zero where a forward solve stopped short of its fixed
+    point (not converged, or a loose ``atol``), and tiny at well-converged
+    solves. Explicit layers (θ = 0) satisfy their equation by construction and
+    contribute nothing. ``F_t(y_t)`` and ``F_t(y_{t+1})`` share one dropout draw
+    (a fresh one, not the forward solve's). The authors divide the sum by the
+    number of steps; here it is not divided (the weight absorbs it).
+
+    Args:
+        weight: weight in the loss (the authors' ``alpha['resid']``).
+    """
+
+    name = "r_res"
+
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
+        total = states[0].new_zeros(states[0].shape[0])
+        for block, y0, y1 in zip(net.blocks, states[:-1], states[1:]):
+            if block.theta == 0:
+                continue
+            with SolveScope(block.F, y0) as scope:
+                y0, y1 = y0.detach().to(scope.dtype), y1.detach().to(scope.dtype)
+                r = y1 - y0 - block.theta * block.F(y1)
+                if block.theta < 1:
+                    r = r - (1 - block.theta) * block.F(y0)
+            total = total + _sum_squares(r)
+        return total.mean()
+
+
+class TotalVariationRegularizer(Regularizer):
+    """R_tv = Σ_t ‖W_{t+1} − W_t‖², the squared differences of consecutive layers' weights.
+
+    ``W_t`` are the parameters of layer t's residual function F_t (all of them,
+    as ``F_t.parameters()`` lists them, raw: before any constraint applied at
+    evaluation), summed over the parameters and over the T − 1 pairs of
+    consecutive layers. It is 0 for a stationary network (every layer with the
+    same weights) and pulls the layers' weights towards each other, i.e.
+    towards an ODE whose right-hand side changes slowly in time. It does not
+    depend on the batch. The authors divide the sum by the number of steps; here
+    it is not divided (the weight absorbs it). Consecutive layers must have
+    parameters of the same shapes (:meth:`check_network`).
+
+    Args:
+        weight: weight in the loss (the authors' ``alpha['TV']``).
+    """
+
+    name = "r_tv"
+
+    @staticmethod
+    def layer_parameters(net: nn.Module) -> list[list[Tensor]]:
+        """Each layer's F's parameters, in ``parameters()`` order (none for a plain callable)."""
+        return [
+            list(block.F.parameters()) if isinstance(block.F, nn.Module) else []
+            for block in net.blocks
+        ]
+
+    def check_network(self, net: nn.Module) -> None:
+        """Refuse a network whose consecutive layers' F have parameters of different shapes."""
+        layers = self.layer_parameters(net)
+        for t, (a, b) in enumerate(zip(layers, layers[1:])):
+            shapes = [tuple(w.shape) for w in a], [tuple(w.shape) for w in b]
+            if shapes[0] != shapes[1]:
+                raise ValueError(
+                    f"r_tv compares consecutive layers' weights, but layer {t}'s F has parameters "
+                    f"of shapes {shapes[0]} and layer {t + 1}'s {shapes[1]}"
+                )
+
+    def __call__(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        states: list[Tensor],
+        trajectory: Optional[Trajectory] = None,
+    ) -> Tensor:
+        self.check_network(net)
+        total = states[0].new_zeros(())
+        layers = self.layer_parameters(net)
+        for a, b in zip(layers, layers[1:]):
+            for wa, wb in zip(a, b):
+                total = total + (wb - wa).pow(2).sum().to(total.dtype)
+        return total

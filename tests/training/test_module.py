@@ -15,7 +15,11 @@ from irnet.datamodules import SineRegression, TwoSpirals
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ConvODENet
 from irnet.perturbations import GaussianPerturbation
-from irnet.regularizers import FixedPointRegularizer, PerturbationRegularizer
+from irnet.regularizers import (
+    FixedPointRegularizer,
+    JacobianRegularizer,
+    PerturbationRegularizer,
+)
 from irnet.stats import ConvergenceWarning
 
 
@@ -202,8 +206,11 @@ def test_bad_arguments_name_the_argument(kwargs, name):
 
 
 def test_regularisers_need_the_hidden_states():
-    with pytest.raises(ValueError, match="trajectory"):
+    with pytest.raises(ValueError, match=r"^r_fp needs a network with \.trajectory\(\)"):
         ImplicitNetModule(nn.Linear(1, 1), r_fp=FixedPointRegularizer())
+    both = dict(r_fp=FixedPointRegularizer(), r_rnd=PerturbationRegularizer())
+    with pytest.raises(ValueError, match=r"^r_fp, r_rnd need a network"):  # the active ones
+        ImplicitNetModule(nn.Linear(1, 1), **both, r_jac=JacobianRegularizer(weight=0.0))
     with pytest.raises(ValueError, match="net must be"):
         ImplicitNetModule("ODENet")
 
