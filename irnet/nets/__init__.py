@@ -1,6 +1,10 @@
 """Networks of implicit residual blocks, and what they are built from.
 
 * :mod:`~irnet.nets.residual`: residual functions F (``MLPResidual``, ``ConvResidual``);
+* :mod:`~irnet.nets.rhs`: structured residual functions (``HamiltonianResidual``,
+  ``ParabolicResidual``, ``HollowResidual``), chosen by ``ODENet(rhs=…)``;
+* :mod:`~irnet.nets.spectral_window`: the spectral window (``stability_limits``) that keeps each
+  layer's Jacobian's eigenvalues in a chosen disc;
 * :mod:`~irnet.nets.ode_net`: the paper's ODE-style networks (``ODENet``, ``ConvODENet``);
 * :mod:`~irnet.nets.staged`: the authors' three-stage MNIST network (``StagedConvODENet``);
 * :mod:`~irnet.nets.contraction`: the Lipschitz bound that makes every layer a contraction;
@@ -22,6 +26,14 @@ from irnet.nets.residual import (
     MLPResidual,
     make_activation,
 )
+from irnet.nets.rhs import (
+    RHS,
+    HamiltonianResidual,
+    HollowResidual,
+    ParabolicResidual,
+    make_residual,
+)
+from irnet.nets.spectral_window import SpectralWindow
 from irnet.nets.staged import StagedConvODENet
 from irnet.nets.warm_start import WarmStartCache
 
@@ -31,18 +43,24 @@ __all__ = [
     "CONV_INITS",
     "INITS",
     "READOUTS",
+    "RHS",
     "ConvODENet",
     "ConvResidual",
+    "HamiltonianResidual",
+    "HollowResidual",
     "ImplicitNetwork",
     "ImplicitODENet",
     "LipschitzConstraint",
     "MLPResidual",
     "NormGroup",
     "ODENet",
+    "ParabolicResidual",
+    "SpectralWindow",
     "StagedConvODENet",
     "TrajectoryNetwork",
     "WarmStartCache",
     "auxiliary_pass",
     "find_blocks",
     "make_activation",
+    "make_residual",
 ]

@@ -19,8 +19,8 @@ from irnet.nets.residual import (
     INITS,
     READOUTS,
     ConvResidual,
-    MLPResidual,
 )
+from irnet.nets.rhs import BOUNDED_RHS, RHS, make_residual
 from irnet.nets.warm_start import WarmStartCache
 from irnet.solvers import NonlinearSolver
 
@@ -68,6 +68,15 @@ class ImplicitODENet(nn.Module, ABC):
         ):
             raise ValueError(f"contraction must be null or a number in (0, 1), got {contraction!r}")
         return [contraction / t if t > 0 else None for t in thetas]
+
+    @staticmethod
+    def check_window(contraction: Optional[float], stability_limits) -> None:
+        """``contraction`` and ``stability_limits`` exclude each other."""
+        if contraction is not None and stability_limits is not None:
+            raise ValueError(
+                "contraction and stability_limits are mutually exclusive (both bound each "
+                "layer's F, differently): set one of them to null"
+            )
 
     @staticmethod
     def bounded_init(residuals: Sequence[nn.Module], stationary: bool = False) -> None:
@@ -195,7 +204,8 @@ class ImplicitODENet(nn.Module, ABC):
 class ODENet(ImplicitODENet):
     """The paper's network (eq. 11): y(0) = (x, x) ∈ ℝ²ⁿ, ``layers`` blocks over [0, T].
 
-    Layer t uses ``F_t(y) = h · γ2_t σ(γ1_t y + b_t)`` with ``h = T / layers``.
+    Layer t uses ``F_t(y) = h · γ2_t σ(γ1_t y + b_t)`` with ``h = T / layers`` (``rhs="mlp"``,
+    the default; ``rhs`` picks another residual function).
     θ = 0 everywhere gives the explicit ResNet the paper compares against.
 
     Args:
@@ -234,6 +244,18 @@ class ODENet(ImplicitODENet):
             (γ1, γ2 scaled so that every F_t has ``Lip(F_t) = 1 / layers`` and
             b = 0: the initial network is Lipschitz with a constant at most
             ``exp(1 / (1 − 1/layers))`` for every seed; docs/contraction.md).
+        rhs: the residual functions: ``"mlp"`` (the paper's, above), ``"hamiltonian"``,
+            ``"parabolic"`` or ``"hollow"`` (:mod:`irnet.nets.rhs`). ``contraction`` works
+            with ``"mlp"`` and ``"parabolic"`` only.
+        stability_limits: ``[min, init, max]`` (or ``[min, max]``), or ``None`` (off): the
+            spectral window (:mod:`irnet.nets.spectral_window`, docs/contraction.md). Every
+            F_t is spectrally normalised and shifted so that the eigenvalues of ∂F_t/∂y lie in
+            the disc with diameter ``R⁻¹([min, max])`` for its θ_t; at θ = 1 every layer's
+            Jacobian then has eigenvalue moduli in [min, max]. ``init`` sets where the window
+            starts. Excludes ``contraction``.
+        learn_scales: learn the window's per-feature scales (else fixed).
+        learn_shift: learn the window's ends inside ``R⁻¹([min, max])`` (else fixed).
+        power_iters: power iterations per optimiser step for the spectral normalisation.
 
     Example:
         >>> net = ODENet(in_features=1, out_features=1, layers=3, width=8, init="bounded")
@@ -263,8 +285,20 @@ class ODENet(ImplicitODENet):
         component: int = 1,
         contraction: Optional[float] = None,
         init: str = "paper",
+        rhs: str = "mlp",
+        stability_limits: Optional[list[float]] = None,
+        learn_scales: bool = False,
+        learn_shift: bool = False,
+        power_iters: int = 1,
     ) -> None:
         super().__init__()
+        self.rhs = check_choice("rhs", rhs, RHS)
+        if contraction is not None and rhs not in BOUNDED_RHS:
+            raise ValueError(
+                f"contraction is implemented for rhs {BOUNDED_RHS} (their Lipschitz bounds), "
+                f"not for rhs={rhs!r}: leave contraction null, or use stability_limits"
+            )
+        self.check_window(contraction, stability_limits)
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
         self.layers = check_int("layers", layers, 1)
@@ -280,8 +314,25 @@ class ODENet(ImplicitODENet):
         step = self.T / layers
         self.init = check_choice("init", init, INITS)
         self.contraction = contraction
-        bounds = self.lipschitz_bounds(contraction, self.thetas(theta, layers))
-        residuals = [MLPResidual(dim, width, step, activation, bound) for bound in bounds]
+        self.stability_limits = stability_limits
+        thetas = self.thetas(theta, layers)
+        bounds = self.lipschitz_bounds(contraction, thetas)
+        residuals = [
+            make_residual(
+                rhs,
+                dim,
+                width,
+                step,
+                activation,
+                bound,
+                stability_limits=stability_limits,
+                theta=t,
+                learn_scales=learn_scales,
+                learn_shift=learn_shift,
+                power_iters=power_iters,
+            )
+            for bound, t in zip(bounds, thetas)
+        ]
         if init == "bounded":
             self.bounded_init(residuals, stationary_init)
         elif stationary_init:
@@ -346,6 +397,14 @@ class ConvODENet(ImplicitODENet):
         init: ``"default"`` (PyTorch's convolution initialisation) or
             ``"bounded"`` (kernels rescaled so that ``Lip(F_t) = 1 / layers``,
             biases 0, as :class:`ODENet`'s ``init="bounded"``).
+        preactivation: σ before each convolution, ``F(y) = h·conv(σ(conv(σ(y))))``, as the
+            authors' convolutional right-hand side (default off).
+        stability_limits: the spectral window, as in :class:`ODENet` (kernels normalised by
+            their operator norms on ``image_size`` images; per-channel scales). Excludes
+            ``contraction``.
+        learn_scales: learn the window's per-channel scales (else fixed).
+        learn_shift: learn the window's ends (else fixed).
+        power_iters: power iterations per optimiser step for the spectral normalisation.
     """
 
     def __init__(
@@ -367,8 +426,14 @@ class ConvODENet(ImplicitODENet):
         compile: bool = False,
         contraction: Optional[float] = None,
         init: str = "default",
+        preactivation: bool = False,
+        stability_limits: Optional[list[float]] = None,
+        learn_scales: bool = False,
+        learn_shift: bool = False,
+        power_iters: int = 1,
     ) -> None:
         super().__init__()
+        self.check_window(contraction, stability_limits)
         self.in_channels = check_int("in_channels", in_channels, 1)
         if check_int("channels", channels, 1) % in_channels:
             raise ValueError(
@@ -381,10 +446,26 @@ class ConvODENet(ImplicitODENet):
         step = self.T / layers
         self.init = check_choice("init", init, CONV_INITS)
         self.contraction = contraction
-        bounds = self.lipschitz_bounds(contraction, self.thetas(theta, layers))
+        self.stability_limits = stability_limits
+        thetas = self.thetas(theta, layers)
+        bounds = self.lipschitz_bounds(contraction, thetas)
         residuals = [
-            ConvResidual(channels, hidden_channels, 3, step, activation, bound, image_size)
-            for bound in bounds
+            ConvResidual(
+                channels,
+                hidden_channels,
+                3,
+                step,
+                activation,
+                bound,
+                image_size,
+                preactivation=preactivation,
+                stability_limits=stability_limits,
+                theta=t,
+                learn_scales=learn_scales,
+                learn_shift=learn_shift,
+                power_iters=power_iters,
+            )
+            for bound, t in zip(bounds, thetas)
         ]
         if init == "bounded":
             self.bounded_init(residuals)
