@@ -15,13 +15,21 @@ from irnet.stats import SolverStats
 class ImplicitAdjoint(torch.autograd.Function):
     """Identity in the forward pass onto the solution ``y*``; adjoint solve in the backward.
 
-    ``forward(y_graph, y_leaf, f_star, …)`` returns ``y*``'s values (``y_leaf``).
-    ``f_star = F(y_leaf)`` must be built with autograd from the detached leaf
-    ``y_leaf = y*``, and ``y_graph = x + (1−θ)F(x) + θ f_star``. Backward solves
-    ``(I − θ ∂F/∂y)ᵀ g = ∇_y L`` with vector–Jacobian products on ``f_star``'s
-    graph (so F(y*) is evaluated once per layer, in the forward pass) and hands
-    ``g`` to ``y_graph``, whose graph then yields ``∇_x L = (I + (1−θ)∂F(x)/∂x)ᵀ g``
-    and ``∇_γ L = ((1−θ)∂F(x)/∂γ + θ∂F(y*)/∂γ)ᵀ g``. No forward iterate is kept.
+    ``forward(y_graph, y_leaf, f_star, theta, …)`` returns ``y*``'s values (``y_leaf``).
+    ``f_star`` must be built with autograd from the detached leaf ``y_leaf = y*``,
+    and ``y_graph`` from ``f_star`` so that it is the step's right-hand side at
+    ``y*`` with ``y*`` held fixed; the step's linearisation in ``y`` is then
+    ``I − theta · ∂f_star/∂y``. Backward solves ``(I − theta ∂f_star/∂y)ᵀ g = ∇_y L``
+    with vector–Jacobian products on ``f_star``'s graph (so F is evaluated at the
+    solution once per layer, in the forward pass) and hands ``g`` to ``y_graph``,
+    whose graph then yields ``∇_x L`` and ``∇_γ L``. No forward iterate is kept.
+
+    * Linear θ-step: ``f_star = F(y_leaf)``, ``y_graph = x + (1−θ)F(x) + θ f_star``,
+      ``theta = θ``: ``∇_x L = (I + (1−θ)∂F(x)/∂x)ᵀ g`` and
+      ``∇_γ L = ((1−θ)∂F(x)/∂γ + θ∂F(y*)/∂γ)ᵀ g``.
+    * One-leg θ-step: ``f_star = F(z)`` with ``z = (1−θ)x + θ y_leaf``,
+      ``y_graph = x + f_star``, ``theta = 1`` (``∂f_star/∂y = θJ_F(z)`` carries θ):
+      ``∇_x L = (I + (1−θ)J_F(z))ᵀ g`` and ``∇_γ L = (∂F(z)/∂γ)ᵀ g``.
     """
 
     @staticmethod

@@ -1,4 +1,8 @@
-"""The implicit residual block ``y = x + (1 − θ)F(x) + θF(y)`` (paper eq. 7)."""
+"""The implicit residual block ``y = x + (1 − θ)F(x) + θF(y)`` (paper eq. 7).
+
+Or, with ``scheme="one_leg"``, the one-leg θ-step ``y = x + F((1 − θ)x + θy)`` of the authors'
+later code: the same step on linear F, another on nonlinear F (docs/schemes.md).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from irnet.solvers import FixedPoint, FixedPointProblem, NonlinearSolver
 from irnet.stats import SolverStats, report_failures, warn_if_failed
 
 BACKWARD_MODES = ("implicit", "unrolled")
+SCHEMES = ("linear", "one_leg")
+"""The θ-steps a block can take: ``y = x + (1−θ)F(x) + θF(y)`` or ``y = x + F((1−θ)x + θy)``."""
 
 
 def _nan_where_diverged(y: Tensor, stats: SolverStats) -> Tensor:
@@ -69,10 +75,14 @@ class ImplicitResidualBlock(nn.Module):
     """Residual layer whose output solves ``y = x + (1 − θ)F(x) + θF(y)``.
 
     θ = 0 is the explicit ResNet layer ``x + F(x)`` (no solve), θ = 1 backward
-    Euler, θ = 0.5 the trapezoidal rule. The forward pass solves for ``y`` with
-    ``solver`` outside autograd. With ``backward="implicit"`` the gradient comes
-    from the implicit function theorem: one adjoint solve with
-    ``linear_solver`` on ``v ↦ v − θ J_F(y)ᵀ v``; only the block's input and
+    Euler, θ = 0.5 the trapezoidal rule. With ``scheme="one_leg"`` the output
+    solves the one-leg step ``y = x + F((1 − θ)x + θy)`` instead (θ = 0.5: the
+    implicit midpoint rule); θ = 0 and θ = 1 are the same step in both schemes,
+    and so is every θ for an affine F (docs/schemes.md). The forward pass solves
+    for ``y`` with ``solver`` outside autograd. With ``backward="implicit"`` the
+    gradient comes from the implicit function theorem: one adjoint solve with
+    ``linear_solver`` on ``v ↦ v − θ J_F(z)ᵀ v`` (``z = y``; one-leg:
+    ``z = (1 − θ)x + θy``); only the block's input and
     output (and F's own activations at them) are kept for backward, whatever the
     number of iterations. ``backward="unrolled"`` differentiates through the
     solver's iterations instead (a reference; memory grows with iterations). It
@@ -110,6 +120,7 @@ class ImplicitResidualBlock(nn.Module):
         solver: forward solver; default ``FixedPoint()``.
         linear_solver: adjoint solver; default ``Neumann()``.
         backward: ``"implicit"`` or ``"unrolled"``.
+        scheme: ``"linear"`` (paper eq. 7, the default) or ``"one_leg"``.
 
     Attributes:
         forward_stats: :class:`~irnet.stats.SolverStats` of the last forward solve.
@@ -133,6 +144,8 @@ class ImplicitResidualBlock(nn.Module):
         tensor([16, 17])
     """
 
+    scheme: str = "linear"  # blocks pickled before the option take the paper's step
+
     def __init__(
         self,
         F: Union[nn.Module, Callable[[Tensor], Tensor]],
@@ -140,6 +153,7 @@ class ImplicitResidualBlock(nn.Module):
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
         backward: str = "implicit",
+        scheme: str = "linear",
     ) -> None:
         super().__init__()
         if not callable(F):
@@ -157,6 +171,7 @@ class ImplicitResidualBlock(nn.Module):
         self.solver = solver if solver is not None else FixedPoint()
         self.linear_solver = linear_solver if linear_solver is not None else Neumann()
         self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
+        self.scheme = check_choice("scheme", scheme, SCHEMES)
         self.forward_stats: Optional[SolverStats] = None
         self.backward_stats: Optional[SolverStats] = None
 
@@ -178,16 +193,25 @@ class ImplicitResidualBlock(nn.Module):
         scope.hold_for_backward(y, x_solve)
         return y.to(x.dtype)
 
+    @property
+    def _one_leg(self) -> bool:
+        """Whether this block's step differs in form from the linear one: one-leg, 0 < θ < 1."""
+        return self.scheme == "one_leg" and 0 < self.theta < 1
+
     def _forward(self, x: Tensor, guess: Optional[Tensor] = None) -> Tensor:
-        fx = self._apply_F(x) if self.theta < 1 else None
+        one_leg = self._one_leg
+        # F(x) is needed for the explicit part of the linear step (and is the whole of θ = 0's).
+        fx = self._apply_F(x) if self.theta < 1 and not one_leg else None
         if self.theta == 0:
             self.forward_stats = SolverStats.trivial(x.shape[0], x.device, x.dtype)
             return x + fx
-        if fx is None:  # θ = 1: x + (1−θ)F(x) is x itself, only check F once
+        if fx is None:  # θ = 1 or one-leg: c is x itself, only check F once
             self._check_shape(x, lambda: self.F(x))
         explicit = x if fx is None else x + (1 - self.theta) * fx
         if self.backward_mode == "unrolled":
-            problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
+            problem = FixedPointProblem(
+                self.F, explicit, self.theta, differentiable=True, one_leg=one_leg
+            )
             return self._solve(problem, x, x)
         graph = torch.is_grad_enabled() and self._needs_grad(x)
         # A fixed-count solve's answer is measured by the evaluation of F(y*) with its graph below,
@@ -195,7 +219,11 @@ class ImplicitResidualBlock(nn.Module):
         measure_here = graph and isinstance(self.solver, FixedPoint) and self.solver.fixed_count
         with torch.no_grad():
             problem = FixedPointProblem(
-                self.F, explicit.detach(), self.theta, measure_answer=not measure_here
+                self.F,
+                explicit.detach(),
+                self.theta,
+                measure_answer=not measure_here,
+                one_leg=one_leg,
             )
             start = self._initial_guess(x, fx, guess)
             if measure_here:
@@ -204,26 +232,39 @@ class ImplicitResidualBlock(nn.Module):
                 y_star = self._solve(problem, start, x)
         if not graph:
             return y_star
-        # One evaluation of F(y*) with a graph serves both the output's autograd
+        # One evaluation of F at the solution with a graph serves both the output's autograd
         # (∂/∂x and ∂/∂γ through ``y_graph``) and the adjoint's vector–Jacobian products.
         with torch.enable_grad():
             y_leaf = y_star.detach().requires_grad_()
-            f_star = self.F(y_leaf)
-        y_graph = explicit + self.theta * f_star
+            if one_leg:
+                # F(z*), z* = (1−θ)x + θy*: its Jacobian in y* is θJ_F(z*) already (adjoint θ 1),
+                # and its graph reaches x through z* as well as through y_graph's x.
+                f_star = self.F(torch.lerp(x, y_leaf, self.theta))
+                y_graph, adjoint_theta = x + f_star, 1.0
+            else:
+                f_star = self.F(y_leaf)
+                y_graph, adjoint_theta = explicit + self.theta * f_star, self.theta
         if measure_here:  # r(y*) = y* − x − (1−θ)F(x) − θF(y*); a non-finite answer is NaN already
             self._accept(
                 y_star, self.solver.answer_stats(sample_norm(y_star - y_graph.detach())), x
             )
         return ImplicitAdjoint.apply(
-            y_graph, y_leaf, f_star, self.theta, self.linear_solver, self._record_backward, self.F
+            y_graph,
+            y_leaf,
+            f_star,
+            adjoint_theta,
+            self.linear_solver,
+            self._record_backward,
+            self.F,
         )
 
     def _initial_guess(self, x: Tensor, fx: Optional[Tensor], guess: Optional[Tensor]) -> Tensor:
         """Where the solve starts: the explicit step ``x + F(x)`` (reusing F(x)), or a warm start.
 
         ``guess`` may hold NaN rows for samples without a previous fixed point;
-        they start from the explicit step. At θ = 1, where F(x) is not otherwise
-        needed, the start is x itself, whose first iterate is the explicit step.
+        they start from the explicit step. At θ = 1 and in the one-leg scheme, where
+        F(x) is not otherwise needed, the start is x itself, whose first iterate is the
+        explicit step (both maps send x to ``x + F(x)``).
         """
         start = x.detach() if fx is None else x.detach() + fx.detach()
         if guess is None:
@@ -302,17 +343,23 @@ class ImplicitResidualBlock(nn.Module):
         """Differentiable ``‖r(yᵏ)‖₂`` of fixed-point iterates ``y¹ … y^K`` from ``y⁰ = x``.
 
         The unrolled iterates the fixed-point regulariser R_fp (paper eq. 9)
-        needs; built with autograd so the norms depend on F's parameters.
+        needs; built with autograd so the norms depend on F's parameters. They
+        iterate the block's own map, and ``r`` is its own step's residual (one-leg:
+        ``y − x − F((1−θ)x + θy)``); ``y¹ = x + F(x)`` in both schemes.
 
         Returns:
             Tensor of shape ``(iterations, batch)``.
         """
         check_int("iterations", iterations, 1)
+        one_leg = self._one_leg
         # The same precision and dropout draw as the block's own solve.
         with SolveScope(self.F, x) as scope:
             x = x.to(scope.dtype)
-            explicit = x + (1 - self.theta) * self.F(x) if self.theta < 1 else x
-            problem = FixedPointProblem(self.F, explicit, self.theta, differentiable=True)
+            linear_explicit = self.theta < 1 and not one_leg
+            explicit = x + (1 - self.theta) * self.F(x) if linear_explicit else x
+            problem = FixedPointProblem(
+                self.F, explicit, self.theta, differentiable=True, one_leg=one_leg
+            )
             y, norms = problem.map(x), []
             for _ in range(iterations):
                 g = problem.map(y)
@@ -320,39 +367,59 @@ class ImplicitResidualBlock(nn.Module):
                 y = g
         return torch.stack(norms)
 
-    def map_jacobian_products(self, y: Tensor, vectors: Tensor) -> Tensor:
-        """Differentiable ``vᵀ (θ ∂F/∂y)(y)`` for each of ``S`` vectors ``v`` per sample.
+    def map_jacobian_products(
+        self, y: Tensor, vectors: Tensor, x: Optional[Tensor] = None
+    ) -> Tensor:
+        """Differentiable ``vᵀ (θ ∂F/∂y)(z)`` for each of ``S`` vectors ``v`` per sample.
 
-        The Jacobian of the fixed-point map ``y ↦ c + θF(y)`` at ``y``, applied
-        from the left by vector–Jacobian products (one graph of ``F(y)`` for all
-        ``S``); the Jacobian regulariser uses it. The result keeps its graph, so
-        it can be differentiated in F's parameters and in ``y``.
+        The Jacobian of the block's fixed-point map at ``y``: of ``y ↦ c + θF(y)``
+        (``z = y``), or in the one-leg scheme of ``y ↦ x + F((1−θ)x + θy)``
+        (``z = (1−θ)x + θy``, which needs the layer's input ``x``), applied from the
+        left by vector–Jacobian products (one graph of F for all ``S``); the Jacobian
+        regulariser uses it. The result keeps its graph, so it can be differentiated
+        in F's parameters, in ``y`` and in ``x``.
 
         Args:
             y: points, ``(batch, …)`` (typically the layer's fixed points).
             vectors: ``(S, batch, …)``.
+            x: the layer's inputs, ``(batch, …)``: needed by a one-leg block with
+                0 < θ < 1, ignored otherwise.
 
         Returns:
             Tensor of shape ``(S, batch, …)``.
+
+        Raises:
+            ValueError: ``vectors`` or ``x`` has the wrong shape, or a one-leg block
+                (0 < θ < 1) got no ``x``.
         """
         if vectors.shape[1:] != y.shape:
             raise ValueError(
                 f"vectors must have shape (S, *y.shape) = (S, {', '.join(map(str, y.shape))}), "
                 f"got {tuple(vectors.shape)}"
             )
+        one_leg = self._one_leg
+        if one_leg and x is None:
+            raise ValueError(
+                "map_jacobian_products needs the layer's input x for scheme='one_leg' "
+                f"(θ = {self.theta}): the map's Jacobian θJ_F((1−θ)x + θy) depends on it"
+            )
+        if one_leg and x.shape != y.shape:
+            raise ValueError(f"x must have y's shape {tuple(y.shape)}, got {tuple(x.shape)}")
         with SolveScope(self.F, y) as scope, torch.enable_grad():
             y = y.to(scope.dtype)
             if not y.requires_grad:
                 y = y.detach().requires_grad_()
-            f = self.F(y)
+            # One-leg: the stage's dependence on y carries the factor θ itself.
+            f = self.F(torch.lerp(x.to(scope.dtype), y, self.theta)) if one_leg else self.F(y)
             products = [
                 torch.autograd.grad(f, y, v.to(f.dtype), create_graph=True, retain_graph=True)[0]
                 for v in vectors
             ]
-        return self.theta * torch.stack(products)
+        stacked = torch.stack(products)
+        return stacked if one_leg else self.theta * stacked
 
     def extra_repr(self) -> str:
         return (
             f"theta={self.theta}, solver={self.solver!r}, linear_solver={self.linear_solver!r}, "
-            f"backward={self.backward_mode!r}"
+            f"backward={self.backward_mode!r}, scheme={self.scheme!r}"
         )

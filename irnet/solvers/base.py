@@ -25,16 +25,29 @@ from irnet.stats import SolverStats, diverged_samples
 class FixedPointProblem:
     """Find y with ``y = c + θ F(y)``, i.e. ``r(y) = y − c − θ F(y) = 0``.
 
-    For an implicit residual layer ``c = x + (1 − θ) F(x)`` (paper eq. 7).
+    For an implicit residual layer's linear θ-step ``c = x + (1 − θ) F(x)`` (paper eq. 7).
+    With ``one_leg=True`` the problem is the one-leg θ-step ``y = c + F((1 − θ)c + θy)``
+    with ``c = x``: again ``y = c + θ G(y)``, for ``G(y) = F((1 − θ)c + θy) / θ``, so every
+    solver serves both. Keeping ``x`` in ``c`` (not inside a closure G) lets a copy of the
+    problem with other rows of ``c`` (the line search's stacked trial steps) stay one.
 
     Attributes:
         F: the residual function.
-        c: the explicit part, fixed during the solve.
+        c: the explicit part, fixed during the solve (the input ``x`` of a one-leg step).
         theta: the implicitness θ.
         differentiable: build graphs through every operation (unrolled mode).
         measure_answer: whether a fixed-count solve measures its answer's residual (one more
             evaluation of F); ``False`` where the caller evaluates F at the answer anyway and
             measures it there (:meth:`irnet.solvers.FixedPoint.answer_stats`).
+        one_leg: the one-leg form ``y = c + F((1 − θ)c + θy)`` (docs/schemes.md).
+
+    Example:
+        The one-leg midpoint step (θ = ½) of ``F(y) = −y`` from ``c = 3``: ``y = 3 − (3 + y)/2``,
+        so ``y = 1``; its map at the answer gives it back:
+
+        >>> problem = FixedPointProblem(lambda y: -y, torch.tensor([[3.0]]), 0.5, one_leg=True)
+        >>> problem.map(torch.tensor([[1.0]]))
+        tensor([[1.]])
     """
 
     F: Callable[[Tensor], Tensor]
@@ -42,12 +55,21 @@ class FixedPointProblem:
     theta: float
     differentiable: bool = False
     measure_answer: bool = True
+    one_leg: bool = False
 
     def map(self, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """The fixed-point map ``g(y) = c + θ F(y)`` (one fused add; into ``out`` if given)."""
+        """The fixed-point map ``g(y) = c + θ F(y)``, or ``c + F((1 − θ)c + θy)`` for a one-leg
+        problem (one fused add; into ``out`` if given)."""
+        if self.one_leg:
+            f = self.F(self.stage(y))
+            return torch.add(self.c, f) if out is None else torch.add(self.c, f, out=out)
         if out is None:
             return torch.add(self.c, self.F(y), alpha=self.theta)
         return torch.add(self.c, self.F(y), alpha=self.theta, out=out)
+
+    def stage(self, y: Tensor) -> Tensor:
+        """Where a one-leg step evaluates F: ``(1 − θ)c + θy`` (``y`` itself at θ = 1)."""
+        return y if self.theta == 1 else torch.lerp(self.c, y, self.theta)
 
     def residual(self, y: Tensor) -> Tensor:
         """``r(y) = y − g(y)``."""
@@ -63,6 +85,8 @@ class FixedPointProblem:
 
     def residual_and_gradient(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``r(y)`` and ``∇ ½‖r(y)‖² = (I − θ ∂F/∂y)ᵀ r(y)`` by one vector–Jacobian product.
+
+        (For a one-leg problem ``∂F/∂y`` is taken at the stage ``(1 − θ)c + θy``.)
 
         Works under ``torch.inference_mode()`` too (on fresh copies outside it),
         though :meth:`NonlinearSolver.solve` leaves inference mode once per solve.
@@ -107,7 +131,7 @@ class NonlinearSolver(ArgsRepr, RemembersIterations, ABC):
 
     Args:
         atol: absolute tolerance on the Euclidean norm of each sample's residual,
-            ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ atol``.
+            ``‖y − x − (1−θ)F(x) − θF(y)‖₂ ≤ atol`` (one-leg: ``‖y − x − F((1−θ)x + θy)‖₂``).
         max_iter: the most iterations per solve.
     """
 
