@@ -1,6 +1,6 @@
 """Linear stability of θ-schemes (paper Fig. 2) and of trained implicit layers.
 
-Two halves:
+Three parts:
 
 * The paper's linear stability analysis: the amplification matrix of the
   θ-method and of Verlet for the oscillator ``ẏ = −ω² z, ż = y`` (eq. 6). Its
@@ -10,9 +10,17 @@ Two halves:
   paper (:data:`SCHEMES`); :func:`spectral_radius_curve` gives ρ as a function
   of ``hω``, :func:`phase_portrait` the discrete orbits of Fig. 2 and
   :func:`theta_stability_function` the θ-method's ``R(z)`` on the complex plane.
+* The two θ-steps a block can take (:data:`THETA_STEPS`, docs/schemes.md), the linear
+  ``u₁ = u₀ + h((1−θ)f(u₀) + θf(u₁))`` and the one-leg ``u₁ = u₀ + h f((1−θ)u₀ + θu₁)``,
+  on any ODE ``u' = f(u)`` (:func:`theta_step`, :func:`theta_orbit`, by Newton's method in
+  float64). On a linear ``f`` they are one step, with the same ``R(z)``; they part on a
+  nonlinear one, such as :func:`oscillator_field` with a state-dependent speed, whose
+  invariant ``y²/ω² + z²`` the one-leg step at θ = ½ (the implicit midpoint rule) keeps
+  exactly and the linear one (the trapezoidal rule) does not.
 * Matrix-free spectra of a layer ``y = x + (1−θ)F(x) + θF(y)``: its
   input–output Jacobian ``∂y/∂x = (I − θJ_F(y))⁻¹(I + (1−θ)J_F(x))`` and the
-  Neumann-series operator ``θJ_F(y)``, applied by Jacobian–vector products
+  Neumann-series operator ``θJ_F(y)`` (for a one-leg layer both at the stage
+  ``z = (1−θ)x + θy``), applied by Jacobian–vector products
   (``torch.func.jvp``) and, for the inverse, a GMRES solve. Their spectral
   radii come from :func:`spectral_radius`, an Arnoldi iteration: power
   iteration that keeps its iterates, so that the complex-conjugate eigenvalue
@@ -32,11 +40,13 @@ from torch import Tensor, nn
 from irnet._misc import (
     check_choice,
     check_int,
+    check_nonnegative,
     check_positive,
     check_unit_interval,
     sample_dot,
     sample_norm,
 )
+from irnet.layer import SCHEMES as THETA_STEPS
 from irnet.linear import GMRES
 
 Operator = Callable[[Tensor], Tensor]
@@ -147,7 +157,10 @@ def theta_stability_function(z: Tensor | complex, theta: float) -> Tensor:
 
     One step of the θ-method on ``u' = λu`` multiplies ``u`` by ``R(hλ)``; the
     scheme is stable where ``|R(z)| ≤ 1``. For the oscillator ``z = ±ihω`` and
-    ``R(z)`` are the eigenvalues of :func:`theta_method_matrix`.
+    ``R(z)`` are the eigenvalues of :func:`theta_method_matrix`. It is the stability
+    function of both θ-steps (:data:`THETA_STEPS`): on ``u' = λu`` the one-leg step
+    ``u₁ = u₀ + hλ((1−θ)u₀ + θu₁)`` is the linear step ``u₁ = u₀ + h((1−θ)λu₀ + θλu₁)``
+    term by term, and so on any linear problem.
 
     Args:
         z: complex points; a real tensor or a Python number becomes complex128
@@ -199,6 +212,139 @@ def phase_portrait(
     for _ in range(check_int("steps", steps, 0)):
         states.append(matrix @ states[-1])
     return torch.stack(states)
+
+
+# -- the two θ-steps on ODEs, linear and nonlinear ------------------------------------------
+
+
+def oscillator_field(omega: float = 1.0, nonlinearity: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """``f`` of ``ẏ = −ω² s z, ż = s y`` with the speed ``s = 1 + nonlinearity · z²``.
+
+    ``nonlinearity = 0`` is the paper's oscillator (eq. 6). For any speed ``s(y, z) > 0``
+    the orbits are those of the oscillator, ``y²/ω² + z²`` (:func:`oscillator_invariant`)
+    stays constant, only the pace along them changes; a nonlinear ``s`` makes ``f``
+    nonlinear, so the two θ-steps part. ``f`` maps states ``(…, 2)`` to ``(…, 2)``.
+
+    Example:
+        >>> f = oscillator_field(omega=2.0, nonlinearity=1.0)
+        >>> f(torch.tensor([1.0, 1.0]))  # s = 2: (−4·2·1, 2·1)
+        tensor([-8.,  2.])
+    """
+    w2 = check_positive("omega", omega) ** 2
+    nonlinearity = check_nonnegative("nonlinearity", nonlinearity)
+
+    def f(u: Tensor) -> Tensor:
+        y, z = u[..., 0], u[..., 1]
+        s = 1 + nonlinearity * z**2
+        return torch.stack([-w2 * s * z, s * y], -1)
+
+    return f
+
+
+def oscillator_invariant(u: Tensor, omega: float = 1.0) -> Tensor:
+    """``y²/ω² + z²`` of states ``(…, 2)``, constant on the orbits of :func:`oscillator_field`."""
+    omega = check_positive("omega", omega)
+    return u[..., 0] ** 2 / omega**2 + u[..., 1] ** 2
+
+
+def theta_step(
+    f: Callable[[Tensor], Tensor],
+    u: Tensor,
+    h: float,
+    theta: float,
+    scheme: str = "linear",
+    tol: float = 1e-13,
+    max_iter: int = 50,
+) -> Tensor:
+    """One θ-step of ``u' = f(u)`` from each state of a batch ``u`` (shape ``(batch, n)``).
+
+    ``scheme="linear"`` solves ``u₁ = u₀ + h((1−θ)f(u₀) + θf(u₁))`` (a block's default
+    step), ``"one_leg"`` solves ``u₁ = u₀ + h f((1−θ)u₀ + θu₁)``. Newton's method from
+    the explicit Euler step, with dense Jacobians of ``f`` (``torch.func.jacrev``, so
+    ``f`` must also accept a single state ``(n,)``), until every residual is below
+    ``tol · (1 + ‖u₀‖)``: a reference to check implicit layers against, independent of
+    irnet's solvers.
+
+    Args:
+        f: the vector field, acting on each state separately.
+        u: states, ``(batch, n)``; computed in their dtype (use float64).
+        h: step size (> 0).
+        theta: implicitness θ in [0, 1].
+        scheme: one of :data:`THETA_STEPS`.
+        tol: relative tolerance of the residual.
+        max_iter: the most Newton iterations.
+
+    Raises:
+        RuntimeError: Newton's method did not converge (take a smaller ``h``).
+
+    Example:
+        On ``u' = −u`` the two steps agree, ``u₁ = R(−h) u₀`` (θ = ½, h = 1: R = ⅓):
+
+        >>> u = torch.tensor([[3.0]], dtype=torch.float64)
+        >>> theta_step(lambda v: -v, u, 1.0, 0.5, "one_leg")
+        tensor([[1.]], dtype=torch.float64)
+    """
+    h = check_positive("h", h)
+    theta = check_unit_interval("theta", theta)
+    scheme = check_choice("scheme", scheme, THETA_STEPS)
+    if u.dim() != 2:
+        raise ValueError(f"u must be a batch of states (batch, n), got shape {tuple(u.shape)}")
+    fu = f(u)
+    one_leg = scheme == "one_leg"
+
+    def stage(v: Tensor) -> Tensor:  # where the implicit part evaluates f
+        return torch.lerp(u, v, theta) if one_leg else v
+
+    def residual(v: Tensor) -> Tensor:
+        if one_leg:
+            return v - u - h * f(stage(v))
+        return v - u - h * ((1 - theta) * fu + theta * f(v))
+
+    v = u + h * fu
+    r = residual(v)
+    bound = tol * (1 + sample_norm(u))
+    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+    jacobians = torch.func.vmap(torch.func.jacrev(f))
+    for _ in range(check_int("max_iter", max_iter, 1)):
+        if bool((sample_norm(r) <= bound).all()):
+            return v
+        # r'(v) = I − hθ J_f(stage(v)) in both schemes (the stage moves with θv).
+        v = v - torch.linalg.solve(eye - h * theta * jacobians(stage(v)), r)
+        r = residual(v)
+    if bool((sample_norm(r) <= bound).all()):
+        return v
+    raise RuntimeError(
+        f"Newton's method for the {scheme} θ-step (θ = {theta}, h = {h}) did not converge in "
+        f"{max_iter} iterations (largest residual {float(sample_norm(r).max()):.3g}); take a "
+        "smaller h"
+    )
+
+
+def theta_orbit(
+    f: Callable[[Tensor], Tensor],
+    start: Tensor | Sequence[float],
+    h: float,
+    theta: float,
+    scheme: str = "linear",
+    steps: int = 100,
+) -> Tensor:
+    """The discrete orbit of ``u' = f(u)`` under :func:`theta_step`, shape ``(steps + 1, n)``.
+
+    Args:
+        f: the vector field.
+        start: the initial state ``(n,)`` (float64).
+        h: step size (> 0).
+        theta: implicitness θ in [0, 1].
+        scheme: one of :data:`THETA_STEPS`.
+        steps: number of steps (>= 0).
+    """
+    state = torch.as_tensor(start, dtype=torch.float64)
+    if state.dim() != 1 or not bool(state.isfinite().all()):
+        raise ValueError(f"start must be one state of finite numbers, got {start!r}")
+    states = [state[None]]
+    for _ in range(check_int("steps", steps, 0)):
+        states.append(theta_step(f, states[-1], h, theta, scheme))
+    return torch.cat(states)
 
 
 def _positive_values(name: str, value) -> Tensor:
@@ -289,7 +435,8 @@ def jvp_operator(F: nn.Module | Operator, at: Tensor) -> Operator:
 def neumann_operator(F: nn.Module | Operator, y: Tensor, theta: float) -> Operator:
     """``v ↦ θ J_F(y) v``; the Neumann series of the adjoint solve converges iff its radius < 1.
 
-    (The adjoint solve iterates ``θJ_F(y)ᵀ``, which has the same spectrum.)
+    (The adjoint solve iterates ``θJ_F(y)ᵀ``, which has the same spectrum. For a one-leg
+    layer pass its stage ``(1−θ)x + θy`` as ``y``.)
     """
     theta = check_unit_interval("theta", theta)
     jvp = jvp_operator(F, y)
@@ -302,6 +449,9 @@ class LayerJacobian:
     The right factor is one JVP at the input ``x``; the inverse is a GMRES
     solve of ``(I − θJ_F(y)) w = u`` with JVPs at the output ``y``, which works
     whether or not the Neumann series would converge. θ = 0 needs no solve.
+    For a one-leg layer (``scheme="one_leg"``, ``y = x + F((1−θ)x + θy)``) both
+    JVPs are at the stage ``z = (1−θ)x + θy``:
+    ``∂y/∂x = (I − θJ_F(z))⁻¹ (I + (1−θ)J_F(z))``.
 
     Args:
         F: the layer's residual function (acting on each sample separately).
@@ -310,6 +460,7 @@ class LayerJacobian:
         y: the layer's output batch (the solved fixed point).
         tol: relative tolerance of the GMRES solves (default ``1000 · eps`` of the dtype).
         max_iter: the most GMRES steps per solve.
+        scheme: the layer's θ-step, one of :data:`THETA_STEPS`.
 
     Attributes:
         solve_residual: the largest relative residual of any solve so far
@@ -324,14 +475,19 @@ class LayerJacobian:
         y: Tensor,
         tol: Optional[float] = None,
         max_iter: int = 100,
+        scheme: str = "linear",
     ) -> None:
         if x.shape != y.shape:
             raise ValueError(
                 f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
             )
         self.theta = check_unit_interval("theta", theta)
-        self._jvp_x = jvp_operator(F, x)
-        self._jvp_y = jvp_operator(F, y)
+        if check_choice("scheme", scheme, THETA_STEPS) == "one_leg" and 0 < self.theta < 1:
+            stage = torch.lerp(x, y, self.theta)
+            self._jvp_x = self._jvp_y = jvp_operator(F, stage)
+        else:
+            self._jvp_x = jvp_operator(F, x)
+            self._jvp_y = jvp_operator(F, y)
         tol = 1000 * torch.finfo(x.dtype).eps if tol is None else check_positive("tol", tol)
         self._gmres = GMRES(
             rtol=tol, max_iter=check_int("max_iter", max_iter, 1), restart=min(max_iter, 50)
@@ -363,8 +519,12 @@ def layer_spectral_radii(
     y: Tensor,
     krylov_dim: int = 20,
     generator: Optional[torch.Generator] = None,
+    scheme: str = "linear",
 ) -> tuple[Tensor, Tensor]:
     """Per-sample spectral radii of a layer's Jacobian ``∂y/∂x`` and of ``θJ_F(y)``.
+
+    For a one-leg layer (``scheme="one_leg"``) ``J_F`` is taken at the stage
+    ``(1−θ)x + θy`` (:class:`LayerJacobian`).
 
     ``ρ(∂y/∂x) > 1`` means the layer amplifies some perturbation of its input
     (forward instability); ``ρ(θJ_F(y)) ≥ 1`` means the Neumann series of the
@@ -378,13 +538,16 @@ def layer_spectral_radii(
         krylov_dim: Arnoldi steps (exact when at least the state size).
         generator: random generator for the start vectors (on the CPU); a
             fixed one keeps monitoring from drawing on the training RNG.
+        scheme: the layer's θ-step, one of :data:`THETA_STEPS` (a block's ``scheme``).
 
     Returns:
         ``(rho_layer, rho_neumann)``, each of shape ``(batch,)``.
     """
+    jacobian = LayerJacobian(F, theta, x, y, scheme=scheme)
     start = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    rho_layer = spectral_radius(LayerJacobian(F, theta, x, y), start, krylov_dim)
+    rho_layer = spectral_radius(jacobian, start, krylov_dim)
     if theta == 0:
         return rho_layer, torch.zeros_like(rho_layer)
-    rho_neumann = spectral_radius(neumann_operator(F, y, theta), start, krylov_dim)
+    at = torch.lerp(x, y, theta) if scheme == "one_leg" and theta < 1 else y
+    rho_neumann = spectral_radius(neumann_operator(F, at, theta), start, krylov_dim)
     return rho_layer, rho_neumann

@@ -137,8 +137,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     if args.study == "seeds":
         return seeds.main(args, command)
     start = time.perf_counter()
-    if args.study == "stability":
-        study.run(out, tiny=args.tiny)
+    if args.study == "stability":  # seconds in this process; it records its own time and machine
+        study.run(out, tiny=args.tiny, command=command)
         return out / "summary.md"
     settings = _settings(args, study)
     if args.replot:

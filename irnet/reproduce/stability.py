@@ -8,15 +8,25 @@ advance ``(y, z)`` by an amplification matrix ``A(hω)``. :func:`run` writes
   Euler in, trapezoidal and, for ``hω ≤ 2``, Verlet stay on an ellipse);
 * ``spectral_radius.png``: ρ(A(hω)) for ``hω ∈ (0, 3]``;
 * ``theta_regions.png``: the θ-method's stability regions ``|R(z)| ≤ 1``;
-* ``results.json`` and ``summary.md``: a table of ρ and, for each closed form
-  the paper states, the largest deviation of the computed matrices from it.
+* ``one_leg.png``: the two θ-steps a block can take (docs/schemes.md), the linear
+  ``u₁ = u₀ + h((1−θ)f(u₀) + θf(u₁))`` and the one-leg ``u₁ = u₀ + h f((1−θ)u₀ + θu₁)``,
+  on the oscillator with a state-dependent speed ``s = 1 + z²``
+  (:func:`~irnet.analysis.stability.oscillator_field`). On the linear oscillator they are one
+  step (the same matrix, the same ``R(z)``: checked below); on this nonlinear one the one-leg
+  step at θ = ½ (implicit midpoint) keeps the invariant ``y²/ω² + z²`` to rounding, the linear
+  one (trapezoidal) lets it swing by O(1) at large ``hω``;
+* ``results.json`` and ``summary.md``: the command, machine and time taken, a table of ρ,
+  a table of the invariant under both θ-steps and, for each closed form the paper states (and
+  each of the θ-steps'), the largest deviation of the computed numbers from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,12 +37,18 @@ from torch import Tensor
 
 from irnet.analysis.stability import (
     SCHEMES,
+    THETA_STEPS,
     amplification_matrices,
+    oscillator_field,
+    oscillator_invariant,
     phase_portrait,
     spectral_radius_curve,
     theta_method_matrix,
+    theta_orbit,
     theta_stability_function,
+    theta_step,
 )
+from irnet.reproduce._summary import machine
 
 OMEGA = 50.0  # the paper's Fig. 2
 TABLE_H_OMEGA = (0.1, 0.5, 1.0, 2.0, 2.5)
@@ -45,36 +61,119 @@ LABELS = {
     "trapezoidal": "trapezoidal",
     "verlet": "Verlet",
 }
+NONLINEARITY = 1.0  # the speed s = 1 + z² of the nonlinear oscillator (s ∈ [1, 2] on the orbit)
+STEP_THETAS = (0.5, 0.75)  # θ-steps compared on it (θ < ½ blows up, θ = 1 is one step in both)
+STEP_LABELS = {"linear": "linear θ-step", "one_leg": "one-leg θ-step"}
 
 
-def run(out: Path, tiny: bool = False) -> dict:
+def run(out: Path, tiny: bool = False, command: Optional[str] = None) -> dict:
     """Write the figures, ``results.json`` and ``summary.md`` into ``out``; return the numbers.
 
     Args:
         out: output folder (created if missing).
         tiny: coarser grids (quicker); all files are still written.
+        command: the command line that ran the study, recorded in summary.md and
+            results.json (``irnet reproduce stability`` passes its own).
 
     Returns:
-        ``{"omega", "h_omega", "spectral_radius": {scheme: [ρ per hω]}, "claims": [...]}``
-        where each claim is ``{"claim", "max_deviation", "holds"}``.
+        ``{"meta", "omega", "h_omega", "spectral_radius": {scheme: [ρ per hω]}, "one_leg",
+        "claims": [...]}`` where each claim is ``{"claim", "max_deviation", "holds"}``,
+        ``meta`` is ``{"command", "machine", "minutes"}`` and ``one_leg`` has one row per
+        ``hω``, θ and θ-step: the invariant's final value and largest deviation.
     """
+    start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = 60 if tiny else 300
     h_omega = torch.linspace(0, 3, points + 1, dtype=torch.float64)[1:]  # hω = 0 is not a step
+    orbits = _nonlinear_orbits(periods=1 if tiny else 2)
     results = {
         "omega": OMEGA,
         "h_omega": list(TABLE_H_OMEGA),
         "spectral_radius": {s: spectral_radius_curve(s, TABLE_H_OMEGA).tolist() for s in SCHEMES},
-        "claims": _claims(h_omega, 41 if tiny else 201),
+        "one_leg": {"nonlinearity": NONLINEARITY, "rows": _invariant_rows(orbits)},
+        "claims": _claims(h_omega, 41 if tiny else 201)
+        + _step_claims(h_omega[:: 6 if tiny else 15], orbits),
     }
     dpi = 60 if tiny else 110
     _save(_phase_portraits(), out / "phase_portraits.png", dpi)
     _save(_spectral_radius_figure(h_omega), out / "spectral_radius.png", dpi)
     _save(_theta_regions(101 if tiny else 301), out / "theta_regions.png", dpi)
+    _save(_one_leg_figure(orbits), out / "one_leg.png", dpi)
+    results = {
+        "meta": {
+            "command": command or "irnet.reproduce.stability.run (from Python)",
+            # The study runs in the calling process: one worker with torch's threads.
+            "machine": machine(1, torch.get_num_threads()),
+            "minutes": (time.perf_counter() - start) / 60,
+        },
+        **results,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(_summary(results))
     return results
+
+
+# -- the two θ-steps on the nonlinear oscillator ---------------------------------------------------
+
+
+def _nonlinear_orbits(periods: int) -> dict[tuple[float, float, str], Tensor]:
+    """The orbits from ``(0, 1)`` of every ``(hω, θ, θ-step)`` of the comparison, about
+    ``periods`` periods of the linear oscillator long."""
+    f = oscillator_field(OMEGA, NONLINEARITY)
+    orbits = {}
+    for h_omega in PORTRAIT_H_OMEGA:
+        steps = math.ceil(periods * 2 * math.pi / h_omega)
+        for theta in STEP_THETAS:
+            for step in THETA_STEPS:
+                orbits[h_omega, theta, step] = theta_orbit(
+                    f, (0.0, 1.0), h_omega / OMEGA, theta, step, steps
+                )
+    return orbits
+
+
+def _invariant_rows(orbits: dict) -> list[dict]:
+    """Per orbit: the invariant ``y²/ω² + z²`` at the end and its largest deviation from 1."""
+    rows = []
+    for (h_omega, theta, step), orbit in orbits.items():
+        q = oscillator_invariant(orbit, OMEGA)
+        rows.append(
+            {
+                "h_omega": h_omega,
+                "theta": theta,
+                "step": step,
+                "steps": len(orbit) - 1,
+                "final": float(q[-1]),
+                "max_deviation": float((q - 1).abs().max()),
+            }
+        )
+    return rows
+
+
+def _step_claims(h_omega: Tensor, orbits: dict) -> list[dict]:
+    """The θ-steps' claims: one step on the linear oscillator; the midpoint keeps the invariant."""
+    linear = oscillator_field(1.0, 0.0)  # ω = 1, h = hω: the matrices depend on hω only
+    eye = torch.eye(2, dtype=torch.float64)
+    same = 0.0
+    for theta in THETAS:
+        for x in h_omega.tolist():
+            # One step of each basis vector: the rows of the step's matrix, transposed.
+            matrix = theta_step(linear, eye, x, theta, "one_leg").T
+            same = max(same, _max_abs(matrix - theta_method_matrix(x, 1.0, theta)))
+    midpoint = max(
+        float((oscillator_invariant(orbit, OMEGA) - 1).abs().max())
+        for (_, theta, step), orbit in orbits.items()
+        if theta == 0.5 and step == "one_leg"
+    )
+    checks = {
+        "one-leg θ-step on the oscillator = θ-method (same matrix, same R(z)), "
+        "θ ∈ {0, ¼, ½, ¾, 1}": same,
+        f"one-leg θ-step, θ = ½: y²/ω² + z² kept on the oscillator with speed "
+        f"{_speed(NONLINEARITY)}, hω ∈ {{{', '.join(f'{x:g}' for x in PORTRAIT_H_OMEGA)}}}": (
+            midpoint
+        ),
+    }
+    return [{"claim": c, "max_deviation": d, "holds": d < TOLERANCE} for c, d in checks.items()]
 
 
 # -- the paper's claims, checked -------------------------------------------------------------------
@@ -187,6 +286,42 @@ def _phase_portraits() -> Figure:
     return figure
 
 
+def _one_leg_figure(orbits: dict) -> Figure:
+    """Rows: ``hω``. Columns: the θ = ½ orbit under each θ-step, and the invariant along every
+    orbit of the comparison."""
+    figure = Figure(figsize=(3.2 * (len(THETA_STEPS) + 1), 2.8 * len(PORTRAIT_H_OMEGA)))
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.9, wspace=0.3, hspace=0.35)
+    axes = figure.subplots(len(PORTRAIT_H_OMEGA), len(THETA_STEPS) + 1, squeeze=False)
+    phase = np.linspace(0, 2 * np.pi, 200)
+    for row, h_omega in zip(axes, PORTRAIT_H_OMEGA):
+        for ax, step in zip(row, THETA_STEPS):
+            orbit = orbits[h_omega, 0.5, step].numpy()
+            ax.plot(OMEGA * np.sin(phase), np.cos(phase), "k--", lw=0.8, label="exact orbit")
+            ax.plot(orbit[:, 0], orbit[:, 1], "o-", ms=3, lw=1, color="C0", label="θ = ½")
+            ax.set_xlim(-2.5 * OMEGA, 2.5 * OMEGA)
+            ax.set_ylim(-2.5, 2.5)
+            ax.set_title(f"{STEP_LABELS[step]}, θ = ½, hω = {h_omega:g}", fontsize=9)
+            ax.set(xlabel="y", ylabel="z")
+        ax = row[-1]
+        for i, step in enumerate(THETA_STEPS):
+            for theta, style in zip(STEP_THETAS, ("-", ":")):
+                q = oscillator_invariant(orbits[h_omega, theta, step], OMEGA).numpy()
+                label = f"{STEP_LABELS[step]}, θ = {theta:g}"
+                ax.plot(q, style, lw=1.5, color=f"C{i}", label=label)
+        ax.axhline(1.0, color="grey", lw=0.6)
+        ax.set_title(f"y²/ω² + z², hω = {h_omega:g}", fontsize=9)
+        ax.set_xlabel("step n")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[0, -1].legend(fontsize=7, loc="center right")
+    figure.suptitle(f"Two θ-steps of ẏ = −ω²sz, ż = sy, s = {_speed(NONLINEARITY)}, ω = {OMEGA:g}")
+    return figure
+
+
+def _speed(nonlinearity: float) -> str:
+    """The speed ``s`` of :func:`~irnet.analysis.stability.oscillator_field` as text."""
+    return "1 + z²" if nonlinearity == 1 else f"1 + {nonlinearity:g}z²"
+
+
 def _spectral_radius_figure(h_omega: Tensor) -> Figure:
     figure = Figure(figsize=(6, 4), constrained_layout=True)
     ax = figure.subplots()
@@ -232,13 +367,47 @@ def _theta_regions(n: int) -> Figure:
 
 
 def _summary(results: dict) -> str:
+    meta = results["meta"]
+    seconds = 60 * meta["minutes"]
     header = "| hω | " + " | ".join(LABELS[s] for s in SCHEMES) + " |"
-    lines = ["# Linear stability of the four schemes (paper section 2, Fig. 2)", "", header]
+    lines = [
+        "# Linear stability of the four schemes (paper section 2, Fig. 2)",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"{meta['machine']}; {meta['minutes']:.1f} minutes ({seconds:.1f} s).",
+        "",
+        header,
+    ]
     lines.append("|" + "---|" * (len(SCHEMES) + 1))
     for i, h_omega in enumerate(results["h_omega"]):
         cells = (f"{results['spectral_radius'][s][i]:.6g}" for s in SCHEMES)
         lines.append(f"| {h_omega:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Spectral radius ρ(A(hω)). Claims of the paper, checked numerically:", ""]
+    lines += [
+        "",
+        "Spectral radius ρ(A(hω)).",
+        "",
+        "## The two θ-steps on a nonlinear oscillator",
+        "",
+        f"ẏ = −ω²sz, ż = sy with the speed s = {_speed(results['one_leg']['nonlinearity'])} "
+        f"(ω = {results['omega']:g}), from (0, 1): its "
+        "orbits are the linear oscillator's, y²/ω² + z² = 1. The invariant at the end of the orbit "
+        "and its largest deviation from 1 along it:",
+        "",
+        "| hω | θ | steps | "
+        + " | ".join(f"{STEP_LABELS[s]}: end, max dev." for s in THETA_STEPS)
+        + " |",
+        "|---|---|---|" + "---|" * len(THETA_STEPS),
+    ]
+    rows = {(r["h_omega"], r["theta"], r["step"]): r for r in results["one_leg"]["rows"]}
+    for h_omega, theta in dict.fromkeys((r["h_omega"], r["theta"]) for r in rows.values()):
+        cells = [rows[h_omega, theta, s] for s in THETA_STEPS]
+        lines.append(
+            f"| {h_omega:g} | {theta:g} | {cells[0]['steps']} | "
+            + " | ".join(f"{c['final']:.6g}, {c['max_deviation']:.2g}" for c in cells)
+            + " |"
+        )
+    lines += ["", "Claims of the paper (and of the θ-steps), checked numerically:", ""]
     for claim in results["claims"]:
         verdict = "holds" if claim["holds"] else "FAILS"
         lines.append(f"- {claim['claim']}: max deviation {claim['max_deviation']:.2g} ({verdict})")

@@ -126,9 +126,9 @@ def test_spectral_radius_finds_a_dominant_eigenvalue_with_few_steps() -> None:
 # -- layer Jacobians against dense references built from F alone -----------------------------
 
 
-def _solved_layer(F: torch.nn.Module, theta: float, x: torch.Tensor):
+def _solved_layer(F: torch.nn.Module, theta: float, x: torch.Tensor, scheme: str = "linear"):
     block = ImplicitResidualBlock(
-        F, theta, FixedPoint(atol=1e-13, max_iter=5000), Direct(rtol=1e-12)
+        F, theta, FixedPoint(atol=1e-13, max_iter=5000), Direct(rtol=1e-12), scheme=scheme
     )
     y = block(x).detach()
     assert bool(block.forward_stats.converged.all())
@@ -222,3 +222,38 @@ def test_layer_spectral_radii_leave_the_global_rng_alone() -> None:
     assert torch.equal(torch.get_rng_state(), state)
     second = layer_spectral_radii(F, 0.5, x, y, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# -- one-leg layers: Jacobians at the stage (1−θ)x + θy -----------------------------------------
+
+
+def _one_leg_layer_jacobians(F, theta: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ∂y/∂x = (I − θJ)⁻¹(I + (1−θ)J), J = J_F((1−θ)x + θy), for y = x + F(z)."""
+    eye = torch.eye(x[0].numel(), dtype=x.dtype)
+    J = _dense_F_jacobians(F, (1 - theta) * x + theta * y)
+    return torch.linalg.solve(eye - theta * J, eye + (1 - theta) * J)
+
+
+@pytest.mark.parametrize("theta", [0.25, 0.5, 0.75])
+def test_one_leg_layer_jacobian_and_radii(theta: float) -> None:
+    F = _mlp()
+    x = 2 * torch.randn(6, 2, dtype=DTYPE)
+    block, y = _solved_layer(F, theta, x, scheme="one_leg")
+    dense = _one_leg_layer_jacobians(F, theta, x, y)
+    assert torch.allclose(dense, _finite_difference_layer_jacobians(block, x), atol=1e-6)
+    # The linear step's formula at the same x and y is another matrix: the scheme matters.
+    assert not torch.allclose(dense, _ift_layer_jacobians(F, theta, x, y), atol=1e-3)
+    operator = LayerJacobian(F, theta, x, y, scheme="one_leg")
+    basis = torch.eye(2, dtype=DTYPE)
+    columns = torch.stack([operator(basis[i].expand(6, 2)) for i in range(2)], dim=2)
+    assert torch.allclose(columns, dense, atol=1e-10)
+    rho_layer, rho_neumann = layer_spectral_radii(F, theta, x, y, scheme="one_leg")
+    stage = (1 - theta) * x + theta * y
+    assert torch.allclose(rho_layer, matrix_spectral_radius(dense), rtol=1e-9)
+    expected = theta * matrix_spectral_radius(_dense_F_jacobians(F, stage))
+    assert torch.allclose(rho_neumann, expected, rtol=1e-9)
+
+
+def test_layer_jacobian_refuses_an_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        LayerJacobian(lambda v: v, 0.5, torch.ones(1, 2), torch.ones(1, 2), scheme="midpoint")

@@ -1,4 +1,5 @@
-"""The four schemes of paper section 2 against the closed forms the paper states (float64)."""
+"""The four schemes of paper section 2 against the closed forms the paper states (float64), and
+the two θ-steps a block can take (linear and one-leg) on linear and nonlinear ODEs."""
 
 from __future__ import annotations
 
@@ -8,17 +9,24 @@ import math
 import pytest
 import torch
 
+from irnet import ImplicitResidualBlock
 from irnet.analysis.stability import (
     SCHEMES,
+    THETA_STEPS,
     amplification_matrices,
     amplification_matrix,
     matrix_spectral_radius,
+    oscillator_field,
+    oscillator_invariant,
     phase_portrait,
     spectral_radius_curve,
     theta_method_matrix,
+    theta_orbit,
     theta_stability_function,
+    theta_step,
     verlet_matrix,
 )
+from irnet.solvers import Anderson
 
 H_OMEGA = [0.01, 0.3, 1.0, 1.9, 2.0, 2.5, 7.0]
 OMEGA = 50.0
@@ -182,10 +190,93 @@ def test_phase_portrait_energy_per_scheme() -> None:
     assert float(phase_portrait("verlet", 2.5 / OMEGA, OMEGA, steps=10).abs().max()) > 1e5
 
 
+# -- the two θ-steps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("h_omega", [0.1, 1.0, 2.5])
+@pytest.mark.parametrize("step", THETA_STEPS)
+def test_both_theta_steps_are_the_theta_method_on_the_oscillator(theta, h_omega, step) -> None:
+    # One step of each basis vector gives the step's matrix: the θ-method's, eigenvalues R(±ihω).
+    f = oscillator_field(OMEGA, nonlinearity=0.0)
+    matrix = theta_step(f, torch.eye(2, dtype=torch.float64), h_omega / OMEGA, theta, step).T
+    assert torch.allclose(matrix, theta_method_matrix(h_omega / OMEGA, OMEGA, theta), atol=1e-12)
+    z = torch.tensor([1j * h_omega, -1j * h_omega], dtype=torch.complex128)
+    _assert_same_set(
+        torch.linalg.eigvals(matrix), theta_stability_function(z, theta).tolist(), 1e-12
+    )
+
+
+@pytest.mark.parametrize("step", THETA_STEPS)
+@pytest.mark.parametrize("theta", [0.25, 0.5, 1.0])
+def test_both_theta_steps_multiply_by_r_on_the_scalar_test_equation(step, theta) -> None:
+    # u' = λu, λ = −3, h = 0.2: u₁ = R(hλ) u₀ in both forms.
+    u = torch.tensor([[2.0], [-0.5]], dtype=torch.float64)
+    got = theta_step(lambda v: -3.0 * v, u, 0.2, theta, step)
+    expected = theta_stability_function(-0.6, theta).real * u
+    assert torch.allclose(got, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("theta", [0.25, 0.5, 0.75])
+def test_theta_steps_solve_their_equations_and_part_on_a_nonlinear_field(theta) -> None:
+    f, h = oscillator_field(OMEGA, 1.0), 1.0 / OMEGA
+    u = torch.tensor([[0.0, 1.0], [30.0, -0.5]], dtype=torch.float64)
+    linear = theta_step(f, u, h, theta, "linear")
+    one_leg = theta_step(f, u, h, theta, "one_leg")
+    scale = 1 + u.norm(dim=1)
+    r_linear = linear - u - h * ((1 - theta) * f(u) + theta * f(linear))
+    r_one_leg = one_leg - u - h * f((1 - theta) * u + theta * one_leg)
+    assert (r_linear.norm(dim=1) <= 1e-13 * scale).all()
+    assert (r_one_leg.norm(dim=1) <= 1e-13 * scale).all()
+    assert float((linear - one_leg).abs().max()) > 1e-3
+
+
+def test_implicit_midpoint_keeps_the_invariant_the_trapezoidal_rule_does_not() -> None:
+    # ẏ = −ω²sz, ż = sy, s = 1 + z²: y²/ω² + z² is invariant. The one-leg θ = ½ step keeps it to
+    # rounding (Q₁ − Q₀ = 2h m·M f(m) = 0 at the midpoint m), the linear one swings by O(1).
+    f = oscillator_field(OMEGA, 1.0)
+    q = {
+        step: oscillator_invariant(theta_orbit(f, (0.0, 1.0), 1.5 / OMEGA, 0.5, step, 9), OMEGA)
+        for step in THETA_STEPS
+    }
+    assert float((q["one_leg"] - 1).abs().max()) < 1e-12
+    assert float((q["linear"] - 1).abs().max()) > 0.5
+    # The paper's linear oscillator (s = 1): both keep it.
+    f = oscillator_field(OMEGA, 0.0)
+    for step in THETA_STEPS:
+        orbit = theta_orbit(f, (0.0, 1.0), 1.5 / OMEGA, 0.5, step, 9)
+        assert float((oscillator_invariant(orbit, OMEGA) - 1).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("step", THETA_STEPS)
+@pytest.mark.parametrize("theta", [0.5, 0.75])
+def test_the_block_takes_the_same_theta_step(step, theta) -> None:
+    # The block with F = h·f solves the same equation as Newton's method here.
+    f, h = oscillator_field(1.0, 1.0), 0.3
+    u = torch.tensor([[0.0, 1.0], [0.8, -0.5], [-1.2, 0.3]], dtype=torch.float64)
+    block = ImplicitResidualBlock(
+        lambda v: h * f(v), theta, Anderson(atol=1e-13, max_iter=200), scheme=step
+    )
+    assert torch.allclose(block(u), theta_step(f, u, h, theta, step), rtol=0, atol=1e-12)
+
+
+def test_theta_step_refuses_to_return_an_unsolved_step() -> None:
+    with pytest.raises(RuntimeError, match="did not converge"):
+        theta_step(
+            lambda v: v**3, torch.tensor([[10.0]], dtype=torch.float64), 1.0, 1.0, max_iter=2
+        )
+
+
 @pytest.mark.parametrize(
     ("call", "name"),
     [
         (lambda: amplification_matrix("rk4", 0.1, 1.0), "scheme"),
+        (lambda: theta_step(lambda v: v, torch.ones(1, 2), 0.1, 0.5, "one-leg"), "scheme"),
+        (lambda: theta_step(lambda v: v, torch.ones(2), 0.1, 0.5), "u must be a batch"),
+        (lambda: theta_step(lambda v: v, torch.ones(1, 2), 0.0, 0.5), "h"),
+        (lambda: theta_step(lambda v: v, torch.ones(1, 2), 0.1, 1.5), "theta"),
+        (lambda: theta_orbit(lambda v: v, (1.0, float("nan")), 0.1, 0.5), "start"),
+        (lambda: oscillator_field(1.0, -1.0), "nonlinearity"),
         (lambda: amplification_matrix("verlet", 0.0, 1.0), "h"),
         (lambda: amplification_matrix("trapezoidal", 0.1, -1.0), "omega"),
         (lambda: spectral_radius_curve("euler", [1.0]), "scheme"),
@@ -214,8 +305,8 @@ def test_reproduce_run_writes_files_with_consistent_numbers(tmp_path) -> None:
     from irnet.reproduce.stability import run
 
     out = tmp_path / "stability"
-    results = run(out, tiny=True)
-    for name in ("phase_portraits.png", "spectral_radius.png", "theta_regions.png"):
+    results = run(out, tiny=True, command="python -m irnet reproduce stability --tiny")
+    for name in ("phase_portraits.png", "spectral_radius.png", "theta_regions.png", "one_leg.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     stored = json.loads((out / "results.json").read_text())
     assert stored == results
@@ -225,5 +316,16 @@ def test_reproduce_run_writes_files_with_consistent_numbers(tmp_path) -> None:
         assert stored["spectral_radius"][scheme] == pytest.approx(direct, rel=1e-12)
     assert all(claim["holds"] for claim in stored["claims"]), stored["claims"]
     summary = (out / "summary.md").read_text()
-    assert summary.count("\n| ") == 1 + len(stored["h_omega"])  # header and one row per hω
+    rows = stored["one_leg"]["rows"]  # one per hω, θ and θ-step; a table row per hω and θ
+    assert summary.count("\n| ") == 1 + len(stored["h_omega"]) + 1 + len(rows) // 2
     assert summary.count("max deviation") == len(stored["claims"])
+    # The command, the machine and the time taken, as the other studies record them.
+    meta = stored["meta"]
+    assert meta["command"] == "python -m irnet reproduce stability --tiny"
+    assert f"`{meta['command']}`" in summary and meta["machine"] in summary
+    assert f"{meta['minutes']:.1f} minutes" in summary and 0 < meta["minutes"] < 5
+    # The midpoint keeps the invariant, the trapezoidal rule does not, on the nonlinear oscillator.
+    half = {
+        r["step"]: r["max_deviation"] for r in rows if r["theta"] == 0.5 and r["h_omega"] == 1.5
+    }
+    assert half["one_leg"] < 1e-12 < 0.5 < half["linear"]
