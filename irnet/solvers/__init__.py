@@ -6,6 +6,7 @@ from irnet.solvers.broyden import Broyden
 from irnet.solvers.fallback import Fallback
 from irnet.solvers.fixed_point import FixedPoint
 from irnet.solvers.gradient_descent import GradientDescent
+from irnet.solvers.lbfgs import LBFGS
 from irnet.solvers.nonlinear_cg import NonlinearCG
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "FixedPointProblem",
     "GradientDescent",
     "IterativeSolver",
+    "LBFGS",
     "NonlinearCG",
     "NonlinearSolver",
 ]

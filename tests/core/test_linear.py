@@ -91,6 +91,43 @@ def test_gmres_restarted():
     torch.testing.assert_close(g_full, exact(A, 1.0, b), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("restart", [2, 3, 5])
+def test_gmres_restarts_keep_per_sample_stopping(restart):
+    # GMRES restarts every `restart` Krylov steps (GMRES(m), the class's `restart` argument).
+    # A right-hand side that is an eigenvector of A = I − θAᵀ is solved by the first Krylov
+    # step; over restarts its count and answer stay those it has alone, while a generic one
+    # needs several cycles. Both reach rtol and torch.linalg.solve's answer.
+    A = matrix_with_spectrum([0.9, -0.8, 0.7, 0.5, -0.4, 0.3, 0.2, -0.1], seed=3)
+    M = torch.eye(8, dtype=DTYPE) - A.T
+    values, vectors = torch.linalg.eig(M)
+    easy = vectors[:, values.real.argmax()].real  # real spectrum: a real eigenvector
+    hard = torch.randn(8, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    b = torch.stack([easy, hard])
+    solver = GMRES(rtol=1e-11, max_iter=400, restart=restart)
+    g, stats = solver.solve(operator_for(A, 1.0, batch=2), b)
+    alone, alone_stats = solver.solve(operator_for(A, 1.0, batch=1), b[:1])
+    assert stats.converged.all() and (stats.residual <= 1e-11).all()
+    assert stats.iterations[0] == alone_stats.iterations[0] == 1
+    assert stats.iterations[1] > max(restart, 8), "the hard sample must need several cycles"
+    torch.testing.assert_close(g[:1], alone, rtol=0, atol=1e-15)
+    torch.testing.assert_close(g, exact(A, 1.0, b), rtol=0, atol=1e-9)
+
+
+def test_gmres_restart_at_least_max_iter_is_one_cycle():
+    # restart ≥ max_iter: one Arnoldi cycle of at most max_iter steps, whatever restart is.
+    A = matrix_with_spectrum([0.9, -0.8, 0.7, 0.5, -0.4, 0.3, 0.2, -0.1], seed=3)
+    b = torch.randn(3, 8, dtype=DTYPE)
+    answers = [
+        GMRES(rtol=1e-12, max_iter=6, restart=restart).solve(operator_for(A, 1.0), b)
+        for restart in (6, 7, 100)
+    ]
+    for g, stats in answers:
+        assert (stats.iterations == 6).all() and not stats.converged.any()
+        torch.testing.assert_close(g, answers[0][0], rtol=0, atol=0)
+    # After 6 of 8 possible steps the residual has fallen but not reached the answer.
+    assert (answers[0][1].residual < 1).all()
+
+
 def test_neumann_partial_sums_are_the_series():
     # After k products Neumann's answer is Σ_{i<k} Pⁱ b, with P = θAᵀ (the k-th
     # product, Pᵏ b, is the residual of that partial sum and is not added).

@@ -1,4 +1,7 @@
-"""Forward solvers on problems with known answers; per-sample stopping; argument checks."""
+"""Forward solvers on problems with known answers; per-sample stopping; argument checks.
+
+The tables are those of ``helpers.problems`` with L-BFGS added (``"lbfgs"``), unless they hold it.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +14,39 @@ from torch import nn
 from helpers.problems import (
     DOTTIE,
     DTYPE,
+    LINEAR_SOLVERS,
     SOLVER_CLASSES,
-    SOLVERS,
     THETAS,
     TIGHT,
     Cos,
     LinearF,
     Scale,
     contraction,
+    ift_gradients,
     linear_solution,
     matrix_with_spectrum,
     mlp,
     residual_norm,
 )
+from helpers.problems import SOLVERS as SHARED_SOLVERS
 from irnet import ConvergenceWarning, ImplicitResidualBlock
-from irnet.solvers import Anderson, FixedPoint, FixedPointProblem, GradientDescent, NonlinearCG
+from irnet.solvers import (
+    LBFGS,
+    Anderson,
+    FixedPoint,
+    FixedPointProblem,
+    GradientDescent,
+    NonlinearCG,
+)
 from irnet.stats import flush_failure_warnings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+SOLVERS = {
+    "lbfgs": lambda atol=TIGHT, max_iter=500: LBFGS(atol=atol, max_iter=max_iter),
+    **SHARED_SOLVERS,
+}
+CLASSES = tuple(dict.fromkeys((*SOLVER_CLASSES, LBFGS)))
 
 solver_names = pytest.mark.parametrize("solver", list(SOLVERS))
 thetas = pytest.mark.parametrize("theta", THETAS)
@@ -169,7 +187,7 @@ def test_nonconvergence_expansive_fixed_point():
 
 
 @pytest.mark.parametrize(
-    "solver", ["anderson", "gradient_descent", "cg_fletcher_reeves", "cg_polak_ribiere"]
+    "solver", ["anderson", "gradient_descent", "cg_fletcher_reeves", "cg_polak_ribiere", "lbfgs"]
 )
 def test_other_solvers_solve_expansive_linear_case(solver):
     # Where fixed-point iteration diverges the others still find y = x + 1.5x + 1.5y = −5x.
@@ -241,17 +259,45 @@ def test_direct_solver_call_on_problem():
     assert stats.converged.all() and stats.iterations.dtype == torch.long
 
 
+@pytest.mark.parametrize("linear", list(LINEAR_SOLVERS))
+@thetas
+def test_lbfgs_gradients_match_dense_ift_and_finite_differences(linear, theta):
+    # test_layer.py's gradient table for the solvers of helpers.problems, for L-BFGS: the block's
+    # gradients against a dense implicit-function-theorem reference (float64, torch.linalg)
+    # and against central differences (a smooth tanh F, solves to 1e-12; eps 1e-5 leaves
+    # ~1e-10 truncation and ≤ 2.5e-7 from the solve).
+    F = mlp(n=3, width=5)
+    x = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
+    w = torch.randn(2, 3, dtype=DTYPE)
+    block = ImplicitResidualBlock(F, theta, SOLVERS["lbfgs"](), LINEAR_SOLVERS[linear]())
+    y = block(x)
+    grads = torch.autograd.grad((y * w).sum(), [x, *F.parameters()])
+    assert block.forward_stats.converged.all() and block.backward_stats.converged.all()
+    ref_x, ref_params = ift_gradients(F, x.detach(), y.detach(), theta, w)
+    torch.testing.assert_close(grads[0], ref_x, rtol=1e-9, atol=1e-10)
+    for got, want in zip(grads[1:], ref_params, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda x, *params: block(x),
+        (x, *F.parameters()),
+        fast_mode=True,
+        eps=1e-5,
+        atol=1e-6,
+        rtol=1e-5,
+    )
+
+
 # -- argument validation ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("tol", [0, 0.0, -1e-6, float("nan")])
 def test_solver_rejects_bad_tol(cls, tol):
     with pytest.raises(ValueError, match=r"\batol\b"):
         cls(atol=tol)
 
 
-@pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("max_iter", [0, -3, 2.5, 10.0, True])
 def test_solver_rejects_bad_max_iter(cls, max_iter):
     with pytest.raises(ValueError, match=r"\bmax_iter\b"):
@@ -273,6 +319,8 @@ def test_nonlinear_cg_rejects_unknown_beta(beta):
         (Anderson, {"regularization": -1e-3}, "regularization"),
         (GradientDescent, {"max_backtracks": -1}, "max_backtracks"),
         (NonlinearCG, {"max_backtracks": -1}, "max_backtracks"),
+        (LBFGS, {"history": 0}, "history"),
+        (LBFGS, {"max_backtracks": -1}, "max_backtracks"),
     ],
 )
 def test_solver_specific_arguments(cls, kwargs, name):
@@ -280,7 +328,7 @@ def test_solver_specific_arguments(cls, kwargs, name):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_solver_defaults_are_valid_and_repr(cls):
     solver = cls()
     assert solver.atol > 0 and solver.max_iter >= 1
@@ -310,7 +358,7 @@ def test_inference_mode_gives_the_same_answer(solver, theta):
     assert (residual_norm(F, x, got.clone(), theta) <= 1e-10).all()
 
 
-@pytest.mark.parametrize("cls", [GradientDescent, NonlinearCG])
+@pytest.mark.parametrize("cls", [GradientDescent, NonlinearCG, LBFGS])
 def test_gradient_solvers_keep_callers_grad_mode_off(cls):
     """Leaving inference mode must not build graphs through F's parameters."""
     F = mlp(n=3, width=6)

@@ -19,7 +19,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from irnet.linear import GMRES, Direct, Neumann
 from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
-from irnet.solvers import Anderson, Broyden, Fallback, FixedPoint, GradientDescent, NonlinearCG
+from irnet.solvers import (
+    LBFGS,
+    Anderson,
+    Broyden,
+    Fallback,
+    FixedPoint,
+    GradientDescent,
+    NonlinearCG,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # ~30 s in all
 
@@ -31,6 +39,7 @@ SOLVERS = {
     "cg_fletcher_reeves": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="fletcher-reeves"),
     "cg_polak_ribiere": lambda: NonlinearCG(atol=TOL, max_iter=100, beta="polak-ribiere"),
     "broyden": lambda: Broyden(atol=TOL, max_iter=100),
+    "lbfgs": lambda: LBFGS(atol=TOL, max_iter=100),
     "fallback": lambda: Fallback(
         [
             FixedPoint(atol=TOL, max_iter=3),
