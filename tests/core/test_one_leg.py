@@ -300,3 +300,18 @@ def test_scheme_is_shown_and_defaults_to_linear():
     assert ImplicitResidualBlock(mlp(), 0.5).scheme == "linear"
     assert "scheme='linear'" in repr(ImplicitResidualBlock(mlp(), 0.5))
     assert "scheme='one_leg'" in repr(ImplicitResidualBlock(mlp(), 0.5, scheme="one_leg"))
+
+
+def test_jacobian_free_gradient_takes_the_one_leg_graph():
+    # JacobianFree takes g = ∇_y L (no solve), so ∇_x L = (I + (1−θ)J_F(z))ᵀ ∇_y L exactly.
+    from irnet.linear import JacobianFree
+
+    F, theta = mlp(n=3, width=5), 0.25
+    x = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
+    w = torch.randn(2, 3, dtype=DTYPE)
+    block = ImplicitResidualBlock(F, theta, SOLVERS["anderson"](), JacobianFree(), scheme="one_leg")
+    y, gx, _ = gradients(block, x, w)
+    z = (1 - theta) * x.detach() + theta * y.detach()
+    eye = torch.eye(3, dtype=DTYPE)
+    want = torch.stack([(eye + (1 - theta) * jacobian(F, z[i])).T @ w[i] for i in range(2)])
+    torch.testing.assert_close(gx, want, rtol=1e-12, atol=1e-13)
