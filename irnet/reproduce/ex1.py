@@ -31,12 +31,11 @@ A run that the module stops as broken (:class:`irnet.failure.TrainingFailure`)
 is a result: NaN losses, and a "stopped" count in the table.
 
 Wall time of the full grid (``python -m irnet reproduce ex1``: 130 cells of 3 000
-epochs) on this machine's 2 CPU cores, one worker process per core, estimated
-from the lean cells of the first at-budget runs (:data:`EPOCH_SECONDS`; docs/REPORT.md
-§2c): about 20 h (40 core-hours: 4.4 for the 65 ten-layer cells, which took 2 h
-on 2 cores, and 36 for the 65 hundred-layer ones, of which θ = 0 and 1 with the
-paper's settings were measured). A killed run resumes from its journal (rerun the
-command). summary.md gives the estimate for the grid run and the measured time.
+epochs) on 2 CPU cores, one worker process per core, estimated from the at-budget runs
+(:data:`EPOCH_SECONDS`; docs/REPORT.md §2c): about 9 h (17 core-hours: 4 for the 65
+ten-layer cells and 13 for the 65 hundred-layer ones, of which all but the contraction
+cells were measured). A killed run resumes from its journal (rerun the command).
+summary.md gives the estimate for the grid run and the measured time.
 """
 
 from __future__ import annotations
@@ -80,16 +79,16 @@ VIRIDIS = matplotlib.colormaps["viridis"]
 STYLES = {"paper": "--", "rfp": "-", "contraction": ":"}
 
 # Seconds per epoch of one cell (training, validation every 10th epoch, Lightning included; lean
-# history), from the 3 000-epoch cells of docs/reproduce/ex1_budget and ex1_budget_100 (one torch
-# thread per worker, 2 or 3 processes sharing the 2 cores, so slightly pessimistic): the mean over
-# the cells that were not stopped. Not measured at 100 layers: rfp and contraction, scaled from
-# "paper" by their ratio in an earlier timing (1.03 and 0.95 against 0.58 s an epoch).
-# :func:`estimated_seconds` interpolates linearly in the depth.
+# history): the mean over the 3 000-epoch cells of docs/reproduce/ex1_budget (10 layers, AMD EPYC)
+# and ex1_budget_100 (100 layers, Intel Xeon), one torch thread per worker, 2 workers on 2 cores.
+# Not measured at 100 layers: contraction, taken as rfp's times 0.92 (their ratio in an earlier
+# 100-layer timing, 0.95 against 1.03 s an epoch). :func:`estimated_seconds` interpolates
+# linearly in the depth.
 EPOCH_SECONDS = {
-    "explicit": {10: 0.026, 100: 0.156},
-    "paper": {10: 0.077, 100: 0.48},
-    "rfp": {10: 0.096, 100: 0.85},
-    "contraction": {10: 0.086, 100: 0.79},
+    "explicit": {10: 0.026, 100: 0.091},
+    "paper": {10: 0.058, 100: 0.226},
+    "rfp": {10: 0.094, 100: 0.282},
+    "contraction": {10: 0.084, 100: 0.26},
 }
 
 
