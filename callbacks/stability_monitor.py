@@ -31,7 +31,8 @@ class StabilityMonitor(Callback):
 
     * ``layer_radius``: ρ(∂y_t/∂y_{t−1}) with
       ``∂y_t/∂y_{t−1} = (I − θJ_F(y_t))⁻¹(I + (1−θ)J_F(y_{t−1}))`` (the inverse
-      by a GMRES solve). Above 1 the layer amplifies some input perturbation.
+      by a GMRES solve; for a one-leg block J_F is taken at its stage, docs/schemes.md).
+      Above 1 the layer amplifies some input perturbation.
     * ``neumann_radius``: ρ(θJ_F(y_t)) for θ > 0. At or above 1 the Neumann
       series of the adjoint solve (and locally the fixed-point iteration) diverges.
 
@@ -133,7 +134,13 @@ class StabilityMonitor(Callback):
             layer, neumann = [], []
             for t, block in enumerate(net.blocks):
                 rho_layer, rho_neumann = layer_spectral_radii(
-                    block.F, block.theta, states[t], states[t + 1], self.krylov_dim, generator
+                    block.F,
+                    block.theta,
+                    states[t],
+                    states[t + 1],
+                    self.krylov_dim,
+                    generator,
+                    scheme=block.scheme,
                 )
                 layer.append(rho_layer)
                 neumann.append(

@@ -159,11 +159,12 @@ class ImplicitODENet(nn.Module, ABC):
         warm_start: bool = False,
         warm_start_capacity: int = 8192,
         compile: bool = False,
+        scheme: str = "linear",
     ):
         thetas = self.thetas(theta, len(residuals))
         NormGroup([F.constraint for F in residuals if getattr(F, "constraint", None) is not None])
         self.blocks = nn.ModuleList(
-            ImplicitResidualBlock(F, t, solver, linear_solver, backward)
+            ImplicitResidualBlock(F, t, solver, linear_solver, backward, scheme=scheme)
             for F, t in zip(residuals, thetas)
         )
         if not isinstance(warm_start, bool):
@@ -256,6 +257,9 @@ class ODENet(ImplicitODENet):
         learn_scales: learn the window's per-feature scales (else fixed).
         learn_shift: learn the window's ends inside ``R⁻¹([min, max])`` (else fixed).
         power_iters: power iterations per optimiser step for the spectral normalisation.
+        scheme: the θ-step of every block: ``"linear"`` (the paper's,
+            ``y = x + (1 − θ)F(x) + θF(y)``) or ``"one_leg"`` (the authors' code,
+            ``y = x + F((1 − θ)x + θy)``); docs/schemes.md.
 
     Example:
         >>> net = ODENet(in_features=1, out_features=1, layers=3, width=8, init="bounded")
@@ -290,6 +294,7 @@ class ODENet(ImplicitODENet):
         learn_scales: bool = False,
         learn_shift: bool = False,
         power_iters: int = 1,
+        scheme: str = "linear",
     ) -> None:
         super().__init__()
         self.rhs = check_choice("rhs", rhs, RHS)
@@ -347,6 +352,7 @@ class ODENet(ImplicitODENet):
             warm_start,
             warm_start_capacity,
             compile,
+            scheme,
         )
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
 
@@ -405,6 +411,9 @@ class ConvODENet(ImplicitODENet):
         learn_scales: learn the window's per-channel scales (else fixed).
         learn_shift: learn the window's ends (else fixed).
         power_iters: power iterations per optimiser step for the spectral normalisation.
+        scheme: the θ-step of every block: ``"linear"`` (the paper's,
+            ``y = x + (1 − θ)F(x) + θF(y)``) or ``"one_leg"`` (the authors' code,
+            ``y = x + F((1 − θ)x + θy)``); docs/schemes.md.
     """
 
     def __init__(
@@ -431,6 +440,7 @@ class ConvODENet(ImplicitODENet):
         learn_scales: bool = False,
         learn_shift: bool = False,
         power_iters: int = 1,
+        scheme: str = "linear",
     ) -> None:
         super().__init__()
         self.check_window(contraction, stability_limits)
@@ -479,6 +489,7 @@ class ConvODENet(ImplicitODENet):
             warm_start,
             warm_start_capacity,
             compile,
+            scheme,
         )
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
 

@@ -68,6 +68,8 @@ class StagedConvODENet(nn.Module):
             :class:`~irnet.nets.ConvODENet`).
         solver: forward solver (default ``FixedPoint()``).
         linear_solver: adjoint solver (default ``GMRES()``).
+        scheme: the θ-step of every block, ``"linear"`` (the paper's) or ``"one_leg"``
+            (the authors' code); docs/schemes.md.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class StagedConvODENet(nn.Module):
         init: str = "default",
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
+        scheme: str = "linear",
     ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, 1)
@@ -105,7 +108,8 @@ class StagedConvODENet(nn.Module):
             if init == "bounded":
                 ImplicitODENet.bounded_init(residuals)
             layers += [
-                ImplicitResidualBlock(F, self.theta, solver, linear_solver) for F in residuals
+                ImplicitResidualBlock(F, self.theta, solver, linear_solver, scheme=scheme)
+                for F in residuals
             ]
             width_in = width
         layers += [

@@ -64,6 +64,7 @@ def probe(
             states[t + 1][:max_samples].detach(),
             krylov_dim,
             generator,
+            scheme=block.scheme,
         )
         for name, rho in (("rho_layer", rho_layer), ("rho_neumann", rho_neumann)):
             radii[name].append(float(rho.mean()))

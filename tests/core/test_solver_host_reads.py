@@ -30,14 +30,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from helpers.problems import DTYPE, LINEAR_SOLVERS, LinearF, contraction, mlp
-from helpers.problems import SOLVERS as SHARED_SOLVERS
+from helpers.problems import DTYPE, LINEAR_SOLVERS, SOLVERS, LinearF, contraction, mlp
 from helpers.sync import HostReads
 from irnet import ImplicitResidualBlock
 from irnet.device_path import forced_path
 from irnet.linear import GMRES, AdjointOperator, Direct, JacobianFree, Neumann, Phantom
 from irnet.solvers import (
-    LBFGS,
     Anderson,
     Broyden,
     Fallback,
@@ -52,8 +50,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOL = 1e-10
 PATHS = ("cpu", "accelerator")
-# the forward solvers of helpers.problems, with L-BFGS added unless they hold it
-SOLVERS = {"lbfgs": lambda atol, max_iter: LBFGS(atol=atol, max_iter=max_iter), **SHARED_SOLVERS}
 pairs = pytest.mark.parametrize(
     "solver, linear", [(s, lin) for s in SOLVERS for lin in LINEAR_SOLVERS]
 )

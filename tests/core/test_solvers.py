@@ -1,7 +1,4 @@
-"""Forward solvers on problems with known answers; per-sample stopping; argument checks.
-
-The tables are those of ``helpers.problems`` with L-BFGS added (``"lbfgs"``), unless they hold it.
-"""
+"""Forward solvers on problems with known answers; per-sample stopping; argument checks."""
 
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from helpers.problems import (
     DTYPE,
     LINEAR_SOLVERS,
     SOLVER_CLASSES,
+    SOLVERS,
     THETAS,
     TIGHT,
     Cos,
@@ -28,7 +26,6 @@ from helpers.problems import (
     mlp,
     residual_norm,
 )
-from helpers.problems import SOLVERS as SHARED_SOLVERS
 from irnet import ConvergenceWarning, ImplicitResidualBlock
 from irnet.solvers import (
     LBFGS,
@@ -42,11 +39,7 @@ from irnet.stats import flush_failure_warnings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SOLVERS = {
-    "lbfgs": lambda atol=TIGHT, max_iter=500: LBFGS(atol=atol, max_iter=max_iter),
-    **SHARED_SOLVERS,
-}
-CLASSES = tuple(dict.fromkeys((*SOLVER_CLASSES, LBFGS)))
+CLASSES = SOLVER_CLASSES
 
 solver_names = pytest.mark.parametrize("solver", list(SOLVERS))
 thetas = pytest.mark.parametrize("theta", THETAS)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from irnet.linear import GMRES, Direct, LinearSolver, Neumann
 from irnet.solvers import (
+    LBFGS,
     Anderson,
     Broyden,
     Fallback,
@@ -47,6 +48,7 @@ SOLVERS: dict[str, Callable[..., NonlinearSolver]] = {
         atol=atol, max_iter=max_iter, beta="polak-ribiere"
     ),
     "broyden": lambda atol=TIGHT, max_iter=500: Broyden(atol=atol, max_iter=max_iter),
+    "lbfgs": lambda atol=TIGHT, max_iter=500: LBFGS(atol=atol, max_iter=max_iter),
     # A short FixedPoint first, so that on the slower problems the chain hands samples on.
     "fallback": lambda atol=TIGHT, max_iter=500: Fallback(
         [
@@ -64,7 +66,7 @@ LINEAR_SOLVERS: dict[str, Callable[..., LinearSolver]] = {
 }
 
 # Classes, for argument validation.
-SOLVER_CLASSES = (FixedPoint, Anderson, GradientDescent, NonlinearCG, Broyden)
+SOLVER_CLASSES = (FixedPoint, Anderson, GradientDescent, NonlinearCG, Broyden, LBFGS)
 LINEAR_CLASSES = (Neumann, GMRES, Direct)
 ITERATIVE_LINEAR_CLASSES = (Neumann, GMRES)
 
