@@ -565,9 +565,11 @@ class ResidualRegularizer(Regularizer):
     exactly. It is non-zero where a forward solve stopped short of its fixed
     point (not converged, or a loose ``atol``), and tiny at well-converged
     solves. Explicit layers (θ = 0) satisfy their equation by construction and
-    contribute nothing. ``F_t(y_t)`` and ``F_t(y_{t+1})`` share one dropout draw
-    (a fresh one, not the forward solve's). The authors divide the sum by the
-    number of steps; here it is not divided (the weight absorbs it).
+    contribute nothing. A block with ``scheme = "one_leg"`` solves
+    ``y_{t+1} = y_t + F_t((1−θ)y_t + θy_{t+1})`` and its residual is that
+    equation's (the authors' step). ``F_t(y_t)`` and ``F_t(y_{t+1})`` share one
+    dropout draw (a fresh one, not the forward solve's). The authors divide the
+    sum by the number of steps; here it is not divided (the weight absorbs it).
 
     Args:
         weight: weight in the loss (the authors' ``alpha['resid']``).
@@ -586,11 +588,15 @@ class ResidualRegularizer(Regularizer):
         for block, y0, y1 in zip(net.blocks, states[:-1], states[1:]):
             if block.theta == 0:
                 continue
+            theta = block.theta
             with SolveScope(block.F, y0) as scope:
                 y0, y1 = y0.detach().to(scope.dtype), y1.detach().to(scope.dtype)
-                r = y1 - y0 - block.theta * block.F(y1)
-                if block.theta < 1:
-                    r = r - (1 - block.theta) * block.F(y0)
+                if getattr(block, "scheme", "linear") == "one_leg" and theta < 1:
+                    r = y1 - y0 - block.F((1 - theta) * y0 + theta * y1)
+                else:
+                    r = y1 - y0 - theta * block.F(y1)
+                    if theta < 1:
+                        r = r - (1 - theta) * block.F(y0)
             total = total + _sum_squares(r)
         return total.mean()
 

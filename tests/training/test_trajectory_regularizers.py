@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -225,6 +226,25 @@ def test_residual_matches_the_hand_sum_at_other_states(batch):
         by_hand += sum(float((r[b] ** 2).sum()) for b in range(r.shape[0])) / r.shape[0]
     assert by_hand > 1e-3
     assert value == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_residual_of_a_one_leg_block_is_that_of_its_equation(batch):
+    # A block that declares the one-leg scheme y₁ = y₀ + F((1−θ)y₀ + θy₁): only its F, θ and
+    # scheme are read, so stand-ins serve (the block's own solve is tested in tests/core/).
+    torch.manual_seed(4)
+    F = MLPResidual(3, width=5).double()
+    net = SimpleNamespace(
+        blocks=[SimpleNamespace(F=F, theta=theta, scheme="one_leg") for theta in (0.5, 1.0)]
+    )
+    states = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    by_hand = 0.0
+    for theta, y0, y1 in zip((0.5, 1.0), states, states[1:]):
+        r = (y1 - y0 - F((1 - theta) * y0 + theta * y1)).detach()
+        by_hand += sum(float((r[b] ** 2).sum()) for b in range(4)) / 4
+    value = ResidualRegularizer()(net, states[0], states).item()
+    assert value == pytest.approx(by_hand, rel=1e-12)
+    linear = SimpleNamespace(blocks=[SimpleNamespace(F=F, theta=0.5), net.blocks[1]])
+    assert abs(ResidualRegularizer()(linear, states[0], states).item() - value) > 1e-3
 
 
 def test_residual_gradient_reaches_the_weights_not_the_states(batch):
