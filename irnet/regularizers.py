@@ -362,10 +362,11 @@ class JacobianRegularizer(Regularizer):
         trajectory: Optional[Trajectory] = None,
     ) -> Tensor:
         terms = []
-        for block, y in zip(net.blocks, states[1:]):
+        for block, x_in, y in zip(net.blocks, states[:-1], states[1:]):
             if block.theta == 0:
                 continue
-            products = block.map_jacobian_products(y, self.vectors(y))  # (S, batch, …)
+            # a one-leg block's map is differentiated at its stage, between x_in and y
+            products = block.map_jacobian_products(y, self.vectors(y), x=x_in)  # (S, batch, …)
             squared = products.flatten(2).pow(2).sum(2)  # (S, batch): ‖vᵀ θJ‖² per draw and sample
             # Exact: the sum over the unit vectors; Hutchinson: the mean over the draws.
             each = squared.sum(0) if self.samples is None else squared.mean(0)

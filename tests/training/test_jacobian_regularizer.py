@@ -72,6 +72,31 @@ def test_exact_mode_equals_the_dense_jacobian_norm(batch):
     assert value.item() == pytest.approx(reference, rel=1e-10)
 
 
+def test_a_one_leg_network_is_measured_at_each_layers_stage(batch):
+    """One-leg steps: the map's Jacobian is θ·∂F/∂y at the stage (1 − θ)y_t + θy_{t+1}."""
+    net = small_net(theta=0.5)
+    for block in net.blocks:
+        block.scheme = "one_leg"
+    states = net.trajectory(batch)
+    value = JacobianRegularizer(weight=1.0, samples=None)(net, batch, states)
+
+    def dense(points: list[torch.Tensor]) -> float:
+        per_layer = [
+            sum(
+                float((0.5 * jacobian(lambda v, F=block.F: F(v[None])[0], z[i])).pow(2).sum())
+                for i in range(z.shape[0])
+            )
+            / z.shape[0]
+            for block, z in zip(net.blocks, points)
+        ]
+        return sum(per_layer) / len(per_layer)
+
+    stages = [torch.lerp(a, b, 0.5).detach() for a, b in zip(states[:-1], states[1:])]
+    assert value.item() == pytest.approx(dense(stages), rel=1e-10)
+    # at the outputs (the linear step's point) the number differs: the stage matters here
+    assert dense([y.detach() for y in states[1:]]) != pytest.approx(value.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
 def test_hutchinson_mean_within_its_statistical_bound(batch, noise):
     net = small_net()
