@@ -30,7 +30,16 @@ from irnet.reproduce._summary import (
 )
 
 DESCRIPTION = "Run one of the paper's studies end to end (see docs/REPORT.md)."
-STUDIES = ("stability", "ex1", "ex2", "robustness", "digits_theta", "mnist_theta", "seeds")
+STUDIES = (
+    "stability",
+    "ex1",
+    "ex2",
+    "robustness",
+    "digits_theta",
+    "mnist_theta",
+    "mnist_authors",
+    "seeds",
+)
 
 
 # -- the command line ------------------------------------------------------------------------------

