@@ -70,6 +70,12 @@ class StagedConvODENet(nn.Module):
         linear_solver: adjoint solver (default ``GMRES()``).
         scheme: the θ-step of every block, ``"linear"`` (the paper's) or ``"one_leg"``
             (the authors' code); docs/schemes.md.
+        stability_limits: the spectral window, as in :class:`~irnet.nets.ConvODENet`
+            (kernels normalised by their operator norms on the stage's images; per-channel
+            scales). Excludes ``contraction``.
+        learn_scales: learn the window's per-channel scales (else fixed).
+        learn_shift: learn the window's ends (else fixed).
+        power_iters: power iterations per optimiser step for the spectral normalisation.
     """
 
     def __init__(
@@ -87,8 +93,13 @@ class StagedConvODENet(nn.Module):
         solver: Optional[NonlinearSolver] = None,
         linear_solver: Optional[LinearSolver] = None,
         scheme: str = "linear",
+        stability_limits: Optional[list[float]] = None,
+        learn_scales: bool = False,
+        learn_shift: bool = False,
+        power_iters: int = 1,
     ) -> None:
         super().__init__()
+        ImplicitODENet.check_window(contraction, stability_limits)
         self.channels = check_int("channels", channels, 1)
         self.steps = check_int("steps", steps, 1)
         self.T = check_positive("T", T)
@@ -102,7 +113,20 @@ class StagedConvODENet(nn.Module):
             width = channels * 2**stage
             layers.append(nn.Conv2d(width_in, width, kernel, stride=2, padding=(kernel - 1) // 2))
             residuals = [
-                ConvResidual(width, width, 3, self.T / steps, activation, bound, side)
+                ConvResidual(
+                    width,
+                    width,
+                    3,
+                    self.T / steps,
+                    activation,
+                    bound,
+                    side,
+                    stability_limits=stability_limits,
+                    theta=self.theta,
+                    learn_scales=learn_scales,
+                    learn_shift=learn_shift,
+                    power_iters=power_iters,
+                )
                 for _ in range(steps)
             ]
             if init == "bounded":

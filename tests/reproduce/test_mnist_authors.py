@@ -207,3 +207,23 @@ def test_the_full_grid_is_their_seven_rows_per_seed_and_the_summary_sets_theirs_
     assert "| θ = 1 | 3 | 0 | 0.940 |" in summary and "0.754" in summary and "0.632" in summary
     assert "0.01 ± 0 (3/3)" in summary  # θ = 1 against θ = 0, paired by seed
     assert not math.isnan(m._accuracy(results[0], "train", 0.5))
+
+
+def test_staged_network_takes_the_spectral_window_as_conv_ode_net_does():
+    from irnet.nets.staged import StagedConvODENet
+
+    net = StagedConvODENet(
+        channels=2, theta=1.0, stability_limits=[0.3, 1.2, 1.5], learn_scales=True, learn_shift=True
+    )
+    sides = [F.image_size for F in (b.F for b in net.blocks)]
+    assert sides == [14, 14, 7, 7, 3, 3]
+    for block in net.blocks:
+        w = block.F.window
+        assert w.stability_limits == [0.3, 1.2, 1.5] and w.theta == 1.0
+        assert isinstance(w.scales, torch.nn.Parameter) and isinstance(w.shift, torch.nn.Parameter)
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert all(b.F.window is None for b in StagedConvODENet(channels=2).blocks)  # off by default
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        StagedConvODENet(channels=2, contraction=0.9, stability_limits=[0.3, 1.2, 1.5])
+    with pytest.raises(ValueError, match="need stability_limits"):
+        StagedConvODENet(channels=2, learn_scales=True)
