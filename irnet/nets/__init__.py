@@ -6,6 +6,8 @@
 * :mod:`~irnet.nets.spectral_window`: the spectral window (``stability_limits``) that keeps each
   layer's Jacobian's eigenvalues in a chosen disc;
 * :mod:`~irnet.nets.ode_net`: the paper's ODE-style networks (``ODENet``, ``ConvODENet``);
+* :mod:`~irnet.nets.trajectory`: a network that learns an ODE's flow from trajectories
+  (``FlowNet``);
 * :mod:`~irnet.nets.staged`: the authors' three-stage MNIST network (``StagedConvODENet``);
 * :mod:`~irnet.nets.contraction`: the Lipschitz bound that makes every layer a contraction;
 * :mod:`~irnet.nets.warm_start` and :mod:`~irnet.nets.warm_start_merge`: solves that start
@@ -35,6 +37,7 @@ from irnet.nets.rhs import (
 )
 from irnet.nets.spectral_window import SpectralWindow
 from irnet.nets.staged import StagedConvODENet
+from irnet.nets.trajectory import FlowNet
 from irnet.nets.warm_start import WarmStartCache
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "RHS",
     "ConvODENet",
     "ConvResidual",
+    "FlowNet",
     "HamiltonianResidual",
     "HollowResidual",
     "ImplicitNetwork",

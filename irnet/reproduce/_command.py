@@ -38,6 +38,8 @@ STUDIES = (
     "digits_theta",
     "mnist_theta",
     "mnist_authors",
+    "stiff",
+    "lotka",
     "seeds",
 )
 

