@@ -45,11 +45,13 @@ SETUPS = {
         "net": {"features": 1, "layers": 20, "T": 2.0, "width": 16, "shared": False},
         "horizon_start": 1,
         "horizon_fraction": 0.0,
+        "lr": 1e-2,
     },
     "lotka": {
         "net": {"features": 2, "layers": 50, "T": 10.0, "width": 32, "shared": True},
         "horizon_start": 5,
         "horizon_fraction": 0.5,  # the curriculum over the first half of the epochs
+        "lr": 3e-3,
     },
 }
 
@@ -79,7 +81,7 @@ def make_module(problem: str, theta: float, observe_every: int, epochs: int) -> 
         net,
         horizon_start=setup["horizon_start"],
         horizon_epochs=int(setup["horizon_fraction"] * epochs),
-        lr=1e-2,
+        lr=setup["lr"],
         lr_step=10_000,
     )
 

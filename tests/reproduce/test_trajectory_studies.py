@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from irnet.datamodules import StiffODE
@@ -37,6 +38,23 @@ def test_the_studies_train_the_shipped_configs_networks(problem, features, layer
     assert all(block.theta == 1.0 for block in net.blocks)
     assert net.shared == (problem == "lotka")
     assert module.horizon_epochs == (300 if problem == "lotka" else 0)
+
+
+@pytest.mark.parametrize("study", [stiff, lotka])
+def test_the_studies_settings_are_the_shipped_configs(study):
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "configs" / f"{study.PROBLEM}.yaml").read_text()
+    )
+    model = config["model"]["init_args"]
+    module = stiff.make_module(study.PROBLEM, 0.5, 1, epochs=study.FULL["epochs"])
+    assert study.FULL["epochs"] == config["trainer"]["max_epochs"]
+    assert module.lr == model["lr"]
+    assert module.horizon_start == model.get("horizon_start", 1)
+    assert module.horizon_epochs == model.get("horizon_epochs", 0)
+    net = model["net"]["init_args"]
+    for key in ("features", "layers", "T", "shared", "activation", "init"):
+        assert getattr(module.net, key, None) in (net[key], None), key
+    assert module.net.blocks[0].F.gamma1.shape[0] == net["width"]
 
 
 class _ExactStates(nn.Module):
