@@ -23,7 +23,7 @@ from irnet.datamodules.sampler import GlobalBatchSlices
 from irnet.datamodules.sine import SineRegression
 from irnet.datamodules.spirals import TwoSpirals
 from irnet.datamodules.stiff import StiffODE
-from irnet.datamodules.trajectory import TrajectoryDataModule, TrajectoryModule
+from irnet.datamodules.trajectory import TrajectoryDataModule
 
 __all__ = [
     "Circles",
@@ -36,6 +36,5 @@ __all__ = [
     "StiffODE",
     "TensorDataModule",
     "TrajectoryDataModule",
-    "TrajectoryModule",
     "TwoSpirals",
 ]

@@ -741,3 +741,66 @@ def seed_rank_generators(rank: int) -> None:
         return
     words = [torch.initial_seed(), check_int("rank", rank, 0)]
     torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
+
+class TrajectoryModule(ImplicitNetModule):
+    """:class:`~irnet.module.ImplicitNetModule` with the mean squared error over the observed
+    states, and a curriculum over the horizon.
+
+    In training epoch e (from 0) the loss counts the first
+    ``H(e) = min(n, horizon_start + ⌈(n − horizon_start) · e / horizon_epochs⌉)`` of the n
+    observations (all of them from epoch ``horizon_epochs`` on); validation, test and the
+    logged metrics always count all of them, so ``val/loss`` is the full trajectories' mean
+    squared error throughout.
+
+    Args:
+        net: a network whose output is the observed states, shape ``(batch, n, features)``
+            (e.g. :class:`~irnet.nets.FlowNet`).
+        horizon_start: observations counted in the first epoch.
+        horizon_epochs: epochs over which the horizon grows to all observations; ``0`` counts
+            all of them from the start (no curriculum).
+        loss: ``"mse"`` (the only one).
+        **kwargs: the other arguments of :class:`~irnet.module.ImplicitNetModule`.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        horizon_start: int = 1,
+        horizon_epochs: int = 0,
+        loss: str = "mse",
+        **kwargs: Any,
+    ) -> None:
+        if loss != "mse":
+            raise ValueError(f"TrajectoryModule trains with loss 'mse', got {loss!r}")
+        super().__init__(net, loss=loss, **kwargs)
+        self.horizon_start = check_int("horizon_start", horizon_start, 1)
+        self.horizon_epochs = check_int("horizon_epochs", horizon_epochs, 0)
+
+    def horizon(self, observations: int, epoch: int) -> int:
+        """The observations counted by the training loss in ``epoch`` (of ``observations``).
+
+        Example:
+            >>> from irnet.nets import FlowNet
+            >>> module = TrajectoryModule(FlowNet(layers=4), horizon_start=2, horizon_epochs=4)
+            >>> [module.horizon(10, e) for e in range(6)]
+            [2, 4, 6, 8, 10, 10]
+        """
+        if self.horizon_epochs == 0 or epoch >= self.horizon_epochs:
+            return observations
+        grown = math.ceil((observations - self.horizon_start) * epoch / self.horizon_epochs)
+        return max(1, min(observations, self.horizon_start + grown))
+
+    def compute_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The mean squared error over the first :meth:`horizon` observations in training, over
+        all of them otherwise."""
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"the network's output has shape {tuple(pred.shape)} but the observed states "
+                f"{tuple(target.shape)}: do the network's layers and observe_every match the "
+                f"data's steps and observe_every?"
+            )
+        if self.training and pred.dim() > 1:
+            count = self.horizon(pred.shape[1], self.current_epoch)
+            pred, target = pred[:, :count], target[:, :count]
+        return super().compute_loss(pred, target)

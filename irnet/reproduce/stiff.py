@@ -25,8 +25,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from irnet.datamodules import LotkaVolterra, StiffODE, TrajectoryDataModule, TrajectoryModule
+from irnet.datamodules import LotkaVolterra, StiffODE, TrajectoryDataModule
 from irnet.linear import Direct
+from irnet.module import TrajectoryModule
 from irnet.nets import FlowNet
 from irnet.reproduce._figures import band, color, grid_figure, save
 from irnet.reproduce._runner import fmt, group, markdown_table, mean_std, train

@@ -8,10 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from irnet.datamodules import LotkaVolterra, StiffODE, TrajectoryModule
+from irnet.datamodules import LotkaVolterra, StiffODE
 from irnet.datamodules.lotka import ALPHA, BETA, DELTA, GAMMA, lotka_invariant, lotka_rhs
 from irnet.datamodules.stiff import stiff_solution
 from irnet.linear import Direct
+from irnet.module import TrajectoryModule
 from irnet.nets import FlowNet, ImplicitNetwork, TrajectoryNetwork, find_blocks
 from irnet.solvers import Anderson
 
