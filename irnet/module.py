@@ -57,6 +57,7 @@ from irnet.failure import (
 )
 from irnet.layer import NonFiniteInputError, check_inputs_finite
 from irnet.nets import TrajectoryNetwork, find_blocks
+from irnet.nets.ensemble import clip_member_gradients, members_of, rows_of
 from irnet.nets.warm_start_merge import merge_warm_starts
 from irnet.regularizers import (
     DivergenceRegularizer,
@@ -190,6 +191,8 @@ class ImplicitNetModule(pl.LightningModule):
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be an nn.Module, got {type(net).__name__}")
         self.net = net
+        #: networks trained at once (``ensemble: E``): the objective is the sum of theirs
+        self.members = members_of(net)
         self.loss_name = check_choice("loss", loss, LOSSES)
         self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
         self.regularizers: dict[str, Regularizer] = self._collect_regularizers(
@@ -386,6 +389,8 @@ class ImplicitNetModule(pl.LightningModule):
     # -- the shared step ----------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, target = batch
+        if self.members > 1:  # every member's copy of every sample (sample-major rows)
+            target = target.repeat_interleave(self.members, 0)
         failure: Optional[TrainingFailure] = None
         try:
             pred, values = self._forward_values(x, target, stage)
@@ -397,7 +402,8 @@ class ImplicitNetModule(pl.LightningModule):
         if stage == "train":
             self._check_training_step(means, host)
         self._log_step(stage, means, share.global_count, pred, target)
-        total = values["total"]
+        # Each row-wise mean is the members' mean: E times it is the sum of their objectives.
+        total = values["total"] * self.members if self.members > 1 else values["total"]
         return total * share.weight if share.weight != 1 else total
 
     def _forward_values(
@@ -649,6 +655,8 @@ class ImplicitNetModule(pl.LightningModule):
         iters = means.get("iters")
         if iters is not None:
             self.log(f"{stage}/iters", iters, **epoch)
+        if self.members > 1:
+            self._log_members(stage, pred, target, batch_size)
         if stage != "train":
             return
         self.log(
@@ -668,6 +676,46 @@ class ImplicitNetModule(pl.LightningModule):
                 on_epoch=False,
                 batch_size=batch_size,
             )
+
+    def member_metrics(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Each member's data loss and metric, ``(E,)`` each: ``{"loss": …, "acc" or "mse": …}``.
+
+        ``pred`` and ``target`` are the ensemble's sample-major rows.
+        """
+        with torch.no_grad():
+            preds, targets = rows_of(pred.detach(), self.members), rows_of(target, self.members)
+            values = {
+                "loss": torch.stack([self.compute_loss(p, t) for p, t in zip(preds, targets)])
+            }
+            if self.classification:
+                values["acc"] = (preds.argmax(-1) == targets).float().mean(1)
+            else:
+                values["mse"] = (preds - targets).pow(2).flatten(1).mean(1)
+        return values
+
+    def _log_members(self, stage: str, pred: Tensor, target: Tensor, batch_size: int) -> None:
+        """Per member ``{stage}/<metric>/member_<k>``, and the spread ``{stage}/<metric>/std``
+        (the mean over members is ``{stage}/<metric>`` itself)."""
+        logged = {}
+        for name, values in self.member_metrics(pred, target).items():
+            logged.update({f"{stage}/{name}/member_{k}": v for k, v in enumerate(values)})
+            logged[f"{stage}/{name}/std"] = values.std()
+        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:
+        """Clip as the Trainer says; an ensemble's gradient norms are clipped member by member
+        (each member's step is the one its own run would take)."""
+        if self.members == 1 or not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_member_gradients(params, float(gradient_clip_val), self.members)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")

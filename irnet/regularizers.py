@@ -260,7 +260,7 @@ class PerturbationRegularizer(Regularizer):
         states: list[Tensor],
         trajectory: Optional[Trajectory] = None,
     ) -> Tensor:
-        batch, layers = x.shape[0], len(states) - 1
+        batch, layers = states[0].shape[0], len(states) - 1  # rows: an ensemble has E per input
         trajectory = net.trajectory if trajectory is None else trajectory
         # The perturbed pass must not overwrite the clean pass's solver statistics,
         # which the module and the monitoring callbacks read after the step, nor

@@ -13,6 +13,8 @@ from irnet._misc import check_choice, check_int, check_positive, check_unit_inte
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
 from irnet.nets.contraction import NormGroup
+from irnet.nets.ensemble import build_members, stack_members
+from irnet.nets.ensemble import member_seeds as member_seeds_of
 from irnet.nets.residual import (
     BOUNDED_INIT_LIPSCHITZ,
     CONV_INITS,
@@ -36,6 +38,8 @@ class ImplicitODENet(nn.Module, ABC):
     blocks: nn.ModuleList
     #: off unless a subclass sets it (one that builds ``blocks`` itself need not know it)
     warm_start_cache: Optional[WarmStartCache] = None
+    #: networks trained at once (:mod:`irnet.nets.ensemble`); their states are sample-major rows
+    members: int = 1
 
     @staticmethod
     def thetas(theta: Union[float, Sequence[float]], layers: int) -> list[float]:
@@ -118,10 +122,17 @@ class ImplicitODENet(nn.Module, ABC):
         keys = cache.keys(x)
         guesses = cache.lookup(keys, len(self.blocks)) or [None] * len(self.blocks)
         states = [self.lift(x)]
+        # an ensemble's rows of one input are stored together, as one row of the cache
+        as_rows = (lambda g: g) if self.members == 1 else (lambda g: g.reshape(states[0].shape))
         for block, guess in zip(self.blocks, guesses):
-            states.append(block(states[-1], guess=guess))
+            states.append(block(states[-1], guess=None if guess is None else as_rows(guess)))
+        per_input = (lambda y: y) if self.members == 1 else (lambda y: y.reshape(len(x), -1))
         cache.store(
-            keys, [y if block.theta > 0 else None for block, y in zip(self.blocks, states[1:])]
+            keys,
+            [
+                per_input(y) if block.theta > 0 else None
+                for block, y in zip(self.blocks, states[1:])
+            ],
         )
         return states
 
@@ -260,6 +271,13 @@ class ODENet(ImplicitODENet):
         scheme: the θ-step of every block: ``"linear"`` (the paper's,
             ``y = x + (1 − θ)F(x) + θF(y)``) or ``"one_leg"`` (the authors' code,
             ``y = x + F((1 − θ)x + θy)``); docs/schemes.md.
+        ensemble: E, the networks trained at once (:mod:`irnet.nets.ensemble`,
+            docs/ensembles.md): member k is this network built right after
+            ``torch.manual_seed(member_seeds[k])``, its weights slice k of every parameter. The
+            output has ``batch · E`` rows, sample-major (row ``b · E + k`` is member k's
+            answer for sample b). ``rhs="mlp"`` without ``stability_limits`` for now.
+        member_seeds: the members' seeds; by default the global seed (``seed_everything``)
+            plus 0, 1, …, E − 1, so that member k is the single run with that seed.
 
     Example:
         >>> net = ODENet(in_features=1, out_features=1, layers=3, width=8, init="bounded")
@@ -295,7 +313,10 @@ class ODENet(ImplicitODENet):
         learn_shift: bool = False,
         power_iters: int = 1,
         scheme: str = "linear",
+        ensemble: int = 1,
+        member_seeds: Optional[list[int]] = None,
     ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.rhs = check_choice("rhs", rhs, RHS)
         if contraction is not None and rhs not in BOUNDED_RHS:
@@ -355,11 +376,17 @@ class ODENet(ImplicitODENet):
             scheme,
         )
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
+        if check_int("ensemble", ensemble, 1) > 1 or member_seeds is not None:
+            seeds = member_seeds_of(ensemble, member_seeds)
+            single = {**config, "ensemble": 1, "member_seeds": None}
+            stack_members(self, build_members(lambda: ODENet(**single), seeds))
+            self.member_seeds = seeds
 
     def lift(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (batch, {self.in_features}), got {tuple(x.shape)}")
-        return torch.cat([x, x], dim=1)
+        y = torch.cat([x, x], dim=1)
+        return y if self.members == 1 else y.repeat_interleave(self.members, 0)
 
     def readout(self, y: Tensor) -> Tensor:
         if self.head is not None:
