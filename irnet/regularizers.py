@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from irnet._misc import ArgsRepr, check_choice, check_int, check_nonnegative, sample_norm
 from irnet._scope import SolveScope
+from irnet.nets.ensemble import members_of, rows_of
 from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import GaussianPerturbation, Perturbation
 
@@ -115,8 +116,8 @@ class FixedPointRegularizer(Regularizer):
         p: exponent of α_k = (k/K)^p; smaller p asks for faster convergence.
         iterations: K. ``None`` (default) uses, for each layer, the number of
             iterations its last forward solve took (the most in the batch, at
-            least 1) — the iterates the forward pass actually performed; an
-            integer fixes K for every layer.
+            least 1) — the iterates the forward pass actually performed (for an
+            ensemble, each member's own most); an integer fixes K for every layer.
     """
 
     name = "r_fp"
@@ -135,28 +136,45 @@ class FixedPointRegularizer(Regularizer):
         states: list[Tensor],
         trajectory: Optional[Trajectory] = None,
     ) -> Tensor:
+        members = members_of(net)
         total = states[0].new_zeros(states[0].shape[0])
         implicit = [
             (block, y_in) for block, y_in in zip(net.blocks, states[:-1]) if block.theta != 0
         ]
-        for (block, y_in), K in zip(
-            implicit, self.layer_iterations([block for block, _ in implicit])
-        ):
-            norms = block.fixed_point_residuals(y_in.detach(), K)  # (K, batch)
-            total = total + (power_weights(K, self.p, norms)[:, None] * norms).sum(0)
+        blocks = [block for block, _ in implicit]
+        for (block, y_in), K in zip(implicit, self.layer_iterations(blocks, members)):
+            norms = block.fixed_point_residuals(y_in.detach(), max(K))  # (K, batch)
+            total = total + (self.iterate_weights(K, norms) * norms).sum(0)
         return total.mean()
 
-    def layer_iterations(self, blocks: list[nn.Module]) -> list[int]:
-        """K for each block: fixed, or the iterations of its last forward solve (one host read for
-        all)."""
+    def iterate_weights(self, K: list[int], norms: Tensor) -> Tensor:
+        """α_k = (k/K)^p for each iterate and row (``(max K, rows)``), with K per member (rows
+        sample-major) and weight 0 past a member's own K."""
+        columns = [
+            torch.cat([power_weights(k, self.p, norms), norms.new_zeros(max(K) - k)]) for k in K
+        ]
+        return torch.stack(columns, 1).repeat(1, norms.shape[1] // len(K))
+
+    def layer_iterations(self, blocks: list[nn.Module], members: int = 1) -> list[list[int]]:
+        """K for each block and member: fixed, or the iterations of the block's last forward solve
+        (the most over the member's samples; one host read for all)."""
         if self.iterations is not None:
-            return [self.iterations] * len(blocks)
+            return [[self.iterations] * members] * len(blocks)
         known = [b for b in blocks if b.forward_stats is not None]
         most = (
-            torch.stack([b.forward_stats.iterations.max() for b in known]).tolist() if known else []
+            torch.stack(
+                [rows_of(b.forward_stats.iterations, members).amax(1) for b in known]
+            ).tolist()
+            if known
+            else []
         )
         taken = dict(zip(map(id, known), most))
-        return [max(1, int(taken[id(b)])) if id(b) in taken else b.solver.max_iter for b in blocks]
+        return [
+            [max(1, int(k)) for k in taken[id(b)]]
+            if id(b) in taken
+            else [b.solver.max_iter] * members
+            for b in blocks
+        ]
 
 
 class PerturbationRegularizer(Regularizer):
@@ -341,18 +359,22 @@ class JacobianRegularizer(Regularizer):
     def on_train_epoch_start(self, epoch: int, rank: int = 0) -> None:
         self.generator.manual_seed(self.epoch_seed(epoch, rank))
 
-    def vectors(self, y: Tensor) -> Tensor:
-        """The probe vectors for states ``y``: ``(S, batch, …)``, in y's dtype and device."""
+    def vectors(self, y: Tensor, members: int = 1) -> Tensor:
+        """The probe vectors for states ``y``: ``(S, batch, …)``, in y's dtype and device.
+
+        For an ensemble's rows (``members`` > 1, sample-major) one draw per input sample serves
+        every member's copy of it: each member sees the probes of its own run.
+        """
         if self.samples is None:  # the unit vectors e_1 … e_n, the same for every sample
             n = y[0].numel()
             eye = torch.eye(n, dtype=y.dtype, device=y.device).view(n, 1, *y.shape[1:])
             return eye.expand(n, *y.shape)
-        shape = (self.samples, *y.shape)
+        shape = (self.samples, y.shape[0] // members, *y.shape[1:])
         if self.noise == "gaussian":
             v = torch.randn(shape, generator=self.generator, dtype=y.dtype)
         else:
             v = torch.randint(0, 2, shape, generator=self.generator).to(y.dtype).mul_(2).sub_(1)
-        return v.to(y.device)
+        return (v if members == 1 else v.repeat_interleave(members, 1)).to(y.device)
 
     def __call__(
         self,
@@ -366,7 +388,8 @@ class JacobianRegularizer(Regularizer):
             if block.theta == 0:
                 continue
             # a one-leg block's map is differentiated at its stage, between x_in and y
-            products = block.map_jacobian_products(y, self.vectors(y), x=x_in)  # (S, batch, …)
+            vectors = self.vectors(y, members_of(net))
+            products = block.map_jacobian_products(y, vectors, x=x_in)  # (S, batch, …)
             squared = products.flatten(2).pow(2).sum(2)  # (S, batch): ‖vᵀ θJ‖² per draw and sample
             # Exact: the sum over the unit vectors; Hutchinson: the mean over the draws.
             each = squared.sum(0) if self.samples is None else squared.mean(0)
@@ -502,13 +525,20 @@ class DivergenceRegularizer(Regularizer):
         return torch.stack(forms)
 
     def layer_traces(self, net: nn.Module, states: list[Tensor]) -> Tensor:
-        """The batch mean of each layer's (estimated) ``tr ∂F_t/∂y (y_t)``: shape ``(T,)``."""
+        """The batch mean of each layer's (estimated) ``tr ∂F_t/∂y (y_t)``: shape ``(T,)`` (for an
+        ensemble the mean over its members too)."""
+        return self.member_traces(net, states).mean(1)
+
+    def member_traces(self, net: nn.Module, states: list[Tensor]) -> Tensor:
+        """Each member's batch mean of each layer's ``tr ∂F_t/∂y (y_t)``: ``(T, E)`` (E = 1 for an
+        ordinary network)."""
+        members = members_of(net)
         traces = []
         for block, y in zip(net.blocks, states[:-1]):
-            forms = self.quadratic_forms(block.F, y, self.vectors(y))  # (S, batch)
+            forms = self.quadratic_forms(block.F, y, self.vectors(y, members))  # (S, batch)
             # Exact: the sum over the unit vectors; Hutchinson: the mean over the draws.
             each = forms.sum(0) if self.samples is None else forms.mean(0)
-            traces.append(each.mean())
+            traces.append(rows_of(each, members).mean(1))
         return torch.stack(traces)
 
     def __call__(
@@ -518,10 +548,11 @@ class DivergenceRegularizer(Regularizer):
         states: list[Tensor],
         trajectory: Optional[Trajectory] = None,
     ) -> Tensor:
-        traces = self.layer_traces(net, states)
-        layers, dim = traces.numel(), states[0][0].numel()
-        weights = power_weights(layers, self.p, traces)
-        return torch.sigmoid((weights * traces).sum() / (layers * dim))
+        traces = self.member_traces(net, states)  # (T, E)
+        layers, dim = traces.shape[0], states[0][0].numel()
+        weights = power_weights(layers, self.p, traces)[:, None]
+        # The sigmoid is taken per member: an ensemble's value is the mean of its members'.
+        return torch.sigmoid((weights * traces).sum(0) / (layers * dim)).mean()
 
 
 class MagnitudeRegularizer(Regularizer):
@@ -653,4 +684,5 @@ class TotalVariationRegularizer(Regularizer):
         for a, b in zip(layers, layers[1:]):
             for wa, wb in zip(a, b):
                 total = total + (wb - wa).pow(2).sum().to(total.dtype)
-        return total
+        # An ensemble's weights hold every member's: the members' mean, like the batch terms.
+        return total / members_of(net)
