@@ -1,4 +1,5 @@
-"""``irnet …`` and ``python -m irnet …``: the studies (``reproduce``) or LightningCLI (the rest).
+"""``irnet …`` and ``python -m irnet …``: the studies (``reproduce``), one member of an ensemble
+checkpoint (``extract-member``), or LightningCLI (the rest).
 
 The entry point sits above both: the studies run configs through the command line
 (:mod:`irnet.reproduce` imports :mod:`irnet.cli`), so the command line does not import them.
@@ -17,6 +18,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from irnet.reproduce import main as reproduce  # imported lazily: it pulls in matplotlib
 
         reproduce(args[1:])
+        return 0
+    if args and args[0] == "extract-member":
+        from irnet.cli.members import main as extract_member
+
+        extract_member(args[1:])
         return 0
     from irnet.cli import main as cli
 
