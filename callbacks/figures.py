@@ -8,6 +8,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
@@ -22,6 +23,7 @@ from irnet.analysis.plotting import (
     plot_vector_fields,
 )
 from irnet.nets import ImplicitODENet, auxiliary_pass, find_blocks
+from irnet.nets.ensemble import rows_of
 
 from ._data import (
     class_labels,
@@ -33,6 +35,7 @@ from ._data import (
     validation_data,
 )
 from ._logging import emit_figure
+from ._members import member_slab, module_members
 from ._schedule import EveryNEpochs, check_bool
 from .solver_recorder import LayerAccumulator, SolverStatsRecorder, layer_vectors
 
@@ -64,6 +67,17 @@ class Figures(Callback):
     TensorBoard logger) and, with ``save_png``, to
     ``<log_dir>/figures/figures_<kind>_epoch<NNNN>.png``. Data are read from
     the trainer's training and validation dataloaders (``(x, y)`` batches).
+
+    Ensembles (``ODENet(ensemble=E)``):
+
+    * ``output``: one thin curve per member and their mean (thick), in one axes.
+    * ``decision``: the filled regions are the class of the members' mean probabilities
+      (the ensemble's prediction); each member's own decision boundary is drawn over them as
+      a line of its colour, so where the members disagree shows at a glance.
+    * ``trajectories`` and ``fields``: member 0's (its states and its ``F_t``), said in the
+      title: E overlaid trajectory bundles would hide each other.
+    * ``iterations``: the mean over members, and each member's forward iterations per layer
+      as a thin curve.
 
     Args:
         every_n_epochs: draw after every N-th training epoch (0: only after training).
@@ -104,11 +118,13 @@ class Figures(Callback):
         self.dpi = check_int("dpi", dpi, 10)
         self._recorder = SolverStatsRecorder()
         self._iterations = LayerAccumulator()
+        self._members = 1
         self._warned = False
 
     # -- Fig. 5 data: solver iterations per layer over the epoch ----------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.schedule.reset()
+        self._members = module_members(pl_module)
         if "iterations" in self.kinds:
             self._recorder.attach(find_blocks(pl_module))
 
@@ -135,6 +151,20 @@ class Figures(Callback):
         if step is not None:
             self._iterations.add("forward", layer_vectors(step.forward)["iterations_mean"])
             self._iterations.add("backward", layer_vectors(step.backward)["iterations_mean"])
+            if self._members > 1:
+                self._iterations.add("forward_members", self._member_iterations(step.forward))
+
+    def _member_iterations(self, stats: list) -> Tensor:
+        """Each member's mean forward iterations per layer, ``(layers, E)``, NaN where a layer
+        has no statistics."""
+        present = [t for t, s in enumerate(stats) if s is not None]
+        values = torch.full((len(stats), self._members), float("nan"))
+        if present:
+            iterations = torch.stack([stats[t].iterations.float() for t in present])
+            per_member = rows_of(iterations.T, self._members).mean(1).T  # (layers', E)
+            values = values.to(per_member.device)
+            values[present] = per_member
+        return values
 
     # -- drawing -----------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -213,7 +243,10 @@ class Figures(Callback):
                 trajectory, colors, label = states
                 if "trajectories" in self.kinds:
                     figures["trajectories"] = plot_trajectories(
-                        np.stack([s[:, :2] for s in trajectory]), colors, title, label
+                        np.stack([s[:, :2] for s in trajectory]),
+                        colors,
+                        title + self._member_note(),
+                        label,
                     )
                 if "fields" in self.kinds:
                     figures["fields"] = self._fields_figure(net, trajectory)
@@ -225,22 +258,26 @@ class Figures(Callback):
         if validation is not None:
             lo, hi = min(lo, float(validation[0].min())), max(hi, float(validation[0].max()))
         grid = torch.linspace(lo, hi, self.grid_size).unsqueeze(1)
-        out = net(to_module(grid, pl_module)).float().cpu()
+        out = rows_of(net(to_module(grid, pl_module)).float().cpu(), self._members)  # (E, G, …)
         target = _target_on_grid(trainer, grid)
         if target is None and validation is not None:
             target = validation[0][:, 0], _first_column(validation[1])
         x_target, y_target = (
             (None, None) if target is None else (target[0].numpy(), target[1].numpy())
         )
-        return plot_regression(
+        curves = out.reshape(self._members, len(grid), -1)[:, :, 0].numpy()  # (E, G)
+        fig = plot_regression(
             grid[:, 0].numpy(),
-            out[:, 0].numpy(),
+            curves.mean(0),
             x[:, 0].numpy(),
             _first_column(y).numpy(),
             x_target,
             y_target,
             title,
         )
+        if self._members > 1:
+            _draw_member_curves(fig, grid[:, 0].numpy(), curves)
+        return fig
 
     def _decision_figure(self, pl_module, net, x: Tensor, y: Tensor, title: str) -> Figure:
         lo, hi = x.min(0).values.float(), x.max(0).values.float()
@@ -250,11 +287,14 @@ class Figures(Callback):
             for i in range(2)
         ]
         gx, gy = torch.meshgrid(*axes, indexing="xy")
-        logits = (
-            net(to_module(torch.stack([gx.flatten(), gy.flatten()], 1), pl_module)).float().cpu()
-        )
-        predicted = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        return plot_decision_regions(
+        logits = net(to_module(torch.stack([gx.flatten(), gy.flatten()], 1), pl_module))
+        logits = rows_of(logits.float().cpu(), self._members)  # (E, G², classes)
+        if self._members == 1:
+            predicted = _classes(logits[0])
+        else:  # the ensemble's prediction: the class of the members' mean probabilities
+            predicted = _classes(_probabilities(logits).mean(0), probabilities=True)
+            title = f"{title}, {self._members} members: fill = mean probability"
+        fig = plot_decision_regions(
             gx.numpy(),
             gy.numpy(),
             predicted.view_as(gx).numpy(),
@@ -262,6 +302,9 @@ class Figures(Callback):
             class_labels(y).numpy(),
             title,
         )
+        if self._members > 1:
+            _draw_member_boundaries(fig, gx, gy, [_classes(m).view_as(gx) for m in logits])
+        return fig
 
     def _states(self, pl_module, net: ImplicitODENet, x: Tensor, y: Tensor, classification: bool):
         """Hidden states of up to ``max_trajectories`` inputs, their colours, the colour label."""
@@ -272,7 +315,10 @@ class Figures(Callback):
             ]
         else:
             pick = torch.arange(min(self.max_trajectories, len(x)))
-        states = [s.float().cpu() for s in net.trajectory(to_module(x[pick], pl_module))]
+        states = [
+            member_slab(s, self._members, 0).float().cpu()
+            for s in net.trajectory(to_module(x[pick], pl_module))
+        ]
         if states[0].dim() != 2 or states[0].shape[1] < 2:
             return None
         if classification:
@@ -297,7 +343,9 @@ class Figures(Callback):
             param = next(block.parameters(), None)
             if param is not None:
                 grid = grid.to(device=param.device, dtype=param.dtype)
-            field = block.F(grid).float().cpu()
+            # an ensemble's F takes every member's rows: member 0's field is slab 0
+            rows = grid.repeat_interleave(self._members, 0)
+            field = member_slab(block.F(rows), self._members, 0).float().cpu()
             panels.append(
                 VectorField(
                     gx.numpy(),
@@ -305,18 +353,26 @@ class Figures(Callback):
                     field[:, 0].view_as(gx).numpy(),
                     field[:, 1].view_as(gx).numpy(),
                     points[:, :2].numpy(),
-                    f"$F_{{{t + 1}}}(y)$, θ={block.theta:g}",
+                    f"$F_{{{t + 1}}}(y)$, θ={block.theta:g}" + self._member_note(),
                 )
             )
         return plot_vector_fields(panels)
+
+    def _member_note(self) -> str:
+        return f", member 0 of {self._members}" if self._members > 1 else ""
 
     def _iterations_figure(self, epoch: int) -> Optional[Figure]:
         forward, backward = self._iterations.mean("forward"), self._iterations.mean("backward")
         if forward is None:
             return None
-        curves = {"forward (nonlinear solve)": forward.cpu().numpy()}
+        mean = " (mean over members)" if self._members > 1 else ""
+        curves = {f"forward (nonlinear solve){mean}": forward.cpu().numpy()}
         if backward is not None and bool(torch.isfinite(backward).any()):
-            curves["backward (adjoint solve)"] = backward.cpu().numpy()
+            curves[f"backward (adjoint solve){mean}"] = backward.cpu().numpy()
+        members = self._iterations.mean("forward_members")
+        if members is not None:
+            for k, values in enumerate(members.T.cpu().numpy()):
+                curves[f"forward, member {k}"] = values
         return plot_layer_curves(
             curves, ylabel="mean iterations", title=f"epoch {epoch}", log_scale=False
         )
@@ -334,6 +390,45 @@ def _target_on_grid(trainer: pl.Trainer, grid: Tensor) -> Optional[tuple[Tensor,
     if values.numel() != len(grid):
         return None
     return grid[:, 0], _first_column(values)
+
+
+def _classes(values: Tensor, probabilities: bool = False) -> Tensor:
+    """The predicted class of each row of logits (one logit: positive is class 1) or of
+    probabilities."""
+    if values.shape[1] == 1:
+        return (values[:, 0] > (0.5 if probabilities else 0.0)).long()
+    return values.argmax(1)
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """Class probabilities of logits ``(…, classes)``: softmax, or a sigmoid for one logit."""
+    return torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, -1)
+
+
+def _draw_member_curves(fig: Figure, grid: np.ndarray, curves: np.ndarray) -> None:
+    """Each member's output as a thin curve over the mean's (``curves``: ``(E, G)``)."""
+    ax = fig.axes[0]
+    for line in ax.lines:
+        if line.get_label() == "network":
+            line.set_label(f"mean of {len(curves)} members")
+            line.set_linewidth(2.5)
+    for k, values in enumerate(curves):
+        ax.plot(grid, values, lw=0.8, alpha=0.8, color=f"C{(k + 4) % 10}", label=f"member {k}")
+    ax.legend(loc="best", fontsize="small")
+
+
+def _draw_member_boundaries(fig: Figure, gx: Tensor, gy: Tensor, predicted: list[Tensor]) -> None:
+    """Each member's decision boundary (where its predicted class changes) as a line."""
+    ax = fig.axes[0]
+    handles = []
+    for k, classes in enumerate(predicted):
+        color = f"C{(k + 4) % 10}"
+        low, top = int(classes.min()), int(classes.max())
+        if top > low:  # a member that predicts one class everywhere has no boundary
+            levels = np.arange(low, top) + 0.5
+            ax.contour(gx.numpy(), gy.numpy(), classes.numpy(), levels=levels, colors=[color])
+        handles.append(Line2D([], [], color=color, label=f"member {k}"))
+    ax.legend(handles=handles, loc="best", fontsize="small")
 
 
 def _first_column(y: Tensor) -> Tensor:

@@ -18,7 +18,14 @@ from irnet.analysis.plotting import plot_layer_curves
 from irnet.layer import ImplicitResidualBlock
 from irnet.nets import find_blocks
 
-from ._logging import add_histogram, allow_unsynced_epoch_logs, emit_figure, layer_tag
+from ._logging import (
+    add_histogram,
+    allow_unsynced_epoch_logs,
+    emit_figure,
+    layer_tag,
+    log_metrics,
+)
+from ._members import MemberAccumulator, member_means, member_scalars, module_members
 from ._schedule import EveryNEpochs, check_bool
 from .solver_recorder import LayerAccumulator
 
@@ -48,12 +55,25 @@ class GradientMagnitudes(Callback):
     ``plot_every_n_epochs`` epochs and after the last, the image
     ``gradients/norm_vs_layer`` (epoch means against layer index, log scale).
 
+    Ensembles (``ODENet(ensemble=E)``): every value above is the mean over members of each
+    member's own value, comparable with a single network's: ``state_norm`` averages the
+    per-row norms (each row's gradient is its member's, since the module minimises the sum
+    of the members' objectives), ``param_norm`` averages the members' norms ``‖∂L/∂γ_t^(k)‖``
+    (slice k of every parameter), not the norm of all members' gradients together, and
+    ``state_norm_first_over_last`` is the ratio of the members' mean norms. With
+    ``per_member`` each training epoch also ends with ``gradients/state_norm_mean/member_<k>``,
+    ``gradients/param_norm_mean/member_<k>`` and
+    ``gradients/state_norm_first_over_last/member_<k>`` (epoch means over the optimiser
+    steps, each with ``…/std``, the spread across members), logged once per epoch to every
+    logger (rank 0).
+
     Args:
         per_layer: also log one scalar per layer.
         histograms: write histograms over layers to TensorBoard each epoch.
         plot_every_n_epochs: how often to draw the norm-vs-layer image (0: only
             after training).
         save_png: also save the image under ``<log_dir>/figures/``.
+        per_member: for an ensemble, log each member's epoch values (above).
     """
 
     def __init__(
@@ -62,11 +82,15 @@ class GradientMagnitudes(Callback):
         histograms: bool = True,
         plot_every_n_epochs: int = 1,
         save_png: bool = False,
+        per_member: bool = True,
     ) -> None:
         self.per_layer = check_bool("per_layer", per_layer)
         self.histograms = check_bool("histograms", histograms)
         self.schedule = EveryNEpochs("plot_every_n_epochs", plot_every_n_epochs)
         self.save_png = check_bool("save_png", save_png)
+        self.per_member = check_bool("per_member", per_member)
+        self._members = 1
+        self._member_epoch = MemberAccumulator()
         self._blocks: list[ImplicitResidualBlock] = []
         self._handles: list[RemovableHandle] = []
         self._capturing = False
@@ -87,6 +111,7 @@ class GradientMagnitudes(Callback):
             b.register_forward_hook(partial(self._forward_hook, i))
             for i, b in enumerate(self._blocks)
         ]
+        self._members = module_members(pl_module)
         self._reset_states()
         self.schedule.reset()
         allow_unsynced_epoch_logs(trainer, ("gradients",))  # rank 0's own hidden-state gradients
@@ -118,13 +143,16 @@ class GradientMagnitudes(Callback):
             output.register_hook(partial(self._state_hook, index))
 
     def _state_hook(self, index: int, grad: Tensor) -> None:
-        norm = sample_norm(grad.detach().float()).mean()
+        norms = sample_norm(grad.detach().float())
+        # an ensemble's rows: each member's mean norm, (E,); the value logged is their mean
+        norm = norms.mean() if self._members == 1 else member_means(norms, self._members)
         previous = self._state_sums[index]
         self._state_sums[index] = norm if previous is None else previous + norm
         self._state_counts[index] += 1
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch.reset()
+        self._member_epoch.reset()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -149,8 +177,13 @@ class GradientMagnitudes(Callback):
         if not self._blocks:
             return
         state = self._state_norms(trainer)
-        params = [_param_grad_norm(b) for b in self._blocks]
+        params = [_param_grad_norm(b, self._members) for b in self._blocks]
         self._reset_states()
+        if self._members > 1:  # (E,) per layer: log the members' mean, keep each member's
+            if self.per_member:
+                self._add_members(state, params)
+            state = [None if v is None else v.mean() for v in state]
+            params = [None if v is None else v.mean() for v in params]
         self._log(pl_module, "state_norm", state)
         self._log(pl_module, "param_norm", params)
         if state[0] is not None and state[-1] is not None:
@@ -164,6 +197,16 @@ class GradientMagnitudes(Callback):
             )
         for name, values in (("state_norm", state), ("param_norm", params)):
             self._epoch.add(name, _vector(values))
+
+    def _add_members(self, state: list[Optional[Tensor]], params: list[Optional[Tensor]]) -> None:
+        """Each member's means over layers of this step's ``(E,)`` norms."""
+        for name, values in (("state_norm", state), ("param_norm", params)):
+            present = [v for v in values if v is not None]
+            if present:
+                self._member_epoch.add(f"{name}_mean", torch.stack(present).mean(0))
+        if state[0] is not None and state[-1] is not None:
+            ratio = state[0] / state[-1].clamp_min(torch.finfo(state[-1].dtype).tiny)
+            self._member_epoch.add("state_norm_first_over_last", ratio)
 
     def _state_norms(self, trainer: pl.Trainer) -> list[Optional[Tensor]]:
         """Mean of the captured norms per layer (over accumulated batches), loss scale removed."""
@@ -199,6 +242,11 @@ class GradientMagnitudes(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        if self.per_member and self._members > 1:
+            metrics: dict[str, float] = {}
+            for name in self._member_epoch.names():
+                metrics.update(member_scalars(f"gradients/{name}", self._member_epoch.mean(name)))
+            log_metrics(trainer, metrics)
         if self.histograms:
             for name in NAMES:
                 values = self._epoch.mean(name)
@@ -220,14 +268,25 @@ class GradientMagnitudes(Callback):
             r"$\|\partial L/\partial y_t\|$ (mean per sample)": state.cpu().numpy(),
             r"$\|\partial L/\partial \gamma_t\|$": params.cpu().numpy(),
         }
-        fig = plot_layer_curves(curves, ylabel="gradient norm", title=f"epoch {epoch}")
+        title = f"epoch {epoch}" + (
+            f", mean over {self._members} members" if self._members > 1 else ""
+        )
+        fig = plot_layer_curves(curves, ylabel="gradient norm", title=title)
         emit_figure(trainer, "gradients/norm_vs_layer", fig, self.save_png, epoch=epoch)
 
 
-def _param_grad_norm(block: ImplicitResidualBlock) -> Optional[Tensor]:
-    """Euclidean norm of all of the block's parameter gradients together (None without any)."""
-    norms = [p.grad.detach().float().norm() for p in block.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+def _param_grad_norm(block: ImplicitResidualBlock, members: int = 1) -> Optional[Tensor]:
+    """Euclidean norm of all of the block's parameter gradients together (None without any).
+
+    For an ensemble (``members`` > 1, every parameter's first dimension the member), each
+    member's norm, ``(E,)``.
+    """
+    grads = [p.grad.detach().float() for p in block.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    if members == 1:
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    return torch.stack([g.reshape(members, -1).norm(dim=1) for g in grads]).norm(dim=0)
 
 
 def _vector(values: list[Optional[Tensor]]) -> Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from matplotlib.figure import Figure
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
@@ -13,14 +15,22 @@ from torch import Tensor
 from irnet._misc import check_int
 from irnet.analysis.plotting import plot_perturbation_growth
 from irnet.nets import ImplicitODENet
+from irnet.nets.ensemble import members_of
 from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import Perturbation
 from irnet.regularizers import PerturbationRegularizer
 
 from ._data import batch_inputs, find_net, to_module
 from ._logging import add_histogram, emit_figure, log_metrics
+from ._members import member_scalars, module_members
 from ._schedule import EveryNEpochs, check_bool
-from ._stream_distances import InputDistanceHook, amplification, depth_distances
+from ._stream_distances import (
+    InputDistanceHook,
+    MemberDistanceHooks,
+    amplification,
+    depth_distances,
+    member_depth_distances,
+)
 from .solver_recorder import LayerAccumulator
 
 DEFAULT_STREAMS = 1
@@ -68,6 +78,14 @@ class PerturbationStreams(Callback):
     and, at plot epochs, the image ``perturbation/distance_vs_depth`` (log
     scale) and its PNG ``<log_dir>/figures/perturbation_distance_vs_depth_epoch<NNNN>.png``.
 
+    Ensembles (``ODENet(ensemble=E)``): every member runs the same perturbed inputs, and the
+    distances above are the mean over members of each member's distances (what R_rnd
+    measures over the ensemble's rows). Each member's distances are measured too (with R_rnd
+    on, by hooks on the blocks during the training steps; otherwise from the callback's own
+    pass): logged as ``perturbation/amplification/member_<k>`` with ``…/std``, the spread
+    across members, drawn as one thin curve per member in the distance-vs-depth image, and
+    kept in ``last_member_distances``.
+
     Args:
         perturbation: the noise model (default: R_rnd's, else
             ``GaussianPerturbation(sigma=0.05)``).
@@ -90,6 +108,8 @@ class PerturbationStreams(Callback):
             :class:`~irnet.regularizers.PerturbationRegularizer`).
         last_distances: the last logged distances, ``(T+1,)`` float32 on the CPU
             (None before any).
+        last_member_distances: for an ensemble, each member's last logged distances,
+            ``(E, T+1)`` (row k member k's); None for a single network.
     """
 
     def __init__(
@@ -119,12 +139,16 @@ class PerturbationStreams(Callback):
         self.source: Optional[PerturbationRegularizer] = None
         self.mode: Optional[str] = None
         self.last_distances: Optional[Tensor] = None
+        self.last_member_distances: Optional[Tensor] = None
+        self._members = 1
+        self._member_hooks: Optional[MemberDistanceHooks] = None
         self._saved: Optional[tuple[Perturbation, int, int]] = None  # r_rnd's own settings
         self._input_hook = InputDistanceHook()
         self._epoch = LayerAccumulator()
         self._before: Optional[Tensor] = None
         self._inputs: Optional[Tensor] = None
-        self._measured: Optional[tuple[int, Optional[Tensor]]] = None  # (epoch, distances)
+        # (epoch, distances, each member's distances)
+        self._measured: Optional[tuple[int, Optional[Tensor], Optional[Tensor]]] = None
         self._warned = False
 
     # -- set-up: whose streams ---------------------------------------------------------------
@@ -134,6 +158,8 @@ class PerturbationStreams(Callback):
         self.schedule.reset()
         self.plot_schedule.reset()
         self._inputs, self._measured, self.last_distances = None, None, None
+        self.last_member_distances = None
+        self._members = module_members(pl_module)
         regularizer = getattr(pl_module, "r_rnd", None)
         if not isinstance(regularizer, PerturbationRegularizer):
             regularizer = None
@@ -142,6 +168,9 @@ class PerturbationStreams(Callback):
             net = find_net(pl_module)
             if net is not None and len(net.blocks):
                 self._input_hook.attach(net.blocks[0])
+                if self._members > 1:  # R_rnd pools the members: measure each on its own
+                    self._member_hooks = MemberDistanceHooks(self._members)
+                    self._member_hooks.attach(list(net.blocks))
         else:
             self.mode, self.source = OWN, self._own_streams(regularizer)
 
@@ -149,6 +178,9 @@ class PerturbationStreams(Callback):
         if stage != "fit":
             return
         self._input_hook.detach()
+        if self._member_hooks is not None:
+            self._member_hooks.detach()
+            self._member_hooks = None
         if self.mode == TRAIN and self._saved is not None:
             self.source.perturbation, self.source.streams, self.source.seed = self._saved
         self._saved, self.source, self.mode = None, None, None
@@ -192,6 +224,8 @@ class PerturbationStreams(Callback):
         if self.mode == TRAIN:
             self._before = self.source.last_distances
             self._input_hook.start(self.source.streams)
+            if self._member_hooks is not None:
+                self._member_hooks.start(self.source.streams)
 
     def on_train_batch_end(
         self,
@@ -207,10 +241,13 @@ class PerturbationStreams(Callback):
                 self._inputs = x[: self.max_samples].detach()
         elif self.mode == TRAIN:
             first = self._input_hook.stop()
+            members = None if self._member_hooks is None else self._member_hooks.stop()
             layers = self.source.last_distances
             if layers is not None and layers is not self._before:
                 first = torch.tensor(float("nan")) if first is None else first
                 self._epoch.add("distance", torch.cat([first.reshape(1).to(layers), layers]))
+                if members is not None:
+                    self._epoch.add("member_distance", members)
 
     # -- reporting -----------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -238,27 +275,35 @@ class PerturbationStreams(Callback):
             self.plot_schedule.mark(epoch)
         if not trainer.is_global_zero:
             return
-        distances = self._distances(pl_module, epoch)
+        distances, members = self._distances(pl_module, epoch)
         if distances is None:
             return
-        self.last_distances = distances
+        self.last_distances, self.last_member_distances = distances, members
         if scalars:
-            self._log_scalars(trainer, distances)
+            self._log_scalars(trainer, distances, members)
         if plot:
             fig = plot_perturbation_growth(distances.numpy(), title=f"epoch {epoch}")
+            if members is not None:
+                _draw_members(fig, members)
             emit_figure(trainer, "perturbation/distance_vs_depth", fig, self.save_png, epoch=epoch)
 
-    def _distances(self, pl_module: pl.LightningModule, epoch: int) -> Optional[Tensor]:
-        """The epoch's distances t = 0…T (computed once per epoch), or None without data."""
+    def _distances(
+        self, pl_module: pl.LightningModule, epoch: int
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The epoch's distances t = 0…T and, for an ensemble, each member's (computed once per
+        epoch); None without data."""
         if self._measured is None or self._measured[0] != epoch:
             if self.mode == TRAIN:
                 distances = self._epoch.mean("distance")
+                members = self._epoch.mean("member_distance")
             else:
-                distances = self._measure_own(pl_module, epoch)
-            self._measured = (epoch, None if distances is None else distances.float().cpu())
-        return self._measured[1]
+                distances, members = self._measure_own(pl_module, epoch)
+            self._measured = (epoch, _cpu(distances), _cpu(members))
+        return self._measured[1], self._measured[2]
 
-    def _measure_own(self, pl_module: pl.LightningModule, epoch: int) -> Optional[Tensor]:
+    def _measure_own(
+        self, pl_module: pl.LightningModule, epoch: int
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         net = find_net(pl_module)
         if net is None or self._inputs is None or self.source is None:
             if net is None and not self._warned:
@@ -267,14 +312,18 @@ class PerturbationStreams(Callback):
                     "to run its own streams; it measures nothing."
                 )
                 self._warned = True
-            return None
+            return None, None
         try:
-            return self.measure(net, to_module(self._inputs, pl_module), epoch)
+            x = to_module(self._inputs, pl_module)
+            if self._members == 1:
+                return self.measure(net, x, epoch), None
+            members = self.measure_members(net, x, epoch)
+            return members.mean(0), members
         except ValueError as error:  # e.g. a non-finite state: monitoring must not end the fit
             rank_zero_warn(
                 f"PerturbationStreams could not run its streams at epoch {epoch}: {error}"
             )
-            return None
+            return None, None
 
     def measure(self, net: ImplicitODENet, x: Tensor, epoch: int) -> Tensor:
         """Mean over samples and streams of ``‖y_t − ỹ_t‖`` for t = 0…T, the streams of ``epoch``.
@@ -288,8 +337,21 @@ class PerturbationStreams(Callback):
             epoch: the epoch whose streams are drawn (seed ``(seed, epoch)``).
 
         Returns:
-            Shape ``(T+1,)``.
+            Shape ``(T+1,)``; for an ensemble the mean over members.
         """
+        clean, noisy = self._trajectories(net, x, epoch)
+        return depth_distances(clean, noisy, self.source.streams)
+
+    def measure_members(self, net: ImplicitODENet, x: Tensor, epoch: int) -> Tensor:
+        """:meth:`measure` for each member of an ensemble: shape ``(E, T+1)``, row k member k's
+        distances (those of its own network on the same perturbed inputs)."""
+        clean, noisy = self._trajectories(net, x, epoch)
+        return member_depth_distances(clean, noisy, self.source.streams, members_of(net))
+
+    def _trajectories(
+        self, net: ImplicitODENet, x: Tensor, epoch: int
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Clean and perturbed hidden states of ``x`` under the streams of ``epoch``."""
         if self.source is None:
             raise RuntimeError(
                 "PerturbationStreams.measure is available during a fit (after setup)"
@@ -303,9 +365,11 @@ class PerturbationStreams(Callback):
                 noisy = net.trajectory(self.source.perturb(x))
         finally:
             net.train(was_training)
-        return depth_distances(clean, noisy, self.source.streams)
+        return clean, noisy
 
-    def _log_scalars(self, trainer: pl.Trainer, distances: Tensor) -> None:
+    def _log_scalars(
+        self, trainer: pl.Trainer, distances: Tensor, members: Optional[Tensor]
+    ) -> None:
         width = max(2, len(str(len(distances) - 1)))
         metrics = {
             f"perturbation/layer_{t:0{width}d}": float(d)
@@ -315,9 +379,27 @@ class PerturbationStreams(Callback):
         ratio = amplification(distances)
         if ratio is not None:
             metrics["perturbation/amplification"] = ratio
+        if members is not None:
+            ratios = [amplification(d) for d in members]
+            if all(r is not None for r in ratios):
+                metrics.update(member_scalars("perturbation/amplification", torch.tensor(ratios)))
         log_metrics(trainer, metrics)
         if self.histograms:
             add_histogram(trainer, "perturbation/distance_over_layers", distances)
+
+
+def _draw_members(fig: Figure, members: Tensor) -> None:
+    """Each member's distances as a thin curve on the distance-vs-depth axes."""
+    ax = fig.axes[0]
+    depth = np.arange(members.shape[1])
+    for k, distances in enumerate(members.numpy()):
+        keep = np.isfinite(distances) & (distances > 0)
+        ax.plot(depth[keep], distances[keep], lw=0.8, alpha=0.7, label=f"member {k}")
+    ax.legend(loc="best", fontsize="small")
+
+
+def _cpu(values: Optional[Tensor]) -> Optional[Tensor]:
+    return None if values is None else values.float().cpu()
 
 
 def _given(value: Any, default: Any) -> Any:

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from irnet._misc import check_int
 from irnet.analysis.fidelity import gradient_cosine
 from irnet.nets import find_blocks
+from irnet.nets.ensemble import rows_of
 
 from ._data import batch_inputs
-from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag
+from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag, log_metrics
+from ._members import MemberAccumulator, member_scalars, module_members, stacked_rows
 from ._schedule import check_bool
 from .solver_recorder import (
     REDUCTIONS,
@@ -71,6 +73,17 @@ class SolverStatistics(Callback):
     shortcut costs in direction (1: none). ``None`` (default) turns it on, every
     10 epochs, only when some block uses such a shortcut; 0 turns it off.
 
+    Ensembles (``ODENet(ensemble=E)``): a solve's samples are the ensemble's rows, every
+    member's copy of every input, so the tags above pool the members: a mean is the mean over
+    members of each member's mean, a maximum the maximum over members, a count the sum over
+    members. With ``per_member`` each training epoch also ends with one value per member
+    ``k``, logged once per epoch (to every logger, rank 0):
+    ``solver/forward_iterations_mean/member_<k>`` and
+    ``solver/backward_iterations_mean/member_<k>`` (the epoch's mean over steps, layers
+    and the member's samples), ``solver/forward_not_converged/member_<k>`` (the epoch's count),
+    each with ``…/std``, the spread across members. The gradient-fidelity cosine is that of
+    all members' gradients together.
+
     Args:
         per_layer: also log one scalar per layer and statistic.
         histograms: write histograms over layers to TensorBoard each epoch.
@@ -81,6 +94,7 @@ class SolverStatistics(Callback):
         fidelity_every_n_epochs: epochs between gradient-fidelity probes
             (``None``: 10 if a block's adjoint is approximate, else off; 0: off).
         fidelity_samples: the most samples of the probe batch.
+        per_member: for an ensemble, log each member's epoch values (above).
     """
 
     def __init__(
@@ -91,6 +105,7 @@ class SolverStatistics(Callback):
         sync_dist: bool = False,
         fidelity_every_n_epochs: Optional[int] = None,
         fidelity_samples: int = 64,
+        per_member: bool = True,
     ) -> None:
         self.per_layer = check_bool("per_layer", per_layer)
         self.histograms = check_bool("histograms", histograms)
@@ -102,6 +117,9 @@ class SolverStatistics(Callback):
             )
         self.fidelity_every_n_epochs = fidelity_every_n_epochs
         self.fidelity_samples = check_int("fidelity_samples", fidelity_samples, 1)
+        self.per_member = check_bool("per_member", per_member)
+        self._members = 1
+        self._member_epoch = MemberAccumulator()
         self._recorder = SolverStatsRecorder()
         self._epoch = LayerAccumulator()
         self._fidelity_every = 0
@@ -116,6 +134,7 @@ class SolverStatistics(Callback):
             )
         self._recorder.attach(blocks)
         self._fidelity_every = self._fidelity_schedule(blocks)
+        self._members = module_members(pl_module)
         if not self.sync_dist:
             allow_unsynced_epoch_logs(trainer, ("solver", "val_solver"))
 
@@ -125,6 +144,7 @@ class SolverStatistics(Callback):
     # -- training ------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch.reset()
+        self._member_epoch.reset()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -150,6 +170,22 @@ class SolverStatistics(Callback):
                 vectors = layer_vectors(getattr(step, direction))
                 for key in HISTOGRAM_KEYS:
                     self._epoch.add(f"{direction}_{key}", vectors[key])
+        if self.per_member and self._members > 1:
+            self._add_members(step, batch)
+
+    def _add_members(self, step: StepStats, batch: Any) -> None:
+        """Each member's iterations (mean over layers and its samples) and failed solves."""
+        x = batch_inputs(batch)
+        weight = float(x.shape[0]) if x is not None and x.dim() > 0 else 1.0
+        for direction in DIRECTIONS:
+            iterations = stacked_rows(getattr(step, direction), "iterations")
+            if iterations is not None:  # (layers, rows) → (E, layers, batch)
+                per_member = rows_of(iterations.T, self._members).mean((1, 2))
+                self._member_epoch.add(f"{direction}_iterations_mean", per_member, weight)
+        converged = stacked_rows(step.forward, "converged")
+        if converged is not None:
+            failed = rows_of((1 - converged).T, self._members).sum((1, 2))
+            self._member_epoch.add("forward_not_converged", failed)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
@@ -158,6 +194,8 @@ class SolverStatistics(Callback):
             and (trainer.current_epoch + 1) % self._fidelity_every == 0
         ):
             self._log_fidelity(pl_module)
+        if self.per_member and self._members > 1:
+            self._log_members(trainer)
         if not (self.histograms and trainer.is_global_zero):
             return
         for direction in DIRECTIONS:
@@ -165,6 +203,17 @@ class SolverStatistics(Callback):
                 values = self._epoch.mean(f"{direction}_{key}")
                 if values is not None:
                     add_histogram(trainer, f"solver/{direction}_{key}_over_layers", values)
+
+    def _log_members(self, trainer: pl.Trainer) -> None:
+        metrics: dict[str, float] = {}
+        for name in self._member_epoch.names():
+            how = (
+                self._member_epoch.total
+                if name.endswith("not_converged")
+                else self._member_epoch.mean
+            )
+            metrics.update(member_scalars(f"solver/{name}", how(name)))
+        log_metrics(trainer, metrics)
 
     # -- gradient fidelity -------------------------------------------------------------------
     def _fidelity_schedule(self, blocks: list) -> int:
@@ -178,6 +227,8 @@ class SolverStatistics(Callback):
         net = getattr(pl_module, "net", pl_module)
         if not hasattr(net, "blocks"):
             return
+        if self._members > 1:  # the prediction has every member's row of every sample
+            target = target.repeat_interleave(self._members, 0)
 
         def loss() -> Tensor:
             pred = pl_module(x)

@@ -13,10 +13,12 @@ from torch import Tensor
 from irnet._misc import check_int
 from irnet.analysis.stability import layer_spectral_radii
 from irnet.nets import ImplicitODENet
+from irnet.nets.ensemble import rows_of
 from irnet.nets.protocol import auxiliary_pass
 
 from ._data import batch_inputs, find_net
 from ._logging import add_histogram, layer_tag, log_metrics
+from ._members import member_scalars, module_members
 from ._schedule import EveryNEpochs, check_bool
 
 
@@ -46,10 +48,21 @@ class StabilityMonitor(Callback):
     ``per_layer`` ``stability_layers/<name>/layer_<t>`` (max over samples);
     with ``histograms`` TensorBoard histograms of all per-sample values.
 
+    Ensembles (``ODENet(ensemble=E)``): each of the ``max_samples`` inputs is run through
+    every member (E rows per input, so E times the work), and each member's samples get their
+    own radii. The tags above pool the members: ``…_max`` is the maximum over members,
+    ``layer_radius_mean`` the mean over members, ``neumann_divergent_layers`` counts layers
+    where some member diverges, the per-layer tags are maxima over members. Each member's own
+    ``stability/layer_radius_max/member_<k>``, ``stability/layer_radius_mean/member_<k>``,
+    ``stability/neumann_radius_max/member_<k>`` and
+    ``stability/neumann_divergent_layers/member_<k>`` are logged beside them, each with
+    ``…/std``, the spread across members.
+
     Args:
         every_n_epochs: measure after every N-th training epoch (0: only after
             training). The last epoch is always measured.
-        max_samples: how many inputs of the last training batch to use.
+        max_samples: how many inputs of the last training batch to use (for an ensemble,
+            each in every member).
         krylov_dim: Arnoldi steps per radius.
         per_layer: also log one scalar per layer.
         histograms: write histograms to TensorBoard.
@@ -116,10 +129,15 @@ class StabilityMonitor(Callback):
             return
         layer, neumann = self.radii(net, self._inputs)
         self._report(trainer, net, layer, neumann)
+        members = module_members(pl_module)
+        if members > 1:
+            self._report_members(trainer, net, layer, neumann, members)
 
     def radii(self, net: ImplicitODENet, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-layer, per-sample radii, each of shape ``(layers, samples)``.
 
+        For an ensemble the samples are its rows, ``samples · E`` of them, sample-major (column
+        ``b · E + k`` is input b in member k: :func:`irnet.nets.ensemble.rows_of` splits them).
         ``neumann`` is NaN in the rows of explicit (θ = 0) layers, which solve nothing.
         """
         generator = torch.Generator().manual_seed(self.seed)
@@ -149,6 +167,22 @@ class StabilityMonitor(Callback):
         finally:
             net.train(was_training)
         return torch.stack(layer).float(), torch.stack(neumann).float()
+
+    def _report_members(
+        self, trainer: pl.Trainer, net: ImplicitODENet, layer: Tensor, neumann: Tensor, members: int
+    ) -> None:
+        """Each member's maximum and mean radius and divergent layers, and their spread."""
+        per_member = rows_of(layer.T, members)  # (E, samples, layers)
+        metrics = member_scalars("stability/layer_radius_max", per_member.amax((1, 2)))
+        metrics.update(member_scalars("stability/layer_radius_mean", per_member.mean((1, 2))))
+        implicit = [t for t, block in enumerate(net.blocks) if block.theta > 0]
+        if implicit:
+            worst = rows_of(neumann[implicit].T, members).amax(1)  # (E, implicit layers)
+            metrics.update(member_scalars("stability/neumann_radius_max", worst.amax(1)))
+            metrics.update(
+                member_scalars("stability/neumann_divergent_layers", (worst >= 1).sum(1))
+            )
+        log_metrics(trainer, metrics)
 
     def _report(
         self, trainer: pl.Trainer, net: ImplicitODENet, layer: Tensor, neumann: Tensor
