@@ -318,6 +318,11 @@ class ODENet(ImplicitODENet):
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        if check_int("ensemble", ensemble, 1) > 1 and (rhs != "mlp" or stability_limits):
+            raise ValueError(
+                "ensemble supports rhs='mlp' without stability_limits for now, got "
+                f"rhs={rhs!r}, stability_limits={stability_limits!r}"
+            )
         self.rhs = check_choice("rhs", rhs, RHS)
         if contraction is not None and rhs not in BOUNDED_RHS:
             raise ValueError(
