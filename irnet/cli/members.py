@@ -45,6 +45,13 @@ DESCRIPTION = (
     "seed_everything of the config.yaml saved beside the run, plus K), is recorded under the "
     f"checkpoint's {MEMBER_KEY!r} key with K and E."
 )
+EPILOG = (
+    "example: irnet extract-member runs/ex1_sine/version_0/checkpoints/last.ckpt --member 2 "
+    "--out member2.ckpt, then irnet fit --config configs/ex1_sine.yaml --ckpt_path member2.ckpt "
+    "--trainer.max_epochs 300 (the config's model settings must be the checkpoint's, ensemble "
+    "aside: irnet fit names any that differ; the ensemble run's saved config.yaml serves with "
+    "--model.net.init_args.ensemble 1). Mistakes end with one line and exit status 2."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``irnet extract-member``."""
-    p = _Parser(prog=PROG, description=DESCRIPTION, allow_abbrev=False)
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False)
     p.add_argument("ckpt", metavar="CKPT", type=Path, help="the ensemble's checkpoint (.ckpt)")
     p.add_argument(
         "--member",
@@ -105,8 +112,8 @@ def extract_member(ckpt: Path, member: int, out: Path, force: bool = False) -> d
     ckpt, out = Path(ckpt), Path(out)
     _check_out(ckpt, out, force)
     source = load_checkpoint(ckpt)
-    single = member_checkpoint(source, member, seed=member_seed(source, member, ckpt))
-    single[MEMBER_KEY]["source"] = str(ckpt)
+    single = member_checkpoint(source, member)
+    single[MEMBER_KEY].update(seed=member_seed(source, member, ckpt), source=str(ckpt))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     torch.save(single, partial)
@@ -185,7 +192,7 @@ def _run_config(path: Optional[Path]) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def member_checkpoint(ckpt: dict, member: int, seed: Optional[int] = None) -> dict:
+def member_checkpoint(ckpt: dict, member: int) -> dict:
     """The checkpoint of member ``member`` alone, from an ensemble's checkpoint ``ckpt``.
 
     Weights and warm-start cache are sliced by :func:`irnet.nets.ensemble.member_state_dict`,
@@ -201,14 +208,18 @@ def member_checkpoint(ckpt: dict, member: int, seed: Optional[int] = None) -> di
         )
     single = {key: value for key, value in ckpt.items() if key != "callbacks"}
     single["hyper_parameters"] = single_hyper_parameters(ckpt["hyper_parameters"])
-    single["state_dict"] = member_state_dict(ckpt["state_dict"], member, members, prefix="net.")
+    try:
+        single["state_dict"] = member_state_dict(ckpt["state_dict"], member, members, "net.")
+    except ValueError as err:  # a weight without the member dimension: not this ensemble's
+        raise CliError(f"CKPT: its weights are not those of an ensemble of {members}: {err}")
     single["callbacks"] = {}
-    single[MEMBER_KEY] = {"member": member, "members": members, "seed": seed}
+    single[MEMBER_KEY] = {"member": member, "members": members}
     shapes = [tuple(p.shape) for p in _rebuilt(single).parameters()]
-    single["optimizer_states"] = [
-        member_optimizer_state(state, member, members, shapes)
-        for state in ckpt.get("optimizer_states", [])
-    ]
+    if "optimizer_states" in ckpt:  # absent from a weights-only checkpoint: it stays absent
+        single["optimizer_states"] = [
+            member_optimizer_state(state, member, members, shapes)
+            for state in ckpt["optimizer_states"]
+        ]
     return single
 
 

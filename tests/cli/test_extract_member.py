@@ -12,7 +12,7 @@ import torch
 from helpers.training import CONFIGS, QUIET, tiny_net_overrides
 from irnet.__main__ import main as irnet
 from irnet.cli import main as cli
-from irnet.cli.members import MEMBER_KEY
+from irnet.cli.members import MEMBER_KEY, member_seed
 from irnet.module import ImplicitNetModule
 from irnet.nets.ensemble import member_state_dict
 
@@ -54,7 +54,7 @@ def ensemble_ckpt(runs: Path) -> Path:
     return runs / "runs" / "ex1_sine" / "version_0" / LAST
 
 
-def extract(runs: Path, member: int, out: Path, *extra: str) -> Path:
+def extract(runs: Path, member: int, out: Path) -> Path:
     irnet(["extract-member", str(ensemble_ckpt(runs)), "--member", str(member), "--out", str(out)])
     return out
 
@@ -130,12 +130,35 @@ def test_continuing_the_member_continues_it_as_the_ensemble_would(runs, tmp_path
             )
 
 
+def test_member_seed_is_its_given_seed_else_the_runs_seed_plus_member(tmp_path):
+    def ckpt(seeds):
+        return {"hyper_parameters": {"net": {"init_args": {"ensemble": 3, "member_seeds": seeds}}}}
+
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    assert member_seed(ckpt([7, 9, 11]), 1, path) == 9
+    assert member_seed(ckpt(None), 1, path) is None  # no config.yaml beside the run
+    config = "seed_everything: {}\nmodel:\n  init_args:\n    net:\n      init_args:\n"
+    (tmp_path / "run" / "config.yaml").write_text(config.format(40) + "        ensemble: 3\n")
+    assert member_seed(ckpt(None), 2, path) == 42
+    # a config.yaml of another network, or without a seed, says nothing about this one
+    (tmp_path / "run" / "config.yaml").write_text(config.format(40) + "        ensemble: 5\n")
+    assert member_seed(ckpt(None), 2, path) is None
+    (tmp_path / "run" / "config.yaml").write_text(config.format("true") + "        ensemble: 3\n")
+    assert member_seed(ckpt(None), 2, path) is None
+
+
 def test_refuses_a_network_that_is_not_an_ensemble(runs, tmp_path, capsys):
     ckpt = torch.load(ensemble_ckpt(runs), weights_only=True)
     ckpt["hyper_parameters"]["net"]["init_args"]["ensemble"] = 1
     torch.save(ckpt, tmp_path / "single.ckpt")
     line = refusal(capsys, [str(tmp_path / "single.ckpt"), "--member", "0", "--out", "o.ckpt"])
     assert "CKPT: not an ensemble" in line and "ensemble: E >= 2" in line
+    # a module built in Python saves no description of its network
+    del ckpt["hyper_parameters"]["net"]
+    torch.save(ckpt, tmp_path / "python.ckpt")
+    line = refusal(capsys, [str(tmp_path / "python.ckpt"), "--member", "0", "--out", "o.ckpt"])
+    assert "CKPT: its hyper-parameters do not describe the network" in line
 
 
 @pytest.mark.parametrize("member", ["3", "-1"])
