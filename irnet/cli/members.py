@@ -124,10 +124,10 @@ def extract_member(ckpt: Path, member: int, out: Path, force: bool = False) -> d
 def _check_out(ckpt: Path, out: Path, force: bool) -> None:
     if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
         raise CliError(f"--out: {out} is CKPT itself; give another path for the member")
-    if out.exists() and not force:
-        raise CliError(f"--out: {out} exists; give another path, or --force to overwrite it")
     if out.is_dir():
         raise CliError(f"--out: {out} is a folder; give a file path such as {out}/member.ckpt")
+    if out.exists() and not force:
+        raise CliError(f"--out: {out} exists; give another path, or --force to overwrite it")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -211,7 +211,9 @@ def member_checkpoint(ckpt: dict, member: int) -> dict:
     try:
         single["state_dict"] = member_state_dict(ckpt["state_dict"], member, members, "net.")
     except ValueError as err:  # a weight without the member dimension: not this ensemble's
-        raise CliError(f"CKPT: its weights are not those of an ensemble of {members}: {err}")
+        raise CliError(
+            f"CKPT: its weights are not those of an ensemble of {members}: {err}"
+        ) from err
     single["callbacks"] = {}
     single[MEMBER_KEY] = {"member": member, "members": members}
     shapes = [tuple(p.shape) for p in _rebuilt(single).parameters()]
@@ -239,8 +241,9 @@ def _rebuilt(ckpt: dict) -> torch.nn.Module:
     buffer.seek(0)
     try:
         return ImplicitNetModule.load_from_checkpoint(buffer, map_location="cpu")
-    except Exception as err:
-        raise CliError(f"CKPT: member's checkpoint does not load: {err}") from err
+    except Exception as err:  # whatever the network's constructor or load_state_dict raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CliError(f"CKPT: the member's checkpoint does not load: {reason[:300]}") from err
 
 
 def member_optimizer_state(
@@ -251,6 +254,12 @@ def member_optimizer_state(
 
     ``shapes`` are the single network's parameter shapes, in the optimizer's order.
     """
+    counted = sum(len(group["params"]) for group in state.get("param_groups", []))
+    if counted != len(shapes):
+        raise CliError(
+            f"CKPT: its optimizer holds {counted} parameters, the network {len(shapes)}: "
+            "the optimizer state cannot be split into members"
+        )
     per_param = {}
     for index, values in state.get("state", {}).items():
         per_param[index] = {

@@ -191,10 +191,12 @@ def test_refuses_to_overwrite_unless_forced(runs, tmp_path, capsys):
     assert torch.load(out, weights_only=True)[MEMBER_KEY]["member"] == 0
 
 
-def test_refuses_to_overwrite_the_ensemble_itself(runs, capsys):
+def test_refuses_to_overwrite_the_ensemble_itself_or_a_folder(runs, tmp_path, capsys):
     ckpt = str(ensemble_ckpt(runs))
     line = refusal(capsys, [ckpt, "--member", "0", "--out", ckpt, "--force"])
     assert "--out:" in line and "is CKPT itself" in line
+    line = refusal(capsys, [ckpt, "--member", "0", "--out", str(tmp_path), "--force"])
+    assert f"--out: {tmp_path} is a folder" in line
 
 
 def test_a_missing_argument_is_one_line(tmp_path, capsys):
