@@ -80,9 +80,10 @@ class PerturbationStreams(Callback):
 
     Ensembles (``ODENet(ensemble=E)``): every member runs the same perturbed inputs, and the
     distances above are the mean over members of each member's distances (what R_rnd
-    measures over the ensemble's rows). Each member's distances are measured too (with R_rnd
-    on, by hooks on the blocks during the training steps; otherwise from the callback's own
-    pass): logged as ``perturbation/amplification/member_<k>`` with ``…/std``, the spread
+    measures over the ensemble's rows). With ``per_member`` each member's distances are
+    measured too (with R_rnd on, by hooks on the blocks during the training steps, a few
+    small tensor operations per block and step; otherwise from the callback's own pass):
+    logged as ``perturbation/amplification/member_<k>`` with ``…/std``, the spread
     across members, drawn as one thin curve per member in the distance-vs-depth image, and
     kept in ``last_member_distances``.
 
@@ -100,6 +101,7 @@ class PerturbationStreams(Callback):
             runs its own streams.
         histograms: write the histogram over layers to TensorBoard.
         save_png: also save the image under ``<log_dir>/figures/``.
+        per_member: for an ensemble, measure, log and draw each member's distances (above).
 
     Attributes:
         mode: during a fit, ``"regularizer"`` (R_rnd is on) or ``"own"``; else None.
@@ -122,6 +124,7 @@ class PerturbationStreams(Callback):
         max_samples: int = 256,
         histograms: bool = True,
         save_png: bool = True,
+        per_member: bool = True,
     ) -> None:
         if perturbation is not None and not isinstance(perturbation, Perturbation):
             raise ValueError(
@@ -136,6 +139,7 @@ class PerturbationStreams(Callback):
         self.max_samples = check_int("max_samples", max_samples, 1)
         self.histograms = check_bool("histograms", histograms)
         self.save_png = check_bool("save_png", save_png)
+        self.per_member = check_bool("per_member", per_member)
         self.source: Optional[PerturbationRegularizer] = None
         self.mode: Optional[str] = None
         self.last_distances: Optional[Tensor] = None
@@ -168,7 +172,7 @@ class PerturbationStreams(Callback):
             net = find_net(pl_module)
             if net is not None and len(net.blocks):
                 self._input_hook.attach(net.blocks[0])
-                if self._members > 1:  # R_rnd pools the members: measure each on its own
+                if self.per_member and self._members > 1:  # R_rnd pools the members
                     self._member_hooks = MemberDistanceHooks(self._members)
                     self._member_hooks.attach(list(net.blocks))
         else:
@@ -315,7 +319,7 @@ class PerturbationStreams(Callback):
             return None, None
         try:
             x = to_module(self._inputs, pl_module)
-            if self._members == 1:
+            if self._members == 1 or not self.per_member:
                 return self.measure(net, x, epoch), None
             members = self.measure_members(net, x, epoch)
             return members.mean(0), members
