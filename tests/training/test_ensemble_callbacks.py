@@ -87,7 +87,7 @@ def one_step(tmp_path_factory):
     module = ImplicitNetModule(make_ensemble(SINE), loss="l2")
     fit(
         module,
-        [SolverStatistics(), GradientMagnitudes(plot_every_n_epochs=0)],
+        [SolverStatistics(fidelity_every_n_epochs=1), GradientMagnitudes(plot_every_n_epochs=0)],
         root,
         sine_loader(),
         epochs=1,
@@ -122,6 +122,11 @@ def test_solver_iterations_per_member_equal_the_single_networks(one_step) -> Non
     std = scalar(acc, "solver/forward_iterations_mean/std")[-1]
     assert std == pytest.approx(float(torch.tensor(expected).std()), rel=1e-5)
     assert member_values(acc, "solver/forward_not_converged") == [0.0] * E
+
+
+def test_gradient_fidelity_probe_runs_on_every_members_rows(one_step) -> None:
+    # the probe's loss repeats the targets per member; the default adjoint is near exact
+    assert scalar(one_step, "solver/gradient_cosine")[-1] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_gradient_norms_per_member_equal_the_single_networks(one_step) -> None:
