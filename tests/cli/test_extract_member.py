@@ -130,6 +130,15 @@ def test_continuing_the_member_continues_it_as_the_ensemble_would(runs, tmp_path
             )
 
 
+def test_the_runs_config_is_not_needed(runs, tmp_path):
+    alone = tmp_path / "elsewhere.ckpt"  # no config.yaml in its folder's parent
+    alone.write_bytes(ensemble_ckpt(runs).read_bytes())
+    irnet(["extract-member", str(alone), "--member", "1", "--out", str(tmp_path / "m.ckpt")])
+    written = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert written[MEMBER_KEY] == {"member": 1, "members": 3, "seed": None, "source": str(alone)}
+    assert ImplicitNetModule.load_from_checkpoint(tmp_path / "m.ckpt").net.members == 1
+
+
 def test_member_seed_is_its_given_seed_else_the_runs_seed_plus_member(tmp_path):
     def ckpt(seeds):
         return {"hyper_parameters": {"net": {"init_args": {"ensemble": 3, "member_seeds": seeds}}}}
