@@ -29,6 +29,7 @@ from irnet.reproduce._summary import (
     saved_run,
 )
 
+BACKENDS = ("local", "ray")  # irnet.reproduce._runner.BACKENDS (imported there with Lightning)
 DESCRIPTION = "Run one of the paper's studies end to end (see docs/REPORT.md)."
 STUDIES = (
     "stability",
@@ -97,6 +98,18 @@ def parser() -> argparse.ArgumentParser:
         help="torch threads per worker: an integer or 'auto' (default: OMP_NUM_THREADS if set, "
         "else 1; see docs/training.md, Threads)",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="where the cells run: worker processes on this machine (local), or the tasks of "
+        "a Ray cluster (ray; pip install 'irnet[ray]'; see docs/distributed.md)",
+    )
+    p.add_argument(
+        "--address",
+        help="--backend ray: the cluster's head, HOST:PORT (default: RAY_ADDRESS if set, else a "
+        "Ray on this machine with --workers × --threads CPUs)",
+    )
     seeds.add_arguments(p)
     return p
 
@@ -127,9 +140,11 @@ def _unit(text: str) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Run one study; returns the path of its ``summary.md``."""
+    from irnet.reproduce._ray_backend import RayUnavailable
+
     try:
         return _run(argv)
-    except ReplotWithoutRun as err:
+    except (ReplotWithoutRun, RayUnavailable) as err:
         parser().error(str(err))
 
 
@@ -145,6 +160,7 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         shlex.quote(a) for a in (argv or sys.argv[2:])
     )
     seeds.refuse_foreign(args, parser().error)
+    _check_backend(args)
     if args.study == "seeds":
         return seeds.main(args, command)
     start = time.perf_counter()
@@ -171,6 +187,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
             desc=args.study,
             threads=args.threads,
             journal=journal,
+            backend=args.backend,
+            address=args.address,
         )
         # seeded ones too
         results = [getattr(study, "upgraded", dict)(result) for result in results]
@@ -181,6 +199,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
             "minutes": minutes,
             "settings": settings,
         }
+        if args.backend == "ray":  # "machine" is then the driver's: say where the cells ran
+            meta["backend"] = f"ray at {args.address or 'this machine'}"
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "cells.json").write_text(
             json.dumps({"meta": meta, "cells": results}, default=float)
@@ -199,6 +219,20 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
     return summary
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """Refuse what the chosen backend cannot do, before any cell runs; Ray must be importable for
+    ``--backend ray`` (:class:`~irnet.reproduce._ray_backend.RayUnavailable` otherwise)."""
+    if args.address and args.backend != "ray":
+        parser().error("--address applies to --backend ray only")
+    if args.backend != "ray" or args.replot:
+        return
+    if args.study in ("seeds", "stability"):
+        parser().error(f"--backend ray: the {args.study} study runs on this machine only")
+    from irnet.reproduce._ray_backend import import_ray
+
+    import_ray()
 
 
 def _settings(args: argparse.Namespace, study) -> dict:

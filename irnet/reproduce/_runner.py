@@ -137,6 +137,9 @@ def quiet_worker(threads: ThreadsSetting = None) -> None:
     warnings.filterwarnings("ignore")
 
 
+BACKENDS = ("local", "ray")  # where cells run: this machine's process pool, or a Ray cluster
+
+
 def run_cells(
     function: Callable[[dict], dict],
     cells: Sequence[dict],
@@ -144,6 +147,8 @@ def run_cells(
     desc: str,
     threads: ThreadsSetting = None,
     journal: Optional[Journal] = None,
+    backend: str = "local",
+    address: Optional[str] = None,
 ) -> list[dict]:
     """``[function(cell) for cell in cells]`` on ``workers`` processes, with a progress bar.
 
@@ -151,35 +156,55 @@ def run_cells(
     worker sets its torch threads by :func:`irnet.cli.threads.apply_threads` (``threads``;
     default one per worker, or ``OMP_NUM_THREADS``). With a ``journal``, every result is
     recorded as it arrives and cells already recorded there are not run again (a killed
-    study resumes where it stopped).
+    study resumes where it stopped). Cells with equal settings (:func:`cell_key`) run and
+    are recorded once.
+
+    ``backend="ray"`` sends the cells to the Ray cluster at ``address`` instead
+    (:mod:`irnet.reproduce._ray_backend`; without ``address``, a Ray on this machine with
+    ``workers`` × threads CPUs). This process still records every result, so the journal
+    and the results are those of the local pool.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     done = journal.finished(cells) if journal else {}
-    todo = [cell for cell in cells if cell_key(cell) not in done]
+    todo = list({cell_key(cell): cell for cell in cells if cell_key(cell) not in done}.values())
     timed = Timed(function)
-    for cell, result in _results(
-        timed, todo, workers, desc, threads, skipped=len(cells) - len(todo)
-    ):
-        done[cell_key(cell)] = result
+    source = (
+        _ray_results(timed, todo, workers, threads, address)
+        if backend == "ray"
+        else _local_results(timed, todo, workers, threads)
+    )
+    for cell, result in _progress(source, total=len(done) + len(todo), done=len(done), desc=desc):
+        key = cell_key(cell)
+        if key in done:  # a second report of a cell (a re-run elsewhere): the first one stands
+            continue
+        done[key] = result
         if journal:
             journal.record(cell, result)
     return [done[cell_key(cell)] for cell in cells]
 
 
-def _results(
-    timed: "Timed",
-    cells: Sequence[dict],
-    workers: int,
-    desc: str,
-    threads: ThreadsSetting,
-    skipped: int,
+def _progress(
+    results: Iterator[tuple[dict, dict]], total: int, done: int, desc: str
+) -> Iterator[tuple[dict, dict]]:
+    """``results`` passed through, a progress bar over cells advancing as each arrives."""
+    bar = tqdm(total=total, initial=done, desc=desc)
+    try:
+        for item in results:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
+def _local_results(
+    timed: "Timed", cells: Sequence[dict], workers: int, threads: ThreadsSetting
 ) -> Iterator[tuple[dict, dict]]:
     """``(cell, result)`` pairs as the cells finish (in any order with several workers)."""
-    bar = tqdm(total=len(cells) + skipped, initial=skipped, desc=desc)
     if workers <= 1:
         quiet_worker(threads)
         for cell in cells:
             yield cell, timed(cell)
-            bar.update()
     else:
         context = multiprocessing.get_context(
             "spawn"
@@ -187,8 +212,20 @@ def _results(
         with context.Pool(workers, initializer=quiet_worker, initargs=(threads,)) as pool:
             for index, result in pool.imap_unordered(_Indexed(timed), list(enumerate(cells))):
                 yield cells[index], result
-                bar.update()
-    bar.close()
+
+
+def _ray_results(
+    timed: "Timed",
+    cells: Sequence[dict],
+    workers: int,
+    threads: ThreadsSetting,
+    address: Optional[str],
+) -> Iterator[tuple[dict, dict]]:
+    """``(cell, result)`` pairs as the cells finish on a Ray cluster (imported only here: Ray
+    is an optional dependency)."""
+    from irnet.reproduce._ray_backend import ray_results
+
+    return ray_results(timed, cells, quiet_worker, workers, threads, address)
 
 
 class _Indexed:

@@ -1,0 +1,315 @@
+"""The study runner's Ray backend on a two-node cluster started here (a head and one worker node,
+both processes on this machine): every cell recorded once in the journal by the driver, the
+results those of the local pool, a cell whose worker process dies run again, a real tiny study
+end to end; and the one-line refusals of the command line (these run without Ray too)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from irnet.reproduce._command import main
+from irnet.reproduce._journal import Journal, cell_key
+from irnet.reproduce._runner import run_cells
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(
+    not HAS_RAY, reason="ray is not installed (pip install 'irnet[ray]')"
+)
+# set in the cluster's processes only: where cells leave a trace of the node that ran them
+TRACE = "IRNET_TEST_RAY_TRACE"
+
+
+# -- cells (imported by the cluster's workers from this file's folder) -----------------------------
+
+
+def square_slowly(cell: dict) -> dict:
+    """A cheap cell that lasts long enough for both nodes to get one; leaves a trace of its node
+    when run on the test's cluster."""
+    time.sleep(1.0)
+    if os.environ.get(TRACE):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (Path(os.environ[TRACE]) / f"{cell['i']}.{node}").touch()
+    return {"square": cell["i"] ** 2, "threads": _torch_threads()}
+
+
+def die_once(cell: dict) -> dict:
+    """Kills its own worker process the first time it runs (as a lost node would end it)."""
+    attempts = Path(cell["attempts"])
+    with attempts.open("a") as file:
+        file.write(f"{os.getpid()}\n")
+    if len(attempts.read_text().splitlines()) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"square": cell["i"] ** 2}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# -- the cluster -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Node(NamedTuple):
+    process: subprocess.Popen
+    log: Path
+
+
+def _ray_start(*options: str, root: Path, env: dict) -> Node:
+    """``ray start … --block`` in a session of its own (stopped by signalling that session)."""
+    ports = {  # the defaults of these would clash between two nodes on one machine
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+    }
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *options]
+    command += [f"{flag}={port}" for flag, port in ports.items()]
+    command += ["--num-cpus=1", "--object-store-memory=80000000", f"--temp-dir={root}"]
+    command += ["--disable-usage-stats"]
+    log = root / f"start{len(list(root.glob('start*.log')))}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Node(process, log)
+
+
+def _stop(node: Node) -> None:
+    """SIGTERM to ``ray start --block`` (it stops its node), then SIGKILL to what is left of its
+    session."""
+    process = node.process
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _wait_for_nodes(address: str, nodes: list[Node], timeout: float = 120.0) -> None:
+    """Until every node has joined the cluster; fails at once with the log of a node that quit."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    ray.init(address=address, logging_level="ERROR")
+    try:
+        while sum(node["Alive"] for node in ray.nodes()) < len(nodes):
+            for node in nodes:
+                assert node.process.poll() is None, node.log.read_text()
+            assert time.monotonic() < deadline, f"no {len(nodes)} nodes after {timeout} s"
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_environment():
+    """Ray's settings for this module's clusters and drivers: a token of their own (Ray would
+    otherwise write one to ~/.ray), no usage reports, this file importable by the workers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv(
+            "PYTHONPATH",
+            os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        )
+        patch.delenv("RAY_ADDRESS", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_environment):
+    """``(address, trace folder)`` of a head node and a worker node of one CPU each."""
+    # a short root: Ray's socket paths must stay under 108 characters
+    root = Path(tempfile.mkdtemp(prefix="irnet-ray-"))
+    trace = root / "trace"
+    trace.mkdir()
+    env = dict(os.environ, **{TRACE: str(trace)})
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    nodes = [
+        _ray_start(
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            root=root,
+            env=env,
+        )
+    ]
+    try:
+        nodes.append(
+            _ray_start(f"--address={address}", "--node-ip-address=127.0.0.1", root=root, env=env)
+        )
+        _wait_for_nodes(address, nodes)
+        yield address, trace
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _without_seconds(results: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in results]
+
+
+# -- on the cluster --------------------------------------------------------------------------------
+
+
+@needs_ray
+@pytest.mark.slow
+def test_cells_on_two_nodes_are_recorded_once_with_the_local_pools_results(cluster, tmp_path):
+    address, trace = cluster
+    cells = [{"i": i} for i in range(4)]
+    journal = Journal(tmp_path / "cells.partial.jsonl")
+    results = run_cells(
+        square_slowly, cells, workers=1, desc="ray", journal=journal, backend="ray", address=address
+    )
+    entries = [json.loads(line) for line in journal.path.read_text().splitlines()]
+    assert sorted(entry["key"] for entry in entries) == sorted(cell_key(c) for c in cells)
+    assert len({node.split(".")[1] for node in os.listdir(trace)}) == 2  # both nodes ran cells
+    local = run_cells(square_slowly, cells, workers=1, desc="local")
+    assert _without_seconds(results) == _without_seconds(local)
+    assert [r["square"] for r in results] == [0, 1, 4, 9]
+    assert {r["threads"] for r in results} == {1}  # the local pool's thread policy on the nodes
+
+    # a re-run finds every cell in the journal and sends nothing to the cluster
+    for path in trace.iterdir():
+        path.unlink()
+    again = run_cells(
+        square_slowly, cells, workers=1, desc="ray", journal=journal, backend="ray", address=address
+    )
+    assert again == results and not list(trace.iterdir())
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_cell_whose_worker_dies_runs_again_and_is_recorded_once(cluster, tmp_path):
+    address, _ = cluster
+    cells = [{"i": 3, "attempts": str(tmp_path / "attempts")}]
+    journal = Journal(tmp_path / "cells.partial.jsonl")
+    results = run_cells(
+        die_once, cells, workers=1, desc="ray", journal=journal, backend="ray", address=address
+    )
+    pids = (tmp_path / "attempts").read_text().split()
+    assert len(pids) == 2 and pids[0] != pids[1]  # killed once, then run in another process
+    assert results[0]["square"] == 9
+    assert [entry["key"] for entry in map(json.loads, journal.path.read_text().splitlines())] == [
+        cell_key(cells[0])
+    ]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_tiny_study_on_the_cluster_equals_the_local_run(cluster, tmp_path, monkeypatch):
+    address, _ = cluster
+    monkeypatch.chdir(tmp_path)  # the nodes run the cells here too: relative logs land here
+    common = ["lotka", "--tiny", "--log-dir", "logs", "--threads", "1"]
+    main([*common, "--out", "ray", "--backend", "ray", "--address", address])
+    assert len(list(Path("logs").rglob("events.out.tfevents.*"))) == 2
+    main([*common, "--out", "local", "--workers", "1"])
+    on_cluster, local = (
+        json.loads(Path(f"{out}/results.json").read_text()) for out in ("ray", "local")
+    )
+    assert on_cluster["meta"]["backend"] == f"ray at {address}"
+    assert _without_seconds(on_cluster["cells"]) == _without_seconds(local["cells"])
+
+
+@needs_ray
+@pytest.mark.slow
+def test_without_an_address_a_ray_on_this_machine_runs_the_cells(ray_environment, monkeypatch):
+    root = Path(tempfile.mkdtemp(prefix="irnet-ray-"))  # short: Ray's socket paths
+    monkeypatch.setenv("RAY_TMPDIR", str(root))
+    try:
+        results = run_cells(
+            square_slowly, [{"i": 2}, {"i": 5}], workers=2, desc="ray", backend="ray"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert [r["square"] for r in results] == [4, 25]
+    import ray
+
+    assert not ray.is_initialized()  # the Ray it started is stopped again
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def _refusal(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_backend_ray_without_ray_installed_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    line = _refusal(capsys, ["lotka", "--tiny", "--backend", "ray", "--log-dir", str(tmp_path)])
+    assert line.endswith("the ray backend needs Ray: pip install 'irnet[ray]'")
+    assert not (tmp_path / "cells.partial.jsonl").exists()
+
+
+def test_address_without_backend_ray_and_seeds_on_ray_are_refused(capsys, tmp_path):
+    line = _refusal(capsys, ["lotka", "--address", "10.0.0.1:6379", "--out", str(tmp_path)])
+    assert line.endswith("--address applies to --backend ray only")
+    line = _refusal(capsys, ["stability", "--backend", "ray", "--out", str(tmp_path)])
+    assert line.endswith("the stability study runs on this machine only")
+
+
+def test_unknown_backend_is_refused_by_the_runner():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_cells(square_slowly, [{"i": 1}], workers=1, desc="t", backend="dask")
+
+
+def test_cells_with_equal_settings_run_and_are_recorded_once(tmp_path):
+    journal = Journal(tmp_path / "cells.partial.jsonl")
+    cells = [{"i": 1}, {"i": 2}, {"i": 1}]
+    CALLS.clear()
+    results = run_cells(_count_calls, cells, workers=1, desc="t", journal=journal)
+    assert [r["square"] for r in results] == [1, 4, 1]
+    assert CALLS == [1, 2]
+    assert len(journal.results()) == 2
+
+
+CALLS: list[int] = []
+
+
+def _count_calls(cell: dict) -> dict:
+    CALLS.append(cell["i"])
+    return {"square": cell["i"] ** 2}
