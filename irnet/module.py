@@ -626,7 +626,8 @@ class ImplicitNetModule(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Under distributed training, every process's warm-start cache goes into the checkpoint.
+        """Under distributed training, every process's warm-start cache goes into the checkpoint; an
+        ensemble's checkpoint records its members' seeds (``member_seeds``).
 
         Each process caches the fixed points of its own part of the batches, and
         rank 0 alone writes the checkpoint: the caches are merged by sample
@@ -634,6 +635,8 @@ class ImplicitNetModule(pl.LightningModule):
         """
         if self._world() > 1:
             merge_warm_starts(self, checkpoint.get("state_dict", {}))
+        if self.members > 1:  # which run each member is (irnet extract-member reads it)
+            checkpoint["member_seeds"] = list(self.net.member_seeds)
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (None if unknown)."""

@@ -1,6 +1,8 @@
 """The command line: ``irnet fit|validate|test|predict --config …`` (LightningCLI for irnet).
 
 * :mod:`~irnet.cli.app`: the LightningCLI subclass, its defaults and :func:`main`;
+* :mod:`~irnet.cli.members`: ``irnet extract-member``, one member of an ensemble checkpoint as a
+  single network's;
 * :mod:`~irnet.cli.nulls`: rewriting of arguments before jsonargparse reads them;
 * :mod:`~irnet.cli.checks`: checks of configs, checkpoints and strategies before a run;
 * :mod:`~irnet.cli.errors`: every mistake as one line naming the key (exit status 2);

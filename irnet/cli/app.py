@@ -55,11 +55,14 @@ TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
 DESCRIPTION = (
     "irnet: implicit residual networks. Subcommands: fit, validate, test, predict "
     "(LightningCLI: python -m irnet fit --help) and reproduce (the paper's studies: "
-    "python -m irnet reproduce --help)."
+    "python -m irnet reproduce --help) and extract-member (one member of an ensemble "
+    "checkpoint: python -m irnet extract-member --help)."
 )
 EPILOG = (
     "reproduce   python -m irnet reproduce {stability,ex1,ex2,robustness} [--tiny] …: "
-    "run one of the paper's studies end to end (see python -m irnet reproduce --help)"
+    "run one of the paper's studies end to end (see python -m irnet reproduce --help). "
+    "extract-member   python -m irnet extract-member CKPT --member K --out OUT.ckpt: member K "
+    "of an ensemble checkpoint as a single network's checkpoint"
 )
 
 
