@@ -5,6 +5,7 @@ end to end; and the one-line refusals of the command line (these run without Ray
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import pytest
 
@@ -54,6 +55,20 @@ def die_once(cell: dict) -> dict:
     with attempts.open("a") as file:
         file.write(f"{os.getpid()}\n")
     if len(attempts.read_text().splitlines()) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"square": cell["i"] ** 2}
+
+
+def lose_the_worker_node_once(cell: dict) -> dict:
+    """Takes down the worker node (its raylet: the node is gone for the cluster) when it runs
+    there."""
+    time.sleep(1.0)  # both cells running: one on each node
+    attempts = Path(cell["attempts"])
+    node = os.environ.get("IRNET_TEST_RAY_NODE", "head")
+    with attempts.open("a") as file:
+        file.write(f"{cell['i']} {node}\n")
+    if node == "worker":  # its raylet (the worker process's parent), then the process itself
+        os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     return {"square": cell["i"] ** 2}
 
@@ -153,9 +168,10 @@ def ray_environment():
         yield
 
 
-@pytest.fixture(scope="module")
-def cluster(ray_environment):
-    """``(address, trace folder)`` of a head node and a worker node of one CPU each."""
+@contextlib.contextmanager
+def _two_nodes() -> Iterator[tuple[str, Path]]:
+    """``(address, trace folder)`` of a head node and a worker node of one CPU each; the worker
+    node's processes see ``IRNET_TEST_RAY_NODE=worker``."""
     # a short root: Ray's socket paths must stay under 108 characters
     root = Path(tempfile.mkdtemp(prefix="irnet-ray-"))
     trace = root / "trace"
@@ -163,26 +179,25 @@ def cluster(ray_environment):
     env = dict(os.environ, **{TRACE: str(trace)})
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    nodes = [
-        _ray_start(
-            "--head",
-            f"--port={port}",
-            "--include-dashboard=false",
-            "--node-ip-address=127.0.0.1",
-            root=root,
-            env=env,
-        )
-    ]
+    local = "--node-ip-address=127.0.0.1"
+    head = ["--head", f"--port={port}", "--include-dashboard=false", local]
+    nodes = [_ray_start(*head, root=root, env=env)]
     try:
-        nodes.append(
-            _ray_start(f"--address={address}", "--node-ip-address=127.0.0.1", root=root, env=env)
-        )
+        worker_env = dict(env, IRNET_TEST_RAY_NODE="worker")
+        nodes.append(_ray_start(f"--address={address}", local, root=root, env=worker_env))
         _wait_for_nodes(address, nodes)
         yield address, trace
     finally:
         for node in reversed(nodes):
             _stop(node)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_environment):
+    """A two-node cluster shared by this module's tests (:func:`_two_nodes`)."""
+    with _two_nodes() as address_and_trace:
+        yield address_and_trace
 
 
 def _without_seconds(results: list[dict]) -> list[dict]:
@@ -266,6 +281,32 @@ def test_without_an_address_a_ray_on_this_machine_runs_the_cells(ray_environment
     import ray
 
     assert not ray.is_initialized()  # the Ray it started is stopped again
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_cell_on_a_node_that_is_lost_runs_again_on_another(ray_environment, tmp_path):
+    attempts = tmp_path / "attempts"
+    cells = [{"i": i, "attempts": str(attempts)} for i in (2, 3)]
+    journal = Journal(tmp_path / "cells.partial.jsonl")
+    with _two_nodes() as (address, _):
+        results = run_cells(
+            lose_the_worker_node_once,
+            cells,
+            workers=1,
+            desc="ray",
+            journal=journal,
+            backend="ray",
+            address=address,
+        )
+    runs = [line.split() for line in attempts.read_text().splitlines()]
+    lost = [i for i, node in runs if node == "worker"]
+    assert len(lost) == 1  # one cell was on the worker node when it went
+    assert sorted(i for i, node in runs if node == "head") == ["2", "3"]  # that one again
+    assert [r["square"] for r in results] == [4, 9]
+    assert sorted(
+        entry["key"] for entry in map(json.loads, journal.path.read_text().splitlines())
+    ) == sorted(cell_key(c) for c in cells)
 
 
 # -- the command line ------------------------------------------------------------------------------
