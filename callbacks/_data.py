@@ -6,6 +6,13 @@ walking the module), an optional ``pl_module.task`` (``"regression"`` or
 ``"classification"``) or boolean ``pl_module.classification`` names the task,
 batches are ``(x, y)`` pairs, and a data module may expose the function its
 targets sample as a method ``target(x)``.
+
+Seed ensembles (``ODENet(ensemble=E)``, :mod:`irnet.nets.ensemble`) hold every member's copy
+of every sample as sample-major rows: row ``b · E + k`` is sample b in member k. Per-row
+statistics (iterations, residuals, radii, distances) are member k's where the row is, and a
+mean over all rows is the mean over members of each member's mean. The callbacks log those
+pooled values under their usual tags and each member's under ``<tag>/member_<k>``, with the
+spread across members under ``<tag>/std`` (as the module's ``{stage}/loss/member_<k>``).
 """
 
 from __future__ import annotations
@@ -14,15 +21,32 @@ from typing import Any, Callable, Iterable, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from irnet.nets import ConvODENet, ImplicitODENet
+from irnet.nets.ensemble import members_of, rows_of
 
 
 def find_net(pl_module: pl.LightningModule) -> Optional[ImplicitODENet]:
     """``pl_module.net`` when it is an implicit network, else None."""
     net = getattr(pl_module, "net", None)
     return net if isinstance(net, ImplicitODENet) else None
+
+
+def module_members(pl_module: pl.LightningModule) -> int:
+    """E, the members the module's network trains (1 for an ordinary network or none)."""
+    net = getattr(pl_module, "net", None)
+    return members_of(net) if isinstance(net, nn.Module) else 1
+
+
+def member_means(values: Tensor, members: int) -> Tensor:
+    """Each member's mean of per-row ``values`` (``(batch · E, …)`` sample-major), ``(E,)``."""
+    return rows_of(values.reshape(len(values), -1).float(), members).mean((1, 2))
+
+
+def member_slab(rows: Tensor, members: int, member: int) -> Tensor:
+    """Member ``member``'s rows of sample-major ``rows``, ``(batch, …)``."""
+    return rows if members == 1 else rows_of(rows, members)[member]
 
 
 def is_classification(pl_module: pl.LightningModule) -> bool:

@@ -49,6 +49,19 @@ def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         logger.log_metrics(dict(metrics), step=trainer.global_step)
 
 
+def member_scalars(tag: str, values: Tensor) -> dict[str, float]:
+    """``{tag}/member_<k>`` for each member's value and ``{tag}/std``, their spread.
+
+    The spread is the sample standard deviation over members, as the module's
+    ``{stage}/loss/std``.
+    """
+    values = values.detach().float().cpu()
+    scalars = {f"{tag}/member_{k}": float(v) for k, v in enumerate(values)}
+    if len(values) > 1:
+        scalars[f"{tag}/std"] = float(values.std())
+    return scalars
+
+
 def add_histogram(trainer: pl.Trainer, tag: str, values: Tensor) -> None:
     """A histogram of the finite ``values`` to TensorBoard (rank 0), if any."""
     writer = tensorboard_writer(trainer)

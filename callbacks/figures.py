@@ -29,13 +29,14 @@ from ._data import (
     class_labels,
     find_net,
     is_classification,
+    member_slab,
+    module_members,
     target_function,
     to_module,
     training_data,
     validation_data,
 )
 from ._logging import emit_figure
-from ._members import member_slab, module_members
 from ._schedule import EveryNEpochs, check_bool
 from .solver_recorder import LayerAccumulator, SolverStatsRecorder, layer_vectors
 

@@ -18,16 +18,17 @@ from irnet.analysis.plotting import plot_layer_curves
 from irnet.layer import ImplicitResidualBlock
 from irnet.nets import find_blocks
 
+from ._data import member_means, module_members
 from ._logging import (
     add_histogram,
     allow_unsynced_epoch_logs,
     emit_figure,
     layer_tag,
     log_metrics,
+    member_scalars,
 )
-from ._members import MemberAccumulator, member_means, member_scalars, module_members
 from ._schedule import EveryNEpochs, check_bool
-from .solver_recorder import LayerAccumulator
+from .solver_recorder import LayerAccumulator, MemberAccumulator
 
 NAMES = ("state_norm", "param_norm")
 

@@ -20,9 +20,8 @@ from irnet.nets.protocol import auxiliary_pass
 from irnet.perturbations import Perturbation
 from irnet.regularizers import PerturbationRegularizer
 
-from ._data import batch_inputs, find_net, to_module
-from ._logging import add_histogram, emit_figure, log_metrics
-from ._members import member_scalars, module_members
+from ._data import batch_inputs, find_net, module_members, to_module
+from ._logging import add_histogram, emit_figure, log_metrics, member_scalars
 from ._schedule import EveryNEpochs, check_bool
 from ._stream_distances import (
     InputDistanceHook,

@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from irnet.nets.ensemble import rows_of
 
-from ._members import module_members
+from ._data import module_members
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -1,7 +1,8 @@
 """Per-layer solver statistics of one step: capture (forward hooks) and reduction.
 
 Shared by :class:`SolverStatistics` and :class:`Figures` (Fig. 5), each with its
-own recorder.
+own recorder; the epoch accumulators (per layer, and per member of an ensemble) serve
+every callback.
 """
 
 from __future__ import annotations
@@ -175,3 +176,50 @@ class LayerAccumulator:
         """Forget everything."""
         self._sums.clear()
         self._counts.clear()
+
+
+class MemberAccumulator:
+    """Running, weighted per-member means over an epoch's steps, by name.
+
+    Each step adds an ``(E,)`` vector with a weight (its batch size), so an epoch value is the
+    same weighted mean of the steps that Lightning's ``_epoch`` values are.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, name: str, values: Tensor, weight: float = 1.0) -> None:
+        """Add one step's ``(E,)`` values with ``weight``."""
+        values = values.detach().float() * weight
+        previous = self._sums.get(name)
+        self._sums[name] = values if previous is None else previous + values.to(previous.device)
+        self._weights[name] = self._weights.get(name, 0.0) + weight
+
+    def mean(self, name: str) -> Optional[Tensor]:
+        """The weighted mean of ``name`` per member, or None if never added."""
+        if name not in self._sums or not self._weights[name]:
+            return None
+        return self._sums[name] / self._weights[name]
+
+    def total(self, name: str) -> Optional[Tensor]:
+        """The weighted sum of ``name`` per member (counts), or None if never added."""
+        return self._sums.get(name)
+
+    def names(self) -> list[str]:
+        """The names added so far, in order."""
+        return list(self._sums)
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self._sums.clear()
+        self._weights.clear()
+
+
+def stacked_rows(stats: list, field: str) -> Optional[Tensor]:
+    """One per-row field (``"iterations"``, ``"converged"``…) of every layer's solver
+    statistics that has one, ``(layers', rows)``, or None without any."""
+    present = [getattr(s, field) for s in stats if s is not None]
+    if not present:
+        return None
+    return torch.stack([p.float() for p in present])

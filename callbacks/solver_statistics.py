@@ -14,18 +14,25 @@ from irnet.analysis.fidelity import gradient_cosine
 from irnet.nets import find_blocks
 from irnet.nets.ensemble import rows_of
 
-from ._data import batch_inputs
-from ._logging import add_histogram, allow_unsynced_epoch_logs, layer_tag, log_metrics
-from ._members import MemberAccumulator, member_scalars, module_members, stacked_rows
+from ._data import batch_inputs, module_members
+from ._logging import (
+    add_histogram,
+    allow_unsynced_epoch_logs,
+    layer_tag,
+    log_metrics,
+    member_scalars,
+)
 from ._schedule import check_bool
 from .solver_recorder import (
     REDUCTIONS,
     LayerAccumulator,
+    MemberAccumulator,
     SolverStatsRecorder,
     StepStats,
     finished_by,
     layer_vectors,
     over_layers,
+    stacked_rows,
 )
 
 PER_LAYER_KEYS = ("iterations_mean", "iterations_max", "residual_max", "not_converged")

@@ -16,9 +16,8 @@ from irnet.nets import ImplicitODENet
 from irnet.nets.ensemble import rows_of
 from irnet.nets.protocol import auxiliary_pass
 
-from ._data import batch_inputs, find_net
-from ._logging import add_histogram, layer_tag, log_metrics
-from ._members import member_scalars, module_members
+from ._data import batch_inputs, find_net, module_members
+from ._logging import add_histogram, layer_tag, log_metrics, member_scalars
 from ._schedule import EveryNEpochs, check_bool
 
 
