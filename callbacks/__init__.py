@@ -13,7 +13,10 @@
   decision regions, iterations per layer) as TensorBoard images and PNGs.
 
 All work under DDP (rank 0 writes; no collective is called on one rank only)
-and on any device. See ``docs/monitoring.md``.
+and on any device, and with seed ensembles (``ODENet(ensemble=E)``): the usual tags
+pool the members (means over members, maxima over members), each member's values
+follow under ``<tag>/member_<k>`` with their spread ``<tag>/std``, and the figures
+draw every member's output curve and decision boundary. See ``docs/monitoring.md``.
 """
 
 from .figures import Figures

@@ -113,6 +113,7 @@ class GradientMagnitudes(Callback):
             for i, b in enumerate(self._blocks)
         ]
         self._members = module_members(pl_module)
+        _check_member_dimension(self._blocks, self._members)
         self._reset_states()
         self.schedule.reset()
         allow_unsynced_epoch_logs(trainer, ("gradients",))  # rank 0's own hidden-state gradients
@@ -288,6 +289,22 @@ def _param_grad_norm(block: ImplicitResidualBlock, members: int = 1) -> Optional
     if members == 1:
         return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
     return torch.stack([g.reshape(members, -1).norm(dim=1) for g in grads]).norm(dim=0)
+
+
+def _check_member_dimension(blocks: list[ImplicitResidualBlock], members: int) -> None:
+    """Each member's ``param_norm`` slices every block parameter along its first dimension:
+    refuse a parameter without one (a block of an ensemble that shares weights)."""
+    if members == 1:
+        return
+    for t, block in enumerate(blocks):
+        for name, param in block.named_parameters():
+            if param.dim() == 0 or param.shape[0] != members:
+                raise ValueError(
+                    f"GradientMagnitudes: parameter {name!r} of block {t + 1} has shape "
+                    f"{tuple(param.shape)}, not a first dimension of the ensemble's {members} "
+                    "members, so its gradient cannot be split per member; leave "
+                    "GradientMagnitudes out of trainer.callbacks for this network"
+                )
 
 
 def _vector(values: list[Optional[Tensor]]) -> Tensor:

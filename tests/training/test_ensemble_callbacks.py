@@ -331,3 +331,11 @@ def test_single_network_logs_no_member_tags(tmp_path: Path) -> None:
     assert not [tag for tag in tags if "/member_" in tag or tag.endswith("/std")]
     assert callbacks[-1].last_member_distances is None
     assert math.isfinite(callbacks[-1].last_distances.sum())
+
+
+def test_gradient_magnitudes_refuse_a_block_parameter_without_members() -> None:
+    net = make_ensemble(SINE)
+    net.blocks[1].register_parameter("shared", torch.nn.Parameter(torch.zeros(5)))
+    module = ImplicitNetModule(net, loss="l2")
+    with pytest.raises(ValueError, match=r"GradientMagnitudes: parameter 'shared' of block 2"):
+        GradientMagnitudes().setup(None, module, "fit")
