@@ -10,8 +10,9 @@ exactly as the ensemble would have continued it, and ``ImplicitNetModule.load_fr
 gives member k's outputs (rows ``b · E + k`` of the ensemble's). The callbacks' states are left
 out: they describe the ensemble (its best mean loss, its checkpoints' paths).
 
-Member k's seed, when it is known, is recorded under the checkpoint's :data:`MEMBER_KEY`: the
-ensemble's ``member_seeds[k]``, else the ``seed_everything`` s of the ``config.yaml`` that
+Member k's seed, when it is known, is recorded under the checkpoint's :data:`MEMBER_KEY`: as the
+ensemble's checkpoint records it (its ``member_seeds`` key), else the configured
+``member_seeds[k]``, else the ``seed_everything`` s of the ``config.yaml`` that
 ``irnet fit`` saved beside the run (the checkpoint's folder's parent) plus k.
 """
 
@@ -164,11 +165,12 @@ def ensemble_size(ckpt: dict) -> int:
 
 
 def member_seed(ckpt: dict, member: int, path: Optional[Path] = None) -> Optional[int]:
-    """Member ``member``'s seed: ``member_seeds[member]`` if the ensemble was given its seeds,
-    else ``seed_everything + member`` from the run's ``config.yaml`` (beside ``path``'s folder)
-    when it describes this ensemble; None when neither says."""
+    """Member ``member``'s seed: as the checkpoint records it (``member_seeds``, written by the
+    module), else ``member_seeds[member]`` if the ensemble was given its seeds, else
+    ``seed_everything + member`` from the run's ``config.yaml`` (beside ``path``'s folder) when it
+    describes this ensemble; None when none says."""
     init_args = ckpt["hyper_parameters"]["net"]["init_args"]
-    seeds = init_args.get("member_seeds")
+    seeds = ckpt.get("member_seeds", init_args.get("member_seeds"))
     if seeds is not None:
         return seeds[member]
     config = _run_config(path)

@@ -87,8 +87,9 @@ def test_member_gives_the_ensembles_rows_of_that_member(runs, tmp_path, member):
     with torch.no_grad():
         rows, alone = ensemble(x), single(x)
     assert rows.shape == (37 * MEMBERS, 1) and alone.shape == (37, 1)
-    assert torch.equal(alone, rows[member::MEMBERS])
-    assert not torch.equal(alone, rows[(member + 1) % MEMBERS :: MEMBERS])
+    # the same weights; the ensemble's batched products round differently in the last bits
+    torch.testing.assert_close(alone, rows[member::MEMBERS], rtol=0, atol=1e-12)
+    assert (alone - rows[(member + 1) % MEMBERS :: MEMBERS]).abs().max() > 1e-3
 
 
 def test_member_keeps_its_rows_of_the_warm_start_cache(runs, tmp_path):
@@ -137,7 +138,8 @@ def test_the_runs_config_is_not_needed(runs, tmp_path):
     alone.write_bytes(ensemble_ckpt(runs).read_bytes())
     irnet(["extract-member", str(alone), "--member", "1", "--out", str(tmp_path / "m.ckpt")])
     written = torch.load(tmp_path / "m.ckpt", weights_only=True)
-    assert written[MEMBER_KEY] == {"member": 1, "members": 3, "seed": None, "source": str(alone)}
+    seed = torch.load(alone, weights_only=False)["member_seeds"][1]  # the module records them
+    assert written[MEMBER_KEY] == {"member": 1, "members": 3, "seed": seed, "source": str(alone)}
     assert ImplicitNetModule.load_from_checkpoint(tmp_path / "m.ckpt").net.members == 1
 
 
@@ -148,6 +150,7 @@ def test_member_seed_is_its_given_seed_else_the_runs_seed_plus_member(tmp_path):
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
     assert member_seed(ckpt([7, 9, 11]), 1, path) == 9
+    assert member_seed({**ckpt(None), "member_seeds": [5, 6, 8]}, 2, path) == 8  # as recorded
     assert member_seed(ckpt(None), 1, path) is None  # no config.yaml beside the run
     config = "seed_everything: {}\nmodel:\n  init_args:\n    net:\n      init_args:\n"
     (tmp_path / "run" / "config.yaml").write_text(config.format(40) + "        ensemble: 3\n")
