@@ -16,9 +16,15 @@ moments restart every ``--epochs`` epochs, while the network (and its warm-start
 on. Printed: the median per epoch (wall clock), its ratio to E = 1, the throughput relative
 to E = 1 (E / ratio: networks trained per second, as a multiple of one network's), and the mean
 and largest forward iterations per layer of the training steps' main pass (a solver loop runs
-until its slowest row is done, so the largest is what an ensemble's loop pays).
+until its slowest row is done, so the largest is what an ensemble's loop pays); the same for
+the process's CPU time, which a busy neighbour disturbs less than the wall clock.
 
-    .venv/bin/python benchmarks/bench_ensemble.py                 # the table of docs/benchmarks.md
+``--rows-layout 10`` also trains E = 10 with the member-wise F and head as they were first
+written (member slabs ``(E, batch, dim)``, the state last: :func:`rows_forward` and
+:func:`rows_head_forward`, patched in for that variant's fits only), for a before / after
+comparison in one run.
+
+    .venv/bin/python benchmarks/bench_ensemble.py --rows-layout 10   # docs/benchmarks.md
     .venv/bin/python benchmarks/bench_ensemble.py --quick         # a smoke run, about a minute
     .venv/bin/python benchmarks/bench_ensemble.py --configs ex2_spirals --members 1,10 --profile
 
@@ -53,7 +59,39 @@ sys.path.insert(0, str(HERE))
 from bench_training import config_path, load_average, machine  # noqa: E402
 from training_timer import solver_blocks  # noqa: E402
 
+from irnet.nets.ensemble import (  # noqa: E402
+    MemberwiseLinear,
+    MemberwiseMLP,
+    from_member_slabs,
+    rows_of,
+)
+
 ENSEMBLE_KEY = "--model.init_args.net.init_args.ensemble"
+
+
+def rows_forward(self: MemberwiseMLP, y: torch.Tensor) -> torch.Tensor:
+    """``MemberwiseMLP.forward`` as first written: slabs ``(E, batch, dim)``, the state last."""
+    gamma1, gamma2 = self.weights()
+    slabs = rows_of(y, self.members)
+    hidden = self.activation(torch.baddbmm(self.bias[:, None], slabs, gamma1.transpose(1, 2)))
+    return from_member_slabs(self.step * torch.bmm(hidden, gamma2.transpose(1, 2)))
+
+
+def rows_head_forward(self: MemberwiseLinear, y: torch.Tensor) -> torch.Tensor:
+    """``MemberwiseLinear.forward`` as first written."""
+    slabs = rows_of(y, self.members)
+    return from_member_slabs(torch.baddbmm(self.bias[:, None], slabs, self.weight.transpose(1, 2)))
+
+
+@contextlib.contextmanager
+def rows_layout():
+    """The member-wise F and head as first written, while inside."""
+    saved = MemberwiseMLP.forward, MemberwiseLinear.forward
+    MemberwiseMLP.forward, MemberwiseLinear.forward = rows_forward, rows_head_forward
+    try:
+        yield
+    finally:
+        MemberwiseMLP.forward, MemberwiseLinear.forward = saved
 
 
 class EpochClock(pl.Callback):
@@ -108,6 +146,7 @@ class Variant:
 
     config: Path
     members: int
+    rows: bool  # the member-wise F and head as first written (rows_layout)
     module: Any
     data: Any
     trainer_args: dict
@@ -117,7 +156,7 @@ class Variant:
     max_iters: list[float] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: Path, members: int) -> "Variant":
+    def build(cls, config: Path, members: int, rows: bool = False) -> "Variant":
         from irnet.cli import main as cli_main
 
         args = ["--config", str(config), ENSEMBLE_KEY, str(members), "--trainer.logger", "false"]
@@ -127,7 +166,11 @@ class Variant:
             "gradient_clip_val": cli.trainer.gradient_clip_val,
             "log_every_n_steps": cli.trainer.log_every_n_steps,
         }
-        return cls(config, members, cli.model, cli.datamodule, trainer_args)
+        return cls(config, members, rows, cli.model, cli.datamodule, trainer_args)
+
+    @property
+    def label(self) -> str:
+        return f"{self.members}{' (rows layout)' if self.rows else ''}"
 
     def fit(self, epochs: int, timed: bool, profile: bool = False) -> None:
         """Train ``epochs`` more epochs with a fresh Trainer; record them if ``timed``."""
@@ -144,10 +187,11 @@ class Variant:
             callbacks=[clock],
             **self.trainer_args,
         )
-        with profiled() if profile else contextlib.nullcontext() as prof:
+        layout = rows_layout() if self.rows else contextlib.nullcontext()
+        with layout, profiled() if profile else contextlib.nullcontext() as prof:
             trainer.fit(self.module, datamodule=self.data)
         if prof is not None:
-            print(f"\n### profile: {self.config.stem}, E = {self.members}, {epochs} epochs\n")
+            print(f"\n### profile: {self.config.stem}, E = {self.label}, {epochs} epochs\n")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         if timed:
             self.wall += clock.wall
@@ -164,6 +208,7 @@ def profiled():
 
 def bench_config(config: Path, args: argparse.Namespace) -> list[Variant]:
     variants = [Variant.build(config, members) for members in args.members]
+    variants += [Variant.build(config, members, rows=True) for members in args.rows_layout]
     for round_ in range(args.warmup + args.repeats):
         timed = round_ >= args.warmup
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
@@ -176,19 +221,19 @@ def bench_config(config: Path, args: argparse.Namespace) -> list[Variant]:
 
 def table(results: dict[str, list[Variant]]) -> str:
     lines = [
-        "| config | E | ms/epoch (median) | CPU ms/epoch (median) | × E = 1 | throughput × E = 1 "
+        "| config | E | ms/epoch | × E = 1 | throughput × E = 1 | CPU ms/epoch | CPU × E = 1 "
         "| iters/layer mean | iters/layer largest |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, variants in results.items():
-        one = statistics.median(variants[0].wall) if variants[0].members == 1 else float("nan")
+        one_wall, one_cpu = statistics.median(variants[0].wall), statistics.median(variants[0].cpu)
         for v in variants:
             wall, cpu = statistics.median(v.wall), statistics.median(v.cpu)
-            ratio = wall / one
+            ratio = wall / one_wall
             lines.append(
-                f"| {name} | {v.members} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} | {ratio:.2f}× "
-                f"| {v.members / ratio:.2f}× | {statistics.fmean(v.mean_iters):.2f} "
-                f"| {statistics.fmean(v.max_iters):.2f} |"
+                f"| {name} | {v.label} | {1e3 * wall:.1f} | {ratio:.2f}× "
+                f"| {v.members / ratio:.2f}× | {1e3 * cpu:.1f} | {cpu / one_cpu:.2f}× "
+                f"| {statistics.fmean(v.mean_iters):.2f} | {statistics.fmean(v.max_iters):.2f} |"
             )
     return "\n".join(lines)
 
@@ -205,6 +250,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
     parser.add_argument("--repeats", type=int, default=6, help="timed rounds (6)")
     parser.add_argument(
+        "--rows-layout",
+        default="",
+        help="ensemble sizes also trained with the member-wise F and head as first written",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also profile one untimed fit per variant"
     )
     parser.add_argument(
@@ -214,6 +264,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.quick:
         args.members, args.epochs, args.warmup, args.repeats = "1,10", 2, 1, 2
     args.members = [int(m) for m in args.members.split(",")]
+    args.rows_layout = [int(m) for m in args.rows_layout.split(",") if m]
     if args.members[0] != 1:
         raise ValueError(f"--members must start with 1 (the reference), got {args.members}")
     return args
