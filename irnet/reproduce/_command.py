@@ -107,8 +107,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--address",
-        help="--backend ray: the cluster's head, HOST:PORT (default: RAY_ADDRESS if set, else a "
-        "Ray on this machine with --workers × --threads CPUs)",
+        help="--backend ray: the cluster's head, HOST:PORT, or 'auto' for the cluster that ray "
+        "start started on this machine (default: RAY_ADDRESS if set, else a new Ray on this "
+        "machine with --workers × --threads CPUs)",
     )
     seeds.add_arguments(p)
     return p
@@ -140,11 +141,11 @@ def _unit(text: str) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Run one study; returns the path of its ``summary.md``."""
-    from irnet.reproduce._ray_backend import RayUnavailable
+    from irnet.reproduce._ray_backend import RayBackendError
 
     try:
         return _run(argv)
-    except (ReplotWithoutRun, RayUnavailable) as err:
+    except (ReplotWithoutRun, RayBackendError) as err:
         parser().error(str(err))
 
 
@@ -223,7 +224,7 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
 
 def _check_backend(args: argparse.Namespace) -> None:
     """Refuse what the chosen backend cannot do, before any cell runs; Ray must be importable for
-    ``--backend ray`` (:class:`~irnet.reproduce._ray_backend.RayUnavailable` otherwise)."""
+    ``--backend ray`` (:class:`~irnet.reproduce._ray_backend.RayBackendError` otherwise)."""
     if args.address and args.backend != "ray":
         parser().error("--address applies to --backend ray only")
     if args.backend != "ray" or args.replot:

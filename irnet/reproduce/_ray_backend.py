@@ -27,16 +27,17 @@ RETRIES = 3  # re-runs of a cell whose worker process or node died (Ray's max_re
 INSTALL_HINT = "the ray backend needs Ray: pip install 'irnet[ray]'"
 
 
-class RayUnavailable(RuntimeError):
-    """Ray is not installed (the message says how to install it)."""
+class RayBackendError(RuntimeError):
+    """The cells cannot run on Ray: it is not installed, or no node has the CPUs a cell asks for
+    (the message says what to do)."""
 
 
 def import_ray() -> Any:
-    """The ``ray`` module; :class:`RayUnavailable` with the install command if it is missing."""
+    """The ``ray`` module; :class:`RayBackendError` with the install command if it is missing."""
     try:
         import ray
     except ImportError as err:
-        raise RayUnavailable(INSTALL_HINT) from err
+        raise RayBackendError(INSTALL_HINT) from err
     return ray
 
 
@@ -53,15 +54,20 @@ def ray_results(
     ``setup(threads)`` prepares the worker process before each cell (the local pool's
     initializer, :func:`irnet.reproduce._runner.quiet_worker`).
 
-    Without ``address`` (and without ``RAY_ADDRESS`` in the environment) a one-machine Ray is
-    started with ``workers`` × threads CPUs, and stopped at the end. A Ray this process was
-    already connected to is used as it is and left connected. Cells not yet finished when the
-    iteration stops (an exception, a closed generator) are cancelled.
+    ``address`` is ``HOST:PORT`` of the cluster's head, or ``auto`` (the cluster ``ray start``
+    started on this machine). Without it (and without ``RAY_ADDRESS`` in the environment) a new
+    one-machine Ray is started with ``workers`` × threads CPUs, and stopped at the end. A Ray
+    this process was already connected to is used as it is and left connected. Cells not yet
+    finished when the iteration stops (an exception, a closed generator) are cancelled. No
+    cells: no connection.
     """
+    if not cells:
+        return
     ray = import_ray()
     per_cell = resolve_threads(threads)  # the driver's reading, so every node agrees
     started = _connect(ray, address, workers * per_cell)
     try:
+        _check_room(ray, per_cell)
         run = ray.remote(run_on_node).options(
             num_cpus=per_cell, max_retries=RETRIES, retry_exceptions=False
         )
@@ -92,9 +98,21 @@ def _connect(ray: Any, address: Optional[str], cpus: int) -> bool:
     options: dict[str, Any] = dict(logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **options)
-    else:  # no cluster named: this machine alone
-        ray.init(num_cpus=cpus, include_dashboard=False, **options)
+    else:  # no cluster named: a new one of this machine alone ("local": not one of `ray start`)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
     return True
+
+
+def _check_room(ray: Any, per_cell: int) -> None:
+    """:class:`RayBackendError` if no node has ``per_cell`` CPUs (Ray would wait forever)."""
+    largest = max(
+        (node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0
+    )
+    if largest < per_cell:
+        raise RayBackendError(
+            f"a cell asks for {per_cell} CPUs (--threads) and the largest node of the cluster has "
+            f"{largest:g}: lower --threads or add larger nodes"
+        )
 
 
 def _result(ray: Any, ref: Any) -> dict:

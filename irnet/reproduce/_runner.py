@@ -6,7 +6,9 @@ function in a worker process (one torch thread each by irnet's thread policy,
 Cells train with :func:`train`, a Lightning fit that writes TensorBoard logs
 and records every epoch's metrics in a :class:`History`. Results come back as
 plain dicts (floats and lists), are saved as JSON and summarised as mean ±
-standard deviation over seeds.
+standard deviation over seeds. With ``backend="ray"`` the cells run as the tasks of a Ray
+cluster instead (:mod:`irnet.reproduce._ray_backend`, docs/distributed.md); this process
+records their results all the same.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pytest
 
 from irnet.reproduce._command import main
 from irnet.reproduce._journal import Journal, cell_key
+from irnet.reproduce._ray_backend import RayBackendError
 from irnet.reproduce._runner import run_cells
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -70,6 +71,14 @@ def lose_the_worker_node_once(cell: dict) -> dict:
     if node == "worker":  # its raylet (the worker process's parent), then the process itself
         os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
+    return {"square": cell["i"] ** 2}
+
+
+def square_or_fail(cell: dict) -> dict:
+    """Raises ValueError for a negative cell, after the others have finished."""
+    if cell["i"] < 0:
+        time.sleep(2.0)
+        raise ValueError(f"no square for {cell['i']} here")
     return {"square": cell["i"] ** 2}
 
 
@@ -307,6 +316,42 @@ def test_a_cell_on_a_node_that_is_lost_runs_again_on_another(ray_environment, tm
     assert sorted(
         entry["key"] for entry in map(json.loads, journal.path.read_text().splitlines())
     ) == sorted(cell_key(c) for c in cells)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_cells_own_exception_ends_the_study_and_keeps_the_finished_cells(cluster, tmp_path):
+    address, _ = cluster
+    journal = Journal(tmp_path / "cells.partial.jsonl")
+    with pytest.raises(ValueError, match="no square for -1 here"):
+        run_cells(
+            square_or_fail,
+            [{"i": 2}, {"i": -1}],
+            workers=1,
+            desc="t",
+            journal=journal,
+            backend="ray",
+            address=address,
+        )
+    assert _without_seconds(journal.results()) == [{"i": 2, "square": 4}]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_cells_larger_than_every_node_are_refused(cluster):
+    address, _ = cluster
+    with pytest.raises(
+        RayBackendError, match="asks for 2 CPUs .* largest node of the cluster has 1"
+    ):
+        run_cells(
+            square_slowly,
+            [{"i": 1}],
+            workers=1,
+            desc="t",
+            threads=2,
+            backend="ray",
+            address=address,
+        )
 
 
 # -- the command line ------------------------------------------------------------------------------
