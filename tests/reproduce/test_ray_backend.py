@@ -24,7 +24,7 @@ import pytest
 
 from irnet.reproduce._command import main
 from irnet.reproduce._journal import Journal, cell_key
-from irnet.reproduce._ray_backend import RayBackendError
+from irnet.reproduce._ray_backend import RayBackendError, run_on_node
 from irnet.reproduce._runner import run_cells
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -352,6 +352,27 @@ def test_cells_larger_than_every_node_are_refused(cluster):
             backend="ray",
             address=address,
         )
+
+
+# -- in a worker process (no Ray needed) -----------------------------------------------------------
+
+
+def test_a_task_runs_in_the_drivers_folder_where_the_node_has_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared").mkdir()
+    prepared: list[int] = []
+    result = run_on_node(prepared.append, _cwd, 3, str(tmp_path / "shared"), {"i": 1})
+    assert result == {"cwd": str(tmp_path / "shared")} and prepared == [3]
+    result = run_on_node(prepared.append, _cwd, 3, str(tmp_path / "elsewhere"), {"i": 1})
+    assert result == {"cwd": str(tmp_path / "shared")}  # stays where it is
+    assert capsys.readouterr().err.strip() == (
+        f"irnet: {tmp_path / 'elsewhere'} is not on this node; the cell's relative paths (its "
+        f"logs) start from {tmp_path / 'shared'} here"
+    )
+
+
+def _cwd(cell: dict) -> dict:
+    return {"cwd": os.getcwd()}
 
 
 # -- the command line ------------------------------------------------------------------------------
