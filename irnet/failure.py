@@ -28,11 +28,14 @@ from __future__ import annotations
 import atexit
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from irnet.nets.ensemble import prune_members
 
 SHOWN = 3  # names listed in a message before "and k more"
 
@@ -285,3 +288,86 @@ class FailingStreaks:
                     "theta, choose another solver or a contraction bound, or set "
                     "max_failing_steps: null"
                 )
+
+
+class StoppedMembers:
+    """An ensemble's members whose numbers broke: each is named, then leaves the ensemble, while
+    the others train on (:mod:`irnet.nets.ensemble`).
+
+    A member breaks when its training loss is not finite (before backward), its gradients are not
+    (before the optimizer step) or its weights are not (after it). Its rows are its own in every
+    operation, so its NaN reaches only its own gradients: those are zeroed, the step is taken for
+    the others, and the member is then dropped from every parameter, the optimizer's state and
+    the warm-start cache. Only when every member has broken does the run stop, with a
+    :class:`TrainingFailure`. Members keep their original numbers in logs and messages.
+
+    Args:
+        members: E, the ensemble's members at the start.
+    """
+
+    def __init__(self, members: int) -> None:
+        self.ids = list(range(members))  # each live member's original number, by position
+        self.stopped: dict[int, str] = {}  # original number → why it stopped
+        self._breaking: dict[int, str] = {}  # positions that broke this step → why
+
+    def mark(self, positions: Iterable[int], why: str) -> None:
+        """Members (by position) that broke this step; the run fails if none would be left."""
+        for position in positions:
+            self._breaking.setdefault(position, why)
+        if len(self._breaking) == len(self.ids):
+            reasons = "; ".join(f"member {self.ids[p]}: {w}" for p, w in self._breaking.items())
+            raise TrainingFailure(f"every member of the ensemble broke ({reasons})")
+
+    @property
+    def breaking(self) -> list[int]:
+        """Positions of the members that broke this step (dropped after its update)."""
+        return sorted(self._breaking)
+
+    def zero_gradients(self, net: nn.Module) -> None:
+        """Zero the breaking members' gradient slices, so the step is the others' alone."""
+        for p in net.parameters():
+            if p.grad is not None and self._breaking:
+                p.grad[self.breaking] = 0
+
+    def nonfinite_gradient_members(self, net: nn.Module) -> list[int]:
+        """Positions of members with a non-finite gradient entry (one host read)."""
+        grads = [p.grad.reshape(p.shape[0], -1) for p in net.parameters() if p.grad is not None]
+        if not grads:
+            return []
+        finite = torch.stack([torch.isfinite(g).all(1) for g in grads]).all(0)
+        return [i for i, ok in enumerate(finite.tolist()) if not ok]
+
+    def drop(self, net: nn.Module, optimizer: Optional[torch.optim.Optimizer], where: str) -> None:
+        """Take the members that broke this step out of the ensemble, with a warning naming each."""
+        if not self._breaking:
+            return
+        seeds = list(net.member_seeds)
+        for position, why in sorted(self._breaking.items()):
+            member = self.ids[position]
+            self.stopped[member] = f"{where}: {why}"
+            warnings.warn(
+                f"{where}: member {member} (seed {seeds[position]}) stopped: {why}; it leaves the "
+                f"ensemble and the other {len(self.ids) - len(self._breaking)} train on",
+                MemberStoppedWarning,
+                stacklevel=2,
+            )
+        keep = [p for p in range(len(self.ids)) if p not in self._breaking]
+        prune_members(net, keep, optimizer)
+        self.ids = [self.ids[p] for p in keep]
+        self._breaking = {}
+
+    def state_dict(self) -> dict:
+        return {"ids": list(self.ids), "stopped": dict(self.stopped)}
+
+    def load_state_dict(self, state: dict, net: nn.Module) -> None:
+        """Restore after a resume: the network, built with every member, loses the stopped ones
+        (before its weights are loaded)."""
+        self.stopped = {int(k): v for k, v in state["stopped"].items()}
+        keep = [self.ids.index(i) for i in state["ids"]]
+        if len(keep) < len(self.ids):
+            prune_members(net, keep)
+        self.ids = list(state["ids"])
+
+
+class MemberStoppedWarning(UserWarning):
+    """A member of an ensemble stopped (its numbers broke); the others train on."""

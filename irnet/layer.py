@@ -145,6 +145,8 @@ class ImplicitResidualBlock(nn.Module):
     """
 
     scheme: str = "linear"  # blocks pickled before the option take the paper's step
+    #: refuse an input holding NaN/Inf (an ensemble's block lets a broken member's rows through)
+    refuse_nonfinite_input: bool = True
 
     def __init__(
         self,
@@ -286,7 +288,7 @@ class ImplicitResidualBlock(nn.Module):
             return _nan_where_diverged(y, stats)
         # The CPU path's read: did every sample converge? Only if not is the input checked.
         if not bool(stats.converged.all()):
-            if not bool(torch.isfinite(x).all()):
+            if self.refuse_nonfinite_input and not bool(torch.isfinite(x).all()):
                 raise NonFiniteInputError(
                     "x (the block's input) contains NaN or Inf; the solve would not end well"
                 )

@@ -43,6 +43,7 @@ from irnet._misc import check_choice, check_int, check_positive, sample_norm
 from irnet.device_path import on_accelerator_path
 from irnet.failure import (
     FailingStreaks,
+    StoppedMembers,
     TrainingFailure,
     diagnosis,
     find,
@@ -191,8 +192,8 @@ class ImplicitNetModule(pl.LightningModule):
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be an nn.Module, got {type(net).__name__}")
         self.net = net
-        #: networks trained at once (``ensemble: E``): the objective is the sum of theirs
-        self.members = members_of(net)
+        #: an ensemble's members that broke, named and dropped while the others train on
+        self.stopped_members = StoppedMembers(members_of(net)) if members_of(net) > 1 else None
         self.loss_name = check_choice("loss", loss, LOSSES)
         self._set_optimiser_args(lr, lr_step, lr_gamma, weight_decay)
         self.regularizers: dict[str, Regularizer] = self._collect_regularizers(
@@ -214,6 +215,17 @@ class ImplicitNetModule(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    @property
+    def members(self) -> int:
+        """Networks trained at once (``ensemble: E``, less any stopped): the objective is the sum
+        of theirs."""
+        return members_of(self.net)
+
+    @property
+    def member_ids(self) -> list[int]:
+        """The original number of each live member, by position (``[0]`` for one network)."""
+        return [0] if self.stopped_members is None else self.stopped_members.ids
 
     def _set_optimiser_args(
         self, lr: float, lr_step: int, lr_gamma: float, weight_decay: float
@@ -413,7 +425,9 @@ class ImplicitNetModule(pl.LightningModule):
         unconverged fractions."""
         with self._named_failures(stage):
             states = self.trajectory(x)
-            if on_accelerator_path(states[0]):  # the blocks there leave this check to one read here
+            # The blocks there leave this check to one read here (an ensemble checks its members'
+            # losses instead).
+            if on_accelerator_path(states[0]) and self.members == 1:
                 check_inputs_finite(states[:-1])
             pred = self.readout(states[-1])
             iters = self.forward_iterations()  # read before any regulariser re-runs the network
@@ -422,6 +436,9 @@ class ImplicitNetModule(pl.LightningModule):
             terms = self.regularization(x, states) if stage == "train" else {}
         total = loss + sum(terms.values()) if terms else loss
         values = {"loss": loss, "total": total, **{f"term/{k}": v for k, v in terms.items()}}
+        if self.members > 1:  # reduced with the rest (one all-reduce), read with the check's
+            losses = self.member_metrics(pred, target)["loss"]
+            values.update({f"member_loss/{i}": v for i, v in enumerate(losses)})
         if iters is not None:
             values["iters"] = iters
         values.update({f"unconverged/{i}": v for i, v in failing.items()})
@@ -561,15 +578,19 @@ class ImplicitNetModule(pl.LightningModule):
         they are read here, one host read for both checks.
         """
         keys = [k for k in means if k.startswith("unconverged/")]
+        members = [k for k in means if k.startswith("member_loss/")] if self.check_finite else []
         if not self.check_finite and not keys:
             return
         if host is None:
             read = torch.stack(
-                [means["total"].float().reshape(()), *(means[k].float() for k in keys)]
+                [means["total"].float().reshape(()), *(means[k].float() for k in keys + members)]
             ).tolist()
-            host = dict(zip(["total", *keys], read))
+            host = dict(zip(["total", *keys, *members], read))
         where = self._where("train")
-        if self.check_finite and not math.isfinite(host["total"]):
+        if members:  # an ensemble: a member whose loss broke stops, the others go on
+            broken = [i for i, k in enumerate(members) if not math.isfinite(host[k])]
+            self._stop_members(broken, "non-finite train/loss")
+        elif self.check_finite and not math.isfinite(host["total"]):
             bad = [
                 "train/" + k.removeprefix("term/")
                 for k in means
@@ -594,6 +615,11 @@ class ImplicitNetModule(pl.LightningModule):
         where = self._where("train")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
+        if self.stopped_members is not None:
+            self._stop_members(
+                self.stopped_members.nonfinite_gradient_members(self.net), "non-finite gradients"
+            )
+            self.stopped_members.zero_gradients(self.net)  # the step is the others' alone
         grads = nonfinite_gradients(self)
         if grads:
             raise self._failure(
@@ -605,6 +631,8 @@ class ImplicitNetModule(pl.LightningModule):
         """The optimizer step, then a check that it left the parameters finite (before any
         checkpoint)."""
         super().optimizer_step(*args, **kwargs)
+        if self.stopped_members is not None:
+            self._drop_stopped_members()
         if self.check_finite:
             params = nonfinite_parameters(self)
             if params:
@@ -613,8 +641,32 @@ class ImplicitNetModule(pl.LightningModule):
                     f"{listing(params)}"
                 )
 
+    def _stop_members(self, positions: list[int], why: str) -> None:
+        """Mark members (by position) whose numbers broke; the run fails if every one has."""
+        try:
+            self.stopped_members.mark(positions, why)
+        except TrainingFailure as err:
+            raise self._failure(f"{self._where('train')}: {err}") from None
+
+    def _drop_stopped_members(self) -> None:
+        """After the step: members whose weights it made non-finite stop too, and every member
+        that broke this step leaves the ensemble."""
+        if self.check_finite:
+            finite = [
+                torch.isfinite(p.detach().reshape(p.shape[0], -1)).all(1)
+                for p in self.net.parameters()
+            ]
+            ok = torch.stack(finite).all(0).tolist()
+            self._stop_members([i for i, good in enumerate(ok) if not good], "non-finite weights")
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None else None
+        self.stopped_members.drop(self.net, optimizer, self._where("train"))
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers)."""
+        """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers); an
+        ensemble drops the members the checkpoint's run had stopped (before its weights load)."""
+        stopped = checkpoint.get("stopped_members")
+        if stopped is not None and self.stopped_members is not None:
+            self.stopped_members.load_state_dict(stopped, self.net)
         if not self.check_finite:
             return
         state = checkpoint.get("state_dict", {})
@@ -627,7 +679,7 @@ class ImplicitNetModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Under distributed training, every process's warm-start cache goes into the checkpoint; an
-        ensemble's checkpoint records its members' seeds (``member_seeds``).
+        ensemble's checkpoint records its members' seeds and its stopped members.
 
         Each process caches the fixed points of its own part of the batches, and
         rank 0 alone writes the checkpoint: the caches are merged by sample
@@ -635,8 +687,9 @@ class ImplicitNetModule(pl.LightningModule):
         """
         if self._world() > 1:
             merge_warm_starts(self, checkpoint.get("state_dict", {}))
-        if self.members > 1:  # which run each member is (irnet extract-member reads it)
+        if self.stopped_members is not None:  # which run each member is (extract-member reads it)
             checkpoint["member_seeds"] = list(self.net.member_seeds)
+            checkpoint["stopped_members"] = self.stopped_members.state_dict()
 
     def forward_iterations(self) -> Optional[Tensor]:
         """Mean iterations of the last forward solves, over layers and samples (None if unknown)."""
@@ -651,7 +704,11 @@ class ImplicitNetModule(pl.LightningModule):
         # The values are already means over the global batch (the same on every
         # process); sync_dist only averages identical numbers.
         epoch = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/loss", means["loss"], prog_bar=True, **epoch)
+        loss = means["loss"]
+        if self.members > 1:  # the members' mean, without a member that broke at this step
+            losses = torch.stack([means[f"member_loss/{i}"] for i in range(self.members)])
+            loss = losses[torch.isfinite(losses)].mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True, **epoch)
         metrics = getattr(self, f"{stage}_metrics")
         metrics(pred.detach(), target)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -659,7 +716,7 @@ class ImplicitNetModule(pl.LightningModule):
         if iters is not None:
             self.log(f"{stage}/iters", iters, **epoch)
         if self.members > 1:
-            self._log_members(stage, pred, target, batch_size)
+            self._log_members(stage, means, pred, target, batch_size)
         if stage != "train":
             return
         self.log(
@@ -680,29 +737,42 @@ class ImplicitNetModule(pl.LightningModule):
                 batch_size=batch_size,
             )
 
-    def member_metrics(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Each member's data loss and metric, ``(E,)`` each: ``{"loss": …, "acc" or "mse": …}``.
+    def member_metrics(
+        self, pred: Tensor, target: Tensor, losses: bool = True
+    ) -> dict[str, Tensor]:
+        """Each member's data loss and metric, ``(E,)`` each: ``{"loss": …, "acc" or "mse": …}``
+        (without ``"loss"`` if not ``losses``).
 
         ``pred`` and ``target`` are the ensemble's sample-major rows.
         """
         with torch.no_grad():
             preds, targets = rows_of(pred.detach(), self.members), rows_of(target, self.members)
-            values = {
-                "loss": torch.stack([self.compute_loss(p, t) for p, t in zip(preds, targets)])
-            }
+            values = {}
+            if losses:
+                values["loss"] = torch.stack(
+                    [self.compute_loss(p, t) for p, t in zip(preds, targets)]
+                )
             if self.classification:
                 values["acc"] = (preds.argmax(-1) == targets).float().mean(1)
             else:
                 values["mse"] = (preds - targets).pow(2).flatten(1).mean(1)
         return values
 
-    def _log_members(self, stage: str, pred: Tensor, target: Tensor, batch_size: int) -> None:
-        """Per member ``{stage}/<metric>/member_<k>``, and the spread ``{stage}/<metric>/std``
-        (the mean over members is ``{stage}/<metric>`` itself)."""
+    def _log_members(
+        self, stage: str, means: dict[str, Tensor], pred: Tensor, target: Tensor, batch_size: int
+    ) -> None:
+        """Per member ``{stage}/<metric>/member_<k>`` (k its original number), and the spread
+        ``{stage}/<metric>/std`` over the members whose numbers are finite (the mean over
+        members is ``{stage}/<metric>`` itself)."""
+        metrics = self.member_metrics(pred, target, losses=False)
+        metrics["loss"] = torch.stack([means[f"member_loss/{i}"] for i in range(self.members)])
         logged = {}
-        for name, values in self.member_metrics(pred, target).items():
-            logged.update({f"{stage}/{name}/member_{k}": v for k, v in enumerate(values)})
-            logged[f"{stage}/{name}/std"] = values.std()
+        for name, values in metrics.items():
+            logged.update(
+                {f"{stage}/{name}/member_{k}": v for k, v in zip(self.member_ids, values)}
+            )
+            finite = values[torch.isfinite(values)]
+            logged[f"{stage}/{name}/std"] = finite.std() if finite.numel() > 1 else finite.sum() * 0
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
     def configure_gradient_clipping(

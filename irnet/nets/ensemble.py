@@ -208,6 +208,8 @@ def stack_members(net: nn.Module, members: Sequence[nn.Module]) -> None:
     the head become member-wise, with the members' weights stacked."""
     for t, block in enumerate(net.blocks):
         block.F = MemberwiseMLP([m.blocks[t].F for m in members])
+        # a broken member's NaN rows are its own: the module stops that member, not the run
+        block.refuse_nonfinite_input = False
     if getattr(net, "head", None) is not None:
         net.head = MemberwiseLinear([m.head for m in members])
     net.members = len(members)
@@ -267,3 +269,32 @@ def clip_member_gradients(params: Sequence[Tensor], max_norm: float, members: in
     for g in grads:
         g.mul_(factor.view(members, *[1] * (g.dim() - 1)))
     return norms
+
+
+def prune_members(
+    net: nn.Module, keep: Sequence[int], optimizer: Optional[torch.optim.Optimizer] = None
+) -> None:
+    """Keep only the members at positions ``keep`` (a stopped member leaves the ensemble).
+
+    Every parameter keeps its identity (the optimizer still knows it) and loses the other
+    members' slices, as do the optimizer's per-parameter state (Adam's moments) and the
+    warm-start cache's rows; the survivors' numbers are untouched.
+    """
+    members = net.members
+    index = torch.tensor(list(keep), dtype=torch.long)
+    for p in net.parameters():
+        with torch.no_grad():
+            p.data = p.data.index_select(0, index.to(p.device))
+        p.grad = None
+        state = {} if optimizer is None else optimizer.state.get(p, {})
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == members:
+                state[key] = value.index_select(0, index.to(value.device))
+    for module in net.modules():
+        if isinstance(module, (MemberwiseMLP, MemberwiseLinear)):
+            module.members = len(index)
+    for cache in (net.warm_start_cache, getattr(net, "_paused_cache", None)):
+        if cache is not None:
+            cache.keep_members(index, members)
+    net.members = len(index)
+    net.member_seeds = [net.member_seeds[i] for i in index.tolist()]

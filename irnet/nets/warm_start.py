@@ -256,6 +256,16 @@ class WarmStartCache:
         write = torch.where(kept & ~lost[slot], slot, capacity)
         return torch.where(taken, target, write), stamps
 
+    def keep_members(self, index: Tensor, members: int) -> None:
+        """Keep the members ``index`` of an ensemble's rows (each stored row holds one input's
+        states of all ``members``, member-major: :mod:`irnet.nets.ensemble`)."""
+        if self._stores is None:
+            return
+        layers, slots = self._stores.shape[:2]
+        stores = self._stores.view(layers, slots, members, -1)
+        self._stores = stores.index_select(2, index.to(stores.device)).reshape(layers, slots, -1)
+        self._version += 1
+
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Move every tensor as ``nn.Module._apply`` moves the network's: device, and the stores'
         dtype.

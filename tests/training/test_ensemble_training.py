@@ -221,3 +221,81 @@ def test_the_command_lines_seed_is_the_first_members(tmp_path, monkeypatch, plai
         torch.testing.assert_close(both[0], nets["seed3"](x), rtol=0, atol=1e-6)
         torch.testing.assert_close(both[1], nets["seed4"](x), rtol=0, atol=1e-6)
     assert nets["ensemble"].member_seeds == [3, 4]
+
+
+class BreakMember(pl.Callback):
+    """Make one member's first-layer weights NaN before training step ``step``."""
+
+    def __init__(self, member: int, step: int) -> None:
+        self.member, self.step = member, step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.net.blocks[0].F.gamma1[self.member] = float("nan")
+
+
+SMALL_NET = dict(
+    in_features=2,
+    out_features=2,
+    layers=3,
+    T=3.0,
+    width=8,
+    readout="linear",
+    init="bounded",
+    contraction=0.8,
+    warm_start=True,
+    solver=Anderson(atol=1e-8, max_iter=50),
+    linear_solver=Direct(),
+)
+
+
+def small_fit(seeds, epochs, callbacks=(), ckpt_path=None, root=None):
+    torch.manual_seed(seeds[0])
+    extra = {"ensemble": len(seeds), "member_seeds": seeds} if len(seeds) > 1 else {}
+    module = ImplicitNetModule(ODENet(**SMALL_NET, **extra), loss="cross_entropy", lr=0.01)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=root is not None,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=TwoSpirals(num_points=40), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_a_member_that_breaks_stops_and_the_others_train_as_their_own_runs():
+    with pytest.warns(UserWarning, match=r"member 1 \(seed 4\) stopped: non-finite train/loss"):
+        together, _ = small_fit(SEEDS, 8, [BreakMember(1, step=3)])
+    assert together.net.members == 2 and together.member_ids == [0, 2]
+    assert together.net.member_seeds == [3, 5]
+    assert list(together.stopped_members.stopped) == [1]
+    for position, seed in enumerate([3, 5]):
+        alone, _ = small_fit([seed], 8)
+        for (name, p), q in zip(together.net.named_parameters(), alone.net.parameters()):
+            torch.testing.assert_close(p[position], q, rtol=0, atol=1e-9, msg=name)
+    logged = together.trainer.callback_metrics
+    assert {"train/loss/member_0", "train/loss/member_2"} <= set(logged)
+    assert torch.isfinite(logged["train/loss"]) and torch.isfinite(logged["train/loss/std"])
+
+
+def test_the_run_fails_when_every_member_has_broken():
+    breaks = [BreakMember(k, step=2) for k in range(2)]
+    with pytest.raises(Exception, match="every member of the ensemble broke"):
+        small_fit(SEEDS[:2], 4, breaks)
+
+
+def test_a_stopped_member_stays_out_after_a_resume(tmp_path):
+    with pytest.warns(UserWarning, match="member 0"):
+        small_fit(SEEDS, 4, [BreakMember(0, step=1)], root=tmp_path)
+    last = next(tmp_path.rglob("*.ckpt"))
+    assert torch.load(last, weights_only=False)["stopped_members"]["ids"] == [1, 2]
+    resumed, trainer = small_fit(SEEDS, 6, ckpt_path=last, root=tmp_path / "again")
+    assert trainer.current_epoch == 6 and resumed.member_ids == [1, 2]
+    assert resumed.net.blocks[0].F.gamma1.shape[0] == 2
