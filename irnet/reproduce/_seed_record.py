@@ -9,7 +9,7 @@ at its first call in a training step (the main pass, as
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -138,30 +138,41 @@ class SeedRecorder(Callback):
 
     def record(self, max_epochs: Optional[int]) -> dict:
         """The seed's summary numbers and per-epoch series (NaN / None where they do not apply)."""
-        s = self.series
         partial = (
             torch.stack(self._epoch)[:, 1:].sum(0).tolist() if self._unflushed() else [0.0, 0.0]
         )
-        runs = len(s["val_loss"])
-        late = max(1, math.ceil(LAST_FRACTION * runs))
-        best = _argbest(s["val_loss"], min)
-        return {
-            "max_epochs": max_epochs,
-            "epochs_run": runs,
-            "final_val_loss": _last(s["val_loss"]),
-            "best_val_loss": _at(s["val_loss"], best),
-            "best_epoch": best + 1 if best is not None else None,
-            "final_val_acc": _last(s["val_acc"]),
-            "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
-            "final_train_loss": _last(s["train_loss"]),
-            "iterations_mean": _nanmean(s["iterations"]),
-            "iterations_last10": _nanmean(s["iterations"][-late:]),
-            "unconverged": int(_nansum(s["unconverged"]) + partial[0]),
-            "diverged": int(_nansum(s["diverged"]) + partial[1]),
-            "val_unconverged": self.val_unconverged,
-            "val_diverged": self.val_diverged,
-            "history": {k: list(v) for k, v in s.items()},
-        }
+        return summary(self.series, max_epochs, self.val_unconverged, self.val_diverged, partial)
+
+
+def summary(
+    s: dict[str, list[float]],
+    max_epochs: Optional[int],
+    val_unconverged: int,
+    val_diverged: int,
+    partial: Sequence[float] = (0.0, 0.0),
+) -> dict:
+    """A seed's record from its per-epoch series (``partial``: the unconverged and diverged
+    solves of an epoch the fit raised in)."""
+    runs = len(s["val_loss"])
+    late = max(1, math.ceil(LAST_FRACTION * runs))
+    best = _argbest(s["val_loss"], min)
+    return {
+        "max_epochs": max_epochs,
+        "epochs_run": runs,
+        "final_val_loss": _last(s["val_loss"]),
+        "best_val_loss": _at(s["val_loss"], best),
+        "best_epoch": best + 1 if best is not None else None,
+        "final_val_acc": _last(s["val_acc"]),
+        "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
+        "final_train_loss": _last(s["train_loss"]),
+        "iterations_mean": _nanmean(s["iterations"]),
+        "iterations_last10": _nanmean(s["iterations"][-late:]),
+        "unconverged": int(_nansum(s["unconverged"]) + partial[0]),
+        "diverged": int(_nansum(s["diverged"]) + partial[1]),
+        "val_unconverged": val_unconverged,
+        "val_diverged": val_diverged,
+        "history": {k: list(v) for k, v in s.items()},
+    }
 
 
 def _last(values: list[float]) -> Optional[float]:

@@ -217,6 +217,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the stop is strict: val/loss<0.15). Not a failure.",
     )
     g.add_argument(
+        "--no-ensemble",
+        dest="ensemble",
+        action="store_false",
+        help="seeds: train every seed in a process of its own (by default seeds whose runs an "
+        "ensemble reproduces exactly train as ensembles, one per worker: docs/ensembles.md)",
+    )
+    g.add_argument(
         "--table",
         type=Path,
         help="seeds: also append the run's one-row summary to this "
@@ -244,6 +251,8 @@ def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> Non
         )
         if value
     ]
+    if not getattr(args, "ensemble", True):
+        given.append("--no-ensemble")
     if given or args.first_seed:
         error(f"{', '.join(given) or '--first-seed'} apply to the seeds study only")
 
@@ -258,7 +267,7 @@ def cli_args(cell: dict) -> list[str]:
         "init_args": {
             "save_dir": cell["log_dir"],
             "name": cell["label"],
-            "version": f"seed{cell['seed']}",
+            "version": f"seed{cell.get('version', cell['seed'])}",
         },
     }
     args = ["--config", cell["config"], "--seed_everything", str(cell["seed"])]
@@ -333,6 +342,43 @@ def run_cell(cell: dict) -> dict:
     return record
 
 
+def run_ensemble_cell(cell: dict) -> dict:
+    """Train the seeds ``cell["seeds"]`` as one ensemble (in a worker process); ``{"members":
+    [record per seed]}``, each record as :func:`run_cell` gives a seed of its own."""
+    from irnet.reproduce._seed_ensemble import EnsembleSeedRecorder
+
+    seeds = cell["seeds"]
+    recorder, error, trainer, module = EnsembleSeedRecorder(seeds), None, None, None
+    try:
+        cli = build(cell)
+        trainer, module = cli.trainer, cli.model
+        trainer.callbacks.insert(0, recorder)
+        _clear_old_run(Path(trainer.logger.log_dir))
+        trainer.fit(module, datamodule=cli.datamodule)
+    except (Exception, SystemExit) as err:
+        if type(err).__name__ == "SIGTERMException":
+            raise
+        error = f"{type(err).__name__}: {err}".strip()[:500]
+    max_epochs = trainer.max_epochs if trainer is not None else cell.get("epochs")
+    checkpoint = _save_checkpoint(trainer)
+    stopped = getattr(getattr(module, "stopped_members", None), "stopped", {})
+    records = recorder.records(max_epochs)
+    for member, (seed, record) in enumerate(zip(seeds, records)):
+        record.update(seed=seed, checkpoint=checkpoint, member=member, ensemble=len(seeds))
+        if member in stopped:
+            record["error"] = f"member stopped ({stopped[member]})"
+        else:
+            record["error"] = error or _member_failure(record, cell.get("stop_when"))
+        record["failed"] = record["error"] is not None
+    return {"members": records}
+
+
+def _member_failure(record: dict, stop_when: Optional[str]) -> Optional[str]:
+    """:func:`_silent_failure` for one member of an ensemble (its weights are checked by the
+    module: a member with non-finite weights has stopped)."""
+    return _silent_failure(record, None, stop_when)
+
+
 def _clear_old_run(log_dir: Path) -> None:
     """Remove an earlier run's event files and checkpoint from this seed's folder (TensorBoard
     would otherwise show both runs' curves)."""
@@ -390,20 +436,47 @@ def cells(args: argparse.Namespace, log_dir: Path, label: str) -> list[dict]:
     ]
 
 
+def as_ensembles(cell_list: Sequence[dict], workers: int) -> list[dict]:
+    """The seeds' cells as ensembles of consecutive seeds, one per worker (each trained by
+    ``--model.net.init_args.ensemble E --seed_everything`` its first seed)."""
+    from irnet.reproduce._seed_ensemble import group_seeds
+
+    first, by_seed = cell_list[0], {c["seed"]: c for c in cell_list}
+    out = []
+    for seeds in group_seeds(sorted(by_seed), workers):
+        if len(seeds) == 1:  # a seed alone trains as its own run
+            out.append(by_seed[seeds[0]])
+            continue
+        sets = [*first["sets"], ["model.net.init_args.ensemble", str(len(seeds))]]
+        version = f"{seeds[0]}-{seeds[-1]}"
+        out.append({**first, "seed": seeds[0], "seeds": seeds, "sets": sets, "version": version})
+    return out
+
+
+def _run_any(cell: dict) -> dict:
+    """A seed's cell, or an ensemble's (:func:`run_ensemble_cell`)."""
+    return run_ensemble_cell(cell) if "seeds" in cell else run_cell(cell)
+
+
 def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> list[dict]:
-    """Train every cell on ``workers`` processes, a line per finished seed; sorted by seed."""
+    """Train every cell on ``workers`` processes, a line per finished seed; sorted by seed.
+
+    A cell of an ensemble gives its members' records (its time shared out between them)."""
     from tqdm import tqdm
 
     from irnet.reproduce._runner import Timed, quiet_worker
 
-    timed = Timed(run_cell)
+    timed = Timed(_run_any)
     results: list[dict] = []
-    bar = tqdm(total=len(cell_list), desc="seeds")
+    bar = tqdm(total=sum(len(c.get("seeds", [c["seed"]])) for c in cell_list), desc="seeds")
 
     def done(result: dict) -> None:
-        results.append(result)
-        bar.write(progress_line(result))
-        bar.update()
+        members = result.pop("members", None)
+        records = [result] if members is None else [_member_record(result, m) for m in members]
+        for record in records:
+            results.append(record)
+            bar.write(progress_line(record))
+            bar.update()
 
     if workers <= 1:
         quiet_worker(threads)
@@ -420,6 +493,19 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
                 done(result)
     bar.close()
     return sorted(results, key=lambda r: r["seed"])
+
+
+def _member_record(cell_result: dict, member: dict) -> dict:
+    """One seed's record from its ensemble's: the cell's settings, its own numbers, and the
+    ensemble's wall time shared equally (``ensemble_seconds`` keeps the whole)."""
+    seeds = cell_result["seeds"]
+    shared = {k: v for k, v in cell_result.items() if k not in ("seeds", "seconds", "version")}
+    return {
+        **shared,
+        **member,
+        "seconds": cell_result["seconds"] / len(seeds),
+        "ensemble_seconds": cell_result["seconds"],
+    }
 
 
 def progress_line(r: dict) -> str:
@@ -453,10 +539,13 @@ def main(args: argparse.Namespace, command: str) -> Path:
     if args.replot:
         meta, results = saved_run(saved)
     else:
-        check_config(args, log_dir, label)
-        results = run_seeds(cells(args, log_dir, label), args.workers, args.threads)
+        cell_list = cells(args, log_dir, label)
+        if use_ensembles(args, check_config(args, log_dir, label), len(cell_list)):
+            cell_list = as_ensembles(cell_list, args.workers)
+        results = run_seeds(cell_list, args.workers, args.threads)
         meta = {
             "command": command,
+            "ensembles": [len(c["seeds"]) for c in cell_list if "seeds" in c],
             "machine": machine(args.workers, resolve_threads(args.threads)),
             "minutes": (time.perf_counter() - start) / 60,
             "finished": _utc_now(),
@@ -491,9 +580,18 @@ def main(args: argparse.Namespace, command: str) -> Path:
     return summary
 
 
-def check_config(args: argparse.Namespace, log_dir: Path, label: str) -> None:
+def use_ensembles(args: argparse.Namespace, module: Any, seeds: int) -> bool:
+    """Whether the seeds train as ensembles: not switched off, more than one seed, no
+    ``--stop-when`` (it would stop every member at once), and a network whose seeds an ensemble
+    trains exactly (:func:`~irnet.reproduce._seed_ensemble.can_ensemble`)."""
+    from irnet.reproduce._seed_ensemble import can_ensemble
+
+    return args.ensemble and seeds > 1 and not args.stop_when and can_ensemble(module)
+
+
+def check_config(args: argparse.Namespace, log_dir: Path, label: str) -> Any:
     """Build the first seed's run in this process, so a mistake in ``--config``/``--set`` ends the
-    study with the CLI's one-line message before any worker starts."""
+    study with the CLI's one-line message before any worker starts; returns its module."""
     import logging
 
     cell = cells(args, log_dir, label)[0]
@@ -501,7 +599,7 @@ def check_config(args: argparse.Namespace, log_dir: Path, label: str) -> None:
     level = logger.level
     logger.setLevel(logging.ERROR)  # the Trainer's banners, once more from every worker
     try:
-        build(cell)
+        return build(cell).model
     finally:
         logger.setLevel(level)
 

@@ -151,6 +151,7 @@ def test_tiny_study_matches_fit_validate_and_tensorboard_and_survives_a_failing_
     fail = '{"class_path": "test_seed_study.FailOnSeed", "init_args": {"seed": 4}}'
     saved = _study(
         tmp_path,
+        "--no-ensemble",  # a run per seed: the forced failure names its seed's own process
         "--seeds",
         "3",
         "--epochs",
@@ -371,3 +372,33 @@ def test_criterion_compares_in_the_precision_of_logged_metrics():
     assert not parse_criterion("max(val/acc)>=0.95").met(
         {"best_val_acc": float(torch.tensor(0.94))}
     )
+
+
+# -- seeds as ensembles ----------------------------------------------------------------------------
+
+
+def test_seeds_trained_as_ensembles_give_the_records_of_their_own_runs(tmp_path):
+    together = _study(tmp_path / "ensembles", "--seeds", "3", "--epochs", "3", "--workers", "2")
+    apart = _study(tmp_path / "apart", "--no-ensemble", "--seeds", "3", "--epochs", "3")
+    assert together["meta"]["ensembles"] == [2] and apart["meta"]["ensembles"] == []  # 4 alone
+    assert (
+        [r["seed"] for r in together["cells"]] == [r["seed"] for r in apart["cells"]] == [2, 3, 4]
+    )
+    same = ("final_val_loss", "best_val_loss", "best_epoch", "final_train_loss", "unconverged")
+    for mine, own in zip(together["cells"], apart["cells"]):
+        assert not mine["failed"] and mine["epochs_run"] == own["epochs_run"] == 3
+        for key in same:
+            assert mine[key] == pytest.approx(own[key], rel=1e-5), key
+        for key in ("val_loss", "train_loss", "iterations"):
+            assert mine["history"][key] == pytest.approx(own["history"][key], rel=1e-5), key
+    assert together["cells"][1]["member"] == 1 and together["cells"][1]["ensemble"] == 2
+
+
+def test_a_network_an_ensemble_cannot_reproduce_trains_seed_by_seed(tmp_path):
+    parabolic = [
+        *SMALL,
+        "model.init_args.net.init_args.rhs=parabolic",
+        "model.init_args.net.init_args.contraction=null",
+    ]
+    saved = _study(tmp_path, "--seeds", "2", "--epochs", "1", sets=parabolic)
+    assert saved["meta"]["ensembles"] == [] and len(saved["cells"]) == 2
