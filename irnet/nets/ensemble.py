@@ -115,9 +115,10 @@ class MemberwiseMLP(nn.Module):
         self.gamma2 = _stacked([F.gamma2 for F in members])
         self._norms: Optional[tuple[tuple, list[tuple[Tensor, Tensor]]]] = None
         self._scaled: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
+        self._inside: Optional[tuple[tuple, bool]] = None
 
     def _apply(self, fn, recurse: bool = True):
-        self._norms = self._scaled = None  # cached on the old device and dtype
+        self._norms = self._scaled = self._inside = None  # cached on the old device and dtype
         return super()._apply(fn, recurse)
 
     def _key(self) -> tuple:
@@ -141,17 +142,38 @@ class MemberwiseMLP(nn.Module):
         key = self._key()
         if not grad and self._scaled is not None and self._scaled[0] == key:
             return self._scaled[1]
-        (_, M1), (_, M2) = self._member_norms()
+        if self._all_inside(key):
+            # Every factor is exactly 1 and, clamped, has derivative 0: the parameters are the
+            # scaled weights, gradients included, without a dozen operations per evaluation.
+            return self.gamma1, self.gamma2
         with _outside_inference() if not grad else nullcontext():
-            # σ = ⟨W, M⟩ with M = u vᵀ held fixed: the value is the norm, the derivative M.
-            sigma1 = (self.gamma1 * M1).sum((1, 2))
-            sigma2 = (self.gamma2 * M2).sum((1, 2))
-            lip = self.step * self.activation_lipschitz * sigma1 * sigma2
-            factor = (self.bound * (1 - MARGIN) / lip).clamp(max=1.0).sqrt()[:, None, None]
+            factor = self._headroom().clamp(max=1.0).sqrt()[:, None, None]
             scaled = (self.gamma1 * factor, self.gamma2 * factor)
         if not grad:
             self._scaled = (key, scaled)
         return scaled
+
+    def _headroom(self) -> Tensor:
+        """``L(1 − MARGIN) / (h·a·‖γ2_k‖‖γ1_k‖)`` per member, ``(E,)``, differentiable in the
+        weights; the factor is its square root where below 1."""
+        (_, M1), (_, M2) = self._member_norms()
+        # σ = ⟨W, M⟩ with M = u vᵀ held fixed: the value is the norm, the derivative M.
+        sigma1 = (self.gamma1 * M1).sum((1, 2))
+        sigma2 = (self.gamma2 * M2).sum((1, 2))
+        lip = self.step * self.activation_lipschitz * sigma1 * sigma2
+        return self.bound * (1 - MARGIN) / lip
+
+    def _all_inside(self, key: tuple) -> bool:
+        """Whether every member is strictly inside its bound (headroom above 1), read once per
+        weight change; always False on the accelerator path, which reads nothing on the host."""
+        from irnet.device_path import on_accelerator_path
+
+        if on_accelerator_path(self.gamma1):
+            return False
+        if self._inside is None or self._inside[0] != key:
+            with torch.no_grad(), _outside_inference():
+                self._inside = (key, bool((self._headroom() > 1.0).all()))
+        return self._inside[1]
 
     def lipschitz(self) -> Tensor:
         """Each member's bound ``h · a · ‖γ2‖ ‖γ1‖`` on Lip(F) for the raw weights, ``(E,)``."""

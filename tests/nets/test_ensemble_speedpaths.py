@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from irnet.device_path import forced_path
 from irnet.nets.ensemble import MemberwiseLinear, MemberwiseMLP, rows_of
 from irnet.nets.residual import MLPResidual
 
@@ -56,14 +57,25 @@ def test_columns_put_row_b_e_plus_k_at_member_k_sample_b_and_back():
 
 
 @pytest.mark.parametrize("batch", [1, 7])
-@pytest.mark.parametrize("lipschitz", [None, 4.0], ids=["free", "bounded"])
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+@pytest.mark.parametrize("lipschitz", [None, 4.0, 100.0], ids=["free", "bounded", "roomy"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
-def test_memberwise_f_and_its_gradients_are_each_members(activation, lipschitz, batch):
+def test_memberwise_f_and_its_gradients_are_each_members(activation, lipschitz, batch, path):
+    with forced_path(path):
+        check_memberwise_f(activation, lipschitz, batch, path)
+
+
+def check_memberwise_f(activation: str, lipschitz, batch: int, path: str) -> None:
     singles = residuals(activation, lipschitz)
     F = MemberwiseMLP(singles)
-    if lipschitz is not None:  # the bound is reached by some members and not by others
+    if lipschitz is not None:
         raw = torch.tensor([s.constraint.lipschitz(s.gamma1, s.gamma2) for s in singles])
-        assert (raw > lipschitz).any() and (raw < lipschitz).any()
+        # 4: some members reach the bound and some do not; 100: none does
+        assert (raw < lipschitz).all() if lipschitz == 100.0 else (raw > lipschitz).any()
+        assert (raw < lipschitz).any()
+        # with every member inside its bound, the CPU path uses the parameters as they are
+        inside = lipschitz == 100.0 and path == "cpu"
+        assert (F.weights()[0] is F.gamma1) == inside
     y = rows(batch)
     out = F(y)
     v = torch.randn_like(out)
@@ -120,3 +132,15 @@ def test_memberwise_head_and_its_gradients_are_each_members(batch):
         close(rows_of(grads[0], MEMBERS)[k], expected[0])
         close(grads[1][k], expected[1])
         close(grads[2][k], expected[2])
+
+
+def test_a_member_that_leaves_its_bound_is_rescaled_at_once():
+    F = MemberwiseMLP(residuals("relu", 100.0))
+    assert F.weights()[0] is F.gamma1  # every member inside: the parameters as they are
+    with torch.no_grad():
+        F.gamma1[1].mul_(1e3)  # an optimiser's in-place step: a new weight version
+    gamma1, gamma2 = F.weights()
+    assert gamma1 is not F.gamma1
+    assert torch.equal(gamma1[0], F.gamma1[0]) and torch.equal(gamma1[2], F.gamma1[2])
+    lip = F.step * torch.linalg.matrix_norm(gamma1, 2) * torch.linalg.matrix_norm(gamma2, 2)
+    assert lip[1] <= 100.0 * (1 + 1e-9) and F.lipschitz()[1] > 100.0
