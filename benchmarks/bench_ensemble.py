@@ -20,9 +20,10 @@ until its slowest row is done, so the largest is what an ensemble's loop pays); 
 the process's CPU time, which a busy neighbour disturbs less than the wall clock.
 
 ``--rows-layout 10`` also trains E = 10 with the member-wise F and head as they were first
-written (member slabs ``(E, batch, dim)``, the state last: :func:`rows_forward` and
-:func:`rows_head_forward`, patched in for that variant's fits only), for a before / after
-comparison in one run.
+written (member slabs ``(E, batch, dim)``, the state last, and the weights rescaled at every
+evaluation, by factors of 1 if need be: :func:`rows_forward`, :func:`rows_head_forward` and
+:func:`never_inside`, patched in for that variant's fits only), for a before / after comparison
+in one run.
 
     .venv/bin/python benchmarks/bench_ensemble.py --rows-layout 10   # docs/benchmarks.md
     .venv/bin/python benchmarks/bench_ensemble.py --quick         # a smoke run, about a minute
@@ -83,15 +84,21 @@ def rows_head_forward(self: MemberwiseLinear, y: torch.Tensor) -> torch.Tensor:
     return from_member_slabs(torch.baddbmm(self.bias[:, None], slabs, self.weight.transpose(1, 2)))
 
 
+def never_inside(self: MemberwiseMLP, key: tuple) -> bool:
+    """As first written, F rescaled its weights (by factors of 1 if need be) at every evaluation."""
+    return False
+
+
 @contextlib.contextmanager
 def rows_layout():
     """The member-wise F and head as first written, while inside."""
-    saved = MemberwiseMLP.forward, MemberwiseLinear.forward
-    MemberwiseMLP.forward, MemberwiseLinear.forward = rows_forward, rows_head_forward
+    saved = MemberwiseMLP.forward, MemberwiseMLP._all_inside, MemberwiseLinear.forward
+    MemberwiseMLP.forward, MemberwiseMLP._all_inside = rows_forward, never_inside
+    MemberwiseLinear.forward = rows_head_forward
     try:
         yield
     finally:
-        MemberwiseMLP.forward, MemberwiseLinear.forward = saved
+        MemberwiseMLP.forward, MemberwiseMLP._all_inside, MemberwiseLinear.forward = saved
 
 
 class EpochClock(pl.Callback):
