@@ -329,12 +329,15 @@ class StoppedMembers:
             if p.grad is not None and self._breaking:
                 p.grad[self.breaking] = 0
 
-    def nonfinite_gradient_members(self, net: nn.Module) -> list[int]:
-        """Positions of members with a non-finite gradient entry (one host read)."""
-        grads = [p.grad.reshape(p.shape[0], -1) for p in net.parameters() if p.grad is not None]
-        if not grads:
+    @staticmethod
+    def nonfinite_members(net: nn.Module, of: str = "grad") -> list[int]:
+        """Positions of members with a non-finite entry in their gradients (``of="grad"``) or
+        weights (``"data"``); one host read."""
+        tensors = [getattr(p, of) for p in net.parameters()]
+        rows = [t.detach().reshape(t.shape[0], -1) for t in tensors if t is not None]
+        if not rows:
             return []
-        finite = torch.stack([torch.isfinite(g).all(1) for g in grads]).all(0)
+        finite = torch.stack([torch.isfinite(r).all(1) for r in rows]).all(0)
         return [i for i, ok in enumerate(finite.tolist()) if not ok]
 
     def drop(self, net: nn.Module, optimizer: Optional[torch.optim.Optimizer], where: str) -> None:

@@ -615,12 +615,13 @@ class ImplicitNetModule(pl.LightningModule):
         where = self._where("train")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: the scaler skips steps with inf gradients and lowers its scale
-        if self.stopped_members is not None:
-            self._stop_members(
-                self.stopped_members.nonfinite_gradient_members(self.net), "non-finite gradients"
-            )
-            self.stopped_members.zero_gradients(self.net)  # the step is the others' alone
         grads = nonfinite_gradients(self)
+        members = self.stopped_members
+        if grads and members is not None:  # whose? (no further host read when all is well)
+            self._stop_members(members.nonfinite_members(self.net, "grad"), "non-finite gradients")
+        if members is not None and members.breaking:
+            members.zero_gradients(self.net)  # the step is the others' alone
+            grads = nonfinite_gradients(self)
         if grads:
             raise self._failure(
                 f"{where}: non-finite gradients (before the optimizer step, not applied): "
@@ -631,10 +632,17 @@ class ImplicitNetModule(pl.LightningModule):
         """The optimizer step, then a check that it left the parameters finite (before any
         checkpoint)."""
         super().optimizer_step(*args, **kwargs)
-        if self.stopped_members is not None:
-            self._drop_stopped_members()
         if self.check_finite:
             params = nonfinite_parameters(self)
+            members = self.stopped_members
+            if params and members is not None:
+                self._stop_members(
+                    members.nonfinite_members(self.net, "data"), "non-finite weights"
+                )
+            if members is not None and members.breaking:
+                optimizer = self.trainer.optimizers[0] if self._trainer is not None else None
+                members.drop(self.net, optimizer, self._where("train"))
+                params = nonfinite_parameters(self)
             if params:
                 raise self._failure(
                     f"{self._where('train')}: the optimizer step made parameters non-finite: "
@@ -642,24 +650,19 @@ class ImplicitNetModule(pl.LightningModule):
                 )
 
     def _stop_members(self, positions: list[int], why: str) -> None:
-        """Mark members (by position) whose numbers broke; the run fails if every one has."""
+        """Mark members (by position) whose numbers broke; the run fails if every one has, and
+        under distributed training (DDP's buckets hold the parameters' shapes: a member cannot
+        leave)."""
+        if positions and self._world() > 1:
+            ids = [self.member_ids[p] for p in positions]
+            raise self._failure(
+                f"{self._where('train')}: member(s) {ids} broke ({why}); under distributed "
+                "training a member cannot leave the ensemble, so the run stops"
+            )
         try:
             self.stopped_members.mark(positions, why)
         except TrainingFailure as err:
             raise self._failure(f"{self._where('train')}: {err}") from None
-
-    def _drop_stopped_members(self) -> None:
-        """After the step: members whose weights it made non-finite stop too, and every member
-        that broke this step leaves the ensemble."""
-        if self.check_finite:
-            finite = [
-                torch.isfinite(p.detach().reshape(p.shape[0], -1)).all(1)
-                for p in self.net.parameters()
-            ]
-            ok = torch.stack(finite).all(0).tolist()
-            self._stop_members([i for i, good in enumerate(ok) if not good], "non-finite weights")
-        optimizer = self.trainer.optimizers[0] if self._trainer is not None else None
-        self.stopped_members.drop(self.net, optimizer, self._where("train"))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights hold NaN/Inf (it cannot give finite answers); an
@@ -706,8 +709,7 @@ class ImplicitNetModule(pl.LightningModule):
         epoch = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         loss = means["loss"]
         if self.members > 1:  # the members' mean, without a member that broke at this step
-            losses = torch.stack([means[f"member_loss/{i}"] for i in range(self.members)])
-            loss = losses[torch.isfinite(losses)].mean()
+            loss = finite_mean_std(self._member_losses(means))[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, **epoch)
         metrics = getattr(self, f"{stage}_metrics")
         metrics(pred.detach(), target)
@@ -765,15 +767,17 @@ class ImplicitNetModule(pl.LightningModule):
         ``{stage}/<metric>/std`` over the members whose numbers are finite (the mean over
         members is ``{stage}/<metric>`` itself)."""
         metrics = self.member_metrics(pred, target, losses=False)
-        metrics["loss"] = torch.stack([means[f"member_loss/{i}"] for i in range(self.members)])
+        metrics["loss"] = self._member_losses(means)
         logged = {}
         for name, values in metrics.items():
             logged.update(
                 {f"{stage}/{name}/member_{k}": v for k, v in zip(self.member_ids, values)}
             )
-            finite = values[torch.isfinite(values)]
-            logged[f"{stage}/{name}/std"] = finite.std() if finite.numel() > 1 else finite.sum() * 0
+            logged[f"{stage}/{name}/std"] = finite_mean_std(values)[1]
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    def _member_losses(self, means: dict[str, Tensor]) -> Tensor:
+        return torch.stack([means[f"member_loss/{i}"] for i in range(self.members)])
 
     def configure_gradient_clipping(
         self,
@@ -850,6 +854,17 @@ class ImplicitNetModule(pl.LightningModule):
         # them) and the process's rank (each process draws its own).
         for reg in self.regularizers.values():
             reg.on_train_epoch_start(self.current_epoch, self.global_rank)
+
+
+def finite_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and sample standard deviation of the finite entries of ``values`` (a member that broke
+    this step is left out), without a host read (0 spread for fewer than two)."""
+    finite = torch.isfinite(values)
+    count = finite.sum()
+    kept = torch.where(finite, values, torch.zeros_like(values))
+    mean = kept.sum() / count.clamp(min=1)
+    squares = torch.where(finite, (values - mean) ** 2, torch.zeros_like(values)).sum()
+    return mean, (squares / (count - 1).clamp(min=1)).sqrt()
 
 
 def seed_rank_generators(rank: int) -> None:
