@@ -181,16 +181,20 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
                 f"{args.study}: resuming with {seeded} finished cells of the unfinished run in "
                 f"{out / 'results.json'}"
             )
+        # the cells that differ only by seed as one ensemble each, recorded per seed
+        plan = study.ensembles(cells, journal) if _ensembles(args, study) else None
         results = run_cells(
             study.run_cell,
-            cells,
+            plan.cells if plan else cells,
             args.workers,
             desc=args.study,
             threads=args.threads,
-            journal=journal,
+            journal=plan.journal if plan else journal,
             backend=args.backend,
             address=args.address,
         )
+        if plan:
+            results = plan.results(results)
         # seeded ones too
         results = [getattr(study, "upgraded", dict)(result) for result in results]
         minutes = (time.perf_counter() - start) / 60
@@ -200,6 +204,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
             "minutes": minutes,
             "settings": settings,
         }
+        if plan:
+            meta["ensembles"] = plan.sizes
         if args.backend == "ray":  # "machine" is then the driver's: say where the cells ran
             meta["backend"] = f"ray at {args.address or 'this machine'}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +226,12 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
     return summary
+
+
+def _ensembles(args: argparse.Namespace, study) -> bool:
+    """Whether the study trains its seeds as ensembles: it can (``study.ensembles``) and
+    ``--no-ensemble`` is not given."""
+    return args.ensemble and hasattr(study, "ensembles")
 
 
 def _check_backend(args: argparse.Namespace) -> None:

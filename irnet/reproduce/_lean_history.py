@@ -11,6 +11,11 @@ validation every 10th epoch (``runner.train(lean=True)``) an Example 1 epoch
 (10 layers, θ = ½) took 0.48× the time of one with the callbacks and validation
 every epoch (70 against 147 ms, one thread, side by side:
 ``benchmarks/bench_study_epoch.py``; docs/benchmarks.md).
+
+An ensemble (``ODENet(ensemble=E)``, :mod:`irnet.nets.ensemble`) trains E seeds at once:
+``LeanHistory(members=E)`` then also keeps each member's own record in :attr:`member_values`
+(its logged ``…/member_<k>`` losses, and its rows of every solve's iterations and of every
+gradient), the record the member's own run would have made.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor
 from irnet._misc import sample_norm
 from irnet.callbacks.solver_recorder import SolverStatsRecorder
 from irnet.nets import find_blocks
+from irnet.nets.ensemble import rows_of
 
 # History keys read from the module's own epoch metrics (the rest are measured here).
 LOGGED = {
@@ -52,15 +58,26 @@ class LeanHistory(Callback):
 
     ``values`` has the keys of :class:`~irnet.reproduce._runner.History`; NaN where a value does not
     apply (no implicit layer, no validation that epoch: validation may run every few epochs).
+
+    Args:
+        members: the ensemble's size E (1: an ordinary network). With E > 1, ``values`` is the
+            members' mean and ``member_values[k]`` member k's own record (NaN from the epoch it
+            stopped in; :attr:`member_stopped` maps k to that epoch).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, members: int = 1) -> None:
         self.values: dict[str, list[float]] = {key: [] for key in (*LOGGED, *MEASURED)}
+        self.members = members
+        self.member_values = [{key: [] for key in self.values} for _ in range(members)]
+        self.member_stopped: dict[int, float] = {}
         self._recorder = SolverStatsRecorder()
         self._handles: list = []
         self._sums: dict[str, list[float]] = {}
         self._grads: list[list[Tensor]] = []
         self._capturing, self._seen = False, []
+        self._ids: list[int] = list(range(members))  # live members' numbers, by position
+        self._member_sums: dict[str, list[Tensor]] = {}
+        self._member_grads: list[list[Tensor]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         blocks = find_blocks(pl_module)
@@ -84,19 +101,33 @@ class LeanHistory(Callback):
             and output.requires_grad
         ):
             self._seen[index] = True
-            output.register_hook(
-                lambda grad: self._grads[index].append(sample_norm(grad.detach().float()).mean())
-            )
+            output.register_hook(partial(self._record_gradient, index, len(self._ids)))
+
+    def _record_gradient(self, index: int, live: int, grad: Tensor) -> None:
+        norms = sample_norm(grad.detach().float())
+        self._grads[index].append(norms.mean())
+        if self.members > 1:  # each member's mean over its own rows
+            self._member_grads[index].append(self._by_member(rows_of(norms, live).mean(1), live))
+
+    def _by_member(self, values: Tensor, live: int) -> Tensor:
+        """Live members' values (by position) at their original numbers; NaN for members gone."""
+        full = torch.full((self.members,), math.nan, dtype=values.dtype)
+        full[self._ids[:live]] = values.cpu()
+        return full
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sums = {"forward": [], "backward": []}
         self._grads = [[] for _ in self._recorder.blocks]
+        self._member_sums = {"forward": [], "backward": []}
+        self._member_grads = [[] for _ in self._recorder.blocks]
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._recorder.start()
         self._capturing, self._seen = True, [False] * len(self._recorder.blocks)
+        # before the step: a member that breaks in it leaves the ensemble at its end
+        self._ids = list(getattr(pl_module, "member_ids", [0]))
 
     def on_train_batch_end(
         self,
@@ -116,6 +147,16 @@ class LeanHistory(Callback):
             ]
             if iterations:
                 self._sums[direction].append(float(torch.stack(iterations).mean()))
+            if self.members > 1:
+                self._record_member_iterations(direction, getattr(step, direction))
+
+    def _record_member_iterations(self, direction: str, stats: list) -> None:
+        """Each live member's mean iterations over its rows and the layers, at its number."""
+        live = len(self._ids)
+        per_layer = [rows_of(s.iterations.float(), live).mean(1) for s in stats if s is not None]
+        if per_layer:
+            means = torch.stack(per_layer).mean(0).detach()
+            self._member_sums[direction].append(self._by_member(means, live))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -131,6 +172,36 @@ class LeanHistory(Callback):
         self.values["gradient_mean"].append(_mean([g for g in layers if not math.isnan(g)]))
         self.values["gradient_first"].append(layers[0] if layers else math.nan)
         self.values["gradient_last"].append(layers[-1] if layers else math.nan)
+        if self.members > 1:
+            self._record_members(trainer, pl_module, fresh_validation)
+
+    def _record_members(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, fresh_validation: bool
+    ) -> None:
+        """Each member's epoch, as its own run records it: NaN from the epoch it stopped in (its
+        own run would have ended there)."""
+        metrics, live = trainer.callback_metrics, set(pl_module.member_ids)
+        forward = _member_means(self._member_sums["forward"], self.members)
+        backward = _member_means(self._member_sums["backward"], self.members)
+        layers = [_member_means(grads, self.members) for grads in self._member_grads]
+        for k, values in enumerate(self.member_values):
+            if k not in live:
+                self.member_stopped.setdefault(k, float(trainer.current_epoch))
+                for series in values.values():
+                    series.append(math.nan)
+                continue
+            for key, name in LOGGED.items():
+                tag = f"{name}/member_{k}"
+                stale = key.startswith("val") and not fresh_validation
+                values[key].append(
+                    float(metrics[tag]) if tag in metrics and not stale else math.nan
+                )
+            values["forward_iterations"].append(float(forward[k]))
+            values["backward_iterations"].append(float(backward[k]))
+            own = [float(g[k]) for g in layers]
+            values["gradient_mean"].append(_mean([g for g in own if not math.isnan(g)]))
+            values["gradient_first"].append(own[0] if own else math.nan)
+            values["gradient_last"].append(own[-1] if own else math.nan)
 
 
 def _validated_this_epoch(trainer: pl.Trainer) -> bool:
@@ -141,3 +212,8 @@ def _validated_this_epoch(trainer: pl.Trainer) -> bool:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def _member_means(rows: list[Tensor], members: int) -> Tensor:
+    """The mean over steps of per-member values ``(members,)`` (NaN where none)."""
+    return torch.stack(rows).mean(0) if rows else torch.full((members,), math.nan)

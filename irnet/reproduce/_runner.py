@@ -93,9 +93,15 @@ def train(
     as broken (:class:`~irnet.failure.TrainingFailure`: non-finite numbers, or solves that keep
     failing) is a result, not a crash of the study: its epochs after the stop are NaN and
     ``values["stopped"]`` holds the epoch it stopped in (empty for a full run).
+
+    An ensemble's lean run (``ODENet(ensemble=E)``) also returns ``values["members"]``: member
+    k's own history (the same keys, "stopped" included), as its own run would record it.
     """
+    members = getattr(getattr(module, "net", None), "members", 1)
+    if members > 1 and not lean:
+        raise ValueError("train: an ensemble records its members' histories with lean=True only")
     if lean:
-        history = LeanHistory()
+        history = LeanHistory(members)
         monitors: list[Callback] = [history]
     else:
         gradients = GradientMagnitudes(per_layer=False, histograms=False, plot_every_n_epochs=0)
@@ -124,7 +130,21 @@ def train(
         stopped.append(float(trainer.current_epoch))
     for values in history.values.values():  # epochs not run (a failure, an early stop): NaN
         values.extend([math.nan] * (epochs - len(values)))
-    return {**history.values, "stopped": stopped}
+    if members == 1:
+        return {**history.values, "stopped": stopped}
+    return {**history.values, "stopped": stopped, "members": _member_histories(history, stopped)}
+
+
+def _member_histories(history: LeanHistory, stopped: list[float]) -> list[dict]:
+    """Each member's history at full length; a member still in the ensemble when the whole
+    run stopped stopped then."""
+    out = []
+    for k, values in enumerate(history.member_values):
+        epochs = len(history.values["train_loss"])
+        full = {key: v + [math.nan] * (epochs - len(v)) for key, v in values.items()}
+        own = [history.member_stopped[k]] if k in history.member_stopped else list(stopped)
+        out.append({**full, "stopped": own})
+    return out
 
 
 # -- workers ---------------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ Deviations from the paper, each for a reason:
 A run that the module stops as broken (:class:`irnet.failure.TrainingFailure`)
 is a result: NaN losses, and a "stopped" count in the table.
 
+The seeds of one (depth, θ, variant) train as one ensemble (:func:`ensembles`; ``--no-ensemble``
+trains each in a cell of its own): member k is the network its seed's own cell builds and trains
+exactly as that cell would (docs/ensembles.md), and is then measured on its own, so
+``results.json`` holds the same entry per seed either way (its ``seconds`` the ensemble's
+shared out, ``ensemble_seconds`` the whole).
+
 Wall time of the full grid (``python -m irnet reproduce ex1``: 130 cells of 3 000
 epochs) on 2 CPU cores, one worker process per core, estimated from the at-budget runs
 (:data:`EPOCH_SECONDS`; docs/REPORT.md §2c): about 9 h (17 core-hours: 4 for the 65
@@ -53,8 +59,10 @@ from irnet.datamodules import SineRegression
 from irnet.linear import Direct
 from irnet.module import ImplicitNetModule, l2_loss
 from irnet.nets import ODENet
+from irnet.nets.ensemble import member_state_dict
 from irnet.regularizers import FixedPointRegularizer
 from irnet.reproduce._figures import band, color, grid_figure, save
+from irnet.reproduce._journal import Journal, cell_key
 from irnet.reproduce._probe import probe
 from irnet.reproduce._runner import LEAN_EVERY, fmt, group, markdown_table, mean_std, train
 from irnet.solvers import FixedPoint
@@ -92,8 +100,9 @@ EPOCH_SECONDS = {
 }
 
 
-def make_net(layers: int, theta: float, variant: str = "paper") -> ODENet:
-    """The paper's Example 1 network (readout ``y(T)[1]``) in one of :data:`VARIANTS`."""
+def make_net(layers: int, theta: float, variant: str = "paper", **ensemble) -> ODENet:
+    """The paper's Example 1 network (readout ``y(T)[1]``) in one of :data:`VARIANTS`;
+    ``ensemble=E, member_seeds=[…]`` makes it E seeds' networks trained as one."""
     check_choice("variant", variant, VARIANTS)
     contraction = CONTRACTION if variant == "contraction" else None
     return ODENet(
@@ -111,6 +120,7 @@ def make_net(layers: int, theta: float, variant: str = "paper") -> ODENet:
         contraction=contraction,
         solver=FixedPoint(atol=1e-5, max_iter=MAX_ITER[variant]),
         linear_solver=Direct(rtol=1e-5),
+        **ensemble,
     )
 
 
@@ -169,17 +179,152 @@ def cell_name(cell: dict) -> str:
     return f"L{cell['layers']}_theta{cell['theta']}_{cell['variant']}_seed{cell['seed']}"
 
 
-def run_cell(cell: dict) -> dict:
-    """Train one network and measure it (runs in a worker process)."""
-    pl.seed_everything(cell["seed"], verbose=False)
-    net = make_net(cell["layers"], cell["theta"], cell["variant"])
+def make_module(cell: dict, net: ODENet) -> ImplicitNetModule:
+    """The training module of ``cell`` around ``net``: L2 loss, Adam, R_fp if the cell has it."""
     r_fp = FixedPointRegularizer(weight=cell["r_fp"], p=1.0) if cell["r_fp"] else None
-    module = ImplicitNetModule(net, loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7, r_fp=r_fp)
+    return ImplicitNetModule(net, loss="l2", lr=1e-2, lr_step=500, lr_gamma=0.7, r_fp=r_fp)
+
+
+def run_cell(cell: dict) -> dict:
+    """Train one network and measure it (runs in a worker process); an ensemble's cell
+    (:func:`ensembles`) goes to :func:`run_ensemble_cell`."""
+    if "seeds" in cell:
+        return run_ensemble_cell(cell)
+    pl.seed_everything(cell["seed"], verbose=False)
+    module = make_module(cell, make_net(cell["layers"], cell["theta"], cell["variant"]))
     data = SineRegression(num_points=51)
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), cell_name(cell), lean=True)
     if history["stopped"]:
         return {"history": history, **stopped_result(cell["layers"])}
     return {"history": history, **evaluate(module, data)}
+
+
+def run_ensemble_cell(cell: dict) -> dict:
+    """Train the seeds ``cell["seeds"]`` as one ensemble, then measure each member on its own as
+    a plain network (runs in a worker process).
+
+    Returns ``{"members": [...]}``: per seed, its own cell's settings and the result
+    :func:`run_cell` gives that cell (a member stopped as broken gets :func:`stopped_result`).
+    """
+    seeds = list(cell["seeds"])
+    net = make_net(
+        cell["layers"], cell["theta"], cell["variant"], ensemble=len(seeds), member_seeds=seeds
+    )
+    module = make_module(cell, net)
+    data = SineRegression(num_points=51)
+    name = f"L{cell['layers']}_theta{cell['theta']}_{cell['variant']}_seeds{seeds[0]}-{seeds[-1]}"
+    history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name, lean=True)
+    state, live = module.state_dict(), list(module.member_ids)
+    members = []
+    for k, (own_cell, own_history) in enumerate(zip(cell["cells"], history["members"])):
+        if own_history["stopped"] or k not in live:
+            measured = stopped_result(cell["layers"])
+        else:
+            measured = evaluate(member_module(own_cell, state, live.index(k), len(live)), data)
+        members.append({**own_cell, "history": own_history, **measured})
+    return {"members": members}
+
+
+def member_module(cell: dict, state: dict, position: int, live: int) -> ImplicitNetModule:
+    """The plain module of ``cell`` holding the ensemble member at ``position`` (of ``live``)."""
+    module = make_module(cell, make_net(cell["layers"], cell["theta"], cell["variant"]))
+    module.load_state_dict(member_state_dict(state, position, live, prefix="net."))
+    return module
+
+
+# -- seeds as ensembles ----------------------------------------------------------------------------
+
+
+def ensemble_cells(cell_list: list[dict]) -> list[dict]:
+    """``cell_list`` with the cells that differ only by seed joined into one ensemble cell each
+    (``seeds``, and the seeds' own ``cells``); a seed alone stays a cell of its own. The longest
+    first (:func:`estimated_seconds`, the deepest first), so that the workers finish together."""
+    groups: dict[str, list[dict]] = {}
+    for cell in cell_list:
+        groups.setdefault(cell_key({k: v for k, v in cell.items() if k != "seed"}), []).append(cell)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        common = {k: v for k, v in members[0].items() if k != "seed"}
+        out.append({**common, "seeds": [c["seed"] for c in members], "cells": members})
+    return sorted(out, key=lambda c: -_cell_seconds(c))
+
+
+def _cell_seconds(cell: dict) -> float:
+    return estimated_seconds(cell["layers"], cell["theta"], cell["variant"], cell["epochs"])
+
+
+def ensembles(cell_list: list[dict], journal: Journal) -> "EnsemblePlan":
+    """The study's run with the seeds as ensembles (``reproduce`` without ``--no-ensemble``):
+    every (depth, θ, variant) trains its seeds as one network. Exact for every cell of this
+    study (ODENet with the MLP right-hand side, no spectral window: docs/ensembles.md)."""
+    return EnsemblePlan(cell_list, journal, ensemble_cells)
+
+
+class EnsemblePlan:
+    """A study's per-seed cells run as ensemble cells, recorded and returned per seed.
+
+    The journal keeps one entry per seed, as without ensembles: only the seeds not yet in it
+    are grouped (:attr:`cells`), so a resumed run trains just what is missing, and a run with
+    ``--no-ensemble`` resumes the same journal. :attr:`journal` records each member of a
+    finished ensemble under its own seed's cell; :meth:`results` gives one result per seed, in
+    the order of the per-seed cells.
+
+    Args:
+        cell_list: the study's cells, one per configuration × seed.
+        journal: the study's journal.
+        join: joins the missing cells into ensemble cells (each with ``cells``, its seeds'
+            cells; a cell without ``cells`` runs as it is).
+    """
+
+    def __init__(self, cell_list: list[dict], journal: Journal, join) -> None:
+        self.per_seed, self._journal = list(cell_list), journal
+        done = journal.finished(self.per_seed)
+        self.cells = join([c for c in self.per_seed if cell_key(c) not in done])
+        self.journal = _MemberJournal(journal)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The size of every ensemble trained (for the run's record)."""
+        return [len(c["cells"]) for c in self.cells if "cells" in c]
+
+    def results(self, results: list[dict]) -> list[dict]:
+        """One result per seed's cell, in the study's order (``results`` are :attr:`cells`')."""
+        by_key = self._journal.finished(self.per_seed)
+        for cell, result in zip(self.cells, results):
+            by_key.update((cell_key(c), r) for c, r in member_results(cell, result))
+        return [by_key[cell_key(c)] for c in self.per_seed]
+
+
+def member_results(cell: dict, result: dict) -> list[tuple[dict, dict]]:
+    """``(seed's cell, its result)`` of a finished cell: itself, or each member of an ensemble
+    with the ensemble's wall time shared out equally (``ensemble_seconds`` keeps the whole)."""
+    if "cells" not in cell:
+        return [(cell, result)]
+    seconds = result["seconds"]
+    return [
+        (c, {**r, "seconds": seconds / len(cell["cells"]), "ensemble_seconds": seconds})
+        for c, r in zip(cell["cells"], result["members"])
+    ]
+
+
+class _MemberJournal:
+    """The study's :class:`~irnet.reproduce._journal.Journal` seen through ensemble cells: each
+    finished ensemble is recorded seed by seed."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def finished(self, cells: list[dict]) -> dict[str, dict]:
+        """The seeds' cells among ``cells`` already recorded. An ensemble cell never is: it is
+        made of the seeds missing from the journal (:class:`EnsemblePlan`)."""
+        return self.journal.finished(cell for cell in cells if "cells" not in cell)
+
+    def record(self, cell: dict, result: dict) -> None:
+        for own_cell, own_result in member_results(cell, result):
+            self.journal.record(own_cell, own_result)
 
 
 PER_LAYER_KEYS = (

@@ -47,6 +47,8 @@ MONITORS = (
     "PerturbationStreams",
 )
 TENSORBOARD = "pytorch_lightning.loggers.TensorBoardLogger"
+# the studies that train their seeds as ensembles (--no-ensemble applies to them)
+ENSEMBLE_STUDIES = ("seeds", "ex1")
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -216,12 +218,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "e.g. val/loss<=0.15 (a target 'within N epochs' costs only the epochs it takes; "
         "the stop is strict: val/loss<0.15). Not a failure.",
     )
-    g.add_argument(
+    p.add_argument(
         "--no-ensemble",
         dest="ensemble",
         action="store_false",
-        help="seeds: train every seed in a process of its own (by default seeds whose runs an "
-        "ensemble reproduces exactly train as ensembles, one per worker: docs/ensembles.md)",
+        help="seeds, ex1: train every seed in a run of its own (by default the seeds whose runs "
+        "an ensemble reproduces exactly train as ensembles: docs/ensembles.md)",
     )
     g.add_argument(
         "--table",
@@ -251,8 +253,8 @@ def refuse_foreign(args: argparse.Namespace, error: Callable[[str], Any]) -> Non
         )
         if value
     ]
-    if not getattr(args, "ensemble", True):
-        given.append("--no-ensemble")
+    if not getattr(args, "ensemble", True) and args.study not in ENSEMBLE_STUDIES:
+        error(f"--no-ensemble applies to the {' and '.join(ENSEMBLE_STUDIES)} studies only")
     if given or args.first_seed:
         error(f"{', '.join(given) or '--first-seed'} apply to the seeds study only")
 
