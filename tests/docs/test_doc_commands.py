@@ -88,6 +88,7 @@ EFFECTS = {
     "--model.net.init_args.warm_start": lambda cli: cli.model.net.warm_start,
     "--model.net.init_args.contraction": lambda cli: _contraction(_blocks(cli)[0]),
     "--model.net.init_args.init": lambda cli: cli.model.net.init,
+    "--model.net.init_args.ensemble": lambda cli: cli.model.net.members,
     "--model.r_fp.init_args.weight": lambda cli: cli.model.r_fp.weight,
     "--model.r_div.init_args.weight": lambda cli: cli.model.r_div.weight,
     "--model.r_div.init_args.p": lambda cli: cli.model.r_div.p,
