@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from irnet._misc import check_int
+from irnet.device_path import on_accelerator_path
 from irnet.nets.contraction import MARGIN, _outside_inference, matrix_norm
 from irnet.nets.residual import MLPResidual
 
@@ -126,13 +127,19 @@ class MemberwiseMLP(nn.Module):
 
     def _member_norms(self) -> list[tuple[Tensor, Tensor]]:
         """Each weight's ``(σ, dσ/dW)`` per member, ``(E,)`` and ``(E, m, n)``: one batched SVD
-        per weight change."""
-        key = self._key()
-        if self._norms is None or self._norms[0] != key:
-            with _outside_inference():
-                norms = [matrix_norm(w.detach()) for w in (self.gamma1, self.gamma2)]
-            self._norms = (key, norms)
+        per weight change (on the accelerator path one for every layer of the group at once)."""
+        if self._stale():
+            group = self.__dict__.get("_group")
+            if group is not None and on_accelerator_path(self.gamma1):
+                group.refresh()
+            else:
+                with _outside_inference():
+                    norms = [matrix_norm(w.detach()) for w in (self.gamma1, self.gamma2)]
+                self._norms = (self._key(), norms)
         return self._norms[1]
+
+    def _stale(self) -> bool:
+        return self._norms is None or self._norms[0] != self._key()
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """(γ1, γ2) stacked over members as F uses them: each member rescaled under the bound."""
@@ -166,8 +173,6 @@ class MemberwiseMLP(nn.Module):
     def _all_inside(self, key: tuple) -> bool:
         """Whether every member is strictly inside its bound (headroom above 1), read once per
         weight change; always False on the accelerator path, which reads nothing on the host."""
-        from irnet.device_path import on_accelerator_path
-
         if on_accelerator_path(self.gamma1):
             return False
         if self._inside is None or self._inside[0] != key:
@@ -207,6 +212,36 @@ class MemberwiseMLP(nn.Module):
         return f"members={self.members}, step={self.step:.6g}, bound={self.bound}"
 
 
+class MemberNormGroup:
+    """The member-wise residuals of one ensemble, whose norms are computed together.
+
+    On CUDA every ``torch.linalg.svd`` waits for the host; a network of L bounded layers would
+    wait 2L times per optimiser step (each wait covering its E members). On the accelerator
+    path the first residual that finds its norms stale computes those of every residual of the
+    group, one batched SVD of all layers' and members' matrices per weight (two waits a step),
+    as :class:`~irnet.nets.contraction.NormGroup` does for single networks.
+    """
+
+    def __init__(self, residuals: Sequence[MemberwiseMLP]) -> None:
+        self.residuals = [F for F in residuals if F.bound is not None]
+        for F in self.residuals:
+            F.__dict__["_group"] = self  # a plain attribute: not a submodule
+
+    def refresh(self) -> None:
+        stale = [F for F in self.residuals if F._stale()]
+        if not stale:
+            return
+        sizes = [F.gamma1.shape[0] for F in stale]
+        with _outside_inference():
+            norms = [
+                matrix_norm(torch.cat([getattr(F, name).detach() for F in stale]))
+                for name in ("gamma1", "gamma2")
+            ]
+        split = [(s.split(sizes), M.split(sizes)) for s, M in norms]
+        for i, F in enumerate(stale):
+            F._norms = (F._key(), [(sigmas[i], Ms[i]) for sigmas, Ms in split])
+
+
 class MemberwiseLinear(nn.Module):
     """E linear heads ``W_k y + b_k``, each applied to its member's rows (sample-major)."""
 
@@ -232,6 +267,7 @@ def stack_members(net: nn.Module, members: Sequence[nn.Module]) -> None:
         block.F = MemberwiseMLP([m.blocks[t].F for m in members])
         # a broken member's NaN rows are its own: the module stops that member, not the run
         block.refuse_nonfinite_input = False
+    MemberNormGroup([block.F for block in net.blocks])
     if getattr(net, "head", None) is not None:
         net.head = MemberwiseLinear([m.head for m in members])
     net.members = len(members)

@@ -302,3 +302,16 @@ def test_the_contraction_bound_makes_one_batched_svd_per_weight_shape_on_the_acc
             optimizer.step()
             if step > 0:  # the first step meets each layer's weights one at a time
                 assert len(calls) == svds_per_step, calls
+
+
+ENSEMBLE = ["--model.net.init_args.ensemble", "4"]
+
+
+@pytest.mark.parametrize("config", ["ex1_sine", "ex2_spirals"])
+def test_an_ensemble_step_reads_no_more_than_one_networks(config, tmp_path):
+    """Four members in one step (their callbacks included): the single network's reads, no more."""
+    single, single_solves = count_step(config, FIXED_COUNT, tmp_path / "single")
+    members, member_solves = count_step(config, [*FIXED_COUNT, *ENSEMBLE], tmp_path / "ensemble")
+    print(f"{config}: one network {single.report()}; four members {members.report()}")
+    assert member_solves == single_solves > 0
+    assert members.count <= single.count, members.report()
