@@ -165,6 +165,10 @@ def summary(
         "final_val_acc": _last(s["val_acc"]),
         "best_val_acc": _at(s["val_acc"], _argbest(s["val_acc"], max)),
         "final_train_loss": _last(s["train_loss"]),
+        "final_val_acc_drop": _difference(
+            _at(s["val_acc"], _argbest(s["val_acc"], max)), _last(s["val_acc"])
+        ),
+        "final_val_loss_rise": _rise(_last(s["val_loss"]), _at(s["val_loss"], best)),
         "iterations_mean": _nanmean(s["iterations"]),
         "iterations_last10": _nanmean(s["iterations"][-late:]),
         "unconverged": int(_nansum(s["unconverged"]) + partial[0]),
@@ -196,3 +200,14 @@ def _nanmean(values: list[float]) -> float:
 
 def _nansum(values: list[float]) -> float:
     return sum(v for v in values if math.isfinite(v))
+
+
+def _difference(best: Optional[float], final: Optional[float]) -> Optional[float]:
+    return None if best is None or final is None else best - final
+
+
+def _rise(final: Optional[float], best: Optional[float]) -> Optional[float]:
+    """``final / best − 1`` (how far above its best a loss ended), or None."""
+    if final is None or best is None or not best > 0:
+        return None
+    return final / best - 1

@@ -96,6 +96,9 @@ METRICS = {
     "train/loss": "final_train_loss",
     "min(val/loss)": "best_val_loss",
     "max(val/acc)": "best_val_acc",
+    # how far the run ended from its best: a run that passes its best and wanders off
+    "drop(val/acc)": "final_val_acc_drop",  # best − final accuracy
+    "rise(val/loss)": "final_val_loss_rise",  # final / best loss − 1
 }
 _CRITERION = re.compile(r"^\s*(?P<metric>\S+?)\s*(?P<op><=|>=|<|>)\s*(?P<value>\S+)\s*$")
 
