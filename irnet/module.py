@@ -125,6 +125,13 @@ class ImplicitNetModule(pl.LightningModule):
     batch and each process's objective is weighted by its share of it, so the
     run takes the steps of one process (``docs/distributed.md``).
 
+    With an ensemble network (``ODENet(ensemble=E)``, docs/ensembles.md) the objective is the sum
+    of the members' objectives, so each member trains as its own run; the logged values are the
+    members' means, each member's are logged as ``{stage}/<metric>/member_<k>`` with their
+    spread ``{stage}/<metric>/std``, gradient norms are clipped member by member, and a member
+    whose numbers break is named and leaves the ensemble while the others train on
+    (:class:`~irnet.failure.StoppedMembers`).
+
     Args:
         net: the network, e.g. :class:`~irnet.nets.ODENet`; regularisers need
             ``net.trajectory`` and ``net.blocks``.
