@@ -191,7 +191,8 @@ class LeanHistory(Callback):
                     series.append(math.nan)
                 continue
             for key, name in LOGGED.items():
-                tag = f"{name}/member_{k}"
+                # the last member left is logged as the run itself (a mean over one)
+                tag = name if len(live) == 1 else f"{name}/member_{k}"
                 stale = key.startswith("val") and not fresh_validation
                 values[key].append(
                     float(metrics[tag]) if tag in metrics and not stale else math.nan

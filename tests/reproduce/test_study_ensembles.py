@@ -190,3 +190,38 @@ def test_no_ensemble_is_accepted_by_the_ensemble_studies_only(capsys):
 
     assert parser().parse_args(["ex1", "--no-ensemble"]).ensemble is False
     assert parser().parse_args(["ex1"]).ensemble is True
+
+
+def test_a_member_that_breaks_is_a_stopped_run_and_the_other_its_own(
+    tmp_path, float64, monkeypatch
+):
+    from irnet.failure import MemberStoppedWarning
+
+    build = ex1.make_net
+
+    def poisoned(*args, **ensemble):  # member 1's weights NaN: its loss breaks at the first step
+        net = build(*args, **ensemble)
+        if ensemble:
+            with torch.no_grad():
+                net.blocks[0].F.gamma1[1] = math.nan
+        return net
+
+    monkeypatch.setattr(ex1, "make_net", poisoned)
+    settings = {**ex1.TINY, "depths": (2,), "thetas": (0.5,), "variants": ("paper",)}
+    cells = ex1.cells(settings, tmp_path, seeds=2, epochs=3)
+    [cell] = ex1.ensemble_cells(cells)
+    with pytest.warns(MemberStoppedWarning):
+        first, second = ex1.run_ensemble_cell(cell)["members"]
+    assert second["history"]["stopped"] == [0.0] and math.isnan(second["val_loss"])
+    assert all(math.isnan(v) for v in second["history"]["train_loss"])
+    assert all(math.isnan(v) for v in second["per_layer"]["gradient"])
+    own = {**cells[0], **ex1.run_cell(cells[0])}  # seed 0 alone (not poisoned)
+    _assert_close(_measured(first), _measured(own), rel=1e-9)
+
+
+@pytest.mark.parametrize("variant", ex1.VARIANTS)
+def test_every_ex1_network_is_one_an_ensemble_trains_exactly(variant):
+    from irnet.reproduce._seed_ensemble import can_ensemble
+
+    cell = {"r_fp": ex1.R_FP_WEIGHT if variant == "rfp" else 0.0}
+    assert can_ensemble(ex1.make_module(cell, ex1.make_net(2, 0.5, variant)))
