@@ -79,6 +79,17 @@ def assert_members_are_their_own_runs(net_kwargs, module_kwargs, data, clip=None
     assert together_losses[-1][0] < together_losses[0][0]  # it trained
 
 
+CLASSIFIER = dict(  # a small spirals network
+    in_features=2,
+    out_features=2,
+    layers=3,
+    T=3.0,
+    width=8,
+    readout="linear",
+    init="bounded",
+    contraction=0.8,
+    linear_solver=Direct(),
+)
 EX1 = dict(  # configs/ex1_sine.yaml's network
     in_features=1,
     out_features=1,
@@ -107,19 +118,11 @@ def test_ex2_spirals_settings_members_train_as_their_own_runs():
     # configs/ex2_spirals.yaml's options (R_rnd, warm starts, Anderson, contraction, clipping) on
     # 10 layers of width 32 instead of 100 of 100, 100 points, and a clipping threshold that the
     # gradients reach
-    net = dict(
-        in_features=2,
-        out_features=2,
-        layers=10,
-        T=10.0,
-        width=32,
-        readout="linear",
-        init="bounded",
-        contraction=0.9,
-        warm_start=True,
-        solver=Anderson(atol=1e-5, max_iter=50, history=3),
-        linear_solver=Direct(),
-    )
+    net = {
+        **CLASSIFIER,
+        **dict(layers=10, T=10.0, width=32, contraction=0.9, warm_start=True),
+        "solver": Anderson(atol=1e-5, max_iter=50, history=3),
+    }
     assert_members_are_their_own_runs(
         net,
         lambda: dict(
@@ -133,18 +136,8 @@ def test_ex2_spirals_settings_members_train_as_their_own_runs():
 
 
 def test_every_regulariser_counts_each_member_as_its_own_run():
-    net = dict(
-        in_features=2,
-        out_features=2,
-        layers=3,
-        T=3.0,
-        width=8,
-        readout="linear",
-        init="bounded",
-        contraction=0.8,
-        solver=FixedPoint(atol=1e-8, max_iter=100),
-        linear_solver=Direct(),
-    )
+    # not stationary, so that R_tv is not 0
+    net = {**CLASSIFIER, "solver": FixedPoint(atol=1e-8, max_iter=100), "stationary_init": False}
     regularizers = lambda: dict(  # noqa: E731 - a fresh set (with fresh generators) per fit
         loss="cross_entropy",
         lr=0.01,
@@ -156,7 +149,6 @@ def test_every_regulariser_counts_each_member_as_its_own_run():
         r_res=ResidualRegularizer(weight=0.1),
         r_tv=TotalVariationRegularizer(weight=0.1),
     )
-    net["stationary_init"] = False  # so that R_tv is not 0
     assert_members_are_their_own_runs(
         net, regularizers, lambda: TwoSpirals(num_points=40), clip=0.5, steps=5
     )
@@ -235,19 +227,7 @@ class BreakMember(pl.Callback):
                 module.net.blocks[0].F.gamma1[self.member] = float("nan")
 
 
-SMALL_NET = dict(
-    in_features=2,
-    out_features=2,
-    layers=3,
-    T=3.0,
-    width=8,
-    readout="linear",
-    init="bounded",
-    contraction=0.8,
-    warm_start=True,
-    solver=Anderson(atol=1e-8, max_iter=50),
-    linear_solver=Direct(),
-)
+SMALL_NET = {**CLASSIFIER, "warm_start": True, "solver": Anderson(atol=1e-8, max_iter=50)}
 
 
 def small_fit(seeds, epochs, callbacks=(), ckpt_path=None, root=None):
