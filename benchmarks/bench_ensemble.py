@@ -60,12 +60,8 @@ sys.path.insert(0, str(HERE))
 from bench_training import config_path, load_average, machine  # noqa: E402
 from training_timer import solver_blocks  # noqa: E402
 
-from irnet.nets.ensemble import (  # noqa: E402
-    MemberwiseLinear,
-    MemberwiseMLP,
-    from_member_slabs,
-    rows_of,
-)
+from irnet.nets.ensemble import from_member_slabs, rows_of  # noqa: E402
+from irnet.nets.memberwise import MemberwiseLinear, MemberwiseMLP  # noqa: E402
 
 ENSEMBLE_KEY = "--model.init_args.net.init_args.ensemble"
 

@@ -10,7 +10,8 @@
   (``FlowNet``);
 * :mod:`~irnet.nets.staged`: the authors' three-stage MNIST network (``StagedConvODENet``);
 * :mod:`~irnet.nets.contraction`: the Lipschitz bound that makes every layer a contraction;
-* :mod:`~irnet.nets.ensemble`: seed ensembles, E networks trained as one (``ODENet(ensemble=E)``);
+* :mod:`~irnet.nets.ensemble` and :mod:`~irnet.nets.memberwise`: seed ensembles, E networks
+  trained as one (``ODENet(ensemble=E)``), and their member-wise layers;
 * :mod:`~irnet.nets.warm_start` and :mod:`~irnet.nets.warm_start_merge`: solves that start
   from each sample's last fixed points, and their merge across processes;
 * :mod:`~irnet.nets.protocol`: what training and callbacks rely on in a network.

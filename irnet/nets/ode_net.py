@@ -446,6 +446,10 @@ class ConvODENet(ImplicitODENet):
         scheme: the θ-step of every block: ``"linear"`` (the paper's,
             ``y = x + (1 − θ)F(x) + θF(y)``) or ``"one_leg"`` (the authors' code,
             ``y = x + F((1 − θ)x + θy)``); docs/schemes.md.
+        ensemble: E, the networks trained at once, as in :class:`ODENet` (each block's
+            convolutions become one grouped convolution; docs/ensembles.md). Not with
+            ``stability_limits`` for now.
+        member_seeds: the members' seeds, as in :class:`ODENet`.
     """
 
     def __init__(
@@ -473,8 +477,16 @@ class ConvODENet(ImplicitODENet):
         learn_shift: bool = False,
         power_iters: int = 1,
         scheme: str = "linear",
+        ensemble: int = 1,
+        member_seeds: Optional[list[int]] = None,
     ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        if check_int("ensemble", ensemble, 1) > 1 and stability_limits:
+            raise ValueError(
+                f"ensemble supports networks without stability_limits for now, got "
+                f"stability_limits={stability_limits!r}"
+            )
         self.check_window(contraction, stability_limits)
         self.in_channels = check_int("in_channels", in_channels, 1)
         if check_int("channels", channels, 1) % in_channels:
@@ -524,6 +536,11 @@ class ConvODENet(ImplicitODENet):
             scheme,
         )
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
+        if ensemble > 1 or member_seeds is not None:
+            seeds = member_seeds_of(ensemble, member_seeds)
+            single = {**config, "ensemble": 1, "member_seeds": None}
+            stack_members(self, build_members(lambda: ConvODENet(**single), seeds))
+            self.member_seeds = seeds
 
     def lift(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -531,7 +548,8 @@ class ConvODENet(ImplicitODENet):
             raise ValueError(
                 f"x must have shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
-        return x.repeat(1, self.channels // self.in_channels, 1, 1)
+        y = x.repeat(1, self.channels // self.in_channels, 1, 1)
+        return y if self.members == 1 else y.repeat_interleave(self.members, 0)
 
     def readout(self, y: Tensor) -> Tensor:
         return self.head(y.flatten(1))

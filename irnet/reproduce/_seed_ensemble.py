@@ -24,13 +24,13 @@ from irnet.reproduce._seed_record import METRICS, SeedRecorder, summary
 
 def can_ensemble(module: Any) -> bool:
     """Whether the config's network trains its seeds exactly as an ensemble: an ODENet with
-    the MLP right-hand side and no spectral window, not already an ensemble."""
-    from irnet.nets import ODENet
+    the MLP right-hand side or a ConvODENet, without a spectral window, not already an
+    ensemble."""
+    from irnet.nets import ConvODENet, ODENet
 
     net = getattr(module, "net", None)
     return (
-        type(net) is ODENet
-        and net.rhs == "mlp"
+        (type(net) is ODENet and net.rhs == "mlp" or type(net) is ConvODENet)
         and net.stability_limits is None
         and net.members == 1
     )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.problems import LINEAR_SOLVERS, SOLVERS
-from irnet.nets import ODENet
+from irnet.nets import ConvODENet, ODENet
 from irnet.nets.ensemble import (
     clip_member_gradients,
     from_member_slabs,
@@ -220,3 +220,57 @@ ERRORS = {
 def test_bad_ensembles_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ODENet(**SMALL, **kwargs)
+
+
+# -- convolutional members ------------------------------------------------------------------------
+
+CONV = dict(in_channels=1, image_size=6, num_classes=3, channels=2, hidden_channels=3, layers=2)
+CONV_OPTIONS = {
+    "default": {},
+    "bounded_contraction": dict(init="bounded", contraction=0.9),
+    "preactivation_warm": dict(
+        preactivation=True, init="bounded", contraction=0.5, warm_start=True
+    ),
+}
+
+
+def conv_single(seed: int, **kwargs) -> ConvODENet:
+    torch.manual_seed(seed)
+    return ConvODENet(**kwargs)
+
+
+def images(batch: int = 4) -> torch.Tensor:
+    return torch.rand(batch, 1, 6, 6, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS.values(), ids=CONV_OPTIONS.keys())
+def test_each_convolutional_member_answers_as_its_own_network(options):
+    kwargs = {**CONV, **options}
+    ensemble = ConvODENet(**kwargs, ensemble=3, member_seeds=SEEDS)
+    singles = [conv_single(s, **kwargs) for s in SEEDS]
+    x = images()
+    for _ in range(2):  # with warm starts the second pass starts from the cached fixed points
+        out = members(ensemble(x), 3)
+        for k, net in enumerate(singles):
+            torch.testing.assert_close(out[k], net(x), rtol=0, atol=1e-12)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_convolutional_members_train_as_their_own_runs():
+    kwargs = {**CONV, "init": "bounded", "contraction": 0.5}
+    x, target = images(), torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    together = train_steps(ConvODENet(**kwargs, ensemble=3, member_seeds=SEEDS), x, target, 10)
+    for k, seed in enumerate(SEEDS):
+        own = train_steps(conv_single(seed, **kwargs), x, target, 10)
+        assert [step[k] for step in together] == pytest.approx([s[0] for s in own], abs=1e-9)
+
+
+def test_convolutional_members_contraction_bounds_hold_member_by_member():
+    ensemble = ConvODENet(**CONV, init="bounded", contraction=0.5, ensemble=3, member_seeds=SEEDS)
+    F = ensemble.blocks[0].F
+    with torch.no_grad():
+        F.conv1.weight[2].mul_(40.0)  # only member 2 leaves its bound
+    w1, w2 = F.weights()
+    bound = F.step * F.norm(w1)[0] * F.norm(w2)[0]
+    assert bound[2] <= F.bound * (1 + 1e-9) and bound[2] >= F.bound * (1 - 1e-3)
+    assert torch.equal(w1[0], F.conv1.weight[0]) and torch.equal(w1[1], F.conv1.weight[1])

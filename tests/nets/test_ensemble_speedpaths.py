@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from irnet.device_path import forced_path
-from irnet.nets.ensemble import MemberwiseLinear, MemberwiseMLP, rows_of
+from irnet.nets.ensemble import rows_of
+from irnet.nets.memberwise import MemberwiseLinear, MemberwiseMLP
 from irnet.nets.residual import MLPResidual
 
 MEMBERS = 3
