@@ -274,3 +274,23 @@ def test_convolutional_members_contraction_bounds_hold_member_by_member():
     bound = F.step * F.norm(w1)[0] * F.norm(w2)[0]
     assert bound[2] <= F.bound * (1 + 1e-9) and bound[2] >= F.bound * (1 - 1e-3)
     assert torch.equal(w1[0], F.conv1.weight[0]) and torch.equal(w1[1], F.conv1.weight[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_members_train_as_their_own_runs_on_cuda(solver):
+    kwargs = {
+        **SMALL,
+        "init": "bounded",
+        "contraction": 0.5,
+        "warm_start": True,
+        "solver": SOLVERS[solver](atol=1e-9, max_iter=300),
+        "linear_solver": LINEAR_SOLVERS["direct"](rtol=1e-9),
+    }
+    cuda = torch.device("cuda")
+    x, target = inputs(5).to(cuda), torch.randn(5, 2).to(cuda)
+    together = train_steps(ODENet(**kwargs, ensemble=3, member_seeds=SEEDS).to(cuda), x, target, 10)
+    for k, seed in enumerate(SEEDS):
+        own = train_steps(single(seed, **kwargs).to(cuda), x, target, 10)
+        assert [step[k] for step in together] == pytest.approx([s[0] for s in own], abs=1e-6)
