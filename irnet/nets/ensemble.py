@@ -29,11 +29,13 @@ from torch import Tensor, nn
 
 from irnet._misc import check_int
 from irnet.nets.memberwise import (
+    MEMBERWISE,
+    MEMBERWISE_TYPES,
     MemberNormGroup,
-    MemberwiseLinear,
     MemberwiseResidual,
     memberwise,
 )
+from irnet.nets.protocol import find_blocks
 
 
 def member_seeds(members: int, seeds: Optional[Sequence[int]] = None) -> list[int]:
@@ -80,17 +82,43 @@ def from_member_slabs(slabs: Tensor) -> Tensor:
 
 
 def stack_members(net: nn.Module, members: Sequence[nn.Module]) -> None:
-    """Make ``net`` (built like ``members[0]``) the ensemble of ``members``: every residual and
-    the head become member-wise, with the members' weights stacked."""
-    for t, block in enumerate(net.blocks):
-        block.F = memberwise([m.blocks[t].F for m in members])
+    """Make ``net`` (built like ``members[0]``) the ensemble of ``members``: every layer with
+    weights (residual functions, convolutions, heads) becomes member-wise, with the members'
+    weights stacked under its own name.
+
+    Raises:
+        ValueError: naming a parameter no member-wise layer holds.
+    """
+    _replace_layers(net, "", members)
+    unstacked = [n for n, _ in net.named_parameters() if not _memberwise_owner(net, n)]
+    if unstacked:
+        raise ValueError(f"ensemble has no member-wise form of the layers of {unstacked}")
+    residuals = [m for m in net.modules() if isinstance(m, MemberwiseResidual)]
+    MemberNormGroup(residuals)
+    for block in find_blocks(net):
         # a broken member's NaN rows are its own: the module stops that member, not the run
         block.refuse_nonfinite_input = False
-    MemberNormGroup([block.F for block in net.blocks])
-    if getattr(net, "head", None) is not None:
-        net.head = memberwise([m.head for m in members])
     net.members = len(members)
     net.member_seeds = None
+
+
+def _replace_layers(module: nn.Module, prefix: str, members: Sequence[nn.Module]) -> None:
+    """Replace each layer below ``module`` that has a member-wise form by it (depth first)."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if type(child) in MEMBERWISE:
+            setattr(module, name, memberwise([m.get_submodule(path) for m in members]))
+        else:
+            _replace_layers(child, f"{path}.", members)
+
+
+def _memberwise_owner(net: nn.Module, parameter: str) -> bool:
+    """Whether a member-wise layer holds ``parameter`` (a dotted name of ``net``'s)."""
+    modules = parameter.split(".")[:-1]
+    return any(
+        isinstance(net.get_submodule(".".join(modules[:i])), MEMBERWISE_TYPES)
+        for i in range(1, len(modules) + 1)
+    )
 
 
 def member_state_dict(state: dict, member: int, members: int, prefix: str = "") -> dict:
@@ -168,7 +196,7 @@ def prune_members(
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == members:
                 state[key] = value.index_select(0, index.to(value.device))
     for module in net.modules():
-        if isinstance(module, (MemberwiseResidual, MemberwiseLinear)):
+        if isinstance(module, MEMBERWISE_TYPES):
             module.members = len(index)
     for cache in (net.warm_start_cache, getattr(net, "_paused_cache", None)):
         if cache is not None:

@@ -258,6 +258,30 @@ class MemberwiseConv(MemberwiseResidual):
         return (self.step * out).reshape(y.shape)
 
 
+class MemberwiseConv2d(nn.Module):
+    """E convolutions (any stride and padding), each on its member's images, as one grouped
+    convolution: ``(batch · E, in, H, W)`` viewed as ``(batch, E · in, H, W)``."""
+
+    def __init__(self, members: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        first = members[0]
+        if first.groups != 1 or first.padding_mode != "zeros":
+            raise ValueError("ensemble supports plain convolutions (groups=1, zero padding)")
+        self.members = len(members)
+        self.weight = stacked([c.weight for c in members])
+        self.bias = None if first.bias is None else stacked([c.bias for c in members])
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+
+    def forward(self, y: Tensor) -> Tensor:
+        grouped = y.reshape(-1, self.members * y.shape[1], *y.shape[2:])
+        kernels = self.weight.reshape(-1, *self.weight.shape[2:])
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        out = Fn.conv2d(
+            grouped, kernels, bias, self.stride, self.padding, self.dilation, self.members
+        )
+        return out.reshape(-1, self.weight.shape[1], *out.shape[2:])
+
+
 class MemberNormGroup:
     """The member-wise residuals of one ensemble, whose norms are computed together.
 
@@ -311,7 +335,10 @@ MEMBERWISE: dict[type, Callable[[Sequence[nn.Module]], nn.Module]] = {
     MLPResidual: MemberwiseMLP,
     ConvResidual: MemberwiseConv,
     nn.Linear: MemberwiseLinear,
+    nn.Conv2d: MemberwiseConv2d,
 }
+#: the member-wise modules: every parameter of an ensemble lives in one of them
+MEMBERWISE_TYPES = (MemberwiseResidual, MemberwiseLinear, MemberwiseConv2d)
 
 
 def memberwise(layers: Sequence[nn.Module]) -> nn.Module:
@@ -319,6 +346,7 @@ def memberwise(layers: Sequence[nn.Module]) -> nn.Module:
     kind = type(layers[0])
     if kind not in MEMBERWISE:
         raise ValueError(
-            f"ensemble supports rhs='mlp' and convolutional residuals for now, got {kind.__name__}"
+            f"ensemble has no member-wise form of {kind.__name__} (it has one of "
+            f"{', '.join(k.__name__ for k in MEMBERWISE)})"
         )
     return MEMBERWISE[kind](layers)

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from irnet._misc import check_choice, check_int, check_positive, check_unit_interval
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
+from irnet.nets.ensemble import build_members, stack_members
+from irnet.nets.ensemble import member_seeds as member_seeds_of
 from irnet.nets.ode_net import ImplicitODENet
 from irnet.nets.residual import CONV_INITS, ConvResidual
 from irnet.solvers import NonlinearSolver
@@ -76,6 +78,10 @@ class StagedConvODENet(nn.Module):
         learn_scales: learn the window's per-channel scales (else fixed).
         learn_shift: learn the window's ends (else fixed).
         power_iters: power iterations per optimiser step for the spectral normalisation.
+        ensemble: E, the networks trained at once, as in :class:`~irnet.nets.ODENet` (every
+            convolution, residual and the classifier become member-wise: grouped convolutions
+            and batched products; docs/ensembles.md). Not with ``stability_limits`` for now.
+        member_seeds: the members' seeds, as in :class:`~irnet.nets.ODENet`.
     """
 
     def __init__(
@@ -97,8 +103,16 @@ class StagedConvODENet(nn.Module):
         learn_scales: bool = False,
         learn_shift: bool = False,
         power_iters: int = 1,
+        ensemble: int = 1,
+        member_seeds: Optional[list[int]] = None,
     ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        if check_int("ensemble", ensemble, 1) > 1 and stability_limits:
+            raise ValueError(
+                "ensemble supports networks without stability_limits for now, got "
+                f"stability_limits={stability_limits!r}"
+            )
         ImplicitODENet.check_window(contraction, stability_limits)
         self.channels = check_int("channels", channels, 1)
         self.steps = check_int("steps", steps, 1)
@@ -143,6 +157,12 @@ class StagedConvODENet(nn.Module):
         ]
         self.num_classes = num_classes
         self.layers = nn.Sequential(*layers)
+        self.members = 1
+        if ensemble > 1 or member_seeds is not None:
+            seeds = member_seeds_of(ensemble, member_seeds)
+            single = {**config, "ensemble": 1, "member_seeds": None}
+            stack_members(self, build_members(lambda: StagedConvODENet(**single), seeds))
+            self.member_seeds = seeds
 
     @property
     def blocks(self) -> list[ImplicitResidualBlock]:
@@ -152,4 +172,5 @@ class StagedConvODENet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
             raise ValueError(f"x must have shape (batch, 1, 28, 28), got {tuple(x.shape)}")
-        return self.layers(x)
+        # an ensemble's rows: every member's copy of every image, sample-major
+        return self.layers(x if self.members == 1 else x.repeat_interleave(self.members, 0))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from helpers.problems import LINEAR_SOLVERS, SOLVERS
-from irnet.nets import ConvODENet, ODENet
+from irnet.nets import ConvODENet, ODENet, StagedConvODENet
 from irnet.nets.ensemble import (
     clip_member_gradients,
     from_member_slabs,
@@ -15,6 +16,7 @@ from irnet.nets.ensemble import (
     member_state_dict,
     rows_of,
 )
+from irnet.nets.memberwise import memberwise
 
 SEEDS = [11, 3, 7]
 SMALL = dict(in_features=2, out_features=2, layers=3, T=3.0, width=8, readout="linear")
@@ -294,3 +296,32 @@ def test_members_train_as_their_own_runs_on_cuda(solver):
     for k, seed in enumerate(SEEDS):
         own = train_steps(single(seed, **kwargs).to(cuda), x, target, 10)
         assert [step[k] for step in together] == pytest.approx([s[0] for s in own], abs=1e-6)
+
+
+STAGED_OPTIONS = {
+    "default": dict(channels=2),
+    "bounded": dict(channels=2, init="bounded", contraction=0.9),
+}
+
+
+@pytest.mark.parametrize("options", STAGED_OPTIONS.values(), ids=STAGED_OPTIONS.keys())
+def test_each_staged_member_answers_and_trains_as_its_own_network(options):
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    target = torch.randn(3, 10, generator=torch.Generator().manual_seed(7))
+    ensemble = StagedConvODENet(**options, ensemble=2, member_seeds=SEEDS[:2])
+    singles = []
+    for seed in SEEDS[:2]:
+        torch.manual_seed(seed)
+        singles.append(StagedConvODENet(**options))
+    out = members(ensemble(x), 2)
+    for k, net in enumerate(singles):
+        torch.testing.assert_close(out[k], net(x), rtol=0, atol=1e-12)
+    together = train_steps(ensemble, x, target, 5)
+    for k, net in enumerate(singles):
+        own = train_steps(net, x, target, 5)
+        assert [step[k] for step in together] == pytest.approx([s[0] for s in own], abs=1e-9)
+
+
+def test_a_layer_without_a_member_wise_form_is_refused():
+    with pytest.raises(ValueError, match="no member-wise form of .*BatchNorm2d"):
+        memberwise([nn.BatchNorm2d(2), nn.BatchNorm2d(2)])
