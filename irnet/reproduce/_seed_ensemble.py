@@ -108,9 +108,10 @@ class EnsembleSeedRecorder(SeedRecorder):
             if self._members_epoch
             else torch.full((1, len(self.seeds), 3), math.nan)
         )
+        alone = pl_module.members == 1  # the module logs no per-member values for one member
         for member, series in enumerate(self.member_series):
             for key, name in METRICS.items():
-                value = metrics.get(f"{name}/member_{member}")
+                value = metrics.get(name if alone else f"{name}/member_{member}")
                 live = member in pl_module.member_ids
                 series[key].append(float(value) if value is not None and live else math.nan)
             series["iterations"].append(float(steps[:, member, 0].mean()))
