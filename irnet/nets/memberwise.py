@@ -44,16 +44,23 @@ def refuse_windows(members: Sequence[nn.Module], kind: type) -> None:
 class MemberwiseResidual(nn.Module):
     """E residual functions with two stacked weights each, bounded member by member.
 
-    Subclasses set ``step``, ``activation_lipschitz``, ``bound`` (None: no bound) and
-    ``members``, and say which two weights are bounded (:meth:`bounded_weights`) and how their
-    norms are taken (:meth:`norm`).
+    Built from E residuals of one type and configuration (``kind``), whose step, activation and
+    bound it takes; subclasses stack the weights, and say which two are bounded
+    (:meth:`bounded_weights`) and how their norms are taken (:meth:`norm`).
     """
 
     #: no per-layer constraint object: the bound is applied here, per member
     constraint = None
 
-    def __init__(self) -> None:
+    def __init__(self, members: Sequence[nn.Module], kind: type) -> None:
         super().__init__()
+        refuse_windows(members, kind)
+        first = members[0]
+        self.members = len(members)
+        self.step = first.step
+        self.activation = copy.deepcopy(first.activation)
+        self.activation_lipschitz = first.activation_lipschitz
+        self.bound = None if first.constraint is None else first.constraint.bound
         self._norms: Optional[tuple[tuple, list[tuple[Tensor, Tensor]]]] = None
         self._scaled: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
         self._inside: Optional[tuple[tuple, bool]] = None
@@ -151,14 +158,7 @@ class MemberwiseMLP(MemberwiseResidual):
     """
 
     def __init__(self, members: Sequence[MLPResidual]) -> None:
-        super().__init__()
-        refuse_windows(members, MLPResidual)
-        first = members[0]
-        self.members = len(members)
-        self.step = first.step
-        self.activation = copy.deepcopy(first.activation)
-        self.activation_lipschitz = first.activation_lipschitz
-        self.bound = None if first.constraint is None else first.constraint.bound
+        super().__init__(members, MLPResidual)
         self.gamma1 = stacked([F.gamma1 for F in members])
         self.bias = stacked([F.bias for F in members])
         self.gamma2 = stacked([F.gamma2 for F in members])
@@ -216,16 +216,9 @@ class MemberwiseConv(MemberwiseResidual):
     """
 
     def __init__(self, members: Sequence[ConvResidual]) -> None:
-        super().__init__()
-        refuse_windows(members, ConvResidual)
-        first = members[0]
-        self.members = len(members)
-        self.step = first.step
-        self.activation = copy.deepcopy(first.activation)
-        self.activation_lipschitz = first.activation_lipschitz
-        self.preactivation = first.preactivation
-        self.image_size = first.image_size
-        self.bound = None if first.constraint is None else first.constraint.bound
+        super().__init__(members, ConvResidual)
+        self.preactivation = members[0].preactivation
+        self.image_size = members[0].image_size
         self.conv1 = _StackedConv([F.conv1 for F in members])
         self.conv2 = _StackedConv([F.conv2 for F in members])
 
