@@ -15,7 +15,8 @@ readout of the last one, so :class:`~irnet.module.ImplicitNetModule` trains it t
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +27,47 @@ from irnet.linear import LinearSolver
 from irnet.nets.contraction import NormGroup
 from irnet.nets.ode_net import ImplicitODENet
 from irnet.nets.residual import INITS, MLPResidual
+from irnet.nets.spectral_window import stability_function
 from irnet.nets.warm_start import WarmStartCache
 from irnet.solvers import NonlinearSolver
+
+
+def amplification_limits(
+    eigenvalue_limits: Optional[Sequence[float]], theta: float, step: float
+) -> Optional[list[float]]:
+    """The θ-step's amplification factors ``R(θ, hλ)`` at the eigenvalue limits λ (``None``
+    stays ``None``): R increases with λ below 1/(θh), so the order is kept.
+
+    Raises:
+        ValueError: naming ``eigenvalue_limits``, if they are not 2 or 3 increasing finite
+            numbers, or some hλ reaches the step's pole 1/θ.
+
+    Example:
+        >>> [round(r, 6) for r in amplification_limits([-25, -20, -15], 1.0, 0.1)]
+        [0.285714, 0.333333, 0.4]
+    """
+    if eigenvalue_limits is None:
+        return None
+    limits = list(eigenvalue_limits) if isinstance(eigenvalue_limits, (list, tuple)) else None
+    if (
+        limits is None
+        or len(limits) not in (2, 3)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in limits
+        )
+        or not all(lo < hi for lo, hi in zip(limits, limits[1:]))
+    ):
+        raise ValueError(
+            "eigenvalue_limits must be [min, init, max] or [min, max], increasing finite "
+            f"numbers, got {eigenvalue_limits!r}"
+        )
+    if theta > 0 and step * limits[-1] >= 1 / theta:
+        raise ValueError(
+            f"eigenvalue_limits' max must be < 1/(theta*h) = {1 / (theta * step):g} (the "
+            f"step's pole), got {limits[-1]!r}"
+        )
+    return [stability_function(theta, step * lam) for lam in limits]
 
 
 class FlowNet(nn.Module):
@@ -60,6 +100,15 @@ class FlowNet(nn.Module):
         warm_start: start each step's solve from the sample's solution of its previous pass
             (:mod:`irnet.nets.warm_start`).
         warm_start_capacity: the most samples the warm-start cache keeps.
+        eigenvalue_limits: ``[min, init, max]`` (or ``[min, max]``), or ``None`` (off): the
+            spectral window (:mod:`irnet.nets.spectral_window`) on the learned right-hand side
+            f = F_k / h: the eigenvalues of ∂f/∂y stay in the disc with diameter [min, max]
+            whatever the weights (the authors' ``eiglims``; their stiff example uses
+            [−25, −15] around the true λ = −20). Mapped per step to the amplification limits
+            ``R(θ_k h λ)`` of ``stability_limits`` (docs/contraction.md). Excludes
+            ``contraction``; with ``shared``, every step must have the same θ.
+        learn_scales, learn_shift, power_iters: the window's options, as in
+            :class:`~irnet.nets.ODENet`.
 
     Example:
         >>> net = FlowNet(features=2, layers=4, T=1.0, width=8, observe_every=2)
@@ -87,6 +136,10 @@ class FlowNet(nn.Module):
         contraction: Optional[float] = None,
         warm_start: bool = False,
         warm_start_capacity: int = 8192,
+        eigenvalue_limits: Optional[list[float]] = None,
+        learn_scales: bool = False,
+        learn_shift: bool = False,
+        power_iters: int = 1,
     ) -> None:
         super().__init__()
         self.features = check_int("features", features, 1)
@@ -105,7 +158,32 @@ class FlowNet(nn.Module):
         bounds = ImplicitODENet.lipschitz_bounds(contraction, thetas)
         if shared:  # one F for every step: the tightest of the steps' bounds
             bounds = [min((b for b in bounds if b is not None), default=None)]
-        residuals = [MLPResidual(features, width, step, activation, bound) for bound in bounds]
+        if eigenvalue_limits is not None and contraction is not None:
+            raise ValueError(
+                "eigenvalue_limits and contraction are mutually exclusive (both bound each "
+                "step's F): set one of them"
+            )
+        if shared and eigenvalue_limits is not None and len(set(thetas)) > 1:
+            raise ValueError("eigenvalue_limits with shared=True need one theta for every step")
+        self.eigenvalue_limits = eigenvalue_limits
+        window = {
+            "learn_scales": learn_scales,
+            "learn_shift": learn_shift,
+            "power_iters": power_iters,
+        }
+        residuals = [
+            MLPResidual(
+                features,
+                width,
+                step,
+                activation,
+                bound,
+                stability_limits=amplification_limits(eigenvalue_limits, theta_k, step),
+                theta=theta_k,
+                **window,
+            )
+            for bound, theta_k in zip(bounds, thetas)
+        ]
         if init == "bounded":
             ImplicitODENet.bounded_init(residuals)
         NormGroup([F.constraint for F in residuals if F.constraint is not None])

@@ -40,6 +40,7 @@ STUDIES = (
     "mnist_theta",
     "mnist_authors",
     "stiff",
+    "stiff_window",
     "lotka",
     "seeds",
 )

@@ -65,13 +65,21 @@ def make_data(problem: str, observe_every: int) -> TrajectoryDataModule:
     return LotkaVolterra(observe_every=observe_every, samples=list(SAMPLES))
 
 
-def make_module(problem: str, theta: float, observe_every: int, epochs: int) -> TrajectoryModule:
+def make_module(
+    problem: str,
+    theta: float,
+    observe_every: int,
+    epochs: int,
+    eigenvalue_limits: Optional[list[float]] = None,
+) -> TrajectoryModule:
     """The network and module of the problem's shipped config, at ``theta`` and
-    ``observe_every``."""
+    ``observe_every``, with the spectral window on the learned right-hand side's eigenvalues
+    where ``eigenvalue_limits`` are given (:class:`~irnet.nets.FlowNet`)."""
     setup = SETUPS[problem]
     net = FlowNet(
         **setup["net"],
         theta=theta,
+        eigenvalue_limits=eigenvalue_limits,
         observe_every=observe_every,
         activation="tanh",
         init="paper",
@@ -108,13 +116,19 @@ def cells(
 
 def run_cell(cell: dict) -> dict:
     """Train one network on its trajectories and measure its errors (runs in a worker process)."""
+    module, data, history = train_cell(cell)
+    return {"history": history, **evaluate(module, data)}
+
+
+def train_cell(cell: dict) -> tuple[TrajectoryModule, TrajectoryDataModule, dict]:
+    """The cell's trained module, its data and its training history."""
     pl.seed_everything(cell["seed"], verbose=False)
     problem, theta, every = cell["problem"], cell["theta"], cell["observe_every"]
     data = make_data(problem, every)
-    module = make_module(problem, theta, every, cell["epochs"])
+    module = make_module(problem, theta, every, cell["epochs"], cell.get("eigenvalue_limits"))
     name = f"{problem}_theta{theta}_every{every}_seed{cell['seed']}"
     history = train(module, data, cell["epochs"], Path(cell["log_dir"]), name)
-    return {"history": history, **evaluate(module, data)}
+    return module, data, history
 
 
 def evaluate(module: TrajectoryModule, data: TrajectoryDataModule) -> dict:

@@ -10,7 +10,10 @@ import yaml
 from torch import nn
 
 from irnet.datamodules import StiffODE
-from irnet.reproduce import lotka, stiff
+from irnet.linear import Direct
+from irnet.nets import FlowNet
+from irnet.reproduce import lotka, stiff, stiff_window
+from irnet.solvers import Anderson
 
 
 def test_the_stiff_grid_is_theta_by_spacing_by_seed():
@@ -124,3 +127,42 @@ def test_summary_and_figures(problem, tmp_path):
         f"{problem}_training.png",
     ]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+# -- the stiff study with the authors' window ------------------------------------------------------
+
+
+def test_the_window_study_is_the_stiff_grid_with_the_authors_limits():
+    cells = stiff_window.cells(stiff_window.FULL, Path("logs"))
+    assert len(cells) == len(stiff.cells(stiff.FULL, Path("logs"))) == 27
+    assert {tuple(c["eigenvalue_limits"]) for c in cells} == {(-25.0, -15.0)}
+    module = stiff.make_module("stiff", 0.0, 10, 500, cells[0]["eigenvalue_limits"])
+    assert all(F.window is not None for F in module.net.residuals)
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
+def test_step_amplification_is_the_theta_steps_factor_for_a_linear_flow(theta):
+    """With every F_k(y) = hλy (tanh on a tiny scale is linear), the step gain is
+    R(θ, hλ) = (1 + (1 − θ)hλ) / (1 − θhλ) at every step, and the learned eigenvalue λ."""
+    torch.manual_seed(0)
+    net = FlowNet(
+        features=1,
+        layers=5,
+        T=0.5,
+        width=4,
+        theta=theta,
+        solver=Anderson(atol=1e-12),
+        linear_solver=Direct(),  # as the study: θ|hλ| = 2 is beyond a Neumann series
+    ).double()
+    lam = -20.0
+    with torch.no_grad():  # tanh(γ1 y) with tiny γ1 is linear: F(y) = h γ2 γ1 y = hλy
+        for F in net.residuals:
+            F.gamma1.fill_(1e-4)
+            F.gamma2.fill_(lam / (1e-4 * 4))
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64).reshape(-1, 1)
+    measured = stiff_window.step_amplification(net, x)
+    z = 0.1 * lam
+    gain = abs((1 + (1 - theta) * z) / (1 - theta * z))
+    assert measured["amplification_max"] == pytest.approx(gain, rel=1e-5, abs=1e-6)
+    assert measured["amplification_median"] == pytest.approx(gain, rel=1e-5, abs=1e-6)
+    assert measured["eigenvalue_median"] == pytest.approx(lam, rel=1e-5)

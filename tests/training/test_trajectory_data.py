@@ -239,3 +239,53 @@ def test_flownet_contraction_bounds_every_step_and_warm_starts_fill_the_cache():
     again = FlowNet(features=2, layers=3, theta=1.0, warm_start=True)
     again.load_state_dict(state)
     assert len(again.warm_start_cache) == 5
+
+
+# -- FlowNet's spectral window on the learned eigenvalues ------------------------------------------
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
+def test_eigenvalue_limits_hold_whatever_the_weights(theta):
+    """The authors' stiff window: ∂f/∂y = ∂F_k/∂y / h in [−25, −15] at every state, with the
+    weights blown up ×10 (checked with the exact scalar derivative, float64)."""
+    torch.manual_seed(0)
+    net = FlowNet(
+        features=1, layers=4, T=0.4, width=8, theta=theta, eigenvalue_limits=[-25, -15]
+    ).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10)
+    y = torch.linspace(-5, 5, 101, dtype=torch.float64).reshape(-1, 1).requires_grad_()
+    for F in net.residuals:
+        for _ in range(50):  # the power iterations follow the new weights in training mode
+            F(y)
+        F.eval()
+        (slope,) = torch.autograd.grad(F(y).sum(), y)
+        eigenvalues = slope / net.step
+        assert eigenvalues.min() >= -25 - 1e-9 and eigenvalues.max() <= -15 + 1e-9
+        assert eigenvalues.max() - eigenvalues.min() > 0.1  # F is nonlinear, not a constant slope
+
+
+def test_eigenvalue_limits_map_to_each_steps_amplification():
+    from irnet.nets.trajectory import amplification_limits
+
+    # R(z) = (1 + (1 − θ)z) / (1 − θz) at z = hλ = 0.1 · (−25, −15)
+    assert amplification_limits([-25, -15], 0.0, 0.1) == pytest.approx([-1.5, -0.5])
+    assert amplification_limits([-25, -15], 0.5, 0.1) == pytest.approx([-0.25 / 2.25, 0.25 / 1.75])
+    assert amplification_limits([-25, -15], 1.0, 0.1) == pytest.approx([1 / 3.5, 1 / 2.5])
+    assert amplification_limits(None, 1.0, 0.1) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"eigenvalue_limits": [-15, -25]}, "eigenvalue_limits must be"),
+        ({"eigenvalue_limits": [-25, 12], "theta": 1.0}, "eigenvalue_limits' max"),
+        ({"eigenvalue_limits": [-25, -15], "contraction": 0.9}, "mutually exclusive"),
+        ({"eigenvalue_limits": [-25, -15], "shared": True, "theta": [0.5, 1.0]}, "one theta"),
+        ({"learn_scales": True}, "need stability_limits"),
+    ],
+)
+def test_eigenvalue_limit_arguments_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FlowNet(**{"layers": 2, "T": 0.2, **kwargs})
