@@ -35,6 +35,7 @@ STUDIES = (
     "stability",
     "ex1",
     "ex2",
+    "ex2_resnet",
     "robustness",
     "digits_theta",
     "mnist_theta",

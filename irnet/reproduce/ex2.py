@@ -91,15 +91,18 @@ PUBLISHED_DRAWINGS = (
 )  # kept in results.json: a study resumed from it still draws Fig. 9
 
 
-def make_module(layers: int, sigma: float, weight: float, seed: int) -> ImplicitNetModule:
-    """The spirals classifier of configs/ex2_spirals.yaml; ``weight = 0`` trains without R_rnd."""
+def make_module(
+    layers: int, sigma: float, weight: float, seed: int, theta: float = 0.5
+) -> ImplicitNetModule:
+    """The spirals classifier of configs/ex2_spirals.yaml; ``weight = 0`` trains without R_rnd,
+    ``theta = 0`` is the explicit ResNet (:mod:`irnet.reproduce.ex2_resnet`)."""
     net = ODENet(
         in_features=2,
         out_features=2,
         layers=layers,
         T=10.0,
         width=100,
-        theta=0.5,
+        theta=theta,
         activation="relu",
         stationary_init=True,
         readout="linear",
@@ -162,7 +165,9 @@ class BestWeights(Callback):
 def run_cell(cell: dict) -> dict:
     """Train one classifier to convergence and measure its best state (runs in a worker process)."""
     pl.seed_everything(cell["seed"], verbose=False)
-    module = make_module(cell["layers"], cell["sigma"], cell["weight"], cell["seed"])
+    module = make_module(
+        cell["layers"], cell["sigma"], cell["weight"], cell["seed"], cell.get("theta", 0.5)
+    )
     data = TwoSpirals(num_points=200)
     best = BestWeights()
     stop = EarlyStopping("val/loss", patience=cell["patience"], mode="min")

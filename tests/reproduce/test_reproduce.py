@@ -324,8 +324,22 @@ def test_stability_study_writes_its_report(tmp_path, study_globals):
         ("stiff", [], {}, 2, 3),
         # θ = 0 and 1 observed every 5 steps, 2 epochs; phase planes, errors, training
         ("lotka", [], {}, 2, 3),
+        # θ = 0 of ex2, without and with R_rnd; the same figures as ex2
+        ("ex2_resnet", [], {}, 2, 3),
+        # the stiff study's tiny grid with the authors' window; a second table of learned steps
+        ("stiff_window", [], {}, 2, 3),
     ],
-    ids=["ex1", "ex2", "digits_theta", "mnist_theta", "mnist_authors", "stiff", "lotka"],
+    ids=[
+        "ex1",
+        "ex2",
+        "digits_theta",
+        "mnist_theta",
+        "mnist_authors",
+        "stiff",
+        "lotka",
+        "ex2_resnet",
+        "stiff_window",
+    ],
 )
 def test_study_runs_end_to_end_at_a_tiny_size(
     tmp_path, monkeypatch, study_globals, study, narrow, smaller, cells, figures
@@ -349,7 +363,8 @@ def test_study_runs_end_to_end_at_a_tiny_size(
     # ex1 adds tables over training, ex2 one against no R_rnd, digits_theta one of the change from
     # θ = 0; mnist_theta: three tables, one per tested state; the first is the final weights'
     first_table = re.split(
-        r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*", summary
+        r"Over training|Against no R_rnd|Change in test accuracy|\*\*best\*\*|The learned steps",
+        summary,
     )[0]
     table_rows = [line for line in first_table.splitlines() if line.startswith("| ")][
         1:
@@ -411,6 +426,19 @@ def test_ex2_grid_is_no_r_rnd_plus_every_sigma_and_weight_for_five_seeds(tmp_pat
     assert (net.init, net.contraction, net.warm_start) == ("bounded", 0.9, True)
     assert ex2.make_module(4, 0.05, 0.03, 0).regularizers["r_rnd"].weight == 0.03
     assert "r_rnd" not in ex2.make_module(4, 0.0, 0.0, 0).regularizers
+
+
+def test_ex2_resnet_is_ex2s_set_up_at_theta_zero_without_and_with_the_shipped_r_rnd(tmp_path):
+    from irnet.reproduce import ex2, ex2_resnet
+
+    cells = ex2_resnet.cells(ex2_resnet.FULL, tmp_path)
+    assert [(c["sigma"], c["weight"]) for c in cells[::5]] == [(0.0, 0.0), (0.01, 0.01)]
+    assert [c["seed"] for c in cells] == [0, 1, 2, 3, 4] * 2 and {c["theta"] for c in cells} == {0}
+    plain = {k: v for k, v in cells[0].items() if k != "theta"}
+    assert plain == ex2.cells(ex2.FULL, tmp_path)[0]  # otherwise the θ = ½ study's cell
+    net = ex2.make_module(4, 0.0, 0.0, 0, theta=0.0).net
+    assert all(block.theta == 0 for block in net.blocks)
+    assert ex2.make_module(4, 0.0, 0.0, 0).net.blocks[0].theta == 0.5  # the θ = ½ study's default
 
 
 def test_ex2_best_weights_keeps_the_state_of_the_smallest_val_loss():
