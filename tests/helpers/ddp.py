@@ -82,15 +82,16 @@ class PoisonOnRank(Callback):
                 dict(pl_module.named_parameters())[self.name].fill_(float("nan"))
 
 
-def make_module(r_rnd: bool) -> ImplicitNetModule:
-    """The same initial weights on every process; R_fp with a fixed K (exact under any split)."""
+def make_module(r_rnd: bool, ensemble: int = 1) -> ImplicitNetModule:
+    """The same initial weights on every process; R_fp with a fixed K (exact under any split);
+    ``ensemble`` members (seeds 0, 1, …) where it is above 1."""
     reg = (
         PerturbationRegularizer(weight=0.1, streams=2, seed=5, perturbation=RecordingNoise(SIGMA))
         if r_rnd
         else None
     )
     return ImplicitNetModule(
-        tiny_odenet(layers=2, width=8, seed=0),
+        tiny_odenet(layers=2, width=8, seed=0, ensemble=ensemble),
         lr=1e-2,
         r_fp=FixedPointRegularizer(weight=0.01, iterations=3),
         r_rnd=reg,
@@ -111,7 +112,7 @@ def run(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Fit as ``settings`` say; return (and on rank 0 save) what the tests compare."""
     torch.set_num_threads(1)
     out = Path(settings["out"])
-    module = make_module(settings.get("r_rnd", False))
+    module = make_module(settings.get("r_rnd", False), settings.get("ensemble", 1))
     if settings.get("warm_start"):
         module.net.warm_start_cache = WarmStartCache()
     masks = DrawMask()

@@ -65,8 +65,10 @@ def tiny_odenet(
     tol: float = 1e-6,
     max_iter: int = 100,
     seed: Optional[int] = 0,
+    ensemble: int = 1,
 ) -> ODENet:
-    """A small ODENet with tanh and tight solvers, quick to train in tests."""
+    """A small ODENet with tanh and tight solvers, quick to train in tests (``ensemble`` members
+    of seeds ``seed``, ``seed + 1``, … where ``ensemble > 1``)."""
     if seed is not None:
         torch.manual_seed(seed)
     return ODENet(
@@ -80,6 +82,7 @@ def tiny_odenet(
         readout=readout,
         solver=FixedPoint(atol=tol, max_iter=max_iter),
         linear_solver=Neumann(rtol=tol, max_iter=max_iter),
+        ensemble=ensemble,
     )
 
 

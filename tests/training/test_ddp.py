@@ -182,6 +182,32 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_train_an_ensemble_as_one_does(tmp_path):
+    """An ensemble of 2 under 2-process DDP takes the steps of one process: the members' losses
+    (logged per member), their stacked weights, the replicas equal."""
+    settings = {"epochs": 2, "batch_size": 20, "ensemble": 2}
+    proc = run_script(
+        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
+        tmp_path,
+    )
+    (tmp_path / "one").mkdir()
+    one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
+    one["losses"] = helpers.ddp.step_losses(tmp_path / "one" / "csv" / "version_0")
+    finish(proc)
+    two = load(tmp_path / "two" / "rank0.pt")
+    assert two["world_size"] == 2 and len(one["losses"]) == 6
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=1e-6)
+    assert one["state"]["net.blocks.0.F.gamma1"].shape[0] == 2  # the member dimension
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-6)
+    for key in ("val/loss/member_0", "val/loss/member_1", "val/loss/std", "train/total"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6, abs=1e-7), key
+    rank1 = load(tmp_path / "two" / "rank1.pt")
+    for name, value in two["state"].items():
+        torch.testing.assert_close(rank1["state"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_ddp_spawn_fits_with_r_rnd(tmp_path):
     """ddp_spawn pickles the module (R_rnd's generator included) and returns rank 0's weights."""
     initial = {
