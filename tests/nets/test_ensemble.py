@@ -22,12 +22,7 @@ SEEDS = [11, 3, 7]
 SMALL = dict(in_features=2, out_features=2, layers=3, T=3.0, width=8, readout="linear")
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def single(seed: int, **kwargs) -> ODENet:

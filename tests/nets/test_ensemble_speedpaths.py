@@ -17,12 +17,7 @@ MEMBERS = 3
 DIM, WIDTH = 4, 16
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def residuals(activation: str, lipschitz) -> list[MLPResidual]:
