@@ -60,6 +60,30 @@ def inverse_stability_function(theta: float, r: float) -> float:
     return (r - 1) / (1 - theta + theta * r)
 
 
+def check_limits(name: str, limits) -> list[float]:
+    """``limits`` as a list, if they are 2 or 3 increasing finite numbers (``[min, max]`` or
+    ``[min, init, max]``).
+
+    Raises:
+        ValueError: naming ``name`` otherwise.
+    """
+    values = list(limits) if isinstance(limits, (list, tuple)) else None
+    if (
+        values is None
+        or len(values) not in (2, 3)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        or not all(lo < hi for lo, hi in zip(values, values[1:]))
+    ):
+        raise ValueError(
+            f"{name} must be [min, init, max] or [min, max], increasing finite numbers, "
+            f"got {limits!r}"
+        )
+    return values
+
+
 def window_bounds(stability_limits: Sequence[float], theta: float) -> tuple[float, float, float]:
     """``(a, c, b)``: the limits ``[min, init, max]`` (or ``[min, max]``, init the middle of
     ``[a, b]``) mapped through ``R⁻¹`` of the θ-step.
@@ -69,20 +93,7 @@ def window_bounds(stability_limits: Sequence[float], theta: float) -> tuple[floa
             numbers, or ``min`` is not above ``1 − 1/θ`` (no real z < 1/θ reaches it).
     """
     theta = check_unit_interval("theta", theta)
-    limits = list(stability_limits) if isinstance(stability_limits, (list, tuple)) else None
-    if (
-        limits is None
-        or len(limits) not in (2, 3)
-        or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in limits
-        )
-        or not all(lo < hi for lo, hi in zip(limits, limits[1:]))
-    ):
-        raise ValueError(
-            "stability_limits must be [min, init, max] or [min, max], increasing finite "
-            f"numbers, got {stability_limits!r}"
-        )
+    limits = check_limits("stability_limits", stability_limits)
     floor = 1 - 1 / theta if theta > 0 else -math.inf
     if not limits[0] > floor:
         raise ValueError(

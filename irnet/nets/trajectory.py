@@ -15,7 +15,6 @@ readout of the last one, so :class:`~irnet.module.ImplicitNetModule` trains it t
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,7 +26,7 @@ from irnet.linear import LinearSolver
 from irnet.nets.contraction import NormGroup
 from irnet.nets.ode_net import ImplicitODENet
 from irnet.nets.residual import INITS, MLPResidual
-from irnet.nets.spectral_window import stability_function
+from irnet.nets.spectral_window import check_limits, stability_function
 from irnet.nets.warm_start import WarmStartCache
 from irnet.solvers import NonlinearSolver
 
@@ -48,20 +47,7 @@ def amplification_limits(
     """
     if eigenvalue_limits is None:
         return None
-    limits = list(eigenvalue_limits) if isinstance(eigenvalue_limits, (list, tuple)) else None
-    if (
-        limits is None
-        or len(limits) not in (2, 3)
-        or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in limits
-        )
-        or not all(lo < hi for lo, hi in zip(limits, limits[1:]))
-    ):
-        raise ValueError(
-            "eigenvalue_limits must be [min, init, max] or [min, max], increasing finite "
-            f"numbers, got {eigenvalue_limits!r}"
-        )
+    limits = check_limits("eigenvalue_limits", eigenvalue_limits)
     if theta > 0 and step * limits[-1] >= 1 / theta:
         raise ValueError(
             f"eigenvalue_limits' max must be < 1/(theta*h) = {1 / (theta * step):g} (the "
