@@ -329,6 +329,7 @@ def run_cell(cell: dict) -> dict:
         cli = build(cell)
         trainer, module = cli.trainer, cli.model
         trainer.callbacks.insert(0, recorder)  # records an epoch before a later callback can raise
+        _report_epochs(trainer, members=1)
         if cell.get("stop_when"):
             trainer.callbacks.append(early_stop(parse_criterion(cell["stop_when"])))
         _clear_old_run(Path(trainer.logger.log_dir))
@@ -358,6 +359,7 @@ def run_ensemble_cell(cell: dict) -> dict:
         cli = build(cell)
         trainer, module = cli.trainer, cli.model
         trainer.callbacks.insert(0, recorder)
+        _report_epochs(trainer, members=len(seeds))
         _clear_old_run(Path(trainer.logger.log_dir))
         trainer.fit(module, datamodule=cli.datamodule)
     except (Exception, SystemExit) as err:
@@ -376,6 +378,15 @@ def run_ensemble_cell(cell: dict) -> dict:
             record["error"] = error or _member_failure(record, cell.get("stop_when"))
         record["failed"] = record["error"] is not None
     return {"members": records}
+
+
+def _report_epochs(trainer: Any, members: int) -> None:
+    """Report this fit's epochs to the study's bar (:mod:`irnet.reproduce._epoch_progress`)."""
+    from irnet.reproduce._epoch_progress import reporter
+
+    callback = reporter(members)
+    if callback is not None:
+        trainer.callbacks.append(callback)
 
 
 def _member_failure(record: dict, stop_when: Optional[str]) -> Optional[str]:
@@ -469,6 +480,7 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
     A cell of an ensemble gives its members' records (its time shared out between them)."""
     from tqdm import tqdm
 
+    from irnet.reproduce._epoch_progress import EpochBar, install
     from irnet.reproduce._runner import Timed, quiet_worker
 
     timed = Timed(_run_any)
@@ -485,19 +497,36 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
 
     if workers <= 1:
         quiet_worker(threads)
-        for cell in cell_list:
-            done(timed(cell))
+        with EpochBar() as epochs:
+            install(epochs.reports)
+            try:
+                for cell in cell_list:
+                    done(timed(cell))
+            finally:
+                install(None)
     else:
         context = multiprocessing.get_context(
             "spawn"
         )  # fork would copy Lightning's and torch's threads
-        with context.Pool(
-            min(workers, len(cell_list)), initializer=quiet_worker, initargs=(threads,)
+        with EpochBar(context.Queue()) as epochs, context.Pool(
+            min(workers, len(cell_list)),
+            initializer=_reporting_worker,
+            initargs=(threads, epochs.reports),
         ) as pool:
             for result in pool.imap_unordered(timed, cell_list):
                 done(result)
     bar.close()
     return sorted(results, key=lambda r: r["seed"])
+
+
+def _reporting_worker(threads: Any, reports: Any) -> None:
+    """A worker as :func:`~irnet.reproduce._runner.quiet_worker` makes it, reporting its
+    epochs to the study's bar."""
+    from irnet.reproduce._epoch_progress import install
+    from irnet.reproduce._runner import quiet_worker
+
+    quiet_worker(threads)
+    install(reports)
 
 
 def _member_record(cell_result: dict, member: dict) -> dict:

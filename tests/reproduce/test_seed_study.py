@@ -402,3 +402,36 @@ def test_a_network_an_ensemble_cannot_reproduce_trains_seed_by_seed(tmp_path):
     ]
     saved = _study(tmp_path, "--seeds", "2", "--epochs", "1", sets=parabolic)
     assert saved["meta"]["ensembles"] == [] and len(saved["cells"]) == 2
+
+
+class _Bar:
+    """tqdm's part the epoch bar uses, recorded."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, total, desc, unit):
+        self.total, self.n, self.desc = total, 0, desc
+        _Bar.made.append(self)
+
+    def refresh(self):
+        pass
+
+    def update(self, count):
+        self.n += count
+
+    def close(self):
+        pass
+
+
+def test_the_epoch_bar_counts_every_members_epochs(tmp_path, monkeypatch):
+    """One ensemble of 3 seeds × 2 epochs, then 2 more seeds apart (--no-ensemble): the epoch bar
+    ends at its total, 6 and 4 member-epochs."""
+    from irnet.reproduce import _epoch_progress
+
+    monkeypatch.setattr(_epoch_progress, "tqdm", _Bar)
+    _Bar.made.clear()
+    _study(tmp_path / "together", "--seeds", "3", "--epochs", "2")
+    _study(tmp_path / "apart", "--seeds", "2", "--epochs", "2", "--no-ensemble")
+    together, apart = _Bar.made
+    assert (together.total, together.n) == (6, 6) and (apart.total, apart.n) == (4, 4)
+    assert _epoch_progress.reporter(1) is None  # nothing installed after the study
