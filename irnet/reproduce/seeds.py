@@ -508,11 +508,14 @@ def run_seeds(cell_list: Sequence[dict], workers: int, threads: Any = None) -> l
         context = multiprocessing.get_context(
             "spawn"
         )  # fork would copy Lightning's and torch's threads
-        with EpochBar(context.Queue()) as epochs, context.Pool(
-            min(workers, len(cell_list)),
-            initializer=_reporting_worker,
-            initargs=(threads, epochs.reports),
-        ) as pool:
+        with (
+            EpochBar(context.Queue()) as epochs,
+            context.Pool(
+                min(workers, len(cell_list)),
+                initializer=_reporting_worker,
+                initargs=(threads, epochs.reports),
+            ) as pool,
+        ):
             for result in pool.imap_unordered(timed, cell_list):
                 done(result)
     bar.close()
