@@ -53,6 +53,21 @@ def load(path: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def two_processes_and_one(settings: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """The same fit under 2-process DDP (rank 0's results) and in this process, 6 steps each."""
+    proc = run_script(
+        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
+        tmp_path,
+    )
+    (tmp_path / "one").mkdir()
+    one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
+    one["losses"] = helpers.ddp.step_losses(tmp_path / "one" / "csv" / "version_0")
+    finish(proc)
+    two = load(tmp_path / "two" / "rank0.pt")
+    assert two["world_size"] == 2 and len(one["losses"]) == 6
+    return one, two
+
+
 # -- the sampler -----------------------------------------------------------------------------------
 
 
@@ -157,17 +172,7 @@ def test_regulariser_pickles_with_its_generator_state():
 def test_two_processes_take_the_steps_of_one(tmp_path):
     """2-process DDP (gloo) = 1 process with the same global batch: 51 samples in shuffled batches
     of 20 (ranks hold 10/10, 10/10, 6/5), R_fp on, R_rnd off, 6 steps."""
-    settings = {"epochs": 2, "batch_size": 20}
-    proc = run_script(
-        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
-        tmp_path,
-    )
-    (tmp_path / "one").mkdir()
-    one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
-    one["losses"] = helpers.ddp.step_losses(tmp_path / "one" / "csv" / "version_0")
-    finish(proc)
-    two = load(tmp_path / "two" / "rank0.pt")
-    assert two["world_size"] == 2 and len(one["losses"]) == 6
+    one, two = two_processes_and_one({"epochs": 2, "batch_size": 20}, tmp_path)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=1e-6)
     for name, value in one["state"].items():
         torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-6)
@@ -185,17 +190,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 def test_two_processes_train_an_ensemble_as_one_does(tmp_path):
     """An ensemble of 2 under 2-process DDP takes the steps of one process: the members' losses
     (logged per member), their stacked weights, the replicas equal."""
-    settings = {"epochs": 2, "batch_size": 20, "ensemble": 2}
-    proc = run_script(
-        {**settings, "out": str(tmp_path / "two"), "trainer": {"devices": 2, "strategy": "ddp"}},
-        tmp_path,
-    )
-    (tmp_path / "one").mkdir()
-    one = helpers.ddp.run({**settings, "out": str(tmp_path / "one")})
-    one["losses"] = helpers.ddp.step_losses(tmp_path / "one" / "csv" / "version_0")
-    finish(proc)
-    two = load(tmp_path / "two" / "rank0.pt")
-    assert two["world_size"] == 2 and len(one["losses"]) == 6
+    one, two = two_processes_and_one({"epochs": 2, "batch_size": 20, "ensemble": 2}, tmp_path)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=1e-6)
     assert one["state"]["net.blocks.0.F.gamma1"].shape[0] == 2  # the member dimension
     for name, value in one["state"].items():
