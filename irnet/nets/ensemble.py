@@ -102,6 +102,20 @@ def stack_members(net: nn.Module, members: Sequence[nn.Module]) -> None:
     net.member_seeds = None
 
 
+def make_ensemble(
+    net: nn.Module, config: dict, ensemble: int, seeds: Optional[Sequence[int]]
+) -> None:
+    """Turn ``net``, built from its constructor's arguments ``config``, into the ensemble of
+    ``ensemble`` members, each ``type(net)(**config)`` built under its seed
+    (:func:`member_seeds`); nothing changes for one member without ``seeds``."""
+    if ensemble == 1 and seeds is None:
+        return
+    seeds = member_seeds(ensemble, seeds)
+    single = {**config, "ensemble": 1, "member_seeds": None}
+    stack_members(net, build_members(lambda: type(net)(**single), seeds))
+    net.member_seeds = seeds
+
+
 def _replace_layers(module: nn.Module, prefix: str, members: Sequence[nn.Module]) -> None:
     """Replace each layer below ``module`` that has a member-wise form by it (depth first)."""
     for name, child in module.named_children():

@@ -36,7 +36,7 @@ def refuse_windows(members: Sequence[nn.Module], kind: type) -> None:
     for F in members:
         if type(F) is not kind or F.window is not None:
             raise ValueError(
-                "ensemble supports rhs='mlp' without stability_limits for now, got "
+                f"ensemble supports {kind.__name__} without stability_limits for now, got "
                 f"{type(F).__name__}{' with a spectral window' if F.window else ''}"
             )
 

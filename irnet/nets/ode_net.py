@@ -13,8 +13,7 @@ from irnet._misc import check_choice, check_int, check_positive, check_unit_inte
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
 from irnet.nets.contraction import NormGroup
-from irnet.nets.ensemble import build_members, stack_members
-from irnet.nets.ensemble import member_seeds as member_seeds_of
+from irnet.nets.ensemble import make_ensemble
 from irnet.nets.residual import (
     BOUNDED_INIT_LIPSCHITZ,
     CONV_INITS,
@@ -381,11 +380,7 @@ class ODENet(ImplicitODENet):
             scheme,
         )
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
-        if check_int("ensemble", ensemble, 1) > 1 or member_seeds is not None:
-            seeds = member_seeds_of(ensemble, member_seeds)
-            single = {**config, "ensemble": 1, "member_seeds": None}
-            stack_members(self, build_members(lambda: ODENet(**single), seeds))
-            self.member_seeds = seeds
+        make_ensemble(self, config, check_int("ensemble", ensemble, 1), member_seeds)
 
     def lift(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
@@ -536,11 +531,7 @@ class ConvODENet(ImplicitODENet):
             scheme,
         )
         self.head = nn.Linear(channels * image_size**2, check_int("num_classes", num_classes, 2))
-        if ensemble > 1 or member_seeds is not None:
-            seeds = member_seeds_of(ensemble, member_seeds)
-            single = {**config, "ensemble": 1, "member_seeds": None}
-            stack_members(self, build_members(lambda: ConvODENet(**single), seeds))
-            self.member_seeds = seeds
+        make_ensemble(self, config, ensemble, member_seeds)
 
     def lift(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)

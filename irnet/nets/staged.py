@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from irnet._misc import check_choice, check_int, check_positive, check_unit_interval
 from irnet.layer import ImplicitResidualBlock
 from irnet.linear import GMRES, LinearSolver
-from irnet.nets.ensemble import build_members, stack_members
-from irnet.nets.ensemble import member_seeds as member_seeds_of
+from irnet.nets.ensemble import make_ensemble
 from irnet.nets.ode_net import ImplicitODENet
 from irnet.nets.residual import CONV_INITS, ConvResidual
 from irnet.solvers import NonlinearSolver
@@ -158,11 +157,7 @@ class StagedConvODENet(nn.Module):
         self.num_classes = num_classes
         self.layers = nn.Sequential(*layers)
         self.members = 1
-        if ensemble > 1 or member_seeds is not None:
-            seeds = member_seeds_of(ensemble, member_seeds)
-            single = {**config, "ensemble": 1, "member_seeds": None}
-            stack_members(self, build_members(lambda: StagedConvODENet(**single), seeds))
-            self.member_seeds = seeds
+        make_ensemble(self, config, ensemble, member_seeds)
 
     @property
     def blocks(self) -> list[ImplicitResidualBlock]:
