@@ -3,8 +3,10 @@
 Set-up as in ``configs/lotka.yaml``: x′ = αx − βxy, y′ = δxy − γy (α = 2/3, β = 4/3, γ = δ = 1)
 on [0, 10] with 50 steps (h = 0.2), 16 training initial populations in [0.5, 1.5] × [0.25, 1],
 observed every 5 steps or at every step; a :class:`~irnet.nets.FlowNet` with one shared residual
-function (the ODE is autonomous), 600 epochs of the mean squared error (Adam, lr 3·10⁻³) with a
-curriculum over the horizon (the first 5 observations first, all of them after 300 epochs).
+function (the ODE is autonomous), 600 epochs of the mean squared error (Adam, lr 3·10⁻³, ×0.3
+after epoch 500, gradients clipped to norm 1) with a curriculum over the horizon: the observations
+in the first 5 steps first (5 of them at every step, 1 every 5 steps), all of them after 300
+epochs.
 
 Grid: θ ∈ {0, ½, 1} × observed every {5, 1} steps × seeds 0–2. The cells, the measurements, the
 table and the figures are the stiff study's (:mod:`irnet.reproduce.stiff`); the figures draw the

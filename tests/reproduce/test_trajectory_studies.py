@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from irnet.datamodules import StiffODE
 from irnet.linear import Direct
+from irnet.module import ImplicitNetModule
 from irnet.nets import FlowNet
 from irnet.reproduce import lotka, stiff, stiff_window
 from irnet.solvers import Anderson
@@ -54,10 +56,21 @@ def test_the_studies_settings_are_the_shipped_configs(study):
     assert module.lr == model["lr"]
     assert module.horizon_start == model.get("horizon_start", 1)
     assert module.horizon_epochs == model.get("horizon_epochs", 0)
+    gamma = inspect.signature(ImplicitNetModule).parameters["lr_gamma"].default  # 0.7
+    assert (module.lr_step, module.lr_gamma) == (model["lr_step"], model.get("lr_gamma", gamma))
+    clip = config["trainer"].get("gradient_clip_val")
+    assert stiff.SETUPS[study.PROBLEM]["gradient_clip_val"] == clip
     net = model["net"]["init_args"]
     for key in ("features", "layers", "T", "shared", "activation", "init"):
         assert getattr(module.net, key, None) in (net[key], None), key
     assert module.net.blocks[0].F.gamma1.shape[0] == net["width"]
+
+
+@pytest.mark.parametrize("every, start", [(1, 5), (2, 3), (5, 1), (10, 1)])
+def test_the_lotka_curriculum_starts_with_five_steps_at_every_spacing(every, start):
+    module = stiff.make_module("lotka", 0.5, every, epochs=600)
+    assert module.horizon(50 // every, 0) == start  # observations covering the first 5 steps
+    assert module.horizon(50 // every, 300) == 50 // every
 
 
 class _ExactStates(nn.Module):
