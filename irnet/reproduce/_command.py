@@ -172,7 +172,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         return out / "summary.md"
     settings = _settings(args, study)
     if args.replot:
-        meta, results = saved_run(log_dir)
+        resume = " ".join(word for word in command.split(" ") if word != "--replot")
+        meta, results = saved_run(log_dir, resume_command=resume)
         results = [getattr(study, "upgraded", dict)(result) for result in results]
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)

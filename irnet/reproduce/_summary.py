@@ -58,17 +58,23 @@ class ReplotWithoutRun(ValueError):
     """``--replot`` asked for a run that never finished a cell."""
 
 
-def saved_run(log_dir: Path) -> tuple[dict, list[dict]]:
+def saved_run(log_dir: Path, resume_command: str = "") -> tuple[dict, list[dict]]:
     """``(meta, results)`` of the last run that wrote ``log_dir/cells.json`` (for ``--replot``),
-    or of an unfinished one: the cells its journal holds (a partial study's figures and tables)."""
+    or of an unfinished one: the cells its journal holds (a partial study's figures and tables),
+    with ``resume_command``, the command that finishes it, as its command and its cells' run
+    times, summed, as its minutes."""
     path = log_dir / "cells.json"
     journal = Journal.of_study(log_dir)
     if journal.path.is_file():  # an unfinished (killed) run is newer than any cells.json
         results = journal.results()
         return {
-            "command": "(unfinished run, from its journal)",
+            "command": resume_command or "(unfinished run, from its journal)",
             "minutes": sum(r["seconds"] for r in results) / 60,
-            "machine": "machine not recorded (an unfinished run's journal)",
+            "machine": (
+                f"an unfinished run ({len(results)} cell{'s' * (len(results) != 1)} finished; "
+                "the command above resumes it), its machines not recorded in the journal; "
+                "minutes: the finished cells' run times, summed"
+            ),
             "partial": True,
         }, results
     if not path.is_file():

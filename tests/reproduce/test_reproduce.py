@@ -682,3 +682,18 @@ def test_ex1_training_phases_and_lowest_validation():
     )  # every 10 epochs
     assert ex1.lowest_val(val) == (0.2, 20)
     assert all(math.isnan(v) for v in ex1.lowest_val([math.nan] * 3))
+
+
+def test_replot_of_an_unfinished_run_names_the_command_that_resumes_it(tmp_path, study_globals):
+    from irnet.reproduce._journal import Journal
+
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    _reproduce("lotka", "--tiny", "--out", str(out), "--log-dir", str(logs))
+    saved = json.loads((logs / "cells.json").read_text())
+    journal = Journal.of_study(logs)  # as if killed after its first cell
+    journal.record({"first": True}, saved["cells"][0])
+    (logs / "cells.json").unlink()
+    _reproduce("lotka", "--tiny", "--replot", "--out", str(out), "--log-dir", str(logs))
+    lines = (out / "summary.md").read_text().splitlines()
+    assert lines[2] == f"`python -m irnet reproduce lotka --tiny --out {out} --log-dir {logs}`"
+    assert lines[4].startswith("an unfinished run (1 cell finished; the command above resumes")

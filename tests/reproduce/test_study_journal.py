@@ -16,9 +16,20 @@ from irnet.module import ImplicitNetModule
 from irnet.nets import ODENet
 from irnet.reproduce._journal import Journal, cell_key, seed_from_published
 from irnet.reproduce._runner import LEAN_EVERY, run_cells, train
+from irnet.reproduce._summary import saved_run
 from irnet.solvers import FixedPoint
 
 CALLS: list[int] = []
+
+
+def test_an_unfinished_run_is_summarised_with_the_command_that_resumes_it(tmp_path):
+    journal = Journal.of_study(tmp_path)
+    journal.record({"i": 1}, {"seconds": 90.0})
+    journal.record({"i": 2}, {"seconds": 30.0})
+    meta, results = saved_run(tmp_path, resume_command="python -m irnet reproduce ex1 --out o")
+    assert meta["command"] == "python -m irnet reproduce ex1 --out o" and meta["partial"]
+    assert meta["minutes"] == pytest.approx(2.0) and len(results) == 2
+    assert "2 cells finished" in meta["machine"]
 
 
 def square(cell: dict) -> dict:
