@@ -899,7 +899,9 @@ class TrajectoryModule(ImplicitNetModule):
     Args:
         net: a network whose output is the observed states, shape ``(batch, n, features)``
             (e.g. :class:`~irnet.nets.FlowNet`).
-        horizon_start: observations counted in the first epoch.
+        horizon_start: observations counted in the first epoch (observations, not steps: to
+            cover the first s steps of data observed every k steps, ⌈s / k⌉; the Lotka–Volterra
+            study, docs/REPORT.md §5b, found a first horizon of 25 steps too long to learn from).
         horizon_epochs: epochs over which the horizon grows to all observations; ``0`` counts
             all of them from the start (no curriculum).
         loss: ``"mse"`` (the only one).
