@@ -159,9 +159,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     out = args.out or Path("reproduce") / args.study
     log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
     study = importlib.import_module(f"irnet.reproduce.{args.study}")
-    command = "python -m irnet reproduce " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[2:])
-    )
+    words = list(argv or sys.argv[2:])
+    command = "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in words)
     seeds.refuse_foreign(args, parser().error)
     _check_backend(args)
     if args.study == "seeds":
@@ -172,8 +171,8 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         return out / "summary.md"
     settings = _settings(args, study)
     if args.replot:
-        resume = " ".join(word for word in command.split(" ") if word != "--replot")
-        meta, results = saved_run(log_dir, resume_command=resume)
+        resume = [shlex.quote(a) for a in words if a != "--replot"]
+        meta, results = saved_run(log_dir, "python -m irnet reproduce " + " ".join(resume))
         results = [getattr(study, "upgraded", dict)(result) for result in results]
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
