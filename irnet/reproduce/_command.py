@@ -183,6 +183,7 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
                 f"{args.study}: resuming with {seeded} finished cells of the unfinished run in "
                 f"{out / 'results.json'}"
             )
+        resumed = len(journal.finished(cells))
         # the cells that differ only by seed as one ensemble each, recorded per seed
         plan = study.ensembles(cells, journal) if _ensembles(args, study) else None
         results = run_cells(
@@ -206,6 +207,11 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
             "minutes": minutes,
             "settings": settings,
         }
+        if resumed:  # this run's minutes are not the study's: say what all its cells took
+            meta["resumed"] = {
+                "cells": resumed,
+                "cell_minutes": sum(r["seconds"] for r in results) / 60,
+            }
         if plan:
             meta["ensembles"] = plan.sizes
         if args.backend == "ray":  # "machine" is then the driver's: say where the cells ran

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -49,8 +49,22 @@ def render_summary(name: str, meta: dict, table: str, figures: Sequence[Path], o
     study's tables) and ``figures`` (linked relative to ``out``)."""
     images = "\n".join(f"![{f.stem}]({f.relative_to(out)})" for f in figures)
     return (
-        f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes.\n\n"
+        f"# {name}\n\n`{meta['command']}`\n\n{meta['machine']}; {meta['minutes']:.1f} minutes"
+        f"{_resumed_note(meta.get('resumed'))}.\n\n"
         f"Mean ± standard deviation over seeds.\n\n{table}\n\n{images}\n"
+    )
+
+
+def _resumed_note(resumed: Optional[dict]) -> str:
+    """What a run that took over an earlier one's finished cells says of them: its own
+    minutes are only those of the cells it trained."""
+    if not resumed:
+        return ""
+    n = resumed["cells"]
+    return (
+        f" for the cells this run trained; it resumed {n} finished cell{'s' * (n != 1)} of an "
+        f"earlier run (their machines not recorded here), and all its cells' run times sum to "
+        f"{resumed['cell_minutes']:.1f} minutes"
     )
 
 

@@ -697,3 +697,20 @@ def test_replot_of_an_unfinished_run_names_the_command_that_resumes_it(tmp_path,
     lines = (out / "summary.md").read_text().splitlines()
     assert lines[2] == f"`python -m irnet reproduce lotka --tiny --out {out} --log-dir {logs}`"
     assert lines[4].startswith("an unfinished run (1 cell finished; the command above resumes")
+
+
+def test_a_resumed_run_says_what_all_its_cells_took(tmp_path, study_globals):
+    out, logs = tmp_path / "out", str(tmp_path / "logs")
+    _reproduce("lotka", "--tiny", "--out", str(out), "--log-dir", logs)
+    first = (out / "summary.md").read_text().splitlines()[4]
+    assert "resumed" not in first
+    published = json.loads((out / "results.json").read_text())
+    published["cells"] = published["cells"][1:]  # as if the first cell had not finished
+    (out / "results.json").write_text(json.dumps(published))
+    _reproduce("lotka", "--tiny", "--out", str(out), "--log-dir", logs)  # trains that one cell
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    line = (out / "summary.md").read_text().splitlines()[4]
+    resumed = len(cells) - 1
+    assert f"it resumed {resumed} finished cell{'s' * (resumed != 1)} of an earlier run" in line
+    total = sum(c["seconds"] for c in cells) / 60
+    assert line.endswith(f"all its cells' run times sum to {total:.1f} minutes.")
