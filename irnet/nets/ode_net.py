@@ -380,7 +380,7 @@ class ODENet(ImplicitODENet):
             scheme,
         )
         self.head = nn.Linear(dim, out_features) if readout == "linear" else None
-        make_ensemble(self, config, ensemble, member_seeds)  # checked above
+        make_ensemble(self, config, ensemble, member_seeds)
 
     def lift(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:

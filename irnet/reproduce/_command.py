@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from irnet.cli.threads import apply_threads, check_threads, resolve_threads
 from irnet.reproduce import seeds
@@ -160,7 +160,7 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     log_dir = args.log_dir or Path("runs") / "reproduce" / args.study
     study = importlib.import_module(f"irnet.reproduce.{args.study}")
     words = list(argv or sys.argv[2:])
-    command = "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in words)
+    command = _command_line(words)
     seeds.refuse_foreign(args, parser().error)
     _check_backend(args)
     if args.study == "seeds":
@@ -171,8 +171,7 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
         return out / "summary.md"
     settings = _settings(args, study)
     if args.replot:
-        resume = [shlex.quote(a) for a in words if a != "--replot"]
-        meta, results = saved_run(log_dir, "python -m irnet reproduce " + " ".join(resume))
+        meta, results = saved_run(log_dir, _command_line(a for a in words if a != "--replot"))
         results = [getattr(study, "upgraded", dict)(result) for result in results]
     else:
         cells = study.cells(settings, log_dir, seeds=args.seeds, epochs=args.epochs)
@@ -234,6 +233,11 @@ def _run(argv: Optional[Sequence[str]]) -> Path:
     summary.write_text(render_summary(args.study, meta, table, figures, out))
     print(f"{args.study}: {len(results)} runs in {meta['minutes']:.1f} min; see {summary}")
     return summary
+
+
+def _command_line(words: Iterable[str]) -> str:
+    """The ``reproduce`` command with arguments ``words``, quoted for a shell."""
+    return "python -m irnet reproduce " + " ".join(shlex.quote(a) for a in words)
 
 
 def _ensembles(args: argparse.Namespace, study) -> bool:
